@@ -1,0 +1,663 @@
+//! The agent's configuration: `/etc/irsa-agent/config.yaml` plus drop-ins
+//! `/etc/irsa-agent/config.d/*.yaml` in file-name order, all under the host root, or one file
+//! given with `--config`.
+//!
+//! Three stages, as zincati does it:
+//! 1. **fragments**: each file is read on its own into a [`Fragment`] whose every field is
+//!    optional and remembers the file it came from; type errors and unknown keys are recorded
+//!    as [`Problem`]s, not returned early;
+//! 2. **merge**: a later file replaces a key (inside `rotation:`, each sub-key on its own; the
+//!    `publish:` list as a whole) — a pure function;
+//! 3. **validation** into [`Settings`]: parsed enums and durations, the issuer checked against
+//!    what AWS, GCP and Azure accept.
+//!
+//! All problems of all files are reported at once, each naming the file, the key and the value.
+//! Keys are kebab-case, like k3s's own config.yaml.
+
+pub mod fields;
+pub mod issuer;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_yaml::{Mapping, Value};
+
+use self::fields::{Fields, show};
+pub use self::fields::{Problem, format_duration, parse_duration};
+use crate::host::HostRoot;
+use crate::keys::jwks::default_jwks_uri;
+
+/// Host path of the main config file.
+pub const CONFIG_FILE: &str = "/etc/irsa-agent/config.yaml";
+/// Host path of the drop-in directory.
+pub const CONFIG_DIR: &str = "/etc/irsa-agent/config.d";
+
+/// Which Kubernetes distribution runs the apiserver on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Distribution {
+    Auto,
+    K3s,
+    Rke2,
+    Kubeadm,
+}
+
+impl Distribution {
+    pub const NAMES: [&'static str; 4] = ["auto", "k3s", "rke2", "kubeadm"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Distribution::Auto => "auto",
+            Distribution::K3s => "k3s",
+            Distribution::Rke2 => "rke2",
+            Distribution::Kubeadm => "kubeadm",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "auto" => Some(Distribution::Auto),
+            "k3s" => Some(Distribution::K3s),
+            "rke2" => Some(Distribution::Rke2),
+            "kubeadm" => Some(Distribution::Kubeadm),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Distribution {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One place the documents are published to. Each target gets both documents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishTarget {
+    /// A directory served by a web server; a host path, resolved under the host root.
+    Directory { path: PathBuf },
+    /// AWS S3 or an S3-compatible store.
+    S3 {
+        bucket: String,
+        prefix: String,
+        region: Option<String>,
+        endpoint: Option<String>,
+        path_style: bool,
+        cache_control: Option<String>,
+        /// Role to assume with the agent's self-issued web identity token.
+        role_arn: Option<String>,
+    },
+    /// Google Cloud Storage.
+    Gcs {
+        bucket: String,
+        prefix: String,
+        cache_control: Option<String>,
+    },
+    /// Azure Blob Storage (static website: container `$web`).
+    AzureBlob {
+        account: String,
+        container: String,
+        prefix: String,
+        endpoint: Option<String>,
+        cache_control: Option<String>,
+    },
+}
+
+impl PublishTarget {
+    pub const TYPES: [&'static str; 4] = ["directory", "s3", "gcs", "azure-blob"];
+
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            PublishTarget::Directory { .. } => "directory",
+            PublishTarget::S3 { .. } => "s3",
+            PublishTarget::Gcs { .. } => "gcs",
+            PublishTarget::AzureBlob { .. } => "azure-blob",
+        }
+    }
+
+    /// A one-line description for messages: `s3://bucket/prefix`, `directory /srv/oidc`.
+    pub fn describe(&self) -> String {
+        let join = |scheme: &str, bucket: &str, prefix: &str| {
+            if prefix.is_empty() {
+                format!("{scheme}://{bucket}")
+            } else {
+                format!("{scheme}://{bucket}/{prefix}")
+            }
+        };
+        match self {
+            PublishTarget::Directory { path } => format!("directory {}", path.display()),
+            PublishTarget::S3 { bucket, prefix, .. } => join("s3", bucket, prefix),
+            PublishTarget::Gcs { bucket, prefix, .. } => join("gs", bucket, prefix),
+            PublishTarget::AzureBlob {
+                account,
+                container,
+                prefix,
+                ..
+            } => join("azure", &format!("{account}/{container}"), prefix),
+        }
+    }
+}
+
+/// The key type rotation generates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyType {
+    Rsa2048,
+    Rsa3072,
+    EcdsaP256,
+}
+
+impl KeyType {
+    pub const NAMES: [&'static str; 3] = ["rsa-2048", "rsa-3072", "ecdsa-p256"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyType::Rsa2048 => "rsa-2048",
+            KeyType::Rsa3072 => "rsa-3072",
+            KeyType::EcdsaP256 => "ecdsa-p256",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "rsa-2048" => Some(KeyType::Rsa2048),
+            "rsa-3072" => Some(KeyType::Rsa3072),
+            "ecdsa-p256" => Some(KeyType::EcdsaP256),
+            _ => None,
+        }
+    }
+}
+
+/// Signing-key rotation settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rotation {
+    pub enabled: bool,
+    /// How often a rotation starts.
+    pub every: Duration,
+    pub key_type: KeyType,
+    /// Extra wait after the new JWKS is seen publicly, on top of its Cache-Control max-age.
+    pub propagation_wait: Duration,
+    /// How long a CDN in front of the documents may cache them.
+    pub cdn_ttl: Duration,
+    /// The longest lifetime of a token signed by the old key that must keep verifying.
+    pub token_lifetime: Duration,
+}
+
+impl Default for Rotation {
+    fn default() -> Self {
+        Rotation {
+            enabled: false,
+            every: Duration::from_secs(90 * 86_400),
+            key_type: KeyType::Rsa2048,
+            propagation_wait: Duration::from_secs(3600),
+            cdn_ttl: Duration::ZERO,
+            token_lifetime: Duration::from_secs(86_400),
+        }
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// The public issuer, exactly as written.
+    pub issuer: String,
+    /// The jwks-uri: as configured, or `<issuer>/openid/v1/jwks`.
+    pub jwks_uri: String,
+    pub distribution: Distribution,
+    pub publish: Vec<PublishTarget>,
+    pub rotation: Rotation,
+    /// The files this was read from, in merge order.
+    pub sources: Vec<PathBuf>,
+}
+
+/// A value and the file it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin<T> {
+    pub value: T,
+    pub file: PathBuf,
+}
+
+impl<T> Origin<T> {
+    pub fn at(file: &Path, value: T) -> Self {
+        Origin {
+            value,
+            file: file.to_path_buf(),
+        }
+    }
+}
+
+/// One file's settings; every field optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fragment {
+    pub issuer: Option<Origin<String>>,
+    pub jwks_uri: Option<Origin<String>>,
+    pub distribution: Option<Origin<Distribution>>,
+    pub publish: Option<Origin<Vec<PublishTarget>>>,
+    pub rotation: RotationFragment,
+}
+
+/// `rotation:` of one file; merged key by key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RotationFragment {
+    pub enabled: Option<bool>,
+    pub every: Option<Origin<Duration>>,
+    pub key_type: Option<KeyType>,
+    pub propagation_wait: Option<Duration>,
+    pub cdn_ttl: Option<Duration>,
+    pub token_lifetime: Option<Origin<Duration>>,
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("no configuration found: {} does not exist{}; create it with at least `issuer: https://<your public issuer URL>`", CONFIG_FILE, .looked_in.as_ref().map(|p| format!(" (looked in {})", p.display())).unwrap_or_default())]
+    NotFound { looked_in: Option<PathBuf> },
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", render_problems(problems))]
+    Invalid { problems: Vec<Problem> },
+}
+
+impl ConfigError {
+    /// True when the host simply has no issuer configured yet (a fresh install), as opposed to
+    /// a broken configuration.
+    pub fn is_unconfigured(&self) -> bool {
+        match self {
+            ConfigError::NotFound { .. } => true,
+            ConfigError::Invalid { problems } => {
+                problems.len() == 1 && problems[0].file.is_none() && problems[0].key == "issuer"
+            }
+            ConfigError::Read { .. } => false,
+        }
+    }
+}
+
+fn render_problems(problems: &[Problem]) -> String {
+    let mut out = format!(
+        "invalid configuration ({} problem{}):",
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" }
+    );
+    for p in problems {
+        out.push_str(&format!("\n  {p}"));
+    }
+    out
+}
+
+/// The validated settings plus warnings worth printing.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub settings: Settings,
+    pub warnings: Vec<Problem>,
+}
+
+/// The files to read: `--config FILE` alone, or the main file and drop-ins under the root.
+pub fn config_files(root: &HostRoot, explicit: Option<&Path>) -> Result<Vec<PathBuf>, ConfigError> {
+    if let Some(file) = explicit {
+        if !file.exists() {
+            return Err(ConfigError::Read {
+                path: file.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+            });
+        }
+        return Ok(vec![file.to_path_buf()]);
+    }
+    let mut files = Vec::new();
+    let main = root.path(CONFIG_FILE);
+    if main.exists() {
+        files.push(main.clone());
+    }
+    let dir = root.path(CONFIG_DIR);
+    match std::fs::read_dir(&dir) {
+        Ok(entries) => {
+            let mut dropins = Vec::new();
+            for entry in entries {
+                let entry = entry.map_err(|source| ConfigError::Read {
+                    path: dir.clone(),
+                    source,
+                })?;
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if !name.starts_with('.') && (name.ends_with(".yaml") || name.ends_with(".yml")) {
+                    dropins.push(entry.path());
+                }
+            }
+            dropins.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+            files.extend(dropins);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(ConfigError::Read { path: dir, source }),
+    }
+    if files.is_empty() {
+        return Err(ConfigError::NotFound {
+            looked_in: (!root.is_real()).then_some(main),
+        });
+    }
+    Ok(files)
+}
+
+/// Reads, merges and validates the configuration.
+pub fn load(root: &HostRoot, explicit: Option<&Path>) -> Result<Loaded, ConfigError> {
+    let files = config_files(root, explicit)?;
+    let mut problems = Vec::new();
+    let mut fragments = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            path: file.clone(),
+            source,
+        })?;
+        fragments.push(parse_fragment(file, &text, &mut problems));
+    }
+    let merged = merge(fragments);
+    let result = validate(merged, files, &mut problems);
+    match result {
+        Some(loaded) if problems.is_empty() => Ok(loaded),
+        _ => Err(ConfigError::Invalid { problems }),
+    }
+}
+
+/// Stage 1: one file into a fragment.
+pub fn parse_fragment(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Fragment {
+    let mut fragment = Fragment::default();
+    let doc: Value = match serde_yaml::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            problems.push(Problem {
+                file: Some(file.to_path_buf()),
+                key: "(file)".into(),
+                value: None,
+                message: format!("not valid YAML: {e}"),
+            });
+            return fragment;
+        }
+    };
+    let empty = Mapping::new();
+    let map = match &doc {
+        Value::Null => &empty,
+        Value::Mapping(m) => m,
+        other => {
+            problems.push(Problem {
+                file: Some(file.to_path_buf()),
+                key: "(file)".into(),
+                value: Some(show(other)),
+                message: "expected a mapping of keys such as `issuer: https://...`".into(),
+            });
+            return fragment;
+        }
+    };
+    let mut f = Fields::new(file, "", map, problems);
+    fragment.issuer = f.string("issuer").map(|v| Origin::at(file, v));
+    fragment.jwks_uri = f.string("jwks-uri").map(|v| Origin::at(file, v));
+    fragment.distribution = f
+        .choice("distribution", &Distribution::NAMES)
+        .and_then(Distribution::from_name)
+        .map(|v| Origin::at(file, v));
+    if let Some(items) = f.sequence("publish") {
+        let targets = parse_targets(file, items, f.problems());
+        fragment.publish = Some(Origin::at(file, targets));
+    }
+    if let Some(rotation) = f.mapping("rotation") {
+        fragment.rotation = parse_rotation(file, rotation, f.problems());
+    }
+    f.finish();
+    fragment
+}
+
+fn parse_targets(file: &Path, items: &[Value], problems: &mut Vec<Problem>) -> Vec<PublishTarget> {
+    let mut targets = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let prefix = format!("publish[{i}]");
+        let Value::Mapping(map) = item else {
+            problems.push(Problem {
+                file: Some(file.to_path_buf()),
+                key: prefix,
+                value: Some(show(item)),
+                message: "expected a mapping such as `{type: directory, path: /srv/oidc}`".into(),
+            });
+            continue;
+        };
+        let mut f = Fields::new(file, prefix, map, problems);
+        let Some(kind) = f.choice("type", &PublishTarget::TYPES) else {
+            if map.get("type").is_none() {
+                f.problem(
+                    "type",
+                    None,
+                    format!("required: one of {}", PublishTarget::TYPES.join(", ")),
+                );
+            }
+            continue;
+        };
+        let required = |f: &mut Fields<'_>, key: &'static str| {
+            let value = f.string(key);
+            match value {
+                Some(v) if !v.trim().is_empty() => Some(v),
+                Some(_) => {
+                    f.problem(
+                        key,
+                        Some(&Value::String(String::new())),
+                        "must not be empty",
+                    );
+                    None
+                }
+                None => {
+                    if f.raw(key).is_none() {
+                        f.problem(key, None, format!("required for `type: {kind}`"));
+                    }
+                    None
+                }
+            }
+        };
+        let target = match kind {
+            "directory" => required(&mut f, "path").and_then(|path| {
+                if !path.starts_with('/') {
+                    f.problem(
+                        "path",
+                        Some(&Value::String(path)),
+                        "must be an absolute path on the host",
+                    );
+                    None
+                } else {
+                    Some(PublishTarget::Directory { path: path.into() })
+                }
+            }),
+            "s3" => {
+                let bucket = required(&mut f, "bucket");
+                let prefix = clean_prefix(&mut f);
+                let region = f.string("region");
+                let endpoint = f.string("endpoint");
+                let path_style = f.bool("path-style").unwrap_or(false);
+                let cache_control = f.string("cache-control");
+                let role_arn = f.string("role-arn");
+                bucket.map(|bucket| PublishTarget::S3 {
+                    bucket,
+                    prefix,
+                    region,
+                    endpoint,
+                    path_style,
+                    cache_control,
+                    role_arn,
+                })
+            }
+            "gcs" => {
+                let bucket = required(&mut f, "bucket");
+                let prefix = clean_prefix(&mut f);
+                let cache_control = f.string("cache-control");
+                bucket.map(|bucket| PublishTarget::Gcs {
+                    bucket,
+                    prefix,
+                    cache_control,
+                })
+            }
+            _ => {
+                let account = required(&mut f, "account");
+                let container = f.string("container").unwrap_or_else(|| "$web".into());
+                let prefix = clean_prefix(&mut f);
+                let endpoint = f.string("endpoint");
+                let cache_control = f.string("cache-control");
+                account.map(|account| PublishTarget::AzureBlob {
+                    account,
+                    container,
+                    prefix,
+                    endpoint,
+                    cache_control,
+                })
+            }
+        };
+        f.finish();
+        targets.extend(target);
+    }
+    targets
+}
+
+/// `prefix:` without leading or trailing slashes (`/cluster-a/` and `cluster-a` are the same).
+fn clean_prefix(f: &mut Fields<'_>) -> String {
+    f.string("prefix")
+        .map(|p| p.trim_matches('/').to_string())
+        .unwrap_or_default()
+}
+
+fn parse_rotation(file: &Path, map: &Mapping, problems: &mut Vec<Problem>) -> RotationFragment {
+    let mut f = Fields::new(file, "rotation", map, problems);
+    let fragment = RotationFragment {
+        enabled: f.bool("enabled"),
+        every: f.duration("every").map(|v| Origin::at(file, v)),
+        key_type: f
+            .choice("key-type", &KeyType::NAMES)
+            .and_then(KeyType::from_name),
+        propagation_wait: f.duration("propagation-wait"),
+        cdn_ttl: f.duration("cdn-ttl"),
+        token_lifetime: f.duration("token-lifetime").map(|v| Origin::at(file, v)),
+    };
+    f.finish();
+    fragment
+}
+
+/// Stage 2: later fragments override earlier ones, key by key.
+pub fn merge(fragments: Vec<Fragment>) -> Fragment {
+    let mut out = Fragment::default();
+    for f in fragments {
+        out.issuer = f.issuer.or(out.issuer);
+        out.jwks_uri = f.jwks_uri.or(out.jwks_uri);
+        out.distribution = f.distribution.or(out.distribution);
+        out.publish = f.publish.or(out.publish);
+        let (r, o) = (f.rotation, &mut out.rotation);
+        o.enabled = r.enabled.or(o.enabled);
+        o.every = r.every.or(o.every.take());
+        o.key_type = r.key_type.or(o.key_type);
+        o.propagation_wait = r.propagation_wait.or(o.propagation_wait);
+        o.cdn_ttl = r.cdn_ttl.or(o.cdn_ttl);
+        o.token_lifetime = r.token_lifetime.or(o.token_lifetime.take());
+    }
+    out
+}
+
+fn url_problems(
+    origin: &Origin<String>,
+    key: &str,
+    check: issuer::UrlCheck,
+    problems: &mut Vec<Problem>,
+    warnings: &mut Vec<Problem>,
+) {
+    let make = |message: String| Problem {
+        file: Some(origin.file.clone()),
+        key: key.to_string(),
+        value: Some(format!("{:?}", origin.value)),
+        message,
+    };
+    problems.extend(check.errors.into_iter().map(make));
+    warnings.extend(check.warnings.into_iter().map(make));
+}
+
+/// Stage 3: the merged fragment into settings. Errors go to `problems`; returns `None` when
+/// there were any.
+pub fn validate(
+    merged: Fragment,
+    sources: Vec<PathBuf>,
+    problems: &mut Vec<Problem>,
+) -> Option<Loaded> {
+    let mut warnings = Vec::new();
+    let Some(issuer) = merged.issuer else {
+        problems.push(Problem {
+            file: None,
+            key: "issuer".into(),
+            value: None,
+            message: format!(
+                "required: set the public https URL AWS/GCP/Azure will fetch the discovery document from (e.g. `issuer: https://oidc.example.com/cluster-a`) in {CONFIG_FILE} or a drop-in"
+            ),
+        });
+        return None;
+    };
+    url_problems(
+        &issuer,
+        "issuer",
+        issuer::check_issuer(&issuer.value),
+        problems,
+        &mut warnings,
+    );
+    let jwks_uri = match &merged.jwks_uri {
+        Some(origin) => {
+            url_problems(
+                origin,
+                "jwks-uri",
+                issuer::check_jwks_uri(&origin.value),
+                problems,
+                &mut warnings,
+            );
+            origin.value.clone()
+        }
+        None => default_jwks_uri(&issuer.value),
+    };
+    let r = merged.rotation;
+    let defaults = Rotation::default();
+    let rotation = Rotation {
+        enabled: r.enabled.unwrap_or(defaults.enabled),
+        every: r.every.as_ref().map_or(defaults.every, |o| o.value),
+        key_type: r.key_type.unwrap_or(defaults.key_type),
+        propagation_wait: r.propagation_wait.unwrap_or(defaults.propagation_wait),
+        cdn_ttl: r.cdn_ttl.unwrap_or(defaults.cdn_ttl),
+        token_lifetime: r
+            .token_lifetime
+            .as_ref()
+            .map_or(defaults.token_lifetime, |o| o.value),
+    };
+    if let Some(every) = &r.every
+        && every.value <= rotation.token_lifetime
+    {
+        problems.push(Problem {
+                file: Some(every.file.clone()),
+                key: "rotation.every".into(),
+                value: Some(format_duration(every.value)),
+                message: format!(
+                    "must be longer than rotation.token-lifetime ({}): an old key is retired only after every token it signed has expired",
+                    format_duration(rotation.token_lifetime)
+                ),
+            });
+    }
+    if let Some(lifetime) = &r.token_lifetime
+        && lifetime.value < Duration::from_secs(600)
+    {
+        problems.push(Problem {
+            file: Some(lifetime.file.clone()),
+            key: "rotation.token-lifetime".into(),
+            value: Some(format_duration(lifetime.value)),
+            message: "must be at least 10m (the shortest lifetime kube-apiserver issues)".into(),
+        });
+    }
+    if !problems.is_empty() {
+        return None;
+    }
+    Some(Loaded {
+        settings: Settings {
+            issuer: issuer.value,
+            jwks_uri,
+            distribution: merged.distribution.map_or(Distribution::Auto, |o| o.value),
+            publish: merged.publish.map(|o| o.value).unwrap_or_default(),
+            rotation,
+            sources,
+        },
+        warnings,
+    })
+}
