@@ -1,0 +1,87 @@
+//! `irsa-agent check-config`: validate the configuration and show what is in effect.
+
+use clap::Args as ClapArgs;
+use serde_json::json;
+
+use super::{Exit, Global};
+use crate::config::{self, PublishTarget, format_duration};
+
+#[derive(Debug, ClapArgs)]
+#[command(
+    after_help = "Exits 0 when the configuration is valid (warnings included), 1 when it is not; \
+every problem of every file is listed at once."
+)]
+pub struct Args {
+    /// Print the settings as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
+    let loaded = config::load(&global.root, global.config.as_deref())?;
+    for warning in &loaded.warnings {
+        log::warn!("{warning}");
+    }
+    let s = &loaded.settings;
+    if args.json {
+        let targets: Vec<_> = s
+            .publish
+            .iter()
+            .map(|t| json!({"type": t.type_name(), "target": t.describe()}))
+            .collect();
+        let doc = json!({
+            "issuer": s.issuer,
+            "jwks-uri": s.jwks_uri,
+            "distribution": s.distribution.name(),
+            "publish": targets,
+            "rotation": {
+                "enabled": s.rotation.enabled,
+                "every": format_duration(s.rotation.every),
+                "key-type": s.rotation.key_type.name(),
+                "propagation-wait": format_duration(s.rotation.propagation_wait),
+                "cdn-ttl": format_duration(s.rotation.cdn_ttl),
+                "token-lifetime": format_duration(s.rotation.token_lifetime),
+            },
+            "sources": s.sources,
+            "warnings": loaded.warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(Exit::OK);
+    }
+    println!(
+        "configuration is valid ({} file{})",
+        s.sources.len(),
+        if s.sources.len() == 1 { "" } else { "s" }
+    );
+    for source in &s.sources {
+        println!("  read {}", source.display());
+    }
+    println!("issuer:        {}", s.issuer);
+    println!("jwks-uri:      {}", s.jwks_uri);
+    println!("distribution:  {}", s.distribution);
+    if s.publish.is_empty() {
+        println!("publish:       (no targets)");
+    }
+    for target in &s.publish {
+        let extra = match target {
+            PublishTarget::S3 {
+                endpoint: Some(e), ..
+            } => format!(" via {e}"),
+            _ => String::new(),
+        };
+        println!("publish:       {}{extra}", target.describe());
+    }
+    println!(
+        "rotation:      {}",
+        if s.rotation.enabled {
+            format!(
+                "every {} ({})",
+                format_duration(s.rotation.every),
+                s.rotation.key_type.name()
+            )
+        } else {
+            "disabled".to_string()
+        }
+    );
+    Ok(Exit::OK)
+}

@@ -1,0 +1,153 @@
+//! The command line. Parsing does no I/O; each subcommand lives in its own file and returns an
+//! [`Exit`] code or an error that `main` prints.
+//!
+//! Exit codes (documented in the README and `--help`):
+//! - 0: success (or, with `--check`, nothing to change);
+//! - 1: failure;
+//! - 2: `--check` found changes pending (drift), distinct from failure;
+//! - 64: bad command line (clap's own usage errors, moved off 2 so that 2 stays unambiguous).
+
+mod check_config;
+mod generate;
+mod keys;
+pub mod logging;
+mod pending;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::host::HostRoot;
+
+/// A process exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit(pub u8);
+
+impl Exit {
+    pub const OK: Exit = Exit(0);
+    pub const FAILURE: Exit = Exit(1);
+    pub const PENDING: Exit = Exit(2);
+    pub const USAGE: Exit = Exit(64);
+}
+
+const AFTER_HELP: &str = "\
+Exit status: 0 success, 1 failure, 2 changes pending (with --check), 64 bad usage.
+Host paths (/etc/irsa-agent, /etc/rancher/k3s, /etc/kubernetes, /var/lib/irsa-agent) are resolved under --root.";
+
+/// Keeps IRSA and workload identity federation working on k3s, RKE2 and kubeadm clusters:
+/// sets the public service-account issuer, publishes the OIDC discovery document and JWKS,
+/// and rotates the signing keys, unattended.
+#[derive(Debug, Parser)]
+#[command(name = "irsa-agent", version, about, long_about = None, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// Directory standing for the host's `/`: every host path is resolved under it
+    /// (for tests, demos and chroots).
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        default_value = "/",
+        env = "IRSA_AGENT_ROOT"
+    )]
+    pub root: PathBuf,
+
+    /// Read only this configuration file instead of /etc/irsa-agent/config.yaml and
+    /// /etc/irsa-agent/config.d/*.yaml under --root.
+    #[arg(long, global = true, value_name = "FILE", env = "IRSA_AGENT_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// More detail: -v debug, -vv trace.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Only warnings and errors.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the JWKS kube-apiserver serves at /openid/v1/jwks for these key files.
+    Jwks(keys::JwksArgs),
+    /// Print the OIDC discovery document for an issuer and key files.
+    Discovery(keys::DiscoveryArgs),
+    /// Check the configuration and print the settings in effect.
+    CheckConfig(check_config::Args),
+    /// Set the public issuer in the apiserver configuration (dual-issuer, audiences pinned),
+    /// restart it safely and roll back if it does not come back.
+    Apply(pending::Args),
+    /// Run as a daemon: converge, then watch key files and configuration and keep the
+    /// published documents true.
+    Run(pending::Args),
+    /// Show what the agent last did and what it is waiting for.
+    Status(pending::Args),
+    /// Check every link from the key files to the public JWKS and explain what is wrong.
+    Doctor(pending::Args),
+    /// Rotate the service-account signing key without rejecting a single token.
+    Rotate(pending::Args),
+    /// Decode a service-account token and explain why a relying party would accept or
+    /// refuse it.
+    VerifyToken(pending::Args),
+    /// Generate the man page or shell completions (for packaging).
+    #[command(hide = true)]
+    Generate(generate::Args),
+}
+
+/// Options every subcommand shares.
+#[derive(Debug, Clone)]
+pub struct Global {
+    pub root: HostRoot,
+    pub config: Option<PathBuf>,
+}
+
+/// Parses arguments, runs the command and maps the outcome to an exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            return ExitCode::from(if err.use_stderr() { Exit::USAGE.0 } else { 0 });
+        }
+    };
+    logging::init(logging::level(cli.verbose, cli.quiet));
+    let global = Global {
+        root: HostRoot::new(&cli.root),
+        config: cli.config.clone(),
+    };
+    let result = match cli.command {
+        Command::Jwks(args) => keys::jwks(&global, args),
+        Command::Discovery(args) => keys::discovery(&global, args),
+        Command::CheckConfig(args) => check_config::run(&global, args),
+        Command::Apply(_) => pending::not_implemented("apply"),
+        Command::Run(_) => pending::not_implemented("run"),
+        Command::Status(_) => pending::not_implemented("status"),
+        Command::Doctor(_) => pending::not_implemented("doctor"),
+        Command::Rotate(_) => pending::not_implemented("rotate"),
+        Command::VerifyToken(_) => pending::not_implemented("verify-token"),
+        Command::Generate(args) => generate::run(args),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code.0),
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(Exit::FAILURE.0)
+        }
+    }
+}
+
+/// Writes a document to stdout exactly; adds a newline only for a terminal, so that
+/// `irsa-agent jwks ... > jwks.json` is byte-identical to what the apiserver serves.
+pub fn print_document(doc: &str) -> anyhow::Result<()> {
+    use std::io::{IsTerminal as _, Write as _};
+    let mut out = std::io::stdout().lock();
+    out.write_all(doc.as_bytes())?;
+    if out.is_terminal() {
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    Ok(())
+}

@@ -1,0 +1,15 @@
+//! irsa-agent: makes IRSA and workload identity federation work on self-managed Kubernetes.
+//!
+//! The crate is laid out like the job:
+//! - [`config`]: the agent's own configuration (fragments, merge, validation);
+//! - [`keys`]: service-account key files, JWKS and discovery documents, exactly as
+//!   kube-apiserver reads and renders them;
+//! - [`host`]: the injectable host root every host path goes through;
+//! - [`fs`]: the one module that writes host files (atomic, durable, mode-preserving);
+//! - [`cli`]: the command line, one file per subcommand.
+
+pub mod cli;
+pub mod config;
+pub mod fs;
+pub mod host;
+pub mod keys;
