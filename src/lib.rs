@@ -1,6 +1,7 @@
 //! irsa-agent: makes IRSA and workload identity federation work on self-managed Kubernetes.
 //!
 //! The crate is laid out like the job:
+//! - [`apiserver`]: the host's kube-apiserver: distribution, flags, key files;
 //! - [`config`]: the agent's own configuration (fragments, merge, validation);
 //! - [`keys`]: service-account key files, JWKS and discovery documents, exactly as
 //!   kube-apiserver reads and renders them;
@@ -8,6 +9,7 @@
 //! - [`fs`]: the one module that writes host files (atomic, durable, mode-preserving);
 //! - [`cli`]: the command line, one file per subcommand.
 
+pub mod apiserver;
 pub mod cli;
 pub mod config;
 pub mod fs;

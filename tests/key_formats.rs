@@ -269,3 +269,42 @@ fn kids_are_distinct_and_43_chars() {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
     );
 }
+
+#[test]
+fn minted_tokens_verify_against_the_published_jwks() {
+    use irsa_agent::keys::token;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/apiserver");
+    for (case, signing, alg) in [
+        ("k3s", "service.current.key", Algorithm::RS256),
+        (
+            "ec-pkcs8-signing-sec1-verify",
+            "ec256b.pkcs8.key",
+            Algorithm::ES256,
+        ),
+        ("ec-p384-sec1", "ec384.sec1.key", Algorithm::ES384),
+    ] {
+        let key = keys::load_signing_file(&dir.join(case).join("keys").join(signing))
+            .expect("signing key");
+        let claims = serde_json::json!({"iss": "https://oidc.example.test", "sub": "system:serviceaccount:default:app", "aud": "sts.amazonaws.com", "exp": 4_102_444_800u64});
+        let token = token::mint(&key, &claims).expect("mints");
+        let header = jsonwebtoken::decode_header(&token).expect("header");
+        assert_eq!(header.kid.as_deref(), Some(key.public.kid().as_str()));
+        // Verify against the apiserver's own JWKS for that case, picked by kid.
+        let set: jsonwebtoken::jwk::JwkSet =
+            serde_json::from_slice(&std::fs::read(dir.join(case).join("jwks.json")).expect("jwks"))
+                .expect("set");
+        let jwk = set
+            .find(&key.public.kid())
+            .expect("kid published by the apiserver");
+        let mut validation = Validation::new(alg);
+        validation.set_audience(&["sts.amazonaws.com"]);
+        jsonwebtoken::decode::<serde_json::Value>(
+            &token,
+            &DecodingKey::from_jwk(jwk).expect("jwk"),
+            &validation,
+        )
+        .expect("verifies");
+    }
+    let p521 = keys::load_signing_file(&dir.join("ec-p521-sec1/keys/ec521.sec1.key")).expect("key");
+    assert!(token::mint(&p521, &serde_json::json!({})).is_err());
+}

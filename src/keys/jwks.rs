@@ -124,6 +124,30 @@ pub fn discovery_json(issuer: &str, jwks_uri: &str, keys: &[PublicKey]) -> Strin
     out
 }
 
+/// The two documents the agent publishes for one issuer, already rendered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Documents {
+    /// The JWKS (each key once, in apiserver order).
+    pub jwks: String,
+    /// The discovery document.
+    pub discovery: String,
+    /// The kids in the JWKS, in order.
+    pub kids: Vec<String>,
+}
+
+impl Documents {
+    /// Renders both documents for `issuer`/`jwks_uri` from the apiserver's verification keys
+    /// (in flag order); repeated keys are published once.
+    pub fn build(issuer: &str, jwks_uri: &str, verification_keys: &[PublicKey]) -> Self {
+        let keys = super::dedup(verification_keys);
+        Documents {
+            jwks: jwks_json(&keys),
+            discovery: discovery_json(issuer, jwks_uri, &keys),
+            kids: keys.iter().map(PublicKey::kid).collect(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

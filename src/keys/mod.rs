@@ -19,6 +19,7 @@
 pub mod der;
 pub mod jwks;
 pub mod pem;
+pub mod token;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
