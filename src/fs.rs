@@ -122,6 +122,33 @@ pub fn create_dir_all(dir: &Path, mode: u32) -> io::Result<()> {
     fs::DirBuilder::new().recursive(true).mode(mode).create(dir)
 }
 
+/// Copies `src` to `dst` for a backup: parent folders are created (0700), the copy gets the
+/// source's mode and owner, and is durable (temp + fsync + rename + fsync dir). Returns the
+/// bytes copied.
+pub fn backup_copy(src: &Path, dst: &Path) -> io::Result<Vec<u8>> {
+    let meta = fs::metadata(src)?;
+    let bytes = fs::read(src)?;
+    create_dir_all(parent_of(dst), 0o700)?;
+    write_atomic(
+        dst,
+        &bytes,
+        NewFile {
+            mode: meta.permissions().mode() & 0o7777,
+            owner: Some((meta.uid(), meta.gid())),
+        },
+    )?;
+    Ok(bytes)
+}
+
+/// Removes a file (a missing file is fine) and fsyncs its folder.
+pub fn remove_durable(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => sync_dir(parent_of(path)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Removes temp files a crashed writer left in `dir`. Returns how many it removed.
 pub fn sweep_temp_files(dir: &Path) -> io::Result<usize> {
     let mut removed = 0;
@@ -171,6 +198,22 @@ mod tests {
             .map(|e| e.map(|e| e.file_name()))
             .collect::<Result<_, _>>()?;
         assert_eq!(names.len(), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn backups_keep_mode_and_bytes() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let src = dir.path().join("config.yaml");
+        fs::write(&src, "a: 1\r\n")?;
+        fs::set_permissions(&src, fs::Permissions::from_mode(0o640))?;
+        let dst = dir.path().join("backups/x/etc/config.yaml");
+        assert_eq!(backup_copy(&src, &dst)?, b"a: 1\r\n");
+        assert_eq!(fs::read(&dst)?, b"a: 1\r\n");
+        assert_eq!(fs::metadata(&dst)?.permissions().mode() & 0o777, 0o640);
+        remove_durable(&dst)?;
+        remove_durable(&dst)?;
+        assert!(!dst.exists());
         Ok(())
     }
 

@@ -7,6 +7,7 @@
 //!   kube-apiserver reads and renders them;
 //! - [`host`]: the injectable host root every host path goes through;
 //! - [`fs`]: the one module that writes host files (atomic, durable, mode-preserving);
+//! - [`state`]: the agent's own state file (`/var/lib/irsa-agent/state.json`);
 //! - [`cli`]: the command line, one file per subcommand.
 
 pub mod apiserver;
@@ -15,3 +16,4 @@ pub mod config;
 pub mod fs;
 pub mod host;
 pub mod keys;
+pub mod state;

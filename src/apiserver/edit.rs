@@ -189,7 +189,10 @@ fn comment_start(s: &str) -> usize {
 
 /// A quote opens a quoted scalar only at the start of a token.
 fn is_token_start(bytes: &[u8], i: usize) -> bool {
-    matches!(bytes[i - 1], b' ' | b'\t' | b'[' | b',' | b'{' | b':' | b'-')
+    matches!(
+        bytes[i - 1],
+        b' ' | b'\t' | b'[' | b',' | b'{' | b':' | b'-'
+    )
 }
 
 /// If `s` starts with a mapping key (`key:` followed by a space or the end), the key text and
@@ -223,7 +226,10 @@ fn mapping_key(s: &str) -> Option<(String, usize)> {
             let trimmed = rest.trim_start_matches([' ', '\t']);
             let colon = s.len() - trimmed.len();
             if trimmed.starts_with(':')
-                && trimmed[1..].chars().next().is_none_or(|c| c == ' ' || c == '\t')
+                && trimmed[1..]
+                    .chars()
+                    .next()
+                    .is_none_or(|c| c == ' ' || c == '\t')
             {
                 Some((key, colon + 1))
             } else {
@@ -235,9 +241,7 @@ fn mapping_key(s: &str) -> Option<(String, usize)> {
         _ => {
             let mut i = 0;
             while i < bytes.len() {
-                if bytes[i] == b':'
-                    && bytes.get(i + 1).is_none_or(|c| *c == b' ' || *c == b'\t')
-                {
+                if bytes[i] == b':' && bytes.get(i + 1).is_none_or(|c| *c == b' ' || *c == b'\t') {
                     let key = s[..i].trim_end().to_string();
                     return Some((key, i + 1));
                 }
@@ -396,10 +400,7 @@ impl<'a> Document<'a> {
                     Some(j) if self.lines[j].indent > col => {
                         self.node_at(j, self.lines[j].indent, col as isize)
                     }
-                    Some(j)
-                        if self.lines[j].indent == col
-                            && is_seq_item(self.code(j, col)) =>
-                    {
+                    Some(j) if self.lines[j].indent == col && is_seq_item(self.code(j, col)) => {
                         self.seq_at(j, col)
                     }
                     _ => (
@@ -804,7 +805,10 @@ fn render_scalar(s: &str, quote: Quote) -> String {
 
 /// For each new item, where to insert it: the byte offset and whether it goes into a block
 /// list (as lines) or a flow list.
-fn insertion_points(loc: &ListLoc, items: &[Item]) -> Result<Vec<(usize, Option<usize>)>, EditError> {
+fn insertion_points(
+    loc: &ListLoc,
+    items: &[Item],
+) -> Result<Vec<(usize, Option<usize>)>, EditError> {
     // Returns, per element of `items`, (position in old-item order, Some(anchor offset)) for new
     // ones; `None` for kept ones.
     let n = loc.items.len();
@@ -880,7 +884,11 @@ pub fn edit_list(doc: &Document<'_>, loc: &ListLoc, items: &[Item]) -> Result<St
                 } else {
                     *anchor
                 };
-                let mut line = format!("{}- {}{nl}", " ".repeat(*indent), render_scalar(value, quote));
+                let mut line = format!(
+                    "{}- {}{nl}",
+                    " ".repeat(*indent),
+                    render_scalar(value, quote)
+                );
                 // An insert at the very end of a file without a final newline.
                 if at == text.len() && !text.ends_with('\n') {
                     line = format!("{nl}{}", line.trim_end_matches(['\r', '\n']));
@@ -904,7 +912,7 @@ pub fn edit_list(doc: &Document<'_>, loc: &ListLoc, items: &[Item]) -> Result<St
             for (s, e) in deletes {
                 events.push((s, 1, e, String::new()));
             }
-            events.sort_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
+            events.sort_by_key(|e| (e.0, e.1, e.2));
             for (at, kind, extra, s) in events {
                 if at > cursor {
                     out.push_str(&text[cursor..at]);
@@ -981,8 +989,10 @@ pub fn edit_list(doc: &Document<'_>, loc: &ListLoc, items: &[Item]) -> Result<St
             }
             if value_end > at {
                 // An explicit null: replace it with a flow list.
-                let rendered: Vec<String> =
-                    values.iter().map(|v| render_scalar(v, Quote::Plain)).collect();
+                let rendered: Vec<String> = values
+                    .iter()
+                    .map(|v| render_scalar(v, Quote::Plain))
+                    .collect();
                 return Ok(format!(
                     "{} [{}]{}",
                     &text[..*at],
@@ -995,7 +1005,12 @@ pub fn edit_list(doc: &Document<'_>, loc: &ListLoc, items: &[Item]) -> Result<St
             for v in &values {
                 block.push_str(&format!("{nl}{indent}- {}", render_scalar(v, Quote::Plain)));
             }
-            Ok(format!("{}{}{}", &text[..*line_end], block, &text[*line_end..]))
+            Ok(format!(
+                "{}{}{}",
+                &text[..*line_end],
+                block,
+                &text[*line_end..]
+            ))
         }
     }
 }
@@ -1044,10 +1059,7 @@ fn flow_edit_multiline(
             cursor = e;
         }
     }
-    let append_at = kept
-        .last()
-        .map(|k| loc.items[*k].end)
-        .unwrap_or(close);
+    let append_at = kept.last().map(|k| loc.items[*k].end).unwrap_or(close);
     if append_at >= cursor {
         out.push_str(&text[cursor..append_at]);
         cursor = append_at;
@@ -1134,11 +1146,9 @@ fn normalize(v: &Value) -> Value {
                 })
                 .collect(),
         ),
-        Value::Mapping(m) => Value::Mapping(
-            m.iter()
-                .map(|(k, v)| (k.clone(), normalize(v)))
-                .collect(),
-        ),
+        Value::Mapping(m) => {
+            Value::Mapping(m.iter().map(|(k, v)| (k.clone(), normalize(v))).collect())
+        }
         other => other.clone(),
     }
 }
@@ -1202,7 +1212,10 @@ mod tests {
         let out = edit(text, Locator::TopLevel("kube-apiserver-arg"), |_| {
             vec![Item::Keep(0), Item::New("e=f".into())]
         });
-        assert_eq!(out, "kube-apiserver-arg: [\n    \"a=b\", \"e=f\"\n  ]\nx: 1\n");
+        assert_eq!(
+            out,
+            "kube-apiserver-arg: [\n    \"a=b\", \"e=f\"\n  ]\nx: 1\n"
+        );
     }
 
     #[test]
@@ -1227,7 +1240,9 @@ mod tests {
                 Item::Keep(0),
                 Item::Keep(1),
                 Item::New("--service-account-issuer=https://new".into()),
-                Item::New("--service-account-issuer=https://kubernetes.default.svc.cluster.local".into()),
+                Item::New(
+                    "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+                ),
                 Item::Keep(3),
             ]
         });

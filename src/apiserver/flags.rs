@@ -63,9 +63,7 @@ impl Arg {
 /// Splits one command-line item: `--name=value` -> (name, Some(value)), `--name` -> (name, None).
 /// Returns `None` for items that are not flags (the binary name, stray values).
 pub fn split_flag(item: &str) -> Option<(&str, Option<&str>)> {
-    let body = item
-        .strip_prefix("--")
-        .or_else(|| item.strip_prefix('-'))?;
+    let body = item.strip_prefix("--").or_else(|| item.strip_prefix('-'))?;
     if body.is_empty() {
         return None;
     }
@@ -86,9 +84,7 @@ pub fn parse_command(items: &[String]) -> Vec<(Arg, Vec<usize>)> {
             Some((name, Some(value))) => out.push((Arg::new(name, value), vec![i])),
             Some((name, None)) => {
                 let takes_value = VALUED.contains(&name);
-                let next_is_value = items
-                    .get(i + 1)
-                    .is_some_and(|next| !next.starts_with('-'));
+                let next_is_value = items.get(i + 1).is_some_and(|next| !next.starts_with('-'));
                 if takes_value && next_is_value {
                     out.push((Arg::new(name, items[i + 1].clone()), vec![i, i + 1]));
                     i += 1;
@@ -339,7 +335,10 @@ mod tests {
     fn defaults() -> BTreeMap<String, String> {
         [
             (ISSUER, "https://kubernetes.default.svc.cluster.local"),
-            (AUDIENCES, "https://kubernetes.default.svc.cluster.local,k3s"),
+            (
+                AUDIENCES,
+                "https://kubernetes.default.svc.cluster.local,k3s",
+            ),
             (KEY_FILE, "/var/lib/rancher/k3s/server/tls/service.key"),
             (
                 SIGNING_KEY_FILE,
@@ -399,10 +398,7 @@ mod tests {
 
     #[test]
     fn output_is_sorted_by_name_and_keeps_repeats_in_order() {
-        let args = k3s_get_args(
-            &defaults(),
-            &["zz=1".into(), "aa".into(), "zz=0".into()],
-        );
+        let args = k3s_get_args(&defaults(), &["zz=1".into(), "aa".into(), "zz=0".into()]);
         let names: Vec<_> = args.iter().map(|a| a.name.as_str()).collect();
         let mut sorted = names.clone();
         sorted.sort();

@@ -77,13 +77,15 @@ pub fn parse(path: PathBuf, text: String) -> Result<Observed, ObserveError> {
     if command.is_empty() && extra_args.is_empty() {
         return Err(ObserveError::File {
             path,
-            message: "spec.containers[0] has no command: cannot tell the apiserver's flags"
-                .into(),
+            message: "spec.containers[0] has no command: cannot tell the apiserver's flags".into(),
         });
     }
     let mut all = command.clone();
     all.extend(extra_args.iter().cloned());
-    let args = flags::parse_command(&all).into_iter().map(|(a, _)| a).collect();
+    let args = flags::parse_command(&all)
+        .into_iter()
+        .map(|(a, _)| a)
+        .collect();
     let version = container
         .get("image")
         .and_then(Value::as_str)
@@ -226,7 +228,10 @@ put it in the ClusterConfiguration (kubectl -n kube-system edit configmap kubead
     );
     out.push_str("apiVersion: kubeadm.k8s.io/v1beta4\nkind: ClusterConfiguration\napiServer:\n  extraArgs:\n");
     let mut push = |name: &str, value: &str| {
-        out.push_str(&format!("  - name: {name}\n    value: {}\n", yaml_value(value)));
+        out.push_str(&format!(
+            "  - name: {name}\n    value: {}\n",
+            yaml_value(value)
+        ));
     };
     for issuer in issuers {
         push(flags::ISSUER, issuer);
@@ -308,10 +313,15 @@ mod tests {
 
     #[test]
     fn sorted_positions() {
-        let cmd: Vec<String> = ["kube-apiserver", "--advertise-address=1", "--secure-port=6443", "--tls-cert-file=x"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let cmd: Vec<String> = [
+            "kube-apiserver",
+            "--advertise-address=1",
+            "--secure-port=6443",
+            "--tls-cert-file=x",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         assert_eq!(sorted_position(&cmd, "api-audiences"), 2);
         assert_eq!(sorted_position(&cmd, "service-account-jwks-uri"), 3);
         assert_eq!(sorted_position(&cmd, "zzz"), 4);

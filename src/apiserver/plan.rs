@@ -188,8 +188,8 @@ pub fn plan(observed: &Observed, target: &Target) -> Result<Plan, PlanError> {
         match &observed.source {
             Source::Rancher(r) => {
                 let edits = rancher::edits(r, &changes)?;
-                let after = rancher::with_texts(r, &edits)
-                    .map_err(|e| PlanError::Verify(e.to_string()))?;
+                let after =
+                    rancher::with_texts(r, &edits).map_err(|e| PlanError::Verify(e.to_string()))?;
                 (edits, after.args)
             }
             Source::Kubeadm(k) => {
@@ -286,7 +286,10 @@ mod tests {
 
     #[test]
     fn new_issuer_first_old_ones_kept_audiences_pinned() {
-        let d = desired(&flags(&[DEFAULT], None), &target("https://oidc.example.com/a"));
+        let d = desired(
+            &flags(&[DEFAULT], None),
+            &target("https://oidc.example.com/a"),
+        );
         assert_eq!(d.issuers, vec!["https://oidc.example.com/a", DEFAULT]);
         assert_eq!(d.api_audiences, vec![DEFAULT]);
         let d = desired(
@@ -309,7 +312,10 @@ mod tests {
         assert_eq!(desired(&after, &t), first);
         assert!(changed_flags(&after, &first).is_empty());
         let next = desired(&after, &target("https://b.example"));
-        assert_eq!(next.issuers, vec!["https://b.example", "https://a.example", DEFAULT]);
+        assert_eq!(
+            next.issuers,
+            vec!["https://b.example", "https://a.example", DEFAULT]
+        );
         assert_eq!(next.api_audiences, vec![DEFAULT]);
     }
 

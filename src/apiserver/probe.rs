@@ -93,8 +93,12 @@ impl KubeconfigProbe {
         server: Option<String>,
         timeout: Duration,
     ) -> Result<Self, String> {
-        let text = std::fs::read_to_string(root.path(kubeconfig))
-            .map_err(|e| format!("cannot read the admin kubeconfig {}: {e}", kubeconfig.display()))?;
+        let text = std::fs::read_to_string(root.path(kubeconfig)).map_err(|e| {
+            format!(
+                "cannot read the admin kubeconfig {}: {e}",
+                kubeconfig.display()
+            )
+        })?;
         let config: Value = serde_yaml::from_str(&text)
             .map_err(|e| format!("{}: not valid YAML: {e}", kubeconfig.display()))?;
         let bad = |what: &str| format!("{}: {what}", kubeconfig.display());
@@ -111,7 +115,8 @@ impl KubeconfigProbe {
             .ok_or_else(|| bad("no context"))?;
         let context = named(config.get("contexts"), &context_name, "context")
             .ok_or_else(|| bad(&format!("context {context_name:?} not found")))?;
-        let cluster_name = field(context, "cluster").ok_or_else(|| bad("context has no cluster"))?;
+        let cluster_name =
+            field(context, "cluster").ok_or_else(|| bad("context has no cluster"))?;
         let cluster = named(config.get("clusters"), cluster_name, "cluster")
             .ok_or_else(|| bad(&format!("cluster {cluster_name:?} not found")))?;
         let user = field(context, "user")
@@ -204,7 +209,10 @@ impl ApiserverProbe for KubeconfigProbe {
             Ok((200, _)) => (true, "ready".to_string()),
             Ok((code, body)) => (
                 false,
-                format!("/readyz answered {code}: {}", body.lines().next().unwrap_or("").trim()),
+                format!(
+                    "/readyz answered {code}: {}",
+                    body.lines().next().unwrap_or("").trim()
+                ),
             ),
             Err(e) => (false, format!("not reachable at {}: {e}", self.server)),
         };

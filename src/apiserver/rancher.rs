@@ -52,10 +52,7 @@ impl Flavor {
     }
     /// The admin kubeconfig the distribution writes.
     pub fn kubeconfig(self) -> PathBuf {
-        PathBuf::from(format!(
-            "/etc/rancher/{p}/{p}.yaml",
-            p = self.program()
-        ))
+        PathBuf::from(format!("/etc/rancher/{p}/{p}.yaml", p = self.program()))
     }
 }
 
@@ -99,10 +96,12 @@ pub struct Observed {
 
 fn read_optional(path: &Path) -> Result<Option<String>, ObserveError> {
     match std::fs::read(path) {
-        Ok(bytes) => String::from_utf8(bytes).map(Some).map_err(|_| ObserveError::File {
-            path: path.to_path_buf(),
-            message: "is not UTF-8 text".into(),
-        }),
+        Ok(bytes) => String::from_utf8(bytes)
+            .map(Some)
+            .map_err(|_| ObserveError::File {
+                path: path.to_path_buf(),
+                message: "is not UTF-8 text".into(),
+            }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(ObserveError::File {
             path: path.to_path_buf(),
@@ -199,10 +198,7 @@ struct Merged {
 
 fn to_slice(value: &Value, file: usize) -> (Vec<Value>, Vec<(usize, usize)>) {
     match value {
-        Value::Sequence(items) => (
-            items.clone(),
-            (0..items.len()).map(|i| (file, i)).collect(),
-        ),
+        Value::Sequence(items) => (items.clone(), (0..items.len()).map(|i| (file, i)).collect()),
         Value::String(_) => (vec![value.clone()], vec![(file, 0)]),
         other => match edit::scalar_string(other) {
             Some(s) if !s.trim().is_empty() => {
@@ -279,10 +275,7 @@ pub fn observe(root: &HostRoot, flavor: Flavor) -> Result<Observed, ObserveError
     let issuer = format!("https://kubernetes.default.svc.{cluster_domain}");
     let defaults: BTreeMap<String, String> = [
         (flags::ISSUER, issuer.clone()),
-        (
-            flags::AUDIENCES,
-            format!("{issuer},{}", flavor.program()),
-        ),
+        (flags::AUDIENCES, format!("{issuer},{}", flavor.program())),
         (flags::KEY_FILE, format!("{tls}/service.key")),
         (flags::SIGNING_KEY_FILE, signing),
         ("anonymous-auth", "false".to_string()),
@@ -392,11 +385,17 @@ pub fn edits(
         let (loc, _) = doc
             .locate(Locator::TopLevel(&key))
             .map_err(|e| edit_error(&file.path, e))?
-            .ok_or_else(|| edit_error(&file.path, edit::EditError::Unsupported(format!("`{key}` was not found"))))?;
+            .ok_or_else(|| {
+                edit_error(
+                    &file.path,
+                    edit::EditError::Unsupported(format!("`{key}` was not found")),
+                )
+            })?;
         let removed = removals.get(&fi).cloned().unwrap_or_default();
         let ins = inserts.get(&fi).cloned().unwrap_or_default();
         let items = build_items(loc.items.len(), &removed, &ins);
-        let new_text = edit::edit_list(&doc, &loc, &items).map_err(|e| edit_error(&file.path, e))?;
+        let new_text =
+            edit::edit_list(&doc, &loc, &items).map_err(|e| edit_error(&file.path, e))?;
         let expected: Vec<String> = items
             .iter()
             .map(|i| match i {

@@ -96,7 +96,11 @@ fn runs_server(text: &str, program: &str) -> bool {
         words
             .iter()
             .position(|w| w.trim_matches(['"', '\'']).ends_with(program))
-            .is_some_and(|i| words.get(i + 1).is_some_and(|w| w.trim_matches(['"', '\'']) == "server"))
+            .is_some_and(|i| {
+                words
+                    .get(i + 1)
+                    .is_some_and(|w| w.trim_matches(['"', '\'']) == "server")
+            })
     })
 }
 
@@ -124,7 +128,10 @@ pub fn detect_k3s_unit(root: &HostRoot) -> String {
     }
     named.sort();
     named.dedup();
-    named.into_iter().next().unwrap_or_else(|| "k3s".to_string())
+    named
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| "k3s".to_string())
 }
 
 fn read(path: &Path) -> Option<String> {
@@ -163,7 +170,10 @@ mod tests {
             "[Service]\nExecStart=/usr/local/bin/k3s \\\n    server \\\n\t'--disable=traefik' \\\n",
         )?;
         assert_eq!(detect_k3s_unit(&root), "k3s-lab");
-        std::fs::write(units.join("k3s.service"), "[Service]\nExecStart=/usr/local/bin/k3s server\n")?;
+        std::fs::write(
+            units.join("k3s.service"),
+            "[Service]\nExecStart=/usr/local/bin/k3s server\n",
+        )?;
         assert_eq!(detect_k3s_unit(&root), "k3s");
         assert_eq!(
             restart_for(&root, Distribution::Kubeadm, None),
