@@ -307,11 +307,16 @@ pub fn execute(
     match wait_for(probe, None, &quick) {
         Ok(_) => message.push_str("; the apiserver is ready with the old configuration"),
         Err(last) => message.push_str(&format!(
-            "; the apiserver is still not ready ({}): check `journalctl -u` / `crictl ps` now",
-            last.detail
+            "; the apiserver is still not ready ({}): look at {} now",
+            last.detail,
+            match restart {
+                Restart::Unit(unit) => format!("`journalctl -u {unit}`"),
+                Restart::KubeletStaticPod => {
+                    "`crictl ps -a --name kube-apiserver` and `journalctl -u kubelet`".to_string()
+                }
+            }
         )),
     }
-    log::error!("{message}");
     Err(ApplyError::RolledBack(message))
 }
 

@@ -759,9 +759,13 @@ fn style_of(items: &[ItemSpan]) -> Quote {
     }
 }
 
-/// True when `s` reads back as the same string when written without quotes.
-fn plain_safe(s: &str) -> bool {
+/// True when `s` reads back as the same string when written without quotes (inside a flow
+/// list `[...]` when `flow`).
+fn plain_safe(s: &str, flow: bool) -> bool {
     if s.is_empty() || s.trim() != s {
+        return false;
+    }
+    if flow && s.contains([',', '[', ']', '{', '}']) {
         return false;
     }
     let first = s.as_bytes()[0];
@@ -795,9 +799,9 @@ fn double_quoted(s: &str) -> String {
     out
 }
 
-fn render_scalar(s: &str, quote: Quote) -> String {
+fn render_scalar(s: &str, quote: Quote, flow: bool) -> String {
     match quote {
-        Quote::Plain if plain_safe(s) => s.to_string(),
+        Quote::Plain if plain_safe(s, flow) => s.to_string(),
         Quote::Single if !s.contains(['\n', '\t']) => format!("'{}'", s.replace('\'', "''")),
         _ => double_quoted(s),
     }
@@ -887,7 +891,7 @@ pub fn edit_list(doc: &Document<'_>, loc: &ListLoc, items: &[Item]) -> Result<St
                 let mut line = format!(
                     "{}- {}{nl}",
                     " ".repeat(*indent),
-                    render_scalar(value, quote)
+                    render_scalar(value, quote, false)
                 );
                 // An insert at the very end of a file without a final newline.
                 if at == text.len() && !text.ends_with('\n') {
@@ -932,7 +936,7 @@ pub fn edit_list(doc: &Document<'_>, loc: &ListLoc, items: &[Item]) -> Result<St
                 .iter()
                 .map(|item| match item {
                     Item::Keep(i) => loc.items[*i].raw.clone(),
-                    Item::New(v) => render_scalar(v, quote),
+                    Item::New(v) => render_scalar(v, quote, true),
                 })
                 .collect();
             let inner = &text[open + 1..*close];
@@ -960,7 +964,7 @@ pub fn edit_list(doc: &Document<'_>, loc: &ListLoc, items: &[Item]) -> Result<St
                 .iter()
                 .map(|item| match item {
                     Item::Keep(i) => loc.items[*i].raw.clone(),
-                    Item::New(v) => render_scalar(v, quote),
+                    Item::New(v) => render_scalar(v, quote, true),
                 })
                 .collect();
             let item = &loc.items[0];
@@ -991,7 +995,7 @@ pub fn edit_list(doc: &Document<'_>, loc: &ListLoc, items: &[Item]) -> Result<St
                 // An explicit null: replace it with a flow list.
                 let rendered: Vec<String> = values
                     .iter()
-                    .map(|v| render_scalar(v, Quote::Plain))
+                    .map(|v| render_scalar(v, Quote::Plain, true))
                     .collect();
                 return Ok(format!(
                     "{} [{}]{}",
@@ -1003,7 +1007,10 @@ pub fn edit_list(doc: &Document<'_>, loc: &ListLoc, items: &[Item]) -> Result<St
             let indent = " ".repeat(key_indent + 2);
             let mut block = String::new();
             for v in &values {
-                block.push_str(&format!("{nl}{indent}- {}", render_scalar(v, Quote::Plain)));
+                block.push_str(&format!(
+                    "{nl}{indent}- {}",
+                    render_scalar(v, Quote::Plain, false)
+                ));
             }
             Ok(format!(
                 "{}{}{}",
@@ -1034,7 +1041,7 @@ fn flow_edit_multiline(
     let new: Vec<String> = items
         .iter()
         .filter_map(|i| match i {
-            Item::New(v) => Some(render_scalar(v, quote)),
+            Item::New(v) => Some(render_scalar(v, quote, true)),
             Item::Keep(_) => None,
         })
         .collect();
@@ -1088,7 +1095,10 @@ pub fn append_top_level_list(text: &str, key: &str, values: &[String], comment: 
     }
     out.push_str(&format!("{key}:{nl}"));
     for v in values {
-        out.push_str(&format!("  - {}{nl}", render_scalar(v, Quote::Plain)));
+        out.push_str(&format!(
+            "  - {}{nl}",
+            render_scalar(v, Quote::Plain, false)
+        ));
     }
     out
 }
@@ -1251,11 +1261,16 @@ mod tests {
 
     #[test]
     fn plain_safety() {
-        assert!(plain_safe("--service-account-issuer=https://x.example/a"));
-        assert!(plain_safe("service-account-issuer=https://x"));
-        assert!(!plain_safe("yes"));
-        assert!(!plain_safe("a: b"));
-        assert!(!plain_safe("-x"));
-        assert!(!plain_safe("123"));
+        assert!(plain_safe(
+            "--service-account-issuer=https://x.example/a",
+            false
+        ));
+        assert!(plain_safe("service-account-issuer=https://x", true));
+        assert!(plain_safe("api-audiences=a,b", false));
+        assert!(!plain_safe("api-audiences=a,b", true));
+        assert!(!plain_safe("yes", false));
+        assert!(!plain_safe("a: b", false));
+        assert!(!plain_safe("-x", false));
+        assert!(!plain_safe("123", false));
     }
 }

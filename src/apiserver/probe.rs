@@ -188,11 +188,15 @@ impl KubeconfigProbe {
             request = request.bearer_auth(token);
         }
         let response = request.send().await.map_err(|e| {
+            // The innermost cause says it best ("Connection refused", a TLS alert, ...).
             let mut message = e.to_string();
             let mut source = std::error::Error::source(&e);
             while let Some(s) = source {
-                message.push_str(&format!(": {s}"));
+                message = s.to_string();
                 source = s.source();
+            }
+            if e.is_timeout() {
+                message = format!("timed out ({message})");
             }
             message
         })?;

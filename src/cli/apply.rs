@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use clap::Args as ClapArgs;
 use serde_json::json;
 
@@ -71,8 +71,9 @@ pub struct RunArgs {
     pub apiserver_url: Option<String>,
 }
 
+/// `5m`, `90s`, `1h30m`, `500ms`.
 fn parse_timeout(s: &str) -> Result<Duration, String> {
-    parse_duration(s)
+    parse_duration(s).or_else(|e| flags::parse_go_duration(s).ok_or(e))
 }
 
 #[derive(Debug, ClapArgs)]
@@ -428,8 +429,7 @@ pub fn execute_plan(
         probe.as_mut(),
         &opts,
         state::unix_now(),
-    )
-    .context("apply failed")?;
+    )?;
     Ok(outcome)
 }
 
