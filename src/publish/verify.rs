@@ -127,7 +127,7 @@ async fn fetch(client: &reqwest::Client, url: &str) -> (Fetched, Option<Vec<u8>>
     {
         Ok(r) => r,
         Err(e) => {
-            out.error = Some(super::store::error_chain(&e));
+            out.error = Some(super::store::error_chain(&e.without_url()));
             return (out, None);
         }
     };
