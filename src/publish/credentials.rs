@@ -382,9 +382,12 @@ impl SelfIssued {
         )
         .await
         .map_err(|e| match e {
-            StsError::Refused { ref code, .. } if code == "InvalidIdentityToken" || code == "AccessDenied" || code == "IDPRejectedClaim" => format!(
+            StsError::Refused { .. } => format!(
                 "{e}; check that IAM trusts the issuer {} (an OIDC provider with audience {}), that the role's trust policy allows sub {}, and that the published JWKS holds kid {} (the first publish needs other credentials: see docs/publishing.md, bootstrap)",
-                self.issuer, self.audience, self.subject, self.signing_key.public.kid()
+                self.issuer,
+                self.audience,
+                self.subject,
+                self.signing_key.public.kid()
             ),
             other => other.to_string(),
         })
