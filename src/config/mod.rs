@@ -846,6 +846,19 @@ pub fn validate(
         }
         None => default_jwks_uri(&issuer.value),
     };
+    // Where each target puts the documents, and whether that can line up with the issuer.
+    if let Some(publish) = &merged.publish {
+        for (i, target) in publish.value.iter().enumerate() {
+            let layout =
+                crate::publish::layout::Layout::for_target(&issuer.value, &jwks_uri, target);
+            warnings.extend(layout.notes.into_iter().map(|message| Problem {
+                file: Some(publish.file.clone()),
+                key: format!("publish[{i}]"),
+                value: Some(target.describe()),
+                message,
+            }));
+        }
+    }
     let r = merged.rotation;
     let defaults = Rotation::default();
     let rotation = Rotation {
