@@ -69,10 +69,11 @@ fn bucket_mount(target: &PublishTarget, issuer: &Url) -> Option<(String, String)
                 }
                 return None;
             }
-            if let Some(rest) = host.strip_prefix(&format!("{bucket_l}.")) {
-                if rest.starts_with("s3") && rest.ends_with(".amazonaws.com") {
-                    return Some((String::new(), format!("the S3 bucket {bucket}")));
-                }
+            if let Some(rest) = host.strip_prefix(&format!("{bucket_l}."))
+                && rest.starts_with("s3")
+                && rest.ends_with(".amazonaws.com")
+            {
+                return Some((String::new(), format!("the S3 bucket {bucket}")));
             }
             if (host.starts_with("s3.") || host.starts_with("s3-"))
                 && host.ends_with(".amazonaws.com")
