@@ -5,6 +5,8 @@
 //! - [`config`]: the agent's own configuration (fragments, merge, validation);
 //! - [`keys`]: service-account key files, JWKS and discovery documents, exactly as
 //!   kube-apiserver reads and renders them;
+//! - [`publish`]: putting the discovery document and JWKS where relying parties fetch them
+//!   (directory, S3, GCS, Azure), credentials for that, and the check of the public copy;
 //! - [`host`]: the injectable host root every host path goes through;
 //! - [`fs`]: the one module that writes host files (atomic, durable, mode-preserving);
 //! - [`state`]: the agent's own state file (`/var/lib/irsa-agent/state.json`);
@@ -16,4 +18,5 @@ pub mod config;
 pub mod fs;
 pub mod host;
 pub mod keys;
+pub mod publish;
 pub mod state;

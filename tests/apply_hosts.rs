@@ -7,15 +7,15 @@
 //! flags, the flags of tests/data/apiserver); the diff is a snapshot and touches only the
 //! managed flags; a second apply is a no-op; backups hold the original bytes.
 
-mod support;
+mod apply_support;
 
 use std::os::unix::fs::PermissionsExt as _;
 
+use apply_support::{Host, data};
 use irsa_agent::apiserver;
 use irsa_agent::config::Distribution;
 use irsa_agent::host::HostRoot;
 use serde_json::Value;
-use support::{Host, data};
 
 const DEFAULT: &str = "https://kubernetes.default.svc.cluster.local";
 
@@ -734,4 +734,40 @@ fn warns_about_external_audiences_without_adding_any() {
             .read("/etc/rancher/k3s/config.yaml")
             .contains("sts.amazonaws.com")
     );
+}
+
+#[test]
+fn demo_runs_the_real_apply_and_verifies_a_token_against_the_published_jwks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = assert_cmd::Command::cargo_bin("irsa-agent")
+        .expect("binary")
+        .arg("demo")
+        .arg("--dir")
+        .arg(dir.path())
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("+  - \"service-account-issuer=https://oidc.example.com/homelab\""),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("in sync: no file written, no restart"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("verified: kid "), "{stdout}");
+    // The example host now has the dual issuer; the published JWKS is on disk.
+    let root = HostRoot::new(dir.path().join("host"));
+    let observed = apiserver::observe(&root, Distribution::Auto).expect("observe");
+    assert_eq!(
+        observed.flags.issuers,
+        ["https://oidc.example.com/homelab", DEFAULT]
+    );
+    let jwks = std::fs::read_to_string(root.path("/srv/oidc/openid/v1/jwks")).expect("published");
+    assert!(jwks.starts_with("{\"keys\":[{\"use\":\"sig\",\"kty\":\"RSA\""));
 }

@@ -2,11 +2,11 @@
 //! arguments) and a fake kube-apiserver speaking mutual TLS on 127.0.0.1 that the real probe
 //! reaches through the host's admin kubeconfig.
 
-mod support;
+mod apply_support;
 
+use apply_support::{Behaviour, FakeApiserver, Host, data};
 use irsa_agent::config::Distribution;
 use serde_json::Value;
-use support::{Behaviour, FakeApiserver, Host, data};
 
 fn json_of(output: &std::process::Output) -> Value {
     serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {

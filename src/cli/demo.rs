@@ -2,9 +2,10 @@
 //!
 //! Copies the example host (embedded in the binary from `examples/k3s-host`) to a temporary
 //! root, runs the real `apply` there (without a restart: there is no k3s), publishes the JWKS and
-//! discovery document to a temporary directory, prints the diff and the documents, then mints a
-//! token with the example signing key and verifies it against the published JWKS with a JWT
-//! library, the way AWS STS would.
+//! discovery document with the real publishing code to the example's directory target (inside
+//! the temporary root), prints the diff and the documents, then mints a token with the example
+//! signing key and verifies it against the published JWKS with a JWT library, the way AWS STS
+//! would.
 
 use std::path::{Path, PathBuf};
 
@@ -21,7 +22,8 @@ use crate::apiserver::{self};
 use crate::config;
 use crate::fs::{self, NewFile};
 use crate::host::HostRoot;
-use crate::keys::{self, jwks::Documents};
+use crate::keys;
+use crate::publish::{self, Publication};
 use crate::state::{self, State};
 
 /// The example host, embedded: (host path, contents, mode).
@@ -53,31 +55,43 @@ const EXAMPLE_HOST: [(&str, &[u8], u32); 4] = [
 #[derive(Debug, ClapArgs)]
 #[command(after_help = "\
 Runs on a copy of the example host in a temporary folder: nothing on this machine is changed. \
-With --dir the example host (DIR/host) and the published documents (DIR/public) are kept.")]
+With --dir the example host is kept in DIR/host (the published documents in DIR/host/srv/oidc).")]
 pub struct Args {
     /// Keep everything in DIR instead of a temporary folder removed at the end.
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
 }
 
-/// Publishes both documents into a directory as a web server would serve them:
-/// `<dir>/.well-known/openid-configuration` and `<dir>/openid/v1/jwks`.
-pub fn publish_to_directory(dir: &Path, documents: &Documents) -> anyhow::Result<Vec<PathBuf>> {
+/// Publishes with the real publishing code to the example's `publish:` targets (a directory
+/// under the demo root). Returns the written files (as paths on this machine) and the
+/// publication.
+fn publish(
+    root: &HostRoot,
+    settings: &config::Settings,
+) -> anyhow::Result<(Vec<PathBuf>, Publication)> {
+    let publication = Publication::from_host(root, settings)?;
+    let env = publish::Environment {
+        root: root.clone(),
+        ca_file: None,
+    };
+    let publishers = publish::publishers(settings, &env)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let reports = runtime.block_on(publish::publish_all(&publishers, &publication));
     let mut written = Vec::new();
-    for (rel, body) in [
-        (keys::jwks::DISCOVERY_PATH, &documents.discovery),
-        (keys::jwks::JWKS_PATH, &documents.jwks),
-    ] {
-        let path = dir.join(rel.trim_start_matches('/'));
-        if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent, 0o755)
-                .with_context(|| format!("cannot create {}", parent.display()))?;
+    for (report, target) in reports.iter().zip(&settings.publish) {
+        if report.failed() {
+            bail!("publishing to {} failed: {report:?}", report.target);
         }
-        fs::write_atomic(&path, body.as_bytes(), NewFile::PUBLIC)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        written.push(path);
+        if let config::PublishTarget::Directory { path, .. } = target {
+            for doc in [&report.jwks, &report.discovery] {
+                written.push(root.path(path).join(&doc.key));
+            }
+        }
     }
-    Ok(written)
+    Ok((written, publication))
 }
 
 /// The demo has no k3s to restart.
@@ -133,7 +147,6 @@ pub fn run(_global: &Global, args: Args) -> anyhow::Result<Exit> {
 
 fn demo(base: &Path) -> anyhow::Result<Exit> {
     let host = base.join("host");
-    let public = base.join("public");
     let root = HostRoot::new(&host);
     for (path, contents, mode) in EXAMPLE_HOST {
         let target = root.path(path);
@@ -195,23 +208,15 @@ fn demo(base: &Path) -> anyhow::Result<Exit> {
         }
     );
 
-    println!("\n==> publishing the documents to {}", public.display());
+    println!(
+        "\n==> irsa-agent publish (the real publishing code, to the example's directory target)"
+    );
     let files = apiserver::key_files(&root, settings.distribution)?;
-    let host_files: Vec<PathBuf> = files.verification.iter().map(|p| root.path(p)).collect();
-    let verification = keys::load_verification_files(&host_files).map_err(|errors| {
-        anyhow::anyhow!(
-            "{}",
-            errors
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("\n")
-        )
-    })?;
-    let documents = Documents::build(&settings.issuer, &settings.jwks_uri, &verification);
-    for path in publish_to_directory(&public, &documents)? {
+    let (written, publication) = publish(&root, &settings)?;
+    for path in &written {
         println!("    wrote {}", path.display());
     }
+    let documents = &publication.documents;
     println!(
         "\n{} (serve it at {}/.well-known/openid-configuration):",
         keys::jwks::DISCOVERY_PATH,
@@ -238,8 +243,11 @@ fn demo(base: &Path) -> anyhow::Result<Exit> {
         "kubernetes.io": {"namespace": "default", "serviceaccount": {"name": "demo"}},
     });
     let token = keys::token::mint(&signing, &claims)?;
-    let published =
-        std::fs::read_to_string(public.join(keys::jwks::JWKS_PATH.trim_start_matches('/')))?;
+    let jwks_file = written
+        .iter()
+        .find(|p| p.ends_with(keys::jwks::JWKS_PATH.trim_start_matches('/')))
+        .context("the JWKS was not published to a directory")?;
+    let published = std::fs::read_to_string(jwks_file)?;
     let verified = verify(&token, &published, &settings.issuer)?;
     println!(
         "    verified: kid {}, alg {}, iss {}, sub {}, aud {}",

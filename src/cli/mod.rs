@@ -15,6 +15,7 @@ mod generate;
 mod keys;
 pub mod logging;
 mod pending;
+mod publish;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -88,6 +89,9 @@ pub enum Command {
     Finalize(finalize::Args),
     /// Show the whole job on a bundled example k3s host (nothing on this machine changes).
     Demo(demo::Args),
+    /// Publish the discovery document and JWKS to every `publish:` target once, then check the
+    /// public copy (--check: change nothing, exit 2 when something differs).
+    Publish(publish::Args),
     /// Run as a daemon: converge, then watch key files and configuration and keep the
     /// published documents true.
     Run(pending::Args),
@@ -133,6 +137,7 @@ pub fn main() -> ExitCode {
         Command::Apply(args) => apply::run(&global, args),
         Command::Finalize(args) => finalize::run(&global, args),
         Command::Demo(args) => demo::run(&global, args),
+        Command::Publish(args) => publish::run(&global, args),
         Command::Run(_) => pending::not_implemented("run"),
         Command::Status(_) => pending::not_implemented("status"),
         Command::Doctor(_) => pending::not_implemented("doctor"),
