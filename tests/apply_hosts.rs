@@ -771,3 +771,56 @@ fn demo_runs_the_real_apply_and_verifies_a_token_against_the_published_jwks() {
     let jwks = std::fs::read_to_string(root.path("/srv/oidc/openid/v1/jwks")).expect("published");
     assert!(jwks.starts_with("{\"keys\":[{\"use\":\"sig\",\"kty\":\"RSA\""));
 }
+
+#[test]
+fn two_phase_rollout_for_several_servers() {
+    let host = Host::new();
+    host.agent_config("https://oidc.example.com/homelab")
+        .mkdir("/etc/rancher/k3s")
+        .k3s_keys("/var/lib/rancher/k3s");
+    // Phase one: accepted, not signing.
+    let out = host
+        .agent()
+        .args(["apply", "--accept-only", "--no-restart", "--json"])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result = json_of(&out);
+    assert_eq!(
+        result["after"]["issuers"],
+        serde_json::json!([DEFAULT, "https://oidc.example.com/homelab"])
+    );
+    assert!(!host.path("/var/lib/irsa-agent/state.json").exists());
+    let out = host
+        .agent()
+        .args(["apply", "--accept-only", "--check"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(0));
+    // Phase two: it signs; the old default stays accepted.
+    let out = host
+        .agent()
+        .args(["apply", "--no-restart", "--json"])
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let result = json_of(&out);
+    assert_eq!(
+        result["after"]["issuers"],
+        serde_json::json!(["https://oidc.example.com/homelab", DEFAULT])
+    );
+    let out = host
+        .agent()
+        .args(["apply", "--accept-only", "--check"])
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "accept-only must not demote the signing issuer"
+    );
+}

@@ -31,6 +31,9 @@ pub struct Target {
     pub retire: Vec<String>,
     /// Issuers an earlier `finalize` retired (not warned about as missing).
     pub retired: Vec<String>,
+    /// Phase one of a multi-server rollout: accept the configured issuer (last) without making
+    /// it sign, so tokens signed by servers that already switched verify everywhere.
+    pub accept_only: bool,
 }
 
 /// The managed flags as they must be.
@@ -67,6 +70,23 @@ fn dedup(values: impl IntoIterator<Item = String>) -> Vec<String> {
 
 /// The pure rule: the flags the apiserver must get.
 pub fn desired(before: &ServiceAccountFlags, target: &Target) -> Desired {
+    let already_signing = before.issuers.first() == Some(&target.issuer);
+    if target.accept_only && !already_signing {
+        let issuers = dedup(
+            before
+                .issuers
+                .iter()
+                .chain(&target.remembered)
+                .filter(|i| !i.is_empty())
+                .cloned()
+                .chain(std::iter::once(target.issuer.clone())),
+        );
+        return Desired {
+            issuers,
+            api_audiences: dedup(before.effective_audiences()),
+            jwks_uri: target.jwks_uri.clone(),
+        };
+    }
     let issuers = dedup(
         std::iter::once(target.issuer.clone()).chain(
             before
@@ -279,6 +299,7 @@ mod tests {
             remembered: Vec::new(),
             retire: Vec::new(),
             retired: Vec::new(),
+            accept_only: false,
         }
     }
 
@@ -328,6 +349,34 @@ mod tests {
         t.retire = vec!["https://old.example".into(), DEFAULT.into()];
         let d = desired(&flags(&["https://a.example", DEFAULT], Some(&["x"])), &t);
         assert_eq!(d.issuers, vec!["https://a.example"]);
+    }
+
+    #[test]
+    fn accept_only_adds_the_new_issuer_last_and_never_demotes_it() {
+        let mut t = target("https://a.example");
+        t.accept_only = true;
+        let d = desired(&flags(&[DEFAULT], None), &t);
+        assert_eq!(d.issuers, vec![DEFAULT, "https://a.example"]);
+        assert_eq!(d.api_audiences, vec![DEFAULT]);
+        // Phase two then makes it sign, keeping the rest.
+        let after = ServiceAccountFlags {
+            issuers: d.issuers.clone(),
+            api_audiences: Some(d.api_audiences.clone()),
+            jwks_uri: Some(d.jwks_uri.clone()),
+            ..Default::default()
+        };
+        assert_eq!(desired(&after, &t), d);
+        t.accept_only = false;
+        let d2 = desired(&after, &t);
+        assert_eq!(d2.issuers, vec!["https://a.example", DEFAULT]);
+        assert_eq!(d2.api_audiences, vec![DEFAULT]);
+        // Once it signs, --accept-only changes nothing.
+        t.accept_only = true;
+        let switched = ServiceAccountFlags {
+            issuers: d2.issuers.clone(),
+            ..after
+        };
+        assert_eq!(desired(&switched, &t).issuers, d2.issuers);
     }
 
     #[test]

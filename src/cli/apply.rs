@@ -90,6 +90,11 @@ On a cluster with several servers, run it on one server at a time (see README)."
 pub struct Args {
     #[command(flatten)]
     pub run: RunArgs,
+
+    /// Phase one on a cluster with several servers: add the configured issuer as an accepted
+    /// issuer (last) without making it sign. Run it on every server, then run `apply` on each.
+    #[arg(long)]
+    pub accept_only: bool,
 }
 
 /// The apiserver as the CLI reaches it.
@@ -301,7 +306,7 @@ fn lost_change(state: &State, settings: &Settings, observed: &Observed) -> Optio
 
 pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
     let run = args.run;
-    let result = apply(global, &run);
+    let result = apply(global, &run, args.accept_only);
     match result {
         Ok(code) => Ok(code),
         Err(err) if run.json => {
@@ -319,12 +324,16 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
     }
 }
 
-fn apply(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
+fn apply(global: &Global, run: &RunArgs, accept_only: bool) -> anyhow::Result<Exit> {
     let root = &global.root;
     let settings = load_settings(global)?;
     let mut state = State::load(root)?;
     let observed = apiserver::observe(root, settings.distribution)?;
-    let lost = lost_change(&state, &settings, &observed);
+    let lost = if accept_only {
+        None
+    } else {
+        lost_change(&state, &settings, &observed)
+    };
     if let Some(message) = &lost {
         log::warn!("{message}");
     }
@@ -344,6 +353,7 @@ fn apply(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
         remembered,
         retire: Vec::new(),
         retired,
+        accept_only,
     };
     let plan = plan::plan(&observed, &target)?;
     for warning in &plan.warnings {
@@ -380,8 +390,11 @@ fn apply(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
     } else {
         execute_plan(root, &observed, &plan, run)?
     };
-    executor::record(&mut state, &plan, &outcome, state::unix_now());
-    state.save(root)?;
+    // Phase one of a rollout does not switch the signing issuer: nothing to remember yet.
+    if plan.desired.issuers.first() == Some(&settings.issuer) {
+        executor::record(&mut state, &plan, &outcome, state::unix_now());
+        state.save(root)?;
+    }
     if run.json {
         println!(
             "{}",
@@ -396,6 +409,12 @@ fn apply(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
     } else {
         print_plan(&plan, run.diff);
         print_outcome(&plan, &outcome);
+        if accept_only && plan.desired.issuers.first() != Some(&settings.issuer) {
+            println!(
+                "{} is accepted but does not sign yet: once every server accepts it, run `irsa-agent apply` on each server, one at a time",
+                settings.issuer
+            );
+        }
     }
     Ok(Exit::OK)
 }

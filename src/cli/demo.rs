@@ -168,6 +168,7 @@ fn demo(base: &Path) -> anyhow::Result<Exit> {
         remembered: Vec::new(),
         retire: Vec::new(),
         retired: Vec::new(),
+        accept_only: false,
     };
     let plan = plan::plan(&observed, &target)?;
     for warning in &plan.warnings {

@@ -163,6 +163,7 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
         remembered: Vec::new(),
         retire: retire.clone(),
         retired: st.retired.clone(),
+        accept_only: false,
     };
     let plan = plan::plan(&observed, &target)?;
     for warning in &plan.warnings {
