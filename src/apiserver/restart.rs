@@ -150,6 +150,61 @@ pub fn restart_for(root: &HostRoot, distribution: Distribution, unit: Option<&st
     }
 }
 
+/// Settings on the k3s/RKE2 unit's command line (or its environment) that irsa-agent cannot
+/// manage in config.yaml: the service-account flags, another config file, another data-dir or
+/// cluster domain. Each entry is a sentence naming the unit file.
+pub fn command_line_problems(root: &HostRoot, unit: &str, program: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    for dir in UNIT_DIRS {
+        let host = PathBuf::from(dir).join(format!("{unit}.service"));
+        let Some(text) = read(&root.path(&host)) else {
+            continue;
+        };
+        let env_file = PathBuf::from(dir).join(format!("{unit}.service.env"));
+        let env = read(&root.path(&env_file)).unwrap_or_default();
+        let config_var = format!("{}_CONFIG_FILE", program.to_ascii_uppercase());
+        for (file, body) in [(&host, &text), (&env_file, &env)] {
+            if body.contains(&config_var) {
+                problems.push(format!(
+                    "{} sets {config_var}: irsa-agent edits only /etc/rancher/{program}/config.yaml and config.yaml.d/; move the settings there",
+                    file.display()
+                ));
+            }
+        }
+        let Some(cmd) = exec_start(&text) else {
+            break;
+        };
+        let words: Vec<String> = cmd
+            .split_whitespace()
+            .map(|w| w.trim_matches(['"', '\'']).to_string())
+            .collect();
+        for (i, word) in words.iter().enumerate() {
+            let (flag, inline) = match word.split_once('=') {
+                Some((f, v)) => (f, Some(v.to_string())),
+                None => (word.as_str(), None),
+            };
+            let value = inline
+                .or_else(|| words.get(i + 1).cloned())
+                .unwrap_or_default();
+            let bad = match flag {
+                "--kube-apiserver-arg" => super::flags::MANAGED
+                    .iter()
+                    .any(|m| super::flags::ExtraArg::parse(&value).name == *m),
+                "--config" | "-c" | "--data-dir" | "-d" | "--cluster-domain" => true,
+                _ => false,
+            };
+            if bad {
+                problems.push(format!(
+                    "{} passes `{flag} {value}` on the {program} command line: irsa-agent reads and edits only /etc/rancher/{program}/config.yaml and config.yaml.d/; move it there first",
+                    host.display()
+                ));
+            }
+        }
+        break;
+    }
+    problems
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,6 +238,15 @@ mod tests {
             restart_for(&root, Distribution::Rke2, None),
             Restart::Unit("rke2-server".into())
         );
+        assert!(command_line_problems(&root, "k3s", "k3s").is_empty());
+        std::fs::write(
+            units.join("k3s.service"),
+            "[Service]\nExecStart=/usr/local/bin/k3s \\\n    server \\\n\t'--kube-apiserver-arg=service-account-issuer=https://x' \\\n\t'--kube-apiserver-arg' 'audit-log-maxage=3' \\\n\t'--data-dir' '/srv/k3s' \\\n",
+        )?;
+        let problems = command_line_problems(&root, "k3s", "k3s");
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("service-account-issuer=https://x"));
+        assert!(problems[1].contains("--data-dir /srv/k3s"));
         Ok(())
     }
 }

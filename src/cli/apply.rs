@@ -329,6 +329,7 @@ fn apply(global: &Global, run: &RunArgs, accept_only: bool) -> anyhow::Result<Ex
     let settings = load_settings(global)?;
     let mut state = State::load(root)?;
     let observed = apiserver::observe(root, settings.distribution)?;
+    refuse_command_line_flags(root, &observed, run)?;
     let lost = if accept_only {
         None
     } else {
@@ -417,6 +418,27 @@ fn apply(global: &Global, run: &RunArgs, accept_only: bool) -> anyhow::Result<Ex
         }
     }
     Ok(Exit::OK)
+}
+
+/// k3s/RKE2 settings on the unit's command line would override or bypass what apply edits.
+pub fn refuse_command_line_flags(
+    root: &HostRoot,
+    observed: &Observed,
+    run: &RunArgs,
+) -> anyhow::Result<()> {
+    let Source::Rancher(r) = &observed.source else {
+        return Ok(());
+    };
+    let Restart::Unit(unit) =
+        restart::restart_for(root, observed.distribution, run.unit.as_deref())
+    else {
+        return Ok(());
+    };
+    let problems = restart::command_line_problems(root, &unit, r.flavor.program());
+    if !problems.is_empty() {
+        bail!("{}", problems.join("\n"));
+    }
+    Ok(())
 }
 
 /// Carries out a plan with the real service manager and probe (or the injected fakes).

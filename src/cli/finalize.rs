@@ -64,6 +64,7 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
     let settings = load_settings(global)?;
     let mut state = State::load(root)?;
     let observed = apiserver::observe(root, settings.distribution)?;
+    super::apply::refuse_command_line_flags(root, &observed, run)?;
     let mut lifetime = settings.rotation.token_lifetime;
     if let Some(max) = observed
         .flags
