@@ -192,11 +192,15 @@ pub fn plan(observed: &Observed, target: &Target) -> Result<Plan, PlanError> {
             ));
         }
     }
+    // kubeadm's default depends on networking.dnsDomain, which the manifest does not show: any
+    // `https://kubernetes.default.svc.<domain>` counts there.
     let default_issuer = observed.default_issuer();
-    if !desired.issuers.contains(&default_issuer)
-        && !target.retire.contains(&default_issuer)
-        && !target.retired.contains(&default_issuer)
-    {
+    let is_default = |i: &String| match observed.source {
+        Source::Kubeadm(_) => i.starts_with("https://kubernetes.default.svc."),
+        Source::Rancher(_) => *i == default_issuer,
+    };
+    let retired_default = target.retire.iter().chain(&target.retired).any(is_default);
+    if !desired.issuers.iter().any(is_default) && !retired_default {
         warnings.push(format!(
             "the distribution's default issuer {default_issuer} is not accepted (it was removed before irsa-agent ran): tokens issued with it are rejected"
         ));
