@@ -207,7 +207,7 @@ pub fn result_json(
         }),
     };
     let mut out = json!({
-        "changed": !plan.in_sync() && !check,
+        "changed": !plan.in_sync(),
         "in_sync": plan.in_sync(),
         "check": check,
         "distribution": plan.distribution.name(),
