@@ -476,3 +476,78 @@ fn the_probe_trusts_only_the_kubeconfig_ca_and_authenticates_with_its_client_cer
     .expect("refused");
     assert!(err.contains("certificate-authority"), "{err}");
 }
+
+#[test]
+fn a_restart_left_pending_is_done_by_the_next_apply() {
+    let host = k3s_host();
+    // Written without a restart: the running apiserver still signs with the old issuer.
+    let out = host
+        .agent()
+        .args(["apply", "--no-restart"])
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let server = FakeApiserver::start(Behaviour::FollowHost {
+        root: host.root().to_path_buf(),
+        distribution: Distribution::K3s,
+    });
+    let systemctl = host.fake_systemctl();
+    // The fake apiserver has been "running" since before the edit: it serves the old issuer
+    // until systemctl restarts it.
+    std::fs::write(host.root().join("systemctl.log"), "").expect("log");
+    host.kubeconfig("/etc/rancher/k3s/k3s.yaml", &server.url());
+    let run = |args: &[&str]| {
+        host.agent()
+            .args(args)
+            .args(["--timeout", "20s", "--poll-interval", "500ms"])
+            .arg("--systemctl")
+            .arg(&systemctl)
+            .output()
+            .expect("run")
+    };
+    // Make the fake serve the pre-edit issuer first: restore the old config for one request.
+    let edited = host.read("/etc/rancher/k3s/config.yaml");
+    host.write("/etc/rancher/k3s/config.yaml", K3S_CONFIG);
+    let status = irsa_agent::apiserver::probe::ApiserverProbe::check(
+        &mut irsa_agent::apiserver::probe::KubeconfigProbe::new(
+            &irsa_agent::host::HostRoot::new(host.root()),
+            std::path::Path::new("/etc/rancher/k3s/k3s.yaml"),
+            None,
+            std::time::Duration::from_secs(5),
+        )
+        .expect("probe"),
+    );
+    assert_eq!(
+        status.issuer.as_deref(),
+        Some("https://kubernetes.default.svc.cluster.local")
+    );
+    host.write("/etc/rancher/k3s/config.yaml", &edited);
+
+    let out = run(&["apply", "--check"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("a restart is pending"));
+    let out = run(&["apply", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result = json_of(&out);
+    assert_eq!(result["changed"], true);
+    assert_eq!(result["files"], serde_json::json!([]));
+    assert_eq!(result["restart"]["status"], "done");
+    assert_eq!(host.systemctl_log(), "restart k3s\n");
+    let state: Value =
+        serde_json::from_str(&host.read("/var/lib/irsa-agent/state.json")).expect("state");
+    assert!(state["issuer"]["switched_at"].as_u64().is_some());
+    assert!(state["issuer"]["pending_restart_since"].is_null());
+    // Now really in sync: no restart.
+    let out = run(&["apply", "--json"]);
+    assert_eq!(json_of(&out)["changed"], false);
+    assert_eq!(host.systemctl_log(), "restart k3s\n");
+}

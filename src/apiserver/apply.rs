@@ -152,6 +152,40 @@ fn wait_for(
     }
 }
 
+/// The files already say what the plan wants, but the running apiserver still signs with
+/// another issuer (an `apply --no-restart`, or a crash between writing and restarting): restart
+/// it and wait for `issuer`. Nothing to roll back: no file changes.
+pub fn restart_pending(
+    restart: &Restart,
+    issuer: &str,
+    services: &mut dyn ServiceManager,
+    probe: &mut dyn ApiserverProbe,
+    opts: &Options,
+) -> Result<RestartOutcome, ApplyError> {
+    if let Restart::Unit(unit) = restart {
+        log::info!("restarting {unit} (systemctl restart {unit})");
+        services.restart(unit).map_err(ApplyError::Io)?;
+    }
+    match wait_for(probe, Some(issuer), opts) {
+        Ok(waited) => Ok(RestartOutcome::Verified {
+            restart: restart.clone(),
+            at: state::unix_now(),
+            waited,
+        }),
+        Err(last) => Err(ApplyError::Io(format!(
+            "kube-apiserver did not become ready serving issuer {issuer} within {}s after the pending restart (last: {}); its configuration files were already in place, nothing to restore: look at {}",
+            opts.timeout.as_secs(),
+            last.detail,
+            match restart {
+                Restart::Unit(unit) => format!("`journalctl -u {unit}`"),
+                Restart::KubeletStaticPod => {
+                    "`crictl ps -a --name kube-apiserver` and `journalctl -u kubelet`".to_string()
+                }
+            }
+        ))),
+    }
+}
+
 /// Carries out `plan`. `now` is the Unix time used for the backup folder name.
 pub fn execute(
     root: &HostRoot,
@@ -366,6 +400,11 @@ pub fn record(state: &mut State, plan: &Plan, outcome: &Outcome, now: u64) {
     entry.previous = previous;
     entry.distribution = plan.distribution.name().to_string();
     match &outcome.restart {
+        // A pending restart: the apiserver signed with another issuer until just now.
+        RestartOutcome::Verified { at, .. } if plan.in_sync() => {
+            entry.switched_at = Some(*at);
+            entry.pending_restart_since = None;
+        }
         RestartOutcome::Verified { at, .. } => {
             entry.switched_at.get_or_insert(*at);
             entry.pending_restart_since = None;

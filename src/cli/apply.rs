@@ -191,8 +191,14 @@ pub fn result_json(
             })
         })
         .collect();
+    let restarted = matches!(
+        outcome.map(|o| &o.restart),
+        Some(RestartOutcome::Verified { .. })
+    );
     let restart_json = match outcome.map(|o| &o.restart) {
-        _ if plan.in_sync() => json!({"status": "not-needed", "how": restart.describe()}),
+        _ if plan.in_sync() && !restarted => {
+            json!({"status": "not-needed", "how": restart.describe()})
+        }
         None => json!({"status": "pending", "how": restart.describe()}),
         Some(RestartOutcome::NotNeeded) => {
             json!({"status": "not-needed", "how": restart.describe()})
@@ -207,7 +213,7 @@ pub fn result_json(
         }),
     };
     let mut out = json!({
-        "changed": !plan.in_sync(),
+        "changed": !plan.in_sync() || restarted,
         "in_sync": plan.in_sync(),
         "check": check,
         "distribution": plan.distribution.name(),
@@ -361,7 +367,30 @@ fn apply(global: &Global, run: &RunArgs, accept_only: bool) -> anyhow::Result<Ex
         log::warn!("{warning}");
     }
     let restart = restart::restart_for(root, observed.distribution, run.unit.as_deref());
-    let extra = json!({"lost_change": lost});
+    // In sync on disk, but is the running apiserver? (After `--no-restart`, or a crash between
+    // writing and restarting.) Only asked when it can be asked; never restarts an apiserver
+    // that is not ready.
+    let mut edges_for_pending = None;
+    let mut pending_restart: Option<String> = None;
+    if plan.in_sync() && !run.no_restart {
+        let mut e = edges(root, &observed, run);
+        if let (Some(probe), Some(want)) = (e.probe.as_mut(), plan.desired.issuers.first()) {
+            let status = probe.check();
+            if status.ready
+                && let Some(serving) = status.issuer
+                && &serving != want
+            {
+                pending_restart = Some(format!(
+                    "the configuration already says {want}, but the running apiserver still signs with {serving}: a restart is pending"
+                ));
+            }
+        }
+        edges_for_pending = Some(e);
+    }
+    if let Some(message) = &pending_restart {
+        log::warn!("{message}");
+    }
+    let extra = json!({"lost_change": lost, "pending_restart": pending_restart});
     if run.check {
         if run.json {
             println!(
@@ -370,26 +399,51 @@ fn apply(global: &Global, run: &RunArgs, accept_only: bool) -> anyhow::Result<Ex
             );
         } else {
             print_plan(&plan, run.diff);
-            if plan.in_sync() {
+            if let Some(message) = &pending_restart {
+                println!("{message}");
+            } else if plan.in_sync() {
                 println!("in sync: nothing to change");
             } else {
                 println!("changes pending: run `irsa-agent apply` to make them");
             }
         }
-        return Ok(if plan.in_sync() {
+        return Ok(if plan.in_sync() && pending_restart.is_none() {
             Exit::OK
         } else {
             Exit::PENDING
         });
     }
-    let outcome = if plan.in_sync() {
-        Outcome {
+    let outcome = match (plan.in_sync(), pending_restart.is_some(), edges_for_pending) {
+        (true, true, Some(mut e)) => {
+            let issuer = plan.desired.issuers.first().cloned().unwrap_or_default();
+            let opts = Options {
+                no_restart: false,
+                timeout: run.timeout,
+                poll: run.poll_interval,
+            };
+            let mut probe = e
+                .probe
+                .take()
+                .ok_or_else(|| anyhow::anyhow!("internal error: the probe went away"))?;
+            let restarted = executor::restart_pending(
+                &e.restart,
+                &issuer,
+                e.services.as_mut(),
+                probe.as_mut(),
+                &opts,
+            )?;
+            Outcome {
+                written: Vec::new(),
+                backup_dir: None,
+                restart: restarted,
+            }
+        }
+        (true, _, _) => Outcome {
             written: Vec::new(),
             backup_dir: None,
             restart: RestartOutcome::NotNeeded,
-        }
-    } else {
-        execute_plan(root, &observed, &plan, run)?
+        },
+        (false, _, _) => execute_plan(root, &observed, &plan, run)?,
     };
     // Phase one of a rollout does not switch the signing issuer: nothing to remember yet.
     if plan.desired.issuers.first() == Some(&settings.issuer) {
@@ -488,7 +542,7 @@ impl ApiserverProbe for NoProbe {
 }
 
 pub fn print_outcome(plan: &Plan, outcome: &Outcome) {
-    if plan.in_sync() {
+    if plan.in_sync() && matches!(outcome.restart, RestartOutcome::NotNeeded) {
         println!("in sync: nothing to change");
         return;
     }
