@@ -171,7 +171,23 @@ pub fn command_line_problems(root: &HostRoot, unit: &str, program: &str) -> Vec<
                 ));
             }
         }
-        let Some(cmd) = exec_start(&text) else {
+        // A drop-in (`<unit>.service.d/*.conf`, in name order) may replace ExecStart.
+        let mut cmd = exec_start(&text);
+        let dropin_dir = root.path(PathBuf::from(dir).join(format!("{unit}.service.d")));
+        if let Ok(entries) = std::fs::read_dir(&dropin_dir) {
+            let mut names: Vec<PathBuf> = entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "conf"))
+                .collect();
+            names.sort();
+            for path in names {
+                if let Some(c) = read(&path).as_deref().and_then(exec_start) {
+                    cmd = Some(c);
+                }
+            }
+        }
+        let Some(cmd) = cmd else {
             break;
         };
         let words: Vec<String> = cmd
@@ -247,6 +263,15 @@ mod tests {
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(problems[0].contains("service-account-issuer=https://x"));
         assert!(problems[1].contains("--data-dir /srv/k3s"));
+        // A drop-in that replaces ExecStart wins.
+        std::fs::create_dir_all(units.join("k3s.service.d"))?;
+        std::fs::write(
+            units.join("k3s.service.d/override.conf"),
+            "[Service]\nExecStart=\nExecStart=/usr/local/bin/k3s server --cluster-domain=lab.internal\n",
+        )?;
+        let problems = command_line_problems(&root, "k3s", "k3s");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("--cluster-domain lab.internal"));
         Ok(())
     }
 }
