@@ -122,6 +122,19 @@ pub fn create_dir_all(dir: &Path, mode: u32) -> io::Result<()> {
     fs::DirBuilder::new().recursive(true).mode(mode).create(dir)
 }
 
+/// Creates a new directory `dir` with `mode` (its parent must exist). Returns `false` when it
+/// already exists, so callers can pick another name.
+pub fn create_new_dir(dir: &Path, mode: u32) -> io::Result<bool> {
+    match fs::DirBuilder::new().mode(mode).create(dir) {
+        Ok(()) => {
+            sync_dir(parent_of(dir))?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Copies `src` to `dst` for a backup: parent folders are created (0700), the copy gets the
 /// source's mode and owner, and is durable (temp + fsync + rename + fsync dir). Returns the
 /// bytes copied.

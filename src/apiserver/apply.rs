@@ -104,9 +104,9 @@ fn backup_dir(root: &HostRoot, now: u64) -> Result<PathBuf, ApplyError> {
             format!("{stamp}-{n}")
         };
         let dir = base.join(name);
-        match std::fs::DirBuilder::new().create(root.path(&dir)) {
-            Ok(()) => return Ok(dir),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+        match fs::create_new_dir(&root.path(&dir), 0o700) {
+            Ok(true) => return Ok(dir),
+            Ok(false) => continue,
             Err(e) => return Err(io_err("create", &dir, e)),
         }
     }

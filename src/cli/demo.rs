@@ -120,9 +120,9 @@ fn unique_temp_dir() -> anyhow::Result<PathBuf> {
             std::process::id(),
             state::unix_now()
         ));
-        match std::fs::DirBuilder::new().create(&dir) {
-            Ok(()) => return Ok(dir),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+        match fs::create_new_dir(&dir, 0o700) {
+            Ok(true) => return Ok(dir),
+            Ok(false) => continue,
             Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
         }
     }
