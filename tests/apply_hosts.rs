@@ -129,6 +129,7 @@ fn apply_cycle(host: &Host, distribution: Distribution, expect: &Expect<'_>) -> 
                         || body.contains("api-audiences")
                         || body.contains("service-account-jwks-uri")
                         || body.starts_with("kube-apiserver-arg:")
+                        || body.starts_with("kube-apiserver-arg+:")
                         || body.starts_with("# irsa-agent"),
                     "unexpected change: {line}"
                 );
@@ -822,5 +823,38 @@ fn two_phase_rollout_for_several_servers() {
         out.status.code(),
         Some(0),
         "accept-only must not demote the signing issuer"
+    );
+}
+
+#[test]
+fn k3s_issuer_entries_split_over_config_and_an_appending_drop_in() {
+    let host = Host::new();
+    host.agent_config("https://oidc.example.com/homelab")
+        .write(
+            "/etc/rancher/k3s/config.yaml",
+            "kube-apiserver-arg:\n  - service-account-issuer=https://a.example\n  - audit-log-maxage=30\n  - service-account-jwks-uri=https://a.example/openid/v1/jwks\n",
+        )
+        .write(
+            "/etc/rancher/k3s/config.yaml.d/90-b.yaml",
+            "kube-apiserver-arg+:\n  - service-account-issuer=https://b.example\n",
+        )
+        .k3s_keys("/var/lib/rancher/k3s");
+    let diff = apply_cycle(
+        &host,
+        Distribution::K3s,
+        &k3s_default_expect(
+            &[
+                "https://oidc.example.com/homelab",
+                "https://a.example",
+                "https://b.example",
+            ],
+            "https://oidc.example.com/homelab/openid/v1/jwks",
+        ),
+    );
+    insta::assert_snapshot!(diff);
+    // The drop-in's list is now empty, written as `[]` (a bare `key:` would read as null).
+    assert_eq!(
+        host.read("/etc/rancher/k3s/config.yaml.d/90-b.yaml"),
+        "kube-apiserver-arg+: []\n"
     );
 }

@@ -112,26 +112,24 @@ fn edits(n: usize) -> impl Strategy<Value = Vec<Item>> {
 }
 
 fn case() -> impl Strategy<Value = (Vec<String>, Vec<Quote>, Style, Vec<bool>, bool, Vec<Item>)> {
-    (1usize..6)
-        .prop_flat_map(|n| {
-            (
-                proptest::collection::vec(value(), n),
-                proptest::collection::vec(
-                    prop_oneof![Just(Quote::Plain), Just(Quote::Single), Just(Quote::Double)],
-                    n,
-                ),
-                prop_oneof![
-                    Just(Style::Block { indent: 0 }),
-                    Just(Style::Block { indent: 2 }),
-                    Just(Style::Block { indent: 4 }),
-                    Just(Style::Flow)
-                ],
-                proptest::collection::vec(any::<bool>(), n + 1),
-                any::<bool>(),
-                edits(n),
-            )
-        })
-        .prop_filter("an edit must leave at least one item", |c| !c.5.is_empty())
+    (1usize..6).prop_flat_map(|n| {
+        (
+            proptest::collection::vec(value(), n),
+            proptest::collection::vec(
+                prop_oneof![Just(Quote::Plain), Just(Quote::Single), Just(Quote::Double)],
+                n,
+            ),
+            prop_oneof![
+                Just(Style::Block { indent: 0 }),
+                Just(Style::Block { indent: 2 }),
+                Just(Style::Block { indent: 4 }),
+                Just(Style::Flow)
+            ],
+            proptest::collection::vec(any::<bool>(), n + 1),
+            any::<bool>(),
+            edits(n),
+        )
+    })
 }
 
 proptest! {
@@ -181,6 +179,10 @@ proptest! {
             let mut new_lines = new.split_inclusive('\n');
             let mut removed_left = removed.clone();
             for line in text.split_inclusive('\n') {
+                // An emptied list becomes `key: []` on the key's line.
+                if expected.is_empty() && line.starts_with("kube-apiserver-arg:") {
+                    continue;
+                }
                 if let Some(pos) = removed_left.iter().position(|r| *r == line) {
                     removed_left.remove(pos);
                     continue;

@@ -58,7 +58,9 @@ struct Line {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListShape {
     /// `- item` lines at `indent`. `items[i]` spans whole lines (with their line break).
-    Block { indent: usize },
+    /// `after_colon` is the offset just after the key's `:` (where `[]` goes when every item
+    /// is removed).
+    Block { indent: usize, after_colon: usize },
     /// `[a, b]`: `open` is the offset of `[`, `close` of `]`.
     Flow { open: usize, close: usize },
     /// A single string where a list is expected (`key: value`): `span` is the scalar.
@@ -573,8 +575,16 @@ impl<'a> Document<'a> {
                         raw: raw.to_string(),
                     });
                 }
+                let after_colon = mapping_key(self.code(entry.line, entry.col))
+                    .map(|(_, after)| self.lines[entry.line].start + entry.col + after)
+                    .ok_or_else(|| {
+                        EditError::Unsupported(format!("cannot find the `:` of `{}`", entry.key))
+                    })?;
                 Ok(ListLoc {
-                    shape: ListShape::Block { indent },
+                    shape: ListShape::Block {
+                        indent,
+                        after_colon,
+                    },
                     items: spans,
                 })
             }
@@ -877,7 +887,10 @@ pub fn edit_list(doc: &Document<'_>, loc: &ListLoc, items: &[Item]) -> Result<St
         })
         .collect();
     match &loc.shape {
-        ListShape::Block { indent } => {
+        ListShape::Block {
+            indent,
+            after_colon,
+        } => {
             // Pieces: (offset, text to insert) and spans to delete.
             let mut out = String::with_capacity(text.len() + 256);
             let mut cursor = 0;
@@ -898,6 +911,10 @@ pub fn edit_list(doc: &Document<'_>, loc: &ListLoc, items: &[Item]) -> Result<St
                     line = format!("{nl}{}", line.trim_end_matches(['\r', '\n']));
                 }
                 inserts.push((at, line));
+            }
+            if items.is_empty() {
+                // An empty block list would read as null (k3s would pass an empty flag).
+                inserts.push((*after_colon, " []".to_string()));
             }
             let mut deletes: Vec<(usize, usize)> = loc
                 .items
