@@ -105,6 +105,7 @@ pub fn write_atomic(path: &Path, contents: &[u8], new: NewFile) -> io::Result<Wr
         file.write_all(contents)?;
         file.sync_all()?;
         drop(file);
+        crate::failpoint::hit("fs:before-rename");
         fs::rename(&temp, path)?;
         sync_dir(parent_of(path))
     })();

@@ -15,6 +15,7 @@
 pub mod apiserver;
 pub mod cli;
 pub mod config;
+pub mod failpoint;
 pub mod fs;
 pub mod host;
 pub mod keys;

@@ -480,22 +480,13 @@ fn the_probe_trusts_only_the_kubeconfig_ca_and_authenticates_with_its_client_cer
 #[test]
 fn a_restart_left_pending_is_done_by_the_next_apply() {
     let host = k3s_host();
-    // Written without a restart: the running apiserver still signs with the old issuer.
-    let out = host
-        .agent()
-        .args(["apply", "--no-restart"])
-        .output()
-        .expect("run");
-    assert!(out.status.success());
+    // The apiserver runs with the old configuration ...
     let server = FakeApiserver::start(Behaviour::FollowHost {
         root: host.root().to_path_buf(),
         distribution: Distribution::K3s,
     });
-    let systemctl = host.fake_systemctl();
-    // The fake apiserver has been "running" since before the edit: it serves the old issuer
-    // until systemctl restarts it.
-    std::fs::write(host.root().join("systemctl.log"), "").expect("log");
     host.kubeconfig("/etc/rancher/k3s/k3s.yaml", &server.url());
+    let systemctl = host.fake_systemctl();
     let run = |args: &[&str]| {
         host.agent()
             .args(args)
@@ -505,24 +496,9 @@ fn a_restart_left_pending_is_done_by_the_next_apply() {
             .output()
             .expect("run")
     };
-    // Make the fake serve the pre-edit issuer first: restore the old config for one request.
-    let edited = host.read("/etc/rancher/k3s/config.yaml");
-    host.write("/etc/rancher/k3s/config.yaml", K3S_CONFIG);
-    let status = irsa_agent::apiserver::probe::ApiserverProbe::check(
-        &mut irsa_agent::apiserver::probe::KubeconfigProbe::new(
-            &irsa_agent::host::HostRoot::new(host.root()),
-            std::path::Path::new("/etc/rancher/k3s/k3s.yaml"),
-            None,
-            std::time::Duration::from_secs(5),
-        )
-        .expect("probe"),
-    );
-    assert_eq!(
-        status.issuer.as_deref(),
-        Some("https://kubernetes.default.svc.cluster.local")
-    );
-    host.write("/etc/rancher/k3s/config.yaml", &edited);
-
+    // ... while the files are written without a restart.
+    assert!(run(&["apply", "--no-restart"]).status.success());
+    assert_eq!(host.systemctl_log(), "");
     let out = run(&["apply", "--check"]);
     assert_eq!(
         out.status.code(),

@@ -252,6 +252,7 @@ pub fn execute(
             });
         }
     }
+    crate::failpoint::hit("apply:after-backup");
     // 3. Writes. A failure half-way restores what was written.
     for (i, change) in plan.changes.iter().enumerate() {
         let path = root.path(&change.path);
@@ -278,6 +279,7 @@ pub fn execute(
                 .unwrap_or_else(|| " (new file)".to_string())
         );
     }
+    crate::failpoint::hit("apply:after-write");
     if opts.no_restart {
         return Ok(Outcome {
             written,
@@ -297,6 +299,7 @@ pub fn execute(
             None
         }
     };
+    crate::failpoint::hit("apply:after-restart");
     let failure = match failure {
         Some(e) => e,
         None => match wait_for(probe, Some(&issuer), opts) {

@@ -212,9 +212,28 @@ impl FakeApiserver {
         let stop = Arc::new(AtomicBool::new(false));
         let requests = Arc::new(Mutex::new(Vec::new()));
         let (stop2, requests2) = (stop.clone(), requests.clone());
+        // The apiserver "started" now: it serves what the host's configuration says now, until
+        // it is restarted (k3s: a line in the fake systemctl log; kubeadm: kubelet follows the
+        // manifest by itself).
+        let restarts_of = |root: &Path| {
+            std::fs::read_to_string(root.join("systemctl.log"))
+                .map(|l| l.lines().count())
+                .unwrap_or(0)
+        };
+        let issuer_of = |root: &Path, d: irsa_agent::config::Distribution| {
+            let host = irsa_agent::host::HostRoot::new(root);
+            irsa_agent::apiserver::observe(&host, d)
+                .ok()
+                .and_then(|o| o.flags.issuers.first().cloned())
+                .unwrap_or_default()
+        };
+        let (mut seen_restarts, mut issuer) = match &behaviour {
+            Behaviour::FollowHost { root, distribution } => {
+                (restarts_of(root), issuer_of(root, *distribution))
+            }
+            Behaviour::NeverReady => (0, String::new()),
+        };
         let handle = std::thread::spawn(move || {
-            let mut seen_restarts = usize::MAX;
-            let mut issuer = String::new();
             for stream in listener.incoming() {
                 if stop2.load(Ordering::SeqCst) {
                     break;
@@ -247,17 +266,12 @@ impl FakeApiserver {
                 let (code, body) = match &behaviour {
                     Behaviour::NeverReady => (500, "[-]etcd failed: reason withheld".to_string()),
                     Behaviour::FollowHost { root, distribution } => {
-                        let restarts = std::fs::read_to_string(root.join("systemctl.log"))
-                            .map(|l| l.lines().count())
-                            .unwrap_or(0);
+                        let restarts = restarts_of(root);
                         let follow_always =
                             *distribution == irsa_agent::config::Distribution::Kubeadm;
                         if follow_always || restarts != seen_restarts {
                             seen_restarts = restarts;
-                            let host = irsa_agent::host::HostRoot::new(root);
-                            if let Ok(obs) = irsa_agent::apiserver::observe(&host, *distribution) {
-                                issuer = obs.flags.issuers.first().cloned().unwrap_or_default();
-                            }
+                            issuer = issuer_of(root, *distribution);
                         }
                         match path.as_str() {
                             "/readyz" => (200, "ok".to_string()),
