@@ -1,0 +1,2 @@
+//! Signing-key rotation (placeholder while the module is built).
+pub mod keygen;
