@@ -38,9 +38,18 @@ pub trait ApiserverProbe {
     }
 }
 
-/// The real probe.
+/// The real probe: an [`ApiClient`] on a current-thread runtime of its own (for the
+/// synchronous `apply`/`finalize`).
 pub struct KubeconfigProbe {
     runtime: tokio::runtime::Runtime,
+    api: ApiClient,
+}
+
+/// An HTTPS client for the apiserver, built from the admin kubeconfig: trusts only its CA,
+/// authenticates with its client certificate or token. Async and runtime-free, so async code
+/// (key rotation, the daemon) can use it on its own runtime.
+#[derive(Clone)]
+pub struct ApiClient {
     client: reqwest::Client,
     server: String,
     token: Option<String>,
@@ -86,6 +95,28 @@ fn material(
 
 impl KubeconfigProbe {
     /// Builds the probe from the admin kubeconfig at `kubeconfig` (a host path). `server`
+    /// overrides the kubeconfig's server URL.
+    pub fn new(
+        root: &HostRoot,
+        kubeconfig: &Path,
+        server: Option<String>,
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        let api = ApiClient::new(root, kubeconfig, server, timeout)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+        Ok(KubeconfigProbe { runtime, api })
+    }
+
+    async fn get(&self, path: &str) -> Result<(u16, String), String> {
+        self.api.get(path).await
+    }
+}
+
+impl ApiClient {
+    /// Builds the client from the admin kubeconfig at `kubeconfig` (a host path). `server`
     /// overrides the kubeconfig's server URL.
     pub fn new(
         root: &HostRoot,
@@ -170,20 +201,48 @@ impl KubeconfigProbe {
             .no_proxy()
             .build()
             .map_err(|e| format!("cannot build the HTTPS client: {e}"))?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-        Ok(KubeconfigProbe {
-            runtime,
+        Ok(ApiClient {
             client,
             server: server.trim_end_matches('/').to_string(),
             token,
         })
     }
 
-    async fn get(&self, path: &str) -> Result<(u16, String), String> {
-        let mut request = self.client.get(format!("{}{path}", self.server));
+    /// The apiserver URL requests go to (`https://127.0.0.1:6443`).
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// The same credentials aimed at another apiserver of the cluster (`https://10.0.0.2:6443`).
+    pub fn at(&self, server: &str) -> ApiClient {
+        ApiClient {
+            client: self.client.clone(),
+            server: server.trim_end_matches('/').to_string(),
+            token: self.token.clone(),
+        }
+    }
+
+    /// `GET <server><path>`: status and body.
+    pub async fn get(&self, path: &str) -> Result<(u16, String), String> {
+        self.send(self.client.get(format!("{}{path}", self.server)))
+            .await
+    }
+
+    /// `POST <server><path>` with a JSON body: status and body.
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<(u16, String), String> {
+        let request = self
+            .client
+            .post(format!("{}{path}", self.server))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        self.send(request).await
+    }
+
+    async fn send(&self, mut request: reqwest::RequestBuilder) -> Result<(u16, String), String> {
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
@@ -218,7 +277,7 @@ impl ApiserverProbe for KubeconfigProbe {
                     body.lines().next().unwrap_or("").trim()
                 ),
             ),
-            Err(e) => (false, format!("not reachable at {}: {e}", self.server)),
+            Err(e) => (false, format!("not reachable at {}: {e}", self.api.server)),
         };
         let mut issuer = None;
         if ready {
@@ -251,13 +310,19 @@ impl ApiserverProbe for KubeconfigProbe {
         if code != 200 {
             return None;
         }
-        let mut total = None;
-        for line in body.lines() {
-            if line.starts_with("serviceaccount_stale_tokens_total") {
-                let value: f64 = line.rsplit(' ').next()?.parse().ok()?;
-                *total.get_or_insert(0.0) += value;
-            }
-        }
-        Some(total.unwrap_or(0.0))
+        stale_tokens_in(&body)
     }
+}
+
+/// The sum of every `serviceaccount_stale_tokens_total` series in a Prometheus text exposition
+/// (0 when the metric has no series yet); `None` when a sample cannot be read.
+pub fn stale_tokens_in(metrics: &str) -> Option<f64> {
+    let mut total = 0.0;
+    for line in metrics.lines() {
+        if line.starts_with("serviceaccount_stale_tokens_total") {
+            let value: f64 = line.rsplit(' ').next()?.parse().ok()?;
+            total += value;
+        }
+    }
+    Some(total)
 }
