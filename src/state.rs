@@ -6,6 +6,7 @@
 //!
 //! ```json
 //! {
+//!   "rotation": {"phase": {"phase": "draining", "rotation": {...}, ...}, "last_step": {...}},
 //!   "issuer": {
 //!     "issuer": "https://oidc.example.com/homelab",
 //!     "previous": ["https://kubernetes.default.svc.cluster.local"],
@@ -65,6 +66,9 @@ pub struct IssuerState {
 pub struct State {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issuer: Option<IssuerState>,
+    /// Signing-key rotation ([`crate::rotation`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<crate::rotation::RotationState>,
     /// Keys owned by other features, kept verbatim.
     #[serde(flatten)]
     pub other: serde_json::Map<String, serde_json::Value>,
@@ -119,6 +123,21 @@ impl State {
         text.push('\n');
         fs::write_atomic(&root.path(STATE_FILE), text.as_bytes(), NewFile::PRIVATE).map_err(err)?;
         Ok(())
+    }
+
+    /// Loads, changes and saves the state under an exclusive lock on the state folder, so two
+    /// processes (the daemon and a command) updating different sections do not lose each
+    /// other's changes.
+    pub fn update(root: &HostRoot, change: impl FnOnce(&mut State)) -> Result<(), StateError> {
+        let err = |source| StateError::Write {
+            path: PathBuf::from(STATE_DIR),
+            source,
+        };
+        fs::create_dir_all(&root.path(STATE_DIR), 0o700).map_err(err)?;
+        let _lock = fs::lock_dir(&root.path(STATE_DIR)).map_err(err)?;
+        let mut state = State::load(root)?;
+        change(&mut state);
+        state.save(root)
     }
 }
 
@@ -186,7 +205,7 @@ mod tests {
         std::fs::create_dir_all(root.path(STATE_DIR))?;
         std::fs::write(
             root.path(STATE_FILE),
-            r#"{"rotation":{"phase":"idle"},"issuer":{"issuer":"https://a"}}"#,
+            r#"{"daemon":{"started":1},"issuer":{"issuer":"https://a"}}"#,
         )?;
         let mut state = State::load(&root)?;
         assert_eq!(
@@ -199,7 +218,8 @@ mod tests {
         });
         state.save(&root)?;
         let again = State::load(&root)?;
-        assert_eq!(again.other.get("rotation"), state.other.get("rotation"));
+        assert_eq!(again.other.get("daemon"), state.other.get("daemon"));
+        assert!(again.other.contains_key("daemon"));
         assert_eq!(
             again.issuer.map(|i| i.issuer),
             Some("https://b".to_string())

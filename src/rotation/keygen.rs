@@ -33,7 +33,12 @@ impl NewKey {
 
 impl std::fmt::Debug for NewKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "NewKey({}, kid {})", self.public().describe(), self.kid())
+        write!(
+            f,
+            "NewKey({}, kid {})",
+            self.public().describe(),
+            self.kid()
+        )
     }
 }
 
@@ -143,10 +148,12 @@ mod tests {
             assert!(key.pem.starts_with(label), "{kind:?}");
             assert_eq!(key.kid().len(), 43);
             // Minted tokens carry the kid and verify with the public half.
-            let token = keys::token::mint(&key.signing, &serde_json::json!({"sub": "x"}))
-                .map_err(|e| KeyGenError::Check {
-                    kind: "test",
-                    why: e.to_string(),
+            let token =
+                keys::token::mint(&key.signing, &serde_json::json!({"sub": "x"})).map_err(|e| {
+                    KeyGenError::Check {
+                        kind: "test",
+                        why: e.to_string(),
+                    }
                 })?;
             let header = jsonwebtoken::decode_header(&token).map_err(|e| KeyGenError::Check {
                 kind: "test",
