@@ -18,6 +18,31 @@ use serde_yaml::Value;
 
 use crate::host::HostRoot;
 
+/// The admin kubeconfig and the URL of the local apiserver.
+pub fn local_target(observed: &super::Observed) -> (PathBuf, Option<String>) {
+    match &observed.source {
+        super::Source::Rancher(r) => (r.flavor.kubeconfig(), None),
+        super::Source::Kubeadm(k) => {
+            let arg = |name: &str| {
+                k.args
+                    .iter()
+                    .rev()
+                    .find(|a| a.name == name)
+                    .map(|a| a.value.clone())
+            };
+            let url = arg("advertise-address").map(|addr| {
+                let port = arg("secure-port").unwrap_or_else(|| "6443".to_string());
+                if addr.contains(':') {
+                    format!("https://[{addr}]:{port}")
+                } else {
+                    format!("https://{addr}:{port}")
+                }
+            });
+            (PathBuf::from(super::kubeadm::ADMIN_KUBECONFIG), url)
+        }
+    }
+}
+
 /// What the apiserver answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {

@@ -16,6 +16,7 @@ mod keys;
 pub mod logging;
 mod pending;
 mod publish;
+mod rotate;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -100,7 +101,7 @@ pub enum Command {
     /// Check every link from the key files to the public JWKS and explain what is wrong.
     Doctor(pending::Args),
     /// Rotate the service-account signing key without rejecting a single token.
-    Rotate(pending::Args),
+    Rotate(rotate::Args),
     /// Decode a service-account token and explain why a relying party would accept or
     /// refuse it.
     VerifyToken(pending::Args),
@@ -141,7 +142,7 @@ pub fn main() -> ExitCode {
         Command::Run(_) => pending::not_implemented("run"),
         Command::Status(_) => pending::not_implemented("status"),
         Command::Doctor(_) => pending::not_implemented("doctor"),
-        Command::Rotate(_) => pending::not_implemented("rotate"),
+        Command::Rotate(args) => rotate::run(&global, args),
         Command::VerifyToken(_) => pending::not_implemented("verify-token"),
         Command::Generate(args) => generate::run(args),
     };

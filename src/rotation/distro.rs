@@ -234,13 +234,6 @@ impl Distro {
                 "the apiserver signs through an external signer ({endpoint}, --service-account-signing-endpoint): rotate keys in the signer; irsa-agent rotates only key files"
             )));
         }
-        let host = Distro::host_keys(observed)?;
-        if !host.verification.contains(&host.signing.kid()) {
-            return Err(refuse(format!(
-                "the signing key (kid {}) is not among the verification keys: fix that first (irsa-agent apply explains)",
-                host.signing.kid()
-            )));
-        }
         match self {
             Distro::Rancher { flavor, data_dir } => {
                 let tls = format!("{data_dir}/server/tls");
@@ -260,6 +253,7 @@ impl Distro {
                         flavor.program()
                     )));
                 }
+                let host = signing_is_verified(observed)?;
                 let unit = crate::apiserver::restart::detect_k3s_unit(root);
                 let unit = if *flavor == Flavor::Rke2 {
                     "rke2-server".to_string()
@@ -282,6 +276,7 @@ impl Distro {
                 Ok(dedup_kids(blocks.iter().map(|b| &b.kid)))
             }
             Distro::Kubeadm => {
+                signing_is_verified(observed)?;
                 let canonical = kubeadm_canonical(root, observed)?;
                 let file = keys::load_verification_file(&root.path(&canonical.verification))
                     .map_err(|e| refuse(e.to_string()))?;
@@ -427,6 +422,51 @@ impl Distro {
         })
     }
 
+    /// Removes what a rotation that crashed before saving its first state left behind: staged
+    /// folders under the rotation folder, and (kubeadm) `sa-<UTC stamp>.key|.pub` files no flag
+    /// names. Only called while no rotation is in progress. Returns the host paths removed.
+    pub fn sweep_orphans(
+        &self,
+        root: &HostRoot,
+        observed: &Observed,
+    ) -> Result<Vec<PathBuf>, Refusal> {
+        let mut removed = Vec::new();
+        let base = PathBuf::from(ROTATION_DIR);
+        if let Ok(entries) = std::fs::read_dir(root.path(&base)) {
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    let host = base.join(entry.file_name());
+                    remove_tree(&entry.path()).map_err(|e| io("remove", &host, e))?;
+                    removed.push(host);
+                }
+            }
+        }
+        if let (Distro::Kubeadm, Some(signing)) = (self, &observed.flags.signing_key_file) {
+            let dir = Path::new(signing)
+                .parent()
+                .unwrap_or(Path::new("/etc/kubernetes/pki"));
+            let f = &observed.flags;
+            if let Ok(entries) = std::fs::read_dir(root.path(dir)) {
+                for entry in entries.flatten() {
+                    let name = entry.file_name().to_string_lossy().to_string();
+                    if !is_staged_name(&name) {
+                        continue;
+                    }
+                    let host = dir.join(&name).display().to_string();
+                    let used = f.key_files.contains(&host)
+                        || f.signing_key_file.as_deref() == Some(host.as_str())
+                        || kcm_uses(root, &host);
+                    if !used {
+                        fs::remove_durable(&entry.path())
+                            .map_err(|e| io("remove", Path::new(&host), e))?;
+                        removed.push(PathBuf::from(host));
+                    }
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     /// Removes the rotation's own files once they are no longer needed (after retirement or
     /// abort): the staged folder (k3s), `sa-<id>.*` (kubeadm), unless a flag still names them.
     pub fn clean_up(
@@ -451,6 +491,34 @@ impl Distro {
         }
         Ok(())
     }
+}
+
+/// The host's keys, if its signing key's public half is among its verification keys.
+fn signing_is_verified(observed: &Observed) -> Result<HostKeys, Refusal> {
+    let host = Distro::host_keys(observed)?;
+    if !host.verification.contains(&host.signing.kid()) {
+        return Err(refuse(format!(
+            "the signing key (kid {}) is not among the verification keys: fix that first (irsa-agent apply explains)",
+            host.signing.kid()
+        )));
+    }
+    Ok(host)
+}
+
+/// `sa-20261122T070542Z.key` / `.pub`: the names rotation gives kubeadm key files.
+fn is_staged_name(name: &str) -> bool {
+    let Some(stem) = name
+        .strip_suffix(".key")
+        .or_else(|| name.strip_suffix(".pub"))
+        .and_then(|n| n.strip_prefix("sa-"))
+    else {
+        return false;
+    };
+    let b = stem.as_bytes();
+    b.len() == 16
+        && b[8] == b'T'
+        && b[15] == b'Z'
+        && b[..8].iter().chain(&b[9..15]).all(u8::is_ascii_digit)
 }
 
 fn remove_tree(dir: &Path) -> std::io::Result<()> {
@@ -722,4 +790,33 @@ pub fn observe(
     distribution: crate::config::Distribution,
 ) -> Result<Observed, Refusal> {
     apiserver::observe(root, distribution).map_err(|e| refuse(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staged_key_names() {
+        assert!(is_staged_name("sa-20261122T070542Z.key"));
+        assert!(is_staged_name("sa-20261122T070542Z.pub"));
+        assert!(!is_staged_name("sa.key"));
+        assert!(!is_staged_name("sa-backup.key"));
+        assert!(!is_staged_name("sa-20261122T070542Z.key.bak"));
+        assert!(!is_staged_name("sa-2026112xT070542Z.key"));
+    }
+
+    #[test]
+    fn key_blocks_skip_what_is_not_a_key() {
+        let key = crate::rotation::keygen::generate(crate::config::KeyType::EcdsaP256)
+            .map(|k| k.pem.to_string())
+            .unwrap_or_default();
+        let text = format!(
+            "# comment\n{key}-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n{key}"
+        );
+        let blocks = key_blocks(text.as_bytes());
+        assert_eq!(blocks.len(), 2);
+        assert_eq!(blocks[0].kid, blocks[1].kid);
+        assert_eq!(dedup_kids(blocks.iter().map(|b| &b.kid)).len(), 1);
+    }
 }

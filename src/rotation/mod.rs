@@ -483,7 +483,8 @@ pub async fn abort(ctx: &mut Context, now: u64) -> Result<StepOutcome, RotationE
     let observed = run.observe()?;
     let distro = Distro::of(&observed);
     let change = distro.plan(&run.ctx.root, &observed, &rotation, Install::RemoveNew)?;
-    run.carry_out(change, "remove the new key again").await?;
+    run.carry_out(change, Install::RemoveNew, "remove the new key again")
+        .await?;
     let observed = run.observe()?;
     distro.clean_up(&run.ctx.root, &observed, &rotation)?;
     // Republish without the new key.
@@ -626,7 +627,12 @@ impl Run<'_> {
     }
 
     /// Carries out a host change and waits until the apiserver serves the expected keys.
-    async fn carry_out(&mut self, change: HostChange, what: &str) -> Result<bool, RotationError> {
+    async fn carry_out(
+        &mut self,
+        change: HostChange,
+        install: Install,
+        what: &str,
+    ) -> Result<bool, RotationError> {
         let root = self.ctx.root.clone();
         match change {
             HostChange::None => Ok(false),
@@ -656,7 +662,7 @@ impl Run<'_> {
                     .runner
                     .run(program, &args)
                     .map_err(|e| failed(format!("{what}: {e}")))?;
-                crate::failpoint::hit("rotation:after-rotate-ca");
+                crate::failpoint::hit(&format!("rotation:{}:after-rotate-ca", install.name()));
                 let observed = self.observe()?;
                 let Restart::Unit(unit) = self.restart(&observed) else {
                     return Err(failed("no unit to restart"));
@@ -667,7 +673,7 @@ impl Run<'_> {
                     .services
                     .restart(&unit)
                     .map_err(|e| failed(format!("{what}: {e}")))?;
-                crate::failpoint::hit("rotation:after-restart");
+                crate::failpoint::hit(&format!("rotation:{}:after-restart", install.name()));
                 self.wait_for_jwks(&expected).await.map_err(|e| {
                     failed(format!(
                         "{what}: {e}; the new service.key is in the datastore ({program} loads it at every start), so nothing was rolled back: look at `journalctl -u {unit}`; the next step checks again"
@@ -685,7 +691,7 @@ impl Run<'_> {
                 }
                 let prepared = apply::write_changes(&root, &changes, self.now())
                     .map_err(|e| failed(format!("{what}: {e}")))?;
-                crate::failpoint::hit("rotation:after-write");
+                crate::failpoint::hit(&format!("rotation:{}:after-write", install.name()));
                 let Some(prepared) = prepared else {
                     return Ok(false);
                 };
@@ -818,6 +824,13 @@ impl Run<'_> {
                 servers.join(", ")
             )));
         }
+        // Leftovers of a start that crashed before its state was saved.
+        for path in distro.sweep_orphans(&self.ctx.root, &observed)? {
+            log::info!(
+                "rotation: removed {} (left by an interrupted start)",
+                path.display()
+            );
+        }
         let kind = self.ctx.settings.rotation.key_type;
         log::info!("rotation: generating a {} key", kind.name());
         let key = keygen::generate(kind).map_err(failed)?;
@@ -867,8 +880,12 @@ impl Run<'_> {
         if rotation.is_ha() {
             // Every apiserver verifies with the new key before anything publishes it.
             let change = distro.plan(&self.ctx.root, &observed, &rotation, Install::VerifyOnly)?;
-            self.carry_out(change, "install the new key as a verification-only key")
-                .await?;
+            self.carry_out(
+                change,
+                Install::VerifyOnly,
+                "install the new key as a verification-only key",
+            )
+            .await?;
             observed = self.observe()?;
             let lacking = self.servers_where(&rotation.new_kid, true).await?;
             if !lacking.is_empty() {
@@ -984,7 +1001,9 @@ impl Run<'_> {
         // One server: verifying with the new key and signing with it switch in one restart.
         self.update_rotation(|r| r.may_have_signed = true)?;
         let change = distro.plan(&self.ctx.root, &observed, &rotation, Install::Trust)?;
-        let restarted = self.carry_out(change, "trust the new key").await?;
+        let restarted = self
+            .carry_out(change, Install::Trust, "trust the new key")
+            .await?;
         let kids = self
             .ctx
             .cluster
@@ -1025,7 +1044,7 @@ impl Run<'_> {
                 "make kube-controller-manager sign legacy token Secrets with the new key"
             };
             let change = distro.plan(&self.ctx.root, &observed, &rotation, Install::Sign)?;
-            self.carry_out(change, what).await?;
+            self.carry_out(change, Install::Sign, what).await?;
         }
         let lagging = self.servers_not_signing_with(&rotation.new_kid).await?;
         if !lagging.is_empty() {
@@ -1060,17 +1079,18 @@ impl Run<'_> {
             .public(&publication)
             .await
             .map_err(|e| failed(format!("cannot check the public copy: {e}")))?;
+        let now = self.now();
         verify_token(
             &token,
             public.jwks.as_deref().unwrap_or(""),
             &rotation.new_kid,
+            now,
         )
         .map_err(|e| {
             failed(format!(
                 "a token the apiserver just issued does not verify against the public JWKS: {e}"
             ))
         })?;
-        let now = self.now();
         let phase = self.st.phase.sign(now, now)?;
         Ok(Progress::Advanced(
             Box::new(phase),
@@ -1125,7 +1145,7 @@ impl Run<'_> {
         let distro = Distro::of(&observed);
         let now = self.now();
         // Never retire too early.
-        let retired = self.st.phase.retire(now)?;
+        self.st.phase.retire(now)?;
         // The 1-year kube-api-access tokens: no stale-token use for a while.
         if !self.ctx.options.ignore_stale_tokens
             && let Phase::Draining { stale, .. } = &self.st.phase
@@ -1176,7 +1196,8 @@ impl Run<'_> {
             }
         }
         let change = distro.plan(&self.ctx.root, &observed, &rotation, Install::Retire)?;
-        self.carry_out(change, "retire the old key").await?;
+        self.carry_out(change, Install::Retire, "retire the old key")
+            .await?;
         let kids = self
             .ctx
             .cluster
@@ -1191,7 +1212,7 @@ impl Run<'_> {
             )));
         }
         Ok(Progress::Advanced(
-            Box::new(retired),
+            Box::new(self.st.phase.retire(self.now())?),
             format!(
                 "the apiserver verifies and signs with the new key only; retired {}",
                 rotation.old_kids.join(", ")
@@ -1251,8 +1272,9 @@ impl Run<'_> {
     }
 }
 
-/// Verifies a token against a JWKS document (what relying parties do), requiring `kid`.
-pub fn verify_token(token: &str, jwks: &str, kid: &str) -> Result<(), String> {
+/// Verifies a token against a JWKS document (what relying parties do), requiring `kid` and an
+/// `exp` after `now` (the rotation's clock).
+pub fn verify_token(token: &str, jwks: &str, kid: &str, now: u64) -> Result<(), String> {
     let header = jsonwebtoken::decode_header(token).map_err(|e| e.to_string())?;
     if header.kid.as_deref() != Some(kid) {
         return Err(format!(
@@ -1268,10 +1290,15 @@ pub fn verify_token(token: &str, jwks: &str, kid: &str) -> Result<(), String> {
     let key = jsonwebtoken::DecodingKey::from_jwk(jwk).map_err(|e| e.to_string())?;
     let mut validation = jsonwebtoken::Validation::new(header.alg);
     validation.validate_aud = false;
+    validation.validate_exp = false;
     validation.required_spec_claims.clear();
-    jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
+        .map_err(|e| e.to_string())?;
+    match data.claims.get("exp").and_then(|e| e.as_u64()) {
+        Some(exp) if exp > now => Ok(()),
+        Some(exp) => Err(format!("expired at {}", state::rfc3339(exp))),
+        None => Err("it has no exp".into()),
+    }
 }
 
 /// Host paths a rotation writes besides the state (for docs and tests).
@@ -1281,3 +1308,66 @@ pub fn rotation_dir(id: &str) -> PathBuf {
 
 /// A token's secret bytes, wiped when dropped.
 pub type Token = Zeroizing<String>;
+
+/// How [`Context::for_host`] reaches the real host's outside systems.
+#[derive(Debug, Clone)]
+pub struct HostEdges {
+    /// The `systemctl` program.
+    pub systemctl: PathBuf,
+    /// Programs by name (`k3s`, `rke2`) when not in `PATH`.
+    pub programs: Vec<(String, PathBuf)>,
+    /// The apiserver URL (default: the admin kubeconfig's; kubeadm: the advertise address).
+    pub apiserver_url: Option<String>,
+    /// Timeout of each HTTPS request.
+    pub request_timeout: Duration,
+}
+
+impl Default for HostEdges {
+    fn default() -> Self {
+        HostEdges {
+            systemctl: PathBuf::from("systemctl"),
+            programs: Vec::new(),
+            apiserver_url: None,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Context {
+    /// The real thing: the admin kubeconfig's apiserver, the configured publish targets, the
+    /// host's systemctl and k3s/rke2 binaries. Build it once (the daemon keeps it: publish's
+    /// credential cache lives inside) and call [`step`] when [`StepOutcome::next_due`] comes.
+    pub fn for_host(
+        root: &HostRoot,
+        settings: &Settings,
+        clock: Arc<dyn Clock>,
+        edges: HostEdges,
+        options: Options,
+    ) -> Result<Context, RotationError> {
+        let observed = distro::observe(root, settings.distribution)?;
+        let (kubeconfig, url) = crate::apiserver::probe::local_target(&observed);
+        let api = crate::apiserver::probe::ApiClient::new(
+            root,
+            &kubeconfig,
+            edges.apiserver_url.clone().or(url),
+            edges.request_timeout,
+        )
+        .map_err(|e| RotationError::Refused(format!("cannot reach the apiserver: {e}")))?;
+        let publishing = publishing::RealPublishing::new(root, settings, edges.request_timeout)
+            .map_err(failed)?;
+        Ok(Context {
+            root: root.clone(),
+            settings: settings.clone(),
+            clock,
+            cluster: Box::new(cluster::ApiCluster { api }),
+            publishing: Box::new(publishing),
+            services: Box::new(crate::apiserver::restart::Systemctl {
+                program: edges.systemctl,
+            }),
+            runner: Box::new(runner::SystemRunner {
+                programs: edges.programs,
+            }),
+            options,
+        })
+    }
+}
