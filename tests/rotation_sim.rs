@@ -144,7 +144,7 @@ async fn a_whole_rotation_on_one_k3s_server() {
     );
     // k3s' own files: only the new key, and it signs.
     let service_key = read(sim.root(), &format!("{K3S_TLS}/service.key"));
-    assert_eq!(kids_of(&service_key), [done.new_kid.clone()]);
+    assert_eq!(kids_of(&service_key), std::slice::from_ref(&done.new_kid));
     let current = read(sim.root(), &format!("{K3S_TLS}/service.current.key"));
     assert_eq!(
         keys::parse_signing_key(&current).expect("key").public.kid(),
@@ -155,7 +155,7 @@ async fn a_whole_rotation_on_one_k3s_server() {
     let origin = lock_cdn(&sim.cdn).origin.clone().unwrap_or_default();
     assert_eq!(
         irsa_agent::publish::merge::kids_in(origin.as_bytes()),
-        [done.new_kid.clone()]
+        std::slice::from_ref(&done.new_kid)
     );
     // The staged copies (private keys) are gone.
     assert!(
@@ -227,7 +227,7 @@ async fn three_k3s_servers_verify_before_any_signs() {
         assert_eq!(s.restarts, 3, "{}", s.url);
         assert_eq!(
             s.verification.iter().map(|k| k.kid()).collect::<Vec<_>>(),
-            [done.new_kid.clone()]
+            std::slice::from_ref(&done.new_kid)
         );
     }
     drop(w);
@@ -261,6 +261,7 @@ async fn followers_restarted_late_keep_the_invariant_and_hold_the_rotation() {
         }
     }
     let mut sim = Sim::new(Distribution::K3s, 2);
+    sim.ctx.options.recheck = std::time::Duration::from_secs(1800);
     let outcomes = run_rotation(&mut sim, late).await;
     assert!(outcomes.iter().all(|o| o.is_ok()), "{outcomes:?}");
     assert!(
@@ -301,7 +302,7 @@ async fn a_whole_rotation_on_kubeadm() {
     );
     assert_eq!(
         kids_of(&read(sim.root(), "/etc/kubernetes/pki/sa.pub")),
-        [done.new_kid.clone()]
+        std::slice::from_ref(&done.new_kid)
     );
     let manifest = String::from_utf8(read(
         sim.root(),
@@ -684,4 +685,61 @@ async fn disabled_rotation_waits_for_now_and_status_says_so() {
         "{lines:?}"
     );
     assert!(lines[2].contains("(in 1h15m)"), "{lines:?}");
+}
+
+// The invariant check is not a formality: without the propagation hold, or with a drain
+// shorter than the tokens' lifetime, it catches the rejected tokens.
+
+#[tokio::test(flavor = "current_thread")]
+#[should_panic(expected = "is rejected by the relying party's cached JWKS")]
+async fn without_the_propagation_hold_a_relying_party_rejects_new_tokens() {
+    let mut sim = Sim::new(Distribution::K3s, 1);
+    // The public answer claims max-age 0 while relying parties really cache for an hour, and
+    // no extra wait is configured: the new key signs before caches have it.
+    sim.ctx.settings.rotation.propagation_wait = std::time::Duration::ZERO;
+    sim.ctx.settings.rotation.cdn_ttl = std::time::Duration::ZERO;
+    {
+        let mut cdn = lock_cdn(&sim.cdn);
+        cdn.cdn_ttl = 0;
+        cdn.max_age = 3600;
+    }
+    // The relying party fetched (and cached) the JWKS just before the rotation.
+    let now = sim.now();
+    lock_cdn(&sim.cdn).relying_party(now);
+    sim.ctx.publishing = Box::new(ZeroMaxAge(FakePublishing {
+        cdn: sim.cdn.clone(),
+        world: sim.world.clone(),
+    }));
+    run_rotation(&mut sim, nobody).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+#[should_panic(expected = "is rejected by apiserver https://10.0.0.1:6443")]
+async fn a_drain_shorter_than_the_token_lifetime_rejects_old_tokens() {
+    let mut sim = Sim::new(Distribution::K3s, 1);
+    // Tokens live a day (the harness mints them so), but the configuration claims 10 minutes.
+    sim.ctx.settings.rotation.token_lifetime = std::time::Duration::from_secs(600);
+    sim.ctx.settings.rotation.drain_margin = std::time::Duration::ZERO;
+    run_rotation(&mut sim, nobody).await;
+}
+
+/// Publishing whose public answer says `max-age=0`.
+struct ZeroMaxAge(FakePublishing);
+
+#[async_trait::async_trait]
+impl irsa_agent::rotation::publishing::Publishing for ZeroMaxAge {
+    async fn publish(&mut self, p: &irsa_agent::publish::Publication) -> Result<String, String> {
+        self.0.publish(p).await
+    }
+    async fn public(
+        &mut self,
+        p: &irsa_agent::publish::Publication,
+    ) -> Result<irsa_agent::rotation::publishing::PublicCopy, String> {
+        let mut copy = self.0.public(p).await?;
+        copy.max_age = Some(std::time::Duration::ZERO);
+        Ok(copy)
+    }
+    fn configured_max_age(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
