@@ -135,6 +135,8 @@ impl State {
         };
         fs::create_dir_all(&root.path(STATE_DIR), 0o700).map_err(err)?;
         let _lock = fs::lock_dir(&root.path(STATE_DIR)).map_err(err)?;
+        // A temp file of a write a crash interrupted.
+        fs::sweep_temp_files(&root.path(STATE_DIR)).map_err(err)?;
         let mut state = State::load(root)?;
         change(&mut state);
         state.save(root)

@@ -686,11 +686,12 @@ impl Run<'_> {
                 restarts_apiserver,
                 expected,
             } => {
-                if restarts_apiserver {
-                    self.update_rotation(|r| r.restarts += 1)?;
-                }
                 let prepared = apply::write_changes(&root, &changes, self.now())
                     .map_err(|e| failed(format!("{what}: {e}")))?;
+                if restarts_apiserver && prepared.is_some() {
+                    // The manifest is written: kubelet restarts the apiserver.
+                    self.update_rotation(|r| r.restarts += 1)?;
+                }
                 crate::failpoint::hit(&format!("rotation:{}:after-write", install.name()));
                 let Some(prepared) = prepared else {
                     return Ok(false);

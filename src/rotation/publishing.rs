@@ -88,7 +88,7 @@ impl Publishing for RealPublishing {
         }
         let changed = reports.iter().filter(|r| r.changed()).count();
         Ok(format!(
-            "{} target(s) in sync ({changed} written)",
+            "{} target(s) in sync, {changed} written",
             reports.len()
         ))
     }

@@ -739,3 +739,157 @@ pub fn verify(token: &str, jwks: &str) -> Result<(), String> {
         .map(|_| ())
         .map_err(|e| e.to_string())
 }
+
+/// A static HTTPS server (the test CA's 127.0.0.1 certificate) serving `dir` under `/<mount>/`
+/// with `Cache-Control: public, max-age=300`: the public URL of a directory publish target.
+pub struct StaticHttps {
+    pub port: u16,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StaticHttps {
+    pub fn start(dir: PathBuf, mount: &str) -> StaticHttps {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use std::io::{BufRead as _, BufReader, Write as _};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let chain =
+            vec![CertificateDer::from_pem_file(data("data/probe/server.crt")).expect("cert")];
+        let key = PrivateKeyDer::from_pem_file(data("data/probe/server.key")).expect("key");
+        let config = Arc::new(
+            rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("versions")
+                .with_no_client_auth()
+                .with_single_cert(chain, key)
+                .expect("server config"),
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let prefix = format!("/{}/", mount.trim_matches('/'));
+        let handle = std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(stream) = stream else { continue };
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
+                    continue;
+                };
+                let mut tls = rustls::StreamOwned::new(conn, stream);
+                let mut reader = BufReader::new(&mut tls);
+                let mut request_line = String::new();
+                if reader.read_line(&mut request_line).is_err() {
+                    continue;
+                }
+                loop {
+                    let mut line = String::new();
+                    match reader.read_line(&mut line) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) if line == "\r\n" || line == "\n" => break,
+                        Ok(_) => {}
+                    }
+                }
+                let path = request_line
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or("")
+                    .to_string();
+                let file = path
+                    .strip_prefix(&prefix)
+                    .filter(|rest| !rest.contains(".."))
+                    .map(|rest| dir.join(rest));
+                let (code, body) = match file.and_then(|f| std::fs::read(f).ok()) {
+                    Some(body) => (200, body),
+                    None => (404, b"not found".to_vec()),
+                };
+                let head = format!(
+                    "HTTP/1.1 {code} X\r\ncontent-type: application/json\r\ncache-control: public, max-age=300\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = tls.write_all(head.as_bytes());
+                let _ = tls.write_all(&body);
+                let _ = tls.flush();
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            }
+        });
+        StaticHttps {
+            port,
+            stop,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for StaticHttps {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn executable(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(path, text).expect("write script");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}
+
+/// A fake `systemctl` for a k3s host under `root`: logs its arguments to `<root>/systemctl.log`
+/// and, on `restart`, does what k3s does at start: writes the datastore's service.key
+/// (`<root>/fake-datastore/service.key`) to disk and its first key to service.current.key.
+/// The log line comes last: the fake apiserver reloads its keys when it sees it.
+pub fn fake_k3s_systemctl(root: &Path) -> PathBuf {
+    let script = root.join("fake-systemctl");
+    let r = root.display();
+    executable(
+        &script,
+        &format!(
+            "#!/bin/sh\nif [ \"$1\" = restart ] && [ -f '{r}/fake-datastore/service.key' ]; then\n  cp '{r}/fake-datastore/service.key' '{r}{K3S_TLS}/service.key'\n  awk '{{print}} /-----END/{{exit}}' '{r}/fake-datastore/service.key' > '{r}{K3S_TLS}/service.current.key'\nfi\necho \"$@\" >> '{r}/systemctl.log'\n"
+        ),
+    );
+    script
+}
+
+/// A fake `k3s` binary for `certificate rotate-ca --path=DIR`: refuses DIR/tls/service.key
+/// unless it holds the key this server signs with now (the first key of its service.key), as
+/// k3s' validateServiceKey does, then stores it in the fake datastore. Host paths are resolved
+/// under `root`.
+pub fn fake_k3s_binary(root: &Path) -> PathBuf {
+    let script = root.join("fake-k3s");
+    let r = root.display();
+    executable(
+        &script,
+        &format!(
+            r#"#!/usr/bin/python3
+import os, re, sys
+ROOT = "{r}"
+def blocks(text):
+    return [re.sub(r"\s+", "", b) for b in re.findall(r"-----BEGIN [A-Z ]+-----(.*?)-----END [A-Z ]+-----", text, re.S)]
+args = sys.argv[1:]
+if args[:2] != ["certificate", "rotate-ca"]:
+    sys.exit("unexpected arguments: " + " ".join(args))
+path = [a for a in args if a.startswith("--path=")][0][len("--path="):]
+staged = open(ROOT + path + "/tls/service.key").read()
+current = open(ROOT + "{K3S_TLS}/service.key").read()
+if not blocks(staged):
+    sys.exit('level=fatal msg="failed to validate new CA certificates and keys: no keys"')
+if blocks(current)[0] not in blocks(staged):
+    sys.exit('level=fatal msg="ServiceKey: old ServiceAccount signing key not in new ServiceAccount key list"')
+os.makedirs(ROOT + "/fake-datastore", exist_ok=True)
+open(ROOT + "/fake-datastore/service.key", "w").write(staged)
+open(ROOT + "/rotate-ca.log", "a").write(path + "\n")
+print("certificates saved to datastore")
+"#
+        ),
+    );
+    script
+}
