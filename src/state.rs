@@ -6,7 +6,6 @@
 //!
 //! ```json
 //! {
-//!   "rotation": {"phase": {"phase": "draining", "rotation": {...}, ...}, "last_step": {...}},
 //!   "issuer": {
 //!     "issuer": "https://oidc.example.com/homelab",
 //!     "previous": ["https://kubernetes.default.svc.cluster.local"],
@@ -66,9 +65,6 @@ pub struct IssuerState {
 pub struct State {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issuer: Option<IssuerState>,
-    /// Signing-key rotation ([`crate::rotation`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rotation: Option<crate::rotation::RotationState>,
     /// Keys owned by other features, kept verbatim.
     #[serde(flatten)]
     pub other: serde_json::Map<String, serde_json::Value>,
@@ -124,22 +120,31 @@ impl State {
         fs::write_atomic(&root.path(STATE_FILE), text.as_bytes(), NewFile::PRIVATE).map_err(err)?;
         Ok(())
     }
+}
 
-    /// Loads, changes and saves the state under an exclusive lock on the state folder, so two
-    /// processes (the daemon and a command) updating different sections do not lose each
-    /// other's changes.
-    pub fn update(root: &HostRoot, change: impl FnOnce(&mut State)) -> Result<(), StateError> {
+impl State {
+    /// Loads the state, lets `change` modify it, and saves it, holding an flock on the state
+    /// directory throughout, so that features writing their own key from different processes
+    /// (`apply` from a terminal while `run` works) do not lose each other's updates.
+    pub fn update<T>(
+        root: &HostRoot,
+        change: impl FnOnce(&mut State) -> T,
+    ) -> Result<T, StateError> {
         let err = |source| StateError::Write {
-            path: PathBuf::from(STATE_DIR),
+            path: PathBuf::from(STATE_FILE),
             source,
         };
         fs::create_dir_all(&root.path(STATE_DIR), 0o700).map_err(err)?;
         let _lock = fs::lock_dir(&root.path(STATE_DIR)).map_err(err)?;
-        // A temp file of a write a crash interrupted.
-        fs::sweep_temp_files(&root.path(STATE_DIR)).map_err(err)?;
         let mut state = State::load(root)?;
-        change(&mut state);
-        state.save(root)
+        let out = change(&mut state);
+        state.save(root)?;
+        Ok(out)
+    }
+
+    /// A section another feature owns (`daemon`, `rotation`, ...), if present.
+    pub fn section(&self, key: &str) -> Option<&serde_json::Value> {
+        self.other.get(key)
     }
 }
 
@@ -207,7 +212,7 @@ mod tests {
         std::fs::create_dir_all(root.path(STATE_DIR))?;
         std::fs::write(
             root.path(STATE_FILE),
-            r#"{"daemon":{"started":1},"issuer":{"issuer":"https://a"}}"#,
+            r#"{"rotation":{"phase":"idle"},"issuer":{"issuer":"https://a"}}"#,
         )?;
         let mut state = State::load(&root)?;
         assert_eq!(
@@ -220,8 +225,7 @@ mod tests {
         });
         state.save(&root)?;
         let again = State::load(&root)?;
-        assert_eq!(again.other.get("daemon"), state.other.get("daemon"));
-        assert!(again.other.contains_key("daemon"));
+        assert_eq!(again.other.get("rotation"), state.other.get("rotation"));
         assert_eq!(
             again.issuer.map(|i| i.issuer),
             Some("https://b".to_string())

@@ -349,6 +349,20 @@ fn k3s_rotation_without_a_crash_prints_each_step_and_the_next_due_time() {
         "{stdout}"
     );
     assert_eq!(lines[2], "next step due at 2026-11-22T01:15:00Z (in 1h15m)");
+    // `irsa-agent publish` (or the daemon's resync) keeps the key published ahead of use.
+    let new_kid = p
+        .state()
+        .and_then(|s| s.phase.rotation().map(|r| r.new_kid.clone()))
+        .expect("kid");
+    let published = p.published();
+    assert!(published.contains(&new_kid));
+    let out = p.agent(&["publish"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(p.published(), published);
     // Nothing is due now: a second run changes nothing.
     let before = std::fs::read(p.host.path("/var/lib/irsa-agent/state.json")).expect("state");
     let out = p.agent(&["rotate"], None);

@@ -743,3 +743,23 @@ impl irsa_agent::rotation::publishing::Publishing for ZeroMaxAge {
         None
     }
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_whole_rotation_on_rke2() {
+    let mut sim = Sim::new(Distribution::Rke2, 1);
+    let outcomes = run_rotation(&mut sim, nobody).await;
+    assert!(outcomes.iter().all(|o| o.is_ok()), "{outcomes:?}");
+    let done = state(&sim).history.last().cloned().expect("done");
+    assert_eq!(done.restarts, 2);
+    assert_eq!(
+        sim.world().log,
+        [
+            format!("rotate-ca /var/lib/irsa-agent/rotation/{}/trust", done.id),
+            "systemctl restart rke2-server".to_string(),
+            format!("rotate-ca /var/lib/irsa-agent/rotation/{}/retire", done.id),
+            "systemctl restart rke2-server".to_string(),
+        ]
+    );
+    let service_key = read(sim.root(), &format!("{RKE2_TLS}/service.key"));
+    assert_eq!(kids_of(&service_key), std::slice::from_ref(&done.new_kid));
+}

@@ -535,6 +535,8 @@ pub struct StepRecord {
 /// The persisted `rotation` section of the state file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RotationState {
+    /// Flattened: `{"phase": "published", "since": ..., "rotation": {...}, "last_step": ...}`.
+    #[serde(flatten)]
     pub phase: Phase,
     #[serde(default)]
     pub last_step: Option<StepRecord>,

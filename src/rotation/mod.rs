@@ -190,13 +190,51 @@ enum Progress {
     Waiting(String, u64),
 }
 
+/// The key of rotation's section in the state file.
+pub const STATE_KEY: &str = "rotation";
+
 /// Loads the rotation state (`None`: never rotated).
 pub fn load_state(root: &HostRoot) -> Result<Option<RotationState>, StateError> {
-    Ok(State::load(root)?.rotation)
+    let state = State::load(root)?;
+    match state.other.get(STATE_KEY) {
+        None => Ok(None),
+        Some(value) => serde_json::from_value(value.clone())
+            .map(Some)
+            .map_err(|source| StateError::Parse {
+                path: PathBuf::from(state::STATE_FILE),
+                source,
+            }),
+    }
 }
 
 fn save_state(root: &HostRoot, st: &RotationState) -> Result<(), StateError> {
-    State::update(root, |state| state.rotation = Some(st.clone()))
+    let value = serde_json::to_value(st).map_err(|e| StateError::Write {
+        path: PathBuf::from(state::STATE_FILE),
+        source: std::io::Error::other(e),
+    })?;
+    State::update(root, |state| {
+        sweep_dead_temp_files(root);
+        state.other.insert(STATE_KEY.to_string(), value);
+    })
+}
+
+/// Removes temp files of the state file left by a process that died writing it (the pid in
+/// the name is gone); never one another process is writing right now.
+fn sweep_dead_temp_files(root: &HostRoot) {
+    let Ok(entries) = std::fs::read_dir(root.path(state::STATE_DIR)) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let Some(rest) = name.strip_prefix(".state.json.irsa-agent-tmp.") else {
+            continue;
+        };
+        let pid = rest.split('.').next().unwrap_or("");
+        let alive = !pid.is_empty() && std::path::Path::new("/proc").join(pid).exists();
+        if !alive && fs::remove_durable(&entry.path()).is_ok() {
+            log::info!("removed {name}, left by an interrupted write of the state file");
+        }
+    }
 }
 
 /// The keys to publish ahead of the apiserver having them (the new key from staging until the

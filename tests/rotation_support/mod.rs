@@ -45,22 +45,43 @@ pub fn read(root: &Path, host_path: &str) -> Vec<u8> {
 }
 
 pub const K3S_TLS: &str = "/var/lib/rancher/k3s/server/tls";
+pub const RKE2_TLS: &str = "/var/lib/rancher/rke2/server/tls";
+
+/// The folder of service.key for k3s or RKE2.
+pub fn tls_dir(distribution: Distribution) -> &'static str {
+    if distribution == Distribution::Rke2 {
+        RKE2_TLS
+    } else {
+        K3S_TLS
+    }
+}
 
 /// A k3s host with the k3s test case's keys (service.key holds two keys; the first signs).
 pub fn k3s_host(root: &Path) {
+    rancher_host(root, Distribution::K3s);
+}
+
+/// The same keys and issuer configuration on k3s or RKE2.
+pub fn rancher_host(root: &Path, distribution: Distribution) {
+    let tls = tls_dir(distribution);
+    let program = if distribution == Distribution::Rke2 {
+        "rke2"
+    } else {
+        "k3s"
+    };
     write(
         root,
-        &format!("{K3S_TLS}/service.key"),
+        &format!("{tls}/service.key"),
         std::fs::read(data("data/apiserver/k3s/keys/service.key")).expect("k3s keys"),
     );
     write(
         root,
-        &format!("{K3S_TLS}/service.current.key"),
+        &format!("{tls}/service.current.key"),
         std::fs::read(data("data/apiserver/k3s/keys/service.current.key")).expect("k3s keys"),
     );
     write(
         root,
-        "/etc/rancher/k3s/config.yaml",
+        &format!("/etc/rancher/{program}/config.yaml"),
         format!(
             "kube-apiserver-arg:\n  - service-account-issuer={ISSUER}\n  - service-account-issuer=https://kubernetes.default.svc.cluster.local\n  - service-account-jwks-uri={ISSUER}/openid/v1/jwks\n"
         ),
@@ -196,16 +217,16 @@ fn load_kcm(root: &Path) -> Option<SigningKey> {
 
 /// k3s' start: the datastore's service.key is written to disk, and its first key to
 /// service.current.key.
-fn k3s_start(root: &Path, datastore: &Option<Vec<u8>>) {
+fn k3s_start(root: &Path, tls: &str, datastore: &Option<Vec<u8>>) {
     if let Some(bytes) = datastore {
-        write(root, &format!("{K3S_TLS}/service.key"), bytes);
+        write(root, &format!("{tls}/service.key"), bytes);
         let first = keys::pem::blocks(bytes)
             .into_iter()
             .next()
             .expect("a key in the datastore");
         write(
             root,
-            &format!("{K3S_TLS}/service.current.key"),
+            &format!("{tls}/service.current.key"),
             keys::pem::encode(&first.label_str(), &first.der),
         );
     }
@@ -220,7 +241,7 @@ fn parse_service_key(bytes: &[u8]) -> (Vec<PublicKey>, SigningKey) {
 impl World {
     pub fn new(root: &Path, distribution: Distribution, servers: usize, now: u64) -> Shared {
         let (verification, signing) = load_local(root, distribution);
-        let disk = read(root, &format!("{K3S_TLS}/service.key"));
+        let disk = read(root, &format!("{}/service.key", tls_dir(distribution)));
         let servers = (0..servers)
             .map(|i| FakeServer {
                 url: format!("https://10.0.0.{}:6443", i + 1),
@@ -398,9 +419,10 @@ impl ServiceManager for FakeServices {
         }
         w.log.push(format!("systemctl restart {unit}"));
         let root = w.root.clone();
-        k3s_start(&root, &w.datastore);
+        let tls = tls_dir(w.distribution);
+        k3s_start(&root, tls, &w.datastore);
         let (verification, signing) = load_local(&root, w.distribution);
-        let disk = read(&root, &format!("{K3S_TLS}/service.key"));
+        let disk = read(&root, &format!("{tls}/service.key"));
         let s = &mut w.servers[0];
         s.verification = verification;
         s.signing = signing;
@@ -438,7 +460,7 @@ impl CommandRunner for FakeK3s {
             return Err("failed to validate new CA certificates and keys: no keys".into());
         }
         // Checked against the service.key this server loaded at its start (its disk).
-        let current = read(&w.root, &format!("{K3S_TLS}/service.key"));
+        let current = read(&w.root, &format!("{}/service.key", tls_dir(w.distribution)));
         let old_first = keys::parse_verification_keys(&current)
             .expect("current")
             .keys[0]
@@ -564,7 +586,7 @@ impl Sim {
         let dir = tempfile::tempdir().expect("temp dir");
         match distribution {
             Distribution::Kubeadm => kubeadm_host(dir.path()),
-            _ => k3s_host(dir.path()),
+            other => rancher_host(dir.path(), other),
         }
         let world = World::new(dir.path(), distribution, servers, T0);
         let cdn = Cdn::new(600, 300);
