@@ -26,9 +26,9 @@ use) -> retired (old key removed, JWKS republished) -> idle.
 Without options, does every step that is due now and says when the next one is due (the daemon \
 does the same on its own). State: /var/lib/irsa-agent/state.json (`rotation`).
 
---abort is possible until the new key may have signed a token (k3s/kubeadm with one server: until \
-`trusted`; several k3s servers: until `signing`): the new key is removed again, no token is \
-rejected. Later the way out is forward: finish the rotation.
+--abort is possible until the new key may have signed a token (one server: while `staged` or \
+`published`; several k3s servers: also while `trusted`): the new key is removed again, no token \
+is rejected. Later the way out is forward: finish the rotation.
 
 Exit status: 0 ok (also when nothing is due); 1 a step failed or was refused (the next run retries \
 after a back-off).")]

@@ -737,6 +737,38 @@ mod tests {
     }
 
     #[test]
+    fn metrics_name_the_phase_and_the_next_step() {
+        let mut state = RotationState::new(100, H);
+        assert!(
+            crate::rotation::metrics_text(None)
+                .contains("irsa_agent_rotation_phase{phase=\"idle\"} 1\n")
+        );
+        state.phase = Phase::Published {
+            rotation: rotation(),
+            since: 5,
+            seen_public_at: 5,
+            hold_until: 10,
+        };
+        let text = crate::rotation::metrics_text(Some(&state));
+        assert!(
+            text.contains("irsa_agent_rotation_phase{phase=\"published\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("irsa_agent_rotation_phase{phase=\"idle\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("irsa_agent_rotation_next_step_timestamp_seconds 10\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("irsa_agent_rotation_apiserver_restarts 0\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn backoff_doubles_up_to_an_hour() {
         assert_eq!(backoff(1), Duration::from_secs(60));
         assert_eq!(backoff(2), Duration::from_secs(120));

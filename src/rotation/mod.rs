@@ -354,6 +354,77 @@ pub fn status_json(st: Option<&RotationState>, settings: &Settings, now: u64) ->
     })
 }
 
+/// The rotation's metrics in the Prometheus text format, for the daemon's metrics endpoint or
+/// a node-exporter textfile: `irsa_agent_rotation_phase{phase=...}` (1 for the current one),
+/// `irsa_agent_rotation_phase_since_timestamp_seconds`,
+/// `irsa_agent_rotation_next_step_timestamp_seconds`, `irsa_agent_rotation_step_failures`
+/// (consecutive), `irsa_agent_rotation_apiserver_restarts` (of the rotation in progress),
+/// `irsa_agent_rotation_last_completed_timestamp_seconds`.
+pub fn metrics_text(st: Option<&RotationState>) -> String {
+    let mut out = String::new();
+    let current = st.map(|s| s.phase.name());
+    out.push_str(
+        "# HELP irsa_agent_rotation_phase The signing-key rotation phase (1 = current).
+# TYPE irsa_agent_rotation_phase gauge
+",
+    );
+    for phase in [
+        PhaseName::Idle,
+        PhaseName::Staged,
+        PhaseName::Published,
+        PhaseName::Trusted,
+        PhaseName::Signing,
+        PhaseName::Draining,
+        PhaseName::Retired,
+    ] {
+        let on = current.unwrap_or(PhaseName::Idle) == phase;
+        out.push_str(&format!(
+            "irsa_agent_rotation_phase{{phase=\"{phase}\"}} {}\n",
+            u8::from(on)
+        ));
+    }
+    let Some(st) = st else {
+        return out;
+    };
+    let mut gauge = |name: &str, help: &str, value: u64| {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
+        ));
+    };
+    gauge(
+        "irsa_agent_rotation_phase_since_timestamp_seconds",
+        "When the current rotation phase began.",
+        st.phase.since(),
+    );
+    if let Some(due) = st.due_at() {
+        gauge(
+            "irsa_agent_rotation_next_step_timestamp_seconds",
+            "When the next rotation step is due.",
+            due,
+        );
+    }
+    gauge(
+        "irsa_agent_rotation_step_failures",
+        "Consecutive failed rotation steps.",
+        u64::from(st.failures),
+    );
+    if let Some(r) = st.phase.rotation() {
+        gauge(
+            "irsa_agent_rotation_apiserver_restarts",
+            "Apiserver restarts the rotation in progress caused on this host.",
+            u64::from(r.restarts),
+        );
+    }
+    if let Some(done) = st.history.iter().rev().find(|h| h.outcome == "completed") {
+        gauge(
+            "irsa_agent_rotation_last_completed_timestamp_seconds",
+            "When the last rotation completed.",
+            done.finished_at,
+        );
+    }
+    out
+}
+
 /// Runs [`step`] until nothing more is due now (the clock is read after each step, so a
 /// rotation advances through phases that are due back to back). Returns every step's outcome.
 pub async fn advance(ctx: &mut Context) -> Result<Vec<StepOutcome>, RotationError> {
