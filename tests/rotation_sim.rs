@@ -763,3 +763,54 @@ async fn a_whole_rotation_on_rke2() {
     let service_key = read(sim.root(), &format!("{RKE2_TLS}/service.key"));
     assert_eq!(kids_of(&service_key), std::slice::from_ref(&done.new_kid));
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn abort_on_several_servers_while_trusted_takes_the_verify_only_key_out_again() {
+    let mut sim = Sim::new(Distribution::K3s, 2);
+    let before = read(sim.root(), &format!("{K3S_TLS}/service.key"));
+    let old_kids = kids_of(&before);
+    sim.ctx.options.start_now = true;
+    for _ in 0..20 {
+        let now = sim.now();
+        let out = rotation::step(&mut sim.ctx, now).await.expect("step");
+        sim.ctx.options.start_now = false;
+        restart_followers(&mut sim, &out);
+        if out.phase == PhaseName::Trusted {
+            break;
+        }
+        let due = out.next_due.expect("due").max(sim.now());
+        sim.set_time(due);
+    }
+    assert_eq!(state(&sim).phase.name(), PhaseName::Trusted);
+    let r = state(&sim).phase.rotation().cloned().expect("rotation");
+    assert!(
+        !r.may_have_signed,
+        "verify-only: the new key has not signed"
+    );
+    // Every server verifies with it; none signs with it.
+    for s in &sim.world().servers {
+        assert_eq!(s.signing.public.kid(), old_kids[0]);
+        assert!(s.verification.iter().any(|k| k.kid() == r.new_kid));
+    }
+    let now = sim.now();
+    let out = rotation::abort(&mut sim.ctx, now).await.expect("abort");
+    assert_eq!(out.phase, PhaseName::Idle);
+    // The datastore and this server no longer have it; the JWKS neither.
+    assert_eq!(
+        kids_of(&read(sim.root(), &format!("{K3S_TLS}/service.key"))),
+        old_kids
+    );
+    let origin = lock_cdn(&sim.cdn).origin.clone().unwrap_or_default();
+    assert!(!origin.contains(&r.new_kid));
+    let log = sim.world().log.clone();
+    assert_eq!(
+        log.iter().filter(|l| l.starts_with("rotate-ca")).count(),
+        2,
+        "{log:?}"
+    );
+    assert!(
+        log.last().is_some_and(|l| l == "systemctl restart k3s"),
+        "{log:?}"
+    );
+    sim.check_invariant("after the abort");
+}
