@@ -846,11 +846,22 @@ impl Run<'_> {
             .map_err(|e| failed(format!("cannot list the cluster's apiservers: {e}")))
     }
 
+    /// The apiservers to ask, each as `(name, address)`: with one apiserver, the local one
+    /// through the admin kubeconfig (its advertised address may not be reachable from the
+    /// node itself, behind NAT); with several, each at its endpoint address.
+    async fn targets(&mut self) -> Result<Vec<(String, Option<String>)>, RotationError> {
+        let servers = self.servers().await?;
+        if servers.len() == 1 {
+            return Ok(vec![(servers[0].clone(), None)]);
+        }
+        Ok(servers.into_iter().map(|s| (s.clone(), Some(s))).collect())
+    }
+
     /// Servers whose JWKS lacks `kid` (`want` true) or still has it (`want` false).
     async fn servers_where(&mut self, kid: &str, want: bool) -> Result<Vec<String>, RotationError> {
         let mut out = Vec::new();
-        for server in self.servers().await? {
-            match self.ctx.cluster.jwks_kids(Some(&server)).await {
+        for (server, address) in self.targets().await? {
+            match self.ctx.cluster.jwks_kids(address.as_deref()).await {
                 Ok(kids) if kids.iter().any(|k| k == kid) == want => {}
                 Ok(_) => out.push(server),
                 Err(e) => out.push(format!("{server} ({e})")),
@@ -862,8 +873,8 @@ impl Run<'_> {
     /// Servers that do not sign with `kid` (by a freshly requested token's kid).
     async fn servers_not_signing_with(&mut self, kid: &str) -> Result<Vec<String>, RotationError> {
         let mut out = Vec::new();
-        for server in self.servers().await? {
-            match self.ctx.cluster.request_token(Some(&server)).await {
+        for (server, address) in self.targets().await? {
+            match self.ctx.cluster.request_token(address.as_deref()).await {
                 Ok(token) if cluster::token_kid(&token).as_deref() == Some(kid) => {}
                 Ok(token) => out.push(format!(
                     "{server} (signs with {})",
