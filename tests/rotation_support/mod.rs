@@ -772,6 +772,10 @@ pub struct StaticHttps {
 
 impl StaticHttps {
     pub fn start(dir: PathBuf, mount: &str) -> StaticHttps {
+        StaticHttps::start_with_max_age(dir, mount, 300)
+    }
+
+    pub fn start_with_max_age(dir: PathBuf, mount: &str, max_age: u64) -> StaticHttps {
         use rustls::pki_types::pem::PemObject as _;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         use std::io::{BufRead as _, BufReader, Write as _};
@@ -831,7 +835,7 @@ impl StaticHttps {
                     None => (404, b"not found".to_vec()),
                 };
                 let head = format!(
-                    "HTTP/1.1 {code} X\r\ncontent-type: application/json\r\ncache-control: public, max-age=300\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    "HTTP/1.1 {code} X\r\ncontent-type: application/json\r\ncache-control: public, max-age={max_age}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
                     body.len()
                 );
                 let _ = tls.write_all(head.as_bytes());
