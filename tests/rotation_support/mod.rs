@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use irsa_agent::apiserver::restart::ServiceManager;
-use irsa_agent::config::{Distribution, KeyType, Rotation, Settings};
+use irsa_agent::config::{Distribution, Settings};
 use irsa_agent::host::HostRoot;
 use irsa_agent::keys::{self, PublicKey, SigningKey};
 use irsa_agent::publish::Publication;
@@ -113,25 +113,20 @@ pub fn kubeadm_host(root: &Path) {
 }
 
 /// Settings as the tests use them: propagation-wait 1h, cdn-ttl 10m, token-lifetime 24h,
-/// drain-margin 1h, every 30d.
-pub fn settings(distribution: Distribution) -> Settings {
-    Settings {
-        issuer: ISSUER.to_string(),
-        jwks_uri: format!("{ISSUER}/openid/v1/jwks"),
-        distribution,
-        publish: Vec::new(),
-        rotation: Rotation {
-            enabled: true,
-            every: Duration::from_secs(30 * DAY),
-            key_type: KeyType::Rsa2048,
-            propagation_wait: Duration::from_secs(HOUR),
-            cdn_ttl: Duration::from_secs(600),
-            token_lifetime: Duration::from_secs(DAY),
-            drain_margin: Duration::from_secs(HOUR),
-        },
-        ca_file: None,
-        sources: Vec::new(),
-    }
+/// drain-margin 1h, every 30d. Read through the real configuration loader (from a file under
+/// `root`), so they are what a user's config.yaml gives.
+pub fn settings(root: &Path, distribution: Distribution) -> Settings {
+    write(
+        root,
+        "/etc/irsa-agent/config.yaml",
+        format!(
+            "issuer: {ISSUER}\ndistribution: {}\nrotation:\n  enabled: true\n  every: 30d\n  key-type: rsa-2048\n  propagation-wait: 1h\n  cdn-ttl: 10m\n  token-lifetime: 24h\n  drain-margin: 1h\n",
+            distribution.name()
+        ),
+    );
+    irsa_agent::config::load(&HostRoot::new(root), None)
+        .expect("valid configuration")
+        .settings
 }
 
 /// One fake apiserver: the keys it loaded at its last (re)start.
@@ -593,7 +588,7 @@ impl Sim {
         let clock = lock(&world).clock.clone();
         let ctx = Context {
             root: HostRoot::new(dir.path()),
-            settings: settings(distribution),
+            settings: settings(dir.path(), distribution),
             clock: Arc::new(clock),
             cluster: Box::new(FakeCluster(world.clone())),
             publishing: Box::new(FakePublishing {
