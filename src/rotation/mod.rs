@@ -283,6 +283,14 @@ pub fn status_lines(st: Option<&RotationState>, settings: &Settings, now: u64) -
         ));
         return out;
     };
+    out.extend(state_lines(st, settings.rotation.enabled, now));
+    out
+}
+
+/// The lines describing a saved rotation state (for `irsa-agent status`, which may have no
+/// valid configuration at hand): `enabled` is `rotation.enabled`.
+pub fn state_lines(st: &RotationState, enabled: bool, now: u64) -> Vec<String> {
+    let mut out = Vec::new();
     let phase = st.phase.name();
     out.push(format!(
         "rotation: {phase} since {}",
@@ -303,7 +311,7 @@ pub fn status_lines(st: Option<&RotationState>, settings: &Settings, now: u64) -
             }
         ));
     }
-    match (&st.phase, settings.rotation.enabled) {
+    match (&st.phase, enabled) {
         (Phase::Idle { .. }, false) => out.push(
             "  next: nothing (rotation.enabled is false; `irsa-agent rotate --now` starts one)"
                 .to_string(),
