@@ -482,6 +482,22 @@ pub async fn step(ctx: &mut Context, now: u64) -> Result<StepOutcome, RotationEr
             status_line: "rotation is disabled (rotation.enabled: false)".into(),
         });
     }
+    // Whatever is due: the host must still have what the rotation installed (kubeadm upgrade
+    // regenerates the manifests with sa.key/sa.pub).
+    if matches!(
+        from,
+        PhaseName::Trusted | PhaseName::Signing | PhaseName::Draining
+    ) {
+        let mut run = Run {
+            ctx: &mut *ctx,
+            st: &mut st,
+        };
+        if let Err(e) = run.reinstall_if_lost().await {
+            log::error!("rotation: {e}");
+            let _ = save_state(&ctx.root, &st);
+            return Err(e);
+        }
+    }
     let due = st.due_at();
     if !idle_start && due.is_some_and(|d| d > now) {
         return Ok(StepOutcome {
@@ -843,6 +859,55 @@ impl Run<'_> {
             }
             self.ctx.clock.sleep(self.ctx.options.poll).await;
         }
+    }
+
+    /// From `trusted` to `draining` the host must keep what the rotation installed; when it
+    /// lost it (kubeadm upgrade regenerated the manifests; someone restored a backup), installs
+    /// it again right away. Returns whether it had to.
+    async fn reinstall_if_lost(&mut self) -> Result<bool, RotationError> {
+        let rotation = self.rotation()?;
+        let observed = self.observe()?;
+        let distro = Distro::of(&observed);
+        let signed = matches!(
+            self.st.phase.name(),
+            PhaseName::Signing | PhaseName::Draining
+        );
+        let installs: &[Install] =
+            match (&distro, rotation.is_ha()) {
+                (Distro::Kubeadm, _) if signed => &[Install::Trust, Install::Sign],
+                (Distro::Kubeadm, _) => &[Install::Trust],
+                (Distro::Rancher { .. }, false) => &[Install::Trust],
+                (Distro::Rancher { .. }, true) if signed => &[Install::Sign],
+                // Trusted on several servers: the sign install may be done already (waiting for the
+                // other servers); only a service.key without the new key is lost.
+                (Distro::Rancher { .. }, true) => {
+                    let kids =
+                        self.ctx.cluster.jwks_kids(None).await.map_err(|e| {
+                            failed(format!("cannot read the apiserver's JWKS: {e}"))
+                        })?;
+                    if kids.contains(&rotation.new_kid) {
+                        &[]
+                    } else {
+                        &[Install::VerifyOnly]
+                    }
+                }
+            };
+        let mut redone = false;
+        for install in installs {
+            let observed = self.observe()?;
+            let change = distro.plan(&self.ctx.root, &observed, &rotation, *install)?;
+            if matches!(change, HostChange::None) {
+                continue;
+            }
+            log::warn!(
+                "rotation: the host lost the new key's {} install (kubeadm upgrade? a restored backup?): installing it again",
+                install.name()
+            );
+            self.carry_out(change, *install, "reinstall the rotation's keys")
+                .await?;
+            redone = true;
+        }
+        Ok(redone)
     }
 
     /// The apiservers of the cluster (each one's URL).
