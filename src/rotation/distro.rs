@@ -550,6 +550,14 @@ fn kcm_key(obs: &kubeadm::Observed) -> Option<String> {
         .map(|a| a.value.clone())
 }
 
+/// The kid of the key kube-controller-manager signs legacy token Secrets with (kubeadm).
+pub fn kcm_signing_kid(root: &HostRoot) -> Option<String> {
+    let file = kcm_key(&kcm_observe(root).ok()?)?;
+    keys::load_signing_file(&root.path(file))
+        .ok()
+        .map(|k| k.public.kid())
+}
+
 fn kcm_uses(root: &HostRoot, file: &str) -> bool {
     kcm_observe(root)
         .ok()

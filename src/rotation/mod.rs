@@ -872,28 +872,26 @@ impl Run<'_> {
             self.st.phase.name(),
             PhaseName::Signing | PhaseName::Draining
         );
-        let installs: &[Install] =
-            match (&distro, rotation.is_ha()) {
-                (Distro::Kubeadm, _) if signed => &[Install::Trust, Install::Sign],
-                (Distro::Kubeadm, _) => &[Install::Trust],
-                (Distro::Rancher { .. }, false) => &[Install::Trust],
-                (Distro::Rancher { .. }, true) if signed => &[Install::Sign],
-                // Trusted on several servers: the sign install may be done already (waiting for the
-                // other servers); only a service.key without the new key is lost.
-                (Distro::Rancher { .. }, true) => {
-                    let kids =
-                        self.ctx.cluster.jwks_kids(None).await.map_err(|e| {
-                            failed(format!("cannot read the apiserver's JWKS: {e}"))
-                        })?;
-                    if kids.contains(&rotation.new_kid) {
-                        &[]
-                    } else {
-                        &[Install::VerifyOnly]
-                    }
-                }
-            };
-        let mut redone = false;
-        for install in installs {
+        // Judged by the keys, not by the files: a crash may have left a later install (sign,
+        // retire) in place before the phase was saved, and that is not a loss.
+        let host = Distro::host_keys(&observed)?;
+        let verifies = host.verification.contains(&rotation.new_kid);
+        let signs = host.signing.kid() == rotation.new_kid;
+        let mut lost: Vec<Install> = Vec::new();
+        match (&distro, rotation.is_ha()) {
+            (Distro::Rancher { .. }, true) if signed && !signs => lost.push(Install::Sign),
+            (Distro::Rancher { .. }, true) if !verifies => lost.push(Install::VerifyOnly),
+            (Distro::Rancher { .. }, true) => {}
+            (_, _) if !verifies || !signs => lost.push(Install::Trust),
+            _ => {}
+        }
+        if matches!(distro, Distro::Kubeadm)
+            && signed
+            && distro::kcm_signing_kid(&self.ctx.root).as_deref() != Some(rotation.new_kid.as_str())
+        {
+            lost.push(Install::Sign);
+        }
+        for install in &lost {
             let observed = self.observe()?;
             let change = distro.plan(&self.ctx.root, &observed, &rotation, *install)?;
             if matches!(change, HostChange::None) {
@@ -905,9 +903,8 @@ impl Run<'_> {
             );
             self.carry_out(change, *install, "reinstall the rotation's keys")
                 .await?;
-            redone = true;
         }
-        Ok(redone)
+        Ok(!lost.is_empty())
     }
 
     /// The apiservers of the cluster (each one's URL).
