@@ -974,7 +974,11 @@ impl Engine {
         };
         if phase != s.phase || line != s.status {
             if phase != s.phase {
-                log::info!("{}: {line}", phase.describe());
+                if line.starts_with(phase.describe()) {
+                    log::info!("{line}");
+                } else {
+                    log::info!("{}: {line}", phase.describe());
+                }
             }
             s.phase = phase;
             s.status = line;

@@ -15,6 +15,7 @@ use crate::fs::{self, NewFile, WriteOutcome};
 
 /// One target's health.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TargetMetric {
     pub target: String,
     /// The last publish attempt to it succeeded.
@@ -24,6 +25,7 @@ pub struct TargetMetric {
 
 /// The numbers (also the `metrics` object of `status --json`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Metrics {
     pub start_timestamp_seconds: u64,
     pub converges_total: u64,

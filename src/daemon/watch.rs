@@ -142,7 +142,7 @@ impl WatchSet {
     /// Which group an event on `path` concerns: a watched file, a drop-in in a watched
     /// directory, or a directory on the way to either (it appeared, went or was replaced).
     pub fn classify(&self, path: &Path) -> Option<Group> {
-        if let Some(g) = self.files.get(path) {
+        if let Some(g) = self.files.get(path).or_else(|| self.dropin_dirs.get(path)) {
             return Some(*g);
         }
         if let (Some(parent), Some(name)) = (path.parent(), path.file_name())
@@ -280,6 +280,8 @@ mod tests {
         assert_eq!(c("/r/etc/irsa-agent/config.yaml~"), None);
         assert_eq!(c("/r/etc/irsa-agent/4913"), None);
         assert_eq!(c("/r/etc/irsa-agent"), Some(Group::AgentConfig));
+        // The drop-in directory itself appearing (mkdir config.d).
+        assert_eq!(c("/r/etc/irsa-agent/config.d"), Some(Group::AgentConfig));
         assert_eq!(
             c("/r/var/lib/rancher/k3s/server/tls/service.key"),
             Some(Group::Apiserver)
