@@ -630,15 +630,13 @@ impl Engine {
             }
         }
         let timeout = settings.run.publish_timeout;
-        let reports = match tokio::time::timeout(
+        // `None`: timed out (the requests in flight are dropped).
+        let reports = tokio::time::timeout(
             timeout,
             publish::publish_all(&self.publishers, &publication),
         )
         .await
-        {
-            Ok(reports) => Some(reports),
-            Err(_) => None,
-        };
+        .ok();
         let now = unix(SystemTime::now());
         let kids = publication.kids().to_vec();
         let mut all_ok = true;
