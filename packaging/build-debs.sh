@@ -100,6 +100,7 @@ for arch in "${arch_list[@]}"; do
     rm -rf "$rel/tarball"
     mkdir -p "$stage"
     dpkg-deb -x "$deb" "$stage"
+    rm -rf "$stage/usr/share/lintian"   # Debian-only; the tarball is for any systemd distribution
     tarball=$dist/irsa-agent-$version-$arch.tar.gz
     tar -C "$rel/tarball" --owner=0 --group=0 --sort=name -czf "$tarball" "irsa-agent-$version-$arch"
 
