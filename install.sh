@@ -152,11 +152,12 @@ uninstall() {
                 run systemctl disable "$unit" || true
             fi
         fi
-        while IFS= read -r file; do
+        files=$(grep -vxF "$manifest" "$manifest" || true)
+        printf '%s\n' "$files" | while IFS= read -r file; do
             case $file in
                 /*) run rm -f "$file" ;;
             esac
-        done <"$manifest"
+        done
         run rm -f "$manifest"
         for dir in /usr/lib/irsa-agent /usr/share/doc/irsa-agent; do
             if [ -d "$dir" ]; then run rmdir "$dir" 2>/dev/null || true; fi
