@@ -122,6 +122,51 @@ pub fn create_dir_all(dir: &Path, mode: u32) -> io::Result<()> {
     fs::DirBuilder::new().recursive(true).mode(mode).create(dir)
 }
 
+/// Creates `dir` and any missing parents with exactly `mode` (whatever the umask), e.g. 0o755 for
+/// directories a web server must traverse. Existing directories are left as they are.
+pub fn create_dir_all_exact(dir: &Path, mode: u32) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent()
+        && !parent.as_os_str().is_empty()
+    {
+        create_dir_all_exact(parent, mode)?;
+    }
+    match fs::DirBuilder::new().mode(mode).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode))?;
+    sync_dir(parent_of(dir))
+}
+
+/// Adds permission `bits` (e.g. 0o444, world-readable) to an existing file. Returns whether
+/// the mode changed.
+pub fn add_mode_bits(path: &Path, bits: u32) -> io::Result<bool> {
+    let mode = fs::metadata(path)?.permissions().mode() & 0o7777;
+    if mode & bits == bits {
+        return Ok(false);
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(mode | bits))?;
+    Ok(true)
+}
+
+/// An exclusive advisory lock (flock) on a directory, released on drop. Serializes writers that
+/// compare-then-replace files in it (two agents publishing to one directory).
+#[derive(Debug)]
+pub struct DirLock {
+    _dir: File,
+}
+
+/// Takes [`DirLock`] on `dir`, waiting for another holder.
+pub fn lock_dir(dir: &Path) -> io::Result<DirLock> {
+    let file = File::open(dir)?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)?;
+    Ok(DirLock { _dir: file })
+}
+
 /// Removes temp files a crashed writer left in `dir`. Returns how many it removed.
 pub fn sweep_temp_files(dir: &Path) -> io::Result<usize> {
     let mut removed = 0;

@@ -5,6 +5,8 @@
 //! - [`config`]: the agent's own configuration (fragments, merge, validation);
 //! - [`keys`]: service-account key files, JWKS and discovery documents, exactly as
 //!   kube-apiserver reads and renders them;
+//! - [`publish`]: putting the discovery document and JWKS where relying parties fetch them
+//!   (directory, S3, GCS, Azure), credentials for that, and the check of the public copy;
 //! - [`host`]: the injectable host root every host path goes through;
 //! - [`fs`]: the one module that writes host files (atomic, durable, mode-preserving);
 //! - [`cli`]: the command line, one file per subcommand.
@@ -15,3 +17,4 @@ pub mod config;
 pub mod fs;
 pub mod host;
 pub mod keys;
+pub mod publish;

@@ -280,3 +280,30 @@ fn usage_errors_exit_64_not_2() {
         .expect("runs");
     assert_eq!(out.status.code(), Some(0));
 }
+
+#[test]
+fn publish_target_rules() {
+    let root = host(&[(
+        "/etc/irsa-agent/config.yaml",
+        "issuer: https://oidc.example.com/cluster-a\nca-file: certs/ca.pem\npublish:\n  - {type: s3, bucket: a, credentials: self-issued}\n  - {type: s3, bucket: b, credentials: chain, role-arn: arn:aws:iam::1:role/x, sts-endpoint: \"https://sts.example\"}\n  - {type: s3, bucket: c, role-arn: arn:aws:iam::1:role/x, sts-endpoint: \"http://sts.example.com\"}\n  - {type: s3, bucket: d, endpoint: \"ftp://x\", cache-control: \"\", credentials: magic}\n  - {type: gcs, bucket: e, credentials-file: key.json}\n  - {type: directory, path: /srv/oidc, pages-headers: \"yes\"}\n",
+    )]);
+    let (code, stdout, stderr) = check(root.path(), &[]);
+    assert_eq!(code, 1);
+    assert_eq!(stdout, "");
+    insta::assert_snapshot!(stderr);
+}
+
+#[test]
+fn publish_layout_warnings_name_the_prefix_to_set() {
+    let root = host(&[(
+        "/etc/irsa-agent/config.yaml",
+        "issuer: https://oidc-bucket.s3.eu-west-1.amazonaws.com/cluster-a\npublish:\n  - {type: s3, bucket: oidc-bucket, region: eu-west-1, role-arn: \"arn:aws:iam::123456789012:role/publisher\"}\n  - {type: directory, path: /srv/oidc, prefix: other}\n",
+    )]);
+    let (code, stdout, stderr) = check(root.path(), &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("publish:       s3://oidc-bucket"),
+        "{stdout}"
+    );
+    insta::assert_snapshot!(stderr);
+}

@@ -12,6 +12,7 @@ mod generate;
 mod keys;
 pub mod logging;
 mod pending;
+mod publish;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -80,6 +81,9 @@ pub enum Command {
     /// Set the public issuer in the apiserver configuration (dual-issuer, audiences pinned),
     /// restart it safely and roll back if it does not come back.
     Apply(pending::Args),
+    /// Publish the discovery document and JWKS to every `publish:` target once, then check the
+    /// public copy (--check: change nothing, exit 2 when something differs).
+    Publish(publish::Args),
     /// Run as a daemon: converge, then watch key files and configuration and keep the
     /// published documents true.
     Run(pending::Args),
@@ -123,6 +127,7 @@ pub fn main() -> ExitCode {
         Command::Discovery(args) => keys::discovery(&global, args),
         Command::CheckConfig(args) => check_config::run(&global, args),
         Command::Apply(_) => pending::not_implemented("apply"),
+        Command::Publish(args) => publish::run(&global, args),
         Command::Run(_) => pending::not_implemented("run"),
         Command::Status(_) => pending::not_implemented("status"),
         Command::Doctor(_) => pending::not_implemented("doctor"),

@@ -72,10 +72,20 @@ impl fmt::Display for Distribution {
 }
 
 /// One place the documents are published to. Each target gets both documents.
+///
+/// Object keys (file paths for `directory`) are `<prefix>/.well-known/openid-configuration` and
+/// the jwks-uri's path; see [`crate::publish::layout`] for how they line up with the issuer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PublishTarget {
     /// A directory served by a web server; a host path, resolved under the host root.
-    Directory { path: PathBuf },
+    Directory {
+        path: PathBuf,
+        prefix: String,
+        cache_control: String,
+        /// Also write a `_headers` file (Cloudflare Pages / Netlify) giving both documents their
+        /// Content-Type and Cache-Control.
+        pages_headers: bool,
+    },
     /// AWS S3 or an S3-compatible store.
     S3 {
         bucket: String,
@@ -83,15 +93,18 @@ pub enum PublishTarget {
         region: Option<String>,
         endpoint: Option<String>,
         path_style: bool,
-        cache_control: Option<String>,
-        /// Role to assume with the agent's self-issued web identity token.
-        role_arn: Option<String>,
+        cache_control: String,
+        credentials: AwsCredentials,
     },
     /// Google Cloud Storage.
     Gcs {
         bucket: String,
         prefix: String,
-        cache_control: Option<String>,
+        cache_control: String,
+        /// A service-account key file (host path); default: application default credentials.
+        credentials_file: Option<PathBuf>,
+        /// Another storage endpoint (fake-gcs-server, tests).
+        endpoint: Option<String>,
     },
     /// Azure Blob Storage (static website: container `$web`).
     AzureBlob {
@@ -99,11 +112,61 @@ pub enum PublishTarget {
         container: String,
         prefix: String,
         endpoint: Option<String>,
-        cache_control: Option<String>,
+        cache_control: String,
     },
 }
 
+/// The `Cache-Control` published documents get unless `cache-control:` says otherwise: short
+/// enough that a new key is seen within minutes, long enough that a CDN absorbs STS's fetches.
+pub const DEFAULT_CACHE_CONTROL: &str = "public, max-age=300";
+/// The subject of the agent's self-issued web identity token.
+pub const DEFAULT_WEB_IDENTITY_SUBJECT: &str = "system:serviceaccount:kube-system:irsa-agent";
+/// The audience AWS STS expects in a web identity token.
+pub const DEFAULT_WEB_IDENTITY_AUDIENCE: &str = "sts.amazonaws.com";
+
+/// How an `s3` target gets AWS credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AwsCredentials {
+    /// The standard chain: environment, shared config files, web identity, ECS/EKS, IMDSv2.
+    Chain,
+    /// The agent's own token, signed with the cluster's service-account signing key and
+    /// exchanged through STS AssumeRoleWithWebIdentity.
+    SelfIssued(WebIdentity),
+}
+
+/// Settings of the self-issued web identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebIdentity {
+    pub role_arn: String,
+    /// `sub` of the token (what the role's trust policy matches).
+    pub subject: String,
+    /// `aud` of the token.
+    pub audience: String,
+    /// STS endpoint; default `https://sts.<region>.amazonaws.com` (or the global one).
+    pub sts_endpoint: Option<String>,
+}
+
 impl PublishTarget {
+    /// The target's `prefix:` (no leading or trailing slash; empty for the root).
+    pub fn prefix(&self) -> &str {
+        match self {
+            PublishTarget::Directory { prefix, .. }
+            | PublishTarget::S3 { prefix, .. }
+            | PublishTarget::Gcs { prefix, .. }
+            | PublishTarget::AzureBlob { prefix, .. } => prefix,
+        }
+    }
+
+    /// The Cache-Control the documents get.
+    pub fn cache_control(&self) -> &str {
+        match self {
+            PublishTarget::Directory { cache_control, .. }
+            | PublishTarget::S3 { cache_control, .. }
+            | PublishTarget::Gcs { cache_control, .. }
+            | PublishTarget::AzureBlob { cache_control, .. } => cache_control,
+        }
+    }
+
     pub const TYPES: [&'static str; 4] = ["directory", "s3", "gcs", "azure-blob"];
 
     pub fn type_name(&self) -> &'static str {
@@ -125,7 +188,12 @@ impl PublishTarget {
             }
         };
         match self {
-            PublishTarget::Directory { path } => format!("directory {}", path.display()),
+            PublishTarget::Directory { path, prefix, .. } if prefix.is_empty() => {
+                format!("directory {}", path.display())
+            }
+            PublishTarget::Directory { path, prefix, .. } => {
+                format!("directory {}/{prefix}", path.display())
+            }
             PublishTarget::S3 { bucket, prefix, .. } => join("s3", bucket, prefix),
             PublishTarget::Gcs { bucket, prefix, .. } => join("gs", bucket, prefix),
             PublishTarget::AzureBlob {
@@ -205,6 +273,9 @@ pub struct Settings {
     pub distribution: Distribution,
     pub publish: Vec<PublishTarget>,
     pub rotation: Rotation,
+    /// An extra CA bundle (host path) trusted for the agent's own HTTPS requests: verifying the
+    /// public copy, STS, storage endpoints. The system store (or `SSL_CERT_FILE`) stays trusted.
+    pub ca_file: Option<PathBuf>,
     /// The files this was read from, in merge order.
     pub sources: Vec<PathBuf>,
 }
@@ -233,6 +304,7 @@ pub struct Fragment {
     pub distribution: Option<Origin<Distribution>>,
     pub publish: Option<Origin<Vec<PublishTarget>>>,
     pub rotation: RotationFragment,
+    pub ca_file: Option<Origin<PathBuf>>,
 }
 
 /// `rotation:` of one file; merged key by key.
@@ -399,6 +471,17 @@ pub fn parse_fragment(file: &Path, text: &str, problems: &mut Vec<Problem>) -> F
         let targets = parse_targets(file, items, f.problems());
         fragment.publish = Some(Origin::at(file, targets));
     }
+    if let Some(ca_file) = f.string("ca-file") {
+        if ca_file.starts_with('/') {
+            fragment.ca_file = Some(Origin::at(file, PathBuf::from(ca_file)));
+        } else {
+            f.problem(
+                "ca-file",
+                Some(&Value::String(ca_file)),
+                "must be an absolute path on the host (a PEM file of CA certificates)",
+            );
+        }
+    }
     if let Some(rotation) = f.mapping("rotation") {
         fragment.rotation = parse_rotation(file, rotation, f.problems());
     }
@@ -451,52 +534,81 @@ fn parse_targets(file: &Path, items: &[Value], problems: &mut Vec<Problem>) -> V
             }
         };
         let target = match kind {
-            "directory" => required(&mut f, "path").and_then(|path| {
-                if !path.starts_with('/') {
-                    f.problem(
-                        "path",
-                        Some(&Value::String(path)),
-                        "must be an absolute path on the host",
-                    );
-                    None
-                } else {
-                    Some(PublishTarget::Directory { path: path.into() })
-                }
-            }),
+            "directory" => {
+                let path = required(&mut f, "path").and_then(|path| {
+                    if path.starts_with('/') {
+                        Some(PathBuf::from(path))
+                    } else {
+                        f.problem(
+                            "path",
+                            Some(&Value::String(path)),
+                            "must be an absolute path on the host",
+                        );
+                        None
+                    }
+                });
+                let prefix = clean_prefix(&mut f);
+                let cache_control = cache_control(&mut f);
+                let pages_headers = f.bool("pages-headers").unwrap_or(false);
+                path.map(|path| PublishTarget::Directory {
+                    path,
+                    prefix,
+                    cache_control,
+                    pages_headers,
+                })
+            }
             "s3" => {
                 let bucket = required(&mut f, "bucket");
                 let prefix = clean_prefix(&mut f);
                 let region = f.string("region");
-                let endpoint = f.string("endpoint");
+                let endpoint = endpoint_url(&mut f, "endpoint", true);
                 let path_style = f.bool("path-style").unwrap_or(false);
-                let cache_control = f.string("cache-control");
-                let role_arn = f.string("role-arn");
-                bucket.map(|bucket| PublishTarget::S3 {
-                    bucket,
-                    prefix,
-                    region,
-                    endpoint,
-                    path_style,
-                    cache_control,
-                    role_arn,
-                })
+                let cache_control = cache_control(&mut f);
+                let credentials = aws_credentials(&mut f);
+                match (bucket, credentials) {
+                    (Some(bucket), Some(credentials)) => Some(PublishTarget::S3 {
+                        bucket,
+                        prefix,
+                        region,
+                        endpoint,
+                        path_style,
+                        cache_control,
+                        credentials,
+                    }),
+                    _ => None,
+                }
             }
             "gcs" => {
                 let bucket = required(&mut f, "bucket");
                 let prefix = clean_prefix(&mut f);
-                let cache_control = f.string("cache-control");
+                let cache_control = cache_control(&mut f);
+                let credentials_file = f.string("credentials-file").and_then(|p| {
+                    if p.starts_with('/') {
+                        Some(PathBuf::from(p))
+                    } else {
+                        f.problem(
+                            "credentials-file",
+                            Some(&Value::String(p)),
+                            "must be an absolute path on the host (a service-account key JSON)",
+                        );
+                        None
+                    }
+                });
+                let endpoint = endpoint_url(&mut f, "endpoint", true);
                 bucket.map(|bucket| PublishTarget::Gcs {
                     bucket,
                     prefix,
                     cache_control,
+                    credentials_file,
+                    endpoint,
                 })
             }
             _ => {
                 let account = required(&mut f, "account");
                 let container = f.string("container").unwrap_or_else(|| "$web".into());
                 let prefix = clean_prefix(&mut f);
-                let endpoint = f.string("endpoint");
-                let cache_control = f.string("cache-control");
+                let endpoint = endpoint_url(&mut f, "endpoint", true);
+                let cache_control = cache_control(&mut f);
                 account.map(|account| PublishTarget::AzureBlob {
                     account,
                     container,
@@ -517,6 +629,129 @@ fn clean_prefix(f: &mut Fields<'_>) -> String {
     f.string("prefix")
         .map(|p| p.trim_matches('/').to_string())
         .unwrap_or_default()
+}
+
+/// `cache-control:`, default [`DEFAULT_CACHE_CONTROL`]; one header value, no line breaks.
+fn cache_control(f: &mut Fields<'_>) -> String {
+    match f.string("cache-control") {
+        Some(value) if value.trim().is_empty() || value.contains(['\r', '\n']) => {
+            f.problem(
+                "cache-control",
+                Some(&Value::String(value)),
+                "must be one Cache-Control header value such as \"public, max-age=300\"",
+            );
+            DEFAULT_CACHE_CONTROL.to_string()
+        }
+        Some(value) => value.trim().to_string(),
+        None => DEFAULT_CACHE_CONTROL.to_string(),
+    }
+}
+
+fn is_loopback_host(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// An http(s) URL without query or fragment. `allow_http`: plain http is accepted (for
+/// storage endpoints on a private network); otherwise only on loopback (credentials travel).
+fn endpoint_url(f: &mut Fields<'_>, key: &'static str, allow_http: bool) -> Option<String> {
+    let raw = f.string(key)?;
+    let problem = match url::Url::parse(&raw) {
+        Err(e) => Some(format!("is not a valid URL ({e})")),
+        Ok(url) if !matches!(url.scheme(), "http" | "https") => {
+            Some("must start with https:// (or http://)".to_string())
+        }
+        Ok(url) if url.host_str().is_none_or(str::is_empty) => Some("has no host".to_string()),
+        Ok(url) if url.query().is_some() || url.fragment().is_some() => {
+            Some("must not have a query or fragment".to_string())
+        }
+        Ok(url) if url.scheme() == "http" && !allow_http && !is_loopback_host(&url) => Some(
+            "must use https:// (it carries credentials); http:// is accepted only on loopback"
+                .to_string(),
+        ),
+        Ok(_) => None,
+    };
+    match problem {
+        Some(message) => {
+            f.problem(key, Some(&Value::String(raw)), message);
+            None
+        }
+        None => Some(raw.trim_end_matches('/').to_string()),
+    }
+}
+
+/// `credentials:` and the self-issued web identity keys of an `s3` target.
+fn aws_credentials(f: &mut Fields<'_>) -> Option<AwsCredentials> {
+    let mode = f.choice("credentials", &["chain", "self-issued"]);
+    let mode_given = f.raw("credentials").is_some();
+    let role_arn = f.string("role-arn");
+    let sts_endpoint = endpoint_url(f, "sts-endpoint", false);
+    let subject = f.string("web-identity-subject");
+    let audience = f.string("web-identity-audience");
+    if mode_given && mode.is_none() {
+        return None;
+    }
+    let self_issued = match mode {
+        Some("self-issued") => true,
+        Some(_) => false,
+        None => role_arn.is_some(),
+    };
+    if !self_issued {
+        for (key, present) in [
+            ("role-arn", role_arn.is_some()),
+            ("sts-endpoint", sts_endpoint.is_some()),
+            ("web-identity-subject", subject.is_some()),
+            ("web-identity-audience", audience.is_some()),
+        ] {
+            if present {
+                let value = f.raw(key).cloned();
+                f.problem(
+                    key,
+                    value.as_ref(),
+                    "is used only with `credentials: self-issued`; the standard chain takes AWS_ROLE_ARN and AWS_WEB_IDENTITY_TOKEN_FILE from the environment",
+                );
+            }
+        }
+        return Some(AwsCredentials::Chain);
+    }
+    let Some(role_arn) = role_arn.filter(|r| !r.trim().is_empty()) else {
+        f.problem(
+            "role-arn",
+            None,
+            "required for `credentials: self-issued`: the IAM role (trusting this cluster's issuer) to assume, e.g. arn:aws:iam::123456789012:role/irsa-agent-publisher",
+        );
+        return None;
+    };
+    let nonempty = |f: &mut Fields<'_>, key: &str, v: Option<String>, default: &str| match v {
+        Some(v) if v.trim().is_empty() => {
+            f.problem(key, Some(&Value::String(v)), "must not be empty");
+            default.to_string()
+        }
+        Some(v) => v,
+        None => default.to_string(),
+    };
+    let subject = nonempty(
+        f,
+        "web-identity-subject",
+        subject,
+        DEFAULT_WEB_IDENTITY_SUBJECT,
+    );
+    let audience = nonempty(
+        f,
+        "web-identity-audience",
+        audience,
+        DEFAULT_WEB_IDENTITY_AUDIENCE,
+    );
+    Some(AwsCredentials::SelfIssued(WebIdentity {
+        role_arn,
+        subject,
+        audience,
+        sts_endpoint,
+    }))
 }
 
 fn parse_rotation(file: &Path, map: &Mapping, problems: &mut Vec<Problem>) -> RotationFragment {
@@ -543,6 +778,7 @@ pub fn merge(fragments: Vec<Fragment>) -> Fragment {
         out.jwks_uri = f.jwks_uri.or(out.jwks_uri);
         out.distribution = f.distribution.or(out.distribution);
         out.publish = f.publish.or(out.publish);
+        out.ca_file = f.ca_file.or(out.ca_file);
         let (r, o) = (f.rotation, &mut out.rotation);
         o.enabled = r.enabled.or(o.enabled);
         o.every = r.every.or(o.every.take());
@@ -610,6 +846,19 @@ pub fn validate(
         }
         None => default_jwks_uri(&issuer.value),
     };
+    // Where each target puts the documents, and whether that can line up with the issuer.
+    if let Some(publish) = &merged.publish {
+        for (i, target) in publish.value.iter().enumerate() {
+            let layout =
+                crate::publish::layout::Layout::for_target(&issuer.value, &jwks_uri, target);
+            warnings.extend(layout.notes.into_iter().map(|message| Problem {
+                file: Some(publish.file.clone()),
+                key: format!("publish[{i}]"),
+                value: Some(target.describe()),
+                message,
+            }));
+        }
+    }
     let r = merged.rotation;
     let defaults = Rotation::default();
     let rotation = Rotation {
@@ -656,6 +905,7 @@ pub fn validate(
             distribution: merged.distribution.map_or(Distribution::Auto, |o| o.value),
             publish: merged.publish.map(|o| o.value).unwrap_or_default(),
             rotation,
+            ca_file: merged.ca_file.map(|o| o.value),
             sources,
         },
         warnings,

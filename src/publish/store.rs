@@ -1,0 +1,132 @@
+//! A [`Target`] over an `object_store` bucket: S3 (and R2, MinIO, SeaweedFS, Ceph), GCS and
+//! Azure Blob share it; their modules only build the store.
+//!
+//! Reads are plain GETs (bytes, ETag or generation, Content-Type, Cache-Control). Writes are
+//! single PUTs with `Content-Type` and `Cache-Control` and no ACL header, conditional on what
+//! was read: `PutMode::Create` (S3/Azure `If-None-Match: *`, GCS `x-goog-if-generation-match:
+//! 0`) or `PutMode::Update` (S3/Azure `If-Match: <etag>`, GCS the generation). A failed
+//! condition (412, or S3's 409 under concurrent writes, which object_store retries first)
+//! becomes [`TargetError::Conflict`].
+
+use std::sync::Arc;
+
+use object_store::path::Path as StorePath;
+use object_store::{
+    Attribute, Attributes, GetOptions, ObjectStore, PutMode, PutOptions, PutPayload, UpdateVersion,
+};
+
+use super::{BoxFuture, Condition, Object, Stored, Target, TargetError, Version};
+
+/// A bucket (or container) through `object_store`.
+#[derive(Debug, Clone)]
+pub struct StoreTarget {
+    name: String,
+    store: Arc<dyn ObjectStore>,
+}
+
+impl StoreTarget {
+    pub fn new(name: String, store: Arc<dyn ObjectStore>) -> Self {
+        StoreTarget { name, store }
+    }
+
+    fn path(&self, key: &str) -> Result<StorePath, TargetError> {
+        StorePath::parse(key)
+            .map_err(|e| TargetError::Failed(format!("invalid object key {key:?}: {e}")))
+    }
+}
+
+/// The whole error chain in one line: object_store puts the store's answer in the sources.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+fn attribute(attributes: &Attributes, key: &Attribute) -> Option<String> {
+    attributes.get(key).map(|v| v.as_ref().to_string())
+}
+
+impl Target for StoreTarget {
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+
+    fn read<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Stored>, TargetError>> {
+        Box::pin(async move {
+            let path = self.path(key)?;
+            let result = match self.store.get_opts(&path, GetOptions::default()).await {
+                Ok(result) => result,
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(TargetError::Failed(error_chain(&e))),
+            };
+            let version = Version {
+                e_tag: result.meta.e_tag.clone(),
+                version: result.meta.version.clone(),
+            };
+            let content_type = attribute(&result.attributes, &Attribute::ContentType);
+            let cache_control = attribute(&result.attributes, &Attribute::CacheControl);
+            let bytes = result
+                .bytes()
+                .await
+                .map_err(|e| TargetError::Failed(error_chain(&e)))?;
+            Ok(Some(Stored {
+                bytes: bytes.to_vec(),
+                version,
+                content_type,
+                cache_control,
+            }))
+        })
+    }
+
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        object: Object<'a>,
+        condition: Condition,
+    ) -> BoxFuture<'a, Result<(), TargetError>> {
+        Box::pin(async move {
+            let path = self.path(key)?;
+            let mut attributes = Attributes::new();
+            attributes.insert(
+                Attribute::ContentType,
+                object.content_type.to_string().into(),
+            );
+            attributes.insert(
+                Attribute::CacheControl,
+                object.cache_control.to_string().into(),
+            );
+            let mode = match condition {
+                Condition::Create => PutMode::Create,
+                Condition::Update(v) => PutMode::Update(UpdateVersion {
+                    e_tag: v.e_tag,
+                    version: v.version,
+                }),
+            };
+            let options = PutOptions {
+                mode,
+                attributes,
+                ..PutOptions::default()
+            };
+            match self
+                .store
+                .put_opts(&path, PutPayload::from(object.bytes.to_vec()), options)
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(
+                    object_store::Error::Precondition { .. }
+                    | object_store::Error::AlreadyExists { .. },
+                ) => Err(TargetError::Conflict),
+                Err(e) => Err(TargetError::Failed(error_chain(&e))),
+            }
+        })
+    }
+}
