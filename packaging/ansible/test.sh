@@ -12,7 +12,7 @@
 #
 # Until `irsa-agent apply` exists (issue 3) the runs use packaging/ansible/tests/fake-apply.sh,
 # a stand-in with the same interface, and this script says so; with the real apply it is used.
-# Set IRSA_AGENT_FAKE_APPLY=1 to force the stand-in.
+# Set IRSA_AGENT_FAKE_APPLY=1 to force the stand-in, IRSA_AGENT_BIN=PATH to test another build.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=packaging/lib.sh
@@ -24,9 +24,13 @@ export ANSIBLE_CONFIG=$PWD/packaging/ansible/ansible.cfg ANSIBLE_NOCOLOR=1 ANSIB
 say "ansible-lint (production profile)"
 (cd packaging/ansible && ansible-lint -q --profile production site.yml roles)
 
-say "building irsa-agent (debug)"
-cargo build --quiet --locked
-real=$PWD/target/debug/irsa-agent
+if [ -n "${IRSA_AGENT_BIN:-}" ]; then
+    real=$IRSA_AGENT_BIN # another build of irsa-agent, e.g. an integration check
+else
+    say "building irsa-agent (debug)"
+    cargo build --quiet --locked
+    real=$PWD/target/debug/irsa-agent
+fi
 if [ "${IRSA_AGENT_FAKE_APPLY:-0}" != 1 ] && "$real" apply --help 2>/dev/null | grep -q -- '--json'; then
     bin=$real
     say "using the real irsa-agent apply"
