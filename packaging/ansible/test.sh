@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Tests the Ansible role: ansible-lint, then site.yml against this machine (connection local)
-# on a fake k3s host (a copy of examples/k3s-host, through irsa-agent --root), four runs:
+# on a fake k3s host (a copy of examples/k3s-host, through irsa-agent --root):
 #   1. --check --diff: reports changes, changes no file of the host;
+#   1b. --check on a node where nothing is installed yet: the package copy and install are
+#      reported (nothing copied), apply says it needs the package, nothing fails;
 #   2. for real: changes (config.yaml written, apply run);
 #   3. for real again: changes nothing;
 #   4. --check again: nothing pending;
 #   5. a rollout over two nodes whose first node has a configuration check-config refuses:
 #      the play fails on the first node, writes nothing there, and never touches the second.
-# The package install and the service are switched off (irsa_agent_install/manage_service):
-# the nspawn test (packaging/test-deb-in-nspawn.sh) covers those on a real systemd.
+# The package install (except 1b's check mode) and the service are switched off
+# (irsa_agent_install/manage_service): the package and the unit are tested on a real systemd by
+# packaging/test-deb-in-nspawn.sh.
 #
 # Until `irsa-agent apply` exists (issue 3) the runs use packaging/ansible/tests/fake-apply.sh,
 # a stand-in with the same interface, and this script says so; with the real apply it is used.
@@ -87,6 +90,19 @@ if [ "$changed" = x ] || [ "$changed" -eq 0 ]; then fail "1: check mode reported
 grep -q 'apply --check --diff --json' "$log" || fail "1: the apply check did not run"
 [ "$(tree_sums)" = "$before" ] || fail "1: check mode changed files under the fake root"
 
+# 1b: check mode on a node where nothing is installed yet: the package would be copied and
+# installed (a dummy .deb; check mode copies nothing), apply cannot preview without the binary
+# and says so; nothing fails and nothing changes.
+dummy=$work/irsa-agent_0.0.0-1_amd64.deb
+echo "not a real package" >"$dummy"
+play "1b: check mode, nothing installed yet" --check --diff -e irsa_agent_install=true \
+    -e "irsa_agent_package=$dummy" -e "irsa_agent_package_sha256=$(sha256sum "$dummy" | cut -d ' ' -f 1)" \
+    -e "irsa_agent_package_cache=$work/cache" -e "irsa_agent_binary=$work/no-such-binary"
+if [ "$changed" = x ] || [ "$changed" -eq 0 ]; then fail "1b: check mode on a fresh node reported no change"; fi
+grep -q 'is not installed yet' "$log" || fail "1b: check mode did not say apply needs the package"
+[ ! -e "$work/cache" ] || fail "1b: check mode created the package cache"
+[ "$(tree_sums)" = "$before" ] || fail "1b: check mode changed files under the fake root"
+
 play "2: apply" --diff
 if [ "$changed" = x ] || [ "$changed" -eq 0 ]; then fail "2: the first real run changed nothing"; fi
 config=$root/etc/irsa-agent/config.yaml
@@ -140,7 +156,7 @@ if grep -q '^node-b ' "$log"; then fail "5: node-b appears in the run: the rollo
 [ "$(tree_sums "$work/node-b")" = "$b_before" ] || fail "5: node-b was changed"
 
 if [ "$failures" = 0 ]; then
-    echo "ansible role: 5 passed, 0 failed"
+    echo "ansible role: 6 passed, 0 failed"
 else
     echo "ansible role: $failures check(s) failed"
     exit 1
