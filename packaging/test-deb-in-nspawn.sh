@@ -5,7 +5,7 @@
 # of install.sh. Too slow for every CI run (first run: ~1 min of debootstrap, later ~40 s);
 # run it before a release and after changing packaging/, systemd/ or install.sh:
 #
-#   bash packaging/test-deb-in-nspawn.sh [--suite bookworm] [--mirror URL] [--keep]
+#   bash packaging/test-deb-in-nspawn.sh [--suite bookworm|bullseye] [--mirror URL] [--keep]
 #
 # The debootstrap root is cached as a tarball under /var/cache/irsa-agent-build (delete it to
 # refresh); every run unpacks a fresh copy into target/nspawn/root (kept with --keep).
@@ -49,15 +49,14 @@ check() { # check DESCRIPTION COMMAND...: PASS if the command succeeds
     if "$@"; then ok "$what"; else bad "$what"; fi
 }
 
-# Runs a command inside the booted container (all its namespaces), or, before boot, in the root.
+# Runs a command inside the booted container (all its namespaces), or, before boot, chrooted
+# into the root (nspawn --pipe sometimes loses a short command's output: no good for checks).
 in_ct() {
     if [ -n "$nspawn_pid" ]; then
         nsenter --target "$ct_pid" --mount --uts --ipc --net --pid --cgroup -- \
             env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@"
     else
-        # (On a host without systemd /run is no tmpfs, and nspawn warns about it at exit.)
-        systemd-nspawn --quiet --register=no --keep-unit --private-network -D "$root" --pipe -- "$@" \
-            2> >(grep -v 'Attempted to remove disk file system' >&2)
+        chroot "$root" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@"
     fi
 }
 
@@ -107,7 +106,11 @@ cp install.sh "$root/root/install.sh"
 
 # --- 1. dpkg -i into the (not yet booted) root -------------------------------------------------
 say "1. dpkg -i irsa-agent_${version}_amd64.deb"
-in_ct dpkg -i "/root/pkgs/v1/irsa-agent_${version}_amd64.deb" | tee "$work/dpkg-i.log"
+# In a (not booted) nspawn container, the output kept in a file of the root.
+systemd-nspawn --quiet --register=no --keep-unit --private-network -D "$root" --pipe -- \
+    sh -c "dpkg -i /root/pkgs/v1/irsa-agent_${version}_amd64.deb >/root/dpkg-i.log 2>&1" \
+    2>"$work/nspawn-dpkg.log" || { cat "$root/root/dpkg-i.log" "$work/nspawn-dpkg.log"; die "dpkg -i failed"; }
+tee "$work/dpkg-i.log" <"$root/root/dpkg-i.log"
 check "dpkg lists irsa-agent $version as installed" \
     test "$(in_ct dpkg-query -W -f='${db:Status-Status} ${Version}' irsa-agent)" = "installed $version"
 check "first install explains the next step" grep -q "no issuer configured yet" "$work/dpkg-i.log"
