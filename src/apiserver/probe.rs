@@ -1,0 +1,263 @@
+//! Asking the local apiserver whether it is healthy and which issuer it serves.
+//!
+//! The real probe reads the host's admin kubeconfig (`/etc/rancher/k3s/k3s.yaml`,
+//! `/etc/rancher/rke2/rke2.yaml`, `/etc/kubernetes/admin.conf`, under the host root), trusts only
+//! its certificate authority, authenticates with its client certificate or token, and calls
+//! `GET /readyz` and `GET /.well-known/openid-configuration` over HTTPS (reqwest + rustls with
+//! ring, on a current-thread tokio runtime the probe owns). On kubeadm the kubeconfig may name a
+//! load balancer, so the caller can point the probe at the local apiserver's advertise address.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde_yaml::Value;
+
+use crate::host::HostRoot;
+
+/// What the apiserver answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    /// `/readyz` returned 200.
+    pub ready: bool,
+    /// The `issuer` of its discovery document, when it could be read.
+    pub issuer: Option<String>,
+    /// A short description for progress messages.
+    pub detail: String,
+}
+
+/// The apiserver, as far as `apply` and `finalize` need it.
+pub trait ApiserverProbe {
+    fn check(&mut self) -> Status;
+    /// The value of `serviceaccount_stale_tokens_total` (summed), if it can be read.
+    fn stale_tokens(&mut self) -> Option<f64> {
+        None
+    }
+}
+
+/// The real probe.
+pub struct KubeconfigProbe {
+    runtime: tokio::runtime::Runtime,
+    client: reqwest::Client,
+    server: String,
+    token: Option<String>,
+}
+
+fn field<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
+    v.get(key).and_then(Value::as_str).filter(|s| !s.is_empty())
+}
+
+fn named<'a>(list: Option<&'a Value>, name: &str, inner: &str) -> Option<&'a Value> {
+    list?
+        .as_sequence()?
+        .iter()
+        .find(|e| field(e, "name") == Some(name))
+        .and_then(|e| e.get(inner))
+}
+
+/// Data inline (`*-data`, base64) or from a file (relative to the kubeconfig's folder).
+fn material(
+    root: &HostRoot,
+    dir: &Path,
+    section: &Value,
+    key: &str,
+) -> Result<Option<Vec<u8>>, String> {
+    if let Some(data) = field(section, &format!("{key}-data")) {
+        return base64::engine::general_purpose::STANDARD
+            .decode(data.trim())
+            .map(Some)
+            .map_err(|e| format!("{key}-data is not base64: {e}"));
+    }
+    if let Some(file) = field(section, key) {
+        let host = if Path::new(file).is_absolute() {
+            PathBuf::from(file)
+        } else {
+            dir.join(file)
+        };
+        return std::fs::read(root.path(&host))
+            .map(Some)
+            .map_err(|e| format!("cannot read {}: {e}", host.display()));
+    }
+    Ok(None)
+}
+
+impl KubeconfigProbe {
+    /// Builds the probe from the admin kubeconfig at `kubeconfig` (a host path). `server`
+    /// overrides the kubeconfig's server URL.
+    pub fn new(
+        root: &HostRoot,
+        kubeconfig: &Path,
+        server: Option<String>,
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        let text = std::fs::read_to_string(root.path(kubeconfig)).map_err(|e| {
+            format!(
+                "cannot read the admin kubeconfig {}: {e}",
+                kubeconfig.display()
+            )
+        })?;
+        let config: Value = serde_yaml::from_str(&text)
+            .map_err(|e| format!("{}: not valid YAML: {e}", kubeconfig.display()))?;
+        let bad = |what: &str| format!("{}: {what}", kubeconfig.display());
+        let context_name = field(&config, "current-context")
+            .map(str::to_string)
+            .or_else(|| {
+                config
+                    .get("contexts")
+                    .and_then(Value::as_sequence)
+                    .and_then(|s| s.first())
+                    .and_then(|c| field(c, "name"))
+                    .map(str::to_string)
+            })
+            .ok_or_else(|| bad("no context"))?;
+        let context = named(config.get("contexts"), &context_name, "context")
+            .ok_or_else(|| bad(&format!("context {context_name:?} not found")))?;
+        let cluster_name =
+            field(context, "cluster").ok_or_else(|| bad("context has no cluster"))?;
+        let cluster = named(config.get("clusters"), cluster_name, "cluster")
+            .ok_or_else(|| bad(&format!("cluster {cluster_name:?} not found")))?;
+        let user = field(context, "user")
+            .and_then(|u| named(config.get("users"), u, "user"))
+            .cloned()
+            .unwrap_or(Value::Null);
+        let dir = kubeconfig.parent().unwrap_or(Path::new("/"));
+        let server = match server {
+            Some(s) => s,
+            None => field(cluster, "server")
+                .ok_or_else(|| bad("cluster has no server"))?
+                .to_string(),
+        };
+        let ca = material(root, dir, cluster, "certificate-authority")
+            .map_err(|e| bad(&e))?
+            .ok_or_else(|| bad("cluster has no certificate-authority(-data): refusing to talk to the apiserver without verifying it"))?;
+        let cert = material(root, dir, &user, "client-certificate").map_err(|e| bad(&e))?;
+        let key = material(root, dir, &user, "client-key").map_err(|e| bad(&e))?;
+        let token = field(&user, "token").map(str::to_string);
+
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&ca) {
+            let cert = cert.map_err(|e| bad(&format!("bad CA certificate: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| bad(&format!("bad CA certificate: {e}")))?;
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+        let tls = match (cert, key) {
+            (Some(cert), Some(key)) => {
+                let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| bad(&format!("bad client certificate: {e}")))?;
+                let key = PrivateKeyDer::from_pem_slice(&key)
+                    .map_err(|e| bad(&format!("bad client key: {e}")))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| bad(&format!("bad client certificate: {e}")))?
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .timeout(timeout)
+            .no_proxy()
+            .build()
+            .map_err(|e| format!("cannot build the HTTPS client: {e}"))?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+        Ok(KubeconfigProbe {
+            runtime,
+            client,
+            server: server.trim_end_matches('/').to_string(),
+            token,
+        })
+    }
+
+    async fn get(&self, path: &str) -> Result<(u16, String), String> {
+        let mut request = self.client.get(format!("{}{path}", self.server));
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.map_err(|e| {
+            // The innermost cause says it best ("Connection refused", a TLS alert, ...).
+            let mut message = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                message = s.to_string();
+                source = s.source();
+            }
+            if e.is_timeout() {
+                message = format!("timed out ({message})");
+            }
+            message
+        })?;
+        let status = response.status().as_u16();
+        let body = response.text().await.map_err(|e| e.to_string())?;
+        Ok((status, body))
+    }
+}
+
+impl ApiserverProbe for KubeconfigProbe {
+    fn check(&mut self) -> Status {
+        let ready = self.runtime.block_on(self.get("/readyz"));
+        let (ready, mut detail) = match ready {
+            Ok((200, _)) => (true, "ready".to_string()),
+            Ok((code, body)) => (
+                false,
+                format!(
+                    "/readyz answered {code}: {}",
+                    body.lines().next().unwrap_or("").trim()
+                ),
+            ),
+            Err(e) => (false, format!("not reachable at {}: {e}", self.server)),
+        };
+        let mut issuer = None;
+        if ready {
+            match self
+                .runtime
+                .block_on(self.get(crate::keys::jwks::DISCOVERY_PATH))
+            {
+                Ok((200, body)) => {
+                    issuer = serde_json::from_str::<serde_json::Value>(&body)
+                        .ok()
+                        .and_then(|v| v.get("issuer").and_then(|i| i.as_str()).map(str::to_string));
+                    detail = format!(
+                        "ready, serving issuer {}",
+                        issuer.as_deref().unwrap_or("(unreadable)")
+                    );
+                }
+                Ok((code, _)) => detail = format!("ready, but discovery answered {code}"),
+                Err(e) => detail = format!("ready, but discovery failed: {e}"),
+            }
+        }
+        Status {
+            ready,
+            issuer,
+            detail,
+        }
+    }
+
+    fn stale_tokens(&mut self) -> Option<f64> {
+        let (code, body) = self.runtime.block_on(self.get("/metrics")).ok()?;
+        if code != 200 {
+            return None;
+        }
+        let mut total = None;
+        for line in body.lines() {
+            if line.starts_with("serviceaccount_stale_tokens_total") {
+                let value: f64 = line.rsplit(' ').next()?.parse().ok()?;
+                *total.get_or_insert(0.0) += value;
+            }
+        }
+        Some(total.unwrap_or(0.0))
+    }
+}

@@ -1,0 +1,242 @@
+//! `irsa-agent finalize`: retire the old issuers once no token minted with them can be valid.
+
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::Args as ClapArgs;
+use serde_json::json;
+
+use super::apply::{
+    RunArgs, edges, execute_plan, load_settings, print_outcome, print_plan, result_json,
+};
+use super::{Exit, Global};
+use crate::apiserver::apply::{self as executor, FinalizeDecision, Outcome, RestartOutcome};
+use crate::apiserver::plan::{self, Target};
+use crate::apiserver::{self, flags};
+use crate::config::format_duration;
+use crate::state::{self, State};
+
+/// Why waiting matters; printed whenever finalize refuses or proceeds.
+pub const WHY_WAIT: &str = "\
+Why wait: a token keeps the issuer it was minted with, and after finalize a token with an old issuer \
+is rejected. Projected tokens live at most their expirationSeconds (bounded by rotation.token-lifetime \
+and --service-account-max-token-expiration). But with --service-account-extend-token-expiration=true \
+(the default) the kube-api-access tokens kubelet mounts into every pod carry a 1-year exp: kubelet \
+replaces them after about 48 minutes, yet a client that read its token once and kept it can present \
+an old-issuer token for up to a year. Before finalizing, check that no such client exists: \
+`kubectl get --raw /metrics | grep serviceaccount_stale_tokens_total` must not be rising (it counts \
+requests with tokens past their original expiry), and audit events annotated \
+`authentication.k8s.io/stale-token` name the clients that still use them.";
+
+#[derive(Debug, ClapArgs)]
+#[command(after_help = "\
+Removes the issuers `apply` kept accepted (the old default included) once the time since the \
+apiserver was first seen signing with the new issuer exceeds the longest token lifetime: \
+rotation.token-lifetime (default 24h) or the apiserver's --service-account-max-token-expiration, \
+whichever is longer. Refuses before that. --api-audiences stays pinned.
+
+Exit status: 0 done or nothing to retire; 2 retirement possible now (--check); 1 refused or error.")]
+pub struct Args {
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
+    let json_out = args.run.json;
+    match finalize(global, &args.run) {
+        Ok(code) => Ok(code),
+        Err(err) if json_out => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &json!({"changed": false, "error": format!("{err:#}")})
+                )?
+            );
+            log::error!("{err:#}");
+            Ok(Exit::FAILURE)
+        }
+        Err(err) => Err(err),
+    }
+}
+
+fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
+    let root = &global.root;
+    let settings = load_settings(global)?;
+    let mut state = State::load(root)?;
+    let observed = apiserver::observe(root, settings.distribution)?;
+    super::apply::refuse_command_line_flags(root, &observed, run)?;
+    let mut lifetime = settings.rotation.token_lifetime;
+    if let Some(max) = observed
+        .flags
+        .max_token_expiration
+        .as_deref()
+        .and_then(flags::parse_go_duration)
+    {
+        lifetime = lifetime.max(max);
+    }
+    let now = state::unix_now();
+    let mut decision = executor::finalize_decision(
+        state.issuer.as_ref(),
+        &settings.issuer,
+        &observed.flags.issuers,
+        now,
+        lifetime,
+    );
+    // A switch written with --no-restart: see whether the apiserver serves it by now.
+    if let FinalizeDecision::AwaitingSwitch { retire } = &decision {
+        let mut e = edges(root, &observed, run);
+        let serving = e.probe.as_mut().map(|p| p.check());
+        match serving {
+            Some(status) if status.issuer.as_deref() == Some(settings.issuer.as_str()) => {
+                if let Some(st) = state.issuer.as_mut() {
+                    st.switched_at = Some(now);
+                    st.pending_restart_since = None;
+                }
+                state.save(root)?;
+                decision = FinalizeDecision::TooEarly {
+                    retire: retire.clone(),
+                    switched_at: now,
+                    remaining: lifetime,
+                };
+            }
+            Some(status) => bail!(
+                "the apiserver does not serve {} yet ({}): restart it first (apply wrote the change without restarting), then wait {} before finalize",
+                settings.issuer,
+                status.detail,
+                format_duration(lifetime)
+            ),
+            None => bail!(
+                "cannot tell whether the apiserver serves {} yet: {}",
+                settings.issuer,
+                e.probe_error.unwrap_or_default()
+            ),
+        }
+    }
+    let retire = match decision {
+        FinalizeDecision::NotApplied => bail!(
+            "the apiserver does not sign with the configured issuer {} yet (it has {}); run `irsa-agent apply` first",
+            settings.issuer,
+            observed.flags.issuers.join(", ")
+        ),
+        FinalizeDecision::NothingToRetire => {
+            if run.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({
+                        "changed": false,
+                        "in_sync": true,
+                        "retire": [],
+                        "issuers": observed.flags.issuers,
+                    }))?
+                );
+            } else {
+                println!(
+                    "nothing to retire: the apiserver accepts {} (issuers you added yourself are left alone)",
+                    observed.flags.issuers.join(", ")
+                );
+            }
+            return Ok(Exit::OK);
+        }
+        FinalizeDecision::AwaitingSwitch { .. } => unreachable_awaiting()?,
+        FinalizeDecision::TooEarly {
+            retire,
+            switched_at,
+            remaining,
+        } => {
+            let message = format!(
+                "refusing to retire {} yet: the apiserver was first seen signing with {} at {}; tokens minted with the old issuer(s) before then may live {} (the longest token lifetime configured), so wait {} more (until {})",
+                retire.join(", "),
+                settings.issuer,
+                state::rfc3339(switched_at),
+                format_duration(lifetime),
+                format_duration(round_up(remaining)),
+                state::rfc3339(now + round_up(remaining).as_secs()),
+            );
+            eprintln!("{WHY_WAIT}");
+            bail!("{message}");
+        }
+        FinalizeDecision::Ready { retire } => retire,
+    };
+    let st = state.issuer.clone().unwrap_or_default();
+    let target = Target {
+        issuer: settings.issuer.clone(),
+        jwks_uri: settings.jwks_uri.clone(),
+        remembered: Vec::new(),
+        retire: retire.clone(),
+        retired: st.retired.clone(),
+        accept_only: false,
+    };
+    let plan = plan::plan(&observed, &target)?;
+    for warning in &plan.warnings {
+        log::warn!("{warning}");
+    }
+    if !run.json {
+        eprintln!("{WHY_WAIT}");
+    }
+    let stale = edges(root, &observed, run)
+        .probe
+        .as_mut()
+        .and_then(|p| p.stale_tokens());
+    match stale {
+        Some(n) if n > 0.0 => log::warn!(
+            "serviceaccount_stale_tokens_total is {n} on this apiserver: some clients use tokens past their original expiry; find them in the audit log (authentication.k8s.io/stale-token) before retiring old issuers"
+        ),
+        Some(_) => log::info!("serviceaccount_stale_tokens_total is 0 on this apiserver"),
+        None => {}
+    }
+    let restart =
+        crate::apiserver::restart::restart_for(root, observed.distribution, run.unit.as_deref());
+    let extra = json!({"retire": retire, "stale_tokens_total": stale});
+    if run.check {
+        if run.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&result_json(&plan, None, &restart, true, extra))?
+            );
+        } else {
+            print_plan(&plan, run.diff);
+            println!("old issuers can be retired now: {}", retire.join(", "));
+        }
+        return Ok(if plan.in_sync() {
+            Exit::OK
+        } else {
+            Exit::PENDING
+        });
+    }
+    let outcome = if plan.in_sync() {
+        Outcome {
+            written: Vec::new(),
+            backup_dir: None,
+            restart: RestartOutcome::NotNeeded,
+        }
+    } else {
+        execute_plan(root, &observed, &plan, run)?
+    };
+    executor::record_finalize(&mut state, &retire, &outcome, state::unix_now());
+    state.save(root)?;
+    if run.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&result_json(
+                &plan,
+                Some(&outcome),
+                &restart,
+                false,
+                extra
+            ))?
+        );
+    } else {
+        print_plan(&plan, run.diff);
+        print_outcome(&plan, &outcome);
+        println!("retired: {}", retire.join(", "));
+    }
+    Ok(Exit::OK)
+}
+
+fn round_up(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs() + u64::from(d.subsec_nanos() > 0))
+}
+
+fn unreachable_awaiting() -> anyhow::Result<Vec<String>> {
+    bail!("internal error: the switch state was not resolved")
+}

@@ -1,0 +1,44 @@
+//! Failpoints: crash the process at a named point, to test what the next run does with what a
+//! crash leaves behind (a backup without a change, a change without a restart, a temp file).
+//!
+//! Compiled in only with the `failpoints` cargo feature (the test suite enables it); then
+//! `IRSA_AGENT_FAILPOINTS=name[@n][,name[@n]...]` makes [`hit`] exit the process with status 99
+//! the n-th time (default: the first) it reaches that point. Without the feature [`hit`] is
+//! empty.
+//!
+//! Points: `apply:after-backup`, `apply:after-write`, `apply:after-restart`,
+//! `fs:before-rename` (every [`crate::fs::write_atomic`]: the temp file is written and synced,
+//! not yet renamed).
+
+/// Exits with status 99 at the configured hit of `name`.
+#[cfg(feature = "failpoints")]
+pub fn hit(name: &str) {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static HITS: Mutex<Option<HashMap<String, usize>>> = Mutex::new(None);
+    let Ok(spec) = std::env::var("IRSA_AGENT_FAILPOINTS") else {
+        return;
+    };
+    let count = {
+        let mut guard = HITS.lock().unwrap_or_else(|e| e.into_inner());
+        let map = guard.get_or_insert_with(HashMap::new);
+        let n = map.entry(name.to_string()).or_insert(0);
+        *n += 1;
+        *n
+    };
+    for entry in spec.split(',') {
+        let (point, nth) = match entry.split_once('@') {
+            Some((p, n)) => (p, n.parse().unwrap_or(1)),
+            None => (entry, 1),
+        };
+        if point == name && nth == count {
+            eprintln!("failpoint {name}@{count}: exiting");
+            std::process::exit(99);
+        }
+    }
+}
+
+/// Without the `failpoints` feature: nothing.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn hit(_name: &str) {}

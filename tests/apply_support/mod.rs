@@ -1,0 +1,319 @@
+//! Shared helpers for the apply tests: fake hosts in temp dirs, the agent binary, a fake
+//! systemctl that logs what it is asked, and a fake kube-apiserver speaking mutual TLS.
+#![allow(dead_code)]
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use assert_cmd::Command;
+use base64::Engine as _;
+
+pub fn data(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(rel)
+}
+
+/// A fake host under a temp dir.
+pub struct Host {
+    pub dir: tempfile::TempDir,
+}
+
+impl Host {
+    pub fn new() -> Host {
+        Host {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn path(&self, host_path: &str) -> PathBuf {
+        self.root().join(host_path.trim_start_matches('/'))
+    }
+
+    pub fn write(&self, host_path: &str, contents: impl AsRef<[u8]>) -> &Self {
+        let path = self.path(host_path);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&path, contents).expect("write");
+        self
+    }
+
+    pub fn mkdir(&self, host_path: &str) -> &Self {
+        std::fs::create_dir_all(self.path(host_path)).expect("mkdir");
+        self
+    }
+
+    pub fn copy(&self, from: &Path, host_path: &str) -> &Self {
+        let bytes = std::fs::read(from).expect("read test data");
+        self.write(host_path, bytes)
+    }
+
+    pub fn read(&self, host_path: &str) -> String {
+        std::fs::read_to_string(self.path(host_path)).expect("read")
+    }
+
+    /// The agent configuration with `issuer`.
+    pub fn agent_config(&self, issuer: &str) -> &Self {
+        self.write("/etc/irsa-agent/config.yaml", format!("issuer: {issuer}\n"))
+    }
+
+    /// k3s's service-account keys (service.key with the verification keys, service.current.key
+    /// signing) under `data_dir`, from the apiserver test case `k3s`.
+    pub fn k3s_keys(&self, data_dir: &str) -> &Self {
+        self.copy(
+            &data("apiserver/k3s/keys/service.key"),
+            &format!("{data_dir}/server/tls/service.key"),
+        )
+        .copy(
+            &data("apiserver/k3s/keys/service.current.key"),
+            &format!("{data_dir}/server/tls/service.current.key"),
+        )
+    }
+
+    /// kubeadm's sa.key / sa.pub.
+    pub fn kubeadm_keys(&self) -> &Self {
+        self.copy(
+            &data("apiserver/kubeadm/keys/rsa2048.pub"),
+            "/etc/kubernetes/pki/sa.pub",
+        )
+        .copy(
+            &data("apiserver/kubeadm/keys/rsa2048.pkcs1.key"),
+            "/etc/kubernetes/pki/sa.key",
+        )
+    }
+
+    pub fn agent(&self) -> Command {
+        let mut cmd = Command::cargo_bin("irsa-agent").expect("binary built");
+        cmd.arg("--root").arg(self.root());
+        cmd.env_remove("IRSA_AGENT_CONFIG");
+        cmd.env_remove("IRSA_AGENT_SYSTEMCTL");
+        cmd.env_remove("IRSA_AGENT_APISERVER_URL");
+        cmd
+    }
+
+    /// Every file under the root (relative paths) with its bytes.
+    pub fn snapshot(&self) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut out = Vec::new();
+        walk(self.root(), self.root(), &mut out);
+        out.sort();
+        out
+    }
+
+    /// A fake `systemctl` that appends its arguments to `<root>/systemctl.log`.
+    pub fn fake_systemctl(&self) -> PathBuf {
+        let script = self.root().join("fake-systemctl");
+        let log = self.root().join("systemctl.log");
+        std::fs::write(
+            &script,
+            format!("#!/bin/sh\necho \"$@\" >> '{}'\n", log.display()),
+        )
+        .expect("write script");
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        script
+    }
+
+    pub fn systemctl_log(&self) -> String {
+        std::fs::read_to_string(self.root().join("systemctl.log")).unwrap_or_default()
+    }
+
+    /// An admin kubeconfig at `host_path` pointing at `server`, with the test CA and client
+    /// certificate inline, as k3s and kubeadm write them.
+    pub fn kubeconfig(&self, host_path: &str, server: &str) -> &Self {
+        let b64 = |f: &str| {
+            base64::engine::general_purpose::STANDARD
+                .encode(std::fs::read(data(&format!("probe/{f}"))).expect("probe data"))
+        };
+        self.write(
+            host_path,
+            format!(
+                "apiVersion: v1\nclusters:\n- cluster:\n    certificate-authority-data: {}\n    server: {server}\n  name: default\ncontexts:\n- context:\n    cluster: default\n    user: default\n  name: default\ncurrent-context: default\nkind: Config\npreferences: {{}}\nusers:\n- name: default\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\n",
+                b64("ca.crt"),
+                b64("client.crt"),
+                b64("client.key")
+            ),
+        )
+    }
+}
+
+fn walk(base: &Path, dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            walk(base, &path, out);
+        } else {
+            let rel = path.strip_prefix(base).expect("under base").to_path_buf();
+            out.push((rel, std::fs::read(&path).unwrap_or_default()));
+        }
+    }
+}
+
+/// How the fake apiserver behaves.
+#[derive(Clone)]
+pub enum Behaviour {
+    /// `/readyz` always answers 500.
+    NeverReady,
+    /// Ready; serves the first issuer the host's configuration gives it, re-read after every
+    /// `systemctl restart` in the fake systemctl log (k3s), or on every request (kubeadm, where
+    /// kubelet picks up manifest changes by itself).
+    FollowHost {
+        root: PathBuf,
+        distribution: irsa_agent::config::Distribution,
+    },
+}
+
+/// A fake kube-apiserver on 127.0.0.1 with TLS and client-certificate authentication.
+pub struct FakeApiserver {
+    pub port: u16,
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+    pub requests: Arc<Mutex<Vec<String>>>,
+}
+
+impl FakeApiserver {
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    pub fn start(behaviour: Behaviour) -> FakeApiserver {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let ca = CertificateDer::from_pem_file(data("probe/ca.crt")).expect("ca");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca).expect("root");
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .expect("verifier");
+        let chain = vec![CertificateDer::from_pem_file(data("probe/server.crt")).expect("cert")];
+        let key = PrivateKeyDer::from_pem_file(data("probe/server.key")).expect("key");
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .expect("server config");
+        let config = Arc::new(config);
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let (stop2, requests2) = (stop.clone(), requests.clone());
+        // The apiserver "started" now: it serves what the host's configuration says now, until
+        // it is restarted (k3s: a line in the fake systemctl log; kubeadm: kubelet follows the
+        // manifest by itself).
+        let restarts_of = |root: &Path| {
+            std::fs::read_to_string(root.join("systemctl.log"))
+                .map(|l| l.lines().count())
+                .unwrap_or(0)
+        };
+        let issuer_of = |root: &Path, d: irsa_agent::config::Distribution| {
+            let host = irsa_agent::host::HostRoot::new(root);
+            irsa_agent::apiserver::observe(&host, d)
+                .ok()
+                .and_then(|o| o.flags.issuers.first().cloned())
+                .unwrap_or_default()
+        };
+        let (mut seen_restarts, mut issuer) = match &behaviour {
+            Behaviour::FollowHost { root, distribution } => {
+                (restarts_of(root), issuer_of(root, *distribution))
+            }
+            Behaviour::NeverReady => (0, String::new()),
+        };
+        let handle = std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(stream) = stream else { continue };
+                let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+                let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
+                    continue;
+                };
+                let mut tls = rustls::StreamOwned::new(conn, stream);
+                let mut reader = BufReader::new(&mut tls);
+                let mut request_line = String::new();
+                if reader.read_line(&mut request_line).is_err() {
+                    continue;
+                }
+                loop {
+                    let mut line = String::new();
+                    match reader.read_line(&mut line) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) if line == "\r\n" || line == "\n" => break,
+                        Ok(_) => {}
+                    }
+                }
+                let path = request_line
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or("")
+                    .to_string();
+                requests2.lock().expect("lock").push(path.clone());
+                let (code, body) = match &behaviour {
+                    Behaviour::NeverReady => (500, "[-]etcd failed: reason withheld".to_string()),
+                    Behaviour::FollowHost { root, distribution } => {
+                        let restarts = restarts_of(root);
+                        let follow_always =
+                            *distribution == irsa_agent::config::Distribution::Kubeadm;
+                        if follow_always || restarts != seen_restarts {
+                            seen_restarts = restarts;
+                            issuer = issuer_of(root, *distribution);
+                        }
+                        match path.as_str() {
+                            "/readyz" => (200, "ok".to_string()),
+                            "/.well-known/openid-configuration" => (
+                                200,
+                                format!(
+                                    "{{\"issuer\":\"{issuer}\",\"jwks_uri\":\"https://127.0.0.1/openid/v1/jwks\",\"response_types_supported\":[\"id_token\"],\"subject_types_supported\":[\"public\"],\"id_token_signing_alg_values_supported\":[\"RS256\"]}}"
+                                ),
+                            ),
+                            "/metrics" => (
+                                200,
+                                "# TYPE serviceaccount_stale_tokens_total counter\nserviceaccount_stale_tokens_total 0\n".to_string(),
+                            ),
+                            _ => (404, "not found".to_string()),
+                        }
+                    }
+                };
+                let response = format!(
+                    "HTTP/1.1 {code} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tls.write_all(response.as_bytes());
+                let _ = tls.flush();
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            }
+        });
+        FakeApiserver {
+            port,
+            stop,
+            handle: Some(handle),
+            requests,
+        }
+    }
+}
+
+impl Drop for FakeApiserver {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
