@@ -6,12 +6,13 @@
 # over mutual TLS (`openssl s_server -WWW` on the host's 127.0.0.1, serving what the fake k3s
 # wrote). Checks, with the unmodified hardened unit:
 #   - without an issuer: active, READY, STATUS "waiting for an issuer in /etc/irsa-agent/config.yaml";
-#   - the admin writes the issuer: it publishes (directory target via the documented drop-in),
+#   - the admin writes the issuer: it publishes (directory target /srv/oidc),
 #     edits k3s's config.yaml, restarts k3s.service THROUGH THE SANDBOX (`systemctl restart k3s`
 #     from a root service with no capabilities), waits for the new issuer, reports in sync;
 #   - `systemctl reload` (SIGHUP: RELOADING=1 ... READY=1) keeps the same process;
 #   - journald gets native records (priority, identifier, no timestamps of ours);
-#   - a directory target outside ReadWritePaths fails with a clear error (the sandbox holds);
+#   - a directory target outside ReadWritePaths fails with a clear error (the sandbox holds),
+#     and is published after the documented drop-in;
 #   - systemd-analyze verify is clean; systemd-analyze security's exposure is printed;
 #   - `systemctl stop`: clean exit (status 0), state "stopped".
 # Slow (release build, boot): not part of CI. Run it after changing systemd/ or src/daemon/:
@@ -127,9 +128,8 @@ install -d -m 0700 "$root/var/lib/irsa-agent"
 install -d -m 0755 "$root/etc/irsa-agent"
 printf '# irsa-agent configuration (no issuer yet, as the package ships it)\n# issuer: https://oidc.example.com/cluster\n' \
     >"$root/etc/irsa-agent/config.yaml"
-# The documented drop-in for a directory target.
-mkdir -p "$root/etc/systemd/system/irsa-agent.service.d" "$root/srv/oidc"
-printf '[Service]\nReadWritePaths=/srv/oidc\n' >"$root/etc/systemd/system/irsa-agent.service.d/target.conf"
+# The default directory target's folder (writable under the unit when it exists).
+mkdir -p "$root/srv/oidc"
 
 # --- a fake k3s server and its apiserver -----------------------------------------------------
 cp -a examples/k3s-host/etc/rancher "$root/etc/"
@@ -276,10 +276,9 @@ check "no timestamps of our own in messages" in_ct sh -c \
     '! journalctl -u irsa-agent.service -o cat | grep -Eq "^[0-9]{4}-[0-9]{2}-[0-9]{2}[T ]"'
 
 
-# --- 5. the sandbox holds ----------------------------------------------------------------------
-say "5. a directory target outside ReadWritePaths"
-mkdir -p "$root/var/www/oidc"
-mkdir -p "$root/etc/irsa-agent/config.d"
+# --- 5. the sandbox holds; the documented drop-in opens another directory ---------------------
+say "5. a directory target outside ReadWritePaths, then the drop-in"
+mkdir -p "$root/var/www/oidc" "$root/etc/irsa-agent/config.d"
 cat >"$root/etc/irsa-agent/config.d/90-extra.yaml" <<'EOF'
 publish:
   - type: directory
@@ -289,13 +288,16 @@ publish:
 EOF
 check "refused by the read-only file system, reported" wait_for 30 in_ct sh -c \
     'irsa-agent status --json | grep -q "Read-only file system"'
-
 check "still active while retrying" test "$(show ActiveState)" = active
 check "nothing written outside ReadWritePaths" test -z "$(ls -A "$root/var/www/oidc")"
-rm "$root/etc/irsa-agent/config.d/90-extra.yaml"
-check "back in sync once the target is removed" wait_for 30 in_ct sh -c \
-    '[ "$(systemctl show -P StatusText irsa-agent.service)" = "2 key(s) published to directory /srv/oidc; apiserver in sync" ]'
-
+mkdir -p "$root/etc/systemd/system/irsa-agent.service.d"
+printf '[Service]\nReadWritePaths=/var/www/oidc\n' >"$root/etc/systemd/system/irsa-agent.service.d/www.conf"
+in_ct systemctl daemon-reload
+in_ct systemctl restart irsa-agent.service
+check "with the drop-in (systemctl edit), the second directory is published" wait_for 30 \
+    sh -c "[ \"\$(cat '$root/var/www/oidc/openid/v1/jwks' 2>/dev/null)\" = '$expected' ]"
+check "back in sync" wait_for 30 in_ct sh -c \
+    '[ "$(systemctl show -P StatusText irsa-agent.service)" = "2 key(s) published to 2 targets; apiserver in sync" ]'
 
 # --- 6. stop ---------------------------------------------------------------------------------
 say "6. systemctl stop"
