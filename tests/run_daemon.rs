@@ -562,3 +562,53 @@ fn a_manifest_regenerated_by_kubeadm_upgrade_is_noticed_and_fixed() {
     let names: Vec<String> = walk(&host.path("/etc/kubernetes/manifests"));
     assert_eq!(names.len(), 2, "{names:?}");
 }
+
+#[test]
+fn a_rolled_back_apiserver_change_is_held_not_retried_in_a_restart_loop() {
+    let host = k3s_host("  resync-interval: 1s\n");
+    let server = FakeApiserver::start(Behaviour::NeverReady);
+    host.kubeconfig("/etc/rancher/k3s/k3s.yaml", &server.url());
+    let systemctl = host.fake_systemctl();
+    let systemctl = systemctl.display().to_string();
+    let k3s_before = host.read("/etc/rancher/k3s/config.yaml");
+    let mut d = Daemon::start(
+        host.root(),
+        &[
+            "--systemctl",
+            &systemctl,
+            "--poll-interval",
+            "100ms",
+            "--timeout",
+            "1s",
+        ],
+        &[],
+    );
+    d.wait_ready();
+    // Restarted, never ready, rolled back (restarted again).
+    let status = d.wait_status("the held change", |s| s["daemon"]["phase"] == "held");
+    assert_eq!(host.systemctl_log(), "restart k3s\nrestart k3s\n");
+    assert_eq!(host.read("/etc/rancher/k3s/config.yaml"), k3s_before);
+    assert_eq!(status["daemon"]["apiserver"]["result"], "held");
+    assert_eq!(status["daemon"]["metrics"]["apiserver_restarts_total"], 2);
+    // Published anyway (the documents do not depend on the apiserver's flags).
+    assert_eq!(read(&host, JWKS), real_apiserver_jwks());
+    d.notify.wait_line("a STATUS about the held change", |l| {
+        l.starts_with("STATUS=2 key(s) published to directory /srv/oidc; apiserver change rolled back and held")
+    });
+    // Resyncs come and go; no further restart.
+    let converges = status["daemon"]["metrics"]["converges_total"]
+        .as_u64()
+        .unwrap_or(0);
+    d.wait_status("three more resyncs", |s| {
+        s["daemon"]["metrics"]["converges_total"].as_u64() >= Some(converges + 3)
+    });
+    assert_eq!(host.systemctl_log(), "restart k3s\nrestart k3s\n");
+    // A reload (a person fixed something) tries again: two more restarts.
+    d.signal(Signal::HUP);
+    eventually(DEADLINE, || {
+        (host.systemctl_log().lines().count() == 4).then_some(())
+    })
+    .unwrap_or_else(|| panic!("no retry after SIGHUP:\n{}", d.log()));
+    d.wait_status("held again", |s| s["daemon"]["phase"] == "held");
+    d.assert_running();
+}

@@ -961,7 +961,7 @@ impl Engine {
                     };
                     (
                         if self.hold.is_some() {
-                            Phase::Retrying
+                            Phase::Held
                         } else {
                             Phase::InSync
                         },

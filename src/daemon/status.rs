@@ -30,6 +30,9 @@ pub enum Phase {
     InSync,
     /// Something failed; a retry is scheduled (`next_retry_at`).
     Retrying,
+    /// Published, but an apiserver change was rolled back and is not retried until its inputs
+    /// change or a reload.
+    Held,
     Stopping,
     /// Exited cleanly.
     Stopped,
@@ -43,6 +46,7 @@ impl Phase {
             Phase::ConfigInvalid => "configuration invalid",
             Phase::InSync => "in sync",
             Phase::Retrying => "retrying",
+            Phase::Held => "apiserver change held",
             Phase::Stopping => "stopping",
             Phase::Stopped => "stopped",
         }
