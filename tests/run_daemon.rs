@@ -258,12 +258,11 @@ fn drift_at_the_target_is_healed_by_the_resync_and_counted_in_the_metrics() {
     wait_file(&mut d, &host, JWKS, "restored", |b| {
         b == real_apiserver_jwks()
     });
-    // Changed at the target.
-    std::fs::write(
-        host.path(DISCOVERY),
+    // Changed at the target (atomically, so no converge sees it half-written).
+    replace_by_rename(
+        &host.path(DISCOVERY),
         b"{\"issuer\":\"https://evil.example\"}",
-    )
-    .expect("write");
+    );
     wait_file(&mut d, &host, DISCOVERY, "restored", |b| {
         serde_json::from_slice::<Value>(b)
             .map(|v| v["issuer"] == "https://oidc.example.com/homelab")
