@@ -107,11 +107,14 @@ fn publishes_at_start_follows_a_key_file_replaced_by_rename_and_exits_0_on_sigte
     let mut want = old_kids.clone();
     want.push(new_kid.clone());
     assert_eq!(kids(&read(&host, JWKS)), want);
-    let discovery: Value = serde_json::from_slice(&read(&host, DISCOVERY)).expect("discovery");
-    assert_eq!(
-        discovery["id_token_signing_alg_values_supported"],
-        serde_json::json!(["ES256", "RS256"])
-    );
+    // The discovery document follows (it is written after every JWKS is in place).
+    wait_file(&mut d, &host, DISCOVERY, "a discovery listing ES256", |b| {
+        serde_json::from_slice::<Value>(b)
+            .map(|v| {
+                v["id_token_signing_alg_values_supported"] == serde_json::json!(["ES256", "RS256"])
+            })
+            .unwrap_or(false)
+    });
     let status = d.wait_status("the new signing kid", |s| {
         s["daemon"]["signing_kid"] == new_kid.as_str()
     });
