@@ -261,6 +261,10 @@ fn drift_at_the_target_is_healed_by_the_resync_and_counted_in_the_metrics() {
     wait_file(&mut d, &host, JWKS, "restored", |b| {
         b == real_apiserver_jwks()
     });
+    // (Once that converge has finished: a change during it would be restored by it, one drift.)
+    d.wait_status("one drift", |s| {
+        s["daemon"]["metrics"]["drift_found_total"] == 1
+    });
     // Changed at the target (atomically, so no converge sees it half-written).
     replace_by_rename(
         &host.path(DISCOVERY),
