@@ -94,7 +94,8 @@ pub fn difference(got: &str, want: &str) -> Option<String> {
             show_char(w)
         ));
     }
-    if let (Some(rest_g), Some(rest_w)) = (got.strip_prefix("http://"), want.strip_prefix("https://"))
+    if let (Some(rest_g), Some(rest_w)) =
+        (got.strip_prefix("http://"), want.strip_prefix("https://"))
         && rest_g == rest_w
     {
         return Some("uses http:// where the expected value uses https://".to_string());
@@ -149,11 +150,7 @@ pub fn near_miss(got: &str, want: &str) -> Option<String> {
         return None;
     }
     let prefix = common_prefix(got, want);
-    let suffix = common_suffix(
-        &got[prefix..],
-        &want[prefix..],
-        usize::MAX,
-    );
+    let suffix = common_suffix(&got[prefix..], &want[prefix..], usize::MAX);
     let g_mid = &got[prefix..got.len() - suffix];
     let w_mid = &want[prefix..want.len() - suffix];
     let place = if prefix > 0 {
@@ -178,9 +175,15 @@ pub fn duration(d: Duration) -> String {
 /// A signed time difference in words: "in 5m", "2h ago".
 pub fn relative(seconds: i64) -> String {
     if seconds >= 0 {
-        format!("in {}", duration(Duration::from_secs(seconds.unsigned_abs())))
+        format!(
+            "in {}",
+            duration(Duration::from_secs(seconds.unsigned_abs()))
+        )
     } else {
-        format!("{} ago", duration(Duration::from_secs(seconds.unsigned_abs())))
+        format!(
+            "{} ago",
+            duration(Duration::from_secs(seconds.unsigned_abs()))
+        )
     }
 }
 
@@ -296,7 +299,10 @@ mod tests {
             Some("has a trailing '/' (byte 18) that the expected value does not have")
         );
         assert!(near_miss("sts.amazonws.com", "sts.amazonaws.com").is_some());
-        assert_eq!(near_miss("api://AzureADTokenExchange", "sts.amazonaws.com"), None);
+        assert_eq!(
+            near_miss("api://AzureADTokenExchange", "sts.amazonaws.com"),
+            None
+        );
         assert_eq!(near_miss("k3s", "sts.amazonaws.com"), None);
     }
 
