@@ -453,8 +453,8 @@ fn old_issuers_check(local: &Local, observed: &Observed) -> Check {
         ),
     )
     .fix(format!(
-        "add {} after the `{}` item in {}{}, then {}; `irsa-agent finalize` retires it safely later",
-        items.join(" and "),
+        "add `{}` after the `{}` item in {}{}, then {}; `irsa-agent finalize` retires it safely later",
+        items.join("` and `"),
         flag_item(observed, flags::ISSUER, &first).trim_start_matches("- "),
         flag_location(observed, flags::ISSUER),
         match observed.source {
@@ -628,6 +628,25 @@ fn conversion(reason: &Refusal, path: &Path) -> Option<String> {
     }
 }
 
+/// A key file message on one line, without the path the check already names and without
+/// the conversion command the fix gives in full.
+fn one_line(message: &str, path: &str) -> String {
+    let message = message
+        .strip_prefix(&format!("{path}: "))
+        .unwrap_or(message);
+    message
+        .split('\n')
+        .map(|part| {
+            let part = part.trim();
+            ["; convert it with:", "; decrypt it with:"]
+                .iter()
+                .find_map(|cut| part.find(cut).map(|i| &part[..i]))
+                .unwrap_or(part)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 fn skipped_of(e: &KeyFileError) -> &[Skipped] {
     match e {
         KeyFileError::NoVerificationKeys { skipped, .. }
@@ -681,9 +700,12 @@ fn key_file_checks(local: &Local, observed: &Observed) -> Vec<Check> {
                     for s in parsed.skipped.iter().filter(|s| s.looks_like_a_key()) {
                         problems.push((
                             Status::Warn,
-                            format!(
-                                "kube-apiserver ignores {}",
-                                local.host_text(&s.explain_for(&file.path))
+                            one_line(
+                                &format!(
+                                    "kube-apiserver ignores {}",
+                                    local.host_text(&s.explain_for(&file.path))
+                                ),
+                                &subject,
                             ),
                             fix_for(std::slice::from_ref(s)),
                         ));
@@ -691,7 +713,7 @@ fn key_file_checks(local: &Local, observed: &Observed) -> Vec<Check> {
                 }
                 Err(e) => problems.push((
                     Status::Fail,
-                    local.host_text(&e.to_string()).replace('\n', " "),
+                    one_line(&local.host_text(&e.to_string()), &subject),
                     fix_for(skipped_of(e)),
                 )),
             }
@@ -701,7 +723,7 @@ fn key_file_checks(local: &Local, observed: &Observed) -> Vec<Check> {
                 Ok(key) => found.push(format!("signs with {} {}", key.describe(), key.kid())),
                 Err(e) => problems.push((
                     Status::Fail,
-                    local.host_text(&e.to_string()).replace('\n', " "),
+                    one_line(&local.host_text(&e.to_string()), &subject),
                     fix_for(skipped_of(e)),
                 )),
             }

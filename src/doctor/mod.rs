@@ -221,7 +221,7 @@ pub fn render_checks(checks: &[Check]) -> String {
             out.push_str(group_title(group));
             out.push('\n');
         }
-        let name = check.id.split_once('.').map_or(check.id, |(_, n)| n);
+        let name = check.id;
         let subject = check
             .subject
             .as_deref()

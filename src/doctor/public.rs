@@ -493,16 +493,21 @@ fn kids_check(local: &Local, body: &[u8], fetched: &Fetched) -> Check {
     };
     if !missing.is_empty() {
         let signing = local.signing().map(crate::keys::PublicKey::kid);
-        let signs = signing
-            .as_ref()
-            .filter(|s| missing.contains(s))
-            .map(|s| format!(" (including the signing key {s}: every new token)"))
-            .unwrap_or_default();
-        let mut finding = format!(
-            "stale JWKS: it lacks {}{signs}, so relying parties refuse the tokens signed with {} (InvalidIdentityToken)",
-            list(&missing),
-            if missing.len() == 1 { "it" } else { "them" }
-        );
+        let signs = signing.as_ref().filter(|s| missing.contains(s));
+        let mut finding = match signs {
+            Some(s) if missing.len() == 1 => format!(
+                "stale JWKS: it lacks the signing key {s}, so relying parties refuse every new token (InvalidIdentityToken)"
+            ),
+            Some(s) => format!(
+                "stale JWKS: it lacks {}, among them the signing key {s}, so relying parties refuse every new token (InvalidIdentityToken)",
+                list(&missing)
+            ),
+            None => format!(
+                "stale JWKS: it lacks {}, so relying parties refuse the tokens signed with {} (InvalidIdentityToken)",
+                list(&missing),
+                if missing.len() == 1 { "it" } else { "them" }
+            ),
+        };
         if !extra.is_empty() {
             finding.push_str(&format!("; it still has {}", list(&extra)));
         }
@@ -532,7 +537,7 @@ fn cache_check(discovery: &Fetched, jwks: &Fetched) -> Check {
     let id = "public.cache";
     let fetched: Vec<&Fetched> = [discovery, jwks]
         .into_iter()
-        .filter(|f| f.status.is_some())
+        .filter(|f| f.status.is_some_and(|s| (200..300).contains(&s)))
         .collect();
     if fetched.is_empty() {
         return Check::skip(id, "nothing was fetched");
@@ -600,7 +605,7 @@ fn clock_check(discovery: &Fetched, jwks: &Fetched, now: i64) -> Check {
     match skew.unsigned_abs() {
         0..=30 => Check::pass(
             id,
-            format!("this host's clock agrees with {host}'s (within {amount})"),
+            format!("this host's clock agrees with {host}'s (less than 30s apart)"),
         ),
         31..=300 => Check::warn(
             id,
