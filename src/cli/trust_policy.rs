@@ -75,12 +75,11 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
             );
         }
     }
-    let issuer = match &args.issuer {
-        Some(i) => i.clone(),
+    let (issuer, jwks_uri) = match &args.issuer {
+        Some(i) => (i.clone(), crate::keys::jwks::default_jwks_uri(i)),
         None => {
-            config::load(&global.root, global.config.as_deref())?
-                .settings
-                .issuer
+            let settings = config::load(&global.root, global.config.as_deref())?.settings;
+            (settings.issuer, settings.jwks_uri)
         }
     };
     let provider = policy::provider(&issuer);
@@ -111,7 +110,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
         &args.audience,
     );
     let azure = policy::azure(&issuer, &args.namespace, &args.service_account);
-    let gcp = policy::gcp(&issuer, &args.namespace, &args.service_account);
+    let gcp = policy::gcp(&issuer, &jwks_uri, &args.namespace, &args.service_account);
     match args.format {
         Format::Iam => print!("{iam}"),
         Format::Terraform => print!("{terraform}"),

@@ -201,7 +201,7 @@ az identity federated-credential create \
 }
 
 /// The GCP workload identity pool provider and the binding for the service account.
-pub fn gcp(issuer: &str, namespace: &str, service_account: &str) -> String {
+pub fn gcp(issuer: &str, jwks_uri: &str, namespace: &str, service_account: &str) -> String {
     let sub = subject(namespace, service_account);
     format!(
         r#"# GCP: a workload identity pool provider trusting this issuer
@@ -209,9 +209,9 @@ gcloud iam workload-identity-pools providers create-oidc <PROVIDER_ID> \
   --location=global --workload-identity-pool=<POOL_ID> \
   --issuer-uri={issuer} \
   --attribute-mapping=google.subject=assertion.sub
-#   add --jwk-json-path=jwks.json (the JWKS, `irsa-agent jwks`) to give GCP the keys inline
-#   (jwksJson) instead of fetching them from the issuer; every key rotation then needs an
-#   update-oidc with the new file
+#   or give GCP the keys inline (jwksJson) instead of letting it fetch them from the issuer:
+#   curl -sSo jwks.json {jwks_uri} and add --jwk-json-path=jwks.json
+#   (then every key rotation needs an update-oidc with the new file)
 gcloud iam service-accounts add-iam-policy-binding <GSA>@<PROJECT_ID>.iam.gserviceaccount.com \
   --role=roles/iam.workloadIdentityUser \
   --member=principal://iam.googleapis.com/projects/<PROJECT_NUMBER>/locations/global/workloadIdentityPools/<POOL_ID>/subject/{sub}

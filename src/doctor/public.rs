@@ -633,3 +633,79 @@ fn clock_check(discovery: &Fetched, jwks: &Fetched, now: i64) -> Check {
         .fix(fix),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::doctor::Status;
+
+    fn fetched(content_type: Option<&str>, date: Option<&str>) -> Fetched {
+        Fetched {
+            url: "https://oidc.example.com/a/openid/v1/jwks".into(),
+            status: Some(200),
+            error: None,
+            content_type: content_type.map(String::from),
+            cache_control: Some("public, max-age=300".into()),
+            age: None,
+            matches: verify::Match::NotFetched,
+            kids: Vec::new(),
+            jwks_uri: None,
+            elapsed: Some(Duration::from_millis(20)),
+            date: date.map(String::from),
+        }
+    }
+
+    #[test]
+    fn content_types() {
+        for (ct, status) in [
+            (Some("application/json"), Status::Pass),
+            (Some("application/json; charset=utf-8"), Status::Pass),
+            (Some("application/jwk-set+json"), Status::Pass),
+            (Some("binary/octet-stream"), Status::Fail),
+            (Some("application/octet-stream"), Status::Fail),
+            (Some("text/html"), Status::Fail),
+            (None, Status::Warn),
+        ] {
+            assert_eq!(
+                content_type_check("public.jwks-content-type", &fetched(ct, None)).status,
+                status,
+                "{ct:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn clock_skew_levels() {
+        let now = 1_795_000_000;
+        let at = |secs: i64| {
+            let f = fetched(Some("application/json"), Some(&http_date(now - secs)));
+            clock_check(&f, &f, now).status
+        };
+        assert_eq!(at(0), Status::Pass);
+        assert_eq!(at(-20), Status::Pass);
+        assert_eq!(at(120), Status::Warn);
+        assert_eq!(at(-900), Status::Fail);
+    }
+
+    /// `Sun, 06 Nov 1994 08:49:37 GMT` for the tests (the parser is in words).
+    fn http_date(secs: i64) -> String {
+        let t = crate::doctor::words::time(secs);
+        let (date, time) = t.trim_end_matches('Z').split_once('T').unwrap_or_default();
+        let parts: Vec<&str> = date.split('-').collect();
+        let months = [
+            "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+        ];
+        let month = months[parts[1].parse::<usize>().unwrap_or(1) - 1];
+        format!("Mon, {} {month} {} {time} GMT", parts[2], parts[0])
+    }
+
+    #[test]
+    fn unreachable_networks_are_skips_tls_problems_are_failures() {
+        assert!(is_network_unreachable(
+            "error sending request: Network is unreachable (os error 101)"
+        ));
+        assert!(!is_network_unreachable("Connection refused (os error 111)"));
+        assert!(is_tls_error("invalid peer certificate: UnknownIssuer"));
+        assert!(!is_tls_error("Connection refused (os error 111)"));
+    }
+}

@@ -335,7 +335,7 @@ pub fn verify(raw: &str, keys: &KeySet, local: &[LocalKey], expect: &Expect, now
                 checks.push(Check::fail(
                     "token.key-type",
                     format!(
-                        "wrong algorithm: the token says {alg}, which needs a {kty}{} key, but key {} is {has_kty}{} (its algorithm is {})",
+                        "wrong algorithm: the token says {alg}, which needs an {kty}{} key, but key {} is {has_kty}{} (its algorithm is {})",
                         crv.map(|c| format!(" {c}")).unwrap_or_default(),
                         str_of(jwk, "kid").unwrap_or("?"),
                         has_crv.map(|c| format!(" {c}")).unwrap_or_default(),
@@ -584,6 +584,48 @@ mod tests {
         let (t, notes) = clean("  Bearer e30.e30.c2ln\n");
         assert_eq!(t, "e30.e30.c2ln");
         assert_eq!(notes.len(), 2);
+    }
+
+    /// jsonwebtoken has no ES512: P-521 keys (which kube-apiserver supports) go through p521.
+    #[test]
+    fn es512_tokens_verify_and_tampering_is_caught() {
+        use p521::ecdsa::signature::Signer as _;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let key = p521::ecdsa::SigningKey::from_slice(&[1u8; 66]).expect("scalar");
+        let point = p521::ecdsa::VerifyingKey::from(&key).to_encoded_point(false);
+        let jwk = serde_json::json!({"kty": "EC", "crv": "P-521", "kid": "k", "alg": "ES512",
+            "x": b64.encode(point.x().expect("x")), "y": b64.encode(point.y().expect("y"))});
+        let header = b64.encode(r#"{"alg":"ES512","kid":"k"}"#);
+        let now = 1_795_000_000i64;
+        let claims = serde_json::json!({"iss": "https://x.example", "aud": "sts.amazonaws.com",
+            "sub": "system:serviceaccount:a:b", "exp": now + 60});
+        let payload = b64.encode(claims.to_string());
+        let signed = format!("{header}.{payload}");
+        let sig: p521::ecdsa::Signature = key.sign(signed.as_bytes());
+        let token = format!("{signed}.{}", b64.encode(sig.to_bytes()));
+        let keys = KeySet {
+            source: "test".into(),
+            jwks: vec![jwk],
+            published: true,
+        };
+        let expect = Expect {
+            issuer: "https://x.example".into(),
+            audience: "sts.amazonaws.com".into(),
+        };
+        let outcome = verify(&token, &keys, &[], &expect, now);
+        assert!(outcome.ok(), "{:#?}", outcome.checks);
+        let forged = format!(
+            "{header}.{}.{}",
+            b64.encode(claims.to_string().replace("a:b", "a:c")),
+            b64.encode(sig.to_bytes())
+        );
+        let outcome = verify(&forged, &keys, &[], &expect, now);
+        assert!(
+            outcome
+                .checks
+                .iter()
+                .any(|c| c.id == "token.signature" && c.status == Status::Fail)
+        );
     }
 
     #[test]
