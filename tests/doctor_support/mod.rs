@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::TcpListener;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -88,6 +88,8 @@ pub struct PublicServer {
     pub port: u16,
     pub routes: Arc<Mutex<HashMap<String, Reply>>>,
     pub requests: Arc<Mutex<Vec<String>>>,
+    /// The most requests that were being answered at the same time.
+    pub max_in_flight: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
 }
 
@@ -111,7 +113,10 @@ impl PublicServer {
         let routes: Arc<Mutex<HashMap<String, Reply>>> = Arc::default();
         let requests: Arc<Mutex<Vec<String>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
+        let max_in_flight = Arc::new(AtomicUsize::new(0));
+        let in_flight = Arc::new(AtomicUsize::new(0));
         let (routes2, requests2, stop2) = (routes.clone(), requests.clone(), stop.clone());
+        let max2 = max_in_flight.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 if stop2.load(Ordering::SeqCst) {
@@ -121,6 +126,7 @@ impl PublicServer {
                 let config = config.clone();
                 let routes = routes2.clone();
                 let requests = requests2.clone();
+                let (in_flight, max) = (in_flight.clone(), max2.clone());
                 // One thread per connection: a slow answer must not hold up the others.
                 std::thread::spawn(move || {
                     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
@@ -147,6 +153,8 @@ impl PublicServer {
                         .unwrap_or("")
                         .to_string();
                     requests.lock().expect("lock").push(path.clone());
+                    let now_in_flight = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                    max.fetch_max(now_in_flight, Ordering::SeqCst);
                     let reply = routes.lock().expect("lock").get(&path).cloned();
                     let reply = reply.unwrap_or(Reply {
                         status: 404,
@@ -158,6 +166,7 @@ impl PublicServer {
                         body: b"not found".to_vec(),
                     });
                     std::thread::sleep(reply.delay);
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
                     let mut head = format!("HTTP/1.1 {} X\r\n", reply.status);
                     if let Some(ct) = &reply.content_type {
                         head.push_str(&format!("content-type: {ct}\r\n"));
@@ -189,6 +198,7 @@ impl PublicServer {
             port,
             routes,
             requests,
+            max_in_flight,
             stop,
         }
     }
