@@ -65,6 +65,19 @@ impl Local {
         (!out.is_empty()).then_some(out)
     }
 
+    /// Why [`Local::keys`] is `None`, for skips.
+    pub fn keys_unknown(&self) -> String {
+        match &self.observed {
+            Ok(o) if o.flags.signing_endpoint.is_some() => format!(
+                "the keys are held by the external signer at {} (--service-account-signing-endpoint)",
+                o.flags.signing_endpoint.as_deref().unwrap_or("")
+            ),
+            Ok(_) => "the key files cannot all be read (see apiserver.key-files)".to_string(),
+            Err(_) => "the apiserver configuration could not be read (see apiserver.distribution)"
+                .to_string(),
+        }
+    }
+
     /// The kids of [`Local::keys`], each once, in order.
     pub fn kids(&self) -> Option<Vec<String>> {
         Some(
@@ -853,10 +866,7 @@ fn permission_checks(local: &Local) -> Vec<Check> {
 fn key_count_check(local: &Local) -> Check {
     let id = "apiserver.key-count";
     let Some(keys) = local.keys() else {
-        return Check::skip(
-            id,
-            "the verification keys cannot all be read (see apiserver.key-files)",
-        );
+        return Check::skip(id, local.keys_unknown());
     };
     let unique = keys::dedup(&keys);
     let rsa = unique

@@ -359,10 +359,7 @@ fn jwks_check(local: &Local, view: &View, restart: &str) -> Check {
         Err(e) => return Check::fail(id, format!("{JWKS_PATH}: {e}")),
     };
     let Some(files) = local.kids() else {
-        return Check::skip(
-            id,
-            "the key files cannot all be read (see apiserver.key-files)",
-        );
+        return Check::skip(id, local.keys_unknown());
     };
     let files = sorted(files);
     if served == files {
