@@ -216,13 +216,13 @@ pub fn evaluate(local: &Local) -> Vec<Check> {
     let settings = local.settings();
     let no_config = "no valid configuration: the configured issuer is unknown (see config.valid)";
     match settings {
-        Some(s) => out.push(issuers_check(local, observed, s)),
+        Some(s) => out.push(issuers_check(observed, s)),
         None => out.push(Check::skip("apiserver.issuers", no_config)),
     }
     out.push(old_issuers_check(local, observed));
     out.push(audiences_check(local, observed));
     match settings {
-        Some(s) => out.push(jwks_uri_check(local, observed, s)),
+        Some(s) => out.push(jwks_uri_check(observed, s)),
         None => out.push(Check::skip("apiserver.jwks-uri", no_config)),
     }
     if let Some(endpoint) = &observed.flags.signing_endpoint {
@@ -354,7 +354,7 @@ fn flag_item(observed: &Observed, flag: &str, value: &str) -> String {
     }
 }
 
-fn issuers_check(local: &Local, observed: &Observed, settings: &Settings) -> Check {
+fn issuers_check(observed: &Observed, settings: &Settings) -> Check {
     let id = "apiserver.issuers";
     let issuers = &observed.flags.issuers;
     let configured = &settings.issuer;
@@ -390,7 +390,6 @@ fn issuers_check(local: &Local, observed: &Observed, settings: &Settings) -> Che
         )
         .fix("once every control-plane node accepts it, run `irsa-agent apply` (without --accept-only) on each, one at a time");
     }
-    let _ = local;
     let near = issuers
         .iter()
         .find_map(|i| words::near_miss(i, configured).map(|why| (i, why)));
@@ -598,9 +597,8 @@ fn audiences_check(local: &Local, observed: &Observed) -> Check {
     }
 }
 
-fn jwks_uri_check(local: &Local, observed: &Observed, settings: &Settings) -> Check {
+fn jwks_uri_check(observed: &Observed, settings: &Settings) -> Check {
     let id = "apiserver.jwks-uri";
-    let _ = local;
     match observed.flags.jwks_uri() {
         Some(uri) if uri == settings.jwks_uri => Check::pass(id, uri.to_string()),
         Some(uri) => Check::fail(

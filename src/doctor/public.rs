@@ -138,7 +138,7 @@ pub fn evaluate(local: &Local, facts: &Facts, options: &Options, now: i64) -> Ve
     let mut out = Vec::new();
     // Discovery.
     let (fetched, body) = &view.discovery;
-    let reached = reach_check("public.discovery", fetched, body.is_some(), view, local);
+    let reached = reach_check("public.discovery", fetched, body.is_some(), view);
     let discovery_ok = reached.status != super::Status::Fail && body.is_some();
     let unreachable_skip = reached.status == super::Status::Skip;
     out.push(reached);
@@ -169,7 +169,7 @@ pub fn evaluate(local: &Local, facts: &Facts, options: &Options, now: i64) -> Ve
     }
     // JWKS.
     let (fetched, body) = &view.jwks;
-    let reached = reach_check("public.jwks", fetched, body.is_some(), view, local);
+    let reached = reach_check("public.jwks", fetched, body.is_some(), view);
     let jwks_ok = reached.status != super::Status::Fail && body.is_some();
     let jwks_skipped = reached.status == super::Status::Skip;
     out.push(speed(reached, fetched, options.slow_threshold));
@@ -214,13 +214,7 @@ fn is_tls_error(error: &str) -> bool {
 }
 
 /// Reachable, valid TLS, HTTP 200.
-fn reach_check(
-    id: &'static str,
-    fetched: &Fetched,
-    has_body: bool,
-    view: &View,
-    local: &Local,
-) -> Check {
+fn reach_check(id: &'static str, fetched: &Fetched, has_body: bool, view: &View) -> Check {
     let url = &fetched.url;
     let publish_fix = "`irsa-agent publish` writes both documents; then make sure the web server or bucket serves them at exactly these URLs";
     if let Some(e) = &fetched.error {
@@ -259,14 +253,11 @@ fn reach_check(
                     .unwrap_or_else(|| "?".into())
             ),
         ),
-        Some(code) => {
-            let _ = local;
-            Check::fail(
-                id,
-                format!("{url}: HTTP {code}: nothing relying parties can use is published there"),
-            )
-            .fix(publish_fix)
-        }
+        Some(code) => Check::fail(
+            id,
+            format!("{url}: HTTP {code}: nothing relying parties can use is published there"),
+        )
+        .fix(publish_fix),
         None => Check::fail(id, format!("{url}: no answer")),
     }
 }
