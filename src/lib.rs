@@ -7,6 +7,8 @@
 //!   kube-apiserver reads and renders them;
 //! - [`publish`]: putting the discovery document and JWKS where relying parties fetch them
 //!   (directory, S3, GCS, Azure), credentials for that, and the check of the public copy;
+//! - [`doctor`]: `doctor`, `verify-token`, `trust-policy`: checks and explanations of what is
+//!   wrong between the key files and a relying party;
 //! - [`host`]: the injectable host root every host path goes through;
 //! - [`fs`]: the one module that writes host files (atomic, durable, mode-preserving);
 //! - [`state`]: the agent's own state file (`/var/lib/irsa-agent/state.json`);
@@ -18,6 +20,7 @@ pub mod apiserver;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod doctor;
 pub mod failpoint;
 pub mod fs;
 pub mod host;

@@ -38,6 +38,36 @@ pub trait ApiserverProbe {
     }
 }
 
+/// The admin kubeconfig (host path) and, on kubeadm, the URL of this host's apiserver (the
+/// manifest's `--advertise-address` and `--secure-port`; the kubeconfig may name a load
+/// balancer).
+pub fn target(observed: &crate::apiserver::Observed) -> (PathBuf, Option<String>) {
+    match &observed.source {
+        crate::apiserver::Source::Rancher(r) => (r.flavor.kubeconfig(), None),
+        crate::apiserver::Source::Kubeadm(k) => {
+            let arg = |name: &str| {
+                k.args
+                    .iter()
+                    .rev()
+                    .find(|a| a.name == name)
+                    .map(|a| a.value.clone())
+            };
+            let url = arg("advertise-address").map(|addr| {
+                let port = arg("secure-port").unwrap_or_else(|| "6443".to_string());
+                if addr.contains(':') {
+                    format!("https://[{addr}]:{port}")
+                } else {
+                    format!("https://{addr}:{port}")
+                }
+            });
+            (
+                PathBuf::from(crate::apiserver::kubeadm::ADMIN_KUBECONFIG),
+                url,
+            )
+        }
+    }
+}
+
 /// The real probe.
 pub struct KubeconfigProbe {
     runtime: tokio::runtime::Runtime,
@@ -182,10 +212,51 @@ impl KubeconfigProbe {
         })
     }
 
-    async fn get(&self, path: &str) -> Result<(u16, String), String> {
-        let mut request = self.client.get(format!("{}{path}", self.server));
+    /// The apiserver URL the probe talks to (no trailing slash).
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// Runs `future` on the probe's own runtime (doctor and verify-token compose several
+    /// requests and run them concurrently).
+    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.runtime.block_on(future)
+    }
+
+    /// `GET` with the admin credential: `path` on the probed apiserver, or an absolute
+    /// `https://` URL (another apiserver of the same cluster, trusted through the same CA).
+    pub async fn get(&self, path: &str) -> Result<(u16, String), String> {
+        self.send(reqwest::Method::GET, path, None).await
+    }
+
+    /// `POST` of a JSON body with the admin credential (TokenRequest).
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<(u16, String), String> {
+        self.send(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(u16, String), String> {
+        let url = if path.starts_with("https://") {
+            path.to_string()
+        } else {
+            format!("{}{path}", self.server)
+        };
+        let mut request = self.client.request(method, url);
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request
+                .header("Content-Type", "application/json")
+                .body(body.to_string());
         }
         let response = request.send().await.map_err(|e| {
             // The innermost cause says it best ("Connection refused", a TLS alert, ...).
@@ -203,6 +274,44 @@ impl KubeconfigProbe {
         let status = response.status().as_u16();
         let body = response.text().await.map_err(|e| e.to_string())?;
         Ok((status, body))
+    }
+
+    /// Asks the apiserver's TokenRequest API for a token of `namespace/service_account` with
+    /// these audiences and lifetime. The token is a credential: callers must not log it.
+    pub fn token_request(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        audiences: &[String],
+        expiration_seconds: u64,
+    ) -> Result<zeroize::Zeroizing<String>, String> {
+        let path =
+            format!("/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token");
+        let body = serde_json::json!({
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"audiences": audiences, "expirationSeconds": expiration_seconds},
+        });
+        let (code, text) = self
+            .block_on(self.post_json(&path, &body))
+            .map_err(|e| format!("cannot reach the apiserver at {}: {e}", self.server))?;
+        let answer: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let message = answer
+            .get("message")
+            .and_then(|m| m.as_str())
+            .unwrap_or_else(|| text.lines().next().unwrap_or(""))
+            .to_string();
+        match code {
+            200 | 201 => answer
+                .pointer("/status/token")
+                .and_then(|t| t.as_str())
+                .map(|t| zeroize::Zeroizing::new(t.to_string()))
+                .ok_or_else(|| "the TokenRequest answer holds no status.token".to_string()),
+            404 => Err(format!(
+                "service account {namespace}/{service_account} not found ({message}); list them with: kubectl get serviceaccounts -n {namespace}"
+            )),
+            _ => Err(format!("TokenRequest answered HTTP {code}: {message}")),
+        }
     }
 }
 

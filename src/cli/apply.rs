@@ -12,7 +12,7 @@ use crate::apiserver::apply::{self as executor, Options, Outcome, RestartOutcome
 use crate::apiserver::plan::{self, Plan, Target};
 use crate::apiserver::probe::{ApiserverProbe, KubeconfigProbe};
 use crate::apiserver::restart::{self, Restart, ServiceManager, Systemctl};
-use crate::apiserver::{self, Observed, Source, flags, kubeadm};
+use crate::apiserver::{self, Observed, Source, flags};
 use crate::config::{self, Settings, format_duration, parse_duration};
 use crate::host::HostRoot;
 use crate::state::{self, State};
@@ -105,37 +105,12 @@ pub struct Edges {
     pub probe_error: Option<String>,
 }
 
-/// The admin kubeconfig and the URL of the local apiserver.
-fn probe_target(observed: &Observed) -> (PathBuf, Option<String>) {
-    match &observed.source {
-        Source::Rancher(r) => (r.flavor.kubeconfig(), None),
-        Source::Kubeadm(k) => {
-            let arg = |name: &str| {
-                k.args
-                    .iter()
-                    .rev()
-                    .find(|a| a.name == name)
-                    .map(|a| a.value.clone())
-            };
-            let url = arg("advertise-address").map(|addr| {
-                let port = arg("secure-port").unwrap_or_else(|| "6443".to_string());
-                if addr.contains(':') {
-                    format!("https://[{addr}]:{port}")
-                } else {
-                    format!("https://{addr}:{port}")
-                }
-            });
-            (PathBuf::from(kubeadm::ADMIN_KUBECONFIG), url)
-        }
-    }
-}
-
 pub fn edges(root: &HostRoot, observed: &Observed, run: &RunArgs) -> Edges {
     let restart = restart::restart_for(root, observed.distribution, run.unit.as_deref());
     let services: Box<dyn ServiceManager> = Box::new(Systemctl {
         program: run.systemctl.clone(),
     });
-    let (kubeconfig, url) = probe_target(observed);
+    let (kubeconfig, url) = crate::apiserver::probe::target(observed);
     let url = run.apiserver_url.clone().or(url);
     let request_timeout = run.poll_interval.max(Duration::from_secs(5));
     match KubeconfigProbe::new(root, &kubeconfig, url, request_timeout) {

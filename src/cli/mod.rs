@@ -10,6 +10,7 @@
 mod apply;
 mod check_config;
 mod demo;
+mod doctor;
 mod finalize;
 mod generate;
 mod keys;
@@ -18,6 +19,8 @@ mod pending;
 mod publish;
 mod run;
 mod status;
+mod trust_policy;
+mod verify_token;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -100,12 +103,15 @@ pub enum Command {
     /// Show what the agent last did and what it is waiting for.
     Status(status::Args),
     /// Check every link from the key files to the public JWKS and explain what is wrong.
-    Doctor(pending::Args),
+    Doctor(doctor::Args),
     /// Rotate the service-account signing key without rejecting a single token.
     Rotate(pending::Args),
     /// Decode a service-account token and explain why a relying party would accept or
     /// refuse it.
-    VerifyToken(pending::Args),
+    VerifyToken(verify_token::Args),
+    /// Print the IAM trust policy (and Terraform, Azure and GCP equivalents) for a service
+    /// account.
+    TrustPolicy(trust_policy::Args),
     /// Generate the man page or shell completions (for packaging).
     #[command(hide = true)]
     Generate(generate::Args),
@@ -142,9 +148,10 @@ pub fn main() -> ExitCode {
         Command::Publish(args) => publish::run(&global, args),
         Command::Run(args) => run::run(&global, args),
         Command::Status(args) => status::run(&global, args),
-        Command::Doctor(_) => pending::not_implemented("doctor"),
+        Command::Doctor(args) => doctor::run(&global, args),
         Command::Rotate(_) => pending::not_implemented("rotate"),
-        Command::VerifyToken(_) => pending::not_implemented("verify-token"),
+        Command::VerifyToken(args) => verify_token::run(&global, args),
+        Command::TrustPolicy(args) => trust_policy::run(&global, args),
         Command::Generate(args) => generate::run(args),
     };
     match result {

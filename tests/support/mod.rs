@@ -177,6 +177,63 @@ pub fn tail(log: &Path) -> String {
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
+/// A user-mode nginx with its own configuration, serving `locations` over TLS (the test CA).
+pub struct Nginx {
+    child: std::process::Child,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts nginx on 127.0.0.1:`port` with `locations` (nginx `location` blocks) in its server.
+pub fn start_nginx(dir: &Path, locations: &str, ca: &TestCa, port: u16) -> Nginx {
+    let conf = format!(
+        r#"daemon off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/tmp; proxy_temp_path {dir}/tmp; fastcgi_temp_path {dir}/tmp;
+    uwsgi_temp_path {dir}/tmp; scgi_temp_path {dir}/tmp;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+{locations}
+    }}
+}}
+"#,
+        dir = dir.display(),
+        cert = ca.cert.display(),
+        key = ca.key.display(),
+    );
+    std::fs::create_dir_all(dir.join("tmp")).expect("tmp");
+    std::fs::write(dir.join("nginx.conf"), conf).expect("conf");
+    let log = dir.join("nginx.out");
+    let nginx = tool("nginx");
+    let mut child = spawn_tied(
+        &nginx,
+        &[
+            "-p".into(),
+            dir.display().to_string(),
+            "-c".into(),
+            dir.join("nginx.conf").display().to_string(),
+        ],
+        &[],
+        &log,
+        dir,
+    );
+    // nginx speaks TLS only; a plain GET still gets an (error) answer.
+    wait_http(port, "nginx", &dir.join("error.log"), &mut child);
+    Nginx { child }
+}
+
 /// The S3 identity the tests sign with (SigV4).
 pub const ADMIN_KEY: &str = "AKIDIRSAADMIN";
 pub const ADMIN_SECRET: &str = "irsa-admin-secret-0123456789";
