@@ -10,10 +10,8 @@
 # The debootstrap root is cached as a tarball under /var/cache/irsa-agent-build (delete it to
 # refresh); every run unpacks a fresh copy into target/nspawn/root (kept with --keep).
 #
-# Two marked steps need `irsa-agent run` (issue 5): "SERVICE WAITS FOR AN ISSUER" (active, with
-# a STATUS that says so) and "SERVICE ACTIVE + PUBLISHES" (a fake k3s host and a directory
-# target). While `run` is the not-implemented stub they report PENDING instead of failing; once
-# `run` exists they must pass. Everything else is checked now. Exit status: 0 when nothing FAILED.
+# The service itself is checked too: "SERVICE WAITS FOR AN ISSUER" (active, with a STATUS that
+# says so) and "SERVICE ACTIVE + PUBLISHES" (a directory target). Exit status: 0 when nothing FAILED.
 # shellcheck disable=SC2016 # dpkg-query -f formats and backquotes in messages are literal
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,7 +38,7 @@ root=$work/root
 cache=$PKG_CACHE/debootstrap-$suite.tar
 mkdir -p "$work"
 nspawn_pid=
-passed=0 failed=0 pending=0
+passed=0 failed=0
 ok() { printf 'PASS: %s\n' "$*"; passed=$((passed + 1)); }
 bad() { printf 'FAIL: %s\n' "$*"; failed=$((failed + 1)); }
 check() { # check DESCRIPTION COMMAND...: PASS if the command succeeds
@@ -160,20 +158,8 @@ check "systemd-analyze verify accepts the unit" \
 say "service state before an issuer is configured:"
 in_ct systemctl status --no-pager --lines=5 irsa-agent.service || true
 
-# The marked steps need `irsa-agent run` (issue 5).
-run_is_stub() {
-    local out
-    out=$(in_ct irsa-agent run 2>&1 || true)
-    grep -q 'not implemented yet' <<<"$out"
-}
 service_step() {
     local label="SERVICE ACTIVE + PUBLISHES"
-    if run_is_stub; then
-        printf 'PENDING: %s: `irsa-agent run` is not implemented yet (issue 5); the unit is %s\n' \
-            "$label" "$(in_ct systemctl is-active irsa-agent.service || true)"
-        pending=$((pending + 1))
-        return
-    fi
     local active=
     for _ in $(seq 60); do
         active=$(in_ct systemctl is-active irsa-agent.service || true)
@@ -188,14 +174,9 @@ service_step() {
     in_ct systemctl status --no-pager --lines=10 irsa-agent.service || true
 }
 
-# Also marked: before an issuer is set the service must run and say what it waits for.
+# Before an issuer is set the service must run and say what it waits for.
 waiting_step() {
     local label="SERVICE WAITS FOR AN ISSUER"
-    if run_is_stub; then
-        printf 'PENDING: %s: `irsa-agent run` is not implemented yet (issue 5)\n' "$label"
-        pending=$((pending + 1))
-        return
-    fi
     local active=
     for _ in $(seq 30); do
         active=$(in_ct systemctl is-active irsa-agent.service || true)
@@ -276,5 +257,5 @@ check "tarball uninstall --purge: config and state gone" test ! -e "$root/etc/ir
 check "tarball uninstall: no unit symlink left" test -z "$(find "$root/etc/systemd/system" -name 'irsa-agent*')"
 
 echo "nspawn boot: ${boot_ms} ms"
-echo "nspawn package test: $passed passed, $failed failed, $pending pending"
+echo "nspawn package test: $passed passed, $failed failed"
 [ "$failed" = 0 ]

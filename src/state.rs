@@ -122,6 +122,32 @@ impl State {
     }
 }
 
+impl State {
+    /// Loads the state, lets `change` modify it, and saves it, holding an flock on the state
+    /// directory throughout, so that features writing their own key from different processes
+    /// (`apply` from a terminal while `run` works) do not lose each other's updates.
+    pub fn update<T>(
+        root: &HostRoot,
+        change: impl FnOnce(&mut State) -> T,
+    ) -> Result<T, StateError> {
+        let err = |source| StateError::Write {
+            path: PathBuf::from(STATE_FILE),
+            source,
+        };
+        fs::create_dir_all(&root.path(STATE_DIR), 0o700).map_err(err)?;
+        let _lock = fs::lock_dir(&root.path(STATE_DIR)).map_err(err)?;
+        let mut state = State::load(root)?;
+        let out = change(&mut state);
+        state.save(root)?;
+        Ok(out)
+    }
+
+    /// A section another feature owns (`daemon`, `rotation`, ...), if present.
+    pub fn section(&self, key: &str) -> Option<&serde_json::Value> {
+        self.other.get(key)
+    }
+}
+
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
     SystemTime::now()

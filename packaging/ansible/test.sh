@@ -13,9 +13,8 @@
 # (irsa_agent_install/manage_service): the package and the unit are tested on a real systemd by
 # packaging/test-deb-in-nspawn.sh.
 #
-# Until `irsa-agent apply` exists (issue 3) the runs use packaging/ansible/tests/fake-apply.sh,
-# a stand-in with the same interface, and this script says so; with the real apply it is used.
-# Set IRSA_AGENT_FAKE_APPLY=1 to force the stand-in, IRSA_AGENT_BIN=PATH to test another build.
+# The role runs the real `irsa-agent apply` (with --no-restart) on the fake hosts.
+# Set IRSA_AGENT_BIN=PATH to test another build.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=packaging/lib.sh
@@ -34,15 +33,7 @@ else
     cargo build --quiet --locked
     real=$PWD/target/debug/irsa-agent
 fi
-if [ "${IRSA_AGENT_FAKE_APPLY:-0}" != 1 ] && "$real" apply --help 2>/dev/null | grep -q -- '--json'; then
-    bin=$real
-    say "using the real irsa-agent apply"
-else
-    bin=$PWD/packaging/ansible/tests/fake-apply.sh
-    export IRSA_AGENT_REAL_BINARY=$real
-    say "NOTE: irsa-agent apply is not implemented yet (issue 3): the role runs against the"
-    say "      stand-in packaging/ansible/tests/fake-apply.sh; rerun once apply has landed"
-fi
+bin=$real
 
 work=$(mktemp -d /tmp/irsa-agent-ansible.XXXXXX)
 trap 'rm -rf "$work"' EXIT
@@ -112,11 +103,9 @@ if [ -f "$config" ]; then
 else
     fail "2: $config was not written"
 fi
-if [ "$bin" = "$real" ]; then
-    rc=0
-    "$real" --root "$root" apply --check --no-restart >/dev/null 2>&1 || rc=$?
-    [ "$rc" = 0 ] || fail "2: after the role ran, apply --check still finds changes (exit $rc)"
-fi
+rc=0
+"$real" --root "$root" apply --check --no-restart >/dev/null 2>&1 || rc=$?
+[ "$rc" = 0 ] || fail "2: after the role ran, apply --check still finds changes (exit $rc)"
 after=$(tree_sums)
 
 play "3: apply again" --diff

@@ -266,7 +266,7 @@ pub fn print_plan(plan: &Plan, diff: bool) {
 }
 
 /// Why the host's issuer no longer is the one irsa-agent set, if that is the case.
-fn lost_change(state: &State, settings: &Settings, observed: &Observed) -> Option<String> {
+pub fn lost_change(state: &State, settings: &Settings, observed: &Observed) -> Option<String> {
     let st = state.issuer.as_ref()?;
     let at = st.switched_at?;
     if st.issuer != settings.issuer || observed.flags.issuers.first() == Some(&st.issuer) {

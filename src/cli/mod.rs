@@ -17,6 +17,8 @@ mod keys;
 pub mod logging;
 mod pending;
 mod publish;
+mod run;
+mod status;
 mod trust_policy;
 mod verify_token;
 
@@ -97,9 +99,9 @@ pub enum Command {
     Publish(publish::Args),
     /// Run as a daemon: converge, then watch key files and configuration and keep the
     /// published documents true.
-    Run(pending::Args),
+    Run(run::Args),
     /// Show what the agent last did and what it is waiting for.
-    Status(pending::Args),
+    Status(status::Args),
     /// Check every link from the key files to the public JWKS and explain what is wrong.
     Doctor(doctor::Args),
     /// Rotate the service-account signing key without rejecting a single token.
@@ -144,8 +146,8 @@ pub fn main() -> ExitCode {
         Command::Finalize(args) => finalize::run(&global, args),
         Command::Demo(args) => demo::run(&global, args),
         Command::Publish(args) => publish::run(&global, args),
-        Command::Run(_) => pending::not_implemented("run"),
-        Command::Status(_) => pending::not_implemented("status"),
+        Command::Run(args) => run::run(&global, args),
+        Command::Status(args) => status::run(&global, args),
         Command::Doctor(args) => doctor::run(&global, args),
         Command::Rotate(_) => pending::not_implemented("rotate"),
         Command::VerifyToken(args) => verify_token::run(&global, args),

@@ -249,6 +249,10 @@ pub struct Seaweed {
     pub https_port: u16,
     child: Child,
     pub log: PathBuf,
+    /// How it was started, for [`Seaweed::restart`].
+    program: PathBuf,
+    args: Vec<String>,
+    ca_path: String,
 }
 
 impl Seaweed {
@@ -338,7 +342,42 @@ impl Seaweed {
             https_port,
             child,
             log,
+            program: weed,
+            args,
+            ca_path,
         }
+    }
+
+    /// Stops the server (the target is down: connections are refused).
+    pub fn stop(&mut self) {
+        terminate(&mut self.child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", self.http_port)).is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "SeaweedFS still answers after kill"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts it again on the same ports with the same data.
+    pub fn restart(&mut self) {
+        let log = self.dir.path().join("weed-restarted.log");
+        self.child = spawn_tied(
+            &self.program,
+            &self.args,
+            &[("SSL_CERT_FILE", self.ca_path.as_str())],
+            &log,
+            self.dir.path(),
+        );
+        wait_http(
+            self.http_port,
+            "SeaweedFS S3 (restarted)",
+            &log,
+            &mut self.child,
+        );
+        self.log = log;
     }
 
     pub fn http_endpoint(&self) -> String {
@@ -400,9 +439,27 @@ impl Seaweed {
 
 impl Drop for Seaweed {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        terminate(&mut self.child);
     }
+}
+
+/// Stops a [`spawn_tied`] server: SIGTERM to its watchdog shell, whose trap stops the server
+/// and waits for it (a SIGKILL would leave the server running until this test process ends).
+pub fn terminate(child: &mut Child) {
+    if let Ok(pid) = i32::try_from(child.id())
+        && let Some(pid) = rustix::process::Pid::from_raw(pid)
+    {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// A fake k3s host whose keys are `tests/data/apiserver/k3s/keys`, with this config.
