@@ -7,14 +7,20 @@
 //!   kube-apiserver reads and renders them;
 //! - [`publish`]: putting the discovery document and JWKS where relying parties fetch them
 //!   (directory, S3, GCS, Azure), credentials for that, and the check of the public copy;
+//! - [`doctor`]: `doctor`, `verify-token`, `trust-policy`: checks and explanations of what is
+//!   wrong between the key files and a relying party;
 //! - [`host`]: the injectable host root every host path goes through;
 //! - [`fs`]: the one module that writes host files (atomic, durable, mode-preserving);
 //! - [`state`]: the agent's own state file (`/var/lib/irsa-agent/state.json`);
+//! - [`daemon`]: `irsa-agent run`, the loop that keeps all of the above true (watch, converge,
+//!   retry, systemd, metrics) and the extension point for scheduled work (rotation);
 //! - [`cli`]: the command line, one file per subcommand.
 
 pub mod apiserver;
 pub mod cli;
 pub mod config;
+pub mod daemon;
+pub mod doctor;
 pub mod failpoint;
 pub mod fs;
 pub mod host;

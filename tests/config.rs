@@ -329,3 +329,53 @@ fn publish_layout_warnings_name_the_prefix_to_set() {
     );
     insta::assert_snapshot!(stderr);
 }
+
+#[test]
+fn run_section_rules() {
+    let root = host(&[
+        (
+            "/etc/irsa-agent/config.yaml",
+            "issuer: https://oidc.example.com/cluster-a\nrun:\n  resync-interval: 0s\n  debounce: 2\n  retry-max: 2y\n  publish-timeout: 5h\n  metrics-textfile: irsa.prom\n  metrics-listen: 0.0.0.0:9464\n  metrics-port: 9464\n",
+        ),
+        (
+            "/etc/irsa-agent/config.d/50-run.yaml",
+            "run:\n  metrics-textfile: /var/lib/node-exporter/irsa.txt\n  metrics-listen: localhost\n",
+        ),
+        (
+            "/etc/irsa-agent/config.d/60-run.yaml",
+            "run:\n  resync-interval: 30s\n  debounce: 1m\n",
+        ),
+    ]);
+    let (code, stdout, stderr) = check(root.path(), &[]);
+    assert_eq!(code, 1);
+    assert_eq!(stdout, "");
+    insta::assert_snapshot!(stderr);
+}
+
+#[test]
+fn run_section_values_in_effect() {
+    let root = host(&[
+        (
+            "/etc/irsa-agent/config.yaml",
+            "issuer: https://oidc.example.com/cluster-a\nrun:\n  resync-interval: 5m\n  metrics-listen: 127.0.0.1:9464\n",
+        ),
+        (
+            "/etc/irsa-agent/config.d/50-run.yaml",
+            "run:\n  debounce: 250ms\n  metrics-textfile: /var/lib/prometheus/node-exporter/irsa_agent.prom\n",
+        ),
+    ]);
+    let (code, stdout, stderr) = check(root.path(), &["--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    assert_eq!(
+        doc["run"],
+        serde_json::json!({
+            "resync-interval": "5m",
+            "debounce": "250ms",
+            "retry-max": "5m",
+            "publish-timeout": "2m",
+            "metrics-textfile": "/var/lib/prometheus/node-exporter/irsa_agent.prom",
+            "metrics-listen": "127.0.0.1:9464",
+        })
+    );
+}

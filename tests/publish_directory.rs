@@ -23,62 +23,6 @@ const NGINX_LOCATIONS: &str = r#"
     }
 "#;
 
-struct Nginx {
-    child: std::process::Child,
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_nginx(dir: &Path, srv: &Path, ca: &support::TestCa, port: u16) -> Nginx {
-    let conf = format!(
-        r#"daemon off;
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/tmp; proxy_temp_path {dir}/tmp; fastcgi_temp_path {dir}/tmp;
-    uwsgi_temp_path {dir}/tmp; scgi_temp_path {dir}/tmp;
-    server {{
-        listen 127.0.0.1:{port} ssl;
-        ssl_certificate {cert};
-        ssl_certificate_key {key};
-{locations}
-    }}
-}}
-"#,
-        dir = dir.display(),
-        cert = ca.cert.display(),
-        key = ca.key.display(),
-        locations = NGINX_LOCATIONS.replace("/SRV", &srv.display().to_string()),
-    );
-    std::fs::create_dir_all(dir.join("tmp")).expect("tmp");
-    std::fs::write(dir.join("nginx.conf"), conf).expect("conf");
-    let log = dir.join("nginx.out");
-    let nginx = support::tool("nginx");
-    let mut child = support::spawn_tied(
-        &nginx,
-        &[
-            "-p".into(),
-            dir.display().to_string(),
-            "-c".into(),
-            dir.join("nginx.conf").display().to_string(),
-        ],
-        &[],
-        &log,
-        dir,
-    );
-    // nginx speaks TLS only; a plain GET still gets an (error) answer.
-    support::wait_http(port, "nginx", &dir.join("error.log"), &mut child);
-    Nginx { child }
-}
-
 const PYJWK_SCRIPT: &str = r#"
 import sys, ssl, jwt
 url, ca, token, issuer = sys.argv[1:5]
@@ -98,7 +42,12 @@ fn directory_behind_nginx_verified_by_pyjwt() {
         "issuer: {issuer}\ndistribution: k3s\npublish:\n  - type: directory\n    path: /srv/oidc\n"
     );
     let host = support::k3s_host(&config);
-    let _nginx = start_nginx(work.path(), &host.path().join("srv/oidc"), &ca, port);
+    let _nginx = support::start_nginx(
+        work.path(),
+        &NGINX_LOCATIONS.replace("/SRV", &host.path().join("srv/oidc").display().to_string()),
+        &ca,
+        port,
+    );
 
     let ca_path = ca.ca_cert.display().to_string();
     let (code, stdout, stderr) =

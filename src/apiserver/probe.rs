@@ -18,8 +18,10 @@ use serde_yaml::Value;
 
 use crate::host::HostRoot;
 
-/// The admin kubeconfig and the URL of the local apiserver.
-pub fn local_target(observed: &super::Observed) -> (PathBuf, Option<String>) {
+/// The admin kubeconfig (host path) and, on kubeadm, the URL of this host's apiserver (the
+/// manifest's `--advertise-address` and `--secure-port`; the kubeconfig may name a load
+/// balancer).
+pub fn target(observed: &super::Observed) -> (PathBuf, Option<String>) {
     match &observed.source {
         super::Source::Rancher(r) => (r.flavor.kubeconfig(), None),
         super::Source::Kubeadm(k) => {
@@ -135,8 +137,72 @@ impl KubeconfigProbe {
         Ok(KubeconfigProbe { runtime, api })
     }
 
-    async fn get(&self, path: &str) -> Result<(u16, String), String> {
+    /// The apiserver URL the probe talks to (no trailing slash).
+    pub fn server(&self) -> &str {
+        self.api.server()
+    }
+
+    /// The async client underneath (for callers with a runtime of their own).
+    pub fn api(&self) -> &ApiClient {
+        &self.api
+    }
+
+    /// Runs `future` on the probe's own runtime (doctor and verify-token compose several
+    /// requests and run them concurrently).
+    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.runtime.block_on(future)
+    }
+
+    /// See [`ApiClient::get`].
+    pub async fn get(&self, path: &str) -> Result<(u16, String), String> {
         self.api.get(path).await
+    }
+
+    /// See [`ApiClient::post_json`].
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<(u16, String), String> {
+        self.api.post_json(path, body).await
+    }
+
+    /// Asks the apiserver's TokenRequest API for a token of `namespace/service_account` with
+    /// these audiences and lifetime. The token is a credential: callers must not log it.
+    pub fn token_request(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        audiences: &[String],
+        expiration_seconds: u64,
+    ) -> Result<zeroize::Zeroizing<String>, String> {
+        let path =
+            format!("/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token");
+        let body = serde_json::json!({
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"audiences": audiences, "expirationSeconds": expiration_seconds},
+        });
+        let (code, text) = self
+            .block_on(self.post_json(&path, &body))
+            .map_err(|e| format!("cannot reach the apiserver at {}: {e}", self.server()))?;
+        let answer: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let message = answer
+            .get("message")
+            .and_then(|m| m.as_str())
+            .unwrap_or_else(|| text.lines().next().unwrap_or(""))
+            .to_string();
+        match code {
+            200 | 201 => answer
+                .pointer("/status/token")
+                .and_then(|t| t.as_str())
+                .map(|t| zeroize::Zeroizing::new(t.to_string()))
+                .ok_or_else(|| "the TokenRequest answer holds no status.token".to_string()),
+            404 => Err(format!(
+                "service account {namespace}/{service_account} not found ({message}); list them with: kubectl get serviceaccounts -n {namespace}"
+            )),
+            _ => Err(format!("TokenRequest answered HTTP {code}: {message}")),
+        }
     }
 }
 
@@ -247,29 +313,40 @@ impl ApiClient {
         }
     }
 
-    /// `GET <server><path>`: status and body.
+    /// `GET` with the admin credential: `path` on this apiserver, or an absolute `https://` URL
+    /// (another apiserver of the same cluster, trusted through the same CA).
     pub async fn get(&self, path: &str) -> Result<(u16, String), String> {
-        self.send(self.client.get(format!("{}{path}", self.server)))
-            .await
+        self.send(reqwest::Method::GET, path, None).await
     }
 
-    /// `POST <server><path>` with a JSON body: status and body.
+    /// `POST` of a JSON body with the admin credential (TokenRequest).
     pub async fn post_json(
         &self,
         path: &str,
         body: &serde_json::Value,
     ) -> Result<(u16, String), String> {
-        let request = self
-            .client
-            .post(format!("{}{path}", self.server))
-            .header("content-type", "application/json")
-            .body(body.to_string());
-        self.send(request).await
+        self.send(reqwest::Method::POST, path, Some(body)).await
     }
 
-    async fn send(&self, mut request: reqwest::RequestBuilder) -> Result<(u16, String), String> {
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(u16, String), String> {
+        let url = if path.starts_with("https://") {
+            path.to_string()
+        } else {
+            format!("{}{path}", self.server)
+        };
+        let mut request = self.client.request(method, url);
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request
+                .header("Content-Type", "application/json")
+                .body(body.to_string());
         }
         let response = request.send().await.map_err(|e| {
             // The innermost cause says it best ("Connection refused", a TLS alert, ...).

@@ -110,7 +110,7 @@ pub fn edges(root: &HostRoot, observed: &Observed, run: &RunArgs) -> Edges {
     let services: Box<dyn ServiceManager> = Box::new(Systemctl {
         program: run.systemctl.clone(),
     });
-    let (kubeconfig, url) = crate::apiserver::probe::local_target(observed);
+    let (kubeconfig, url) = crate::apiserver::probe::target(observed);
     let url = run.apiserver_url.clone().or(url);
     let request_timeout = run.poll_interval.max(Duration::from_secs(5));
     match KubeconfigProbe::new(root, &kubeconfig, url, request_timeout) {
@@ -266,7 +266,7 @@ pub fn print_plan(plan: &Plan, diff: bool) {
 }
 
 /// Why the host's issuer no longer is the one irsa-agent set, if that is the case.
-fn lost_change(state: &State, settings: &Settings, observed: &Observed) -> Option<String> {
+pub fn lost_change(state: &State, settings: &Settings, observed: &Observed) -> Option<String> {
     let st = state.issuer.as_ref()?;
     let at = st.switched_at?;
     if st.issuer != settings.issuer || observed.flags.issuers.first() == Some(&st.issuer) {

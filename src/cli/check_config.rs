@@ -43,6 +43,14 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
                 "token-lifetime": format_duration(s.rotation.token_lifetime),
                 "drain-margin": format_duration(s.rotation.drain_margin),
             },
+            "run": {
+                "resync-interval": format_duration(s.run.resync_interval),
+                "debounce": format_duration(s.run.debounce),
+                "retry-max": format_duration(s.run.retry_max),
+                "publish-timeout": format_duration(s.run.publish_timeout),
+                "metrics-textfile": s.run.metrics_textfile,
+                "metrics-listen": s.run.metrics_listen.map(|a| a.to_string()),
+            },
             "sources": s.sources,
             "warnings": loaded.warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
         });

@@ -1,9 +1,32 @@
 //! Logging for the command line: plain lines on stderr, no timestamps (journald and terminals
-//! add their own), `warning:`/`error:` prefixes as cargo prints them.
+//! add their own), `warning:`/`error:` prefixes as cargo prints them. The daemon switches to
+//! native journald records ([`to_journal_if_there`]: priorities, no prefixes) when stderr is
+//! the journal or it runs under systemd.
+
+use std::sync::OnceLock;
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
 struct StderrLogger;
+
+/// Set once the daemon decided to log to journald.
+static JOURNAL: OnceLock<systemd_journal_logger::JournalLog> = OnceLock::new();
+
+/// Sends log records to journald instead of stderr when `JOURNAL_STREAM` says stderr is the
+/// journal, or the process runs as a systemd service (`INVOCATION_ID`) and the journal socket
+/// answers. Returns whether it did.
+pub fn to_journal_if_there() -> bool {
+    // The journal's socket is this process's logging endpoint, not host data: not under --root.
+    let under_systemd = std::env::var_os("INVOCATION_ID").is_some()
+        && std::path::Path::new("/run/systemd/journal/socket").exists();
+    if !systemd_journal_logger::connected_to_journal() && !under_systemd {
+        return false;
+    }
+    match systemd_journal_logger::JournalLog::new() {
+        Ok(journal) => JOURNAL.set(journal).is_ok() || JOURNAL.get().is_some(),
+        Err(_) => false,
+    }
+}
 
 impl Log for StderrLogger {
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
@@ -12,6 +35,10 @@ impl Log for StderrLogger {
 
     fn log(&self, record: &Record<'_>) {
         if !self.enabled(record.metadata()) {
+            return;
+        }
+        if let Some(journal) = JOURNAL.get() {
+            journal.log(record);
             return;
         }
         let prefix = match record.level() {

@@ -10,13 +10,17 @@
 mod apply;
 mod check_config;
 mod demo;
+mod doctor;
 mod finalize;
 mod generate;
 mod keys;
 pub mod logging;
-mod pending;
 mod publish;
 mod rotate;
+mod run;
+mod status;
+mod trust_policy;
+mod verify_token;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -95,16 +99,19 @@ pub enum Command {
     Publish(publish::Args),
     /// Run as a daemon: converge, then watch key files and configuration and keep the
     /// published documents true.
-    Run(pending::Args),
+    Run(run::Args),
     /// Show what the agent last did and what it is waiting for.
-    Status(pending::Args),
+    Status(status::Args),
     /// Check every link from the key files to the public JWKS and explain what is wrong.
-    Doctor(pending::Args),
+    Doctor(doctor::Args),
     /// Rotate the service-account signing key without rejecting a single token.
     Rotate(rotate::Args),
     /// Decode a service-account token and explain why a relying party would accept or
     /// refuse it.
-    VerifyToken(pending::Args),
+    VerifyToken(verify_token::Args),
+    /// Print the IAM trust policy (and Terraform, Azure and GCP equivalents) for a service
+    /// account.
+    TrustPolicy(trust_policy::Args),
     /// Generate the man page or shell completions (for packaging).
     #[command(hide = true)]
     Generate(generate::Args),
@@ -139,11 +146,12 @@ pub fn main() -> ExitCode {
         Command::Finalize(args) => finalize::run(&global, args),
         Command::Demo(args) => demo::run(&global, args),
         Command::Publish(args) => publish::run(&global, args),
-        Command::Run(_) => pending::not_implemented("run"),
-        Command::Status(_) => pending::not_implemented("status"),
-        Command::Doctor(_) => pending::not_implemented("doctor"),
+        Command::Run(args) => run::run(&global, args),
+        Command::Status(args) => status::run(&global, args),
+        Command::Doctor(args) => doctor::run(&global, args),
         Command::Rotate(args) => rotate::run(&global, args),
-        Command::VerifyToken(_) => pending::not_implemented("verify-token"),
+        Command::VerifyToken(args) => verify_token::run(&global, args),
+        Command::TrustPolicy(args) => trust_policy::run(&global, args),
         Command::Generate(args) => generate::run(args),
     };
     match result {

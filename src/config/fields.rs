@@ -277,28 +277,33 @@ fn edit_distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
-/// Parses `90d`, `24h`, `1h30m`, `15m`, `45s`, `2w`: one or more number+unit pairs.
+/// Parses `90d`, `24h`, `1h30m`, `15m`, `45s`, `2w`, `250ms`: one or more number+unit pairs.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let s = text.trim();
     if s.is_empty() {
         return Err("empty duration".into());
     }
-    let mut total: u64 = 0;
+    let mut total_ms: u64 = 0;
     let mut digits = String::new();
-    for c in s.chars() {
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
         if c.is_ascii_digit() {
             digits.push(c);
             continue;
         }
-        let unit: u64 = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
-            'w' => 604_800,
+        let unit_ms: u64 = match c {
+            'm' if chars.peek() == Some(&'s') => {
+                chars.next();
+                1
+            }
+            's' => 1000,
+            'm' => 60_000,
+            'h' => 3_600_000,
+            'd' => 86_400_000,
+            'w' => 604_800_000,
             _ => {
                 return Err(format!(
-                    "unknown duration unit {c:?}; use s, m, h, d or w (e.g. 90d, 1h30m)"
+                    "unknown duration unit {c:?}; use ms, s, m, h, d or w (e.g. 90d, 1h30m)"
                 ));
             }
         };
@@ -308,9 +313,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         let n: u64 = digits
             .parse()
             .map_err(|_| "duration number is too large".to_string())?;
-        total = n
-            .checked_mul(unit)
-            .and_then(|v| total.checked_add(v))
+        total_ms = n
+            .checked_mul(unit_ms)
+            .and_then(|v| total_ms.checked_add(v))
             .ok_or_else(|| "duration is too large".to_string())?;
         digits.clear();
     }
@@ -319,13 +324,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "a duration needs a unit: write {digits}s, or use m, h, d, w"
         ));
     }
-    Ok(Duration::from_secs(total))
+    Ok(Duration::from_millis(total_ms))
 }
 
-/// Renders a duration the way a person writes it (`90d`, `1h30m`, `0s`).
+/// Renders a duration the way a person writes it (`90d`, `1h30m`, `250ms`, `0s`).
 pub fn format_duration(d: Duration) -> String {
     let mut secs = d.as_secs();
-    if secs == 0 {
+    let millis = d.subsec_millis();
+    if secs == 0 && millis == 0 {
         return "0s".into();
     }
     let mut out = String::new();
@@ -334,6 +340,9 @@ pub fn format_duration(d: Duration) -> String {
             out.push_str(&format!("{}{unit}", secs / size));
             secs %= size;
         }
+    }
+    if millis > 0 {
+        out.push_str(&format!("{millis}ms"));
     }
     out
 }
@@ -353,6 +362,11 @@ mod tests {
         assert!(parse_duration("99999999999999999999d").is_err());
         assert_eq!(format_duration(Duration::from_secs(5400)), "1h30m");
         assert_eq!(format_duration(Duration::from_secs(90 * 86_400)), "90d");
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1s500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1s500ms");
+        assert_eq!(format_duration(Duration::from_millis(100)), "100ms");
     }
 
     #[test]

@@ -16,6 +16,7 @@
 
 pub mod fields;
 pub mod issuer;
+pub mod run;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -286,6 +287,8 @@ pub struct Settings {
     pub distribution: Distribution,
     pub publish: Vec<PublishTarget>,
     pub rotation: Rotation,
+    /// `run:`: the daemon's timers and metrics outputs.
+    pub run: run::RunSettings,
     /// An extra CA bundle (host path) trusted for the agent's own HTTPS requests: verifying the
     /// public copy, STS, storage endpoints. The system store (or `SSL_CERT_FILE`) stays trusted.
     pub ca_file: Option<PathBuf>,
@@ -318,6 +321,7 @@ pub struct Fragment {
     pub publish: Option<Origin<Vec<PublishTarget>>>,
     pub rotation: RotationFragment,
     pub ca_file: Option<Origin<PathBuf>>,
+    pub run: run::RunFragment,
 }
 
 /// `rotation:` of one file; merged key by key.
@@ -498,6 +502,9 @@ pub fn parse_fragment(file: &Path, text: &str, problems: &mut Vec<Problem>) -> F
     }
     if let Some(rotation) = f.mapping("rotation") {
         fragment.rotation = parse_rotation(file, rotation, f.problems());
+    }
+    if let Some(map) = f.mapping("run") {
+        fragment.run = run::parse(file, map, f.problems());
     }
     f.finish();
     fragment
@@ -794,6 +801,7 @@ pub fn merge(fragments: Vec<Fragment>) -> Fragment {
         out.distribution = f.distribution.or(out.distribution);
         out.publish = f.publish.or(out.publish);
         out.ca_file = f.ca_file.or(out.ca_file);
+        out.run = run::merge(std::mem::take(&mut out.run), f.run);
         let (r, o) = (f.rotation, &mut out.rotation);
         o.enabled = r.enabled.or(o.enabled);
         o.every = r.every.or(o.every.take());
@@ -930,6 +938,7 @@ pub fn validate(
             message: "must be at least 10m (the shortest lifetime kube-apiserver issues)".into(),
         });
     }
+    let run = run::validate(merged.run, problems);
     if !problems.is_empty() {
         return None;
     }
@@ -940,6 +949,7 @@ pub fn validate(
             distribution: merged.distribution.map_or(Distribution::Auto, |o| o.value),
             publish: merged.publish.map(|o| o.value).unwrap_or_default(),
             rotation,
+            run,
             ca_file: merged.ca_file.map(|o| o.value),
             sources,
         },

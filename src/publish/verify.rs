@@ -40,6 +40,11 @@ pub struct Fetched {
     pub kids: Vec<String>,
     /// The `jwks_uri` the public discovery document names (discovery only).
     pub jwks_uri: Option<String>,
+    /// How long the request took, from sending to the last body byte (what a relying party
+    /// waits; AWS STS gives up after about 5 s).
+    pub elapsed: Option<Duration>,
+    /// The `Date` header (the answering server's clock).
+    pub date: Option<String>,
 }
 
 impl Fetched {
@@ -54,6 +59,8 @@ impl Fetched {
             matches: Match::NotFetched,
             kids: Vec::new(),
             jwks_uri: None,
+            elapsed: None,
+            date: None,
         }
     }
 
@@ -117,8 +124,11 @@ pub fn max_age(cache_control: &str) -> Option<Duration> {
     s_maxage.or(max_age).map(Duration::from_secs)
 }
 
-async fn fetch(client: &reqwest::Client, url: &str) -> (Fetched, Option<Vec<u8>>) {
+/// GETs `url` (as a relying party: `Accept: application/json`), keeping the headers that
+/// matter and the time it took; returns the body of a 2xx answer.
+pub async fn fetch(client: &reqwest::Client, url: &str) -> (Fetched, Option<Vec<u8>>) {
     let mut out = Fetched::new(url);
+    let started = std::time::Instant::now();
     let response = match client
         .get(url)
         .header("Accept", "application/json")
@@ -127,7 +137,13 @@ async fn fetch(client: &reqwest::Client, url: &str) -> (Fetched, Option<Vec<u8>>
     {
         Ok(r) => r,
         Err(e) => {
-            out.error = Some(super::store::error_chain(&e.without_url()));
+            let timed_out = e.is_timeout();
+            let chain = super::store::error_chain(&e.without_url());
+            out.error = Some(if timed_out {
+                format!("timed out: {chain}")
+            } else {
+                chain
+            });
             return (out, None);
         }
     };
@@ -142,6 +158,7 @@ async fn fetch(client: &reqwest::Client, url: &str) -> (Fetched, Option<Vec<u8>>
     out.content_type = header("content-type");
     out.cache_control = header("cache-control");
     out.age = header("age").and_then(|v| v.trim().parse().ok());
+    out.date = header("date");
     let status = response.status();
     let body = match response.bytes().await {
         Ok(b) => b.to_vec(),
@@ -150,6 +167,7 @@ async fn fetch(client: &reqwest::Client, url: &str) -> (Fetched, Option<Vec<u8>>
             return (out, None);
         }
     };
+    out.elapsed = Some(started.elapsed());
     if !status.is_success() {
         out.matches = Match::Differs(vec![format!("answered HTTP {status}")]);
         return (out, None);

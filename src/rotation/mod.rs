@@ -1536,7 +1536,7 @@ impl Context {
         options: Options,
     ) -> Result<Context, RotationError> {
         let observed = distro::observe(root, settings.distribution)?;
-        let (kubeconfig, url) = crate::apiserver::probe::local_target(&observed);
+        let (kubeconfig, url) = crate::apiserver::probe::target(&observed);
         let api = crate::apiserver::probe::ApiClient::new(
             root,
             &kubeconfig,

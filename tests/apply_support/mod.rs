@@ -178,6 +178,9 @@ pub enum Behaviour {
         root: PathBuf,
         distribution: irsa_agent::config::Distribution,
     },
+    /// Ready; serves these documents, the `kubernetes` endpoints and TokenRequest (doctor,
+    /// verify-token).
+    Serve(Served),
 }
 
 /// The keys an apiserver started on `root` loads.
@@ -200,6 +203,126 @@ fn fake_now(root: &Path) -> u64 {
         .ok()
         .and_then(|t| t.trim().parse().ok())
         .unwrap_or_else(irsa_agent::state::unix_now)
+}
+
+/// What a [`Behaviour::Serve`] apiserver answers.
+#[derive(Clone, Debug)]
+pub struct Served {
+    pub discovery: String,
+    pub jwks: String,
+    /// The apiserver ports `GET /api/v1/namespaces/default/endpoints/kubernetes` lists, on
+    /// 127.0.0.1; port 0 stands for this server itself (404 when `None`).
+    pub endpoints: Option<Vec<u16>>,
+    /// TokenRequest mints tokens with this signing key file (a real path) as this issuer.
+    pub signer: Option<(PathBuf, String)>,
+}
+
+impl Served {
+    /// What a real kube-apiserver started with the host's current flags and key files serves:
+    /// every verification key in flag order (repeats kept), the first issuer, the jwks-uri.
+    pub fn from_host(root: &Path, distribution: irsa_agent::config::Distribution) -> Served {
+        let host = irsa_agent::host::HostRoot::new(root);
+        let observed = irsa_agent::apiserver::observe(&host, distribution).expect("observe host");
+        let flags = &observed.flags;
+        let mut keys = Vec::new();
+        for file in &flags.key_files {
+            keys.extend(
+                irsa_agent::keys::load_verification_file(&host.path(file))
+                    .expect("key file")
+                    .keys,
+            );
+        }
+        let issuer = flags.issuers.first().cloned().unwrap_or_default();
+        let jwks_uri = flags
+            .jwks_uri()
+            .map(str::to_string)
+            .unwrap_or_else(|| "https://127.0.0.1:6443/openid/v1/jwks".to_string());
+        Served {
+            discovery: irsa_agent::keys::jwks::discovery_json(&issuer, &jwks_uri, &keys),
+            jwks: irsa_agent::keys::jwks::jwks_json(&keys),
+            endpoints: None,
+            signer: flags
+                .signing_key_file
+                .as_ref()
+                .map(|f| (host.path(f), issuer.clone())),
+        }
+    }
+
+    /// An Endpoints object listing one apiserver per port on 127.0.0.1.
+    pub fn endpoints_for(ports: &[u16]) -> String {
+        let subsets: Vec<serde_json::Value> = ports
+            .iter()
+            .map(|p| {
+                serde_json::json!({"addresses": [{"ip": "127.0.0.1"}],
+                    "ports": [{"name": "https", "port": p, "protocol": "TCP"}]})
+            })
+            .collect();
+        serde_json::json!({"kind": "Endpoints", "apiVersion": "v1",
+            "metadata": {"name": "kubernetes", "namespace": "default"}, "subsets": subsets})
+        .to_string()
+    }
+}
+
+/// The fake's TokenRequest: a token signed like kube-apiserver signs one.
+fn token_request(served: &Served, path: &str, body: &str) -> (u16, String) {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (ns, sa) = match parts.as_slice() {
+        [
+            "api",
+            "v1",
+            "namespaces",
+            ns,
+            "serviceaccounts",
+            sa,
+            "token",
+        ] => (*ns, *sa),
+        _ => {
+            return (
+                404,
+                "{\"kind\":\"Status\",\"message\":\"not found\"}".to_string(),
+            );
+        }
+    };
+    if sa == "missing" {
+        return (
+            404,
+            format!(
+                "{{\"kind\":\"Status\",\"message\":\"serviceaccounts \\\"{sa}\\\" not found\"}}"
+            ),
+        );
+    }
+    let Some((key_file, issuer)) = &served.signer else {
+        return (500, "{\"message\":\"no signer\"}".to_string());
+    };
+    let request: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    let audiences = request
+        .pointer("/spec/audiences")
+        .cloned()
+        .unwrap_or_else(|| serde_json::json!([issuer]));
+    let seconds = request
+        .pointer("/spec/expirationSeconds")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(3600);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let key = irsa_agent::keys::load_signing_file(key_file).expect("signing key");
+    let claims = serde_json::json!({
+        "aud": audiences, "exp": now + seconds, "iat": now, "iss": issuer,
+        "jti": "0b7c2f55-5a7e-4c39-9e0b-6d1f4c1f0001",
+        "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa, "uid": "5d5e8f4e-1111-2222-3333-444455556666"}},
+        "nbf": now, "sub": format!("system:serviceaccount:{ns}:{sa}"),
+    });
+    let token = irsa_agent::keys::token::mint(&key, &claims).expect("mint");
+    (
+        201,
+        serde_json::json!({"kind": "TokenRequest", "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"name": sa, "namespace": ns},
+            "spec": {"audiences": audiences, "expirationSeconds": seconds},
+            "status": {"token": token, "expirationTimestamp": "2099-01-01T00:00:00Z"}})
+        .to_string(),
+    )
 }
 
 /// A fake kube-apiserver on 127.0.0.1 with TLS and client-certificate authentication.
@@ -262,7 +385,7 @@ impl FakeApiserver {
             | Behaviour::Keys { root, distribution } => {
                 (restarts_of(root), issuer_of(root, *distribution))
             }
-            Behaviour::NeverReady => (0, String::new()),
+            Behaviour::NeverReady | Behaviour::Serve(_) => (0, String::new()),
         };
         let manifest_of = |root: &Path| {
             std::fs::read(root.join("etc/kubernetes/manifests/kube-apiserver.yaml"))
@@ -307,11 +430,18 @@ impl FakeApiserver {
                         }
                     }
                 }
-                let mut body = vec![0u8; content_length.min(1 << 20)];
-                if !body.is_empty() {
+                let mut request_body = vec![0u8; content_length];
+                if content_length > 0 {
                     use std::io::Read as _;
-                    let _ = reader.read_exact(&mut body);
+                    if reader.read_exact(&mut request_body).is_err() {
+                        continue;
+                    }
                 }
+                let method = request_line
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
                 let path = request_line
                     .split_whitespace()
                     .nth(1)
@@ -320,6 +450,31 @@ impl FakeApiserver {
                 requests2.lock().expect("lock").push(path.clone());
                 let (code, body) = match &behaviour {
                     Behaviour::NeverReady => (500, "[-]etcd failed: reason withheld".to_string()),
+                    Behaviour::Serve(served) => match (method.as_str(), path.as_str()) {
+                        ("GET", "/readyz") => (200, "ok".to_string()),
+                        ("GET", "/.well-known/openid-configuration") => {
+                            (200, served.discovery.clone())
+                        }
+                        ("GET", "/openid/v1/jwks") => (200, served.jwks.clone()),
+                        ("GET", "/api/v1/namespaces/default/endpoints/kubernetes") => {
+                            match &served.endpoints {
+                                Some(ports) => {
+                                    let ports: Vec<u16> = ports
+                                        .iter()
+                                        .map(|p| if *p == 0 { port } else { *p })
+                                        .collect();
+                                    (200, Served::endpoints_for(&ports))
+                                }
+                                None => (404, "{\"kind\":\"Status\",\"message\":\"endpoints \\\"kubernetes\\\" not found\"}".to_string()),
+                            }
+                        }
+                        ("POST", p) if p.ends_with("/token") => token_request(
+                            served,
+                            p,
+                            &String::from_utf8_lossy(&request_body),
+                        ),
+                        _ => (404, "not found".to_string()),
+                    },
                     Behaviour::FollowHost { root, distribution } => {
                         let restarts = restarts_of(root);
                         let follow_always =
@@ -387,7 +542,7 @@ impl FakeApiserver {
                                 if p.ends_with("/token") && request_line.starts_with("POST") =>
                             {
                                 let request: serde_json::Value =
-                                    serde_json::from_slice(&body).unwrap_or_default();
+                                    serde_json::from_slice(&request_body).unwrap_or_default();
                                 let aud = request["spec"]["audiences"].clone();
                                 let now = fake_now(root);
                                 let token = irsa_agent::keys::token::mint(

@@ -177,6 +177,63 @@ pub fn tail(log: &Path) -> String {
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
+/// A user-mode nginx with its own configuration, serving `locations` over TLS (the test CA).
+pub struct Nginx {
+    child: std::process::Child,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts nginx on 127.0.0.1:`port` with `locations` (nginx `location` blocks) in its server.
+pub fn start_nginx(dir: &Path, locations: &str, ca: &TestCa, port: u16) -> Nginx {
+    let conf = format!(
+        r#"daemon off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/tmp; proxy_temp_path {dir}/tmp; fastcgi_temp_path {dir}/tmp;
+    uwsgi_temp_path {dir}/tmp; scgi_temp_path {dir}/tmp;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+{locations}
+    }}
+}}
+"#,
+        dir = dir.display(),
+        cert = ca.cert.display(),
+        key = ca.key.display(),
+    );
+    std::fs::create_dir_all(dir.join("tmp")).expect("tmp");
+    std::fs::write(dir.join("nginx.conf"), conf).expect("conf");
+    let log = dir.join("nginx.out");
+    let nginx = tool("nginx");
+    let mut child = spawn_tied(
+        &nginx,
+        &[
+            "-p".into(),
+            dir.display().to_string(),
+            "-c".into(),
+            dir.join("nginx.conf").display().to_string(),
+        ],
+        &[],
+        &log,
+        dir,
+    );
+    // nginx speaks TLS only; a plain GET still gets an (error) answer.
+    wait_http(port, "nginx", &dir.join("error.log"), &mut child);
+    Nginx { child }
+}
+
 /// The S3 identity the tests sign with (SigV4).
 pub const ADMIN_KEY: &str = "AKIDIRSAADMIN";
 pub const ADMIN_SECRET: &str = "irsa-admin-secret-0123456789";
@@ -192,6 +249,10 @@ pub struct Seaweed {
     pub https_port: u16,
     child: Child,
     pub log: PathBuf,
+    /// How it was started, for [`Seaweed::restart`].
+    program: PathBuf,
+    args: Vec<String>,
+    ca_path: String,
 }
 
 impl Seaweed {
@@ -281,7 +342,42 @@ impl Seaweed {
             https_port,
             child,
             log,
+            program: weed,
+            args,
+            ca_path,
         }
+    }
+
+    /// Stops the server (the target is down: connections are refused).
+    pub fn stop(&mut self) {
+        terminate(&mut self.child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", self.http_port)).is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "SeaweedFS still answers after kill"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts it again on the same ports with the same data.
+    pub fn restart(&mut self) {
+        let log = self.dir.path().join("weed-restarted.log");
+        self.child = spawn_tied(
+            &self.program,
+            &self.args,
+            &[("SSL_CERT_FILE", self.ca_path.as_str())],
+            &log,
+            self.dir.path(),
+        );
+        wait_http(
+            self.http_port,
+            "SeaweedFS S3 (restarted)",
+            &log,
+            &mut self.child,
+        );
+        self.log = log;
     }
 
     pub fn http_endpoint(&self) -> String {
@@ -343,9 +439,27 @@ impl Seaweed {
 
 impl Drop for Seaweed {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        terminate(&mut self.child);
     }
+}
+
+/// Stops a [`spawn_tied`] server: SIGTERM to its watchdog shell, whose trap stops the server
+/// and waits for it (a SIGKILL would leave the server running until this test process ends).
+pub fn terminate(child: &mut Child) {
+    if let Ok(pid) = i32::try_from(child.id())
+        && let Some(pid) = rustix::process::Pid::from_raw(pid)
+    {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// A fake k3s host whose keys are `tests/data/apiserver/k3s/keys`, with this config.

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Packaging checks run by CI (.ci/run) after the Rust tests; installs what it needs on a fresh
+# Debian 12 machine (Debian packages, rustup targets, cargo-deb, a venv under /var/cache).
+#   1. shellcheck of install.sh (POSIX sh) and the packaging scripts;
+#   2. packaging/build-debs.sh: release binaries and .debs for amd64 and armhf (glibc 2.31
+#      symbols checked), lintian, and the armhf binary runs --version and jwks under qemu-user
+#      (jwks compared byte for byte with a real kube-apiserver's);
+#   3. install.sh against the built release: picks this machine's package, verifies SHA-256,
+#      refuses a tampered file (dry runs: nothing is installed here);
+#   4. the Ansible role: ansible-lint and packaging/ansible/test.sh.
+# The slow real-system test (debootstrap + systemd-nspawn) is not part of CI: run
+# packaging/test-deb-in-nspawn.sh by hand (see packaging/README.md).
+#
+# Why not arm64 too: each release build is 6-7 CPU-minutes; all three pushed a fresh-clone CI
+# run past 25 minutes on this 2-core machine (budget: ~20). armhf is the cross target kept: its
+# 32-bit code paths (usize, 64-bit atomics, ring's ARMv7 assembly) are the ones amd64 does not
+# exercise; arm64 is built and smoke-tested by build-debs.sh for every release.
+# IRSA_AGENT_CI_ARCHES overrides the list (e.g. amd64,arm64,armhf, or amd64 alone).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=packaging/lib.sh
+. packaging/lib.sh
+
+passed=0 failed=0
+ok() { printf 'PASS: %s\n' "$*"; passed=$((passed + 1)); }
+bad() { printf 'FAIL: %s\n' "$*"; failed=$((failed + 1)); }
+timed() { # timed LABEL COMMAND...: runs it, prints how long it took
+    local label=$1 start=$SECONDS
+    shift
+    "$@"
+    printf '==> %s took %d s\n' "$label" $((SECONDS - start)) >&2
+}
+
+need_apt shellcheck
+say "shellcheck"
+if shellcheck -s sh install.sh && shellcheck -x packaging/*.sh packaging/debian/postinst \
+    packaging/debian/postrm packaging/ansible/*.sh packaging/ansible/tests/*.sh; then
+    ok "shellcheck: install.sh, packaging scripts, maintainer scripts"
+else
+    bad "shellcheck"
+fi
+
+arches=${IRSA_AGENT_CI_ARCHES:-amd64,armhf}
+dist=target/dist
+rm -rf "$dist"
+timed "build-debs.sh --arch $arches" packaging/build-debs.sh --arch "$arches" --out "$dist"
+ok "packages built, lintian clean, binaries smoke-tested ($arches)"
+
+say "install.sh against the built release (dry runs)"
+version=$(crate_version)-1
+arch=$(dpkg --print-architecture)
+# check DESCRIPTION FUNCTION: PASS when the function succeeds; its output ($out) shown otherwise.
+check() {
+    out=
+    if "$2"; then ok "$1"; else bad "$1"; printf '%s\n' "$out" | sed 's/^/    /'; fi
+}
+tampered=$(mktemp -d)
+trap 'rm -rf "$tampered"' EXIT
+cp "$dist"/* "$tampered/"
+printf 'x' >>"$tampered/irsa-agent_${version}_${arch}.deb"
+tarball=irsa-agent-${version}-${arch}.tar.gz
+picks_deb() {
+    out=$(sh install.sh --dry-run "$dist/" 2>&1) &&
+        grep -q "irsa-agent_${version}_${arch}.deb" <<<"$out" &&
+        grep -q 'SHA-256 verified' <<<"$out" && grep -q 'apt-get install' <<<"$out"
+}
+picks_tarball() {
+    out=$(sh install.sh --dry-run --tarball "$dist/" 2>&1) && grep -q "$tarball" <<<"$out" &&
+        grep -q 'install -D -m 755 .*/usr/bin/irsa-agent /usr/bin/irsa-agent' <<<"$out"
+}
+refuses_tampered() {
+    local rc=0
+    out=$(sh install.sh --dry-run "$tampered/irsa-agent_${version}_${arch}.deb" 2>&1) || rc=$?
+    [ "$rc" = 1 ] && grep -q 'SHA-256 mismatch' <<<"$out"
+}
+refuses_unverifiable() {
+    local rc=0
+    rm -f "$tampered/SHA256SUMS"
+    out=$(sh install.sh --dry-run "$tampered/$tarball" 2>&1) || rc=$?
+    [ "$rc" = 1 ] && grep -q 'no SHA-256 to verify' <<<"$out"
+}
+accepts_sha256_option() {
+    local sum
+    sum=$(sha256sum "$dist/$tarball" | cut -d ' ' -f 1)
+    out=$(sh install.sh --dry-run --sha256 "$sum" "$tampered/$tarball" 2>&1) &&
+        grep -q 'from --sha256' <<<"$out"
+}
+check "install.sh picks irsa-agent_${version}_${arch}.deb from the release and verifies it" picks_deb
+check "install.sh --tarball installs the tarball's files" picks_tarball
+check "install.sh refuses a tampered .deb (SHA-256 mismatch)" refuses_tampered
+check "install.sh refuses a file it cannot verify (no SHA256SUMS, no --sha256)" refuses_unverifiable
+check "install.sh --sha256 verifies a file without SHA256SUMS" accepts_sha256_option
+
+if timed "packaging/ansible/test.sh" packaging/ansible/test.sh; then
+    ok "Ansible role (ansible-lint, check/apply/idempotent, stop at the first failure)"
+else
+    bad "Ansible role test"
+fi
+
+echo "packaging checks: $passed passed, $failed failed"
+[ "$failed" = 0 ]

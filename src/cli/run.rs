@@ -1,0 +1,290 @@
+//! `irsa-agent run`: the daemon (see [`crate::daemon`]). This file wires it to the host: the
+//! real apiserver step (the plan and executor of `apply`, with systemctl and the kubeconfig
+//! probe) and the list of scheduled tasks.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args as ClapArgs;
+
+use super::apply::{self as apply_cli, RunArgs};
+use super::{Exit, Global};
+use crate::apiserver::apply::{self as executor, ApplyError, Options, Outcome, RestartOutcome};
+use crate::apiserver::plan::{self, Target};
+use crate::apiserver::{self, restart};
+use crate::config::{self, Settings};
+use crate::daemon::{self, Applied, ApplyReport, ApplyStep, FailureKind, ScheduledTask};
+use crate::host::HostRoot;
+use crate::state::{self, State};
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    config::parse_duration(s)
+}
+
+#[derive(Debug, ClapArgs)]
+#[command(after_help = "\
+Converges at start (publishes the discovery document and JWKS to every `publish:` target, then \
+brings the apiserver's issuer flags in line exactly as `irsa-agent apply` does), then watches \
+the key files, the apiserver configuration and /etc/irsa-agent, and converges again after every \
+change (debounced), every run.resync-interval (10m, jittered), and after failures (capped \
+exponential backoff). It never exits on a failure, and never publishes a JWKS that lacks the key \
+the apiserver signs with.
+
+Without an issuer configured it waits (STATUS=waiting for an issuer in \
+/etc/irsa-agent/config.yaml) and starts when one is set. Under systemd: Type=notify, READY after \
+the first converge, STATUS on every change, watchdog, SIGHUP reloads, SIGTERM stops (exit 0). \
+See `irsa-agent status`, and the README for metrics and the unit's privileges.")]
+pub struct Args {
+    /// Write the apiserver configuration but never restart the apiserver (as `apply
+    /// --no-restart`): the change takes effect at its next restart.
+    #[arg(long)]
+    pub no_restart: bool,
+
+    /// How long to wait for a restarted apiserver to be ready and serve the new issuer before
+    /// restoring the backup.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_timeout)]
+    pub timeout: Duration,
+
+    /// The systemd unit to restart [default: detected: k3s (or k3s-<name>), rke2-server].
+    #[arg(long, value_name = "UNIT")]
+    pub unit: Option<String>,
+
+    /// The systemctl program (tests point it at a fake).
+    #[arg(
+        long,
+        hide = true,
+        value_name = "PATH",
+        env = "IRSA_AGENT_SYSTEMCTL",
+        default_value = "systemctl"
+    )]
+    pub systemctl: PathBuf,
+
+    /// How often to ask the apiserver while waiting.
+    #[arg(long, hide = true, value_name = "DURATION", default_value = "2s", value_parser = parse_timeout)]
+    pub poll_interval: Duration,
+
+    /// The apiserver URL to probe.
+    #[arg(
+        long,
+        hide = true,
+        value_name = "URL",
+        env = "IRSA_AGENT_APISERVER_URL"
+    )]
+    pub apiserver_url: Option<String>,
+}
+
+impl Args {
+    fn apply_args(&self) -> RunArgs {
+        RunArgs {
+            check: false,
+            diff: false,
+            json: false,
+            no_restart: self.no_restart,
+            timeout: self.timeout,
+            unit: self.unit.clone(),
+            systemctl: self.systemctl.clone(),
+            poll_interval: self.poll_interval,
+            apiserver_url: self.apiserver_url.clone(),
+        }
+    }
+}
+
+/// Scheduled work the daemon runs after every converge and when due (see
+/// [`crate::daemon::tasks`]). Key rotation (issue 6) registers its task here.
+fn tasks(_global: &Global, _args: &Args) -> Vec<Box<dyn ScheduledTask>> {
+    Vec::new()
+}
+
+pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
+    if super::logging::to_journal_if_there() {
+        log::debug!("logging to journald");
+    }
+    let apply = RealApply {
+        root: global.root.clone(),
+        run: args.apply_args(),
+    };
+    let options = daemon::Options {
+        root: global.root.clone(),
+        config: global.config.clone(),
+    };
+    daemon::run(options, Box::new(apply), tasks(global, &args))?;
+    Ok(Exit::OK)
+}
+
+/// The apiserver step of the daemon: `apply` without the printing.
+struct RealApply {
+    root: HostRoot,
+    run: RunArgs,
+}
+
+impl ApplyStep for RealApply {
+    fn apply(&mut self, settings: &Settings) -> ApplyReport {
+        let root = &self.root;
+        let state = match State::load(root) {
+            Ok(s) => s,
+            Err(e) => return ApplyReport::failed(FailureKind::Transient, e.to_string()),
+        };
+        let observed = match apiserver::observe(root, settings.distribution) {
+            Ok(o) => o,
+            Err(e) => {
+                return ApplyReport::failed(
+                    FailureKind::Transient,
+                    format!("cannot read the apiserver configuration: {e}"),
+                );
+            }
+        };
+        if let Err(e) = apply_cli::refuse_command_line_flags(root, &observed, &self.run) {
+            return ApplyReport::failed(FailureKind::Refused, format!("{e:#}"));
+        }
+        let lost_change = apply_cli::lost_change(&state, settings, &observed);
+        let issuer_state = state.issuer.as_ref();
+        let target = Target {
+            issuer: settings.issuer.clone(),
+            jwks_uri: settings.jwks_uri.clone(),
+            remembered: issuer_state.map(|s| s.previous.clone()).unwrap_or_default(),
+            retire: Vec::new(),
+            retired: issuer_state.map(|s| s.retired.clone()).unwrap_or_default(),
+            accept_only: false,
+        };
+        let plan = match plan::plan(&observed, &target) {
+            Ok(p) => p,
+            Err(e) => return ApplyReport::failed(FailureKind::Refused, e.to_string()),
+        };
+        let mut report = ApplyReport {
+            outcome: Err(daemon::ApplyFailed {
+                kind: FailureKind::Transient,
+                message: String::new(),
+            }),
+            restarts: 0,
+            warnings: plan.warnings.clone(),
+        };
+        let issuer = plan.desired.issuers.first().cloned().unwrap_or_default();
+        let opts = Options {
+            no_restart: self.run.no_restart,
+            timeout: self.run.timeout,
+            poll: self.run.poll_interval,
+        };
+        let outcome = if plan.in_sync() {
+            let mut pending = None;
+            if !self.run.no_restart {
+                let mut edges = apply_cli::edges(root, &observed, &self.run);
+                if let Some(probe) = edges.probe.as_mut() {
+                    let status = probe.check();
+                    if status.ready
+                        && let Some(serving) = status.issuer
+                        && serving != issuer
+                    {
+                        log::warn!(
+                            "the configuration already says {issuer}, but the running apiserver still signs with {serving}: restarting it"
+                        );
+                        report.restarts += 1;
+                        pending = Some(executor::restart_pending(
+                            &edges.restart,
+                            &issuer,
+                            edges.services.as_mut(),
+                            probe.as_mut(),
+                            &opts,
+                        ));
+                    }
+                }
+            }
+            match pending {
+                None => Outcome {
+                    written: Vec::new(),
+                    backup_dir: None,
+                    restart: RestartOutcome::NotNeeded,
+                },
+                Some(Ok(restart)) => Outcome {
+                    written: Vec::new(),
+                    backup_dir: None,
+                    restart,
+                },
+                Some(Err(e)) => {
+                    report.outcome = Err(daemon::ApplyFailed {
+                        kind: FailureKind::Transient,
+                        message: e.to_string(),
+                    });
+                    return report;
+                }
+            }
+        } else {
+            match apply_cli::execute_plan(root, &observed, &plan, &self.run) {
+                Ok(outcome) => {
+                    if matches!(outcome.restart, RestartOutcome::Verified { .. }) {
+                        report.restarts += 1;
+                    }
+                    outcome
+                }
+                Err(e) => {
+                    let kind = match e.downcast_ref::<ApplyError>() {
+                        Some(ApplyError::RolledBack(_)) => {
+                            report.restarts += 2;
+                            FailureKind::RolledBack
+                        }
+                        Some(_) => FailureKind::Transient,
+                        // Refused before writing (no way to verify the apiserver).
+                        None => FailureKind::Refused,
+                    };
+                    report.outcome = Err(daemon::ApplyFailed {
+                        kind,
+                        message: format!("{e:#}"),
+                    });
+                    return report;
+                }
+            }
+        };
+        let now = state::unix_now();
+        let restart_pending = match State::update(root, |s| {
+            executor::record(s, &plan, &outcome, now);
+            s.issuer
+                .as_ref()
+                .is_some_and(|i| i.issuer == issuer && i.pending_restart_since.is_some())
+        }) {
+            Ok(pending) => pending,
+            Err(e) => {
+                log::warn!("{e}");
+                matches!(outcome.restart, RestartOutcome::Pending(_))
+            }
+        };
+        let restart = restart::restart_for(root, observed.distribution, self.run.unit.as_deref());
+        let files: Vec<String> = outcome
+            .written
+            .iter()
+            .map(|w| w.path.display().to_string())
+            .collect();
+        let summary = match (&outcome.restart, files.is_empty()) {
+            (RestartOutcome::NotNeeded, _) if restart_pending => format!(
+                "the files are in sync, but the apiserver keeps the old flags until `{}` (--no-restart)",
+                restart.describe()
+            ),
+            (RestartOutcome::NotNeeded, _) => format!(
+                "in sync ({}: signing issuer {issuer})",
+                plan.distribution.name()
+            ),
+            (RestartOutcome::Pending(r), false) => format!(
+                "wrote {}; restart pending: the apiserver still signs with the old issuer until `{}`",
+                files.join(", "),
+                r.describe()
+            ),
+            (RestartOutcome::Pending(_), true) => format!("in sync; restart pending ({issuer})"),
+            (RestartOutcome::Verified { waited, .. }, false) => format!(
+                "wrote {}; {}; the apiserver serves issuer {issuer} after {}",
+                files.join(", "),
+                restart.describe(),
+                config::format_duration(*waited)
+            ),
+            (RestartOutcome::Verified { waited, .. }, true) => format!(
+                "restarted the apiserver ({}), which had not picked up the configuration; it serves issuer {issuer} after {}",
+                restart.describe(),
+                config::format_duration(*waited)
+            ),
+        };
+        report.outcome = Ok(Applied {
+            changed: !plan.in_sync() || matches!(outcome.restart, RestartOutcome::Verified { .. }),
+            summary,
+            lost_change,
+            restart_pending,
+        });
+        report
+    }
+}

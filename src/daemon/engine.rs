@@ -1,0 +1,1084 @@
+//! The daemon's state and its converge pass. The main loop ([`super::main_loop`]) owns the
+//! signals, the watchdog and systemd; everything it decides is asked of an [`Engine`]:
+//! what is due next ([`Engine::next_wakeup`], [`Engine::take_due`]), what an inotify event
+//! means ([`Engine::on_event`]), and the work itself ([`Engine::converge`],
+//! [`Engine::run_tasks`], [`Engine::load_config`]).
+
+use std::collections::BTreeMap;
+use std::hash::{Hash as _, Hasher as _};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use super::apply_step::{ApplyReport, ApplyStep, FailureKind};
+use super::backoff::{Backoff, Jitter};
+use super::metrics::{self, TargetMetric};
+use super::status::{
+    ApiserverStatus, ConvergeRecord, DaemonStatus, Phase, TargetStatus, TaskStatus,
+};
+use super::tasks::{ScheduledTask, TaskContext, TaskReason};
+use super::watch::{Group, WatchEvent, WatchSet, Watcher};
+use crate::apiserver::{self, Observed};
+use crate::config::{self, Settings, format_duration};
+use crate::host::HostRoot;
+use crate::publish::{self, Outcome, Publication, Publisher};
+use crate::state::State;
+
+/// The first retry comes after about this long; then it doubles up to `run.retry-max`.
+const RETRY_BASE: Duration = Duration::from_secs(1);
+/// Events keep coming (an editor saving, k3s writing several files): converge at the latest
+/// this many debounce periods after the first one.
+const DEBOUNCE_MAX_FACTOR: u32 = 20;
+
+/// What started a converge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Start,
+    Reload,
+    ConfigChanged,
+    FilesChanged,
+    Retry,
+    Resync,
+    Task,
+}
+
+impl Trigger {
+    pub fn name(self) -> &'static str {
+        match self {
+            Trigger::Start => "start",
+            Trigger::Reload => "reload",
+            Trigger::ConfigChanged => "config-changed",
+            Trigger::FilesChanged => "files-changed",
+            Trigger::Retry => "retry",
+            Trigger::Resync => "resync",
+            Trigger::Task => "task",
+        }
+    }
+}
+
+/// Work that is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// Re-read the agent configuration, then converge.
+    ConfigChanged,
+    Converge(Trigger),
+    Tasks,
+}
+
+/// How the daemon was started.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub root: HostRoot,
+    /// `--config FILE` instead of /etc/irsa-agent/config.yaml + config.d/.
+    pub config: Option<PathBuf>,
+}
+
+struct TaskSlot {
+    task: Box<dyn ScheduledTask>,
+    next_due: Option<SystemTime>,
+    backoff: Backoff,
+    status: TaskStatus,
+}
+
+struct Debounce {
+    first: Instant,
+    last: Instant,
+    reload: bool,
+}
+
+/// An apiserver change that was rolled back: not retried while the inputs stay the same.
+struct Hold {
+    fingerprint: u64,
+    message: String,
+}
+
+/// Why the publication must not go out, if it must not: the JWKS has to contain the key the
+/// apiserver signs with, or tokens it mints could not be verified by anyone.
+pub fn check_signing_key(
+    kids: &[String],
+    signing_kid: &str,
+    signing_file: &str,
+) -> Result<(), String> {
+    if kids.iter().any(|k| k == signing_kid) {
+        return Ok(());
+    }
+    Err(format!(
+        "refusing to publish: the JWKS would lack the key the apiserver signs with ({signing_file}, kid {signing_kid}), so nobody could verify the tokens it mints; its public half must be in a --service-account-key-file"
+    ))
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Unix time `at` (an Instant in the future or past) stands for.
+fn unix_of(at: Instant) -> u64 {
+    let now = Instant::now();
+    let wall = SystemTime::now();
+    let t = if at >= now {
+        wall + (at - now)
+    } else {
+        wall - (now - at)
+    };
+    unix(t)
+}
+
+/// The daemon's state (see the module docs).
+pub struct Engine {
+    root: HostRoot,
+    explicit_config: Option<PathBuf>,
+    settings: Option<Settings>,
+    config_error: Option<String>,
+    publishers: Vec<Publisher>,
+    /// The signing kid and settings the publishers were built with (self-issued S3
+    /// credentials sign with the signing key: rebuilt when it changes).
+    publishers_for: Option<String>,
+    apply: Option<Box<dyn ApplyStep>>,
+    tasks: Vec<TaskSlot>,
+    jitter: Jitter,
+    backoff: Backoff,
+    next_retry: Option<Instant>,
+    next_resync: Option<Instant>,
+    debounce: Option<Debounce>,
+    hold: Option<Hold>,
+    watch_set: WatchSet,
+    watcher: Watcher,
+    /// Kids last written successfully per target (drift: a target differs although nothing
+    /// changed on our side).
+    last_good: BTreeMap<String, Vec<String>>,
+    /// The apiserver step found everything in sync last time.
+    apiserver_was_in_sync: bool,
+    /// The apiserver runs with older flags than its files say (`--no-restart`).
+    restart_pending: bool,
+    last_warnings: Vec<String>,
+    last_errors: Vec<String>,
+    pub status: DaemonStatus,
+    metrics_tx: tokio::sync::watch::Sender<String>,
+    metrics_server: Option<(std::net::SocketAddr, tokio::task::JoinHandle<()>)>,
+    textfile_error: Option<String>,
+    state_error: Option<String>,
+    /// Set while blocking work that must not be cut off runs (an apiserver change).
+    pub critical: Arc<AtomicBool>,
+    /// Set when a stop was requested: no new apiserver step starts.
+    pub stopping: Arc<AtomicBool>,
+}
+
+impl Engine {
+    pub fn new(
+        options: Options,
+        apply: Box<dyn ApplyStep>,
+        tasks: Vec<Box<dyn ScheduledTask>>,
+        watcher: Watcher,
+    ) -> Engine {
+        let previous = State::load(&options.root)
+            .ok()
+            .as_ref()
+            .and_then(DaemonStatus::from_state);
+        let now = unix(SystemTime::now());
+        let mut status = DaemonStatus {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started_at: now,
+            updated_at: now,
+            phase: Phase::Starting,
+            status: "starting".into(),
+            ..Default::default()
+        };
+        status.metrics.start_timestamp_seconds = now;
+        if let Some(prev) = previous {
+            // Carried over: when the documents were last published successfully.
+            status.metrics.last_publish_success_timestamp_seconds =
+                prev.metrics.last_publish_success_timestamp_seconds;
+            status.last_success_at = prev.last_success_at;
+            status.targets = prev
+                .targets
+                .into_iter()
+                .map(|t| TargetStatus {
+                    ok: false,
+                    result: "not yet checked".into(),
+                    error: None,
+                    ..t
+                })
+                .collect();
+        }
+        let (metrics_tx, _) = tokio::sync::watch::channel(String::new());
+        let watch_set = WatchSet::new(&options.root, options.config.as_deref());
+        Engine {
+            root: options.root,
+            explicit_config: options.config,
+            settings: None,
+            config_error: None,
+            publishers: Vec::new(),
+            publishers_for: None,
+            apply: Some(apply),
+            tasks: tasks
+                .into_iter()
+                .map(|task| TaskSlot {
+                    status: TaskStatus {
+                        name: task.name().to_string(),
+                        ..Default::default()
+                    },
+                    task,
+                    next_due: None,
+                    backoff: Backoff::new(RETRY_BASE, Duration::from_secs(300)),
+                })
+                .collect(),
+            jitter: Jitter::from_entropy(),
+            backoff: Backoff::new(RETRY_BASE, Duration::from_secs(300)),
+            next_retry: None,
+            next_resync: None,
+            debounce: None,
+            hold: None,
+            watch_set,
+            watcher,
+            last_good: BTreeMap::new(),
+            apiserver_was_in_sync: false,
+            restart_pending: false,
+            last_warnings: Vec::new(),
+            last_errors: Vec::new(),
+            status,
+            metrics_tx,
+            metrics_server: None,
+            textfile_error: None,
+            state_error: None,
+            critical: Arc::new(AtomicBool::new(false)),
+            stopping: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    pub fn configured(&self) -> bool {
+        self.settings.is_some()
+    }
+
+    /// The configuration file a person should edit.
+    fn config_file_shown(&self) -> String {
+        match &self.explicit_config {
+            Some(p) => p.display().to_string(),
+            None => config::CONFIG_FILE.to_string(),
+        }
+    }
+
+    /// (Re)reads the configuration. A configuration that cannot be used never replaces one
+    /// that could: the daemon keeps going with the previous settings and says so.
+    pub fn load_config(&mut self) {
+        match config::load(&self.root, self.explicit_config.as_deref()) {
+            Ok(loaded) => {
+                for w in &loaded.warnings {
+                    log::warn!("{w}");
+                }
+                if self.config_error.is_some() {
+                    log::info!("the configuration is valid again");
+                }
+                self.config_error = None;
+                if self.settings.as_ref() != Some(&loaded.settings) {
+                    if self.settings.is_some() {
+                        log::info!("configuration changed; converging with the new settings");
+                    }
+                    self.backoff.set_max(loaded.settings.run.retry_max);
+                    self.publishers.clear();
+                    self.publishers_for = None;
+                    self.last_good.clear();
+                    self.status.issuer = Some(loaded.settings.issuer.clone());
+                    self.settings = Some(loaded.settings);
+                    self.update_metrics_server();
+                }
+            }
+            Err(e) if e.is_unconfigured() && self.settings.is_none() => {
+                self.config_error = None;
+                log::info!(
+                    "no issuer configured yet: waiting for `issuer:` in {} (nothing is changed until then)",
+                    self.config_file_shown()
+                );
+            }
+            Err(e) => {
+                let message = e.to_string();
+                if self.config_error.as_ref() != Some(&message) {
+                    match &self.settings {
+                        Some(_) => log::error!(
+                            "{message}\nkeeping the previous configuration until this is fixed"
+                        ),
+                        None => log::error!("{message}\nwaiting for a valid configuration"),
+                    }
+                }
+                self.config_error = Some(message);
+            }
+        }
+        // Watch at least the configuration (the apiserver's files come with a converge).
+        if self.settings.is_none() {
+            self.set_watches(WatchSet::new(&self.root, self.explicit_config.as_deref()));
+        }
+        self.refresh_status();
+    }
+
+    /// A reload asked for by a person (SIGHUP): re-read the configuration and try everything
+    /// again now, a held apiserver change included.
+    pub fn reload(&mut self) {
+        self.hold = None;
+        self.backoff.reset();
+        self.next_retry = None;
+        self.load_config();
+    }
+
+    fn update_metrics_server(&mut self) {
+        let wanted = self.settings.as_ref().and_then(|s| s.run.metrics_listen);
+        if self.metrics_server.as_ref().map(|(a, _)| *a) == wanted {
+            return;
+        }
+        if let Some((addr, handle)) = self.metrics_server.take() {
+            handle.abort();
+            log::info!("metrics endpoint on {addr} closed");
+        }
+        let Some(addr) = wanted else { return };
+        let listener = std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(tokio::net::TcpListener::from_std);
+        match listener {
+            Ok(listener) => {
+                log::info!("serving metrics on http://{addr}/metrics");
+                let handle = tokio::spawn(metrics::serve(listener, self.metrics_tx.subscribe()));
+                self.metrics_server = Some((addr, handle));
+            }
+            Err(e) => log::error!("cannot serve metrics on {addr}: {e}"),
+        }
+    }
+
+    fn set_watches(&mut self, set: WatchSet) {
+        self.watch_set = set;
+        for problem in self.watcher.update(&self.watch_set) {
+            log::warn!("{problem}");
+        }
+        self.status.watching = self
+            .watcher
+            .watched()
+            .map(|p| self.root.host_view(p).display().to_string())
+            .collect();
+    }
+
+    /// What an inotify event means: starts or extends the debounce window.
+    pub fn on_event(&mut self, event: WatchEvent, now: Instant) {
+        let (mut reload, mut relevant) = (false, false);
+        match event {
+            WatchEvent::Rescan => {
+                log::warn!("the kernel dropped file events; re-reading everything");
+                (reload, relevant) = (true, true);
+            }
+            WatchEvent::Error(e) => log::warn!("file watch: {e}"),
+            WatchEvent::Changed(paths) => {
+                for path in paths {
+                    match self.watch_set.classify(&path) {
+                        Some(Group::AgentConfig) => {
+                            log::debug!("changed: {}", path.display());
+                            (reload, relevant) = (true, true);
+                        }
+                        Some(Group::Apiserver) => {
+                            log::debug!("changed: {}", path.display());
+                            relevant = true;
+                        }
+                        None => {}
+                    }
+                }
+            }
+        }
+        if !relevant {
+            return;
+        }
+        match &mut self.debounce {
+            Some(d) => {
+                d.last = now;
+                d.reload |= reload;
+            }
+            None => {
+                self.debounce = Some(Debounce {
+                    first: now,
+                    last: now,
+                    reload,
+                })
+            }
+        }
+    }
+
+    fn debounce_period(&self) -> Duration {
+        self.settings
+            .as_ref()
+            .map_or(Duration::from_millis(100), |s| s.run.debounce)
+    }
+
+    fn debounce_deadline(&self) -> Option<Instant> {
+        let d = self.debounce.as_ref()?;
+        let period = self.debounce_period();
+        Some((d.last + period).min(d.first + period * DEBOUNCE_MAX_FACTOR))
+    }
+
+    fn task_deadline(&self) -> Option<Instant> {
+        if !self.configured() {
+            return None;
+        }
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        self.tasks
+            .iter()
+            .filter_map(|t| t.next_due)
+            .map(|due| now + due.duration_since(wall).unwrap_or(Duration::ZERO))
+            .min()
+    }
+
+    /// When the loop must wake up next (`None`: only for an event or a signal).
+    pub fn next_wakeup(&self) -> Option<Instant> {
+        [
+            self.debounce_deadline(),
+            self.next_retry,
+            self.next_resync,
+            self.task_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// The work due at `now`, if any.
+    pub fn take_due(&mut self, now: Instant) -> Option<Work> {
+        if self.debounce_deadline().is_some_and(|d| d <= now) {
+            let d = self.debounce.take()?;
+            if d.reload || !self.configured() {
+                return Some(Work::ConfigChanged);
+            }
+            return Some(Work::Converge(Trigger::FilesChanged));
+        }
+        if !self.configured() {
+            return None;
+        }
+        if self.next_retry.is_some_and(|t| t <= now) {
+            self.next_retry = None;
+            return Some(Work::Converge(Trigger::Retry));
+        }
+        if self.next_resync.is_some_and(|t| t <= now) {
+            self.next_resync = None;
+            return Some(Work::Converge(Trigger::Resync));
+        }
+        if self.task_deadline().is_some_and(|t| t <= now) {
+            return Some(Work::Tasks);
+        }
+        None
+    }
+
+    /// Hash of what an apiserver change depends on: the apiserver's files and the settings.
+    fn fingerprint(&self, settings: &Settings) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        settings.issuer.hash(&mut h);
+        settings.jwks_uri.hash(&mut h);
+        for path in self.watch_set.files_of(Group::Apiserver) {
+            path.hash(&mut h);
+            std::fs::read(path).ok().hash(&mut h);
+        }
+        h.finish()
+    }
+
+    /// One converge: read the host, publish, then bring the apiserver in line, then run the
+    /// tasks. Returns whether a task asked for another converge.
+    pub async fn converge(&mut self, trigger: Trigger) -> bool {
+        let Some(settings) = self.settings.clone() else {
+            return false;
+        };
+        let started = Instant::now();
+        log::debug!("converging ({})", trigger.name());
+        self.status.metrics.converges_total += 1;
+        let mut errors: Vec<String> = Vec::new();
+
+        let observed = apiserver::observe(&self.root, settings.distribution);
+        let mut set = WatchSet::new(&self.root, self.explicit_config.as_deref());
+        match &observed {
+            Ok(o) => set.add_apiserver(&self.root, o),
+            Err(_) => set.add_markers(&self.root, &settings),
+        }
+        self.set_watches(set);
+
+        let published = match &observed {
+            Ok(o) => self.publish(&settings, o, &mut errors).await,
+            Err(e) => {
+                errors.push(format!("cannot read the apiserver configuration: {e}"));
+                false
+            }
+        };
+        let apiserver_ok = if !published {
+            if observed.is_ok() {
+                self.status.apiserver = Some(ApiserverStatus {
+                    result: "skipped".into(),
+                    message: Some(
+                        "waiting for the documents to be published first: relying parties must be able to verify tokens before the apiserver signs with the issuer".into(),
+                    ),
+                    at: unix(SystemTime::now()),
+                });
+            }
+            false
+        } else if self.stopping.load(Ordering::SeqCst) {
+            false
+        } else {
+            self.apiserver_step(&settings, &mut errors).await
+        };
+
+        let ok = published && apiserver_ok && errors.is_empty();
+        let now = Instant::now();
+        let duration = now - started;
+        self.status.metrics.last_converge_duration_seconds = duration.as_secs_f64();
+        self.status.last_converge = Some(ConvergeRecord {
+            at: unix(SystemTime::now()),
+            trigger: trigger.name().into(),
+            ok,
+            duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+        });
+        if ok {
+            if self.backoff.failures() > 0 {
+                log::info!(
+                    "recovered after {} failed attempt(s)",
+                    self.backoff.failures()
+                );
+            }
+            self.backoff.reset();
+            self.next_retry = None;
+            self.status.last_success_at = Some(unix(SystemTime::now()));
+        } else {
+            self.status.metrics.converge_failures_total += 1;
+            let delay = self.backoff.fail(&mut self.jitter);
+            self.next_retry = Some(now + delay);
+            if errors != self.last_errors {
+                for e in &errors {
+                    log::error!("{e}");
+                }
+                log::warn!("retrying in {}", format_duration(round(delay)));
+            } else {
+                log::debug!(
+                    "failed again ({} in a row); retrying in {}",
+                    self.backoff.failures(),
+                    format_duration(round(delay))
+                );
+            }
+        }
+        self.last_errors = errors.clone();
+        self.status.errors = errors;
+        self.next_resync = Some(now + self.jitter.spread(settings.run.resync_interval, 0.1));
+        self.refresh_status();
+
+        if self.stopping.load(Ordering::SeqCst) {
+            return false;
+        }
+        let reason = TaskReason::AfterConverge {
+            in_sync: ok && self.hold.is_none(),
+            published_kids: self.status.kids.clone(),
+            signing_kid: self.status.signing_kid.clone(),
+        };
+        let requested = self.run_tasks(Some(reason)).await;
+        requested && trigger != Trigger::Task
+    }
+
+    /// Builds the publication from the apiserver's keys (and the tasks' extra keys), checks
+    /// it, and writes it to every target.
+    async fn publish(
+        &mut self,
+        settings: &Settings,
+        observed: &Observed,
+        errors: &mut Vec<String>,
+    ) -> bool {
+        let keys = &observed.keys;
+        if !keys.errors.is_empty() {
+            errors.push(format!(
+                "not publishing: the apiserver would refuse its key files: {}",
+                keys.errors.join("; ")
+            ));
+            return false;
+        }
+        let Some(signing) = &keys.signing else {
+            errors.push(match &observed.flags.signing_endpoint {
+                Some(e) => format!(
+                    "not publishing: tokens are signed by the external signer at {e}; irsa-agent cannot tell which key signs"
+                ),
+                None => "not publishing: the apiserver has no --service-account-signing-key-file".into(),
+            });
+            return false;
+        };
+        let mut all = keys.verification.clone();
+        for slot in &self.tasks {
+            all.extend(slot.task.extra_keys());
+        }
+        let publication = Publication::new(&settings.issuer, &settings.jwks_uri, &all);
+        let signing_kid = signing.kid();
+        self.status.kids = publication.kids().to_vec();
+        self.status.signing_kid = Some(signing_kid.clone());
+        let signing_file = observed.flags.signing_key_file.clone().unwrap_or_default();
+        if let Err(e) = check_signing_key(publication.kids(), &signing_kid, &signing_file) {
+            errors.push(e);
+            self.status.metrics.publish_failures_total += 1;
+            return false;
+        }
+        if self.publishers_for.as_deref() != Some(signing_kid.as_str()) {
+            let env = publish::Environment {
+                root: self.root.clone(),
+                ca_file: settings.ca_file.as_ref().map(|p| self.root.path(p)),
+            };
+            match publish::publishers(settings, &env) {
+                Ok(p) => {
+                    self.publishers = p;
+                    self.publishers_for = Some(signing_kid.clone());
+                }
+                Err(e) => {
+                    errors.push(format!("cannot set up the publish targets: {e}"));
+                    self.status.metrics.publish_failures_total += 1;
+                    return false;
+                }
+            }
+        }
+        let timeout = settings.run.publish_timeout;
+        // `None`: timed out (the requests in flight are dropped).
+        let reports = tokio::time::timeout(
+            timeout,
+            publish::publish_all(&self.publishers, &publication),
+        )
+        .await
+        .ok();
+        let now = unix(SystemTime::now());
+        let kids = publication.kids().to_vec();
+        let mut all_ok = true;
+        let mut targets = Vec::new();
+        for (i, p) in self.publishers.iter().enumerate() {
+            let name = p.name();
+            let previous = self.status.targets.iter().find(|t| t.target == name);
+            let mut t = TargetStatus {
+                target: name.clone(),
+                ok: false,
+                result: "failed".into(),
+                error: None,
+                last_success_at: previous.and_then(|t| t.last_success_at),
+            };
+            match reports.as_ref().and_then(|r| r.get(i)) {
+                None => {
+                    t.error = Some(format!(
+                        "gave up after {} (run.publish-timeout)",
+                        format_duration(timeout)
+                    ));
+                }
+                Some(report) => {
+                    let failures: Vec<String> = [&report.jwks, &report.discovery]
+                        .into_iter()
+                        .chain(report.extras.iter())
+                        .filter_map(|d| match &d.outcome {
+                            Outcome::Failed(why) => Some(why.clone()),
+                            _ => None,
+                        })
+                        .collect();
+                    let written = [&report.jwks, &report.discovery]
+                        .into_iter()
+                        .chain(report.extras.iter())
+                        .filter(|d| matches!(d.outcome, Outcome::Created | Outcome::Updated))
+                        .count() as u64;
+                    self.status.metrics.objects_written_total += written;
+                    for d in [&report.jwks, &report.discovery] {
+                        if !d.merged_kids.is_empty() {
+                            log::warn!(
+                                "{name}: kept kid(s) {} another writer published concurrently",
+                                d.merged_kids.join(", ")
+                            );
+                        }
+                    }
+                    if failures.is_empty() && report.in_sync() {
+                        t.ok = true;
+                        t.result = if written > 0 { "written" } else { "unchanged" }.into();
+                        t.last_success_at = Some(now);
+                        if written > 0 {
+                            if self.last_good.get(&name) == Some(&kids) {
+                                self.status.metrics.drift_found_total += 1;
+                                log::warn!(
+                                    "{name}: the published documents had been changed or removed behind irsa-agent's back; restored"
+                                );
+                            } else {
+                                log::info!(
+                                    "{name}: published {} key(s): {}",
+                                    kids.len(),
+                                    kids.join(", ")
+                                );
+                            }
+                        }
+                        self.last_good.insert(name.clone(), kids.clone());
+                    } else {
+                        t.error = Some(if failures.is_empty() {
+                            "not every document is in place".to_string()
+                        } else {
+                            failures.join("; ")
+                        });
+                    }
+                }
+            }
+            if let Some(e) = &t.error {
+                all_ok = false;
+                errors.push(format!("{name}: {e}"));
+            }
+            targets.push(t);
+        }
+        self.status.targets = targets;
+        if all_ok {
+            self.status.metrics.keys_published = kids.len() as u64;
+            self.status.metrics.last_publish_success_timestamp_seconds = Some(now);
+        } else {
+            self.status.metrics.publish_failures_total += 1;
+        }
+        all_ok
+    }
+
+    /// The apiserver step on a blocking thread (unless held after a rollback).
+    async fn apiserver_step(&mut self, settings: &Settings, errors: &mut Vec<String>) -> bool {
+        let now = unix(SystemTime::now());
+        if let Some(hold) = &self.hold {
+            if hold.fingerprint == self.fingerprint(settings) {
+                self.status.apiserver = Some(ApiserverStatus {
+                    result: "held".into(),
+                    message: Some(format!(
+                        "{}; not retried until the apiserver configuration, its key files or the agent configuration change, or `systemctl reload irsa-agent`",
+                        hold.message
+                    )),
+                    at: now,
+                });
+                return true;
+            }
+            log::info!("the inputs changed since the rolled-back apiserver change; trying again");
+            self.hold = None;
+        }
+        let Some(mut step) = self.apply.take() else {
+            errors.push(
+                "the apiserver step is unavailable after an internal error; restart irsa-agent"
+                    .into(),
+            );
+            return false;
+        };
+        self.critical.store(true, Ordering::SeqCst);
+        let s = settings.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let report = step.apply(&s);
+            (step, report)
+        })
+        .await;
+        self.critical.store(false, Ordering::SeqCst);
+        let report: ApplyReport = match joined {
+            Ok((step, report)) => {
+                self.apply = Some(step);
+                report
+            }
+            Err(e) => {
+                errors.push(format!("the apiserver step failed internally: {e}"));
+                return false;
+            }
+        };
+        for w in &report.warnings {
+            if !self.last_warnings.contains(w) {
+                log::warn!("{w}");
+            }
+        }
+        self.last_warnings = report.warnings.clone();
+        self.status.metrics.apiserver_restarts_total += u64::from(report.restarts);
+        match report.outcome {
+            Ok(applied) => {
+                if let Some(lost) = &applied.lost_change {
+                    log::warn!("{lost}");
+                }
+                if applied.changed {
+                    log::info!("apiserver: {}", applied.summary);
+                    if applied.lost_change.is_some() || self.apiserver_was_in_sync {
+                        self.status.metrics.drift_found_total += 1;
+                    }
+                }
+                self.apiserver_was_in_sync = true;
+                self.restart_pending = applied.restart_pending;
+                self.status.apiserver = Some(ApiserverStatus {
+                    result: if applied.restart_pending {
+                        "restart-pending"
+                    } else if applied.changed {
+                        "changed"
+                    } else {
+                        "in-sync"
+                    }
+                    .into(),
+                    message: Some(applied.summary),
+                    at: now,
+                });
+                true
+            }
+            Err(failed) => {
+                self.apiserver_was_in_sync = false;
+                if failed.kind == FailureKind::RolledBack {
+                    log::error!("{}", failed.message);
+                    log::error!(
+                        "not trying this apiserver change again until its inputs change or `systemctl reload irsa-agent`"
+                    );
+                    self.hold = Some(Hold {
+                        fingerprint: self.fingerprint(settings),
+                        message: failed.message.clone(),
+                    });
+                    self.status.apiserver = Some(ApiserverStatus {
+                        result: "held".into(),
+                        message: Some(failed.message),
+                        at: now,
+                    });
+                    return true;
+                }
+                self.status.apiserver = Some(ApiserverStatus {
+                    result: "failed".into(),
+                    message: Some(failed.message.clone()),
+                    at: now,
+                });
+                errors.push(format!("apiserver: {}", failed.message));
+                false
+            }
+        }
+    }
+
+    /// Runs the tasks that are due (`reason` `None`), or all of them after a converge.
+    /// Returns whether one asked for a converge.
+    pub async fn run_tasks(&mut self, reason: Option<TaskReason>) -> bool {
+        let Some(settings) = self.settings.clone() else {
+            return false;
+        };
+        let mut requested = false;
+        let wall = SystemTime::now();
+        let Engine {
+            tasks,
+            root,
+            publishers,
+            critical,
+            jitter,
+            ..
+        } = self;
+        for slot in tasks.iter_mut() {
+            let reason = match &reason {
+                Some(r) => r.clone(),
+                None if slot.next_due.is_some_and(|d| d <= wall) => TaskReason::Due,
+                None => continue,
+            };
+            let now = SystemTime::now();
+            let mut ctx =
+                TaskContext::new(now, reason, root, &settings, publishers, critical.clone());
+            let result = slot.task.run(&mut ctx).await;
+            slot.status.last_run_at = Some(unix(now));
+            if let Some(line) = ctx.status.take()
+                && slot.status.status.as_ref() != Some(&line)
+            {
+                log::info!("{}: {line}", slot.status.name);
+                slot.status.status = Some(line);
+            }
+            requested |= ctx.converge_requested;
+            match result {
+                Ok(next) => {
+                    if slot.status.last_error.take().is_some() {
+                        log::info!("{}: recovered", slot.status.name);
+                    }
+                    slot.backoff.reset();
+                    slot.next_due = next;
+                }
+                Err(e) => {
+                    let message = format!("{e:#}");
+                    let delay = slot.backoff.fail(jitter);
+                    if slot.status.last_error.as_ref() != Some(&message) {
+                        log::error!(
+                            "{}: {message} (retrying in {})",
+                            slot.status.name,
+                            format_duration(round(delay))
+                        );
+                    }
+                    slot.status.last_error = Some(message);
+                    slot.next_due = Some(SystemTime::now() + delay);
+                }
+            }
+            slot.status.next_due_at = slot.next_due.map(unix);
+        }
+        self.status.tasks = self.tasks.iter().map(|t| t.status.clone()).collect();
+        requested
+    }
+
+    /// Recomputes the phase and the one-line status from what is known.
+    pub fn refresh_status(&mut self) {
+        let config_file = self.config_file_shown();
+        let s = &mut self.status;
+        s.updated_at = unix(SystemTime::now());
+        s.config_error = self.config_error.clone();
+        s.failures = self.backoff.failures();
+        s.next_retry_at = self.next_retry.map(unix_of);
+        s.next_resync_at = self.next_resync.map(unix_of);
+        let (phase, line) = match (&self.settings, &self.config_error) {
+            (None, None) => (
+                Phase::WaitingForIssuer,
+                format!("waiting for an issuer in {config_file}"),
+            ),
+            (None, Some(e)) => (
+                Phase::ConfigInvalid,
+                format!(
+                    "configuration invalid, waiting for a fix: {}",
+                    first_problem(e)
+                ),
+            ),
+            (Some(_), _) if s.last_converge.is_none() => (Phase::Starting, "starting".into()),
+            (Some(_), config_error) => {
+                let prefix = config_error
+                    .as_ref()
+                    .map(|e| {
+                        format!(
+                            "configuration invalid, still using the previous one ({}); ",
+                            first_problem(e)
+                        )
+                    })
+                    .unwrap_or_default();
+                if let Some(retry) = self.next_retry {
+                    let wait = retry.saturating_duration_since(Instant::now());
+                    (
+                        Phase::Retrying,
+                        format!(
+                            "{prefix}failing, retry {} in {}: {}",
+                            s.failures + 1,
+                            format_duration(round(wait)),
+                            s.errors
+                                .first()
+                                .map(String::as_str)
+                                .unwrap_or("unknown error")
+                        ),
+                    )
+                } else {
+                    let published = match s.targets.len() {
+                        0 => "no publish targets configured".to_string(),
+                        1 => format!(
+                            "{} key(s) published to {}",
+                            s.kids.len(),
+                            s.targets[0].target
+                        ),
+                        n => format!("{} key(s) published to {n} targets", s.kids.len()),
+                    };
+                    let apiserver = match (&self.hold, self.restart_pending) {
+                        (Some(h), _) => format!(
+                            "apiserver change rolled back and held (reload to retry): {}",
+                            h.message
+                        ),
+                        (None, true) => {
+                            "apiserver configuration written, restart pending".to_string()
+                        }
+                        (None, false) => "apiserver in sync".to_string(),
+                    };
+                    (
+                        if self.hold.is_some() {
+                            Phase::Held
+                        } else {
+                            Phase::InSync
+                        },
+                        format!("{prefix}{published}; {apiserver}"),
+                    )
+                }
+            }
+        };
+        if phase != s.phase || line != s.status {
+            if phase != s.phase {
+                if line.starts_with(phase.describe()) {
+                    log::info!("{line}");
+                } else {
+                    log::info!("{}: {line}", phase.describe());
+                }
+            }
+            s.phase = phase;
+            s.status = line;
+        }
+        s.metrics.in_sync = s.phase == Phase::InSync;
+        s.metrics.targets = s
+            .targets
+            .iter()
+            .map(|t| TargetMetric {
+                target: t.target.clone(),
+                up: t.ok,
+                last_success_timestamp_seconds: t.last_success_at,
+            })
+            .collect();
+    }
+
+    /// Marks the stop and records it.
+    pub fn stopped(&mut self) {
+        self.status.phase = Phase::Stopped;
+        self.status.status = "stopped".into();
+        self.status.next_retry_at = None;
+        self.status.next_resync_at = None;
+        self.status.updated_at = unix(SystemTime::now());
+        self.save();
+    }
+
+    /// Writes the state section, the metrics textfile and the endpoint's copy.
+    pub fn save(&mut self) {
+        if let Err(e) = self.status.save(&self.root) {
+            let message = e.to_string();
+            if self.state_error.as_ref() != Some(&message) {
+                log::warn!("{message} (status and metrics will not show this daemon's state)");
+                self.state_error = Some(message);
+            }
+        } else {
+            self.state_error = None;
+        }
+        let text = metrics::render(&self.status.metrics, self.status.issuer.as_deref());
+        self.metrics_tx.send_replace(text.clone());
+        if let Some(path) = self
+            .settings
+            .as_ref()
+            .and_then(|s| s.run.metrics_textfile.clone())
+        {
+            let full = self.root.path(&path);
+            match metrics::write_textfile(&full, &text) {
+                Ok(_) => self.textfile_error = None,
+                Err(e) => {
+                    let message =
+                        format!("cannot write the metrics textfile {}: {e}", path.display());
+                    if self.textfile_error.as_ref() != Some(&message) {
+                        log::warn!("{message}");
+                        self.textfile_error = Some(message);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn first_problem(message: &str) -> String {
+    let lines: Vec<&str> = message.lines().map(str::trim).collect();
+    match lines.as_slice() {
+        [] => String::new(),
+        [one] => one.to_string(),
+        [head, first, ..] => format!("{} {first}", head.trim_end_matches(':')),
+    }
+}
+
+/// Whole seconds (at least the milliseconds below one second) for messages.
+fn round(d: Duration) -> Duration {
+    if d >= Duration::from_secs(1) {
+        Duration::from_secs(d.as_secs())
+    } else {
+        Duration::from_millis(d.as_millis() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_a_jwks_without_the_signing_key() {
+        let kids = vec!["a".to_string(), "b".to_string()];
+        assert!(check_signing_key(&kids, "b", "/k").is_ok());
+        let e = check_signing_key(
+            &kids,
+            "c",
+            "/var/lib/rancher/k3s/server/tls/service.current.key",
+        )
+        .expect_err("refused");
+        assert!(e.contains("kid c"), "{e}");
+        assert!(e.contains("service.current.key"), "{e}");
+    }
+
+    #[test]
+    fn first_problem_of_a_config_error() {
+        assert_eq!(
+            first_problem("invalid configuration (2 problems):\n  a: x\n  b: y"),
+            "invalid configuration (2 problems) a: x"
+        );
+        assert_eq!(first_problem("cannot read x"), "cannot read x");
+    }
+}

@@ -1,0 +1,132 @@
+//! doctor against a REAL web server: `irsa-agent publish` writes the directory target, a
+//! user-mode nginx (tests/support, test CA made by openssl) serves it over TLS, and doctor
+//! checks the public copy the way a relying party fetches it, trusting SSL_CERT_FILE.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt as _;
+
+/// The locations docs/publishing.md recommends, with the Content-Type nginx gives files
+/// without an extension as a parameter.
+fn locations(srv: &str, default_type: &str) -> String {
+    format!(
+        r#"
+    location = /cluster-a/.well-known/openid-configuration {{
+        alias {srv}/.well-known/openid-configuration;
+        default_type {default_type};
+        add_header Cache-Control "public, max-age=300" always;
+    }}
+    location = /cluster-a/openid/v1/jwks {{
+        alias {srv}/openid/v1/jwks;
+        default_type {default_type};
+        add_header Cache-Control "public, max-age=300" always;
+    }}
+"#
+    )
+}
+
+fn statuses(doc: &serde_json::Value, prefix: &str) -> Vec<(String, String)> {
+    doc["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .filter(|c| c["id"].as_str().is_some_and(|id| id.starts_with(prefix)))
+        .map(|c| {
+            (
+                c["id"].as_str().unwrap_or("").to_string(),
+                c["status"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+fn setup(
+    default_type: &str,
+) -> (
+    tempfile::TempDir,
+    tempfile::TempDir,
+    support::TestCa,
+    support::Nginx,
+    String,
+) {
+    let work = tempfile::tempdir().expect("tempdir");
+    let ca = support::TestCa::create(work.path());
+    let port = support::free_port();
+    let issuer = format!("https://127.0.0.1:{port}/cluster-a");
+    let config = format!(
+        "issuer: {issuer}\ndistribution: k3s\npublish:\n  - type: directory\n    path: /srv/oidc\n"
+    );
+    let host = support::k3s_host(&config);
+    // The apiserver as `irsa-agent apply` leaves it.
+    std::fs::write(
+        host.path().join("etc/rancher/k3s/config.yaml"),
+        format!(
+            "kube-apiserver-arg:\n  - service-account-issuer={issuer}\n  - service-account-issuer=https://kubernetes.default.svc.cluster.local\n  - service-account-jwks-uri={issuer}/openid/v1/jwks\n"
+        ),
+    )
+    .expect("k3s config");
+    for key in ["service.key", "service.current.key"] {
+        let path = host.path().join("var/lib/rancher/k3s/server/tls").join(key);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+    let srv = host.path().join("srv/oidc").display().to_string();
+    let nginx = support::start_nginx(work.path(), &locations(&srv, default_type), &ca, port);
+    let ca_path = ca.ca_cert.display().to_string();
+    let (code, stdout, stderr) =
+        support::agent(host.path(), &["publish"], &[("SSL_CERT_FILE", &ca_path)]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    (work, host, ca, nginx, ca_path)
+}
+
+#[test]
+fn doctor_passes_through_nginx_serving_the_published_directory() {
+    let (_work, host, _ca, _nginx, ca_path) = setup("application/json");
+    let (code, stdout, stderr) = support::agent(
+        host.path(),
+        &["doctor", "--json"],
+        &[("SSL_CERT_FILE", &ca_path)],
+    );
+    let doc: serde_json::Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}{stderr}"));
+    assert_eq!(code, 0, "{doc:#}");
+    let public = statuses(&doc, "public.");
+    assert_eq!(public.len(), 10, "{public:?}");
+    assert!(public.iter().all(|(_, s)| s == "pass"), "{public:?}");
+    // No admin kubeconfig on this host: said, not hidden.
+    assert!(statuses(&doc, "running.").iter().all(|(_, s)| s == "skip"));
+    let discovery = doc["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .find(|c| c["id"] == "public.discovery")
+        .expect("public.discovery");
+    assert!(
+        discovery["finding"]
+            .as_str()
+            .unwrap_or("")
+            .contains("TLS verified"),
+        "{discovery}"
+    );
+}
+
+#[test]
+fn nginx_default_type_octet_stream_fails_the_content_type_checks() {
+    // Debian's stock nginx.conf: `default_type application/octet-stream;` for files without
+    // an extension, which both documents are.
+    let (_work, host, _ca, _nginx, ca_path) = setup("application/octet-stream");
+    let (code, stdout, _) = support::agent(
+        host.path(),
+        &["doctor", "--json"],
+        &[("SSL_CERT_FILE", &ca_path)],
+    );
+    assert_eq!(code, 1);
+    let doc: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    let public = statuses(&doc, "public.");
+    for id in ["public.discovery-content-type", "public.jwks-content-type"] {
+        assert!(
+            public.contains(&(id.to_string(), "fail".to_string())),
+            "{id}: {public:?}"
+        );
+    }
+    assert!(public.contains(&("public.kids".to_string(), "pass".to_string())));
+}

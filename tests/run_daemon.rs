@@ -1,0 +1,620 @@
+//! `irsa-agent run`, the real binary, against fake hosts and a directory target: it publishes
+//! at start, follows key files replaced by rename, configuration edits and drift at the
+//! target, retries a target that is down until it recovers (same process), refuses a JWKS
+//! without the signing key, waits for an issuer on a fresh install, reloads on SIGHUP, pings
+//! the watchdog, restarts k3s through (a fake) systemctl and waits for (a fake) apiserver, and
+//! exits 0 on SIGTERM. What it tells systemd is read from a test-owned NOTIFY_SOCKET.
+//! Every wait polls with a deadline; nothing asserts on elapsed time.
+
+mod apply_support;
+mod run_support;
+
+use std::io::{Read as _, Write as _};
+use std::path::Path;
+
+use apply_support::{Behaviour, FakeApiserver, Host, data};
+use irsa_agent::config::Distribution;
+use run_support::{
+    DEADLINE, Daemon, eventually, jwks_for, kids, new_ec_key, replace_by_rename, status_json,
+};
+use rustix::process::Signal;
+use serde_json::Value;
+
+const SERVICE_KEY: &str = "/var/lib/rancher/k3s/server/tls/service.key";
+const CURRENT_KEY: &str = "/var/lib/rancher/k3s/server/tls/service.current.key";
+const JWKS: &str = "/srv/oidc/openid/v1/jwks";
+const DISCOVERY: &str = "/srv/oidc/.well-known/openid-configuration";
+const K3S_CONFIG: &str = "# k3s\nkube-apiserver-arg:\n  - \"audit-log-maxage=30\"   # days\n";
+
+fn config(issuer: &str, run: &str) -> String {
+    format!(
+        "issuer: {issuer}\ndistribution: k3s\npublish:\n  - type: directory\n    path: /srv/oidc\nrun:\n  retry-max: 2s\n{run}"
+    )
+}
+
+/// A k3s server host (the keys a real kube-apiserver published `jwks.json` for) with a
+/// directory target.
+fn k3s_host(run: &str) -> Host {
+    let host = Host::new();
+    host.write(
+        "/etc/irsa-agent/config.yaml",
+        config("https://oidc.example.com/homelab", run),
+    )
+    .write("/etc/rancher/k3s/config.yaml", K3S_CONFIG)
+    .k3s_keys("/var/lib/rancher/k3s");
+    host
+}
+
+fn read(host: &Host, path: &str) -> Vec<u8> {
+    std::fs::read(host.path(path)).unwrap_or_default()
+}
+
+fn wait_file(d: &mut Daemon, host: &Host, path: &str, what: &str, pred: impl Fn(&[u8]) -> bool) {
+    if eventually(DEADLINE, || pred(&read(host, path)).then_some(())).is_none() {
+        d.assert_running();
+        panic!(
+            "{path} never became {what}; it is:\n{}\nstatus: {}\nlog:\n{}",
+            String::from_utf8_lossy(&read(host, path)),
+            d.status(),
+            d.log()
+        );
+    }
+}
+
+/// The JWKS the real kube-apiserver served for the k3s test keys.
+fn real_apiserver_jwks() -> Vec<u8> {
+    std::fs::read(data("apiserver/k3s/jwks.json")).expect("jwks.json")
+}
+
+#[test]
+fn publishes_at_start_follows_a_key_file_replaced_by_rename_and_exits_0_on_sigterm() {
+    let host = k3s_host("");
+    let mut d = Daemon::start(host.root(), &["--no-restart"], &[]);
+    d.wait_ready();
+    // READY comes after the first converge: the documents are there, byte for byte what the
+    // real apiserver served for these keys.
+    assert_eq!(read(&host, JWKS), real_apiserver_jwks());
+    let discovery: Value = serde_json::from_slice(&read(&host, DISCOVERY)).expect("discovery");
+    assert_eq!(discovery["issuer"], "https://oidc.example.com/homelab");
+    assert_eq!(
+        discovery["jwks_uri"],
+        "https://oidc.example.com/homelab/openid/v1/jwks"
+    );
+    let ready_status = d.notify.statuses().last().cloned().unwrap_or_default();
+    assert!(
+        ready_status.contains("2 key(s) published to directory /srv/oidc"),
+        "{ready_status}"
+    );
+    // k3s got the issuer too (--no-restart: written, not restarted).
+    assert!(
+        host.read("/etc/rancher/k3s/config.yaml")
+            .contains("service-account-issuer=https://oidc.example.com/homelab"),
+    );
+    let old_kids = kids(&read(&host, JWKS));
+
+    // k3s-style rotation: a new key appended to service.key, then service.current.key
+    // replaced; both files replaced by rename (which kills a watch on the file itself).
+    let key = new_ec_key();
+    let new_kid = key.kid.clone();
+    let mut both = host.read(SERVICE_KEY);
+    both.push_str(&key.public_pem);
+    replace_by_rename(&host.path(SERVICE_KEY), both.as_bytes());
+    replace_by_rename(&host.path(CURRENT_KEY), key.private_pem.as_bytes());
+    let expected = jwks_for(host.root(), &[SERVICE_KEY]);
+    wait_file(&mut d, &host, JWKS, "the JWKS of the new key files", |b| {
+        b == expected.as_slice()
+    });
+    let mut want = old_kids.clone();
+    want.push(new_kid.clone());
+    assert_eq!(kids(&read(&host, JWKS)), want);
+    // The discovery document follows (it is written after every JWKS is in place).
+    wait_file(&mut d, &host, DISCOVERY, "a discovery listing ES256", |b| {
+        serde_json::from_slice::<Value>(b)
+            .map(|v| {
+                v["id_token_signing_alg_values_supported"] == serde_json::json!(["ES256", "RS256"])
+            })
+            .unwrap_or(false)
+    });
+    let status = d.wait_status("the new signing kid", |s| {
+        s["daemon"]["signing_kid"] == new_kid.as_str()
+    });
+    assert_eq!(status["running"], true);
+    assert_eq!(status["daemon"]["phase"], "in-sync");
+    assert_eq!(status["daemon"]["metrics"]["keys_published"], 3);
+    // Nothing but the documents in the served directory (no temp files left).
+    let mut names: Vec<String> = walk(&host.path("/srv/oidc"));
+    names.sort();
+    assert_eq!(
+        names,
+        vec![".well-known/openid-configuration", "openid/v1/jwks"]
+    );
+
+    let (exit, log) = d.stop();
+    assert_eq!(exit.code(), Some(0), "{log}");
+    let status = status_json(host.root());
+    assert_eq!(status["daemon"]["phase"], "stopped");
+    assert_eq!(status["running"], false);
+}
+
+fn walk(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(rel) = p.strip_prefix(dir) {
+                out.push(rel.display().to_string());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn sigterm_sends_stopping_and_exits_0() {
+    let host = k3s_host("");
+    let mut d = Daemon::start(host.root(), &["--no-restart"], &[]);
+    d.wait_ready();
+    d.signal(Signal::TERM);
+    let stopping = d.notify.wait_line("STOPPING=1", |l| l == "STOPPING=1");
+    assert_eq!(stopping, "STOPPING=1");
+    let exit = eventually(DEADLINE, || d.child.try_wait().ok().flatten()).expect("exits");
+    assert_eq!(exit.code(), Some(0), "{}", d.log());
+}
+
+#[test]
+fn an_edited_configuration_is_reloaded_and_republished() {
+    let host = k3s_host("");
+    let mut d = Daemon::start(host.root(), &["--no-restart"], &[]);
+    d.wait_ready();
+    // Edited in place (truncate + write), as some editors and `echo >` do.
+    std::fs::write(
+        host.path("/etc/irsa-agent/config.yaml"),
+        config("https://oidc.example.com/lab", ""),
+    )
+    .expect("edit");
+    wait_file(&mut d, &host, DISCOVERY, "the new issuer", |b| {
+        serde_json::from_slice::<Value>(b)
+            .map(|v| v["issuer"] == "https://oidc.example.com/lab")
+            .unwrap_or(false)
+    });
+    // And the apiserver follows: the new issuer signs, the old ones stay accepted.
+    let k3s = eventually(DEADLINE, || {
+        let text = host.read("/etc/rancher/k3s/config.yaml");
+        text.contains("service-account-issuer=https://oidc.example.com/lab")
+            .then_some(text)
+    })
+    .unwrap_or_else(|| panic!("k3s config not updated:\n{}", d.log()));
+    let issuers: Vec<&str> = k3s
+        .lines()
+        .filter_map(|l| l.split("service-account-issuer=").nth(1))
+        .map(|v| v.trim_end_matches('"'))
+        .collect();
+    assert_eq!(
+        issuers,
+        vec![
+            "https://oidc.example.com/lab",
+            "https://oidc.example.com/homelab",
+            "https://kubernetes.default.svc.cluster.local"
+        ]
+    );
+    // The JWKS did not change (same keys).
+    assert_eq!(read(&host, JWKS), real_apiserver_jwks());
+    d.assert_running();
+}
+
+#[test]
+fn a_broken_configuration_keeps_the_previous_one_until_fixed() {
+    let host = k3s_host("");
+    let mut d = Daemon::start(host.root(), &["--no-restart"], &[]);
+    d.wait_ready();
+    replace_by_rename(
+        &host.path("/etc/irsa-agent/config.yaml"),
+        b"issuer: https://oidc.example.com/homelab\npublish: [{type: directory\n",
+    );
+    d.notify
+        .wait_line("a STATUS about the invalid configuration", |l| {
+            l.starts_with("STATUS=configuration invalid, still using the previous one")
+        });
+    let status = d.status();
+    assert!(
+        status["daemon"]["config_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("config.yaml")),
+        "{status}"
+    );
+    // Still working with the previous settings: a key change is still published.
+    let key = new_ec_key();
+    let new_kid = key.kid.clone();
+    let mut both = host.read(SERVICE_KEY);
+    both.push_str(&key.public_pem);
+    replace_by_rename(&host.path(SERVICE_KEY), both.as_bytes());
+    wait_file(&mut d, &host, JWKS, "a JWKS with the new key", |b| {
+        kids(b).contains(&new_kid)
+    });
+    // Fixed: the error goes away.
+    replace_by_rename(
+        &host.path("/etc/irsa-agent/config.yaml"),
+        config("https://oidc.example.com/homelab", "").as_bytes(),
+    );
+    d.wait_status("no configuration error", |s| {
+        s["daemon"]["config_error"].is_null() && s["daemon"]["phase"] == "in-sync"
+    });
+}
+
+#[test]
+fn drift_at_the_target_is_healed_by_the_resync_and_counted_in_the_metrics() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+        l.local_addr().expect("addr").port()
+    };
+    let host = k3s_host(&format!(
+        "  resync-interval: 1s\n  metrics-textfile: /var/lib/node-exporter/irsa_agent.prom\n  metrics-listen: 127.0.0.1:{port}\n"
+    ));
+    host.mkdir("/var/lib/node-exporter");
+    let mut d = Daemon::start(host.root(), &["--no-restart"], &[]);
+    d.wait_ready();
+    // Deleted at the target (nobody announces it: the directory is not watched).
+    std::fs::remove_file(host.path(JWKS)).expect("delete");
+    wait_file(&mut d, &host, JWKS, "restored", |b| {
+        b == real_apiserver_jwks()
+    });
+    // (Once that converge has finished: a change during it would be restored by it, one drift.)
+    d.wait_status("one drift", |s| {
+        s["daemon"]["metrics"]["drift_found_total"] == 1
+    });
+    // Changed at the target (atomically, so no converge sees it half-written).
+    replace_by_rename(
+        &host.path(DISCOVERY),
+        b"{\"issuer\":\"https://evil.example\"}",
+    );
+    wait_file(&mut d, &host, DISCOVERY, "restored", |b| {
+        serde_json::from_slice::<Value>(b)
+            .map(|v| v["issuer"] == "https://oidc.example.com/homelab")
+            .unwrap_or(false)
+    });
+    let status = d.wait_status("two drifts", |s| {
+        s["daemon"]["metrics"]["drift_found_total"] == 2
+    });
+    assert_eq!(status["daemon"]["metrics"]["publish_failures_total"], 0);
+    // The node-exporter textfile says the same.
+    let textfile = host.path("/var/lib/node-exporter/irsa_agent.prom");
+    let text = eventually(DEADLINE, || {
+        let t = std::fs::read_to_string(&textfile).ok()?;
+        t.contains("irsa_agent_drift_found_total 2").then_some(t)
+    })
+    .unwrap_or_else(|| panic!("textfile: {:?}", std::fs::read_to_string(&textfile)));
+    for line in [
+        "irsa_agent_keys_published 2",
+        "irsa_agent_publish_failures_total 0",
+        "irsa_agent_apiserver_restarts_total 0",
+        "irsa_agent_target_up{target=\"directory /srv/oidc\"} 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+    }
+    assert!(text.contains("\nirsa_agent_last_publish_success_timestamp_seconds "));
+    // And the loopback endpoint.
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(
+        response.contains("irsa_agent_drift_found_total 2"),
+        "{response}"
+    );
+}
+
+#[test]
+fn a_target_that_is_down_is_retried_until_it_recovers_without_a_restart() {
+    let host = k3s_host("");
+    // The target directory cannot be created: a file is in the way.
+    host.write("/srv/oidc", "not a directory");
+    let k3s_before = host.read("/etc/rancher/k3s/config.yaml");
+    let mut d = Daemon::start(host.root(), &["--no-restart"], &[]);
+    // READY after the first converge attempt, failed or not.
+    d.wait_ready();
+    d.notify
+        .wait_line("a STATUS saying it fails and retries", |l| {
+            l.starts_with("STATUS=failing, retry") && l.contains("/srv/oidc")
+        });
+    let status = d.wait_status("several attempts", |s| {
+        s["daemon"]["metrics"]["publish_failures_total"]
+            .as_u64()
+            .is_some_and(|n| n >= 3)
+    });
+    assert_eq!(status["daemon"]["phase"], "retrying");
+    assert!(status["daemon"]["next_retry_at"].as_u64().is_some());
+    // The apiserver is not switched to an issuer whose documents are not published.
+    assert_eq!(status["daemon"]["apiserver"]["result"], "skipped");
+    assert_eq!(host.read("/etc/rancher/k3s/config.yaml"), k3s_before);
+    // The target comes back.
+    std::fs::remove_file(host.path("/srv/oidc")).expect("rm");
+    wait_file(&mut d, &host, JWKS, "published", |b| {
+        b == real_apiserver_jwks()
+    });
+    let status = d.wait_status("in sync", |s| s["daemon"]["phase"] == "in-sync");
+    assert_eq!(status["daemon"]["pid"], d.pid());
+    assert_eq!(d.notify.count("READY=1"), 1, "one start only");
+    assert!(
+        host.read("/etc/rancher/k3s/config.yaml")
+            .contains("service-account-issuer=https://oidc.example.com/homelab")
+    );
+    d.assert_running();
+}
+
+#[test]
+fn never_publishes_a_jwks_without_the_signing_key() {
+    let host = k3s_host("");
+    let mut d = Daemon::start(host.root(), &["--no-restart"], &[]);
+    d.wait_ready();
+    // The signing key is replaced by one that is not among the verification keys.
+    let key = new_ec_key();
+    let new_kid = key.kid.clone();
+    replace_by_rename(&host.path(CURRENT_KEY), key.private_pem.as_bytes());
+    let status = d.wait_status("the refusal", |s| {
+        s["daemon"]["errors"].as_array().is_some_and(|e| {
+            e.iter()
+                .any(|m| m.as_str().unwrap_or("").contains("refusing to publish"))
+        })
+    });
+    assert!(
+        status["daemon"]["errors"][0]
+            .as_str()
+            .is_some_and(|e| e.contains(&new_kid)),
+        "{status}"
+    );
+    assert_eq!(read(&host, JWKS), real_apiserver_jwks(), "unchanged");
+    // Once the key is among the verification keys, it is published.
+    let mut both = host.read(SERVICE_KEY);
+    both.push_str(&key.public_pem);
+    replace_by_rename(&host.path(SERVICE_KEY), both.as_bytes());
+    wait_file(&mut d, &host, JWKS, "a JWKS with the signing key", |b| {
+        kids(b).contains(&new_kid)
+    });
+    d.wait_status("in sync", |s| s["daemon"]["phase"] == "in-sync");
+}
+
+#[test]
+fn waits_for_an_issuer_on_a_fresh_install_and_starts_when_one_is_set() {
+    let host = Host::new();
+    host.write("/etc/rancher/k3s/config.yaml", K3S_CONFIG)
+        .k3s_keys("/var/lib/rancher/k3s");
+    let before = host.snapshot();
+    // Not even /etc/irsa-agent exists yet.
+    let mut d = Daemon::start(host.root(), &["--no-restart"], &[]);
+    d.wait_ready();
+    let status_line = d
+        .notify
+        .wait_line("the waiting STATUS", |l| l.starts_with("STATUS="));
+    assert_eq!(
+        status_line,
+        "STATUS=waiting for an issuer in /etc/irsa-agent/config.yaml"
+    );
+    let status = d.status();
+    assert_eq!(status["daemon"]["phase"], "waiting-for-issuer");
+    // The package's config: comments only.
+    host.write(
+        "/etc/irsa-agent/config.yaml",
+        "# irsa-agent configuration\n# issuer: https://oidc.example.com/cluster\n",
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    d.assert_running();
+    // Nothing on the host changed but the agent's own state.
+    let after: Vec<_> = host
+        .snapshot()
+        .into_iter()
+        .filter(|(p, _)| !p.starts_with("var/lib/irsa-agent") && !p.starts_with("etc/irsa-agent"))
+        .collect();
+    assert_eq!(after, before);
+    // The admin sets the issuer: it starts.
+    replace_by_rename(
+        &host.path("/etc/irsa-agent/config.yaml"),
+        config("https://oidc.example.com/homelab", "").as_bytes(),
+    );
+    wait_file(&mut d, &host, JWKS, "published", |b| {
+        b == real_apiserver_jwks()
+    });
+    d.wait_status("in sync", |s| s["daemon"]["phase"] == "in-sync");
+    assert_eq!(d.notify.count("READY=1"), 1);
+}
+
+#[test]
+fn sighup_reloads_with_reloading_and_ready() {
+    let host = k3s_host("");
+    let mut d = Daemon::start(host.root(), &["--no-restart"], &[]);
+    d.wait_ready();
+    d.signal(Signal::HUP);
+    d.notify.wait_line("RELOADING=1", |l| l == "RELOADING=1");
+    let monotonic = d
+        .notify
+        .wait_line("MONOTONIC_USEC", |l| l.starts_with("MONOTONIC_USEC="));
+    assert!(
+        monotonic
+            .trim_start_matches("MONOTONIC_USEC=")
+            .parse::<u64>()
+            .is_ok_and(|v| v > 0),
+        "{monotonic}"
+    );
+    eventually(DEADLINE, || (d.notify.count("READY=1") == 2).then_some(()))
+        .unwrap_or_else(|| panic!("no second READY=1: {:?}", d.notify.lines()));
+    // RELOADING comes before the second READY.
+    let lines = d.notify.lines();
+    let reloading = lines.iter().position(|l| l == "RELOADING=1");
+    let second_ready = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| *l == "READY=1")
+        .nth(1)
+        .map(|(i, _)| i);
+    assert!(reloading < second_ready, "{lines:?}");
+    let status = d.wait_status("a converge after the reload", |s| {
+        s["daemon"]["last_converge"]["trigger"] == "reload"
+    });
+    assert_eq!(status["daemon"]["pid"], d.pid());
+    assert_eq!(status["daemon"]["phase"], "in-sync");
+}
+
+#[test]
+fn pings_the_watchdog_when_systemd_asks_for_it() {
+    let host = k3s_host("");
+    let mut d = Daemon::start(
+        host.root(),
+        &["--no-restart"],
+        &[("WATCHDOG_USEC", "200000")],
+    );
+    d.wait_ready();
+    eventually(DEADLINE, || {
+        (d.notify.count("WATCHDOG=1") >= 5).then_some(())
+    })
+    .unwrap_or_else(|| panic!("watchdog pings: {:?}", d.notify.lines()));
+    d.assert_running();
+    // Without WATCHDOG_USEC, no pings.
+    let quiet = k3s_host("");
+    let mut q = Daemon::start(quiet.root(), &["--no-restart"], &[]);
+    q.wait_ready();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(q.notify.count("WATCHDOG=1"), 0);
+}
+
+#[test]
+fn restarts_k3s_through_systemctl_and_waits_for_the_new_issuer() {
+    let host = Host::new();
+    host.agent_config("https://oidc.example.com/homelab");
+    host.write(
+        "/etc/irsa-agent/config.d/50-publish.yaml",
+        "distribution: k3s\npublish:\n  - type: directory\n    path: /srv/oidc\n",
+    )
+    .write("/etc/rancher/k3s/config.yaml", K3S_CONFIG)
+    .k3s_keys("/var/lib/rancher/k3s");
+    let server = FakeApiserver::start(Behaviour::FollowHost {
+        root: host.root().to_path_buf(),
+        distribution: Distribution::K3s,
+    });
+    host.kubeconfig("/etc/rancher/k3s/k3s.yaml", &server.url());
+    let systemctl = host.fake_systemctl();
+    let systemctl = systemctl.display().to_string();
+    let mut d = Daemon::start(
+        host.root(),
+        &[
+            "--systemctl",
+            &systemctl,
+            "--poll-interval",
+            "100ms",
+            "--timeout",
+            "20s",
+        ],
+        &[],
+    );
+    d.wait_ready();
+    // READY came after the first converge, which restarted k3s and saw the new issuer.
+    assert_eq!(host.systemctl_log(), "restart k3s\n");
+    let status = d.wait_status("the restart recorded", |s| {
+        s["daemon"]["metrics"]["apiserver_restarts_total"] == 1
+    });
+    assert_eq!(status["daemon"]["apiserver"]["result"], "changed");
+    assert!(
+        status["issuer"]["switched_at"].as_u64().is_some(),
+        "{status}"
+    );
+    assert_eq!(read(&host, JWKS), real_apiserver_jwks());
+    // Its own write to config.yaml triggers one more converge, which changes nothing.
+    d.wait_status("a quiet converge", |s| {
+        s["daemon"]["metrics"]["converges_total"].as_u64() >= Some(2)
+            && s["daemon"]["apiserver"]["result"] == "in-sync"
+    });
+    assert_eq!(host.systemctl_log(), "restart k3s\n", "no second restart");
+}
+
+#[test]
+fn a_manifest_regenerated_by_kubeadm_upgrade_is_noticed_and_fixed() {
+    let host = Host::new();
+    host.agent_config("https://oidc.example.test/cluster-a")
+        .copy(
+            &data("../hosts/kubeadm/v1.31.yaml"),
+            "/etc/kubernetes/manifests/kube-apiserver.yaml",
+        )
+        .write(
+            "/etc/kubernetes/manifests/etcd.yaml",
+            "apiVersion: v1\nkind: Pod\n",
+        )
+        .kubeadm_keys();
+    let manifest = "/etc/kubernetes/manifests/kube-apiserver.yaml";
+    let original = host.read(manifest);
+    let mut d = Daemon::start(host.root(), &["--no-restart"], &[]);
+    d.wait_ready();
+    assert!(
+        host.read(manifest)
+            .contains("--service-account-issuer=https://oidc.example.test/cluster-a")
+    );
+    // `kubeadm upgrade` writes the manifest anew (by rename), without our flags.
+    replace_by_rename(&host.path(manifest), original.as_bytes());
+    let fixed = eventually(DEADLINE, || {
+        let text = host.read(manifest);
+        text.contains("--service-account-issuer=https://oidc.example.test/cluster-a")
+            .then_some(text)
+    })
+    .unwrap_or_else(|| panic!("manifest not fixed:\n{}", d.log()));
+    assert_ne!(fixed, original);
+    let status = d.wait_status("drift counted", |s| {
+        s["daemon"]["metrics"]["drift_found_total"] == 1
+    });
+    assert_eq!(status["daemon"]["phase"], "in-sync");
+    // No temp file for kubelet to run in the manifests folder.
+    let names: Vec<String> = walk(&host.path("/etc/kubernetes/manifests"));
+    assert_eq!(names.len(), 2, "{names:?}");
+}
+
+#[test]
+fn a_rolled_back_apiserver_change_is_held_not_retried_in_a_restart_loop() {
+    let host = k3s_host("  resync-interval: 1s\n");
+    let server = FakeApiserver::start(Behaviour::NeverReady);
+    host.kubeconfig("/etc/rancher/k3s/k3s.yaml", &server.url());
+    let systemctl = host.fake_systemctl();
+    let systemctl = systemctl.display().to_string();
+    let k3s_before = host.read("/etc/rancher/k3s/config.yaml");
+    let mut d = Daemon::start(
+        host.root(),
+        &[
+            "--systemctl",
+            &systemctl,
+            "--poll-interval",
+            "100ms",
+            "--timeout",
+            "1s",
+        ],
+        &[],
+    );
+    d.wait_ready();
+    // Restarted, never ready, rolled back (restarted again).
+    let status = d.wait_status("the held change", |s| s["daemon"]["phase"] == "held");
+    assert_eq!(host.systemctl_log(), "restart k3s\nrestart k3s\n");
+    assert_eq!(host.read("/etc/rancher/k3s/config.yaml"), k3s_before);
+    assert_eq!(status["daemon"]["apiserver"]["result"], "held");
+    assert_eq!(status["daemon"]["metrics"]["apiserver_restarts_total"], 2);
+    // Published anyway (the documents do not depend on the apiserver's flags).
+    assert_eq!(read(&host, JWKS), real_apiserver_jwks());
+    d.notify.wait_line("a STATUS about the held change", |l| {
+        l.starts_with("STATUS=2 key(s) published to directory /srv/oidc; apiserver change rolled back and held")
+    });
+    // Resyncs come and go; no further restart.
+    let converges = status["daemon"]["metrics"]["converges_total"]
+        .as_u64()
+        .unwrap_or(0);
+    d.wait_status("three more resyncs", |s| {
+        s["daemon"]["metrics"]["converges_total"].as_u64() >= Some(converges + 3)
+    });
+    assert_eq!(host.systemctl_log(), "restart k3s\nrestart k3s\n");
+    // A reload (a person fixed something) tries again: two more restarts.
+    d.signal(Signal::HUP);
+    eventually(DEADLINE, || {
+        (host.systemctl_log().lines().count() == 4).then_some(())
+    })
+    .unwrap_or_else(|| panic!("no retry after SIGHUP:\n{}", d.log()));
+    d.wait_status("held again", |s| s["daemon"]["phase"] == "held");
+    d.assert_running();
+}
