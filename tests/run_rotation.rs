@@ -29,8 +29,9 @@ fn the_daemon_runs_a_due_rotation_to_draining() {
     );
     host.write(
         "/etc/irsa-agent/config.yaml",
-        format!("issuer: {issuer}\ndistribution: k3s\nca-file: /etc/irsa-agent/test-ca.crt\npublish:\n  - type: directory\n    path: /srv/oidc\n    cache-control: \"public, max-age=0\"\nrotation:\n  enabled: true\n  every: 30d\n  propagation-wait: 0s\n  token-lifetime: 10m\n  drain-margin: 0s\n"),
+        format!("issuer: {issuer}\ndistribution: k3s\nca-file: /etc/irsa-agent/test-ca.crt\npublish:\n  - type: directory\n    path: /srv/oidc\n    cache-control: \"public, max-age=0\"\nrotation:\n  enabled: true\n  every: 30d\n  propagation-wait: 0s\n  token-lifetime: 10m\n  drain-margin: 0s\nrun:\n  metrics-textfile: /var/lib/prometheus/node-exporter/irsa_agent.prom\n"),
     );
+    std::fs::create_dir_all(root.join("var/lib/prometheus/node-exporter")).expect("mkdir");
     let apiserver = FakeApiserver::start(Behaviour::Keys {
         root: root.clone(),
         distribution: Distribution::K3s,
@@ -77,6 +78,37 @@ fn the_daemon_runs_a_due_rotation_to_draining() {
         "{}",
         d.log()
     );
+    // `status` shows the rotation in its own words: phase, since when, what comes next.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_irsa-agent"))
+        .arg("--root")
+        .arg(&root)
+        .arg("status")
+        .output()
+        .expect("status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("rotation: draining since "), "{text}");
+    assert!(text.contains(&format!("new key {new_kid}")), "{text}");
+    assert!(text.contains("  next: "), "{text}");
+    // The rotation's metrics are part of the daemon's exposition.
+    let textfile = root.join("var/lib/prometheus/node-exporter/irsa_agent.prom");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&textfile).unwrap_or_default();
+        if text.contains("irsa_agent_rotation_phase{phase=\"draining\"} 1") {
+            assert!(
+                text.contains("irsa_agent_rotation_phase{phase=\"idle\"} 0"),
+                "{text}"
+            );
+            assert!(text.contains("irsa_agent_converges_total"), "{text}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no draining phase in the metrics textfile:\n{text}\n{}",
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let (code, _) = d.stop();
     assert!(code.success());
 }

@@ -39,6 +39,13 @@ impl ScheduledTask for RotationTask {
         rotation::published_ahead(&self.root)
     }
 
+    /// `irsa_agent_rotation_*` (phase, when it began, next step, failures, last completed),
+    /// from the saved state; the phase family alone when the state cannot be read.
+    fn metrics(&self) -> String {
+        let state = rotation::load_state(&self.root).ok().flatten();
+        rotation::metrics_text(state.as_ref())
+    }
+
     async fn run(&mut self, ctx: &mut TaskContext<'_>) -> anyhow::Result<Option<SystemTime>> {
         let now = ctx
             .now
