@@ -9,6 +9,16 @@
 //! Points: `apply:after-backup`, `apply:after-write`, `apply:after-restart`,
 //! `fs:before-rename` (every [`crate::fs::write_atomic`]: the temp file is written and synced,
 //! not yet renamed).
+//!
+//! Key rotation ([`crate::rotation`]): `rotation:<from>-><to>` at every transition, after its
+//! work is done and before the new phase is saved (`rotation:idle->staged`,
+//! `rotation:staged->published`, `rotation:published->staged`, `rotation:published->trusted`,
+//! `rotation:trusted->signing`, `rotation:signing->draining`, `rotation:draining->retired`,
+//! `rotation:retired->idle`); `rotation:after-stage-files` (new key written, state not saved);
+//! and inside each install (`verify-only`, `trust`, `sign`, `retire`, `remove-new`):
+//! `rotation:<install>:after-rotate-ca` (k3s: the datastore has the new service.key, not yet
+//! restarted), `rotation:<install>:after-restart`, `rotation:<install>:after-write` (kubeadm:
+//! manifests written).
 
 /// Exits with status 99 at the configured hit of `name`.
 #[cfg(feature = "failpoints")]

@@ -26,4 +26,5 @@ pub mod fs;
 pub mod host;
 pub mod keys;
 pub mod publish;
+pub mod rotation;
 pub mod state;

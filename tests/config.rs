@@ -198,6 +198,28 @@ fn rotation_every_must_outlast_token_lifetime() {
 }
 
 #[test]
+fn rotation_every_must_outlast_a_whole_rotation() {
+    // 2d > token-lifetime 1d, but 1h propagation + 1d + 1d drain margin does not fit in it.
+    let root = host(&[(
+        "/etc/irsa-agent/config.yaml",
+        "issuer: https://oidc.example.com\nrotation:\n  every: 2d\n  drain-margin: 1d\n  cdn-ttl: 5m\n",
+    )]);
+    let (code, _, stderr) = check(root.path(), &[]);
+    assert_eq!(code, 1);
+    insta::assert_snapshot!(stderr);
+    // The defaults fit in a week.
+    let root = host(&[(
+        "/etc/irsa-agent/config.yaml",
+        "issuer: https://oidc.example.com\nrotation:\n  every: 7d\n  drain-margin: 2h\n",
+    )]);
+    let (code, stdout, stderr) = check(root.path(), &["--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(doc["rotation"]["drain-margin"], "2h");
+    assert_eq!(doc["rotation"]["every"], "7d");
+}
+
+#[test]
 fn explicit_config_file_replaces_the_host_files() {
     let root = host(&[(
         "/etc/irsa-agent/config.yaml",

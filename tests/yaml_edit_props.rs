@@ -227,6 +227,45 @@ proptest! {
     }
 }
 
+/// Sequences nested on their parent's line (`- - a`) once sent the locator into an endless loop
+/// that ate memory (found by `locating_never_panics`). Each case must finish within seconds.
+#[test]
+fn nested_sequences_on_one_line_terminate() {
+    let cases = [
+        "- - a\n",
+        "---\n - - a\n",
+        "- - - a\n  - b\n",
+        "- a\n- - b\n  - c\n",
+        "kube-apiserver-arg:\n- - a=b\n",
+        "kube-apiserver-arg:\n  - - a=b\n    - c=d\n  - e=f\n",
+        "spec:\n  containers:\n  - command:\n    - - kube-apiserver\n",
+    ];
+    for text in cases {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            if let Ok(doc) = Document::parse(text) {
+                for locator in [
+                    Locator::TopLevel("kube-apiserver-arg"),
+                    Locator::ContainerCommand,
+                ] {
+                    let _ = doc.locate(locator);
+                }
+            }
+            let _ = tx.send(());
+        });
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_secs(10)).is_ok(),
+            "locating in {text:?} did not finish"
+        );
+    }
+    // A list holding a list is refused with a reason, not edited.
+    let doc = Document::parse("kube-apiserver-arg:\n  - - a=b\n  - e=f\n").expect("parse");
+    let err = doc
+        .locate(Locator::TopLevel("kube-apiserver-arg"))
+        .expect_err("a nested list is not an argument list");
+    assert!(err.to_string().contains("expected strings"), "{err}");
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 

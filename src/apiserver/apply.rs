@@ -15,6 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::FileChange;
 use super::plan::Plan;
 use super::probe::{ApiserverProbe, Status};
 use super::restart::{Restart, ServiceManager};
@@ -186,25 +187,37 @@ pub fn restart_pending(
     }
 }
 
-/// Carries out `plan`. `now` is the Unix time used for the backup folder name.
-pub fn execute(
+/// Files written by [`write_changes`]: what was written, and the bytes to put back.
+#[derive(Debug)]
+pub struct Prepared {
+    pub written: Vec<Written>,
+    pub backup_dir: PathBuf,
+    originals: Vec<Option<Vec<u8>>>,
+}
+
+impl Prepared {
+    /// Puts every original file back (removes the ones irsa-agent created); returns a one-line
+    /// account naming each path and its backup.
+    pub fn restore(&self, root: &HostRoot) -> String {
+        restore(root, &self.written, &self.originals)
+    }
+}
+
+/// Steps 1-3 of the executor (see the module docs): checks that every file still has the bytes
+/// the changes were computed from, sweeps temp files, backs the files up and writes the new
+/// texts atomically (a failure half-way restores what was written). `None` when there is
+/// nothing to change. Used by [`execute`] and by key rotation, which waits for the apiserver
+/// in its own way.
+pub fn write_changes(
     root: &HostRoot,
-    plan: &Plan,
-    restart: &Restart,
-    services: &mut dyn ServiceManager,
-    probe: &mut dyn ApiserverProbe,
-    opts: &Options,
+    changes: &[FileChange],
     now: u64,
-) -> Result<Outcome, ApplyError> {
-    if plan.changes.is_empty() {
-        return Ok(Outcome {
-            written: Vec::new(),
-            backup_dir: None,
-            restart: RestartOutcome::NotNeeded,
-        });
+) -> Result<Option<Prepared>, ApplyError> {
+    if changes.is_empty() {
+        return Ok(None);
     }
     // 1. Nothing may have changed since the plan was made.
-    for change in &plan.changes {
+    for change in changes {
         let path = root.path(&change.path);
         let current = match std::fs::read(&path) {
             Ok(bytes) => Some(bytes),
@@ -232,7 +245,7 @@ pub fn execute(
     let dir = backup_dir(root, now)?;
     let mut written: Vec<Written> = Vec::new();
     let mut originals: Vec<Option<Vec<u8>>> = Vec::new();
-    for change in &plan.changes {
+    for change in changes {
         if change.old.is_some() {
             let backup = dir.join(change.path.strip_prefix("/").unwrap_or(&change.path));
             let bytes = fs::backup_copy(&root.path(&change.path), &root.path(&backup))
@@ -254,7 +267,7 @@ pub fn execute(
     }
     crate::failpoint::hit("apply:after-backup");
     // 3. Writes. A failure half-way restores what was written.
-    for (i, change) in plan.changes.iter().enumerate() {
+    for (i, change) in changes.iter().enumerate() {
         let path = root.path(&change.path);
         let result = (|| {
             if let Some(parent) = path.parent() {
@@ -279,6 +292,35 @@ pub fn execute(
                 .unwrap_or_else(|| " (new file)".to_string())
         );
     }
+    Ok(Some(Prepared {
+        written,
+        backup_dir: dir,
+        originals,
+    }))
+}
+
+/// Carries out `plan`. `now` is the Unix time used for the backup folder name.
+pub fn execute(
+    root: &HostRoot,
+    plan: &Plan,
+    restart: &Restart,
+    services: &mut dyn ServiceManager,
+    probe: &mut dyn ApiserverProbe,
+    opts: &Options,
+    now: u64,
+) -> Result<Outcome, ApplyError> {
+    let Some(prepared) = write_changes(root, &plan.changes, now)? else {
+        return Ok(Outcome {
+            written: Vec::new(),
+            backup_dir: None,
+            restart: RestartOutcome::NotNeeded,
+        });
+    };
+    let Prepared {
+        written,
+        backup_dir: dir,
+        originals,
+    } = prepared;
     crate::failpoint::hit("apply:after-write");
     if opts.no_restart {
         return Ok(Outcome {

@@ -414,6 +414,7 @@ impl<'a> Document<'a> {
                     ),
                 }
             };
+            let next = next.max(key_line + 1);
             entries.push(MapEntry {
                 key,
                 line: key_line,
@@ -425,14 +426,23 @@ impl<'a> Document<'a> {
         (Node::Map(entries), i)
     }
 
+    /// The caller has checked that (`line`, `col`) starts an item (`- `); `col` may lie past the
+    /// line's indent (`- - a`, a sequence nested on its parent's line). Later items must start
+    /// at `col` as a line's first token.
     fn seq_at(&self, line: usize, col: usize) -> (Node, usize) {
         let mut items = Vec::new();
         let mut i = line;
+        let mut first = true;
         loop {
-            let item_line = match self.content_from(i) {
-                Some(j) if self.lines[j].indent == col && is_seq_item(self.code(j, col)) => j,
-                _ => break,
+            let item_line = if first {
+                line
+            } else {
+                match self.content_from(i) {
+                    Some(j) if self.lines[j].indent == col && is_seq_item(self.code(j, col)) => j,
+                    _ => break,
+                }
             };
+            first = false;
             let l = self.lines[item_line];
             let after_dash = &self.text[l.start + col + 1..l.end];
             let pad = after_dash.len() - after_dash.trim_start_matches([' ', '\t']).len();
@@ -456,6 +466,8 @@ impl<'a> Document<'a> {
             } else {
                 self.inline_from(item_line, l.start + value_col, col as isize)
             };
+            // Every item ends on its own line or later: the loop always moves on.
+            let next = next.max(item_line + 1);
             items.push(SeqEntry {
                 line: item_line,
                 value,

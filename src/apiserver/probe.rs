@@ -18,6 +18,33 @@ use serde_yaml::Value;
 
 use crate::host::HostRoot;
 
+/// The admin kubeconfig (host path) and, on kubeadm, the URL of this host's apiserver (the
+/// manifest's `--advertise-address` and `--secure-port`; the kubeconfig may name a load
+/// balancer).
+pub fn target(observed: &super::Observed) -> (PathBuf, Option<String>) {
+    match &observed.source {
+        super::Source::Rancher(r) => (r.flavor.kubeconfig(), None),
+        super::Source::Kubeadm(k) => {
+            let arg = |name: &str| {
+                k.args
+                    .iter()
+                    .rev()
+                    .find(|a| a.name == name)
+                    .map(|a| a.value.clone())
+            };
+            let url = arg("advertise-address").map(|addr| {
+                let port = arg("secure-port").unwrap_or_else(|| "6443".to_string());
+                if addr.contains(':') {
+                    format!("https://[{addr}]:{port}")
+                } else {
+                    format!("https://{addr}:{port}")
+                }
+            });
+            (PathBuf::from(super::kubeadm::ADMIN_KUBECONFIG), url)
+        }
+    }
+}
+
 /// What the apiserver answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {
@@ -38,39 +65,18 @@ pub trait ApiserverProbe {
     }
 }
 
-/// The admin kubeconfig (host path) and, on kubeadm, the URL of this host's apiserver (the
-/// manifest's `--advertise-address` and `--secure-port`; the kubeconfig may name a load
-/// balancer).
-pub fn target(observed: &crate::apiserver::Observed) -> (PathBuf, Option<String>) {
-    match &observed.source {
-        crate::apiserver::Source::Rancher(r) => (r.flavor.kubeconfig(), None),
-        crate::apiserver::Source::Kubeadm(k) => {
-            let arg = |name: &str| {
-                k.args
-                    .iter()
-                    .rev()
-                    .find(|a| a.name == name)
-                    .map(|a| a.value.clone())
-            };
-            let url = arg("advertise-address").map(|addr| {
-                let port = arg("secure-port").unwrap_or_else(|| "6443".to_string());
-                if addr.contains(':') {
-                    format!("https://[{addr}]:{port}")
-                } else {
-                    format!("https://{addr}:{port}")
-                }
-            });
-            (
-                PathBuf::from(crate::apiserver::kubeadm::ADMIN_KUBECONFIG),
-                url,
-            )
-        }
-    }
-}
-
-/// The real probe.
+/// The real probe: an [`ApiClient`] on a current-thread runtime of its own (for the
+/// synchronous `apply`/`finalize`).
 pub struct KubeconfigProbe {
     runtime: tokio::runtime::Runtime,
+    api: ApiClient,
+}
+
+/// An HTTPS client for the apiserver, built from the admin kubeconfig: trusts only its CA,
+/// authenticates with its client certificate or token. Async and runtime-free, so async code
+/// (key rotation, the daemon) can use it on its own runtime.
+#[derive(Clone)]
+pub struct ApiClient {
     client: reqwest::Client,
     server: String,
     token: Option<String>,
@@ -116,6 +122,92 @@ fn material(
 
 impl KubeconfigProbe {
     /// Builds the probe from the admin kubeconfig at `kubeconfig` (a host path). `server`
+    /// overrides the kubeconfig's server URL.
+    pub fn new(
+        root: &HostRoot,
+        kubeconfig: &Path,
+        server: Option<String>,
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        let api = ApiClient::new(root, kubeconfig, server, timeout)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+        Ok(KubeconfigProbe { runtime, api })
+    }
+
+    /// The apiserver URL the probe talks to (no trailing slash).
+    pub fn server(&self) -> &str {
+        self.api.server()
+    }
+
+    /// The async client underneath (for callers with a runtime of their own).
+    pub fn api(&self) -> &ApiClient {
+        &self.api
+    }
+
+    /// Runs `future` on the probe's own runtime (doctor and verify-token compose several
+    /// requests and run them concurrently).
+    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.runtime.block_on(future)
+    }
+
+    /// See [`ApiClient::get`].
+    pub async fn get(&self, path: &str) -> Result<(u16, String), String> {
+        self.api.get(path).await
+    }
+
+    /// See [`ApiClient::post_json`].
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<(u16, String), String> {
+        self.api.post_json(path, body).await
+    }
+
+    /// Asks the apiserver's TokenRequest API for a token of `namespace/service_account` with
+    /// these audiences and lifetime. The token is a credential: callers must not log it.
+    pub fn token_request(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        audiences: &[String],
+        expiration_seconds: u64,
+    ) -> Result<zeroize::Zeroizing<String>, String> {
+        let path =
+            format!("/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token");
+        let body = serde_json::json!({
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"audiences": audiences, "expirationSeconds": expiration_seconds},
+        });
+        let (code, text) = self
+            .block_on(self.post_json(&path, &body))
+            .map_err(|e| format!("cannot reach the apiserver at {}: {e}", self.server()))?;
+        let answer: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let message = answer
+            .get("message")
+            .and_then(|m| m.as_str())
+            .unwrap_or_else(|| text.lines().next().unwrap_or(""))
+            .to_string();
+        match code {
+            200 | 201 => answer
+                .pointer("/status/token")
+                .and_then(|t| t.as_str())
+                .map(|t| zeroize::Zeroizing::new(t.to_string()))
+                .ok_or_else(|| "the TokenRequest answer holds no status.token".to_string()),
+            404 => Err(format!(
+                "service account {namespace}/{service_account} not found ({message}); list them with: kubectl get serviceaccounts -n {namespace}"
+            )),
+            _ => Err(format!("TokenRequest answered HTTP {code}: {message}")),
+        }
+    }
+}
+
+impl ApiClient {
+    /// Builds the client from the admin kubeconfig at `kubeconfig` (a host path). `server`
     /// overrides the kubeconfig's server URL.
     pub fn new(
         root: &HostRoot,
@@ -200,31 +292,29 @@ impl KubeconfigProbe {
             .no_proxy()
             .build()
             .map_err(|e| format!("cannot build the HTTPS client: {e}"))?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-        Ok(KubeconfigProbe {
-            runtime,
+        Ok(ApiClient {
             client,
             server: server.trim_end_matches('/').to_string(),
             token,
         })
     }
 
-    /// The apiserver URL the probe talks to (no trailing slash).
+    /// The apiserver URL requests go to (`https://127.0.0.1:6443`).
     pub fn server(&self) -> &str {
         &self.server
     }
 
-    /// Runs `future` on the probe's own runtime (doctor and verify-token compose several
-    /// requests and run them concurrently).
-    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
-        self.runtime.block_on(future)
+    /// The same credentials aimed at another apiserver of the cluster (`https://10.0.0.2:6443`).
+    pub fn at(&self, server: &str) -> ApiClient {
+        ApiClient {
+            client: self.client.clone(),
+            server: server.trim_end_matches('/').to_string(),
+            token: self.token.clone(),
+        }
     }
 
-    /// `GET` with the admin credential: `path` on the probed apiserver, or an absolute
-    /// `https://` URL (another apiserver of the same cluster, trusted through the same CA).
+    /// `GET` with the admin credential: `path` on this apiserver, or an absolute `https://` URL
+    /// (another apiserver of the same cluster, trusted through the same CA).
     pub async fn get(&self, path: &str) -> Result<(u16, String), String> {
         self.send(reqwest::Method::GET, path, None).await
     }
@@ -275,44 +365,6 @@ impl KubeconfigProbe {
         let body = response.text().await.map_err(|e| e.to_string())?;
         Ok((status, body))
     }
-
-    /// Asks the apiserver's TokenRequest API for a token of `namespace/service_account` with
-    /// these audiences and lifetime. The token is a credential: callers must not log it.
-    pub fn token_request(
-        &self,
-        namespace: &str,
-        service_account: &str,
-        audiences: &[String],
-        expiration_seconds: u64,
-    ) -> Result<zeroize::Zeroizing<String>, String> {
-        let path =
-            format!("/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token");
-        let body = serde_json::json!({
-            "apiVersion": "authentication.k8s.io/v1",
-            "kind": "TokenRequest",
-            "spec": {"audiences": audiences, "expirationSeconds": expiration_seconds},
-        });
-        let (code, text) = self
-            .block_on(self.post_json(&path, &body))
-            .map_err(|e| format!("cannot reach the apiserver at {}: {e}", self.server))?;
-        let answer: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-        let message = answer
-            .get("message")
-            .and_then(|m| m.as_str())
-            .unwrap_or_else(|| text.lines().next().unwrap_or(""))
-            .to_string();
-        match code {
-            200 | 201 => answer
-                .pointer("/status/token")
-                .and_then(|t| t.as_str())
-                .map(|t| zeroize::Zeroizing::new(t.to_string()))
-                .ok_or_else(|| "the TokenRequest answer holds no status.token".to_string()),
-            404 => Err(format!(
-                "service account {namespace}/{service_account} not found ({message}); list them with: kubectl get serviceaccounts -n {namespace}"
-            )),
-            _ => Err(format!("TokenRequest answered HTTP {code}: {message}")),
-        }
-    }
 }
 
 impl ApiserverProbe for KubeconfigProbe {
@@ -327,7 +379,7 @@ impl ApiserverProbe for KubeconfigProbe {
                     body.lines().next().unwrap_or("").trim()
                 ),
             ),
-            Err(e) => (false, format!("not reachable at {}: {e}", self.server)),
+            Err(e) => (false, format!("not reachable at {}: {e}", self.api.server)),
         };
         let mut issuer = None;
         if ready {
@@ -360,13 +412,19 @@ impl ApiserverProbe for KubeconfigProbe {
         if code != 200 {
             return None;
         }
-        let mut total = None;
-        for line in body.lines() {
-            if line.starts_with("serviceaccount_stale_tokens_total") {
-                let value: f64 = line.rsplit(' ').next()?.parse().ok()?;
-                *total.get_or_insert(0.0) += value;
-            }
-        }
-        Some(total.unwrap_or(0.0))
+        stale_tokens_in(&body)
     }
+}
+
+/// The sum of every `serviceaccount_stale_tokens_total` series in a Prometheus text exposition
+/// (0 when the metric has no series yet); `None` when a sample cannot be read.
+pub fn stale_tokens_in(metrics: &str) -> Option<f64> {
+    let mut total = 0.0;
+    for line in metrics.lines() {
+        if line.starts_with("serviceaccount_stale_tokens_total") {
+            let value: f64 = line.rsplit(' ').next()?.parse().ok()?;
+            total += value;
+        }
+    }
+    Some(total)
 }

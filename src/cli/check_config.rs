@@ -41,6 +41,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
                 "propagation-wait": format_duration(s.rotation.propagation_wait),
                 "cdn-ttl": format_duration(s.rotation.cdn_ttl),
                 "token-lifetime": format_duration(s.rotation.token_lifetime),
+                "drain-margin": format_duration(s.rotation.drain_margin),
             },
             "run": {
                 "resync-interval": format_duration(s.run.resync_interval),

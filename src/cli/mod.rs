@@ -15,8 +15,8 @@ mod finalize;
 mod generate;
 mod keys;
 pub mod logging;
-mod pending;
 mod publish;
+mod rotate;
 mod run;
 mod status;
 mod trust_policy;
@@ -105,7 +105,7 @@ pub enum Command {
     /// Check every link from the key files to the public JWKS and explain what is wrong.
     Doctor(doctor::Args),
     /// Rotate the service-account signing key without rejecting a single token.
-    Rotate(pending::Args),
+    Rotate(rotate::Args),
     /// Decode a service-account token and explain why a relying party would accept or
     /// refuse it.
     VerifyToken(verify_token::Args),
@@ -149,7 +149,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::run(&global, args),
         Command::Status(args) => status::run(&global, args),
         Command::Doctor(args) => doctor::run(&global, args),
-        Command::Rotate(_) => pending::not_implemented("rotate"),
+        Command::Rotate(args) => rotate::run(&global, args),
         Command::VerifyToken(args) => verify_token::run(&global, args),
         Command::TrustPolicy(args) => trust_policy::run(&global, args),
         Command::Generate(args) => generate::run(args),

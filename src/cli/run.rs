@@ -71,6 +71,14 @@ pub struct Args {
         env = "IRSA_AGENT_APISERVER_URL"
     )]
     pub apiserver_url: Option<String>,
+
+    /// The k3s binary key rotation runs `certificate rotate-ca` with (tests point it at a fake).
+    #[arg(long, hide = true, value_name = "PATH", env = "IRSA_AGENT_K3S")]
+    pub k3s: Option<std::path::PathBuf>,
+
+    /// The rke2 binary (tests point it at a fake).
+    #[arg(long, hide = true, value_name = "PATH", env = "IRSA_AGENT_RKE2")]
+    pub rke2: Option<std::path::PathBuf>,
 }
 
 impl Args {
@@ -91,8 +99,30 @@ impl Args {
 
 /// Scheduled work the daemon runs after every converge and when due (see
 /// [`crate::daemon::tasks`]). Key rotation (issue 6) registers its task here.
-fn tasks(_global: &Global, _args: &Args) -> Vec<Box<dyn ScheduledTask>> {
-    Vec::new()
+fn tasks(global: &Global, args: &Args) -> Vec<Box<dyn ScheduledTask>> {
+    let mut programs = Vec::new();
+    for (name, path) in [("k3s", &args.k3s), ("rke2", &args.rke2)] {
+        if let Some(path) = path {
+            programs.push((name.to_string(), path.clone()));
+        }
+    }
+    let edges = crate::rotation::HostEdges {
+        systemctl: args.systemctl.clone(),
+        programs,
+        apiserver_url: args.apiserver_url.clone(),
+        ..crate::rotation::HostEdges::default()
+    };
+    let options = crate::rotation::Options {
+        restart_timeout: args.timeout,
+        poll: args.poll_interval,
+        unit: args.unit.clone(),
+        ..crate::rotation::Options::default()
+    };
+    vec![Box::new(crate::daemon::rotation_task::RotationTask {
+        root: global.root.clone(),
+        edges,
+        options,
+    })]
 }
 
 pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {

@@ -33,7 +33,11 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
         }
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
-        print!("{}", status::render_human(&state));
+        // The configuration only says whether rotation is enabled; status works without it.
+        let rotation_enabled = super::apply::load_settings(global)
+            .ok()
+            .map(|s| s.rotation.enabled);
+        print!("{}", status::render_human(&state, rotation_enabled));
     }
     let in_sync = daemon.is_some_and(|d| d.phase == Phase::InSync);
     Ok(if running && in_sync {

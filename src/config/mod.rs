@@ -249,6 +249,9 @@ pub struct Rotation {
     pub cdn_ttl: Duration,
     /// The longest lifetime of a token signed by the old key that must keep verifying.
     pub token_lifetime: Duration,
+    /// Extra time the old key stays trusted after `token-lifetime` has passed (clock skew,
+    /// tokens minted just before the switch, relying parties' leeway).
+    pub drain_margin: Duration,
 }
 
 impl Default for Rotation {
@@ -260,7 +263,17 @@ impl Default for Rotation {
             propagation_wait: Duration::from_secs(3600),
             cdn_ttl: Duration::ZERO,
             token_lifetime: Duration::from_secs(86_400),
+            drain_margin: Duration::from_secs(3600),
         }
+    }
+}
+
+impl Rotation {
+    /// The shortest time one rotation takes with these settings, not counting the public
+    /// copy's Cache-Control max-age (known only once it is fetched): cdn-ttl + propagation-wait
+    /// before the new key signs, token-lifetime + drain-margin before the old key goes.
+    pub fn minimum_duration(&self) -> Duration {
+        self.cdn_ttl + self.propagation_wait + self.token_lifetime + self.drain_margin
     }
 }
 
@@ -320,6 +333,7 @@ pub struct RotationFragment {
     pub propagation_wait: Option<Duration>,
     pub cdn_ttl: Option<Duration>,
     pub token_lifetime: Option<Origin<Duration>>,
+    pub drain_margin: Option<Duration>,
 }
 
 /// Why the configuration cannot be used.
@@ -772,6 +786,7 @@ fn parse_rotation(file: &Path, map: &Mapping, problems: &mut Vec<Problem>) -> Ro
         propagation_wait: f.duration("propagation-wait"),
         cdn_ttl: f.duration("cdn-ttl"),
         token_lifetime: f.duration("token-lifetime").map(|v| Origin::at(file, v)),
+        drain_margin: f.duration("drain-margin"),
     };
     f.finish();
     fragment
@@ -794,6 +809,7 @@ pub fn merge(fragments: Vec<Fragment>) -> Fragment {
         o.propagation_wait = r.propagation_wait.or(o.propagation_wait);
         o.cdn_ttl = r.cdn_ttl.or(o.cdn_ttl);
         o.token_lifetime = r.token_lifetime.or(o.token_lifetime.take());
+        o.drain_margin = r.drain_margin.or(o.drain_margin);
     }
     out
 }
@@ -879,6 +895,7 @@ pub fn validate(
             .token_lifetime
             .as_ref()
             .map_or(defaults.token_lifetime, |o| o.value),
+        drain_margin: r.drain_margin.unwrap_or(defaults.drain_margin),
     };
     if let Some(every) = &r.every
         && every.value <= rotation.token_lifetime
@@ -892,6 +909,24 @@ pub fn validate(
                     format_duration(rotation.token_lifetime)
                 ),
             });
+    }
+    if let Some(every) = &r.every
+        && every.value > rotation.token_lifetime
+        && every.value <= rotation.minimum_duration()
+    {
+        problems.push(Problem {
+            file: Some(every.file.clone()),
+            key: "rotation.every".into(),
+            value: Some(format_duration(every.value)),
+            message: format!(
+                "must be longer than one rotation takes ({} = cdn-ttl {} + propagation-wait {} + token-lifetime {} + drain-margin {}, plus the published JWKS's Cache-Control max-age): the next rotation would be due before this one has retired the old key",
+                format_duration(rotation.minimum_duration()),
+                format_duration(rotation.cdn_ttl),
+                format_duration(rotation.propagation_wait),
+                format_duration(rotation.token_lifetime),
+                format_duration(rotation.drain_margin),
+            ),
+        });
     }
     if let Some(lifetime) = &r.token_lifetime
         && lifetime.value < Duration::from_secs(600)

@@ -1014,7 +1014,10 @@ impl Engine {
         } else {
             self.state_error = None;
         }
-        let text = metrics::render(&self.status.metrics, self.status.issuer.as_deref());
+        let mut text = metrics::render(&self.status.metrics, self.status.issuer.as_deref());
+        for slot in &self.tasks {
+            text.push_str(&slot.task.metrics());
+        }
         self.metrics_tx.send_replace(text.clone());
         if let Some(path) = self
             .settings

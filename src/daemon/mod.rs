@@ -55,6 +55,7 @@ pub mod apply_step;
 pub mod backoff;
 pub mod engine;
 pub mod metrics;
+pub mod rotation_task;
 pub mod status;
 pub mod systemd;
 pub mod tasks;

@@ -240,7 +240,9 @@ fn kid_list(d: &DaemonStatus) -> String {
 }
 
 /// The person's view of the state file.
-pub fn render_human(state: &State) -> String {
+/// `rotation_enabled` is `rotation.enabled` when the configuration could be read (`None`:
+/// unknown, the rotation's next step is shown as its schedule says).
+pub fn render_human(state: &State, rotation_enabled: Option<bool>) -> String {
     let mut out = String::new();
     match DaemonStatus::from_state(state) {
         None => out.push_str(
@@ -370,9 +372,21 @@ pub fn render_human(state: &State) -> String {
         }
     }
     for (key, value) in &state.other {
-        if key != SECTION {
-            render_generic(&mut out, 0, key, value);
+        if key == SECTION {
+            continue;
         }
+        // Rotation in its own words (phase, since when, what comes next and when).
+        if key == crate::rotation::STATE_KEY
+            && let Ok(st) = serde_json::from_value::<crate::rotation::RotationState>(value.clone())
+        {
+            let now = crate::state::unix_now();
+            for line in crate::rotation::state_lines(&st, rotation_enabled.unwrap_or(true), now) {
+                out.push_str(&line);
+                out.push('\n');
+            }
+            continue;
+        }
+        render_generic(&mut out, 0, key, value);
     }
     out
 }
@@ -389,7 +403,7 @@ mod tests {
             "daemon": {"pid": 0, "phase": "stopped", "status": "stopped", "version": "0.1.0"}
         }))
         .expect("state");
-        let text = render_human(&state);
+        let text = render_human(&state, None);
         assert!(text.contains("irsa-agent run: stopped"), "{text}");
         assert!(text.contains("rotation:\n"), "{text}");
         assert!(text.contains("\n  kids: a, b\n"), "{text}");

@@ -135,6 +135,12 @@ pub trait ScheduledTask {
         Vec::new()
     }
 
+    /// Prometheus text (complete `# HELP`/`# TYPE` families) appended to the daemon's metrics
+    /// every time they are written.
+    fn metrics(&self) -> String {
+        String::new()
+    }
+
     /// One step. Returns when to run again (`None`: only after the next converge).
     async fn run(&mut self, ctx: &mut TaskContext<'_>) -> anyhow::Result<Option<SystemTime>>;
 }

@@ -161,7 +161,9 @@ impl Publication {
     }
 
     /// The publication of this host: the apiserver's verification keys
-    /// (`apiserver::key_files` + `keys::load_verification_files`) for the configured issuer.
+    /// (`apiserver::key_files` + `keys::load_verification_files`) for the configured issuer,
+    /// plus a key a rotation in progress publishes ahead of use
+    /// ([`crate::rotation::published_ahead`]).
     pub fn from_host(root: &HostRoot, settings: &Settings) -> Result<Self, PublishError> {
         let files = apiserver::key_files(root, settings.distribution)
             .map_err(|e| PublishError::Keys(e.to_string()))?;
@@ -175,6 +177,9 @@ impl Publication {
                     .join("\n"),
             )
         })?;
+        // A key rotation publishes its new key before the apiserver has it: keep it.
+        let mut keys = keys;
+        keys.extend(crate::rotation::published_ahead(root));
         Ok(Publication::new(
             &settings.issuer,
             &settings.jwks_uri,

@@ -170,9 +170,39 @@ pub enum Behaviour {
         root: PathBuf,
         distribution: irsa_agent::config::Distribution,
     },
+    /// Like `FollowHost`, and it also loads the service-account keys the host's files name at
+    /// each (re)start: serves them at /openid/v1/jwks, signs TokenRequests with the signing
+    /// key, lists itself as the `kubernetes` endpoints, has no legacy token Secrets, and reads
+    /// the time for token `exp` from `<root>/fake-clock` (unix seconds) when it exists.
+    Keys {
+        root: PathBuf,
+        distribution: irsa_agent::config::Distribution,
+    },
     /// Ready; serves these documents, the `kubernetes` endpoints and TokenRequest (doctor,
     /// verify-token).
     Serve(Served),
+}
+
+/// The keys an apiserver started on `root` loads.
+fn loaded_keys(
+    root: &Path,
+    d: irsa_agent::config::Distribution,
+) -> Option<(
+    Vec<irsa_agent::keys::PublicKey>,
+    irsa_agent::keys::SigningKey,
+)> {
+    let host = irsa_agent::host::HostRoot::new(root);
+    let observed = irsa_agent::apiserver::observe(&host, d).ok()?;
+    let signing = observed.flags.signing_key_file.clone()?;
+    let signing = irsa_agent::keys::load_signing_file(&host.path(signing)).ok()?;
+    Some((observed.keys.verification, signing))
+}
+
+fn fake_now(root: &Path) -> u64 {
+    std::fs::read_to_string(root.join("fake-clock"))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or_else(irsa_agent::state::unix_now)
 }
 
 /// What a [`Behaviour::Serve`] apiserver answers.
@@ -351,10 +381,23 @@ impl FakeApiserver {
                 .unwrap_or_default()
         };
         let (mut seen_restarts, mut issuer) = match &behaviour {
-            Behaviour::FollowHost { root, distribution } => {
+            Behaviour::FollowHost { root, distribution }
+            | Behaviour::Keys { root, distribution } => {
                 (restarts_of(root), issuer_of(root, *distribution))
             }
             Behaviour::NeverReady | Behaviour::Serve(_) => (0, String::new()),
+        };
+        let manifest_of = |root: &Path| {
+            std::fs::read(root.join("etc/kubernetes/manifests/kube-apiserver.yaml"))
+                .unwrap_or_default()
+        };
+        let mut keys = match &behaviour {
+            Behaviour::Keys { root, distribution } => loaded_keys(root, *distribution),
+            _ => None,
+        };
+        let mut manifest = match &behaviour {
+            Behaviour::Keys { root, .. } => manifest_of(root),
+            _ => Vec::new(),
         };
         let handle = std::thread::spawn(move || {
             for stream in listener.incoming() {
@@ -452,6 +495,68 @@ impl FakeApiserver {
                                 200,
                                 "# TYPE serviceaccount_stale_tokens_total counter\nserviceaccount_stale_tokens_total 0\n".to_string(),
                             ),
+                            _ => (404, "not found".to_string()),
+                        }
+                    }
+                    Behaviour::Keys { root, distribution } => {
+                        let restarts = restarts_of(root);
+                        let kubeadm = *distribution == irsa_agent::config::Distribution::Kubeadm;
+                        let changed = if kubeadm {
+                            manifest_of(root) != manifest
+                        } else {
+                            restarts != seen_restarts
+                        };
+                        if changed {
+                            seen_restarts = restarts;
+                            manifest = manifest_of(root);
+                            issuer = issuer_of(root, *distribution);
+                            keys = loaded_keys(root, *distribution);
+                        }
+                        let path_only = path.split('?').next().unwrap_or("");
+                        match (path_only, &keys) {
+                            ("/readyz", Some(_)) => (200, "ok".to_string()),
+                            ("/readyz", None) => (500, "[-]service-account keys unreadable".to_string()),
+                            ("/.well-known/openid-configuration", _) => (
+                                200,
+                                format!(
+                                    "{{\"issuer\":\"{issuer}\",\"jwks_uri\":\"https://127.0.0.1/openid/v1/jwks\",\"response_types_supported\":[\"id_token\"],\"subject_types_supported\":[\"public\"],\"id_token_signing_alg_values_supported\":[\"RS256\"]}}"
+                                ),
+                            ),
+                            ("/openid/v1/jwks", Some((verification, _))) => {
+                                (200, irsa_agent::keys::jwks::jwks_json(verification))
+                            }
+                            ("/api/v1/namespaces/default/endpoints/kubernetes", _) => (
+                                200,
+                                format!(
+                                    "{{\"kind\":\"Endpoints\",\"subsets\":[{{\"addresses\":[{{\"ip\":\"127.0.0.1\"}}],\"ports\":[{{\"name\":\"https\",\"port\":{port}}}]}}]}}"
+                                ),
+                            ),
+                            ("/api/v1/secrets", _) => {
+                                (200, "{\"kind\":\"SecretList\",\"items\":[]}".to_string())
+                            }
+                            ("/metrics", _) => (
+                                200,
+                                "# TYPE serviceaccount_stale_tokens_total counter\nserviceaccount_stale_tokens_total 0\n".to_string(),
+                            ),
+                            (p, Some((_, signing)))
+                                if p.ends_with("/token") && request_line.starts_with("POST") =>
+                            {
+                                let request: serde_json::Value =
+                                    serde_json::from_slice(&request_body).unwrap_or_default();
+                                let aud = request["spec"]["audiences"].clone();
+                                let now = fake_now(root);
+                                let token = irsa_agent::keys::token::mint(
+                                    signing,
+                                    &serde_json::json!({"iss": issuer, "sub": "system:serviceaccount:kube-system:default", "aud": aud, "iat": now, "exp": now + 600}),
+                                )
+                                .unwrap_or_default();
+                                (
+                                    201,
+                                    format!(
+                                        "{{\"kind\":\"TokenRequest\",\"status\":{{\"token\":\"{token}\"}}}}"
+                                    ),
+                                )
+                            }
                             _ => (404, "not found".to_string()),
                         }
                     }

@@ -1,0 +1,197 @@
+//! `irsa-agent rotate [--now] [--abort] [--status]`: advance the signing-key rotation as far as
+//! it is due, start one now, abandon one, or show where it is.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args as ClapArgs;
+
+use super::apply::load_settings;
+use super::{Exit, Global};
+use crate::config::{format_duration, parse_duration};
+use crate::rotation::clock::{Clock, SystemClock};
+use crate::rotation::{self, Context, HostEdges, Options, RotationError};
+use crate::state;
+
+#[derive(Debug, ClapArgs)]
+#[command(after_help = "\
+Phases: idle -> staged (new key generated, 0600) -> published (JWKS with old + new keys published, \
+seen at the public URL, held for the public Cache-Control max-age + rotation.cdn-ttl + \
+rotation.propagation-wait) -> trusted (the apiserver verifies with both keys) -> signing (it signs \
+with the new key; a fresh token verifies against the public JWKS) -> draining (until every token \
+the old key signed has expired: rotation.token-lifetime + rotation.drain-margin, and no stale-token \
+use) -> retired (old key removed, JWKS republished) -> idle.
+
+Without options, does every step that is due now and says when the next one is due (the daemon \
+does the same on its own). State: /var/lib/irsa-agent/state.json (`rotation`).
+
+--abort is possible until the new key may have signed a token (one server: while `staged` or \
+`published`; several k3s servers: also while `trusted`): the new key is removed again, no token \
+is rejected. Later the way out is forward: finish the rotation.
+
+Exit status: 0 ok (also when nothing is due); 1 a step failed or was refused (the next run retries \
+after a back-off).")]
+pub struct Args {
+    /// Start a rotation now, even if none is due (or rotation.enabled is false).
+    #[arg(long, conflicts_with_all = ["abort", "status"])]
+    pub now: bool,
+
+    /// Abandon the rotation in progress, if the new key cannot have signed anything yet.
+    #[arg(long, conflicts_with = "status")]
+    pub abort: bool,
+
+    /// Show the phase, when it began, what comes next and when; change nothing.
+    #[arg(long)]
+    pub status: bool,
+
+    /// With --status: print JSON.
+    #[arg(long, requires = "status")]
+    pub json: bool,
+
+    /// Retire the old key even though serviceaccount_stale_tokens_total still rises (see the
+    /// message that says so).
+    #[arg(long)]
+    pub ignore_stale_tokens: bool,
+
+    /// How long to wait for the restarted apiserver.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// The systemd unit to restart [default: detected: k3s (or k3s-<name>), rke2-server].
+    #[arg(long, value_name = "UNIT")]
+    pub unit: Option<String>,
+
+    /// The systemctl program (tests point it at a fake).
+    #[arg(
+        long,
+        hide = true,
+        value_name = "PATH",
+        env = "IRSA_AGENT_SYSTEMCTL",
+        default_value = "systemctl"
+    )]
+    pub systemctl: PathBuf,
+
+    /// The k3s binary (tests point it at a fake).
+    #[arg(long, hide = true, value_name = "PATH", env = "IRSA_AGENT_K3S")]
+    pub k3s: Option<PathBuf>,
+
+    /// The rke2 binary (tests point it at a fake).
+    #[arg(long, hide = true, value_name = "PATH", env = "IRSA_AGENT_RKE2")]
+    pub rke2: Option<PathBuf>,
+
+    /// The apiserver URL [default: from the admin kubeconfig].
+    #[arg(
+        long,
+        hide = true,
+        value_name = "URL",
+        env = "IRSA_AGENT_APISERVER_URL"
+    )]
+    pub apiserver_url: Option<String>,
+
+    /// How often to ask a restarting apiserver.
+    #[arg(long, hide = true, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+}
+
+/// The clock: the system's; with the `failpoints` feature (tests only) `IRSA_AGENT_CLOCK=<unix
+/// seconds>` starts a simulated one there, so tests can run a rotation of days through the
+/// real binary.
+fn clock() -> Arc<dyn Clock> {
+    #[cfg(feature = "failpoints")]
+    if let Some(t) = std::env::var("IRSA_AGENT_CLOCK")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        return Arc::new(rotation::clock::SimulatedClock::at(t));
+    }
+    Arc::new(SystemClock)
+}
+
+pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
+    let settings = load_settings(global)?;
+    let root = &global.root;
+    let clock = clock();
+    if args.status {
+        let st = rotation::load_state(root)?;
+        let now = clock.now();
+        if args.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&rotation::status_json(st.as_ref(), &settings, now))?
+            );
+        } else {
+            for line in rotation::status_lines(st.as_ref(), &settings, now) {
+                println!("{line}");
+            }
+        }
+        return Ok(Exit::OK);
+    }
+    let mut programs = Vec::new();
+    if let Some(p) = &args.k3s {
+        programs.push(("k3s".to_string(), p.clone()));
+    }
+    if let Some(p) = &args.rke2 {
+        programs.push(("rke2".to_string(), p.clone()));
+    }
+    let edges = HostEdges {
+        systemctl: args.systemctl.clone(),
+        programs,
+        apiserver_url: args.apiserver_url.clone(),
+        request_timeout: args.poll_interval.max(Duration::from_secs(5)),
+    };
+    let options = Options {
+        start_now: args.now,
+        ignore_stale_tokens: args.ignore_stale_tokens,
+        restart_timeout: args.timeout,
+        poll: args.poll_interval,
+        unit: args.unit.clone(),
+        ..Options::default()
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut ctx = Context::for_host(root, &settings, clock.clone(), edges, options)?;
+    let result = runtime.block_on(async {
+        if args.abort {
+            let now = ctx.clock.now();
+            rotation::abort(&mut ctx, now).await.map(|o| vec![o])
+        } else {
+            rotation::advance(&mut ctx).await
+        }
+    });
+    match result {
+        Ok(outcomes) => {
+            for o in &outcomes {
+                println!("{}", o.status_line);
+            }
+            let now = clock.now();
+            match outcomes.last().and_then(|o| o.next_due) {
+                Some(due) if due > now => println!(
+                    "next step due at {} (in {})",
+                    state::rfc3339(due),
+                    format_duration(Duration::from_secs(due - now))
+                ),
+                Some(_) => println!("next step due now (run `irsa-agent rotate` again)"),
+                None => {}
+            }
+            Ok(Exit::OK)
+        }
+        Err(RotationError::Refused(why)) => {
+            eprintln!("error: refusing to rotate: {why}");
+            Ok(Exit::FAILURE)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            if let Ok(Some(st)) = rotation::load_state(root)
+                && let Some(due) = st.due_at()
+            {
+                eprintln!(
+                    "the step is retried at {} (`irsa-agent rotate --status` shows the state)",
+                    state::rfc3339(due)
+                );
+            }
+            Ok(Exit::FAILURE)
+        }
+    }
+}

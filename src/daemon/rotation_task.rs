@@ -1,0 +1,103 @@
+//! Key rotation as a scheduled task of the daemon ([`crate::rotation`] on [`ScheduledTask`]).
+//!
+//! The task looks at the saved rotation state after every converge and when the rotation's next
+//! step is due. It steps the rotation when a step is due (rotation enabled, or a rotation already
+//! in progress), and after every converge while a rotation is between `trusted` and `draining`
+//! (the step then only checks that the host still has the rotation's keys, e.g. after a
+//! `kubeadm upgrade` rewrote the manifests, and puts them back). Steps run on a blocking thread
+//! with a runtime of their own: one may restart the apiserver (`systemctl restart k3s` waits for
+//! k3s to be up) and must neither stall the daemon's loop (watchdog) nor be cut off by SIGTERM.
+//! The new key is published ahead of use through [`ScheduledTask::extra_keys`], so a resync
+//! never drops it.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::tasks::{ScheduledTask, TaskContext, TaskReason};
+use crate::host::HostRoot;
+use crate::keys::PublicKey;
+use crate::rotation::{self, HostEdges, Options, PhaseName};
+
+/// The rotation task.
+pub struct RotationTask {
+    pub root: HostRoot,
+    pub edges: HostEdges,
+    pub options: Options,
+}
+
+fn system_time(unix: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(unix)
+}
+
+#[async_trait::async_trait(?Send)]
+impl ScheduledTask for RotationTask {
+    fn name(&self) -> &str {
+        "rotation"
+    }
+
+    fn extra_keys(&self) -> Vec<PublicKey> {
+        rotation::published_ahead(&self.root)
+    }
+
+    /// `irsa_agent_rotation_*` (phase, when it began, next step, failures, last completed),
+    /// from the saved state; the phase family alone when the state cannot be read.
+    fn metrics(&self) -> String {
+        let state = rotation::load_state(&self.root).ok().flatten();
+        rotation::metrics_text(state.as_ref())
+    }
+
+    async fn run(&mut self, ctx: &mut TaskContext<'_>) -> anyhow::Result<Option<SystemTime>> {
+        let now = ctx
+            .now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let state = rotation::load_state(&self.root)?;
+        let phase = state.as_ref().map(|s| s.phase.name());
+        let in_progress = phase.is_some_and(|p| p != PhaseName::Idle);
+        if !ctx.settings.rotation.enabled && !in_progress {
+            ctx.set_status("rotation: disabled (rotation.enabled: false)");
+            return Ok(None);
+        }
+        let due = state.as_ref().and_then(|s| s.due_at());
+        let guard = matches!(ctx.reason, TaskReason::AfterConverge { .. })
+            && matches!(
+                phase,
+                Some(PhaseName::Trusted | PhaseName::Signing | PhaseName::Draining)
+            );
+        if state.is_some() && due.is_none_or(|d| d > now) && !guard {
+            if let Some(st) = &state {
+                ctx.set_status(
+                    rotation::state_lines(st, ctx.settings.rotation.enabled, now).join("; "),
+                );
+            }
+            return Ok(due.map(system_time));
+        }
+        let root = self.root.clone();
+        let settings = ctx.settings.clone();
+        let edges = self.edges.clone();
+        let options = self.options.clone();
+        let outcomes = ctx
+            .blocking(
+                move || -> Result<Vec<rotation::StepOutcome>, rotation::RotationError> {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|e| rotation::RotationError::Failed(e.to_string()))?;
+                    let clock = Arc::new(rotation::clock::SystemClock);
+                    let mut rctx =
+                        rotation::Context::for_host(&root, &settings, clock, edges, options)?;
+                    runtime.block_on(rotation::advance(&mut rctx))
+                },
+            )
+            .await??;
+        let last = outcomes.last();
+        if let Some(o) = last {
+            ctx.set_status(format!("rotation: {}", o.status_line));
+        }
+        // Key files changed (trusted, retired, a repair): converge (republish from them).
+        if last.map(|o| o.phase) != phase || outcomes.iter().any(|o| o.progressed) {
+            ctx.request_converge();
+        }
+        Ok(last.and_then(|o| o.next_due).map(system_time))
+    }
+}

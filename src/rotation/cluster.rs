@@ -1,0 +1,266 @@
+//! The cluster as rotation sees it, behind a trait: the local apiserver's health, the JWKS every
+//! apiserver serves (what it verifies with), tokens it signs now (TokenRequest), its stale-token
+//! counter, and legacy token Secrets (signed by kube-controller-manager, never expiring).
+//!
+//! The real implementation talks HTTPS with the admin kubeconfig ([`ApiClient`]); tests use a
+//! fake whose apiservers load the fake host's key files at their last restart.
+
+use base64::Engine as _;
+use zeroize::Zeroizing;
+
+use crate::apiserver::probe::{ApiClient, stale_tokens_in};
+use crate::keys::jwks::{DISCOVERY_PATH, JWKS_PATH};
+
+/// The local apiserver's health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// `/readyz` answered 200.
+    pub ready: bool,
+    /// The issuer of its discovery document.
+    pub issuer: Option<String>,
+    pub detail: String,
+}
+
+/// The namespace and service account rotation requests test tokens for (exists in every
+/// cluster). The tokens get a private audience, so they are good for nothing else.
+pub const TOKEN_NAMESPACE: &str = "kube-system";
+pub const TOKEN_SERVICE_ACCOUNT: &str = "default";
+pub const TOKEN_AUDIENCE: &str = "irsa-agent-rotation-check";
+
+/// The cluster's apiservers.
+#[async_trait::async_trait]
+pub trait Cluster: Send {
+    /// The local apiserver: ready, and the issuer it serves.
+    async fn health(&mut self) -> Health;
+    /// The kids of the JWKS an apiserver serves (`None`: the local one), in its order: the keys
+    /// it verifies with (on k3s/RKE2 the first one is the one it signs with).
+    async fn jwks_kids(&mut self, server: Option<&str>) -> Result<Vec<String>, String>;
+    /// The URL of every apiserver of the cluster (the `kubernetes` Service's endpoints).
+    async fn servers(&mut self) -> Result<Vec<String>, String>;
+    /// A token freshly issued by an apiserver (`None`: the local one) through TokenRequest.
+    /// A secret: never log it.
+    async fn request_token(&mut self, server: Option<&str>) -> Result<Zeroizing<String>, String>;
+    /// `serviceaccount_stale_tokens_total` of the local apiserver, if readable.
+    async fn stale_tokens(&mut self) -> Option<f64>;
+    /// Legacy service-account token Secrets (`kubernetes.io/service-account-token`) as
+    /// (`namespace/name`, kid of their token).
+    async fn legacy_token_kids(&mut self) -> Result<Vec<(String, String)>, String>;
+}
+
+/// The kid in a JWT's header (no verification).
+pub fn token_kid(token: &str) -> Option<String> {
+    jsonwebtoken::decode_header(token).ok()?.kid
+}
+
+/// The real cluster, through the admin kubeconfig.
+pub struct ApiCluster {
+    pub api: ApiClient,
+}
+
+impl ApiCluster {
+    fn client(&self, server: Option<&str>) -> ApiClient {
+        match server {
+            Some(s) if s.trim_end_matches('/') != self.api.server() => self.api.at(s),
+            _ => self.api.clone(),
+        }
+    }
+}
+
+fn json(code: u16, body: &str, what: &str) -> Result<serde_json::Value, String> {
+    if code != 200 && code != 201 {
+        let first = body.lines().next().unwrap_or("").trim();
+        return Err(format!("{what} answered HTTP {code}: {first}"));
+    }
+    serde_json::from_str(body).map_err(|e| format!("{what} is not JSON: {e}"))
+}
+
+/// The apiserver URLs in an Endpoints object (`https://ip:port`, IPv6 in brackets).
+pub fn endpoint_urls(endpoints: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let empty = Vec::new();
+    for subset in endpoints
+        .get("subsets")
+        .and_then(|s| s.as_array())
+        .unwrap_or(&empty)
+    {
+        let ports = subset
+            .get("ports")
+            .and_then(|p| p.as_array())
+            .unwrap_or(&empty);
+        let port = ports
+            .iter()
+            .find(|p| p.get("name").and_then(|n| n.as_str()) == Some("https"))
+            .or_else(|| ports.first())
+            .and_then(|p| p.get("port"))
+            .and_then(|p| p.as_u64())
+            .unwrap_or(6443);
+        for address in subset
+            .get("addresses")
+            .and_then(|a| a.as_array())
+            .unwrap_or(&empty)
+        {
+            if let Some(ip) = address.get("ip").and_then(|i| i.as_str()) {
+                let url = if ip.contains(':') {
+                    format!("https://[{ip}]:{port}")
+                } else {
+                    format!("https://{ip}:{port}")
+                };
+                if !out.contains(&url) {
+                    out.push(url);
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[async_trait::async_trait]
+impl Cluster for ApiCluster {
+    async fn health(&mut self) -> Health {
+        match self.api.get("/readyz").await {
+            Ok((200, _)) => {}
+            Ok((code, body)) => {
+                return Health {
+                    ready: false,
+                    issuer: None,
+                    detail: format!(
+                        "/readyz answered {code}: {}",
+                        body.lines().next().unwrap_or("").trim()
+                    ),
+                };
+            }
+            Err(e) => {
+                return Health {
+                    ready: false,
+                    issuer: None,
+                    detail: format!("not reachable at {}: {e}", self.api.server()),
+                };
+            }
+        }
+        let issuer = match self.api.get(DISCOVERY_PATH).await {
+            Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("issuer")?.as_str().map(str::to_string)),
+            _ => None,
+        };
+        Health {
+            ready: true,
+            detail: format!(
+                "ready, serving issuer {}",
+                issuer.as_deref().unwrap_or("(unreadable)")
+            ),
+            issuer,
+        }
+    }
+
+    async fn jwks_kids(&mut self, server: Option<&str>) -> Result<Vec<String>, String> {
+        let api = self.client(server);
+        let (code, body) = api.get(JWKS_PATH).await?;
+        let doc = json(code, &body, &format!("{}{JWKS_PATH}", api.server()))?;
+        Ok(crate::publish::merge::kids_in(doc.to_string().as_bytes()))
+    }
+
+    async fn servers(&mut self) -> Result<Vec<String>, String> {
+        let path = "/api/v1/namespaces/default/endpoints/kubernetes";
+        let (code, body) = self.api.get(path).await?;
+        let doc = json(code, &body, path)?;
+        let urls = endpoint_urls(&doc);
+        if urls.is_empty() {
+            return Err(format!("{path} lists no apiserver address"));
+        }
+        Ok(urls)
+    }
+
+    async fn request_token(&mut self, server: Option<&str>) -> Result<Zeroizing<String>, String> {
+        let api = self.client(server);
+        let path = format!(
+            "/api/v1/namespaces/{TOKEN_NAMESPACE}/serviceaccounts/{TOKEN_SERVICE_ACCOUNT}/token"
+        );
+        let request = serde_json::json!({
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"audiences": [TOKEN_AUDIENCE], "expirationSeconds": 600},
+        });
+        let (code, body) = api.post_json(&path, &request).await?;
+        let body = Zeroizing::new(body);
+        // The parsed document holds the token too; it is dropped right after.
+        let doc = json(code, &body, &format!("TokenRequest at {}", api.server()))?;
+        doc.get("status")
+            .and_then(|s| s.get("token"))
+            .and_then(|t| t.as_str())
+            .map(|t| Zeroizing::new(t.to_string()))
+            .ok_or_else(|| format!("TokenRequest at {} returned no token", api.server()))
+    }
+
+    async fn stale_tokens(&mut self) -> Option<f64> {
+        match self.api.get("/metrics").await {
+            Ok((200, body)) => stale_tokens_in(&body),
+            _ => None,
+        }
+    }
+
+    async fn legacy_token_kids(&mut self) -> Result<Vec<(String, String)>, String> {
+        let path = "/api/v1/secrets?fieldSelector=type%3Dkubernetes.io%2Fservice-account-token";
+        let (code, body) = self.api.get(path).await?;
+        let body = Zeroizing::new(body);
+        let doc = json(code, &body, "listing service-account token Secrets")?;
+        Ok(legacy_kids(&doc))
+    }
+}
+
+/// (`namespace/name`, kid) of each Secret in a SecretList that holds a token.
+pub fn legacy_kids(list: &serde_json::Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for item in list
+        .get("items")
+        .and_then(|i| i.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let meta = item.get("metadata");
+        let name = format!(
+            "{}/{}",
+            meta.and_then(|m| m.get("namespace")?.as_str())
+                .unwrap_or("?"),
+            meta.and_then(|m| m.get("name")?.as_str()).unwrap_or("?")
+        );
+        let Some(encoded) = item
+            .get("data")
+            .and_then(|d| d.get("token"))
+            .and_then(|t| t.as_str())
+        else {
+            continue;
+        };
+        let Ok(token) = base64::engine::general_purpose::STANDARD.decode(encoded) else {
+            continue;
+        };
+        let token = Zeroizing::new(token);
+        if let Some(kid) = std::str::from_utf8(&token).ok().and_then(token_kid) {
+            out.push((name, kid));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_become_apiserver_urls() {
+        let doc = serde_json::json!({"subsets": [
+            {"addresses": [{"ip": "10.0.0.2"}, {"ip": "10.0.0.1"}], "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}]},
+            {"addresses": [{"ip": "fd00::3"}], "ports": [{"port": 443}]},
+        ]});
+        assert_eq!(
+            endpoint_urls(&doc),
+            vec![
+                "https://10.0.0.1:6443",
+                "https://10.0.0.2:6443",
+                "https://[fd00::3]:443"
+            ]
+        );
+        assert!(endpoint_urls(&serde_json::json!({})).is_empty());
+    }
+}

@@ -1,0 +1,1564 @@
+//! Unattended service-account signing-key rotation with zero rejected tokens.
+//!
+//! # The machine
+//!
+//! ```text
+//!            every (or --now)            seen at the public URL
+//!   ┌──────┐ ───────────────> ┌────────┐ ──────────────────────> ┌───────────┐
+//!   │ idle │                  │ staged │                         │ published │  hold: public max-age
+//!   └──────┘ <─────────────── └────────┘ <────────── abort ───── └───────────┘  + cdn-ttl
+//!      ^          abort          │  new key written 0600,              │        + propagation-wait
+//!      │                         │  re-read as the apiserver reads it; │
+//!      │                         │  several servers: installed as a    │ hold over: the apiserver
+//!      │                         │  verification-only key everywhere   │ verifies with both keys
+//!      │                                                               v
+//!   ┌─────────┐  old key gone from  ┌──────────┐  drain over,  ┌─────────┐ <── every apiserver   ┌─────────┐
+//!   │ retired │ <────────────────── │ draining │ <──────────── │ signing │     signs with the    │ trusted │
+//!   └─────────┘  apiservers + JWKS  └──────────┘  token-life-  └─────────┘ <──────────────────── └─────────┘
+//!      │   republished without it       │         time + margin            new key (fresh token
+//!      └──> idle (next due: start + every)  no stale-token use, no legacy   verified against the
+//!                                           Secret token of the old key     public JWKS)
+//! ```
+//!
+//! Each phase is an enum variant carrying its data ([`machine::Phase`]); each transition is one
+//! guarded method that returns a [`machine::TransitionError`] when it is illegal or not due;
+//! the state and the outcome of the last step (failed ones included) are saved in the
+//! `rotation` section of `/var/lib/irsa-agent/state.json` after every step; delays come from
+//! the recorded timestamps ([`machine::RotationState::due_at`]), never from a blind sleep.
+//!
+//! # The invariant
+//!
+//! At every moment the published JWKS and every apiserver's verification keys contain every key
+//! that may have signed a token that is still valid:
+//! - the new key is published, seen at the public URL and held for the caches' lifetime
+//!   *before* any apiserver can sign with it ([`RotationState::phase`] records `may_have_signed`
+//!   before the change that makes it sign);
+//! - on several servers every apiserver verifies with the new key before any signs with it, and
+//!   every apiserver has it before it is published (a server's agent publishes what its
+//!   apiserver has: publish's conflict merge protects against races, not against a node that
+//!   lacks a key);
+//! - the old keys stay in both until token-lifetime (or the apiserver's
+//!   `--service-account-max-token-expiration`, if longer) + drain-margin after the *last*
+//!   apiserver stopped signing with them, and while the apiserver's
+//!   `serviceaccount_stale_tokens_total` still rises (the 1-year `kube-api-access` tokens, see
+//!   [`STALE_TOKENS`]) or a legacy token Secret still carries an old-key token.
+//!
+//! # Distributions
+//!
+//! See [`distro`] for what each install does on k3s/RKE2 (`certificate rotate-ca`, key order in
+//! `service.key`) and kubeadm (new `sa-<id>` files, apiserver and controller-manager flags).
+//! Apiserver restarts per rotation: one server 2 (trust, retire); k3s/RKE2 with N servers
+//! 3 per server (verify-only, sign, retire); kubeadm with several control-plane nodes is
+//! refused (the new key would have to be copied to every node).
+//!
+//! # Outside systems
+//!
+//! The clock ([`clock::Clock`]), the apiservers ([`cluster::Cluster`]), publishing
+//! ([`publishing::Publishing`]), the service manager ([`ServiceManager`]) and the distribution's
+//! binary ([`runner::CommandRunner`]) are traits; tests run whole rotations on a simulated clock
+//! against fakes. [`step`] is the entry point for the daemon; [`advance`] for `irsa-agent
+//! rotate`.
+
+pub mod clock;
+pub mod cluster;
+pub mod distro;
+pub mod keygen;
+pub mod machine;
+pub mod publishing;
+pub mod runner;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use zeroize::Zeroizing;
+
+use self::clock::Clock;
+use self::cluster::Cluster;
+use self::distro::{Distro, HostChange, Install, Refusal};
+use self::machine::InProgress;
+pub use self::machine::{Phase, PhaseName, RotationState, StaleReading, TransitionError};
+use self::publishing::Publishing;
+use self::runner::CommandRunner;
+use crate::apiserver::restart::{self, Restart, ServiceManager};
+use crate::apiserver::{Observed, apply, flags};
+use crate::config::{Settings, format_duration};
+use crate::fs::{self, NewFile};
+use crate::host::HostRoot;
+use crate::keys::{self, PublicKey};
+use crate::publish::Publication;
+use crate::state::{self, State, StateError};
+
+/// Why retirement waits for the stale-token counter; printed when it does.
+pub const STALE_TOKENS: &str = "\
+kube-apiserver (--service-account-extend-token-expiration, on by default) gives the kube-api-access \
+tokens kubelet mounts into pods a 1-year exp although they are meant to live about an hour: kubelet \
+rewrites the file after ~48 minutes, but a client that read its token once can keep presenting one \
+signed by the old key for up to a year. The apiserver counts requests with such tokens past their \
+intended expiry in serviceaccount_stale_tokens_total (and annotates the audit events \
+authentication.k8s.io/stale-token). While that counter rises, retiring the old key could reject a \
+client; find it in the audit log and restart it, or run `irsa-agent rotate --ignore-stale-tokens`.";
+
+/// How long the stale-token counter must stay flat before the old key is retired.
+pub const STALE_QUIET: Duration = Duration::from_secs(3600);
+
+/// The Cache-Control max-age assumed when neither the public copy nor the configuration gives
+/// one (what kube-apiserver itself serves its JWKS with).
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(3600);
+
+/// How a rotation is driven.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Start a rotation even if none is due (`rotate --now`).
+    pub start_now: bool,
+    /// Retire even though the stale-token counter rises (`rotate --ignore-stale-tokens`).
+    pub ignore_stale_tokens: bool,
+    /// How long to wait for a restarted apiserver.
+    pub restart_timeout: Duration,
+    /// How often to ask it while waiting.
+    pub poll: Duration,
+    /// When to look again while waiting for something outside the agent (the public copy, the
+    /// other servers).
+    pub recheck: Duration,
+    /// The service unit to restart (default: detected).
+    pub unit: Option<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            start_now: false,
+            ignore_stale_tokens: false,
+            restart_timeout: Duration::from_secs(300),
+            poll: Duration::from_secs(2),
+            recheck: Duration::from_secs(60),
+            unit: None,
+        }
+    }
+}
+
+/// Everything a step needs: the host, the settings and the outside systems.
+pub struct Context {
+    pub root: HostRoot,
+    pub settings: Settings,
+    pub clock: Arc<dyn Clock>,
+    pub cluster: Box<dyn Cluster>,
+    pub publishing: Box<dyn Publishing>,
+    pub services: Box<dyn ServiceManager + Send>,
+    pub runner: Box<dyn CommandRunner>,
+    pub options: Options,
+}
+
+/// What a step did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepOutcome {
+    pub phase: PhaseName,
+    /// A transition happened.
+    pub progressed: bool,
+    /// When the next step is due (`None`: nothing scheduled, e.g. rotation disabled).
+    pub next_due: Option<u64>,
+    /// One line for logs and `status`.
+    pub status_line: String,
+}
+
+/// Why a step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RotationError {
+    /// The host is not in a state rotation can handle; nothing was changed.
+    #[error("refusing to rotate: {0}")]
+    Refused(String),
+    /// Something failed half-way; the step is retried with a back-off.
+    #[error("{0}")]
+    Failed(String),
+    #[error(transparent)]
+    Transition(#[from] TransitionError),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+impl From<Refusal> for RotationError {
+    fn from(r: Refusal) -> Self {
+        RotationError::Refused(r.0)
+    }
+}
+
+/// What a handler achieved.
+enum Progress {
+    /// A new phase.
+    Advanced(Box<Phase>, String),
+    /// Still waiting for something outside; look again at the time given.
+    Waiting(String, u64),
+}
+
+/// The key of rotation's section in the state file.
+pub const STATE_KEY: &str = "rotation";
+
+/// Loads the rotation state (`None`: never rotated).
+pub fn load_state(root: &HostRoot) -> Result<Option<RotationState>, StateError> {
+    let state = State::load(root)?;
+    match state.other.get(STATE_KEY) {
+        None => Ok(None),
+        Some(value) => serde_json::from_value(value.clone())
+            .map(Some)
+            .map_err(|source| StateError::Parse {
+                path: PathBuf::from(state::STATE_FILE),
+                source,
+            }),
+    }
+}
+
+fn save_state(root: &HostRoot, st: &RotationState) -> Result<(), StateError> {
+    let value = serde_json::to_value(st).map_err(|e| StateError::Write {
+        path: PathBuf::from(state::STATE_FILE),
+        source: std::io::Error::other(e),
+    })?;
+    State::update(root, |state| {
+        sweep_dead_temp_files(root);
+        state.other.insert(STATE_KEY.to_string(), value);
+    })
+}
+
+/// Removes temp files of the state file left by a process that died writing it (the pid in
+/// the name is gone); never one another process is writing right now.
+fn sweep_dead_temp_files(root: &HostRoot) {
+    let Ok(entries) = std::fs::read_dir(root.path(state::STATE_DIR)) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let Some(rest) = name.strip_prefix(".state.json.irsa-agent-tmp.") else {
+            continue;
+        };
+        let pid = rest.split('.').next().unwrap_or("");
+        let alive = !pid.is_empty() && std::path::Path::new("/proc").join(pid).exists();
+        if !alive && fs::remove_durable(&entry.path()).is_ok() {
+            log::info!("removed {name}, left by an interrupted write of the state file");
+        }
+    }
+}
+
+/// The keys to publish ahead of the apiserver having them (the new key from staging until the
+/// apiserver verifies with it). `publish` adds them to what it reads from the host, so neither
+/// the daemon nor `irsa-agent publish` removes a key rotation is propagating.
+pub fn published_ahead(root: &HostRoot) -> Vec<PublicKey> {
+    let Ok(Some(st)) = load_state(root) else {
+        return Vec::new();
+    };
+    st.phase
+        .published_ahead()
+        .and_then(|r| keys::parse_verification_keys(r.new_public_pem.as_bytes()).ok())
+        .map(|k| k.keys)
+        .unwrap_or_default()
+}
+
+fn due_text(due: Option<u64>, now: u64) -> String {
+    match due {
+        None => "nothing scheduled".to_string(),
+        Some(d) if d <= now => "now".to_string(),
+        Some(d) => format!(
+            "at {} (in {})",
+            state::rfc3339(d),
+            format_duration(Duration::from_secs(d - now))
+        ),
+    }
+}
+
+/// The rotation lines of `irsa-agent status` / `rotate --status`: phase, since when, what comes
+/// next and when, the last step's outcome.
+pub fn status_lines(st: Option<&RotationState>, settings: &Settings, now: u64) -> Vec<String> {
+    let mut out = Vec::new();
+    let Some(st) = st else {
+        out.push(format!(
+            "rotation: never run ({}){}",
+            if settings.rotation.enabled {
+                format!(
+                    "enabled, every {}; the first rotation is due {} after the agent first runs",
+                    format_duration(settings.rotation.every),
+                    format_duration(settings.rotation.every)
+                )
+            } else {
+                "disabled".to_string()
+            },
+            "; `irsa-agent rotate --now` starts one"
+        ));
+        return out;
+    };
+    out.extend(state_lines(st, settings.rotation.enabled, now));
+    out
+}
+
+/// The lines describing a saved rotation state (for `irsa-agent status`, which may have no
+/// valid configuration at hand): `enabled` is `rotation.enabled`.
+pub fn state_lines(st: &RotationState, enabled: bool, now: u64) -> Vec<String> {
+    let mut out = Vec::new();
+    let phase = st.phase.name();
+    out.push(format!(
+        "rotation: {phase} since {}",
+        state::rfc3339(st.phase.since())
+    ));
+    if let Some(r) = st.phase.rotation() {
+        out.push(format!(
+            "  rotation {} ({}): new key {}, retiring {}; {} apiserver restart(s) so far{}",
+            r.id,
+            r.key_type,
+            r.new_kid,
+            r.old_kids.join(", "),
+            r.restarts,
+            if r.is_ha() {
+                format!("; {} servers", r.servers.len())
+            } else {
+                String::new()
+            }
+        ));
+    }
+    match (&st.phase, enabled) {
+        (Phase::Idle { .. }, false) => out.push(
+            "  next: nothing (rotation.enabled is false; `irsa-agent rotate --now` starts one)"
+                .to_string(),
+        ),
+        _ => out.push(format!(
+            "  next: {} {}",
+            phase.next_action(),
+            due_text(st.due_at(), now)
+        )),
+    }
+    if let Some(last) = &st.last_step {
+        out.push(format!(
+            "  last step: {} {} ({} -> {}): {}",
+            state::rfc3339(last.at),
+            if last.ok { "ok" } else { "FAILED" },
+            last.from,
+            last.to,
+            last.message
+        ));
+    }
+    if let Some(done) = st.history.last() {
+        out.push(format!(
+            "  last rotation: {} {} at {} (new key {}, {} restart(s))",
+            done.id,
+            done.outcome,
+            state::rfc3339(done.finished_at),
+            done.new_kid,
+            done.restarts
+        ));
+    }
+    out
+}
+
+/// The rotation part of `status --json`.
+pub fn status_json(st: Option<&RotationState>, settings: &Settings, now: u64) -> serde_json::Value {
+    let Some(st) = st else {
+        return serde_json::json!({"phase": null, "enabled": settings.rotation.enabled});
+    };
+    serde_json::json!({
+        "enabled": settings.rotation.enabled,
+        "phase": st.phase.name(),
+        "since": state::rfc3339(st.phase.since()),
+        "next_due": st.due_at().map(state::rfc3339),
+        "due_now": st.due_at().is_some_and(|d| d <= now),
+        "rotation": st.phase.rotation(),
+        "last_step": st.last_step,
+        "history": st.history,
+    })
+}
+
+/// The rotation's metrics in the Prometheus text format, for the daemon's metrics endpoint or
+/// a node-exporter textfile: `irsa_agent_rotation_phase{phase=...}` (1 for the current one),
+/// `irsa_agent_rotation_phase_since_timestamp_seconds`,
+/// `irsa_agent_rotation_next_step_timestamp_seconds`, `irsa_agent_rotation_step_failures`
+/// (consecutive), `irsa_agent_rotation_apiserver_restarts` (of the rotation in progress),
+/// `irsa_agent_rotation_last_completed_timestamp_seconds`.
+pub fn metrics_text(st: Option<&RotationState>) -> String {
+    let mut out = String::new();
+    let current = st.map(|s| s.phase.name());
+    out.push_str(
+        "# HELP irsa_agent_rotation_phase The signing-key rotation phase (1 = current).
+# TYPE irsa_agent_rotation_phase gauge
+",
+    );
+    for phase in [
+        PhaseName::Idle,
+        PhaseName::Staged,
+        PhaseName::Published,
+        PhaseName::Trusted,
+        PhaseName::Signing,
+        PhaseName::Draining,
+        PhaseName::Retired,
+    ] {
+        let on = current.unwrap_or(PhaseName::Idle) == phase;
+        out.push_str(&format!(
+            "irsa_agent_rotation_phase{{phase=\"{phase}\"}} {}\n",
+            u8::from(on)
+        ));
+    }
+    let Some(st) = st else {
+        return out;
+    };
+    let mut gauge = |name: &str, help: &str, value: u64| {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
+        ));
+    };
+    gauge(
+        "irsa_agent_rotation_phase_since_timestamp_seconds",
+        "When the current rotation phase began.",
+        st.phase.since(),
+    );
+    if let Some(due) = st.due_at() {
+        gauge(
+            "irsa_agent_rotation_next_step_timestamp_seconds",
+            "When the next rotation step is due.",
+            due,
+        );
+    }
+    gauge(
+        "irsa_agent_rotation_step_failures",
+        "Consecutive failed rotation steps.",
+        u64::from(st.failures),
+    );
+    if let Some(r) = st.phase.rotation() {
+        gauge(
+            "irsa_agent_rotation_apiserver_restarts",
+            "Apiserver restarts the rotation in progress caused on this host.",
+            u64::from(r.restarts),
+        );
+    }
+    if let Some(done) = st.history.iter().rev().find(|h| h.outcome == "completed") {
+        gauge(
+            "irsa_agent_rotation_last_completed_timestamp_seconds",
+            "When the last rotation completed.",
+            done.finished_at,
+        );
+    }
+    out
+}
+
+/// Runs [`step`] until nothing more is due now (the clock is read after each step, so a
+/// rotation advances through phases that are due back to back). Returns every step's outcome.
+pub async fn advance(ctx: &mut Context) -> Result<Vec<StepOutcome>, RotationError> {
+    let mut outcomes = Vec::new();
+    for _ in 0..16 {
+        let now = ctx.clock.now();
+        let outcome = step(ctx, now).await?;
+        let again = outcome.progressed && outcome.next_due.is_some_and(|d| d <= ctx.clock.now());
+        outcomes.push(outcome);
+        ctx.options.start_now = false;
+        if !again {
+            break;
+        }
+    }
+    Ok(outcomes)
+}
+
+/// Takes the rotation lock (one step at a time, across processes).
+fn lock(root: &HostRoot) -> Result<fs::DirLock, RotationError> {
+    let dir = root.path(distro::ROTATION_DIR);
+    fs::create_dir_all(&dir, 0o700).map_err(|e| {
+        RotationError::Failed(format!("cannot create {}: {e}", distro::ROTATION_DIR))
+    })?;
+    fs::lock_dir(&dir)
+        .map_err(|e| RotationError::Failed(format!("cannot lock {}: {e}", distro::ROTATION_DIR)))
+}
+
+/// Does the step that is due now (at most one transition), saves the state and the outcome,
+/// and says when the next one is due. A failed step is saved too, with a back-off.
+pub async fn step(ctx: &mut Context, now: u64) -> Result<StepOutcome, RotationError> {
+    let _lock = lock(&ctx.root)?;
+    let mut st = match load_state(&ctx.root)? {
+        Some(st) => st,
+        None => {
+            let st = RotationState::new(now, ctx.settings.rotation.every);
+            save_state(&ctx.root, &st)?;
+            st
+        }
+    };
+    let from = st.phase.name();
+    let idle_start = matches!(st.phase, Phase::Idle { .. }) && ctx.options.start_now;
+    if matches!(st.phase, Phase::Idle { .. }) && !ctx.settings.rotation.enabled && !idle_start {
+        return Ok(StepOutcome {
+            phase: from,
+            progressed: false,
+            next_due: None,
+            status_line: "rotation is disabled (rotation.enabled: false)".into(),
+        });
+    }
+    // Whatever is due: the host must still have what the rotation installed (kubeadm upgrade
+    // regenerates the manifests with sa.key/sa.pub).
+    if matches!(
+        from,
+        PhaseName::Trusted | PhaseName::Signing | PhaseName::Draining
+    ) {
+        let mut run = Run {
+            ctx: &mut *ctx,
+            st: &mut st,
+        };
+        if let Err(e) = run.reinstall_if_lost().await {
+            log::error!("rotation: {e}");
+            let _ = save_state(&ctx.root, &st);
+            return Err(e);
+        }
+    }
+    let due = st.due_at();
+    if !idle_start && due.is_some_and(|d| d > now) {
+        return Ok(StepOutcome {
+            phase: from,
+            progressed: false,
+            next_due: due,
+            status_line: format!(
+                "{from}: next step ({}) due {}",
+                from.next_action(),
+                due_text(due, now)
+            ),
+        });
+    }
+    let result = {
+        let mut run = Run {
+            ctx: &mut *ctx,
+            st: &mut st,
+        };
+        run.handle(now).await
+    };
+    let at = ctx.clock.now();
+    match result {
+        Ok(Progress::Advanced(phase, message)) => {
+            let phase = *phase;
+            let to = phase.name();
+            crate::failpoint::hit(&format!("rotation:{from}->{to}"));
+            st.phase = phase;
+            st.failures = 0;
+            st.not_before = None;
+            st.last_step = Some(machine::StepRecord {
+                at,
+                from: from.to_string(),
+                to: to.to_string(),
+                ok: true,
+                message: message.clone(),
+            });
+            save_state(&ctx.root, &st)?;
+            log::info!("rotation: {from} -> {to}: {message}");
+            Ok(StepOutcome {
+                phase: to,
+                progressed: true,
+                next_due: st.due_at(),
+                status_line: format!("{to}: {message}"),
+            })
+        }
+        Ok(Progress::Waiting(message, recheck_at)) => {
+            st.not_before = Some(recheck_at);
+            st.failures = 0;
+            st.last_step = Some(machine::StepRecord {
+                at,
+                from: from.to_string(),
+                to: from.to_string(),
+                ok: true,
+                message: format!("waiting: {message}"),
+            });
+            save_state(&ctx.root, &st)?;
+            log::info!("rotation: {from}: waiting: {message}");
+            Ok(StepOutcome {
+                phase: from,
+                progressed: false,
+                next_due: st.due_at(),
+                status_line: format!("{from}: waiting: {message}"),
+            })
+        }
+        Err(err) => {
+            st.failures += 1;
+            st.not_before = Some(at + machine::backoff(st.failures).as_secs());
+            st.last_step = Some(machine::StepRecord {
+                at,
+                from: from.to_string(),
+                to: st.phase.name().to_string(),
+                ok: false,
+                message: err.to_string(),
+            });
+            // The error is what matters; a failure to record it is logged.
+            if let Err(e) = save_state(&ctx.root, &st) {
+                log::error!("rotation: cannot record the failed step: {e}");
+            }
+            log::error!(
+                "rotation: {from}: step failed (attempt {}, next try {}): {err}",
+                st.failures,
+                due_text(st.due_at(), at)
+            );
+            Err(err)
+        }
+    }
+}
+
+/// Abandons the rotation in progress, where that is safe: while the new key cannot have signed
+/// anything it is removed again (from the apiservers' verification keys where it was added,
+/// from disk, from the JWKS). After that, refuses and says why.
+pub async fn abort(ctx: &mut Context, now: u64) -> Result<StepOutcome, RotationError> {
+    let _lock = lock(&ctx.root)?;
+    let Some(mut st) = load_state(&ctx.root)? else {
+        return Err(RotationError::Refused("no rotation has ever run".into()));
+    };
+    let from = st.phase.name();
+    let every = ctx.settings.rotation.every;
+    if let Err(e) = st.phase.abort(now, every) {
+        let why = if matches!(from, PhaseName::Idle) {
+            e.to_string()
+        } else {
+            format!(
+                "{e}. Abort is possible only before the new key can sign. From here the way out is forward: the rotation keeps both keys trusted while draining, so no token is rejected; let it finish (`irsa-agent rotate`, or the daemon). To go back to the old key instead, start a new rotation after this one (old tokens of the new key are then drained the same way) — never remove a key that may have signed by hand."
+            )
+        };
+        return Err(RotationError::Refused(why));
+    }
+    let Some(rotation) = st.phase.rotation().cloned() else {
+        return Err(RotationError::Refused("no rotation is in progress".into()));
+    };
+    let mut run = Run {
+        ctx: &mut *ctx,
+        st: &mut st,
+    };
+    let observed = run.observe()?;
+    let distro = Distro::of(&observed);
+    let change = distro.plan(&run.ctx.root, &observed, &rotation, Install::RemoveNew)?;
+    run.carry_out(change, Install::RemoveNew, "remove the new key again")
+        .await?;
+    let observed = run.observe()?;
+    distro.clean_up(&run.ctx.root, &observed, &rotation)?;
+    // Republish without the new key.
+    let publication = run.publication(&observed, None)?;
+    let published = run.ctx.publishing.publish(&publication).await;
+    let (phase, finished) = st.phase.abort(now, every)?;
+    st.remember(finished);
+    st.phase = phase;
+    st.not_before = None;
+    st.failures = 0;
+    let message = format!(
+        "aborted rotation {}: the new key {} is removed{}",
+        rotation.id,
+        rotation.new_kid,
+        match &published {
+            Ok(_) => " and the JWKS republished without it".to_string(),
+            Err(e) => format!(" (republishing failed: {e}; the next publish drops it)"),
+        }
+    );
+    st.last_step = Some(machine::StepRecord {
+        at: ctx.clock.now(),
+        from: from.to_string(),
+        to: "idle".to_string(),
+        ok: true,
+        message: message.clone(),
+    });
+    save_state(&ctx.root, &st)?;
+    Ok(StepOutcome {
+        phase: PhaseName::Idle,
+        progressed: true,
+        next_due: st.due_at(),
+        status_line: message,
+    })
+}
+
+/// One step in progress.
+struct Run<'a> {
+    ctx: &'a mut Context,
+    st: &'a mut RotationState,
+}
+
+fn failed(e: impl std::fmt::Display) -> RotationError {
+    RotationError::Failed(e.to_string())
+}
+
+impl Run<'_> {
+    fn now(&self) -> u64 {
+        self.ctx.clock.now()
+    }
+
+    fn save(&self) -> Result<(), RotationError> {
+        save_state(&self.ctx.root, self.st).map_err(RotationError::from)
+    }
+
+    fn observe(&self) -> Result<Observed, RotationError> {
+        Ok(distro::observe(
+            &self.ctx.root,
+            self.ctx.settings.distribution,
+        )?)
+    }
+
+    fn rotation(&self) -> Result<InProgress, RotationError> {
+        self.st
+            .phase
+            .rotation()
+            .cloned()
+            .ok_or_else(|| RotationError::Failed("no rotation in progress".into()))
+    }
+
+    fn update_rotation(&mut self, f: impl FnOnce(&mut InProgress)) -> Result<(), RotationError> {
+        if let Some(r) = self.st.phase.rotation_mut() {
+            f(r);
+        }
+        self.save()
+    }
+
+    /// What to publish: the host's verification keys, plus the new key while it is published
+    /// ahead of the apiservers.
+    fn publication(
+        &self,
+        observed: &Observed,
+        ahead: Option<&InProgress>,
+    ) -> Result<Publication, RotationError> {
+        let mut keys = Distro::host_keys(observed)?.verification_keys;
+        if let Some(r) = ahead {
+            let parsed = keys::parse_verification_keys(r.new_public_pem.as_bytes())
+                .map_err(|e| failed(format!("the saved new public key is unreadable: {e:?}")))?;
+            keys.extend(parsed.keys);
+        }
+        Ok(Publication::new(
+            &self.ctx.settings.issuer,
+            &self.ctx.settings.jwks_uri,
+            &keys,
+        ))
+    }
+
+    fn restart(&self, observed: &Observed) -> Restart {
+        restart::restart_for(
+            &self.ctx.root,
+            observed.distribution,
+            self.ctx.options.unit.as_deref(),
+        )
+    }
+
+    /// Waits until the local apiserver is ready and serves exactly `expected` (kids, in order,
+    /// repeats dropped).
+    async fn wait_for_jwks(&mut self, expected: &[String]) -> Result<(), String> {
+        let start = self.now();
+        let timeout = self.ctx.options.restart_timeout.as_secs();
+        loop {
+            let last;
+            let health = self.ctx.cluster.health().await;
+            if health.ready {
+                match self.ctx.cluster.jwks_kids(None).await {
+                    Ok(kids) => {
+                        let kids = distro::dedup_kids(kids.iter());
+                        if kids == expected {
+                            return Ok(());
+                        }
+                        last = format!(
+                            "serves kids {} instead of {}",
+                            kids.join(", "),
+                            expected.join(", ")
+                        );
+                    }
+                    Err(e) => last = e,
+                }
+            } else {
+                last = health.detail;
+            }
+            if self.now().saturating_sub(start) >= timeout {
+                return Err(format!(
+                    "kube-apiserver did not become ready with the keys {} within {}s (last: {last})",
+                    expected.join(", "),
+                    timeout
+                ));
+            }
+            self.ctx.clock.sleep(self.ctx.options.poll).await;
+        }
+    }
+
+    /// Carries out a host change and waits until the apiserver serves the expected keys.
+    async fn carry_out(
+        &mut self,
+        change: HostChange,
+        install: Install,
+        what: &str,
+    ) -> Result<bool, RotationError> {
+        let root = self.ctx.root.clone();
+        match change {
+            HostChange::None => Ok(false),
+            HostChange::RotateCa {
+                program,
+                dir,
+                content,
+                data_dir_arg,
+                expected,
+            } => {
+                let file = dir.join("tls/service.key");
+                fs::create_dir_all(&root.path(dir.join("tls")), 0o700)
+                    .and_then(|()| {
+                        fs::write_atomic(&root.path(&file), content.as_bytes(), NewFile::PRIVATE)
+                    })
+                    .map_err(|e| failed(format!("cannot stage {}: {e}", file.display())))?;
+                let mut args = vec![
+                    "certificate".to_string(),
+                    "rotate-ca".to_string(),
+                    format!("--path={}", dir.display()),
+                ];
+                if let Some(d) = data_dir_arg {
+                    args.push(format!("--data-dir={d}"));
+                }
+                log::info!("rotation: {what}: {program} {}", args.join(" "));
+                self.ctx
+                    .runner
+                    .run(program, &args)
+                    .map_err(|e| failed(format!("{what}: {e}")))?;
+                crate::failpoint::hit(&format!("rotation:{}:after-rotate-ca", install.name()));
+                let observed = self.observe()?;
+                let Restart::Unit(unit) = self.restart(&observed) else {
+                    return Err(failed("no unit to restart"));
+                };
+                self.update_rotation(|r| r.restarts += 1)?;
+                log::info!("rotation: {what}: systemctl restart {unit}");
+                self.ctx
+                    .services
+                    .restart(&unit)
+                    .map_err(|e| failed(format!("{what}: {e}")))?;
+                crate::failpoint::hit(&format!("rotation:{}:after-restart", install.name()));
+                self.wait_for_jwks(&expected).await.map_err(|e| {
+                    failed(format!(
+                        "{what}: {e}; the new service.key is in the datastore ({program} loads it at every start), so nothing was rolled back: look at `journalctl -u {unit}`; the next step checks again"
+                    ))
+                })?;
+                Ok(true)
+            }
+            HostChange::Files {
+                changes,
+                restarts_apiserver,
+                expected,
+            } => {
+                let prepared = apply::write_changes(&root, &changes, self.now())
+                    .map_err(|e| failed(format!("{what}: {e}")))?;
+                if restarts_apiserver && prepared.is_some() {
+                    // The manifest is written: kubelet restarts the apiserver.
+                    self.update_rotation(|r| r.restarts += 1)?;
+                }
+                crate::failpoint::hit(&format!("rotation:{}:after-write", install.name()));
+                let Some(prepared) = prepared else {
+                    return Ok(false);
+                };
+                if !restarts_apiserver {
+                    return Ok(true);
+                }
+                match self.wait_for_jwks(&expected).await {
+                    Ok(()) => Ok(true),
+                    Err(e) => {
+                        let restored = prepared.restore(&root);
+                        let back = self.wait_ready().await;
+                        Err(failed(format!("{what}: {e}; {restored}; {back}")))
+                    }
+                }
+            }
+        }
+    }
+
+    async fn wait_ready(&mut self) -> String {
+        let start = self.now();
+        loop {
+            let health = self.ctx.cluster.health().await;
+            if health.ready {
+                return "the apiserver is ready with the restored files".into();
+            }
+            if self.now().saturating_sub(start) >= self.ctx.options.restart_timeout.as_secs() {
+                return format!(
+                    "the apiserver is still not ready ({}): look at it now",
+                    health.detail
+                );
+            }
+            self.ctx.clock.sleep(self.ctx.options.poll).await;
+        }
+    }
+
+    /// From `trusted` to `draining` the host must keep what the rotation installed; when it
+    /// lost it (kubeadm upgrade regenerated the manifests; someone restored a backup), installs
+    /// it again right away. Returns whether it had to.
+    async fn reinstall_if_lost(&mut self) -> Result<bool, RotationError> {
+        let rotation = self.rotation()?;
+        let observed = self.observe()?;
+        let distro = Distro::of(&observed);
+        let signed = matches!(
+            self.st.phase.name(),
+            PhaseName::Signing | PhaseName::Draining
+        );
+        // Judged by the keys, not by the files: a crash may have left a later install (sign,
+        // retire) in place before the phase was saved, and that is not a loss.
+        let host = Distro::host_keys(&observed)?;
+        let verifies = host.verification.contains(&rotation.new_kid);
+        let signs = host.signing.kid() == rotation.new_kid;
+        let mut lost: Vec<Install> = Vec::new();
+        match (&distro, rotation.is_ha()) {
+            (Distro::Rancher { .. }, true) if signed && !signs => lost.push(Install::Sign),
+            (Distro::Rancher { .. }, true) if !verifies => lost.push(Install::VerifyOnly),
+            (Distro::Rancher { .. }, true) => {}
+            (_, _) if !verifies || !signs => lost.push(Install::Trust),
+            _ => {}
+        }
+        if matches!(distro, Distro::Kubeadm)
+            && signed
+            && distro::kcm_signing_kid(&self.ctx.root).as_deref() != Some(rotation.new_kid.as_str())
+        {
+            lost.push(Install::Sign);
+        }
+        for install in &lost {
+            let observed = self.observe()?;
+            let change = distro.plan(&self.ctx.root, &observed, &rotation, *install)?;
+            if matches!(change, HostChange::None) {
+                continue;
+            }
+            log::warn!(
+                "rotation: the host lost the new key's {} install (kubeadm upgrade? a restored backup?): installing it again",
+                install.name()
+            );
+            self.carry_out(change, *install, "reinstall the rotation's keys")
+                .await?;
+        }
+        Ok(!lost.is_empty())
+    }
+
+    /// The apiservers of the cluster (each one's URL).
+    async fn servers(&mut self) -> Result<Vec<String>, RotationError> {
+        self.ctx
+            .cluster
+            .servers()
+            .await
+            .map_err(|e| failed(format!("cannot list the cluster's apiservers: {e}")))
+    }
+
+    /// The apiservers to ask, each as `(name, address)`: with one apiserver, the local one
+    /// through the admin kubeconfig (its advertised address may not be reachable from the
+    /// node itself, behind NAT); with several, each at its endpoint address.
+    async fn targets(&mut self) -> Result<Vec<(String, Option<String>)>, RotationError> {
+        let servers = self.servers().await?;
+        if servers.len() == 1 {
+            return Ok(vec![(servers[0].clone(), None)]);
+        }
+        Ok(servers.into_iter().map(|s| (s.clone(), Some(s))).collect())
+    }
+
+    /// Servers whose JWKS lacks `kid` (`want` true) or still has it (`want` false).
+    async fn servers_where(&mut self, kid: &str, want: bool) -> Result<Vec<String>, RotationError> {
+        let mut out = Vec::new();
+        for (server, address) in self.targets().await? {
+            match self.ctx.cluster.jwks_kids(address.as_deref()).await {
+                Ok(kids) if kids.iter().any(|k| k == kid) == want => {}
+                Ok(_) => out.push(server),
+                Err(e) => out.push(format!("{server} ({e})")),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Servers that do not sign with `kid` (by a freshly requested token's kid).
+    async fn servers_not_signing_with(&mut self, kid: &str) -> Result<Vec<String>, RotationError> {
+        let mut out = Vec::new();
+        for (server, address) in self.targets().await? {
+            match self.ctx.cluster.request_token(address.as_deref()).await {
+                Ok(token) if cluster::token_kid(&token).as_deref() == Some(kid) => {}
+                Ok(token) => out.push(format!(
+                    "{server} (signs with {})",
+                    cluster::token_kid(&token).unwrap_or_default()
+                )),
+                Err(e) => out.push(format!("{server} ({e})")),
+            }
+        }
+        Ok(out)
+    }
+
+    fn recheck_at(&self) -> u64 {
+        self.now() + self.ctx.options.recheck.as_secs()
+    }
+
+    fn unit_hint(&self, observed: &Observed) -> String {
+        match self.restart(observed) {
+            Restart::Unit(u) => format!("systemctl restart {u}"),
+            Restart::KubeletStaticPod => "restart its kube-apiserver".to_string(),
+        }
+    }
+
+    async fn handle(&mut self, now: u64) -> Result<Progress, RotationError> {
+        match self.st.phase.name() {
+            PhaseName::Idle => self.start(now).await,
+            PhaseName::Staged => self.publish_new_key().await,
+            PhaseName::Published => self.trust_new_key().await,
+            PhaseName::Trusted => self.sign_with_new_key().await,
+            PhaseName::Signing => self.begin_drain().await,
+            PhaseName::Draining => self.retire_old_key().await,
+            PhaseName::Retired => self.finish_rotation().await,
+        }
+    }
+
+    /// idle -> staged.
+    async fn start(&mut self, now: u64) -> Result<Progress, RotationError> {
+        let observed = self.observe()?;
+        let distro = Distro::of(&observed);
+        let old_kids = distro.preflight(&self.ctx.root, &observed)?;
+        let host = Distro::host_keys(&observed)?;
+        // The running apiserver must have loaded what is on disk.
+        let health = self.ctx.cluster.health().await;
+        if !health.ready {
+            return Err(RotationError::Refused(format!(
+                "the apiserver is not ready ({}); a rotation starts only on a healthy control plane",
+                health.detail
+            )));
+        }
+        let loaded = self
+            .ctx
+            .cluster
+            .jwks_kids(None)
+            .await
+            .map_err(|e| failed(format!("cannot read the apiserver's JWKS: {e}")))?;
+        if distro::dedup_kids(loaded.iter()) != host.verification {
+            return Err(RotationError::Refused(format!(
+                "the running apiserver verifies with {} but its key files hold {}: a restart is pending; restart it ({}) before rotating",
+                loaded.join(", "),
+                host.verification.join(", "),
+                self.unit_hint(&observed)
+            )));
+        }
+        let servers = self.servers().await?;
+        if servers.len() > 1 && matches!(distro, Distro::Kubeadm) {
+            return Err(RotationError::Refused(format!(
+                "this kubeadm cluster has {} apiservers ({}): the new key would have to be copied to every control-plane node before any of them signs with it, which irsa-agent does not do; rotate by hand (see README, \"Key rotation\")",
+                servers.len(),
+                servers.join(", ")
+            )));
+        }
+        // Leftovers of a start that crashed before its state was saved.
+        for path in distro.sweep_orphans(&self.ctx.root, &observed)? {
+            log::info!(
+                "rotation: removed {} (left by an interrupted start)",
+                path.display()
+            );
+        }
+        let kind = self.ctx.settings.rotation.key_type;
+        log::info!("rotation: generating a {} key", kind.name());
+        let key = keygen::generate(kind).map_err(failed)?;
+        let id = state::compact_stamp(now);
+        let (new_key_file, canonical_files) = distro.stage(&self.ctx.root, &observed, &id, &key)?;
+        crate::failpoint::hit("rotation:after-stage-files");
+        let rotation = InProgress {
+            id: id.clone(),
+            started_at: now,
+            key_type: kind.name().to_string(),
+            new_kid: key.kid(),
+            new_public_pem: key.public().to_spki_pem(),
+            old_kids,
+            old_signing_kid: host.signing.kid(),
+            distribution: distro.name().to_string(),
+            new_key_file: new_key_file.clone(),
+            canonical_files,
+            servers: servers.clone(),
+            restarts: 0,
+            may_have_signed: false,
+        };
+        let phase = self.st.phase.stage(rotation, now)?;
+        Ok(Progress::Advanced(
+            Box::new(phase),
+            format!(
+                "rotation {id}: new {} key {} written to {new_key_file}{}",
+                kind.name(),
+                key.kid(),
+                if servers.len() > 1 {
+                    format!(
+                        " ({} apiservers: it is installed as a verification-only key on all of them next)",
+                        servers.len()
+                    )
+                } else {
+                    String::new()
+                }
+            ),
+        ))
+    }
+
+    /// staged -> published.
+    async fn publish_new_key(&mut self) -> Result<Progress, RotationError> {
+        let rotation = self.rotation()?;
+        let mut observed = self.observe()?;
+        let distro = Distro::of(&observed);
+        distro.new_key(&self.ctx.root, &rotation)?;
+        if rotation.is_ha() {
+            // Every apiserver verifies with the new key before anything publishes it.
+            let change = distro.plan(&self.ctx.root, &observed, &rotation, Install::VerifyOnly)?;
+            self.carry_out(
+                change,
+                Install::VerifyOnly,
+                "install the new key as a verification-only key",
+            )
+            .await?;
+            observed = self.observe()?;
+            let lacking = self.servers_where(&rotation.new_kid, true).await?;
+            if !lacking.is_empty() {
+                return Ok(Progress::Waiting(
+                    format!(
+                        "the new key is in the datastore; these servers do not verify with it yet: {}; restart {} there (servers only, one at a time)",
+                        lacking.join(", "),
+                        distro.name()
+                    ),
+                    self.recheck_at(),
+                ));
+            }
+        }
+        let publication = self.publication(&observed, Some(&rotation))?;
+        let summary = self
+            .ctx
+            .publishing
+            .publish(&publication)
+            .await
+            .map_err(failed)?;
+        let public = self
+            .ctx
+            .publishing
+            .public(&publication)
+            .await
+            .map_err(|e| failed(format!("cannot check the public copy: {e}")))?;
+        if !public.kids.contains(&rotation.new_kid) {
+            return Ok(Progress::Waiting(
+                format!(
+                    "published ({summary}), but {} does not list the new key {} yet (a cache in front of it?)",
+                    self.ctx.settings.jwks_uri, rotation.new_kid
+                ),
+                self.recheck_at(),
+            ));
+        }
+        let max_age = public
+            .max_age
+            .or_else(|| self.ctx.publishing.configured_max_age())
+            .unwrap_or(DEFAULT_MAX_AGE);
+        let r = &self.ctx.settings.rotation;
+        let hold = machine::propagation_hold(max_age, r.cdn_ttl, r.propagation_wait);
+        let now = self.now();
+        let phase = self.st.phase.publish(now, hold)?;
+        Ok(Progress::Advanced(
+            Box::new(phase),
+            format!(
+                "JWKS with the new key published ({summary}) and seen at {}; held {} (max-age {} + cdn-ttl {} + propagation-wait {})",
+                self.ctx.settings.jwks_uri,
+                format_duration(hold),
+                format_duration(max_age),
+                format_duration(r.cdn_ttl),
+                format_duration(r.propagation_wait)
+            ),
+        ))
+    }
+
+    /// published -> trusted (after the hold).
+    async fn trust_new_key(&mut self) -> Result<Progress, RotationError> {
+        let rotation = self.rotation()?;
+        let observed = self.observe()?;
+        let distro = Distro::of(&observed);
+        // The public copy must still have the new key (someone may have republished without
+        // it): looked at before republishing, so a removal is not papered over.
+        let publication = self.publication(&observed, Some(&rotation))?;
+        let public = self
+            .ctx
+            .publishing
+            .public(&publication)
+            .await
+            .map_err(|e| failed(format!("cannot check the public copy: {e}")))?;
+        if !public.kids.contains(&rotation.new_kid) {
+            // Someone republished without it: back to staged, where it is published again and
+            // the propagation hold starts over once it is seen.
+            self.ctx
+                .publishing
+                .publish(&publication)
+                .await
+                .map_err(failed)?;
+            let phase = self.st.phase.unpublish(self.now())?;
+            return Ok(Progress::Advanced(
+                Box::new(phase),
+                format!(
+                    "{} no longer lists the new key {}: republished; the propagation hold starts again once it is seen",
+                    self.ctx.settings.jwks_uri, rotation.new_kid
+                ),
+            ));
+        }
+        self.ctx
+            .publishing
+            .publish(&publication)
+            .await
+            .map_err(failed)?;
+        let now = self.now();
+        // Checked before anything is changed: never trust (or sign with) a key too early.
+        let next = self.st.phase.trust(now)?;
+        if rotation.is_ha() {
+            let lacking = self.servers_where(&rotation.new_kid, true).await?;
+            if !lacking.is_empty() {
+                return Ok(Progress::Waiting(
+                    format!(
+                        "these servers do not verify with the new key: {}; restart {} there",
+                        lacking.join(", "),
+                        distro.name()
+                    ),
+                    self.recheck_at(),
+                ));
+            }
+            return Ok(Progress::Advanced(
+                Box::new(next),
+                "every apiserver verifies with the old and the new key".into(),
+            ));
+        }
+        // One server: verifying with the new key and signing with it switch in one restart.
+        self.update_rotation(|r| r.may_have_signed = true)?;
+        let change = distro.plan(&self.ctx.root, &observed, &rotation, Install::Trust)?;
+        let restarted = self
+            .carry_out(change, Install::Trust, "trust the new key")
+            .await?;
+        let kids = self
+            .ctx
+            .cluster
+            .jwks_kids(None)
+            .await
+            .map_err(|e| failed(format!("cannot read the apiserver's JWKS: {e}")))?;
+        if !kids.contains(&rotation.new_kid) || !kids.contains(&rotation.old_signing_kid) {
+            return Err(failed(format!(
+                "the apiserver serves kids {} after the change: it should verify with {} and {}",
+                kids.join(", "),
+                rotation.new_kid,
+                rotation.old_signing_kid
+            )));
+        }
+        let next = self.st.phase.trust(self.now())?;
+        Ok(Progress::Advanced(
+            Box::new(next),
+            format!(
+                "the apiserver verifies with the old and the new key{}",
+                if restarted { " (restarted)" } else { "" }
+            ),
+        ))
+    }
+
+    /// trusted -> signing.
+    async fn sign_with_new_key(&mut self) -> Result<Progress, RotationError> {
+        let rotation = self.rotation()?;
+        let observed = self.observe()?;
+        let distro = Distro::of(&observed);
+        let ha_rancher = rotation.is_ha() && matches!(distro, Distro::Rancher { .. });
+        if ha_rancher || matches!(distro, Distro::Kubeadm) {
+            if !rotation.may_have_signed {
+                self.update_rotation(|r| r.may_have_signed = true)?;
+            }
+            let what = if ha_rancher {
+                "sign with the new key"
+            } else {
+                "make kube-controller-manager sign legacy token Secrets with the new key"
+            };
+            let change = distro.plan(&self.ctx.root, &observed, &rotation, Install::Sign)?;
+            self.carry_out(change, Install::Sign, what).await?;
+        }
+        let lagging = self.servers_not_signing_with(&rotation.new_kid).await?;
+        if !lagging.is_empty() {
+            return Ok(Progress::Waiting(
+                format!(
+                    "these servers still sign with the old key: {}; restart {} there (they verify with both keys, so nothing is rejected meanwhile)",
+                    lagging.join(", "),
+                    distro.name()
+                ),
+                self.recheck_at(),
+            ));
+        }
+        // The apiserver is healthy, serves its discovery, and a fresh token verifies against the
+        // public JWKS as relying parties fetch it.
+        let health = self.ctx.cluster.health().await;
+        if !health.ready || health.issuer.is_none() {
+            return Err(failed(format!(
+                "the apiserver is not healthy after the switch: {}",
+                health.detail
+            )));
+        }
+        let token = self
+            .ctx
+            .cluster
+            .request_token(None)
+            .await
+            .map_err(|e| failed(format!("cannot request a test token: {e}")))?;
+        let publication = self.publication(&observed, None)?;
+        let public = self
+            .ctx
+            .publishing
+            .public(&publication)
+            .await
+            .map_err(|e| failed(format!("cannot check the public copy: {e}")))?;
+        let now = self.now();
+        verify_token(
+            &token,
+            public.jwks.as_deref().unwrap_or(""),
+            &rotation.new_kid,
+            now,
+        )
+        .map_err(|e| {
+            failed(format!(
+                "a token the apiserver just issued does not verify against the public JWKS: {e}"
+            ))
+        })?;
+        let phase = self.st.phase.sign(now, now)?;
+        Ok(Progress::Advanced(
+            Box::new(phase),
+            format!(
+                "every apiserver signs with the new key {}; a fresh token verifies against the public JWKS; issuer {}",
+                rotation.new_kid,
+                health.issuer.unwrap_or_default()
+            ),
+        ))
+    }
+
+    /// The longest lifetime a token of the old key can have.
+    fn token_lifetime(&self, observed: &Observed) -> Duration {
+        let configured = self.ctx.settings.rotation.token_lifetime;
+        observed
+            .flags
+            .max_token_expiration
+            .as_deref()
+            .and_then(flags::parse_go_duration)
+            .map_or(configured, |max| configured.max(max))
+    }
+
+    /// signing -> draining.
+    async fn begin_drain(&mut self) -> Result<Progress, RotationError> {
+        let observed = self.observe()?;
+        let lifetime = self.token_lifetime(&observed);
+        let drain = lifetime + self.ctx.settings.rotation.drain_margin;
+        let now = self.now();
+        let stale = self
+            .ctx
+            .cluster
+            .stale_tokens()
+            .await
+            .map(|value| StaleReading { at: now, value });
+        let phase = self.st.phase.drain(now, drain, stale)?;
+        let until = phase.due_at().unwrap_or(now);
+        Ok(Progress::Advanced(
+            Box::new(phase),
+            format!(
+                "draining the old key until {} (token lifetime {} + margin {})",
+                state::rfc3339(until),
+                format_duration(lifetime),
+                format_duration(self.ctx.settings.rotation.drain_margin)
+            ),
+        ))
+    }
+
+    /// draining -> retired.
+    async fn retire_old_key(&mut self) -> Result<Progress, RotationError> {
+        let rotation = self.rotation()?;
+        let observed = self.observe()?;
+        let distro = Distro::of(&observed);
+        let now = self.now();
+        // Never retire too early.
+        self.st.phase.retire(now)?;
+        // The 1-year kube-api-access tokens: no stale-token use for a while.
+        if !self.ctx.options.ignore_stale_tokens
+            && let Phase::Draining { stale, .. } = &self.st.phase
+        {
+            let previous = *stale;
+            if let Some(value) = self.ctx.cluster.stale_tokens().await {
+                let reading = StaleReading { at: now, value };
+                let quiet = previous.is_some_and(|p| {
+                    value == p.value && now.saturating_sub(p.at) >= STALE_QUIET.as_secs()
+                });
+                if !quiet {
+                    let why = match previous {
+                        Some(p) if value > p.value => format!(
+                            "serviceaccount_stale_tokens_total rose from {} to {value} since {}: a client still presents a token past its intended expiry, maybe one signed by the old key. {STALE_TOKENS}",
+                            p.value,
+                            state::rfc3339(p.at)
+                        ),
+                        Some(p) if value < p.value => "the stale-token counter was reset (apiserver restart); watching it for an hour before retiring".to_string(),
+                        _ => "watching serviceaccount_stale_tokens_total for an hour before retiring".to_string(),
+                    };
+                    let recheck = now + STALE_QUIET.as_secs();
+                    let phase = self.st.phase.wait_for_stale_tokens(reading, recheck)?;
+                    self.st.phase = phase;
+                    return Ok(Progress::Waiting(why, recheck));
+                }
+            }
+        }
+        // Legacy token Secrets never expire: one signed by an old key would be rejected.
+        match self.ctx.cluster.legacy_token_kids().await {
+            Ok(secrets) => {
+                let old: Vec<String> = secrets
+                    .iter()
+                    .filter(|(_, kid)| rotation.old_kids.contains(kid))
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                if !old.is_empty() {
+                    return Ok(Progress::Waiting(
+                        format!(
+                            "legacy service-account token Secrets hold tokens signed by the old key and never expire: {}; retiring it would reject them. Move their users to projected or TokenRequest tokens, or re-create each Secret (delete it and create it again: kube-controller-manager signs the new one with the new key)",
+                            old.join(", ")
+                        ),
+                        now + STALE_QUIET.as_secs(),
+                    ));
+                }
+            }
+            Err(e) => {
+                log::warn!("rotation: cannot list legacy token Secrets ({e}); retiring anyway")
+            }
+        }
+        let change = distro.plan(&self.ctx.root, &observed, &rotation, Install::Retire)?;
+        self.carry_out(change, Install::Retire, "retire the old key")
+            .await?;
+        let kids = self
+            .ctx
+            .cluster
+            .jwks_kids(None)
+            .await
+            .map_err(|e| failed(format!("cannot read the apiserver's JWKS: {e}")))?;
+        if kids.iter().any(|k| rotation.old_kids.contains(k)) || !kids.contains(&rotation.new_kid) {
+            return Err(failed(format!(
+                "the apiserver serves kids {} after retiring {}",
+                kids.join(", "),
+                rotation.old_kids.join(", ")
+            )));
+        }
+        Ok(Progress::Advanced(
+            Box::new(self.st.phase.retire(self.now())?),
+            format!(
+                "the apiserver verifies and signs with the new key only; retired {}",
+                rotation.old_kids.join(", ")
+            ),
+        ))
+    }
+
+    /// retired -> idle.
+    async fn finish_rotation(&mut self) -> Result<Progress, RotationError> {
+        let rotation = self.rotation()?;
+        let observed = self.observe()?;
+        let distro = Distro::of(&observed);
+        let publication = self.publication(&observed, None)?;
+        let summary = self
+            .ctx
+            .publishing
+            .publish(&publication)
+            .await
+            .map_err(failed)?;
+        if rotation.is_ha() {
+            let mut still = Vec::new();
+            for kid in &rotation.old_kids {
+                for s in self.servers_where(kid, false).await? {
+                    if !still.contains(&s) {
+                        still.push(s);
+                    }
+                }
+            }
+            if !still.is_empty() {
+                return Ok(Progress::Waiting(
+                    format!(
+                        "these servers still verify with the old key (harmless, but their agents keep publishing it): {}; restart {} there",
+                        still.join(", "),
+                        distro.name()
+                    ),
+                    self.recheck_at(),
+                ));
+            }
+        }
+        distro.clean_up(&self.ctx.root, &observed, &rotation)?;
+        let now = self.now();
+        let (phase, finished) = self
+            .st
+            .phase
+            .finish(now, self.ctx.settings.rotation.every)?;
+        self.st.remember(finished);
+        let next = phase.due_at();
+        Ok(Progress::Advanced(
+            Box::new(phase),
+            format!(
+                "rotation {} complete ({summary}); {} apiserver restart(s); next rotation due {}",
+                rotation.id,
+                rotation.restarts,
+                next.map(state::rfc3339).unwrap_or_else(|| "never".into())
+            ),
+        ))
+    }
+}
+
+/// Verifies a token against a JWKS document (what relying parties do), requiring `kid` and an
+/// `exp` after `now` (the rotation's clock).
+pub fn verify_token(token: &str, jwks: &str, kid: &str, now: u64) -> Result<(), String> {
+    let header = jsonwebtoken::decode_header(token).map_err(|e| e.to_string())?;
+    if header.kid.as_deref() != Some(kid) {
+        return Err(format!(
+            "signed with {} instead of {kid}",
+            header.kid.unwrap_or_default()
+        ));
+    }
+    let set: jsonwebtoken::jwk::JwkSet =
+        serde_json::from_str(jwks).map_err(|e| format!("the JWKS is not readable: {e}"))?;
+    let jwk = set
+        .find(kid)
+        .ok_or_else(|| format!("the JWKS has no key {kid}"))?;
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).map_err(|e| e.to_string())?;
+    let mut validation = jsonwebtoken::Validation::new(header.alg);
+    validation.validate_aud = false;
+    validation.validate_exp = false;
+    validation.required_spec_claims.clear();
+    let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
+        .map_err(|e| e.to_string())?;
+    match data.claims.get("exp").and_then(|e| e.as_u64()) {
+        Some(exp) if exp > now => Ok(()),
+        Some(exp) => Err(format!("expired at {}", state::rfc3339(exp))),
+        None => Err("it has no exp".into()),
+    }
+}
+
+/// Host paths a rotation writes besides the state (for docs and tests).
+pub fn rotation_dir(id: &str) -> PathBuf {
+    PathBuf::from(format!("{}/{id}", distro::ROTATION_DIR))
+}
+
+/// A token's secret bytes, wiped when dropped.
+pub type Token = Zeroizing<String>;
+
+/// How [`Context::for_host`] reaches the real host's outside systems.
+#[derive(Debug, Clone)]
+pub struct HostEdges {
+    /// The `systemctl` program.
+    pub systemctl: PathBuf,
+    /// Programs by name (`k3s`, `rke2`) when not in `PATH`.
+    pub programs: Vec<(String, PathBuf)>,
+    /// The apiserver URL (default: the admin kubeconfig's; kubeadm: the advertise address).
+    pub apiserver_url: Option<String>,
+    /// Timeout of each HTTPS request.
+    pub request_timeout: Duration,
+}
+
+impl Default for HostEdges {
+    fn default() -> Self {
+        HostEdges {
+            systemctl: PathBuf::from("systemctl"),
+            programs: Vec::new(),
+            apiserver_url: None,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Context {
+    /// The real thing: the admin kubeconfig's apiserver, the configured publish targets, the
+    /// host's systemctl and k3s/rke2 binaries. Build it once (the daemon keeps it: publish's
+    /// credential cache lives inside) and call [`step`] when [`StepOutcome::next_due`] comes.
+    pub fn for_host(
+        root: &HostRoot,
+        settings: &Settings,
+        clock: Arc<dyn Clock>,
+        edges: HostEdges,
+        options: Options,
+    ) -> Result<Context, RotationError> {
+        let observed = distro::observe(root, settings.distribution)?;
+        let (kubeconfig, url) = crate::apiserver::probe::target(&observed);
+        let api = crate::apiserver::probe::ApiClient::new(
+            root,
+            &kubeconfig,
+            edges.apiserver_url.clone().or(url),
+            edges.request_timeout,
+        )
+        .map_err(|e| RotationError::Refused(format!("cannot reach the apiserver: {e}")))?;
+        let publishing = publishing::RealPublishing::new(root, settings, edges.request_timeout)
+            .map_err(failed)?;
+        Ok(Context {
+            root: root.clone(),
+            settings: settings.clone(),
+            clock,
+            cluster: Box::new(cluster::ApiCluster { api }),
+            publishing: Box::new(publishing),
+            services: Box::new(crate::apiserver::restart::Systemctl {
+                program: edges.systemctl,
+            }),
+            runner: Box::new(runner::SystemRunner {
+                programs: edges.programs,
+            }),
+            options,
+        })
+    }
+}
