@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Packaging checks run by CI (.ci/run) after the Rust tests; installs what it needs on a fresh
 # Debian 12 machine (Debian packages, rustup targets, cargo-deb, a venv under /var/cache).
-#   1. shellcheck of install.sh (POSIX sh) and the packaging scripts;
+#   1. shellcheck of install.sh (POSIX sh), the packaging, systemd, bench and test scripts;
 #   2. packaging/build-debs.sh: release binaries and .debs for amd64 and armhf (glibc 2.31
 #      symbols checked), lintian, and the armhf binary runs --version and jwks under qemu-user
 #      (jwks compared byte for byte with a real kube-apiserver's);
@@ -34,8 +34,8 @@ timed() { # timed LABEL COMMAND...: runs it, prints how long it took
 need_apt shellcheck
 say "shellcheck"
 if shellcheck -s sh install.sh && shellcheck -x packaging/*.sh packaging/debian/postinst \
-    packaging/debian/postrm packaging/ansible/*.sh packaging/ansible/tests/*.sh; then
-    ok "shellcheck: install.sh, packaging scripts, maintainer scripts"
+    packaging/debian/postrm packaging/ansible/*.sh systemd/*.sh benches/*.sh tests/run.sh .ci/run; then
+    ok "shellcheck: install.sh, packaging, systemd, bench and test scripts, maintainer scripts"
 else
     bad "shellcheck"
 fi
@@ -91,6 +91,11 @@ check "install.sh refuses a tampered .deb (SHA-256 mismatch)" refuses_tampered
 check "install.sh refuses a file it cannot verify (no SHA256SUMS, no --sha256)" refuses_unverifiable
 check "install.sh --sha256 verifies a file without SHA256SUMS" accepts_sha256_option
 
+# The role runs the amd64 release binary just built (saves a debug build of its own).
+native=target/$(rustc -vV | sed -n 's/^host: //p')/release/irsa-agent
+if [ "$arch" = amd64 ] && [ -x "$native" ]; then
+    export IRSA_AGENT_BIN=$PWD/$native
+fi
 if timed "packaging/ansible/test.sh" packaging/ansible/test.sh; then
     ok "Ansible role (ansible-lint, check/apply/idempotent, stop at the first failure)"
 else
