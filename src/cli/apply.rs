@@ -1,19 +1,18 @@
 //! `irsa-agent apply`: set the public issuer in the apiserver configuration, safely.
 
-use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::bail;
 use clap::Args as ClapArgs;
 use serde_json::json;
 
+use super::edge_args::ApiserverArgs;
 use super::{Exit, Global};
 use crate::apiserver::apply::{self as executor, Options, Outcome, RestartOutcome};
 use crate::apiserver::plan::{self, Plan, Target};
 use crate::apiserver::probe::{ApiserverProbe, KubeconfigProbe};
 use crate::apiserver::restart::{self, Restart, ServiceManager, Systemctl};
 use crate::apiserver::{self, Observed, Source, flags};
-use crate::config::{self, Settings, format_duration, parse_duration};
+use crate::config::{self, Settings, format_duration};
 use crate::host::HostRoot;
 use crate::state::{self, State};
 
@@ -37,43 +36,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_restart: bool,
 
-    /// How long to wait for the restarted apiserver to be ready and serve the new issuer
-    /// before restoring the backup.
-    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_timeout)]
-    pub timeout: Duration,
-
-    /// The systemd unit to restart [default: detected: k3s (or k3s-<name>), rke2-server].
-    #[arg(long, value_name = "UNIT")]
-    pub unit: Option<String>,
-
-    /// The systemctl program (tests point it at a fake).
-    #[arg(
-        long,
-        hide = true,
-        value_name = "PATH",
-        env = "IRSA_AGENT_SYSTEMCTL",
-        default_value = "systemctl"
-    )]
-    pub systemctl: PathBuf,
-
-    /// How often to ask the apiserver while waiting.
-    #[arg(long, hide = true, value_name = "DURATION", default_value = "2s", value_parser = parse_timeout)]
-    pub poll_interval: Duration,
-
-    /// The apiserver URL to probe [default: from the admin kubeconfig; kubeadm: the manifest's
-    /// --advertise-address and --secure-port].
-    #[arg(
-        long,
-        hide = true,
-        value_name = "URL",
-        env = "IRSA_AGENT_APISERVER_URL"
-    )]
-    pub apiserver_url: Option<String>,
-}
-
-/// `5m`, `90s`, `1h30m`, `500ms`.
-fn parse_timeout(s: &str) -> Result<Duration, String> {
-    parse_duration(s).or_else(|e| flags::parse_go_duration(s).ok_or(e))
+    #[command(flatten)]
+    pub apiserver: ApiserverArgs,
 }
 
 #[derive(Debug, ClapArgs)]
@@ -106,13 +70,13 @@ pub struct Edges {
 }
 
 pub fn edges(root: &HostRoot, observed: &Observed, run: &RunArgs) -> Edges {
-    let restart = restart::restart_for(root, observed.distribution, run.unit.as_deref());
+    let restart = restart::restart_for(root, observed.distribution, run.apiserver.unit.as_deref());
     let services: Box<dyn ServiceManager> = Box::new(Systemctl {
-        program: run.systemctl.clone(),
+        program: run.apiserver.systemctl.clone(),
     });
     let (kubeconfig, url) = crate::apiserver::probe::target(observed);
-    let url = run.apiserver_url.clone().or(url);
-    let request_timeout = run.poll_interval.max(Duration::from_secs(5));
+    let url = run.apiserver.apiserver_url.clone().or(url);
+    let request_timeout = run.apiserver.request_timeout();
     match KubeconfigProbe::new(root, &kubeconfig, url, request_timeout) {
         Ok(probe) => Edges {
             restart,
@@ -341,7 +305,7 @@ fn apply(global: &Global, run: &RunArgs, accept_only: bool) -> anyhow::Result<Ex
     for warning in &plan.warnings {
         log::warn!("{warning}");
     }
-    let restart = restart::restart_for(root, observed.distribution, run.unit.as_deref());
+    let restart = restart::restart_for(root, observed.distribution, run.apiserver.unit.as_deref());
     // In sync on disk, but is the running apiserver? (After `--no-restart`, or a crash between
     // writing and restarting.) Only asked when it can be asked; never restarts an apiserver
     // that is not ready.
@@ -393,8 +357,8 @@ fn apply(global: &Global, run: &RunArgs, accept_only: bool) -> anyhow::Result<Ex
             let issuer = plan.desired.issuers.first().cloned().unwrap_or_default();
             let opts = Options {
                 no_restart: false,
-                timeout: run.timeout,
-                poll: run.poll_interval,
+                timeout: run.apiserver.timeout,
+                poll: run.apiserver.poll_interval,
             };
             let mut probe = e
                 .probe
@@ -459,7 +423,7 @@ pub fn refuse_command_line_flags(
         return Ok(());
     };
     let Restart::Unit(unit) =
-        restart::restart_for(root, observed.distribution, run.unit.as_deref())
+        restart::restart_for(root, observed.distribution, run.apiserver.unit.as_deref())
     else {
         return Ok(());
     };
@@ -480,8 +444,8 @@ pub fn execute_plan(
     let mut edges = edges(root, observed, run);
     let opts = Options {
         no_restart: run.no_restart,
-        timeout: run.timeout,
-        poll: run.poll_interval,
+        timeout: run.apiserver.timeout,
+        poll: run.apiserver.poll_interval,
     };
     let mut probe: Box<dyn ApiserverProbe> = match edges.probe.take() {
         Some(p) => p,

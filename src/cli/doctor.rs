@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use clap::Args as ClapArgs;
 
+use super::edge_args::parse_timeout;
 use super::{Exit, Global};
-use crate::config::parse_duration;
 use crate::doctor::{self, Options};
 
 #[derive(Debug, ClapArgs)]
@@ -53,10 +53,6 @@ pub struct Args {
     /// "Now" as Unix seconds, for the clock comparison (tests).
     #[arg(long, hide = true, value_name = "SECONDS")]
     pub now: Option<i64>,
-}
-
-fn parse_timeout(s: &str) -> Result<Duration, String> {
-    parse_duration(s).or_else(|e| crate::apiserver::flags::parse_go_duration(s).ok_or(e))
 }
 
 pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {

@@ -184,8 +184,11 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
         Some(_) => log::info!("serviceaccount_stale_tokens_total is 0 on this apiserver"),
         None => {}
     }
-    let restart =
-        crate::apiserver::restart::restart_for(root, observed.distribution, run.unit.as_deref());
+    let restart = crate::apiserver::restart::restart_for(
+        root,
+        observed.distribution,
+        run.apiserver.unit.as_deref(),
+    );
     let extra = json!({"retire": retire, "stale_tokens_total": stale});
     if run.check {
         if run.json {

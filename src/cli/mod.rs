@@ -11,6 +11,7 @@ mod apply;
 mod check_config;
 mod demo;
 mod doctor;
+mod edge_args;
 mod finalize;
 mod generate;
 mod keys;

@@ -1,15 +1,15 @@
 //! `irsa-agent rotate [--now] [--abort] [--status]`: advance the signing-key rotation as far as
 //! it is due, start one now, abandon one, or show where it is.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args as ClapArgs;
 
 use super::apply::load_settings;
+use super::edge_args::{ApiserverArgs, ProgramArgs};
 use super::{Exit, Global};
-use crate::config::{format_duration, parse_duration};
+use crate::config::format_duration;
 use crate::rotation::clock::{Clock, SystemClock};
 use crate::rotation::{self, Context, HostEdges, Options, RotationError};
 use crate::state;
@@ -54,44 +54,31 @@ pub struct Args {
     #[arg(long)]
     pub ignore_stale_tokens: bool,
 
-    /// How long to wait for the restarted apiserver.
-    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
-    pub timeout: Duration,
+    #[command(flatten)]
+    pub apiserver: ApiserverArgs,
 
-    /// The systemd unit to restart [default: detected: k3s (or k3s-<name>), rke2-server].
-    #[arg(long, value_name = "UNIT")]
-    pub unit: Option<String>,
+    #[command(flatten)]
+    pub programs: ProgramArgs,
+}
 
-    /// The systemctl program (tests point it at a fake).
-    #[arg(
-        long,
-        hide = true,
-        value_name = "PATH",
-        env = "IRSA_AGENT_SYSTEMCTL",
-        default_value = "systemctl"
-    )]
-    pub systemctl: PathBuf,
-
-    /// The k3s binary (tests point it at a fake).
-    #[arg(long, hide = true, value_name = "PATH", env = "IRSA_AGENT_K3S")]
-    pub k3s: Option<PathBuf>,
-
-    /// The rke2 binary (tests point it at a fake).
-    #[arg(long, hide = true, value_name = "PATH", env = "IRSA_AGENT_RKE2")]
-    pub rke2: Option<PathBuf>,
-
-    /// The apiserver URL [default: from the admin kubeconfig].
-    #[arg(
-        long,
-        hide = true,
-        value_name = "URL",
-        env = "IRSA_AGENT_APISERVER_URL"
-    )]
-    pub apiserver_url: Option<String>,
-
-    /// How often to ask a restarting apiserver.
-    #[arg(long, hide = true, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
-    pub poll_interval: Duration,
+/// How rotation reaches the host (systemctl, k3s/rke2, the apiserver) and waits for restarts.
+pub(super) fn host_edges(
+    apiserver: &ApiserverArgs,
+    programs: &ProgramArgs,
+) -> (HostEdges, Options) {
+    let edges = HostEdges {
+        systemctl: apiserver.systemctl.clone(),
+        programs: programs.programs(),
+        apiserver_url: apiserver.apiserver_url.clone(),
+        request_timeout: apiserver.request_timeout(),
+    };
+    let options = Options {
+        restart_timeout: apiserver.timeout,
+        poll: apiserver.poll_interval,
+        unit: apiserver.unit.clone(),
+        ..Options::default()
+    };
+    (edges, options)
 }
 
 /// The clock: the system's; with the `failpoints` feature (tests only) `IRSA_AGENT_CLOCK=<unix
@@ -127,26 +114,11 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
         }
         return Ok(Exit::OK);
     }
-    let mut programs = Vec::new();
-    if let Some(p) = &args.k3s {
-        programs.push(("k3s".to_string(), p.clone()));
-    }
-    if let Some(p) = &args.rke2 {
-        programs.push(("rke2".to_string(), p.clone()));
-    }
-    let edges = HostEdges {
-        systemctl: args.systemctl.clone(),
-        programs,
-        apiserver_url: args.apiserver_url.clone(),
-        request_timeout: args.poll_interval.max(Duration::from_secs(5)),
-    };
+    let (edges, options) = host_edges(&args.apiserver, &args.programs);
     let options = Options {
         start_now: args.now,
         ignore_stale_tokens: args.ignore_stale_tokens,
-        restart_timeout: args.timeout,
-        poll: args.poll_interval,
-        unit: args.unit.clone(),
-        ..Options::default()
+        ..options
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -2,12 +2,11 @@
 //! real apiserver step (the plan and executor of `apply`, with systemctl and the kubeconfig
 //! probe) and the list of scheduled tasks.
 
-use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Args as ClapArgs;
 
 use super::apply::{self as apply_cli, RunArgs};
+use super::edge_args::{ApiserverArgs, ProgramArgs};
 use super::{Exit, Global};
 use crate::apiserver::apply::{self as executor, ApplyError, Options, Outcome, RestartOutcome};
 use crate::apiserver::plan::{self, Target};
@@ -16,10 +15,6 @@ use crate::config::{self, Settings};
 use crate::daemon::{self, Applied, ApplyReport, ApplyStep, FailureKind, ScheduledTask};
 use crate::host::HostRoot;
 use crate::state::{self, State};
-
-fn parse_timeout(s: &str) -> Result<Duration, String> {
-    config::parse_duration(s)
-}
 
 #[derive(Debug, ClapArgs)]
 #[command(after_help = "\
@@ -40,45 +35,11 @@ pub struct Args {
     #[arg(long)]
     pub no_restart: bool,
 
-    /// How long to wait for a restarted apiserver to be ready and serve the new issuer before
-    /// restoring the backup.
-    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_timeout)]
-    pub timeout: Duration,
+    #[command(flatten)]
+    pub apiserver: ApiserverArgs,
 
-    /// The systemd unit to restart [default: detected: k3s (or k3s-<name>), rke2-server].
-    #[arg(long, value_name = "UNIT")]
-    pub unit: Option<String>,
-
-    /// The systemctl program (tests point it at a fake).
-    #[arg(
-        long,
-        hide = true,
-        value_name = "PATH",
-        env = "IRSA_AGENT_SYSTEMCTL",
-        default_value = "systemctl"
-    )]
-    pub systemctl: PathBuf,
-
-    /// How often to ask the apiserver while waiting.
-    #[arg(long, hide = true, value_name = "DURATION", default_value = "2s", value_parser = parse_timeout)]
-    pub poll_interval: Duration,
-
-    /// The apiserver URL to probe.
-    #[arg(
-        long,
-        hide = true,
-        value_name = "URL",
-        env = "IRSA_AGENT_APISERVER_URL"
-    )]
-    pub apiserver_url: Option<String>,
-
-    /// The k3s binary key rotation runs `certificate rotate-ca` with (tests point it at a fake).
-    #[arg(long, hide = true, value_name = "PATH", env = "IRSA_AGENT_K3S")]
-    pub k3s: Option<std::path::PathBuf>,
-
-    /// The rke2 binary (tests point it at a fake).
-    #[arg(long, hide = true, value_name = "PATH", env = "IRSA_AGENT_RKE2")]
-    pub rke2: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub programs: ProgramArgs,
 }
 
 impl Args {
@@ -88,11 +49,7 @@ impl Args {
             diff: false,
             json: false,
             no_restart: self.no_restart,
-            timeout: self.timeout,
-            unit: self.unit.clone(),
-            systemctl: self.systemctl.clone(),
-            poll_interval: self.poll_interval,
-            apiserver_url: self.apiserver_url.clone(),
+            apiserver: self.apiserver.clone(),
         }
     }
 }
@@ -100,24 +57,7 @@ impl Args {
 /// Scheduled work the daemon runs after every converge and when due (see
 /// [`crate::daemon::tasks`]). Key rotation (issue 6) registers its task here.
 fn tasks(global: &Global, args: &Args) -> Vec<Box<dyn ScheduledTask>> {
-    let mut programs = Vec::new();
-    for (name, path) in [("k3s", &args.k3s), ("rke2", &args.rke2)] {
-        if let Some(path) = path {
-            programs.push((name.to_string(), path.clone()));
-        }
-    }
-    let edges = crate::rotation::HostEdges {
-        systemctl: args.systemctl.clone(),
-        programs,
-        apiserver_url: args.apiserver_url.clone(),
-        ..crate::rotation::HostEdges::default()
-    };
-    let options = crate::rotation::Options {
-        restart_timeout: args.timeout,
-        poll: args.poll_interval,
-        unit: args.unit.clone(),
-        ..crate::rotation::Options::default()
-    };
+    let (edges, options) = super::rotate::host_edges(&args.apiserver, &args.programs);
     vec![Box::new(crate::daemon::rotation_task::RotationTask {
         root: global.root.clone(),
         edges,
@@ -191,8 +131,8 @@ impl ApplyStep for RealApply {
         let issuer = plan.desired.issuers.first().cloned().unwrap_or_default();
         let opts = Options {
             no_restart: self.run.no_restart,
-            timeout: self.run.timeout,
-            poll: self.run.poll_interval,
+            timeout: self.run.apiserver.timeout,
+            poll: self.run.apiserver.poll_interval,
         };
         let outcome = if plan.in_sync() {
             let mut pending = None;
@@ -276,7 +216,11 @@ impl ApplyStep for RealApply {
                 matches!(outcome.restart, RestartOutcome::Pending(_))
             }
         };
-        let restart = restart::restart_for(root, observed.distribution, self.run.unit.as_deref());
+        let restart = restart::restart_for(
+            root,
+            observed.distribution,
+            self.run.apiserver.unit.as_deref(),
+        );
         let files: Vec<String> = outcome
             .written
             .iter()
