@@ -1,6 +1,5 @@
 //! `irsa-agent apply`: set the public issuer in the apiserver configuration, safely.
 
-
 use anyhow::bail;
 use clap::Args as ClapArgs;
 use serde_json::json;

@@ -2,7 +2,6 @@
 //! real apiserver step (the plan and executor of `apply`, with systemctl and the kubeconfig
 //! probe) and the list of scheduled tasks.
 
-
 use clap::Args as ClapArgs;
 
 use super::apply::{self as apply_cli, RunArgs};
