@@ -33,10 +33,11 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
         }
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
-        // The configuration only says whether rotation is enabled; status works without it.
-        let rotation_enabled = super::apply::load_settings(global)
+        // The configuration only says whether rotation is enabled; status works without it
+        // (and does not repeat the configuration's warnings).
+        let rotation_enabled = crate::config::load(&global.root, global.config.as_deref())
             .ok()
-            .map(|s| s.rotation.enabled);
+            .map(|l| l.settings.rotation.enabled);
         print!("{}", status::render_human(&state, rotation_enabled));
     }
     let in_sync = daemon.is_some_and(|d| d.phase == Phase::InSync);
