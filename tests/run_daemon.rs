@@ -618,3 +618,77 @@ fn a_rolled_back_apiserver_change_is_held_not_retried_in_a_restart_loop() {
     d.wait_status("held again", |s| s["daemon"]["phase"] == "held");
     d.assert_running();
 }
+
+#[test]
+fn a_key_the_running_apiserver_still_has_stays_published_until_it_restarts() {
+    let host = Host::new();
+    host.agent_config("https://oidc.example.com/homelab");
+    host.write(
+        "/etc/irsa-agent/config.d/50-publish.yaml",
+        "distribution: k3s\npublish:\n  - type: directory\n    path: /srv/oidc\n",
+    )
+    .write("/etc/rancher/k3s/config.yaml", K3S_CONFIG)
+    .k3s_keys("/var/lib/rancher/k3s");
+    // A fake apiserver that loads the host's key files at each (re)start and serves them at
+    // /openid/v1/jwks, as kube-apiserver does.
+    let server = FakeApiserver::start(Behaviour::Keys {
+        root: host.root().to_path_buf(),
+        distribution: Distribution::K3s,
+    });
+    host.kubeconfig("/etc/rancher/k3s/k3s.yaml", &server.url());
+    let systemctl = host.fake_systemctl().display().to_string();
+    let mut d = Daemon::start(
+        host.root(),
+        &[
+            "--systemctl",
+            &systemctl,
+            "--poll-interval",
+            "100ms",
+            "--timeout",
+            "20s",
+        ],
+        &[],
+    );
+    d.wait_ready();
+    assert_eq!(read(&host, JWKS), real_apiserver_jwks());
+    let old_kids = kids(&read(&host, JWKS));
+    let restarts = host.systemctl_log();
+
+    // Both key files replaced by a new key alone (a destructive change); k3s not restarted:
+    // the running apiserver still signs with the old key, so the JWKS must keep it.
+    let key = new_ec_key();
+    replace_by_rename(&host.path(SERVICE_KEY), key.public_pem.as_bytes());
+    replace_by_rename(&host.path(CURRENT_KEY), key.private_pem.as_bytes());
+    let mut both = vec![key.kid.clone()];
+    both.extend(old_kids.iter().cloned());
+    wait_file(&mut d, &host, JWKS, "the new key plus the live ones", |b| {
+        kids(b) == both
+    });
+    assert!(
+        d.log()
+            .contains("stay published: the running apiserver still verifies with them"),
+        "{}",
+        d.log()
+    );
+    assert_eq!(
+        host.systemctl_log(),
+        restarts,
+        "the daemon restarts nothing for keys"
+    );
+
+    // k3s restarts (the fake apiserver loads the new files); the next converge drops the old
+    // keys (a reload here; on its own the daemon looks again within 30 s).
+    std::fs::write(
+        host.path("/systemctl.log"),
+        format!("{restarts}restart k3s\n"),
+    )
+    .expect("log a restart");
+    d.signal(Signal::HUP);
+    let expected = jwks_for(host.root(), &[SERVICE_KEY]);
+    wait_file(&mut d, &host, JWKS, "the new key alone", |b| {
+        b == expected.as_slice()
+    });
+    assert_eq!(kids(&read(&host, JWKS)), vec![key.kid.clone()]);
+    let (exit, log) = d.stop();
+    assert_eq!(exit.code(), Some(0), "{log}");
+}

@@ -3,6 +3,7 @@
 //! issuer, rollback); tests of the loop can replace it.
 
 use crate::config::Settings;
+use crate::keys::PublicKey;
 
 /// Why the apiserver step failed, which decides what the daemon does next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,4 +69,12 @@ impl ApplyReport {
 /// apiserver and wait minutes for it): the daemon runs it on a blocking thread.
 pub trait ApplyStep: Send {
     fn apply(&mut self, settings: &Settings) -> ApplyReport;
+
+    /// The keys the running apiserver serves at `/openid/v1/jwks` now: it verifies tokens
+    /// with them and signs with one of them. `None` when it cannot be asked. After a key file
+    /// was replaced and before the apiserver restarts, these are keys the files no longer
+    /// have, and the published JWKS must keep them. Blocking.
+    fn live_keys(&mut self, _settings: &Settings) -> Option<Vec<PublicKey>> {
+        None
+    }
 }

@@ -127,6 +127,9 @@ fn unix_of(at: Instant) -> u64 {
 }
 
 /// The daemon's state (see the module docs).
+/// How soon the daemon looks again while it publishes keys only the running apiserver has.
+const LIVE_RECHECK: Duration = Duration::from_secs(30);
+
 pub struct Engine {
     root: HostRoot,
     explicit_config: Option<PathBuf>,
@@ -154,6 +157,9 @@ pub struct Engine {
     /// The apiserver runs with older flags than its files say (`--no-restart`).
     restart_pending: bool,
     last_warnings: Vec<String>,
+    /// Kids published only because the running apiserver still serves them (not restarted
+    /// since they left the key files); while there are any, the daemon looks again soon.
+    live_only: Vec<String>,
     last_errors: Vec<String>,
     pub status: DaemonStatus,
     metrics_tx: tokio::sync::watch::Sender<String>,
@@ -238,6 +244,7 @@ impl Engine {
             apiserver_was_in_sync: false,
             restart_pending: false,
             last_warnings: Vec::new(),
+            live_only: Vec::new(),
             last_errors: Vec::new(),
             status,
             metrics_tx,
@@ -559,6 +566,10 @@ impl Engine {
         self.last_errors = errors.clone();
         self.status.errors = errors;
         self.next_resync = Some(now + self.jitter.spread(settings.run.resync_interval, 0.1));
+        if !self.live_only.is_empty() {
+            // Follow the apiserver's restart soon rather than at the next resync.
+            self.next_resync = self.next_resync.map(|t| t.min(now + LIVE_RECHECK));
+        }
         self.refresh_status();
 
         if self.stopping.load(Ordering::SeqCst) {
@@ -571,6 +582,28 @@ impl Engine {
         };
         let requested = self.run_tasks(Some(reason)).await;
         requested && trigger != Trigger::Task
+    }
+
+    /// Asks the running apiserver which keys it serves (on a blocking thread: the probe owns a
+    /// runtime). `None` when there is no apiserver step or it cannot be asked.
+    async fn live_keys(&mut self, settings: &Settings) -> Option<Vec<crate::keys::PublicKey>> {
+        let mut step = self.apply.take()?;
+        let s = settings.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let keys = step.live_keys(&s);
+            (step, keys)
+        })
+        .await;
+        match joined {
+            Ok((step, keys)) => {
+                self.apply = Some(step);
+                keys
+            }
+            Err(e) => {
+                log::error!("asking the apiserver for its keys failed internally: {e}");
+                None
+            }
+        }
     }
 
     /// Builds the publication from the apiserver's keys (and the tasks' extra keys), checks
@@ -601,6 +634,30 @@ impl Engine {
         let mut all = keys.verification.clone();
         for slot in &self.tasks {
             all.extend(slot.task.extra_keys());
+        }
+        // Never drop a key the running apiserver still verifies (and may sign) with: a key
+        // file replaced by one without it takes effect only at the apiserver's next restart.
+        let mut live_only = Vec::new();
+        for key in self.live_keys(settings).await.unwrap_or_default() {
+            let kid = key.kid();
+            if !all.iter().any(|k| k.kid() == kid) {
+                live_only.push(kid);
+                all.push(key);
+            }
+        }
+        if live_only != self.live_only {
+            if live_only.is_empty() {
+                log::info!(
+                    "the running apiserver serves exactly the key files' keys again; kid(s) {} no longer published",
+                    self.live_only.join(", ")
+                );
+            } else {
+                log::warn!(
+                    "kid(s) {} stay published: the running apiserver still verifies with them, although the key files no longer hold them (it has not been restarted since); they go once it has",
+                    live_only.join(", ")
+                );
+            }
+            self.live_only = live_only;
         }
         let publication = Publication::new(&settings.issuer, &settings.jwks_uri, &all);
         let signing_kid = signing.kid();
