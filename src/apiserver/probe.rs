@@ -45,6 +45,26 @@ pub fn target(observed: &super::Observed) -> (PathBuf, Option<String>) {
     }
 }
 
+/// The keys the running apiserver serves at `/openid/v1/jwks` (it verifies with them and signs
+/// with one of them), asked through the admin kubeconfig. Blocking. `server` overrides the URL.
+pub fn served_keys(
+    root: &HostRoot,
+    observed: &super::Observed,
+    server: Option<String>,
+    timeout: Duration,
+) -> Result<Vec<crate::keys::PublicKey>, String> {
+    let (kubeconfig, url) = target(observed);
+    let probe = KubeconfigProbe::new(root, &kubeconfig, server.or(url), timeout)?;
+    match probe.block_on(probe.get(crate::keys::jwks::JWKS_PATH))? {
+        (200, body) => Ok(crate::publish::merge::keys_in(body.as_bytes())),
+        (code, _) => Err(format!(
+            "the apiserver at {} answered {code} for {}",
+            probe.server(),
+            crate::keys::jwks::JWKS_PATH
+        )),
+    }
+}
+
 /// What the apiserver answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {

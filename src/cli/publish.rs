@@ -123,6 +123,50 @@ fn describe_fetched(f: &verify::Fetched) -> String {
     format!("{}: {state}{meta}", f.url)
 }
 
+/// Adds the keys the running apiserver still serves but the key files no longer hold (a key
+/// file replaced before the apiserver's restart: until then the old key still signs). Without
+/// an admin kubeconfig or a reachable apiserver the key files' keys are published as they are.
+fn with_live_keys(
+    global: &Global,
+    settings: &config::Settings,
+    publication: Publication,
+) -> Publication {
+    let live = crate::apiserver::observe(&global.root, settings.distribution)
+        .map_err(|e| e.to_string())
+        .and_then(|observed| {
+            crate::apiserver::probe::served_keys(
+                &global.root,
+                &observed,
+                None,
+                Duration::from_secs(5),
+            )
+        });
+    let live = match live {
+        Ok(keys) => keys,
+        Err(e) => {
+            log::debug!("not asking the running apiserver for its keys: {e}");
+            return publication;
+        }
+    };
+    let mut keys = publication.keys.clone();
+    let mut added = Vec::new();
+    for key in live {
+        let kid = key.kid();
+        if !keys.iter().any(|k| k.kid() == kid) {
+            added.push(kid);
+            keys.push(key);
+        }
+    }
+    if added.is_empty() {
+        return publication;
+    }
+    log::warn!(
+        "also publishing kid(s) {}: the running apiserver still verifies with them, although the key files no longer hold them (restart it, then publish again to drop them)",
+        added.join(", ")
+    );
+    Publication::new(&settings.issuer, &settings.jwks_uri, &keys)
+}
+
 pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
     let loaded = config::load(&global.root, global.config.as_deref())?;
     for warning in &loaded.warnings {
@@ -136,6 +180,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
     }
     log::info!("reading the apiserver's service-account keys");
     let publication = Publication::from_host(&global.root, settings)?;
+    let publication = with_live_keys(global, settings, publication);
     log::info!(
         "{} key{} to publish for {}: {}",
         publication.keys.len(),

@@ -89,27 +89,14 @@ struct RealApply {
 impl ApplyStep for RealApply {
     fn live_keys(&mut self, settings: &Settings) -> Option<Vec<crate::keys::PublicKey>> {
         let observed = apiserver::observe(&self.root, settings.distribution).ok()?;
-        let (kubeconfig, url) = crate::apiserver::probe::target(&observed);
-        let url = self.run.apiserver.apiserver_url.clone().or(url);
-        let probe = crate::apiserver::probe::KubeconfigProbe::new(
+        crate::apiserver::probe::served_keys(
             &self.root,
-            &kubeconfig,
-            url,
+            &observed,
+            self.run.apiserver.apiserver_url.clone(),
             self.run.apiserver.request_timeout(),
         )
-        .map_err(|e| log::debug!("not asking the apiserver for its keys: {e}"))
-        .ok()?;
-        match probe.block_on(probe.get(crate::keys::jwks::JWKS_PATH)) {
-            Ok((200, body)) => Some(crate::publish::merge::keys_in(body.as_bytes())),
-            Ok((code, _)) => {
-                log::debug!("the apiserver answered {code} for its JWKS");
-                None
-            }
-            Err(e) => {
-                log::debug!("cannot ask the apiserver for its keys: {e}");
-                None
-            }
-        }
+        .map_err(|e| log::debug!("not keeping the running apiserver's keys: {e}"))
+        .ok()
     }
 
     fn apply(&mut self, settings: &Settings) -> ApplyReport {
