@@ -149,14 +149,7 @@ fn with_live_keys(
         }
     };
     let mut keys = publication.keys.clone();
-    let mut added = Vec::new();
-    for key in live {
-        let kid = key.kid();
-        if !keys.iter().any(|k| k.kid() == kid) {
-            added.push(kid);
-            keys.push(key);
-        }
-    }
+    let added = crate::keys::add_missing(&mut keys, live);
     if added.is_empty() {
         return publication;
     }

@@ -87,11 +87,10 @@ struct RealApply {
 }
 
 impl ApplyStep for RealApply {
-    fn live_keys(&mut self, settings: &Settings) -> Option<Vec<crate::keys::PublicKey>> {
-        let observed = apiserver::observe(&self.root, settings.distribution).ok()?;
+    fn live_keys(&mut self, observed: &apiserver::Observed) -> Option<Vec<crate::keys::PublicKey>> {
         crate::apiserver::probe::served_keys(
             &self.root,
-            &observed,
+            observed,
             self.run.apiserver.apiserver_url.clone(),
             self.run.apiserver.request_timeout(),
         )

@@ -2,6 +2,7 @@
 //! plan and executor as `irsa-agent apply` (backups, atomic writes, restart, wait for the new
 //! issuer, rollback); tests of the loop can replace it.
 
+use crate::apiserver::Observed;
 use crate::config::Settings;
 use crate::keys::PublicKey;
 
@@ -74,7 +75,7 @@ pub trait ApplyStep: Send {
     /// with them and signs with one of them. `None` when it cannot be asked. After a key file
     /// was replaced and before the apiserver restarts, these are keys the files no longer
     /// have, and the published JWKS must keep them. Blocking.
-    fn live_keys(&mut self, _settings: &Settings) -> Option<Vec<PublicKey>> {
+    fn live_keys(&mut self, _observed: &Observed) -> Option<Vec<PublicKey>> {
         None
     }
 }

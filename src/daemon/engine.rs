@@ -586,11 +586,11 @@ impl Engine {
 
     /// Asks the running apiserver which keys it serves (on a blocking thread: the probe owns a
     /// runtime). `None` when there is no apiserver step or it cannot be asked.
-    async fn live_keys(&mut self, settings: &Settings) -> Option<Vec<crate::keys::PublicKey>> {
+    async fn live_keys(&mut self, observed: &Observed) -> Option<Vec<crate::keys::PublicKey>> {
         let mut step = self.apply.take()?;
-        let s = settings.clone();
+        let observed = observed.clone();
         let joined = tokio::task::spawn_blocking(move || {
-            let keys = step.live_keys(&s);
+            let keys = step.live_keys(&observed);
             (step, keys)
         })
         .await;
@@ -637,14 +637,8 @@ impl Engine {
         }
         // Never drop a key the running apiserver still verifies (and may sign) with: a key
         // file replaced by one without it takes effect only at the apiserver's next restart.
-        let mut live_only = Vec::new();
-        for key in self.live_keys(settings).await.unwrap_or_default() {
-            let kid = key.kid();
-            if !all.iter().any(|k| k.kid() == kid) {
-                live_only.push(kid);
-                all.push(key);
-            }
-        }
+        let live = self.live_keys(observed).await.unwrap_or_default();
+        let live_only = crate::keys::add_missing(&mut all, live);
         if live_only != self.live_only {
             if live_only.is_empty() {
                 log::info!(

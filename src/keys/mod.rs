@@ -460,6 +460,20 @@ pub fn dedup(keys: &[PublicKey]) -> Vec<PublicKey> {
         .collect()
 }
 
+/// Appends the keys of `more` whose kid `keys` does not have yet (in their order); returns
+/// the kids appended.
+pub fn add_missing(keys: &mut Vec<PublicKey>, more: Vec<PublicKey>) -> Vec<String> {
+    let mut added = Vec::new();
+    for key in more {
+        let kid = key.kid();
+        if !keys.iter().any(|k| k.kid() == kid) {
+            added.push(kid);
+            keys.push(key);
+        }
+    }
+    added
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
