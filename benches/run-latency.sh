@@ -45,7 +45,16 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# Ports below the kernel's ephemeral range (32768+), so no outgoing connection can take one
+# between this check and SeaweedFS's own bind. Sets $port (not echoed: a $(...) subshell
+# would lose next_port and hand out the same port every time).
+next_port=$((20000 + $$ % 10000))
+free_port() {
+  while ! python3 -c 'import socket,sys; socket.socket().bind(("127.0.0.1", int(sys.argv[1])))' "$next_port" 2>/dev/null; do
+    next_port=$((next_port + 1))
+  done
+  port=$next_port; next_port=$((next_port + 1))
+}
 
 # --- SeaweedFS (S3 over http, SigV4) -----------------------------------------------------------
 key=AKIDIRSABENCH secret=irsa-bench-secret-0123456789
@@ -53,7 +62,7 @@ mkdir -p "$work/weed/data"
 printf '{"identities":[{"name":"admin","credentials":[{"accessKey":"%s","secretKey":"%s"}],"actions":["Admin","Read","Write","List","Tagging"]}]}' \
     "$key" "$secret" >"$work/weed/s3.json"
 ports=()
-for _ in $(seq 13); do ports+=("$(free_port)"); done
+for _ in $(seq 13); do free_port; ports+=("$port"); done
 s3=${ports[0]}
 (cd "$work/weed" && exec "$weed" mini -dir="$work/weed/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
     -master.telemetry=false -s3.port="$s3" -master.port="${ports[1]}" -master.port.grpc="${ports[2]}" \

@@ -8,6 +8,7 @@
 
 mod apply_support;
 mod run_support;
+mod support;
 
 use std::io::{Read as _, Write as _};
 use std::path::Path;
@@ -246,10 +247,7 @@ fn a_broken_configuration_keeps_the_previous_one_until_fixed() {
 
 #[test]
 fn drift_at_the_target_is_healed_by_the_resync_and_counted_in_the_metrics() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
-        l.local_addr().expect("addr").port()
-    };
+    let port = support::free_port();
     let host = k3s_host(&format!(
         "  resync-interval: 1s\n  metrics-textfile: /var/lib/node-exporter/irsa_agent.prom\n  metrics-listen: 127.0.0.1:{port}\n"
     ));

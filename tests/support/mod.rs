@@ -42,12 +42,33 @@ pub fn tool(name: &str) -> PathBuf {
     );
 }
 
-/// A free TCP port on 127.0.0.1 (bound, then released).
+/// A free TCP port on 127.0.0.1 for a server another process will bind (SeaweedFS, nginx).
+///
+/// Not `bind(:0)`: that hands out a port from the kernel's ephemeral range, which every
+/// outgoing connection also draws its source port from, so between our check and the server's
+/// own bind a client socket could take it (CI once saw SeaweedFS's filer fail with "address
+/// already in use", and the stop/restart test leaves its ports free for seconds). Ports here
+/// come from below that range (20000-32767), start at an offset derived from the pid so test
+/// binaries rarely meet, never repeat within a process, and are checked free by binding them.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 32_768 - LOW;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let offset = NEXT.fetch_add(1, Ordering::SeqCst) % SPAN;
+        let port = u16::try_from(LOW + offset).expect("below 32768");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free TCP port on 127.0.0.1 between {LOW} and 32767");
 }
 
 fn run(cmd: &mut Command) -> String {
