@@ -50,22 +50,56 @@ pub struct Metrics {
 }
 
 /// Escapes a label value.
-fn label(value: &str) -> String {
+pub fn label(value: &str) -> String {
     value
         .replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
 }
 
-/// The Prometheus text exposition (format 0.0.4).
-pub fn render(m: &Metrics, issuer: Option<&str>) -> String {
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, String)>| {
-        out.push_str(&format!("# HELP irsa_agent_{name} {help}\n"));
-        out.push_str(&format!("# TYPE irsa_agent_{name} {kind}\n"));
-        for (labels, value) in lines {
-            out.push_str(&format!("irsa_agent_{name}{labels} {value}\n"));
+/// A Prometheus text exposition (format 0.0.4) being written: one family after another, each
+/// with its HELP and TYPE lines, every name under the `irsa_agent_` prefix. The daemon's own
+/// metrics and the rotation task's are written through it.
+#[derive(Debug, Default)]
+pub struct Exposition {
+    text: String,
+}
+
+impl Exposition {
+    /// One metric family: `kind` is `gauge` or `counter`; each sample is (`{labels}` or empty,
+    /// value).
+    pub fn family(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        samples: impl IntoIterator<Item = (String, String)>,
+    ) {
+        self.text
+            .push_str(&format!("# HELP irsa_agent_{name} {help}\n"));
+        self.text
+            .push_str(&format!("# TYPE irsa_agent_{name} {kind}\n"));
+        for (labels, value) in samples {
+            self.text
+                .push_str(&format!("irsa_agent_{name}{labels} {value}\n"));
         }
+    }
+
+    /// A gauge with one unlabelled sample.
+    pub fn gauge(&mut self, name: &str, help: &str, value: impl std::fmt::Display) {
+        self.family(name, "gauge", help, [(String::new(), value.to_string())]);
+    }
+
+    pub fn finish(self) -> String {
+        self.text
+    }
+}
+
+/// The Prometheus text exposition of the daemon's own metrics.
+pub fn render(m: &Metrics, issuer: Option<&str>) -> String {
+    let mut exposition = Exposition::default();
+    let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, String)>| {
+        exposition.family(name, kind, help, lines);
     };
     let one = |v: String| vec![(String::new(), v)];
     metric(
@@ -172,7 +206,7 @@ pub fn render(m: &Metrics, issuer: Option<&str>) -> String {
             );
         }
     }
-    out
+    exposition.finish()
 }
 
 fn one_labelled(labels: String, value: String) -> Vec<(String, String)> {

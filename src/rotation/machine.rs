@@ -580,6 +580,24 @@ impl RotationState {
         })
     }
 
+    /// Records how the last step ended (what `status` shows as the last step).
+    pub fn record_step(
+        &mut self,
+        at: u64,
+        from: PhaseName,
+        to: PhaseName,
+        ok: bool,
+        message: String,
+    ) {
+        self.last_step = Some(StepRecord {
+            at,
+            from: from.to_string(),
+            to: to.to_string(),
+            ok,
+            message,
+        });
+    }
+
     /// Records a finished rotation.
     pub fn remember(&mut self, finished: Finished) {
         self.history.push(finished);

@@ -369,14 +369,9 @@ pub fn status_json(st: Option<&RotationState>, settings: &Settings, now: u64) ->
 /// (consecutive), `irsa_agent_rotation_apiserver_restarts` (of the rotation in progress),
 /// `irsa_agent_rotation_last_completed_timestamp_seconds`.
 pub fn metrics_text(st: Option<&RotationState>) -> String {
-    let mut out = String::new();
-    let current = st.map(|s| s.phase.name());
-    out.push_str(
-        "# HELP irsa_agent_rotation_phase The signing-key rotation phase (1 = current).
-# TYPE irsa_agent_rotation_phase gauge
-",
-    );
-    for phase in [
+    let mut x = crate::daemon::metrics::Exposition::default();
+    let current = st.map_or(PhaseName::Idle, |s| s.phase.name());
+    let phases = [
         PhaseName::Idle,
         PhaseName::Staged,
         PhaseName::Published,
@@ -384,53 +379,53 @@ pub fn metrics_text(st: Option<&RotationState>) -> String {
         PhaseName::Signing,
         PhaseName::Draining,
         PhaseName::Retired,
-    ] {
-        let on = current.unwrap_or(PhaseName::Idle) == phase;
-        out.push_str(&format!(
-            "irsa_agent_rotation_phase{{phase=\"{phase}\"}} {}\n",
-            u8::from(on)
-        ));
-    }
+    ];
+    x.family(
+        "rotation_phase",
+        "gauge",
+        "The signing-key rotation phase (1 = current).",
+        phases.map(|phase| {
+            (
+                format!("{{phase=\"{phase}\"}}"),
+                u8::from(current == phase).to_string(),
+            )
+        }),
+    );
     let Some(st) = st else {
-        return out;
+        return x.finish();
     };
-    let mut gauge = |name: &str, help: &str, value: u64| {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
-        ));
-    };
-    gauge(
-        "irsa_agent_rotation_phase_since_timestamp_seconds",
+    x.gauge(
+        "rotation_phase_since_timestamp_seconds",
         "When the current rotation phase began.",
         st.phase.since(),
     );
     if let Some(due) = st.due_at() {
-        gauge(
-            "irsa_agent_rotation_next_step_timestamp_seconds",
+        x.gauge(
+            "rotation_next_step_timestamp_seconds",
             "When the next rotation step is due.",
             due,
         );
     }
-    gauge(
-        "irsa_agent_rotation_step_failures",
+    x.gauge(
+        "rotation_step_failures",
         "Consecutive failed rotation steps.",
-        u64::from(st.failures),
+        st.failures,
     );
     if let Some(r) = st.phase.rotation() {
-        gauge(
-            "irsa_agent_rotation_apiserver_restarts",
+        x.gauge(
+            "rotation_apiserver_restarts",
             "Apiserver restarts the rotation in progress caused on this host.",
-            u64::from(r.restarts),
+            r.restarts,
         );
     }
     if let Some(done) = st.history.iter().rev().find(|h| h.outcome == "completed") {
-        gauge(
-            "irsa_agent_rotation_last_completed_timestamp_seconds",
+        x.gauge(
+            "rotation_last_completed_timestamp_seconds",
             "When the last rotation completed.",
             done.finished_at,
         );
     }
-    out
+    x.finish()
 }
 
 /// Runs [`step`] until nothing more is due now (the clock is read after each step, so a
@@ -527,13 +522,7 @@ pub async fn step(ctx: &mut Context, now: u64) -> Result<StepOutcome, RotationEr
             st.phase = phase;
             st.failures = 0;
             st.not_before = None;
-            st.last_step = Some(machine::StepRecord {
-                at,
-                from: from.to_string(),
-                to: to.to_string(),
-                ok: true,
-                message: message.clone(),
-            });
+            st.record_step(at, from, to, true, message.clone());
             save_state(&ctx.root, &st)?;
             log::info!("rotation: {from} -> {to}: {message}");
             Ok(StepOutcome {
@@ -546,13 +535,7 @@ pub async fn step(ctx: &mut Context, now: u64) -> Result<StepOutcome, RotationEr
         Ok(Progress::Waiting(message, recheck_at)) => {
             st.not_before = Some(recheck_at);
             st.failures = 0;
-            st.last_step = Some(machine::StepRecord {
-                at,
-                from: from.to_string(),
-                to: from.to_string(),
-                ok: true,
-                message: format!("waiting: {message}"),
-            });
+            st.record_step(at, from, from, true, format!("waiting: {message}"));
             save_state(&ctx.root, &st)?;
             log::info!("rotation: {from}: waiting: {message}");
             Ok(StepOutcome {
@@ -565,13 +548,8 @@ pub async fn step(ctx: &mut Context, now: u64) -> Result<StepOutcome, RotationEr
         Err(err) => {
             st.failures += 1;
             st.not_before = Some(at + machine::backoff(st.failures).as_secs());
-            st.last_step = Some(machine::StepRecord {
-                at,
-                from: from.to_string(),
-                to: st.phase.name().to_string(),
-                ok: false,
-                message: err.to_string(),
-            });
+            let to = st.phase.name();
+            st.record_step(at, from, to, false, err.to_string());
             // The error is what matters; a failure to record it is logged.
             if let Err(e) = save_state(&ctx.root, &st) {
                 log::error!("rotation: cannot record the failed step: {e}");
@@ -637,13 +615,13 @@ pub async fn abort(ctx: &mut Context, now: u64) -> Result<StepOutcome, RotationE
             Err(e) => format!(" (republishing failed: {e}; the next publish drops it)"),
         }
     );
-    st.last_step = Some(machine::StepRecord {
-        at: ctx.clock.now(),
-        from: from.to_string(),
-        to: "idle".to_string(),
-        ok: true,
-        message: message.clone(),
-    });
+    st.record_step(
+        ctx.clock.now(),
+        from,
+        PhaseName::Idle,
+        true,
+        message.clone(),
+    );
     save_state(&ctx.root, &st)?;
     Ok(StepOutcome {
         phase: PhaseName::Idle,
