@@ -4,6 +4,7 @@
 #![cfg(feature = "failpoints")]
 
 mod apply_support;
+mod https_support;
 
 use apply_support::{Behaviour, FakeApiserver, Host, data};
 use irsa_agent::config::Distribution;

@@ -8,6 +8,7 @@
 //! managed flags; a second apply is a no-op; backups hold the original bytes.
 
 mod apply_support;
+mod https_support;
 
 use std::os::unix::fs::PermissionsExt as _;
 

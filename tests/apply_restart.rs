@@ -3,6 +3,7 @@
 //! reaches through the host's admin kubeconfig.
 
 mod apply_support;
+mod https_support;
 
 use apply_support::{Behaviour, FakeApiserver, Host, data};
 use irsa_agent::config::Distribution;

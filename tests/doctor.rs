@@ -7,6 +7,7 @@
 
 mod apply_support;
 mod doctor_support;
+mod https_support;
 
 use std::time::Duration;
 

@@ -5,6 +5,7 @@
 //! admin kubeconfig with mutual TLS.
 
 mod apply_support;
+mod https_support;
 mod run_support;
 
 use apply_support::{Behaviour, FakeApiserver, Host};

@@ -13,6 +13,7 @@
 #![cfg(feature = "failpoints")]
 
 mod apply_support;
+mod https_support;
 mod rotation_support;
 
 use std::path::PathBuf;

@@ -4,6 +4,7 @@
 //! every token still valid must verify (jsonwebtoken) against every apiserver, the published
 //! JWKS, the public URL and the relying party's cached copy.
 
+mod https_support;
 mod rotation_support;
 
 use irsa_agent::config::Distribution;

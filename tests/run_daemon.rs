@@ -7,6 +7,7 @@
 //! Every wait polls with a deadline; nothing asserts on elapsed time.
 
 mod apply_support;
+mod https_support;
 mod run_support;
 mod support;
 

@@ -3,6 +3,7 @@
 //! k3s through the fake systemctl once (`certificate rotate-ca` through a fake k3s), with the
 //! JWKS republished with both keys and `status` showing the rotation.
 mod apply_support;
+mod https_support;
 mod rotation_support;
 mod run_support;
 

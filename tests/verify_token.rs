@@ -5,6 +5,7 @@
 
 mod apply_support;
 mod doctor_support;
+mod https_support;
 
 use apply_support::data;
 use doctor_support::{JWKS, Reply, World};

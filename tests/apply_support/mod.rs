@@ -2,7 +2,8 @@
 //! systemctl that logs what it is asked, and a fake kube-apiserver speaking mutual TLS.
 #![allow(dead_code)]
 
-use std::io::{BufRead as _, BufReader, Write as _};
+use crate::https_support;
+
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -339,27 +340,7 @@ impl FakeApiserver {
     }
 
     pub fn start(behaviour: Behaviour) -> FakeApiserver {
-        use rustls::pki_types::pem::PemObject as _;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let ca = CertificateDer::from_pem_file(data("probe/ca.crt")).expect("ca");
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca).expect("root");
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            Arc::new(roots),
-            provider.clone(),
-        )
-        .build()
-        .expect("verifier");
-        let chain = vec![CertificateDer::from_pem_file(data("probe/server.crt")).expect("cert")];
-        let key = PrivateKeyDer::from_pem_file(data("probe/server.key")).expect("key");
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain, key)
-            .expect("server config");
-        let config = Arc::new(config);
+        let config = https_support::server_config(true);
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let stop = Arc::new(AtomicBool::new(false));
@@ -405,48 +386,16 @@ impl FakeApiserver {
                     break;
                 }
                 let Ok(stream) = stream else { continue };
-                let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
-                let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
+                let Some((request, mut tls)) =
+                    https_support::accept(stream, &config, std::time::Duration::from_secs(5))
+                else {
                     continue;
                 };
-                let mut tls = rustls::StreamOwned::new(conn, stream);
-                let mut reader = BufReader::new(&mut tls);
-                let mut request_line = String::new();
-                if reader.read_line(&mut request_line).is_err() {
-                    continue;
-                }
-                let mut content_length = 0usize;
-                loop {
-                    let mut line = String::new();
-                    match reader.read_line(&mut line) {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) if line == "\r\n" || line == "\n" => break,
-                        Ok(_) => {
-                            if let Some((name, value)) = line.split_once(':')
-                                && name.eq_ignore_ascii_case("content-length")
-                            {
-                                content_length = value.trim().parse().unwrap_or(0);
-                            }
-                        }
-                    }
-                }
-                let mut request_body = vec![0u8; content_length];
-                if content_length > 0 {
-                    use std::io::Read as _;
-                    if reader.read_exact(&mut request_body).is_err() {
-                        continue;
-                    }
-                }
-                let method = request_line
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("")
-                    .to_string();
-                let path = request_line
-                    .split_whitespace()
-                    .nth(1)
-                    .unwrap_or("")
-                    .to_string();
+                let https_support::Request {
+                    method,
+                    path,
+                    body: request_body,
+                } = request;
                 requests2.lock().expect("lock").push(path.clone());
                 let (code, body) = match &behaviour {
                     Behaviour::NeverReady => (500, "[-]etcd failed: reason withheld".to_string()),
@@ -539,7 +488,7 @@ impl FakeApiserver {
                                 "# TYPE serviceaccount_stale_tokens_total counter\nserviceaccount_stale_tokens_total 0\n".to_string(),
                             ),
                             (p, Some((_, signing)))
-                                if p.ends_with("/token") && request_line.starts_with("POST") =>
+                                if p.ends_with("/token") && method == "POST" =>
                             {
                                 let request: serde_json::Value =
                                     serde_json::from_slice(&request_body).unwrap_or_default();
@@ -561,14 +510,12 @@ impl FakeApiserver {
                         }
                     }
                 };
-                let response = format!(
-                    "HTTP/1.1 {code} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
+                https_support::respond(
+                    &mut tls,
+                    code,
+                    &[("content-type", "application/json".into())],
+                    body.as_bytes(),
                 );
-                let _ = tls.write_all(response.as_bytes());
-                let _ = tls.flush();
-                tls.conn.send_close_notify();
-                let _ = tls.flush();
             }
         });
         FakeApiserver {

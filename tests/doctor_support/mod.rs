@@ -4,8 +4,9 @@
 //! apiserver speaking mutual TLS (tests/apply_support), and the public documents.
 #![allow(dead_code)]
 
+use crate::https_support;
+
 use std::collections::HashMap;
-use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::TcpListener;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -95,19 +96,7 @@ pub struct PublicServer {
 
 impl PublicServer {
     pub fn start() -> PublicServer {
-        use rustls::pki_types::pem::PemObject as _;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let chain = vec![CertificateDer::from_pem_file(data("probe/server.crt")).expect("cert")];
-        let key = PrivateKeyDer::from_pem_file(data("probe/server.key")).expect("key");
-        let config = Arc::new(
-            rustls::ServerConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .expect("versions")
-                .with_no_client_auth()
-                .with_single_cert(chain, key)
-                .expect("server config"),
-        );
+        let config = https_support::server_config(false);
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let routes: Arc<Mutex<HashMap<String, Reply>>> = Arc::default();
@@ -129,29 +118,12 @@ impl PublicServer {
                 let (in_flight, max) = (in_flight.clone(), max2.clone());
                 // One thread per connection: a slow answer must not hold up the others.
                 std::thread::spawn(move || {
-                    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-                    let Ok(conn) = rustls::ServerConnection::new(config) else {
+                    let Some((request, mut tls)) =
+                        https_support::accept(stream, &config, Duration::from_secs(10))
+                    else {
                         return;
                     };
-                    let mut tls = rustls::StreamOwned::new(conn, stream);
-                    let mut reader = BufReader::new(&mut tls);
-                    let mut request_line = String::new();
-                    if reader.read_line(&mut request_line).is_err() {
-                        return;
-                    }
-                    loop {
-                        let mut line = String::new();
-                        match reader.read_line(&mut line) {
-                            Ok(0) | Err(_) => break,
-                            Ok(_) if line == "\r\n" || line == "\n" => break,
-                            Ok(_) => {}
-                        }
-                    }
-                    let path = request_line
-                        .split_whitespace()
-                        .nth(1)
-                        .unwrap_or("")
-                        .to_string();
+                    let path = request.path;
                     requests.lock().expect("lock").push(path.clone());
                     let now_in_flight = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
                     max.fetch_max(now_in_flight, Ordering::SeqCst);
@@ -167,30 +139,22 @@ impl PublicServer {
                     });
                     std::thread::sleep(reply.delay);
                     in_flight.fetch_sub(1, Ordering::SeqCst);
-                    let mut head = format!("HTTP/1.1 {} X\r\n", reply.status);
+                    let mut headers = Vec::new();
                     if let Some(ct) = &reply.content_type {
-                        head.push_str(&format!("content-type: {ct}\r\n"));
+                        headers.push(("content-type", ct.clone()));
                     }
                     if let Some(cc) = &reply.cache_control {
-                        head.push_str(&format!("cache-control: {cc}\r\n"));
+                        headers.push(("cache-control", cc.clone()));
                     }
                     if let Some(age) = reply.age {
-                        head.push_str(&format!("age: {age}\r\n"));
+                        headers.push(("age", age.to_string()));
                     }
                     match reply.date {
-                        Date::Now => head.push_str(&format!("date: {}\r\n", http_date(unix_now()))),
-                        Date::At(t) => head.push_str(&format!("date: {}\r\n", http_date(t))),
+                        Date::Now => headers.push(("date", http_date(unix_now()))),
+                        Date::At(t) => headers.push(("date", http_date(t))),
                         Date::Absent => {}
                     }
-                    head.push_str(&format!(
-                        "content-length: {}\r\nconnection: close\r\n\r\n",
-                        reply.body.len()
-                    ));
-                    let _ = tls.write_all(head.as_bytes());
-                    let _ = tls.write_all(&reply.body);
-                    let _ = tls.flush();
-                    tls.conn.send_close_notify();
-                    let _ = tls.flush();
+                    https_support::respond(&mut tls, reply.status, &headers, &reply.body);
                 });
             }
         });

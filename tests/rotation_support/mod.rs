@@ -6,6 +6,8 @@
 //! every apiserver and every JWKS with jsonwebtoken until they expire.
 #![allow(dead_code)]
 
+use crate::https_support;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -771,22 +773,8 @@ impl StaticHttps {
     }
 
     pub fn start_with_max_age(dir: PathBuf, mount: &str, max_age: u64) -> StaticHttps {
-        use rustls::pki_types::pem::PemObject as _;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        use std::io::{BufRead as _, BufReader, Write as _};
         use std::sync::atomic::{AtomicBool, Ordering};
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let chain =
-            vec![CertificateDer::from_pem_file(data("data/probe/server.crt")).expect("cert")];
-        let key = PrivateKeyDer::from_pem_file(data("data/probe/server.key")).expect("key");
-        let config = Arc::new(
-            rustls::ServerConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .expect("versions")
-                .with_no_client_auth()
-                .with_single_cert(chain, key)
-                .expect("server config"),
-        );
+        let config = https_support::server_config(false);
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let stop = Arc::new(AtomicBool::new(false));
@@ -798,29 +786,12 @@ impl StaticHttps {
                     break;
                 }
                 let Ok(stream) = stream else { continue };
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-                let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
+                let Some((request, mut tls)) =
+                    https_support::accept(stream, &config, Duration::from_secs(5))
+                else {
                     continue;
                 };
-                let mut tls = rustls::StreamOwned::new(conn, stream);
-                let mut reader = BufReader::new(&mut tls);
-                let mut request_line = String::new();
-                if reader.read_line(&mut request_line).is_err() {
-                    continue;
-                }
-                loop {
-                    let mut line = String::new();
-                    match reader.read_line(&mut line) {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) if line == "\r\n" || line == "\n" => break,
-                        Ok(_) => {}
-                    }
-                }
-                let path = request_line
-                    .split_whitespace()
-                    .nth(1)
-                    .unwrap_or("")
-                    .to_string();
+                let path = request.path;
                 let file = path
                     .strip_prefix(&prefix)
                     .filter(|rest| !rest.contains(".."))
@@ -829,15 +800,15 @@ impl StaticHttps {
                     Some(body) => (200, body),
                     None => (404, b"not found".to_vec()),
                 };
-                let head = format!(
-                    "HTTP/1.1 {code} X\r\ncontent-type: application/json\r\ncache-control: public, max-age={max_age}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                    body.len()
+                https_support::respond(
+                    &mut tls,
+                    code,
+                    &[
+                        ("content-type", "application/json".into()),
+                        ("cache-control", format!("public, max-age={max_age}")),
+                    ],
+                    &body,
                 );
-                let _ = tls.write_all(head.as_bytes());
-                let _ = tls.write_all(&body);
-                let _ = tls.flush();
-                tls.conn.send_close_notify();
-                let _ = tls.flush();
             }
         });
         StaticHttps {
