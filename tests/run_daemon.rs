@@ -47,6 +47,28 @@ fn k3s_host(run: &str) -> Host {
     host
 }
 
+/// Starts a fake apiserver reachable through the host's admin kubeconfig, then the daemon with
+/// the fake systemctl, fast readiness polls and `timeout` for the apiserver to come back.
+fn start_with_apiserver(
+    host: &Host,
+    behaviour: Behaviour,
+    timeout: &str,
+) -> (FakeApiserver, Daemon) {
+    let server = FakeApiserver::start(behaviour);
+    host.kubeconfig("/etc/rancher/k3s/k3s.yaml", &server.url());
+    let systemctl = host.fake_systemctl().display().to_string();
+    let args = [
+        "--systemctl",
+        &systemctl,
+        "--poll-interval",
+        "100ms",
+        "--timeout",
+        timeout,
+    ];
+    let d = Daemon::start(host.root(), &args, &[]);
+    (server, d)
+}
+
 fn read(host: &Host, path: &str) -> Vec<u8> {
     std::fs::read(host.path(path)).unwrap_or_default()
 }
@@ -482,33 +504,12 @@ fn pings_the_watchdog_when_systemd_asks_for_it() {
 
 #[test]
 fn restarts_k3s_through_systemctl_and_waits_for_the_new_issuer() {
-    let host = Host::new();
-    host.agent_config("https://oidc.example.com/homelab");
-    host.write(
-        "/etc/irsa-agent/config.d/50-publish.yaml",
-        "distribution: k3s\npublish:\n  - type: directory\n    path: /srv/oidc\n",
-    )
-    .write("/etc/rancher/k3s/config.yaml", K3S_CONFIG)
-    .k3s_keys("/var/lib/rancher/k3s");
-    let server = FakeApiserver::start(Behaviour::FollowHost {
+    let host = k3s_host("");
+    let behaviour = Behaviour::FollowHost {
         root: host.root().to_path_buf(),
         distribution: Distribution::K3s,
-    });
-    host.kubeconfig("/etc/rancher/k3s/k3s.yaml", &server.url());
-    let systemctl = host.fake_systemctl();
-    let systemctl = systemctl.display().to_string();
-    let mut d = Daemon::start(
-        host.root(),
-        &[
-            "--systemctl",
-            &systemctl,
-            "--poll-interval",
-            "100ms",
-            "--timeout",
-            "20s",
-        ],
-        &[],
-    );
+    };
+    let (_server, mut d) = start_with_apiserver(&host, behaviour, "20s");
     d.wait_ready();
     // READY came after the first converge, which restarted k3s and saw the new issuer.
     assert_eq!(host.systemctl_log(), "restart k3s\n");
@@ -571,23 +572,8 @@ fn a_manifest_regenerated_by_kubeadm_upgrade_is_noticed_and_fixed() {
 #[test]
 fn a_rolled_back_apiserver_change_is_held_not_retried_in_a_restart_loop() {
     let host = k3s_host("  resync-interval: 1s\n");
-    let server = FakeApiserver::start(Behaviour::NeverReady);
-    host.kubeconfig("/etc/rancher/k3s/k3s.yaml", &server.url());
-    let systemctl = host.fake_systemctl();
-    let systemctl = systemctl.display().to_string();
     let k3s_before = host.read("/etc/rancher/k3s/config.yaml");
-    let mut d = Daemon::start(
-        host.root(),
-        &[
-            "--systemctl",
-            &systemctl,
-            "--poll-interval",
-            "100ms",
-            "--timeout",
-            "1s",
-        ],
-        &[],
-    );
+    let (_server, mut d) = start_with_apiserver(&host, Behaviour::NeverReady, "1s");
     d.wait_ready();
     // Restarted, never ready, rolled back (restarted again).
     let status = d.wait_status("the held change", |s| s["daemon"]["phase"] == "held");
@@ -620,34 +606,14 @@ fn a_rolled_back_apiserver_change_is_held_not_retried_in_a_restart_loop() {
 
 #[test]
 fn a_key_the_running_apiserver_still_has_stays_published_until_it_restarts() {
-    let host = Host::new();
-    host.agent_config("https://oidc.example.com/homelab");
-    host.write(
-        "/etc/irsa-agent/config.d/50-publish.yaml",
-        "distribution: k3s\npublish:\n  - type: directory\n    path: /srv/oidc\n",
-    )
-    .write("/etc/rancher/k3s/config.yaml", K3S_CONFIG)
-    .k3s_keys("/var/lib/rancher/k3s");
+    let host = k3s_host("");
     // A fake apiserver that loads the host's key files at each (re)start and serves them at
     // /openid/v1/jwks, as kube-apiserver does.
-    let server = FakeApiserver::start(Behaviour::Keys {
+    let behaviour = Behaviour::Keys {
         root: host.root().to_path_buf(),
         distribution: Distribution::K3s,
-    });
-    host.kubeconfig("/etc/rancher/k3s/k3s.yaml", &server.url());
-    let systemctl = host.fake_systemctl().display().to_string();
-    let mut d = Daemon::start(
-        host.root(),
-        &[
-            "--systemctl",
-            &systemctl,
-            "--poll-interval",
-            "100ms",
-            "--timeout",
-            "20s",
-        ],
-        &[],
-    );
+    };
+    let (_server, mut d) = start_with_apiserver(&host, behaviour, "20s");
     d.wait_ready();
     assert_eq!(read(&host, JWKS), real_apiserver_jwks());
     let old_kids = kids(&read(&host, JWKS));
