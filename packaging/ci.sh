@@ -21,9 +21,6 @@ cd "$(dirname "$0")/.."
 # shellcheck source=packaging/lib.sh
 . packaging/lib.sh
 
-passed=0 failed=0
-ok() { printf 'PASS: %s\n' "$*"; passed=$((passed + 1)); }
-bad() { printf 'FAIL: %s\n' "$*"; failed=$((failed + 1)); }
 timed() { # timed LABEL COMMAND...: runs it, prints how long it took
     local label=$1 start=$SECONDS
     shift
@@ -49,8 +46,8 @@ ok "packages built, lintian clean, binaries smoke-tested ($arches)"
 say "install.sh against the built release (dry runs)"
 version=$(crate_version)-1
 arch=$(dpkg --print-architecture)
-# check DESCRIPTION FUNCTION: PASS when the function succeeds; its output ($out) shown otherwise.
-check() {
+# check_fn DESCRIPTION FUNCTION: PASS when the function succeeds; its output ($out) shown otherwise.
+check_fn() {
     out=
     if "$2"; then ok "$1"; else bad "$1"; printf '%s\n' "$out" | sed 's/^/    /'; fi
 }
@@ -85,11 +82,11 @@ accepts_sha256_option() {
     out=$(sh install.sh --dry-run --sha256 "$sum" "$tampered/$tarball" 2>&1) &&
         grep -q 'from --sha256' <<<"$out"
 }
-check "install.sh picks irsa-agent_${version}_${arch}.deb from the release and verifies it" picks_deb
-check "install.sh --tarball installs the tarball's files" picks_tarball
-check "install.sh refuses a tampered .deb (SHA-256 mismatch)" refuses_tampered
-check "install.sh refuses a file it cannot verify (no SHA256SUMS, no --sha256)" refuses_unverifiable
-check "install.sh --sha256 verifies a file without SHA256SUMS" accepts_sha256_option
+check_fn "install.sh picks irsa-agent_${version}_${arch}.deb from the release and verifies it" picks_deb
+check_fn "install.sh --tarball installs the tarball's files" picks_tarball
+check_fn "install.sh refuses a tampered .deb (SHA-256 mismatch)" refuses_tampered
+check_fn "install.sh refuses a file it cannot verify (no SHA256SUMS, no --sha256)" refuses_unverifiable
+check_fn "install.sh --sha256 verifies a file without SHA256SUMS" accepts_sha256_option
 
 # The role runs the amd64 release binary just built (saves a debug build of its own).
 native=target/$(rustc -vV | sed -n 's/^host: //p')/release/irsa-agent

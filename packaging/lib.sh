@@ -129,3 +129,38 @@ max_glibc() {
 crate_version() {
     sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1
 }
+
+# PASS/FAIL lines and their counts, for the scripts that report checks.
+passed=0 failed=0
+ok() { printf 'PASS: %s\n' "$*"; passed=$((passed + 1)); }
+bad() { printf 'FAIL: %s\n' "$*"; failed=$((failed + 1)); }
+check() { # check DESCRIPTION COMMAND...: PASS if the command succeeds
+    local what=$1
+    shift
+    if "$@"; then ok "$what"; else bad "$what"; fi
+}
+
+# A fresh Debian root (minbase + systemd) in ROOT for the nspawn tests, unpacked from a
+# debootstrap tarball cached in $PKG_CACHE (made on first use: about a minute; delete it to
+# refresh). debootstrap's output goes to LOG.
+debian_root() { # debian_root SUITE MIRROR ROOT LOG
+    local suite=$1 mirror=$2 root=$3 log=$4
+    local cache=$PKG_CACHE/debootstrap-$suite.tar tmp=$PKG_CACHE/bootstrap-$suite.tmp
+    need_apt debootstrap
+    if [ ! -f "$cache" ]; then
+        say "debootstrap $suite (minbase + systemd), cached in $cache"
+        rm -rf "$tmp"
+        mkdir -p "$PKG_CACHE"
+        local start=$SECONDS
+        debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,ca-certificates,libgcc-s1 \
+            "$suite" "$tmp" "$mirror" >"$log" 2>&1 ||
+            { tail -20 "$log"; die "debootstrap failed"; }
+        tar -C "$tmp" -cf "$cache.part" . && mv "$cache.part" "$cache"
+        rm -rf "$tmp"
+        say "debootstrap took $((SECONDS - start)) s"
+    fi
+    say "unpacking a fresh root into $root"
+    rm -rf "$root"
+    mkdir -p "$root"
+    tar -C "$root" -xf "$cache"
+}

@@ -35,17 +35,8 @@ need_apt debootstrap systemd-container lintian
 
 work=$PWD/target/nspawn
 root=$work/root
-cache=$PKG_CACHE/debootstrap-$suite.tar
 mkdir -p "$work"
 nspawn_pid=
-passed=0 failed=0
-ok() { printf 'PASS: %s\n' "$*"; passed=$((passed + 1)); }
-bad() { printf 'FAIL: %s\n' "$*"; failed=$((failed + 1)); }
-check() { # check DESCRIPTION COMMAND...: PASS if the command succeeds
-    local what=$1
-    shift
-    if "$@"; then ok "$what"; else bad "$what"; fi
-}
 
 # Runs a command inside the booted container (all its namespaces), or, before boot, chrooted
 # into the root (nspawn --pipe sometimes loses a short command's output: no good for checks).
@@ -79,23 +70,7 @@ packaging/build-debs.sh --arch amd64 --deb-version "$v2" --out "$work/dist2" >"$
 grep -E '^amd64 ' "$work/build1.log" >&2 || true
 
 # --- the Debian root ---------------------------------------------------------------------------
-if [ ! -f "$cache" ]; then
-    say "debootstrap $suite (minbase + systemd), cached in $cache"
-    tmp=$PKG_CACHE/bootstrap-$suite.tmp
-    rm -rf "$tmp"
-    mkdir -p "$PKG_CACHE"
-    start=$SECONDS
-    debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,ca-certificates,libgcc-s1 \
-        "$suite" "$tmp" "$mirror" >"$work/debootstrap.log" 2>&1 ||
-        { tail -20 "$work/debootstrap.log"; die "debootstrap failed"; }
-    tar -C "$tmp" -cf "$cache.part" . && mv "$cache.part" "$cache"
-    rm -rf "$tmp"
-    say "debootstrap took $((SECONDS - start)) s"
-fi
-say "unpacking a fresh root into $root"
-rm -rf "$root"
-mkdir -p "$root"
-tar -C "$root" -xf "$cache"
+debian_root "$suite" "$mirror" "$root" "$work/debootstrap.log"
 echo irsa-agent-test >"$root/etc/hostname"
 mkdir -p "$root/root/pkgs"
 cp -r "$work/dist1" "$root/root/pkgs/v1"

@@ -37,35 +37,17 @@ while [ $# -gt 0 ]; do
         *) echo "unknown argument: $1" >&2; exit 64 ;;
     esac
 done
-say() { printf '==> %s\n' "$*" >&2; }
-die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=packaging/lib.sh
+. packaging/lib.sh
 [ "$(id -u)" = 0 ] || die "needs root (debootstrap, systemd-nspawn)"
-missing=()
-for p in debootstrap systemd-container openssl; do
-    [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    say "installing ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+need_apt debootstrap systemd-container openssl
 
 suite=bookworm
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-cache_dir=${IRSA_AGENT_BUILD_CACHE:-/var/cache/irsa-agent-build}
-cache=$cache_dir/debootstrap-$suite.tar
 work=$PWD/target/nspawn-run
 root=$work/root
 api=$work/fake-apiserver
 mkdir -p "$work"
-passed=0 failed=0
-ok() { printf 'PASS: %s\n' "$*"; passed=$((passed + 1)); }
-bad() { printf 'FAIL: %s\n' "$*"; failed=$((failed + 1)); }
-check() { # check DESCRIPTION COMMAND...
-    local what=$1
-    shift
-    if "$@"; then ok "$what"; else bad "$what"; fi
-}
 nspawn_pid='' ct_pid='' s_server_pid=''
 in_ct() {
     nsenter --target "$ct_pid" --mount --uts --ipc --pid --cgroup -- \
@@ -101,21 +83,7 @@ fi
 [ -x "$binary" ] || die "$binary is not an executable"
 
 # --- the Debian root -------------------------------------------------------------------------
-if [ ! -f "$cache" ]; then
-    say "debootstrap $suite (minbase + systemd), cached in $cache"
-    tmp=$cache_dir/bootstrap-$suite.tmp
-    rm -rf "$tmp"
-    mkdir -p "$cache_dir"
-    debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,ca-certificates,libgcc-s1 \
-        "$suite" "$tmp" "$mirror" >"$work/debootstrap.log" 2>&1 ||
-        { tail -20 "$work/debootstrap.log"; die "debootstrap failed"; }
-    tar -C "$tmp" -cf "$cache.part" . && mv "$cache.part" "$cache"
-    rm -rf "$tmp"
-fi
-say "unpacking a fresh root into $root"
-rm -rf "$root"
-mkdir -p "$root"
-tar -C "$root" -xf "$cache"
+debian_root "$suite" "$mirror" "$root" "$work/debootstrap.log"
 echo irsa-agent-run-test >"$root/etc/hostname"
 
 # --- installed as the package installs it ----------------------------------------------------
