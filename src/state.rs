@@ -94,7 +94,7 @@ impl State {
     /// Reads the state; a missing file is an empty state.
     pub fn load(root: &HostRoot) -> Result<State, StateError> {
         let path = root.path(STATE_FILE);
-        match std::fs::read(&path) {
+        match crate::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StateError::Parse {
                 path: PathBuf::from(STATE_FILE),
                 source,

@@ -219,11 +219,8 @@ pub fn write_changes(
     // 1. Nothing may have changed since the plan was made.
     for change in changes {
         let path = root.path(&change.path);
-        let current = match std::fs::read(&path) {
-            Ok(bytes) => Some(bytes),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(io_err("read", &change.path, e)),
-        };
+        // Also refuses, before anything is written, a link or a FIFO where a file belongs.
+        let current = fs::read_replaceable(&path).map_err(|e| io_err("read", &change.path, e))?;
         if current.as_deref() != change.old.as_deref().map(str::as_bytes) {
             return Err(ApplyError::Changed(format!(
                 "{} changed while irsa-agent was planning; nothing was written, run apply again",

@@ -102,7 +102,7 @@ pub fn parse(path: PathBuf, text: String) -> Result<Observed, ObserveError> {
 
 pub fn observe(root: &HostRoot) -> Result<Observed, ObserveError> {
     let path = PathBuf::from(MANIFEST);
-    let text = std::fs::read_to_string(root.path(&path)).map_err(|e| ObserveError::File {
+    let text = crate::fs::read_to_string(root.path(&path)).map_err(|e| ObserveError::File {
         path: path.clone(),
         message: e.to_string(),
     })?;

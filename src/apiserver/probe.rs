@@ -133,7 +133,7 @@ fn material(
         } else {
             dir.join(file)
         };
-        return std::fs::read(root.path(&host))
+        return crate::fs::read(root.path(&host))
             .map(Some)
             .map_err(|e| format!("cannot read {}: {e}", host.display()));
     }
@@ -235,7 +235,7 @@ impl ApiClient {
         server: Option<String>,
         timeout: Duration,
     ) -> Result<Self, String> {
-        let text = std::fs::read_to_string(root.path(kubeconfig)).map_err(|e| {
+        let text = crate::fs::read_to_string(root.path(kubeconfig)).map_err(|e| {
             format!(
                 "cannot read the admin kubeconfig {}: {e}",
                 kubeconfig.display()

@@ -95,7 +95,7 @@ pub struct Observed {
 }
 
 fn read_optional(path: &Path) -> Result<Option<String>, ObserveError> {
-    match std::fs::read(path) {
+    match crate::fs::read(path) {
         Ok(bytes) => String::from_utf8(bytes)
             .map(Some)
             .map_err(|_| ObserveError::File {

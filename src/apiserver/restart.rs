@@ -135,7 +135,7 @@ pub fn detect_k3s_unit(root: &HostRoot) -> String {
 }
 
 fn read(path: &Path) -> Option<String> {
-    std::fs::read_to_string(path).ok()
+    crate::fs::read_to_string(path).ok()
 }
 
 /// How the apiserver of `distribution` is restarted on this host.

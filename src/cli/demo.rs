@@ -248,7 +248,7 @@ fn demo(base: &Path) -> anyhow::Result<Exit> {
         .iter()
         .find(|p| p.ends_with(keys::jwks::JWKS_PATH.trim_start_matches('/')))
         .context("the JWKS was not published to a directory")?;
-    let published = std::fs::read_to_string(jwks_file)?;
+    let published = crate::fs::read_to_string(jwks_file)?;
     let verified = verify(&token, &published, &settings.issuer)?;
     println!(
         "    verified: kid {}, alg {}, iss {}, sub {}, aud {}",

@@ -116,10 +116,16 @@ fn read_token(args: &Args) -> anyhow::Result<zeroize::Zeroizing<String>> {
                     "no token: give it as an argument, pipe it in (`verify-token - < token`), or mint one with --namespace and --service-account"
                 );
             }
+            // A token is a few KiB; never read an endless stream.
+            const TOKEN_CAP: u64 = 1 << 20;
             let mut text = zeroize::Zeroizing::new(String::new());
             std::io::stdin()
+                .take(TOKEN_CAP + 1)
                 .read_to_string(&mut text)
                 .context("cannot read the token from standard input")?;
+            if text.len() as u64 > TOKEN_CAP {
+                bail!("standard input holds more than 1 MiB: that is not a token");
+            }
             Ok(text)
         }
         Some(t) => Ok(zeroize::Zeroizing::new(t.to_string())),
@@ -239,7 +245,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
     let now = args.now.unwrap_or_else(doctor::unix_now);
     let mut outcome = token::verify(&raw, &keyset, &local_kids, &expect, now);
     if let Some(path) = &args.trust_policy {
-        let text = std::fs::read_to_string(path)
+        let text = crate::fs::read_to_string(path)
             .with_context(|| format!("cannot read the trust policy {}", path.display()))?;
         match &outcome.claims {
             Some(claims) => outcome.checks.extend(policy::evaluate(&text, claims)),

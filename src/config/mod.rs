@@ -86,6 +86,9 @@ pub enum PublishTarget {
         /// Also write a `_headers` file (Cloudflare Pages / Netlify) giving both documents their
         /// Content-Type and Cache-Control.
         pages_headers: bool,
+        /// Users or groups besides root that may write the folder (`writable-by:`); the agent
+        /// refuses a folder others can write unless they are named here.
+        writable_by: Vec<String>,
     },
     /// AWS S3 or an S3-compatible store.
     S3 {
@@ -435,7 +438,7 @@ pub fn load(root: &HostRoot, explicit: Option<&Path>) -> Result<Loaded, ConfigEr
     let mut problems = Vec::new();
     let mut fragments = Vec::new();
     for file in &files {
-        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+        let text = crate::fs::read_to_string(file).map_err(|source| ConfigError::Read {
             path: file.clone(),
             source,
         })?;
@@ -571,11 +574,13 @@ fn parse_targets(file: &Path, items: &[Value], problems: &mut Vec<Problem>) -> V
                 let prefix = clean_prefix(&mut f);
                 let cache_control = cache_control(&mut f);
                 let pages_headers = f.bool("pages-headers").unwrap_or(false);
+                let writable_by = writable_by(&mut f);
                 path.map(|path| PublishTarget::Directory {
                     path,
                     prefix,
                     cache_control,
                     pages_headers,
+                    writable_by,
                 })
             }
             "s3" => {
@@ -650,6 +655,39 @@ fn clean_prefix(f: &mut Fields<'_>) -> String {
     f.string("prefix")
         .map(|p| p.trim_matches('/').to_string())
         .unwrap_or_default()
+}
+
+/// `writable-by:` of a directory target: a user or group name (or a numeric id), or a list of
+/// them. A YAML number is taken as an id.
+fn writable_by(f: &mut Fields<'_>) -> Vec<String> {
+    let word = |v: &Value| match v {
+        Value::String(s) if !s.trim().is_empty() && !s.contains([':', '\n', ' ']) => {
+            Some(s.trim().to_string())
+        }
+        Value::Number(n) if n.as_u64().is_some_and(|n| n <= u64::from(u32::MAX)) => {
+            Some(n.to_string())
+        }
+        _ => None,
+    };
+    let Some(value) = f.raw("writable-by") else {
+        return Vec::new();
+    };
+    let items: Vec<&Value> = match value {
+        Value::Sequence(items) => items.iter().collect(),
+        one => vec![one],
+    };
+    let mut out = Vec::new();
+    for item in items {
+        match word(item) {
+            Some(name) => out.push(name),
+            None => f.problem(
+                "writable-by",
+                Some(item),
+                "expected a user or group name (www-data) or a numeric id, or a list of them",
+            ),
+        }
+    }
+    out
 }
 
 /// `cache-control:`, default [`DEFAULT_CACHE_CONTROL`]; one header value, no line breaks.

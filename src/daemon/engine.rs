@@ -478,7 +478,7 @@ impl Engine {
         settings.jwks_uri.hash(&mut h);
         for path in self.watch_set.files_of(Group::Apiserver) {
             path.hash(&mut h);
-            std::fs::read(path).ok().hash(&mut h);
+            crate::fs::read(path).ok().hash(&mut h);
         }
         h.finish()
     }

@@ -154,7 +154,7 @@ pub fn gather(root: &HostRoot, config_file: Option<&Path>) -> Local {
                     let mode = std::fs::metadata(&real)
                         .map(|m| m.permissions().mode() & 0o7777)
                         .map_err(|e| e.to_string());
-                    let private = std::fs::read(&real)
+                    let private = crate::fs::read(&real)
                         .map(|d| holds_private_key(&d))
                         .unwrap_or(false);
                     files.push(KeyFile {

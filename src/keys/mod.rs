@@ -313,7 +313,7 @@ fn verification_key_from_block(der_bytes: &[u8]) -> Result<PublicKey, Refusal> {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, KeyFileError> {
-    std::fs::read(path).map_err(|source| KeyFileError::Read {
+    crate::fs::read(path).map_err(|source| KeyFileError::Read {
         path: path.to_path_buf(),
         source,
     })

@@ -116,7 +116,7 @@ pub fn shared_profile(root: &HostRoot, env: &dyn Fn(&str) -> Option<String>) -> 
         (config_file, config_section),
     ] {
         let path = root.path(&file);
-        let Ok(text) = std::fs::read_to_string(&path) else {
+        let Ok(text) = crate::fs::read_to_string(&path) else {
             continue;
         };
         let ini = parse_ini(&text);

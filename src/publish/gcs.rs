@@ -30,7 +30,7 @@ pub fn build(target: &PublishTarget, env: &Environment) -> Result<StoreTarget, S
     let mut builder = GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket);
     if let Some(file) = credentials_file {
         let path = env.root.path(file);
-        let key = std::fs::read_to_string(&path)
+        let key = crate::fs::read_to_string(&path)
             .map_err(|e| format!("cannot read credentials-file {}: {e}", path.display()))?;
         builder = builder.with_service_account_key(key);
     }

@@ -21,8 +21,8 @@ pub fn user_agent() -> String {
 
 /// Reads a PEM bundle of CA certificates (`ca-file:`).
 pub fn read_ca_file(path: &Path) -> Result<Vec<u8>, String> {
-    let pem =
-        std::fs::read(path).map_err(|e| format!("cannot read ca-file {}: {e}", path.display()))?;
+    let pem = crate::fs::read(path)
+        .map_err(|e| format!("cannot read ca-file {}: {e}", path.display()))?;
     if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
         return Err(format!(
             "ca-file {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",

@@ -77,6 +77,9 @@ pub struct Stored {
     pub version: Version,
     pub content_type: Option<String>,
     pub cache_control: Option<String>,
+    /// What else is wrong with the stored object that rewriting it fixes (a published file's
+    /// owner, mode or type); empty for object stores.
+    pub problems: Vec<String>,
 }
 
 /// The condition a write is made under.
@@ -238,13 +241,18 @@ pub fn publishers(settings: &Settings, env: &Environment) -> Result<Vec<Publishe
                 path,
                 cache_control,
                 pages_headers,
+                writable_by,
                 ..
-            } => Box::new(directory::DirectoryTarget::new(
-                &env.root,
-                path,
-                cache_control,
-                *pages_headers,
-            )),
+            } => Box::new(
+                directory::DirectoryTarget::new(
+                    &env.root,
+                    path,
+                    cache_control,
+                    *pages_headers,
+                    writable_by,
+                )
+                .map_err(setup)?,
+            ),
             PublishTarget::S3 { .. } => Box::new(s3::build(target, settings, env).map_err(setup)?),
             PublishTarget::Gcs { .. } => Box::new(gcs::build(target, env).map_err(setup)?),
             PublishTarget::AzureBlob { .. } => Box::new(azure::build(target, env).map_err(setup)?),
@@ -439,7 +447,7 @@ async fn run_all(
 
 /// Differences in metadata between what is stored and what should be.
 fn metadata_differences(stored: &Stored, content_type: &str, cache_control: &str) -> Vec<String> {
-    let mut out = Vec::new();
+    let mut out = stored.problems.clone();
     if stored.content_type.as_deref() != Some(content_type) {
         out.push(format!(
             "Content-Type is {}, should be {content_type:?}",
@@ -621,6 +629,8 @@ async fn sync_plain(
                 };
                 if marker.is_none() {
                     differences.extend(metadata_differences(stored, content_type, &cache_control));
+                } else {
+                    differences.extend(stored.problems.iter().cloned());
                 }
                 if differences.is_empty() {
                     report.outcome = Outcome::Unchanged;

@@ -82,6 +82,7 @@ impl Target for StoreTarget {
                 version,
                 content_type,
                 cache_control,
+                problems: Vec::new(),
             }))
         })
     }

@@ -30,6 +30,7 @@ impl Target for Memory {
                     },
                     content_type: Some(CONTENT_TYPE.into()),
                     cache_control: Some("c".into()),
+                    problems: Vec::new(),
                 }))
         })
     }
@@ -60,6 +61,7 @@ fn publisher(target: Memory) -> Publisher {
         prefix: String::new(),
         cache_control: "c".into(),
         pages_headers: false,
+        writable_by: Vec::new(),
     };
     Publisher {
         target: Box::new(target),

@@ -163,7 +163,7 @@ fn join_blocks(blocks: &[&KeyBlock]) -> Zeroizing<String> {
 }
 
 fn read_file(root: &HostRoot, host: &Path) -> Result<Zeroizing<Vec<u8>>, Refusal> {
-    std::fs::read(root.path(host))
+    crate::fs::read(root.path(host))
         .map(Zeroizing::new)
         .map_err(|e| io("read", host, e))
 }
@@ -534,7 +534,7 @@ fn remove_tree(dir: &Path) -> std::io::Result<()> {
 
 fn kcm_observe(root: &HostRoot) -> Result<kubeadm::Observed, Refusal> {
     let path = PathBuf::from(KCM_MANIFEST);
-    let text = std::fs::read_to_string(root.path(&path)).map_err(|e| {
+    let text = crate::fs::read_to_string(root.path(&path)).map_err(|e| {
         refuse(format!(
             "cannot read {KCM_MANIFEST} ({e}): kube-controller-manager signs legacy token Secrets with the same key and must be switched with the apiserver; irsa-agent rotates only kubeadm control planes whose controller-manager runs as this static pod"
         ))
@@ -734,7 +734,7 @@ fn plan_kubeadm(
                 writes.push((canonical.verification.clone(), key.public().to_spki_pem()));
             }
             for (path, content) in writes {
-                let old = std::fs::read_to_string(root.path(&path)).ok();
+                let old = crate::fs::read_to_string(root.path(&path)).ok();
                 if old.as_deref() != Some(content.as_str()) {
                     changes.push(FileChange {
                         path: PathBuf::from(&path),
