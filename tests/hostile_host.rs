@@ -274,6 +274,13 @@ fn a_target_folder_others_can_write_is_refused_with_the_folder_owner_mode_and_fi
     for needle in ["/srv/oidc", "owner uid 65534", "writable-by", "chmod go-w"] {
         assert!(said.contains(needle), "missing {needle:?} in:\n{said}");
     }
+    let doctor = agent(h.root(), &["doctor", "--offline"]);
+    assert_eq!(doctor.status.code(), Some(1), "{}", text(&doctor));
+    assert!(
+        text(&doctor).contains("owner uid 65534"),
+        "{}",
+        text(&doctor)
+    );
     assert!(
         std::fs::read_dir(h.path("/srv/oidc"))
             .expect("target")
@@ -431,6 +438,18 @@ fn fifos_devices_wrong_modes_and_foreign_files_at_the_target_are_replaced_within
         let out = agent(h.root(), &["publish", "--no-verify"]);
         assert_eq!(out.status.code(), Some(0), "{what}: {}", text(&out));
         setup(&h);
+        // doctor names the problem first, and changes nothing.
+        let doctor = text(&agent(h.root(), &["doctor", "--offline"]));
+        assert!(
+            doctor.contains("publish.directory"),
+            "{what}: doctor has no publish.directory check:\n{doctor}"
+        );
+        if !reported.is_empty() {
+            assert!(
+                doctor.contains(reported),
+                "{what}: doctor does not say it:\n{doctor}"
+            );
+        }
         let before = snapshot(h.root());
         let started = Instant::now();
         let out = agent(h.root(), &["publish", "--no-verify"]);

@@ -10,7 +10,7 @@ use crate::doctor::{self, Options};
 
 #[derive(Debug, ClapArgs)]
 #[command(after_help = "\
-Checks, in order: the configuration; the apiserver's effective flags (configured issuer first, \
+Checks, in order: the configuration; each directory target (no other user can write its folders, the documents are root's 0644 regular files); the apiserver's effective flags (configured issuer first, \
 old issuers still accepted, --api-audiences pinned and free of cloud audiences, jwks-uri), its key \
 files (read as kube-apiserver reads them, signing key among the verification keys, private keys \
 mode 0600); the running apiserver through the admin kubeconfig (ready, serving the issuer and keys \

@@ -40,6 +40,10 @@ pub struct Local {
     pub observed: Result<Observed, String>,
     pub restart: Option<Restart>,
     pub files: Vec<KeyFile>,
+    /// Each `directory` target (as described) and what is wrong with its folders and files:
+    /// `Err` when publishing there is refused (a folder others can write), else the entries a
+    /// publish would correct.
+    pub targets: Vec<(String, Result<Vec<String>, String>)>,
 }
 
 impl Local {
@@ -176,6 +180,10 @@ pub fn gather(root: &HostRoot, config_file: Option<&Path>) -> Local {
             }
         }
     }
+    let targets = match &config {
+        Ok(loaded) => crate::publish::directory::inspect_all(root, &loaded.settings),
+        Err(_) => Vec::new(),
+    };
     Local {
         root: root.clone(),
         config,
@@ -183,12 +191,36 @@ pub fn gather(root: &HostRoot, config_file: Option<&Path>) -> Local {
         observed,
         restart,
         files,
+        targets,
     }
+}
+
+/// `publish.directory`: the folders of a directory target are root's alone (or the
+/// `writable-by:` users'), and the published files are root's, 0644, regular files.
+fn directory_checks(local: &Local) -> Vec<Check> {
+    let id = "publish.directory";
+    local
+        .targets
+        .iter()
+        .map(|(target, found)| {
+            match found {
+                Err(refusal) => Check::fail(id, refusal.clone()),
+                Ok(problems) if problems.is_empty() => Check::pass(
+                    id,
+                    "no other user can write the folders; the documents are root's, mode 0644",
+                ),
+                Ok(problems) => Check::warn(id, problems.join("; "))
+                    .fix("irsa-agent publish (or the running daemon) replaces them with root-owned 0644 files"),
+            }
+            .subject(target.clone())
+        })
+        .collect()
 }
 
 /// Every check on the files.
 pub fn evaluate(local: &Local) -> Vec<Check> {
     let mut out = vec![config_check(local)];
+    out.extend(directory_checks(local));
     let observed = match &local.observed {
         Ok(o) => o,
         Err(e) => {

@@ -204,6 +204,55 @@ impl DirectoryTarget {
     }
 }
 
+/// What `doctor` reports for every `directory` target of `settings`: its description, and the
+/// problems a publish would correct, or why publishing there is refused. Reads only.
+pub fn inspect_all(
+    root: &HostRoot,
+    settings: &crate::config::Settings,
+) -> Vec<(String, Result<Vec<String>, String>)> {
+    let mut out = Vec::new();
+    for target in &settings.publish {
+        let crate::config::PublishTarget::Directory {
+            path,
+            cache_control,
+            pages_headers,
+            writable_by,
+            ..
+        } = target
+        else {
+            continue;
+        };
+        let layout = Layout::for_target(&settings.issuer, &settings.jwks_uri, target);
+        let found = DirectoryTarget::new(root, path, cache_control, *pages_headers, writable_by)
+            .and_then(|t| t.inspect(&[&layout.discovery_key, &layout.jwks_key]));
+        out.push((target.describe(), found));
+    }
+    out
+}
+
+impl DirectoryTarget {
+    /// The problems a publish would correct at `keys`, or why it would refuse the folder.
+    fn inspect(&self, keys: &[&str]) -> Result<Vec<String>, String> {
+        let mut problems = Vec::new();
+        for key in keys {
+            match self.open(key, false, &mut problems) {
+                Ok(Some(opened)) => {
+                    if let Some(stored) = self
+                        .stored(&opened.dir, &opened.name, Vec::new())
+                        .map_err(|e| e.to_string())?
+                    {
+                        problems.extend(stored.problems);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        problems.dedup();
+        Ok(problems)
+    }
+}
+
 /// The `_headers` file (Cloudflare Pages, Netlify) giving both documents their Content-Type
 /// and Cache-Control, paths relative to the directory (the site's root).
 pub fn pages_headers(layout: &Layout, cache_control: &str) -> String {
