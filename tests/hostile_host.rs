@@ -576,3 +576,47 @@ fn a_fifo_key_file_never_wedges_the_daemon() {
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
 }
+
+#[test]
+fn a_drop_in_that_is_a_link_is_never_replaced_and_nothing_is_written() {
+    // Config managed elsewhere (Ansible, Nix) and linked into place: apply refuses clearly
+    // before writing anything, and the link and its file stay as they were.
+    let h = host("");
+    h.write(
+        "/etc/managed/k3s-apiserver.yaml",
+        "kube-apiserver-arg:\n  - \"audit-log-maxage=30\"\n",
+    );
+    std::fs::create_dir_all(h.path("/etc/rancher/k3s/config.yaml.d")).expect("config.yaml.d");
+    let link = h.path("/etc/rancher/k3s/config.yaml.d/50-managed.yaml");
+    symlink(&h.path("/etc/managed/k3s-apiserver.yaml"), &link);
+    let before = snapshot(h.root());
+    let out = agent(h.root(), &["apply", "--no-restart"]);
+    let said = text(&out);
+    assert_ne!(out.status.code(), Some(0), "{said}");
+    for needle in ["50-managed.yaml", "symbolic link", "never replaces a link"] {
+        assert!(said.contains(needle), "no {needle:?} in:\n{said}");
+    }
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .expect("link")
+            .file_type()
+            .is_symlink()
+    );
+    let after = snapshot(h.root());
+    let config_yaml = Path::new("etc/rancher/k3s/config.yaml");
+    assert_eq!(
+        std::fs::read_to_string(h.path("/etc/rancher/k3s/config.yaml")).expect("config"),
+        "# k3s\n",
+        "nothing may be written when one file cannot be"
+    );
+    assert_eq!(
+        after
+            .iter()
+            .filter(|(k, _)| k.as_path() != config_yaml)
+            .collect::<Vec<_>>(),
+        before
+            .iter()
+            .filter(|(k, _)| k.as_path() != config_yaml)
+            .collect::<Vec<_>>()
+    );
+}

@@ -220,7 +220,7 @@ pub fn write_changes(
     for change in changes {
         let path = root.path(&change.path);
         // Also refuses, before anything is written, a link or a FIFO where a file belongs.
-        let current = fs::read_replaceable(&path).map_err(|e| io_err("read", &change.path, e))?;
+        let current = fs::read_replaceable(&path).map_err(|e| io_err("change", &change.path, e))?;
         if current.as_deref() != change.old.as_deref().map(str::as_bytes) {
             return Err(ApplyError::Changed(format!(
                 "{} changed while irsa-agent was planning; nothing was written, run apply again",
