@@ -620,3 +620,44 @@ fn a_drop_in_that_is_a_link_is_never_replaced_and_nothing_is_written() {
             .collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn a_link_above_the_target_is_followed_only_where_only_root_writes() {
+    if !as_root("a_link_above_the_target_is_followed_only_where_only_root_writes") {
+        return;
+    }
+    // /srv on another disk, linked by root: followed, documents written on the real folder.
+    let h = host("");
+    std::fs::remove_dir_all(h.path("/srv")).expect("rm srv");
+    std::fs::create_dir_all(h.path("/data/srv")).expect("data");
+    // Relative, so the test can look through it too; the agent resolves either form under the
+    // host root.
+    symlink(Path::new("data/srv"), &h.path("/srv"));
+    let out = agent(h.root(), &["publish", "--no-verify"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(h.path("/data/srv/oidc/openid/v1/jwks").is_file());
+    assert_published(&h);
+
+    // The target a link made by a user writable-by allows, aimed at /etc/cron.d: refused.
+    let h = host("    writable-by: 65534\n");
+    std::fs::remove_dir_all(h.path("/srv/oidc")).expect("rm target");
+    chown(&h.path("/srv"), ATTACKER);
+    let before = snapshot(h.root());
+    let attacker = Attacker::start(
+        "import os, sys\nos.symlink('/etc/cron.d', os.path.join(sys.argv[1], 'oidc'))\nprint('linked', flush=True)\n",
+        &[&h.path("/srv")],
+    );
+    let _ = eventually(DEADLINE, || {
+        std::fs::symlink_metadata(h.path("/srv/oidc"))
+            .ok()
+            .map(|_| ())
+    });
+    drop(attacker);
+    let said = text(&agent(h.root(), &["publish", "--no-verify"]));
+    assert!(said.contains("symbolic link (owner uid 65534)"), "{said}");
+    assert_untouched(
+        &before,
+        h.root(),
+        "a link made by another user above the target",
+    );
+}

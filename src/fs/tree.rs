@@ -10,7 +10,9 @@
 //!   refuses any folder on the way that a user other than root can write, unless the
 //!   configuration names that user (`writable-by:`). The refusal names the folder, its owner and
 //!   mode, and the fix. A sticky folder above the target (`/tmp`) is fine: others cannot replace
-//!   what they do not own there, and every folder below it is checked in turn.
+//!   what they do not own there, and every folder below it is checked in turn. A link above the
+//!   target, or the target itself, is followed only where no one else can write (so root put
+//!   it there: `/srv -> /data/srv`), by walking its target from the host root again.
 //! * Inside the target every operation is relative to the open folder ([`TreeDir`]): files are
 //!   read with `O_NOFOLLOW|O_NONBLOCK` up to a cap, written as a new root-owned 0644 temp file
 //!   renamed over the old entry (a link, a FIFO, a device or someone else's file at that name is
@@ -19,8 +21,11 @@
 //!   never changed by path.
 //! * What was wrong and got corrected is returned as `problems`, for the log and `doctor`.
 
+use std::collections::VecDeque;
+use std::ffi::OsString;
 use std::io;
 use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Component, Path, PathBuf};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
@@ -203,30 +208,64 @@ pub fn open_target(
     create: bool,
     problems: &mut Vec<String>,
 ) -> io::Result<Option<TreeDir>> {
-    let mut fd = super::open_dir(root)?;
+    let root_fd = super::open_dir(root)?;
+    let mut fd = root_fd.try_clone()?;
     let mut shown = PathBuf::from("/");
-    let parts: Vec<&std::ffi::OsStr> = host_path
-        .components()
-        .filter_map(|c| match c {
-            Component::Normal(part) => Some(part),
-            _ => None,
-        })
-        .collect();
-    let st = rustix::fs::fstat(&fd)?;
-    let role = if parts.is_empty() {
-        Role::Target
-    } else {
-        Role::Above
-    };
-    check_folder(&st, &shown, role, writers)?;
-    for (i, part) in parts.iter().enumerate() {
-        let name = part.to_string_lossy();
-        shown.push(part);
-        let role = if i + 1 == parts.len() {
+    let mut queue: VecDeque<OsString> = normal_parts(host_path).collect();
+    let role_at = |queue: &VecDeque<OsString>| {
+        if queue.is_empty() {
             Role::Target
         } else {
             Role::Above
-        };
+        }
+    };
+    check_folder(&rustix::fs::fstat(&fd)?, &shown, role_at(&queue), writers)?;
+    let mut links = 0;
+    while let Some(part) = queue.pop_front() {
+        let name = part.to_string_lossy().into_owned();
+        let role = role_at(&queue);
+        // A link in a folder only trusted users can write (checked before we got here) was
+        // put there by them (/srv -> /data/srv on a Pi's SSD): follow it, by walking its target
+        // from the host root again, so every folder on the real path is checked in turn.
+        if let Some(st) = super::stat_entry(&fd, &name)?
+            && FileType::from_raw_mode(st.st_mode) == FileType::Symlink
+        {
+            let folder = rustix::fs::fstat(&fd)?;
+            let folder_mode = folder.st_mode & 0o7777;
+            let only_root_writes = trusted_owner(folder.st_uid)
+                && (folder_mode & 0o020 == 0 || folder.st_gid == 0)
+                && folder_mode & 0o002 == 0;
+            if !(only_root_writes && trusted_owner(st.st_uid)) {
+                return Err(refuse(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "{} is a symbolic link (owner uid {}) in a folder other users can write; irsa-agent follows links above a publish target only where only root can write: point `path:` at the real folder",
+                        shown.join(&name).display(),
+                        st.st_uid
+                    ),
+                ));
+            }
+            links += 1;
+            if links > MAX_LINKS {
+                return Err(refuse(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "{} goes through more than {MAX_LINKS} symbolic links",
+                        host_path.display()
+                    ),
+                ));
+            }
+            let to = rustix::fs::readlinkat(&fd, name.as_str(), Vec::new())?;
+            let to = PathBuf::from(std::ffi::OsStr::from_bytes(to.as_bytes()));
+            let resolved = lexical(&shown.join(&to));
+            let rest: Vec<OsString> = queue.drain(..).collect();
+            queue.extend(normal_parts(&resolved));
+            queue.extend(rest);
+            fd = root_fd.try_clone()?;
+            shown = PathBuf::from("/");
+            continue;
+        }
+        shown.push(&part);
         let Some(next) = open_or_make(&fd, &name, &shown, role, create, problems)? else {
             return Ok(None);
         };
@@ -234,6 +273,31 @@ pub fn open_target(
         fd = next;
     }
     Ok(Some(TreeDir { fd, shown }))
+}
+
+/// The most symbolic links followed above a target (Linux's own limit is 40).
+const MAX_LINKS: usize = 16;
+
+fn normal_parts(path: &Path) -> impl Iterator<Item = OsString> + '_ {
+    path.components().filter_map(|c| match c {
+        Component::Normal(part) => Some(part.to_os_string()),
+        _ => None,
+    })
+}
+
+/// Resolves `.` and `..` in a path with no links in it (the walk's own path).
+fn lexical(path: &Path) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for c in path.components() {
+        match c {
+            Component::Normal(part) => out.push(part),
+            Component::ParentDir => {
+                out.pop();
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
 impl TreeDir {
