@@ -74,7 +74,39 @@ fn setup(
     let ca_path = ca.ca_cert.display().to_string();
     let (code, stdout, stderr) =
         support::agent(host.path(), &["publish"], &[("SSL_CERT_FILE", &ca_path)]);
-    assert_eq!(code, 0, "{stdout}{stderr}");
+    if default_type == "application/json" {
+        assert_eq!(code, 0, "{stdout}{stderr}");
+        assert_eq!(
+            stdout.matches("matches byte for byte").count(),
+            2,
+            "{stdout}"
+        );
+    } else {
+        // publish agrees with doctor: the documents are written, but relying parties may
+        // refuse them as served, so it neither says "matches" nor exits 0.
+        assert_eq!(code, 3, "{stdout}{stderr}");
+        assert!(!stdout.contains("matches"), "{stdout}");
+        assert_eq!(
+            stdout
+                .matches(&format!(
+                    "same bytes, but served as Content-Type {default_type}"
+                ))
+                .count(),
+            2,
+            "{stdout}"
+        );
+        assert!(
+            stderr.contains("published, but the public copy is not what was published"),
+            "{stderr}"
+        );
+        // --check says the public copy differs (exit 2), as for any other difference.
+        let (code, stdout, stderr) = support::agent(
+            host.path(),
+            &["publish", "--check"],
+            &[("SSL_CERT_FILE", &ca_path)],
+        );
+        assert_eq!(code, 2, "{stdout}{stderr}");
+    }
     (work, host, ca, nginx, ca_path)
 }
 

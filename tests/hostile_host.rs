@@ -35,7 +35,7 @@ fn as_root(test: &str) -> bool {
 
 fn config(extra: &str) -> String {
     format!(
-        "issuer: https://oidc.example.com/homelab\ndistribution: k3s\npublish:\n  - type: directory\n    path: /srv/oidc\n{extra}"
+        "issuer: https://oidc.example.com/homelab\ndistribution: k3s\npublic-check: false\npublish:\n  - type: directory\n    path: /srv/oidc\n{extra}"
     )
 }
 

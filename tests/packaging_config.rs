@@ -94,6 +94,7 @@ fn uncommented_example_is_valid_and_sets_what_it_documents() {
         "https://oidc.example.com/cluster-a/openid/v1/jwks"
     );
     assert_eq!(doc["distribution"], "auto");
+    assert_eq!(doc["public-check"], true);
     let types: Vec<&str> = doc["publish"]
         .as_array()
         .expect("publish list")

@@ -257,3 +257,55 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Nothing serves the issuer (DNS or the web server not set up yet): `publish` writes the
+/// target but says the public copy is unreachable and exits 3, not 0. `--no-verify` and
+/// `public-check: false` say the check was skipped, and exit 0.
+#[test]
+fn an_unreachable_public_copy_is_exit_3_unless_the_check_is_turned_off() {
+    // A port nothing listens on: connection refused, at once.
+    let port = support::free_port();
+    let issuer = format!("https://127.0.0.1:{port}/cluster-a");
+    let config = format!(
+        "issuer: {issuer}\ndistribution: k3s\npublish:\n  - type: directory\n    path: /srv/oidc\n"
+    );
+    let host = support::k3s_host(&config);
+    let (code, stdout, stderr) = support::agent(host.path(), &["publish"], &[]);
+    assert_eq!(code, 3, "{stdout}{stderr}");
+    assert!(stdout.contains("openid/v1/jwks: created"), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "{issuer}/.well-known/openid-configuration: UNREACHABLE"
+        )),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("matches"), "{stdout}");
+    assert!(
+        stderr.contains("published, but the public copy is unreachable")
+            && stderr.contains("exit 3"),
+        "{stderr}"
+    );
+    assert!(
+        host.path().join("srv/oidc/openid/v1/jwks").is_file(),
+        "the target is written all the same"
+    );
+
+    let (code, stdout, stderr) = support::agent(host.path(), &["publish", "--no-verify"], &[]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("not checked (--no-verify)"), "{stdout}");
+
+    support::write_config(host.path(), &format!("{config}public-check: false\n"));
+    let (code, stdout, stderr) = support::agent(host.path(), &["publish"], &[]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("not checked: `public-check: false` in the configuration"),
+        "{stdout}"
+    );
+
+    // The help says what 3 means.
+    let (_, help, _) = support::agent(host.path(), &["publish", "--help"], &[]);
+    assert!(
+        help.contains("3 published, but the public copy is"),
+        "{help}"
+    );
+}

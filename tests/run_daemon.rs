@@ -28,9 +28,11 @@ const JWKS: &str = "/srv/oidc/openid/v1/jwks";
 const DISCOVERY: &str = "/srv/oidc/.well-known/openid-configuration";
 const K3S_CONFIG: &str = "# k3s\nkube-apiserver-arg:\n  - \"audit-log-maxage=30\"   # days\n";
 
+/// The fake hosts' issuers are not served anywhere: `public-check: false` says so (the public
+/// check itself is tested in `the_public_copy_is_checked_and_an_unreachable_one_is_not_in_sync`).
 fn config(issuer: &str, run: &str) -> String {
     format!(
-        "issuer: {issuer}\ndistribution: k3s\npublish:\n  - type: directory\n    path: /srv/oidc\nrun:\n  retry-max: 2s\n{run}"
+        "issuer: {issuer}\ndistribution: k3s\npublic-check: false\npublish:\n  - type: directory\n    path: /srv/oidc\nrun:\n  retry-max: 2s\n{run}"
     )
 }
 
@@ -533,16 +535,20 @@ fn restarts_k3s_through_systemctl_and_waits_for_the_new_issuer() {
 #[test]
 fn a_manifest_regenerated_by_kubeadm_upgrade_is_noticed_and_fixed() {
     let host = Host::new();
-    host.agent_config("https://oidc.example.test/cluster-a")
-        .copy(
-            &data("../hosts/kubeadm/v1.31.yaml"),
-            "/etc/kubernetes/manifests/kube-apiserver.yaml",
-        )
-        .write(
-            "/etc/kubernetes/manifests/etcd.yaml",
-            "apiVersion: v1\nkind: Pod\n",
-        )
-        .kubeadm_keys();
+    // Nothing serves the issuer here (and nothing is published): no public check.
+    host.write(
+        "/etc/irsa-agent/config.yaml",
+        "issuer: https://oidc.example.test/cluster-a\npublic-check: false\n",
+    )
+    .copy(
+        &data("../hosts/kubeadm/v1.31.yaml"),
+        "/etc/kubernetes/manifests/kube-apiserver.yaml",
+    )
+    .write(
+        "/etc/kubernetes/manifests/etcd.yaml",
+        "apiVersion: v1\nkind: Pod\n",
+    )
+    .kubeadm_keys();
     let manifest = "/etc/kubernetes/manifests/kube-apiserver.yaml";
     let original = host.read(manifest);
     let mut d = Daemon::start(host.root(), &["--no-restart"], &[]);
@@ -656,4 +662,63 @@ fn a_key_the_running_apiserver_still_has_stays_published_until_it_restarts() {
     assert_eq!(kids(&read(&host, JWKS)), vec![key.kid.clone()]);
     let (exit, log) = d.stop();
     assert_eq!(exit.code(), Some(0), "{log}");
+}
+
+#[test]
+fn the_public_copy_is_checked_and_an_unreachable_one_is_not_in_sync() {
+    // The issuer's host answers nothing (a port nobody listens on): before, the daemon said
+    // "in sync" although no relying party could fetch a document.
+    let port = support::free_port();
+    let issuer = format!("https://127.0.0.1:{port}/homelab");
+    let host = Host::new();
+    let config = config(&issuer, "").replace("public-check: false\n", "");
+    assert!(!config.contains("public-check"), "{config}");
+    host.write("/etc/irsa-agent/config.yaml", config.clone())
+        .write("/etc/rancher/k3s/config.yaml", K3S_CONFIG)
+        .k3s_keys("/var/lib/rancher/k3s");
+    let mut d = Daemon::start(host.root(), &["--no-restart"], &[]);
+    d.wait_ready();
+    assert_eq!(
+        read(&host, JWKS),
+        real_apiserver_jwks(),
+        "published all the same"
+    );
+    let status = d.wait_status("the public check", |s| !s["daemon"]["public"].is_null());
+    assert_eq!(
+        status["daemon"]["public"]["result"], "unreachable",
+        "{status:#}"
+    );
+    assert_ne!(status["daemon"]["phase"], "in-sync", "{status:#}");
+    let line = status["daemon"]["status"].as_str().unwrap_or("");
+    assert!(
+        line.contains(&format!(
+            "public copy: {issuer}/.well-known/openid-configuration: UNREACHABLE"
+        )),
+        "{line}"
+    );
+    // `status` (a person, a script) says so too, and exits 2 (not in sync).
+    let out = std::process::Command::new(run_support::binary())
+        .arg("--root")
+        .arg(host.root())
+        .arg("status")
+        .output()
+        .expect("status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("public copy:   unreachable"), "{text}");
+    assert!(!text.contains("state:         in sync"), "{text}");
+
+    // The person says the URL is not served yet: in sync, and the status says it was not
+    // checked.
+    replace_by_rename(
+        &host.path("/etc/irsa-agent/config.yaml"),
+        format!("{config}public-check: false\n").as_bytes(),
+    );
+    let status = d.wait_status("in sync without the public check", |s| {
+        s["daemon"]["phase"] == "in-sync"
+    });
+    assert_eq!(
+        status["daemon"]["public"]["result"], "not-checked",
+        "{status:#}"
+    );
 }

@@ -14,7 +14,7 @@ const CURRENT_KEY: &str = "/var/lib/rancher/k3s/server/tls/service.current.key";
 
 fn config(sw: &Seaweed, bucket: &str) -> String {
     format!(
-        "issuer: {}\ndistribution: k3s\npublish:\n  - type: s3\n    bucket: {bucket}\n    endpoint: {}\n    path-style: true\n    region: us-east-1\nrun:\n  resync-interval: 1s\n  retry-max: 2s\n  publish-timeout: 3s\n",
+        "issuer: {}\ndistribution: k3s\npublic-check: false\npublish:\n  - type: s3\n    bucket: {bucket}\n    endpoint: {}\n    path-style: true\n    region: us-east-1\nrun:\n  resync-interval: 1s\n  retry-max: 2s\n  publish-timeout: 3s\n",
         sw.issuer(bucket),
         sw.http_endpoint()
     )

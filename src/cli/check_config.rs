@@ -34,6 +34,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
             "jwks-uri": s.jwks_uri,
             "distribution": s.distribution.name(),
             "publish": targets,
+            "public-check": s.public_check,
             "rotation": {
                 "enabled": s.rotation.enabled,
                 "every": format_duration(s.rotation.every),
@@ -80,6 +81,14 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
         };
         println!("publish:       {}{extra}", target.describe());
     }
+    println!(
+        "public check:  {}",
+        if s.public_check {
+            "on (publish and the daemon fetch the documents over HTTPS)"
+        } else {
+            "off (public-check: false)"
+        }
+    );
     println!(
         "rotation:      {}",
         if s.rotation.enabled {

@@ -5,6 +5,8 @@
 //! - 0: success (or, with `--check`, nothing to change);
 //! - 1: failure;
 //! - 2: `--check` found changes pending (drift), distinct from failure;
+//! - 3: `publish` wrote every target, but the public copy is unreachable, stale or served with
+//!   a Content-Type relying parties refuse;
 //! - 64: bad command line (clap's own usage errors, moved off 2 so that 2 stays unambiguous).
 
 mod apply;
@@ -38,11 +40,13 @@ impl Exit {
     pub const OK: Exit = Exit(0);
     pub const FAILURE: Exit = Exit(1);
     pub const PENDING: Exit = Exit(2);
+    /// `publish`: the targets are written, the public copy is not what relying parties need.
+    pub const PUBLIC_COPY: Exit = Exit(3);
     pub const USAGE: Exit = Exit(64);
 }
 
 const AFTER_HELP: &str = "\
-Exit status: 0 success, 1 failure, 2 changes pending (with --check), 64 bad usage.
+Exit status: 0 success, 1 failure, 2 changes pending (with --check), 3 published but the public copy is unreachable or wrong (publish), 64 bad usage.
 Host paths (/etc/irsa-agent, /etc/rancher/k3s, /etc/kubernetes, /var/lib/irsa-agent) are resolved under --root.";
 
 /// Keeps IRSA and workload identity federation working on k3s, RKE2 and kubeadm clusters:

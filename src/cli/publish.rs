@@ -18,14 +18,20 @@ change; conditional writes, merged and retried on a conflict). Then fetches \
 <issuer>/.well-known/openid-configuration and the jwks-uri over HTTPS and reports whether the \
 public copy matches, with its Cache-Control and Age.
 
-Exit status: 0 published (or, with --check, everything matches); 1 error; 2 (--check only) \
-a target or the public copy differs.")]
+The public check is skipped with --no-verify or `public-check: false` in the configuration \
+(while the issuer's URL is not served yet: DNS or the CDN to come); it then says so.
+
+Exit status: 0 published and the public copy matches (or was not checked, as asked); 1 error; \
+2 (--check only) a target or the public copy differs; 3 published, but the public copy is \
+unreachable, stale (other keys or fields) or served with a Content-Type relying parties refuse: \
+AWS STS would not accept tokens yet.")]
 pub struct Args {
     /// Change nothing: compare every target and the public copy with what would be published.
     #[arg(long)]
     pub check: bool,
 
-    /// Skip fetching the public copy (e.g. before DNS or the CDN exist).
+    /// Skip fetching the public copy (e.g. before DNS or the CDN exist); the configuration's
+    /// `public-check: false` does the same for every run.
     #[arg(long)]
     pub no_verify: bool,
 
@@ -212,7 +218,18 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
         let differs = reports.iter().any(|r| !r.in_sync());
         let mut public_error = false;
         let mut public_differs = false;
-        if !args.no_verify {
+        if !args.no_verify && !settings.public_check {
+            println!("public copy");
+            println!(
+                "  not checked: `public-check: false` in the configuration (set it to true, or remove it, once {} is served)",
+                verify::discovery_url(&settings.issuer)
+            );
+        }
+        if args.no_verify {
+            println!("public copy");
+            println!("  not checked (--no-verify)");
+        }
+        if !args.no_verify && settings.public_check {
             log::info!(
                 "fetching the public copy: {} and {}",
                 verify::discovery_url(&settings.issuer),
@@ -247,10 +264,20 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
                 }
             }
         }
+        if !args.check && !failed && public_differs {
+            eprintln!(
+                "published, but the public copy is {}: relying parties (AWS STS) would refuse tokens until {} serves what was published (exit {}; `--no-verify` or `public-check: false` while the URL is not served yet)",
+                if public_error { "unreachable" } else { "not what was published" },
+                verify::discovery_url(&settings.issuer),
+                Exit::PUBLIC_COPY.0
+            );
+        }
         Ok::<Exit, anyhow::Error>(if failed || (args.check && public_error) {
             Exit::FAILURE
         } else if args.check && (differs || public_differs) {
             Exit::PENDING
+        } else if public_differs {
+            Exit::PUBLIC_COPY
         } else {
             Exit::OK
         })

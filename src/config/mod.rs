@@ -295,6 +295,10 @@ pub struct Settings {
     /// An extra CA bundle (host path) trusted for the agent's own HTTPS requests: verifying the
     /// public copy, STS, storage endpoints. The system store (or `SSL_CERT_FILE`) stays trusted.
     pub ca_file: Option<PathBuf>,
+    /// `public-check:` (default true): after publishing, fetch the issuer's documents over
+    /// HTTPS and count a public copy that is unreachable, stale or served with the wrong
+    /// Content-Type as a problem. `false` while the URL is not served yet (DNS, CDN to come).
+    pub public_check: bool,
     /// The files this was read from, in merge order.
     pub sources: Vec<PathBuf>,
 }
@@ -324,6 +328,7 @@ pub struct Fragment {
     pub publish: Option<Origin<Vec<PublishTarget>>>,
     pub rotation: RotationFragment,
     pub ca_file: Option<Origin<PathBuf>>,
+    pub public_check: Option<bool>,
     pub run: run::RunFragment,
 }
 
@@ -503,6 +508,7 @@ pub fn parse_fragment(file: &Path, text: &str, problems: &mut Vec<Problem>) -> F
             );
         }
     }
+    fragment.public_check = f.bool("public-check");
     if let Some(rotation) = f.mapping("rotation") {
         fragment.rotation = parse_rotation(file, rotation, f.problems());
     }
@@ -839,6 +845,7 @@ pub fn merge(fragments: Vec<Fragment>) -> Fragment {
         out.distribution = f.distribution.or(out.distribution);
         out.publish = f.publish.or(out.publish);
         out.ca_file = f.ca_file.or(out.ca_file);
+        out.public_check = f.public_check.or(out.public_check);
         out.run = run::merge(std::mem::take(&mut out.run), f.run);
         let (r, o) = (f.rotation, &mut out.rotation);
         o.enabled = r.enabled.or(o.enabled);
@@ -989,6 +996,7 @@ pub fn validate(
             rotation,
             run,
             ca_file: merged.ca_file.map(|o| o.value),
+            public_check: merged.public_check.unwrap_or(true),
             sources,
         },
         warnings,

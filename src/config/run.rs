@@ -9,6 +9,7 @@
 //!   publish-timeout: 2m           # give up one publish attempt after this long
 //!   metrics-textfile: /var/lib/prometheus/node-exporter/irsa_agent.prom
 //!   metrics-listen: 127.0.0.1:9464
+//!   apply-issuer: true            # false: publish and rotate, leave `issuer:` changes to `irsa-agent apply`
 //! ```
 
 use std::net::SocketAddr;
@@ -36,6 +37,10 @@ pub struct RunSettings {
     pub metrics_textfile: Option<PathBuf>,
     /// A loopback address to serve `GET /metrics` on.
     pub metrics_listen: Option<SocketAddr>,
+    /// The daemon brings the apiserver's issuer flags in line with `issuer:` by itself
+    /// (default). `false`: it publishes (and rotates, if enabled) but only reports a pending
+    /// issuer change; a person runs `irsa-agent apply`.
+    pub apply_issuer: bool,
 }
 
 impl Default for RunSettings {
@@ -47,6 +52,7 @@ impl Default for RunSettings {
             publish_timeout: Duration::from_secs(120),
             metrics_textfile: None,
             metrics_listen: None,
+            apply_issuer: true,
         }
     }
 }
@@ -60,6 +66,7 @@ pub struct RunFragment {
     pub publish_timeout: Option<Origin<Duration>>,
     pub metrics_textfile: Option<PathBuf>,
     pub metrics_listen: Option<SocketAddr>,
+    pub apply_issuer: Option<bool>,
 }
 
 /// Checks a duration against bounds, recording a problem.
@@ -149,6 +156,7 @@ pub fn parse(file: &Path, map: &Mapping, problems: &mut Vec<Problem>) -> RunFrag
             }
         }
     });
+    let apply_issuer = f.bool("apply-issuer");
     f.finish();
     RunFragment {
         resync_interval,
@@ -157,6 +165,7 @@ pub fn parse(file: &Path, map: &Mapping, problems: &mut Vec<Problem>) -> RunFrag
         publish_timeout,
         metrics_textfile,
         metrics_listen,
+        apply_issuer,
     }
 }
 
@@ -169,6 +178,7 @@ pub fn merge(earlier: RunFragment, later: RunFragment) -> RunFragment {
         publish_timeout: later.publish_timeout.or(earlier.publish_timeout),
         metrics_textfile: later.metrics_textfile.or(earlier.metrics_textfile),
         metrics_listen: later.metrics_listen.or(earlier.metrics_listen),
+        apply_issuer: later.apply_issuer.or(earlier.apply_issuer),
     }
 }
 
@@ -188,6 +198,7 @@ pub fn validate(fragment: RunFragment, problems: &mut Vec<Problem>) -> RunSettin
             .map_or(d.publish_timeout, |o| o.value),
         metrics_textfile: fragment.metrics_textfile,
         metrics_listen: fragment.metrics_listen,
+        apply_issuer: fragment.apply_issuer.unwrap_or(d.apply_issuer),
     };
     if let Some(debounce) = &fragment.debounce
         && debounce.value >= settings.resync_interval
@@ -233,11 +244,16 @@ mod tests {
         assert_eq!(settings.resync_interval, Duration::from_secs(2));
         assert_eq!(settings.debounce, Duration::from_millis(50));
         assert_eq!(settings.retry_max, Duration::from_secs(300));
+        assert!(settings.apply_issuer, "applying the issuer is the default");
         assert_eq!(
             settings.metrics_listen.map(|a| a.to_string()).as_deref(),
             Some("[::1]:9464")
         );
         let defaults = validate(RunFragment::default(), &mut problems);
         assert_eq!(defaults, RunSettings::default());
+        let (fragment, problems) = parse_text("apply-issuer: false\n");
+        assert!(problems.is_empty(), "{problems:?}");
+        let mut problems = Vec::new();
+        assert!(!validate(fragment, &mut problems).apply_issuer);
     }
 }

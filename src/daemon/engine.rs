@@ -15,7 +15,7 @@ use super::apply_step::{ApplyReport, ApplyStep, FailureKind};
 use super::backoff::{Backoff, Jitter};
 use super::metrics::{self, TargetMetric};
 use super::status::{
-    ApiserverStatus, ConvergeRecord, DaemonStatus, Phase, TargetStatus, TaskStatus,
+    ApiserverStatus, ConvergeRecord, DaemonStatus, Phase, PublicStatus, TargetStatus, TaskStatus,
 };
 use super::tasks::{ScheduledTask, TaskContext, TaskReason};
 use super::watch::{Group, WatchEvent, WatchSet, Watcher};
@@ -27,6 +27,8 @@ use crate::state::State;
 
 /// The first retry comes after about this long; then it doubles up to `run.retry-max`.
 const RETRY_BASE: Duration = Duration::from_secs(1);
+/// The longest one request of the public check may take (AWS STS gives up after about 5 s).
+const PUBLIC_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Events keep coming (an editor saving, k3s writing several files): converge at the latest
 /// this many debounce periods after the first one.
 const DEBOUNCE_MAX_FACTOR: u32 = 20;
@@ -161,6 +163,8 @@ pub struct Engine {
     /// since they left the key files); while there are any, the daemon looks again soon.
     live_only: Vec<String>,
     last_errors: Vec<String>,
+    /// What the last successful publish wrote (for the public check).
+    last_publication: Option<Publication>,
     pub status: DaemonStatus,
     metrics_tx: tokio::sync::watch::Sender<String>,
     metrics_server: Option<(std::net::SocketAddr, tokio::task::JoinHandle<()>)>,
@@ -246,6 +250,7 @@ impl Engine {
             last_warnings: Vec::new(),
             live_only: Vec::new(),
             last_errors: Vec::new(),
+            last_publication: None,
             status,
             metrics_tx,
             metrics_server: None,
@@ -509,6 +514,9 @@ impl Engine {
                 false
             }
         };
+        if published && !self.stopping.load(Ordering::SeqCst) {
+            self.check_public(&settings, &mut errors).await;
+        }
         let apiserver_ok = if !published {
             if observed.is_ok() {
                 self.status.apiserver = Some(ApiserverStatus {
@@ -768,12 +776,84 @@ impl Engine {
         }
         self.status.targets = targets;
         if all_ok {
+            self.last_publication = Some(publication);
             self.status.metrics.keys_published = kids.len() as u64;
             self.status.metrics.last_publish_success_timestamp_seconds = Some(now);
         } else {
             self.status.metrics.publish_failures_total += 1;
         }
         all_ok
+    }
+
+    /// Fetches the issuer's documents over HTTPS as a relying party does, after a successful
+    /// publish. A public copy that is unreachable, stale or served with a Content-Type relying
+    /// parties refuse is an error of this converge (retried with backoff, so `status` is not
+    /// "in sync"), unless `public-check: false` says the URL is not served yet.
+    async fn check_public(&mut self, settings: &Settings, errors: &mut Vec<String>) {
+        let at = unix(SystemTime::now());
+        if !settings.public_check {
+            self.status.public = Some(PublicStatus {
+                result: "not-checked".into(),
+                problems: vec![format!(
+                    "public-check: false in the configuration; {} is not fetched",
+                    publish::verify::discovery_url(&settings.issuer)
+                )],
+                at,
+            });
+            return;
+        }
+        let Some(publication) = self.last_publication.clone() else {
+            return;
+        };
+        let ca_file = settings.ca_file.as_ref().map(|p| self.root.path(p));
+        let client = match publish::http::client(ca_file.as_deref(), PUBLIC_REQUEST_TIMEOUT) {
+            Ok(c) => c,
+            Err(e) => {
+                errors.push(format!("public copy: cannot set up HTTPS: {e}"));
+                return;
+            }
+        };
+        let report = match tokio::time::timeout(
+            settings.run.publish_timeout,
+            publish::verify::verify(&client, &publication),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => {
+                let problem = format!(
+                    "{}: UNREACHABLE: no answer within {} (run.publish-timeout)",
+                    publish::verify::discovery_url(&settings.issuer),
+                    format_duration(settings.run.publish_timeout)
+                );
+                errors.push(format!("public copy: {problem}"));
+                self.status.public = Some(PublicStatus {
+                    result: "unreachable".into(),
+                    problems: vec![problem],
+                    at,
+                });
+                return;
+            }
+        };
+        let problems: Vec<String> = [&report.discovery, &report.jwks]
+            .into_iter()
+            .filter_map(publish::verify::Fetched::problem)
+            .collect();
+        let result = if problems.is_empty() {
+            "matches"
+        } else if report.has_errors() {
+            "unreachable"
+        } else {
+            "differs"
+        };
+        for p in &problems {
+            errors.push(format!("public copy: {p}"));
+        }
+        self.status.public = Some(PublicStatus {
+            result: result.into(),
+            problems,
+            at,
+        });
     }
 
     /// The apiserver step on a blocking thread (unless held after a rollback).

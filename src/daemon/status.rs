@@ -90,6 +90,19 @@ pub struct ApiserverStatus {
     pub at: u64,
 }
 
+/// The public check of the last converge: the issuer's documents fetched over HTTPS as a
+/// relying party fetches them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PublicStatus {
+    /// `matches`, `unreachable`, `differs` (stale, other keys, or a Content-Type relying
+    /// parties refuse), `not-checked` (`public-check: false`).
+    pub result: String,
+    /// One line per document that is not what relying parties need.
+    pub problems: Vec<String>,
+    pub at: u64,
+}
+
 /// A scheduled task (see [`super::tasks`]).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -129,6 +142,8 @@ pub struct DaemonStatus {
     pub signing_kid: Option<String>,
     pub targets: Vec<TargetStatus>,
     pub apiserver: Option<ApiserverStatus>,
+    /// The public copy as relying parties see it (after the last successful publish).
+    pub public: Option<PublicStatus>,
     /// What went wrong in the last converge.
     pub errors: Vec<String>,
     pub tasks: Vec<TaskStatus>,
@@ -285,6 +300,16 @@ pub fn render_human(state: &State, rotation_enabled: Option<bool>) -> String {
                         t.target,
                         time(t.last_success_at)
                     ));
+                }
+            }
+            if let Some(p) = &d.public {
+                out.push_str(&format!(
+                    "public copy:   {} ({})\n",
+                    p.result,
+                    time(Some(p.at))
+                ));
+                for problem in &p.problems {
+                    out.push_str(&format!("  {problem}\n"));
                 }
             }
             if let Some(a) = &d.apiserver {

@@ -69,6 +69,18 @@ impl Fetched {
         matches!(self.matches, Match::Exact | Match::SameMeaning)
     }
 
+    /// What is wrong with it for a relying party, one line naming the URL (`None` when it is
+    /// what they need).
+    pub fn problem(&self) -> Option<String> {
+        let state = match (&self.error, &self.matches) {
+            (Some(e), _) => format!("UNREACHABLE: {e}"),
+            (None, Match::Exact | Match::SameMeaning) => return None,
+            (None, Match::Differs(why)) => format!("DIFFERS: {}", why.join("; ")),
+            (None, Match::NotFetched) => "not fetched".to_string(),
+        };
+        Some(format!("{}: {state}", self.url))
+    }
+
     /// How much longer the cache that answered may serve this copy: max-age minus Age.
     pub fn cached_for(&self) -> Option<Duration> {
         let max_age = max_age(self.cache_control.as_deref()?)?;
@@ -238,6 +250,40 @@ fn compare_jwks(body: &[u8], publication: &Publication, out: &mut Fetched) {
     };
 }
 
+/// Why a `Content-Type` would make relying parties refuse the document, if it would:
+/// anything but `application/json` or `application/jwk-set+json` (parameters such as
+/// `charset` are ignored). A missing header is not called wrong here (doctor warns about it).
+pub fn content_type_problem(content_type: Option<&str>) -> Option<String> {
+    let raw = content_type?;
+    let media = raw
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match media.as_str() {
+        "application/json" | "application/jwk-set+json" => None,
+        _ => Some(format!(
+            "served as Content-Type {raw}: relying parties expect application/json (or application/jwk-set+json) and may refuse it"
+        )),
+    }
+}
+
+/// A document whose body is right but whose Content-Type relying parties may refuse is not
+/// what they need: it is reported as differing, with the reason.
+fn check_content_type(out: &mut Fetched) {
+    if !out.is_ok() {
+        return;
+    }
+    if let Some(problem) = content_type_problem(out.content_type.as_deref()) {
+        let same = match out.matches {
+            Match::Exact => "same bytes, but ",
+            _ => "same keys and fields, but ",
+        };
+        out.matches = Match::Differs(vec![format!("{same}{problem}")]);
+    }
+}
+
 /// The public discovery URL of an issuer.
 pub fn discovery_url(issuer: &str) -> String {
     format!("{issuer}{}", crate::keys::jwks::DISCOVERY_PATH)
@@ -249,10 +295,12 @@ pub async fn verify(client: &reqwest::Client, publication: &Publication) -> Publ
     let (mut discovery, body) = fetch(client, &discovery_url).await;
     if let Some(body) = body {
         compare_discovery(&body, publication, &mut discovery);
+        check_content_type(&mut discovery);
     }
     let (mut jwks, body) = fetch(client, &publication.jwks_uri).await;
     if let Some(body) = body {
         compare_jwks(&body, publication, &mut jwks);
+        check_content_type(&mut jwks);
     }
     PublicReport { discovery, jwks }
 }
@@ -273,5 +321,27 @@ mod tests {
         );
         assert_eq!(max_age("no-cache"), Some(Duration::ZERO));
         assert_eq!(max_age("public"), None);
+    }
+
+    #[test]
+    fn content_types_relying_parties_accept() {
+        assert_eq!(content_type_problem(Some("application/json")), None);
+        assert_eq!(
+            content_type_problem(Some("Application/JSON; charset=utf-8")),
+            None
+        );
+        assert_eq!(content_type_problem(Some("application/jwk-set+json")), None);
+        assert_eq!(content_type_problem(None), None);
+        let problem = content_type_problem(Some("application/octet-stream")).expect("refused");
+        assert!(problem.contains("application/octet-stream"), "{problem}");
+        let mut fetched = Fetched::new("https://127.0.0.1/jwks");
+        fetched.matches = Match::Exact;
+        fetched.content_type = Some("binary/octet-stream".into());
+        check_content_type(&mut fetched);
+        assert!(!fetched.is_ok(), "{fetched:?}");
+        assert!(
+            matches!(&fetched.matches, Match::Differs(why) if why[0].starts_with("same bytes, but served as Content-Type binary/octet-stream")),
+            "{fetched:?}"
+        );
     }
 }
