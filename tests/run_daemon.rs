@@ -722,3 +722,85 @@ fn the_public_copy_is_checked_and_an_unreachable_one_is_not_in_sync() {
         "{status:#}"
     );
 }
+
+/// A k3s agent (worker): `/etc/rancher/k3s/config.yaml` joins a server, only
+/// `/var/lib/rancher/k3s/agent` exists. Before, `apply` failed reading
+/// `server/tls/service.key` twice, `doctor` passed the distribution, and the daemon retried
+/// for ever.
+fn k3s_agent_host() -> Host {
+    let host = Host::new();
+    host.write(
+        "/etc/irsa-agent/config.yaml",
+        config("https://oidc.example.com/homelab", ""),
+    )
+    .write(
+        "/etc/rancher/k3s/config.yaml",
+        "server: https://10.0.0.1:6443\ntoken: K10abc::server:xyz\n",
+    )
+    .mkdir("/var/lib/rancher/k3s/agent/etc");
+    host
+}
+
+fn agent(root: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(run_support::binary())
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .output()
+        .expect("runs");
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn a_k3s_agent_node_is_named_as_such_and_the_daemon_waits_without_retrying() {
+    let host = k3s_agent_host();
+    let said = "this is a k3s agent (worker) node: /var/lib/rancher/k3s/agent exists";
+    let (code, out) = agent(host.root(), &["apply", "--check"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains(said), "{out}");
+    assert!(out.contains("irsa-agent runs on server nodes"), "{out}");
+    assert_eq!(out.matches("service.key").count(), 1, "said once: {out}");
+    let (code, out) = agent(host.root(), &["doctor", "--offline"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains(said), "doctor fails the distribution: {out}");
+
+    let mut d = Daemon::start(host.root(), &["--no-restart"], &[]);
+    d.wait_ready();
+    let status = d.wait_status("not a server", |s| s["daemon"]["phase"] == "not-a-server");
+    assert!(
+        status["daemon"]["status"]
+            .as_str()
+            .is_some_and(|l| l.contains(said)),
+        "{status:#}"
+    );
+    assert!(status["daemon"]["next_retry_at"].is_null(), "{status:#}");
+    // retry-max is 2s: a retrying daemon would have converged again by now.
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    d.assert_running();
+    let status = d.status();
+    assert_eq!(
+        status["daemon"]["metrics"]["converges_total"], 1,
+        "no retries: {status:#}"
+    );
+    assert_eq!(
+        d.log().matches(said).count(),
+        1,
+        "one message:\n{}",
+        d.log()
+    );
+
+    // It becomes a server (k3s server installed here): the daemon goes on by itself.
+    host.write("/etc/rancher/k3s/config.yaml", K3S_CONFIG)
+        .k3s_keys("/var/lib/rancher/k3s");
+    wait_file(&mut d, &host, JWKS, "published", |b| {
+        b == real_apiserver_jwks()
+    });
+    d.wait_status("in sync", |s| s["daemon"]["phase"] == "in-sync");
+}

@@ -55,7 +55,7 @@ pub enum DetectError {
         "several distributions found under {root} ({found}); set `distribution:` in the configuration to the one that runs the apiserver"
     )]
     Ambiguous { root: String, found: String },
-    #[error("{0}")]
+    #[error(transparent)]
     Observe(#[from] ObserveError),
     #[error(
         "the apiserver has no --service-account-signing-key-file{}",
@@ -69,6 +69,31 @@ pub enum DetectError {
 pub enum ObserveError {
     #[error("{}: {message}", path.display())]
     File { path: PathBuf, message: String },
+    /// A k3s/RKE2 agent (worker): it runs no apiserver and has no service-account keys.
+    #[error(
+        "this is a {program} agent (worker) node: {evidence} exists, but {data_dir}/server does not, so no apiserver runs here and there are no service-account keys ({data_dir}/server/tls/service.key); irsa-agent runs on server nodes: install and configure it on each {program} server instead"
+    )]
+    AgentNode {
+        program: &'static str,
+        data_dir: String,
+        /// What shows that the host is an agent (its data folder or its unit).
+        evidence: String,
+    },
+}
+
+impl ObserveError {
+    /// The host is not a control-plane node: nothing to do until that changes (waiting, not
+    /// retrying, is the right answer).
+    pub fn is_agent_node(&self) -> bool {
+        matches!(self, ObserveError::AgentNode { .. })
+    }
+}
+
+impl DetectError {
+    /// See [`ObserveError::is_agent_node`].
+    pub fn is_agent_node(&self) -> bool {
+        matches!(self, DetectError::Observe(e) if e.is_agent_node())
+    }
 }
 
 /// Why `apply` will not change anything.

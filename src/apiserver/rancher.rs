@@ -264,6 +264,13 @@ pub fn observe(root: &HostRoot, flavor: Flavor) -> Result<Observed, ObserveError
     let cluster_domain = string_of(merged.get("cluster-domain"))
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| "cluster.local".to_string());
+    if let Some(evidence) = agent_node_evidence(root, flavor, &data_dir) {
+        return Err(ObserveError::AgentNode {
+            program: flavor.program(),
+            data_dir,
+            evidence,
+        });
+    }
     let (entries, contributing) = effective_entries(&files, &merged)?;
     let tls = format!("{data_dir}/server/tls");
     let current = format!("{tls}/service.current.key");
@@ -295,6 +302,28 @@ pub fn observe(root: &HostRoot, flavor: Flavor) -> Result<Observed, ObserveError
         defaults,
         args,
     })
+}
+
+/// What shows the host is an agent (worker) only: no `<data-dir>/server` (a server has both
+/// `server` and `agent`), but `<data-dir>/agent` or the agent's systemd unit. `None` for a
+/// server, and for a host where neither has run yet (a server before its first start).
+fn agent_node_evidence(root: &HostRoot, flavor: Flavor, data_dir: &str) -> Option<String> {
+    if root.path(format!("{data_dir}/server")).exists() {
+        return None;
+    }
+    let agent_dir = format!("{data_dir}/agent");
+    if root.path(&agent_dir).is_dir() {
+        return Some(agent_dir);
+    }
+    let program = flavor.program();
+    [
+        format!("/etc/systemd/system/{program}-agent.service"),
+        format!("/usr/local/lib/systemd/system/{program}-agent.service"),
+        format!("/usr/lib/systemd/system/{program}-agent.service"),
+        format!("/lib/systemd/system/{program}-agent.service"),
+    ]
+    .into_iter()
+    .find(|unit| root.path(unit).exists())
 }
 
 /// The effective `kube-apiserver-arg` entries with their origin, and the contributing files.

@@ -162,9 +162,48 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code.0),
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", error_chain(&err));
             ExitCode::from(Exit::FAILURE.0)
         }
+    }
+}
+
+/// The error and its causes, joined by ": ", each cause only when the text so far does not
+/// already say it (typed errors often print their source in their own message; `{:#}` would
+/// then print it twice: "cannot read X: no such file: no such file").
+pub fn error_chain(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let typed = crate::config::ConfigError::Read {
+            path: "/etc/irsa-agent/config.yaml".into(),
+            source: io,
+        };
+        let err = anyhow::Error::new(typed);
+        assert_eq!(
+            error_chain(&err),
+            "cannot read /etc/irsa-agent/config.yaml: no such file"
+        );
+        let err = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_chain(&err), "outer: inner");
     }
 }
 

@@ -165,6 +165,9 @@ pub struct Engine {
     last_errors: Vec<String>,
     /// What the last successful publish wrote (for the public check).
     last_publication: Option<Publication>,
+    /// Why there is nothing to do on this host (an agent node): no retries, the watches on
+    /// the server's files bring the next converge.
+    not_a_server: Option<String>,
     pub status: DaemonStatus,
     metrics_tx: tokio::sync::watch::Sender<String>,
     metrics_server: Option<(std::net::SocketAddr, tokio::task::JoinHandle<()>)>,
@@ -251,6 +254,7 @@ impl Engine {
             live_only: Vec::new(),
             last_errors: Vec::new(),
             last_publication: None,
+            not_a_server: None,
             status,
             metrics_tx,
             metrics_server: None,
@@ -507,8 +511,20 @@ impl Engine {
         }
         self.set_watches(set);
 
+        let not_a_server = match &observed {
+            Err(e) if e.is_agent_node() => Some(e.to_string()),
+            _ => None,
+        };
+        if not_a_server.is_some() && not_a_server != self.not_a_server {
+            log::error!(
+                "{}; waiting until this host becomes a server (not retrying; the files are watched)",
+                not_a_server.as_deref().unwrap_or_default()
+            );
+        }
+        self.not_a_server = not_a_server;
         let published = match &observed {
             Ok(o) => self.publish(&settings, o, &mut errors).await,
+            Err(_) if self.not_a_server.is_some() => false,
             Err(e) => {
                 errors.push(format!("cannot read the apiserver configuration: {e}"));
                 false
@@ -554,6 +570,9 @@ impl Engine {
             self.backoff.reset();
             self.next_retry = None;
             self.status.last_success_at = Some(unix(SystemTime::now()));
+        } else if self.not_a_server.is_some() {
+            // Nothing to retry: the watches on the server's files bring the next converge.
+            self.next_retry = None;
         } else {
             self.status.metrics.converge_failures_total += 1;
             let delay = self.backoff.fail(&mut self.jitter);
@@ -1056,7 +1075,9 @@ impl Engine {
                         )
                     })
                     .unwrap_or_default();
-                if let Some(retry) = self.next_retry {
+                if let Some(why) = &self.not_a_server {
+                    (Phase::NotAServer, format!("{prefix}{why}"))
+                } else if let Some(retry) = self.next_retry {
                     let wait = retry.saturating_duration_since(Instant::now());
                     (
                         Phase::Retrying,
@@ -1102,7 +1123,8 @@ impl Engine {
             }
         };
         if phase != s.phase || line != s.status {
-            if phase != s.phase {
+            // NotAServer: the converge logged it already, as an error, once.
+            if phase != s.phase && phase != Phase::NotAServer {
                 if line.starts_with(phase.describe()) {
                     log::info!("{line}");
                 } else {

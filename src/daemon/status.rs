@@ -30,6 +30,9 @@ pub enum Phase {
     InSync,
     /// Something failed; a retry is scheduled (`next_retry_at`).
     Retrying,
+    /// The host is a k3s/RKE2 agent (worker) node: nothing to do; the daemon waits (without
+    /// retrying) until a server's files appear.
+    NotAServer,
     /// Published, but an apiserver change was rolled back and is not retried until its inputs
     /// change or a reload.
     Held,
@@ -46,6 +49,7 @@ impl Phase {
             Phase::ConfigInvalid => "configuration invalid",
             Phase::InSync => "in sync",
             Phase::Retrying => "retrying",
+            Phase::NotAServer => "not a server node",
             Phase::Held => "apiserver change held",
             Phase::Stopping => "stopping",
             Phase::Stopped => "stopped",
