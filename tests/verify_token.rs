@@ -402,3 +402,36 @@ fn trust_policy_prints_iam_terraform_azure_and_gcp() {
         "{stderr}"
     );
 }
+
+#[test]
+fn the_token_shape_is_checked_first_and_an_empty_input_is_called_empty() {
+    let world = World::healthy();
+    let now = NOW.to_string();
+    // Empty standard input: before, "this has 1 part".
+    let (code, stdout, stderr) =
+        world.agent_with_stdin(&["verify-token", "-", "--now", &now], "\n");
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("FAIL  token.format: malformed token: empty input"),
+        "{stdout}{stderr}"
+    );
+    assert!(!stdout.contains("part"), "{stdout}");
+    // Garbage, and a relying party nobody serves: the token is called malformed; nothing is
+    // fetched (before: "cannot fetch the published JWKS", and never a word about the token).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let unserved = format!("https://127.0.0.1:{port}/nowhere");
+    let (code, stdout, stderr) = world.agent_with_stdin(
+        &["verify-token", "-", "--now", &now, "--issuer", &unserved],
+        "hello world",
+    );
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("FAIL  token.format: malformed token: not a JWT: 1 part, expected 3"),
+        "{stdout}{stderr}"
+    );
+    assert!(!stderr.contains("cannot fetch"), "{stderr}");
+    assert!(!stderr.contains("fetching the published JWKS"), "{stderr}");
+}

@@ -179,9 +179,18 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
         (Some(ns), Some(sa)) => mint(global, &args, ns, sa, distribution)?,
         _ => read_token(&args)?,
     };
+    // The token's shape first: a malformed token is said to be one, without fetching keys
+    // (and without failing on a JWKS that cannot be fetched).
+    let malformed = token::decode(&token::clean(&raw).0).is_err();
     // This host's keys: the key set with --local, and the explanation of an unknown kid.
     let local = local_keys(global, distribution);
-    let keyset = if args.local {
+    let keyset = if malformed {
+        KeySet {
+            source: "no keys (the token is malformed, so none were fetched)".to_string(),
+            jwks: Vec::new(),
+            published: false,
+        }
+    } else if args.local {
         let local = local
             .as_ref()
             .map_err(|e| anyhow::anyhow!("cannot read this host's key files: {e}"))?;

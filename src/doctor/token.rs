@@ -93,6 +93,11 @@ pub fn clean(raw: &str) -> (String, Vec<String>) {
 
 /// Decodes header and payload without verifying anything.
 pub fn decode(token: &str) -> Result<(Value, Value), String> {
+    if token.trim().is_empty() {
+        return Err(
+            "empty input: no token was given (was the file or standard input empty?)".into(),
+        );
+    }
     let parts: Vec<&str> = token.split('.').collect();
     match parts.len() {
         3 => {}
@@ -103,7 +108,8 @@ pub fn decode(token: &str) -> Result<(Value, Value), String> {
         }
         n => {
             return Err(format!(
-                "a JWT has 3 parts separated by '.', this has {n}; is it the whole token (kubectl create token, or the file the projected volume mounts)?"
+                "not a JWT: {n} part{}, expected 3 separated by '.'; is it the whole token (kubectl create token, or the file the projected volume mounts)?",
+                if n == 1 { "" } else { "s" }
             ));
         }
     }
