@@ -804,3 +804,27 @@ fn a_k3s_agent_node_is_named_as_such_and_the_daemon_waits_without_retrying() {
     });
     d.wait_status("in sync", |s| s["daemon"]["phase"] == "in-sync");
 }
+
+#[test]
+fn a_relative_root_is_made_absolute_so_the_watch_sees_changes() {
+    // Before, `--root ./host` published at start, but the inotify watch (on paths relative to
+    // a working directory the watcher did not share) missed every later change.
+    let host = k3s_host("");
+    let mut d = Daemon::start_relative(host.root(), &["--no-restart"], &[]);
+    d.wait_ready();
+    assert_eq!(read(&host, JWKS), real_apiserver_jwks());
+    let watching = d.status()["daemon"]["watching"].clone();
+    assert!(
+        watching
+            .as_array()
+            .is_some_and(|w| w.iter().any(|p| p == "/var/lib/rancher/k3s/server/tls")),
+        "{watching}"
+    );
+    let key = new_ec_key();
+    let mut both = host.read(SERVICE_KEY);
+    both.push_str(&key.public_pem);
+    replace_by_rename(&host.path(SERVICE_KEY), both.as_bytes());
+    wait_file(&mut d, &host, JWKS, "republished with the new key", |b| {
+        kids(b).contains(&key.kid)
+    });
+}

@@ -139,9 +139,11 @@ pub fn main() -> ExitCode {
         }
     };
     logging::init(logging::level(cli.verbose, cli.quiet));
+    // Relative paths are made absolute once, here: the daemon's watches, messages and child
+    // processes must not depend on a working directory (`--root ./host` missed every change).
     let global = Global {
-        root: HostRoot::new(&cli.root),
-        config: cli.config.clone(),
+        root: HostRoot::new(absolute(&cli.root)),
+        config: cli.config.as_deref().map(absolute),
     };
     let result = match cli.command {
         Command::Jwks(args) => keys::jwks(&global, args),
@@ -165,6 +167,18 @@ pub fn main() -> ExitCode {
             eprintln!("error: {}", error_chain(&err));
             ExitCode::from(Exit::FAILURE.0)
         }
+    }
+}
+
+/// `path` joined to the working directory when it is relative (not canonicalized: links
+/// stay as given, and a path that does not exist yet is fine).
+fn absolute(path: &std::path::Path) -> PathBuf {
+    if path.is_absolute() {
+        return path.to_path_buf();
+    }
+    match std::env::current_dir() {
+        Ok(cwd) => cwd.join(path),
+        Err(_) => path.to_path_buf(),
     }
 }
 

@@ -103,12 +103,31 @@ pub fn binary() -> PathBuf {
 
 impl Daemon {
     pub fn start(root: &Path, args: &[&str], envs: &[(&str, &str)]) -> Daemon {
+        Daemon::spawn(root, false, args, envs)
+    }
+
+    /// As [`Daemon::start`], but given `--root` as a path relative to its working directory
+    /// (the root's parent), as a person typing `--root ./host` does.
+    pub fn start_relative(root: &Path, args: &[&str], envs: &[(&str, &str)]) -> Daemon {
+        Daemon::spawn(root, true, args, envs)
+    }
+
+    fn spawn(root: &Path, relative: bool, args: &[&str], envs: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let notify = NotifySocket::bind(dir.path());
         let log = dir.path().join("daemon.log");
         let log_file = std::fs::File::create(&log).expect("log");
         let mut cmd = Command::new(binary());
-        cmd.arg("--root").arg(root).arg("-v").arg("run").args(args);
+        if relative {
+            let parent = root.parent().expect("the root has a parent");
+            let name = root.file_name().expect("the root has a name");
+            cmd.current_dir(parent)
+                .arg("--root")
+                .arg(Path::new(".").join(name));
+        } else {
+            cmd.arg("--root").arg(root);
+        }
+        cmd.arg("-v").arg("run").args(args);
         for var in [
             "IRSA_AGENT_CONFIG",
             "IRSA_AGENT_SYSTEMCTL",
