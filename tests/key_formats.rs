@@ -308,3 +308,48 @@ fn minted_tokens_verify_against_the_published_jwks() {
     let p521 = keys::load_signing_file(&dir.join("ec-p521-sec1/keys/ec521.sec1.key")).expect("key");
     assert!(token::mint(&p521, &serde_json::json!({})).is_err());
 }
+
+/// ssh-keygen's files: before, "the file holds no PEM block at all" (public) or "not a key"
+/// (private). Now each names the `ssh-keygen` command that converts it, and the files those
+/// commands wrote (kept beside them) load, with the same kid.
+#[test]
+fn openssh_keys_get_the_ssh_keygen_command_that_converts_them() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/openssh");
+    let public = dir.join("id_rsa.pub");
+    let e = keys::load_verification_file(&public)
+        .expect_err("an OpenSSH public key is refused")
+        .to_string();
+    assert!(
+        e.contains(&format!("ssh-keygen -e -m PKCS8 -f {}", public.display())),
+        "{e}"
+    );
+    assert!(!e.contains("no PEM block"), "{e}");
+    let private = dir.join("id_rsa");
+    for e in [
+        keys::load_verification_file(&private)
+            .expect_err("refused")
+            .to_string(),
+        keys::load_signing_file(&private)
+            .expect_err("refused")
+            .to_string(),
+    ] {
+        assert!(
+            e.contains(&format!(
+                "ssh-keygen -p -m PEM -N '' -f {}",
+                private.display()
+            )),
+            "{e}"
+        );
+    }
+    let e = keys::load_signing_file(&public)
+        .expect_err("a public key cannot sign")
+        .to_string();
+    assert!(
+        e.contains("OpenSSH public key") && e.contains("ssh-keygen -p -m PEM"),
+        "{e}"
+    );
+    // The converted files are what the hints promise.
+    let converted = only_key(&std::fs::read_to_string(dir.join("id_rsa.pub.pem")).expect("pem"));
+    let signing = keys::load_signing_file(&dir.join("id_rsa.pem")).expect("PEM private key");
+    assert_eq!(converted.kid(), signing.public.kid());
+}

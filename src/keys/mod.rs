@@ -155,6 +155,13 @@ impl Skipped {
 
 impl fmt::Display for Skipped {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.label == "OPENSSH PRIVATE KEY" {
+            return write!(
+                f,
+                "block {} ({}): {OPENSSH_PRIVATE}",
+                self.block, self.label
+            );
+        }
         write!(
             f,
             "block {} ({}): {}",
@@ -186,6 +193,8 @@ pub enum KeyFileError {
         path: PathBuf,
         skipped: Vec<Skipped>,
     },
+    #[error("{}: kube-apiserver refuses this file: {}", path.display(), OPENSSH_PUBLIC.replace("FILE", &path.display().to_string()))]
+    OpenSshPublicKey { path: PathBuf },
     #[error("{}: {}", path.display(), explain_unsupported_curve(curve))]
     UnsupportedCurve { path: PathBuf, curve: String },
     #[error("{}: kube-apiserver refuses this file as --service-account-signing-key-file: {reason}{}", path.display(), explain_skipped(path, skipped))]
@@ -195,6 +204,20 @@ pub enum KeyFileError {
         skipped: Vec<Skipped>,
     },
 }
+
+/// ssh-keygen's own private key format, which kube-apiserver cannot read.
+const OPENSSH_PRIVATE: &str = "an OpenSSH private key (ssh-keygen's default format); kube-apiserver reads only PEM keys; rewrite it as PEM in place with: ssh-keygen -p -m PEM -N '' -f FILE (copy it first; an RSA key becomes 'RSA PRIVATE KEY', an ECDSA key 'EC PRIVATE KEY'; Ed25519 keys cannot be used at all)";
+
+/// An OpenSSH public key line (`ssh-rsa AAAA... comment`), as `ssh-keygen` writes `*.pub`.
+pub fn is_openssh_public_key(data: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(&data[..data.len().min(64)]);
+    let text = text.trim_start();
+    ["ssh-rsa ", "ecdsa-sha2-nistp", "ssh-ed25519 ", "ssh-dss "]
+        .iter()
+        .any(|p| text.starts_with(p))
+}
+
+const OPENSSH_PUBLIC: &str = "an OpenSSH public key (the `ssh-rsa AAAA...` line ssh-keygen writes to *.pub), not PEM; kube-apiserver reads only PEM keys; convert it with: ssh-keygen -e -m PKCS8 -f FILE > FILE.pem (a 'PUBLIC KEY' block) and use FILE.pem";
 
 const NO_PEM_BLOCK: &str =
     "the file holds no PEM block at all (is it empty, DER, or base64 without BEGIN/END lines?)";
@@ -351,6 +374,11 @@ pub fn check_verification_file(
 pub fn load_verification_file(path: &Path) -> Result<VerificationKeys, KeyFileError> {
     let data = read(path)?;
     let parsed = parse_verification_keys(&data).unwrap_or_default();
+    if parsed.keys.is_empty() && parsed.skipped.is_empty() && is_openssh_public_key(&data) {
+        return Err(KeyFileError::OpenSshPublicKey {
+            path: path.to_path_buf(),
+        });
+    }
     check_verification_file(path, parsed)
 }
 
@@ -427,10 +455,17 @@ pub fn parse_signing_key(data: &[u8]) -> Result<SigningKey, (String, Vec<Skipped
 /// Reads a `--service-account-signing-key-file`.
 pub fn load_signing_file(path: &Path) -> Result<SigningKey, KeyFileError> {
     let data = read(path)?;
-    parse_signing_key(&data).map_err(|(reason, skipped)| KeyFileError::BadSigningKey {
-        path: path.to_path_buf(),
-        reason,
-        skipped,
+    parse_signing_key(&data).map_err(|(reason, skipped)| {
+        let reason = if skipped.is_empty() && is_openssh_public_key(&data) {
+            "it is an OpenSSH public key (an `ssh-rsa AAAA...` line), and a public key cannot sign; give the private key in PEM form (ssh-keygen -p -m PEM -N '' -f PRIVATE_KEY rewrites an OpenSSH private key as PEM)".to_string()
+        } else {
+            reason
+        };
+        KeyFileError::BadSigningKey {
+            path: path.to_path_buf(),
+            reason,
+            skipped,
+        }
     })
 }
 
