@@ -14,6 +14,7 @@
 //! - [`state`]: the agent's own state file (`/var/lib/irsa-agent/state.json`);
 //! - [`daemon`]: `irsa-agent run`, the loop that keeps all of the above true (watch, converge,
 //!   retry, systemd, metrics) and the extension point for scheduled work (rotation);
+//! - [`unit`]: what the packaged systemd unit lets the agent write;
 //! - [`cli`]: the command line, one file per subcommand.
 
 pub mod apiserver;
@@ -28,3 +29,4 @@ pub mod keys;
 pub mod publish;
 pub mod rotation;
 pub mod state;
+pub mod unit;

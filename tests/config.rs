@@ -54,8 +54,70 @@ fn a_valid_minimal_config() {
     )]);
     let (code, stdout, stderr) = check(root.path(), &[]);
     assert_eq!(code, 0, "{stderr}");
-    assert_eq!(stderr, "");
+    // Valid, but it publishes nothing: said, not accepted silently.
+    assert!(
+        stderr.contains("publish: no targets: nothing will be published from this host"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
     insta::assert_snapshot!(stdout);
+    // With a target: not a word on stderr.
+    let root = host(&[(
+        "/etc/irsa-agent/config.yaml",
+        "issuer: https://oidc.example.com/cluster-a\npublish: [{type: directory, path: /srv/oidc/cluster-a}]\n",
+    )]);
+    let (code, _, stderr) = check(root.path(), &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stderr, "");
+}
+
+/// The packaged unit may write only its ReadWritePaths: a directory target elsewhere (the
+/// Cloudflare Pages example used /srv/oidc-site) would fail at the first publish of the
+/// service. check-config says so when the unit is installed, and a drop-in allowing it counts.
+#[test]
+fn a_directory_target_the_installed_unit_cannot_write_is_a_warning() {
+    let config =
+        "issuer: https://oidc.example.com\npublish: [{type: directory, path: /srv/oidc-site}]\n";
+    let unit = include_str!("../systemd/irsa-agent.service");
+    // Not installed (run by hand, in a container...): nothing known, nothing said.
+    let root = host(&[("/etc/irsa-agent/config.yaml", config)]);
+    let (code, _, stderr) = check(root.path(), &[]);
+    assert_eq!((code, stderr.as_str()), (0, ""));
+    let root = host(&[
+        ("/etc/irsa-agent/config.yaml", config),
+        ("/lib/systemd/system/irsa-agent.service", unit),
+    ]);
+    let (code, _, stderr) = check(root.path(), &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains(
+            "publish: directory /srv/oidc-site: the irsa-agent service cannot write there"
+        ) && stderr.contains("ReadWritePaths=/srv/oidc-site"),
+        "{stderr}"
+    );
+    let (_, stdout, _) = check(root.path(), &["--json"]);
+    assert!(stdout.contains("cannot write there"), "{stdout}");
+    // Under /srv/oidc: fine.
+    let root = host(&[
+        (
+            "/etc/irsa-agent/config.yaml",
+            "issuer: https://oidc.example.com\npublish: [{type: directory, path: /srv/oidc/site}]\n",
+        ),
+        ("/lib/systemd/system/irsa-agent.service", unit),
+    ]);
+    let (code, _, stderr) = check(root.path(), &[]);
+    assert_eq!((code, stderr.as_str()), (0, ""));
+    // Allowed by a drop-in (`systemctl edit irsa-agent`): fine.
+    let root = host(&[
+        ("/etc/irsa-agent/config.yaml", config),
+        ("/lib/systemd/system/irsa-agent.service", unit),
+        (
+            "/etc/systemd/system/irsa-agent.service.d/override.conf",
+            "[Service]\nReadWritePaths=/srv/oidc-site\n",
+        ),
+    ]);
+    let (code, _, stderr) = check(root.path(), &[]);
+    assert_eq!((code, stderr.as_str()), (0, ""));
 }
 
 #[test]

@@ -23,6 +23,11 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
         log::warn!("{warning}");
     }
     let s = &loaded.settings;
+    // What the installed service could not do with these settings (its sandbox).
+    let host_warnings = crate::unit::sandbox_warnings(&global.root, s);
+    for warning in &host_warnings {
+        log::warn!("{warning}");
+    }
     if args.json {
         let targets: Vec<_> = s
             .publish
@@ -53,7 +58,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
                 "metrics-listen": s.run.metrics_listen.map(|a| a.to_string()),
             },
             "sources": s.sources,
-            "warnings": loaded.warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "warnings": loaded.warnings.iter().map(ToString::to_string).chain(host_warnings.iter().cloned()).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(Exit::OK);

@@ -915,6 +915,17 @@ pub fn validate(
         }
         None => default_jwks_uri(&issuer.value),
     };
+    if merged.publish.as_ref().is_none_or(|p| p.value.is_empty()) {
+        warnings.push(Problem {
+            file: merged.publish.as_ref().map(|p| p.file.clone()),
+            key: "publish".into(),
+            value: None,
+            message: format!(
+                "no targets: nothing will be published from this host, and relying parties find no documents at {} unless something else puts them there (add a target, e.g. `publish: [{{type: directory, path: /srv/oidc}}]`; docs/publishing.md)",
+                issuer.value
+            ),
+        });
+    }
     // Where each target puts the documents, and whether that can line up with the issuer.
     if let Some(publish) = &merged.publish {
         for (i, target) in publish.value.iter().enumerate() {

@@ -298,6 +298,9 @@ impl Engine {
                     self.publishers_for = None;
                     self.last_good.clear();
                     self.status.issuer = Some(loaded.settings.issuer.clone());
+                    for w in crate::unit::sandbox_warnings(&self.root, &loaded.settings) {
+                        log::warn!("{w}");
+                    }
                     self.settings = Some(loaded.settings);
                     self.update_metrics_server();
                 }
