@@ -441,3 +441,17 @@ fn run_section_values_in_effect() {
         })
     );
 }
+
+/// One YAML syntax error is one problem: before, a phantom "issuer: required" came with it.
+#[test]
+fn a_yaml_syntax_error_is_the_only_problem_reported() {
+    let root = host(&[(
+        "/etc/irsa-agent/config.yaml",
+        "issuer: https://oidc.example.com/cluster-a\npublish: [{type: directory\n",
+    )]);
+    let (code, _, stderr) = check(root.path(), &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("invalid configuration (1 problem):"), "{stderr}");
+    assert!(stderr.contains("not valid YAML"), "{stderr}");
+    assert!(!stderr.contains("required"), "{stderr}");
+}

@@ -450,6 +450,11 @@ pub fn load(root: &HostRoot, explicit: Option<&Path>) -> Result<Loaded, ConfigEr
         fragments.push(parse_fragment(file, &text, &mut problems));
     }
     let merged = merge(fragments);
+    // A file that is not YAML has no keys: its `issuer:` is not missing, it is unreadable.
+    // Report the syntax error alone rather than a phantom "issuer: required" beside it.
+    if merged.issuer.is_none() && problems.iter().any(|p| p.key == "(file)") {
+        return Err(ConfigError::Invalid { problems });
+    }
     let result = validate(merged, files, &mut problems);
     match result {
         Some(loaded) if problems.is_empty() => Ok(loaded),
