@@ -451,7 +451,10 @@ fn a_yaml_syntax_error_is_the_only_problem_reported() {
     )]);
     let (code, _, stderr) = check(root.path(), &[]);
     assert_eq!(code, 1, "{stderr}");
-    assert!(stderr.contains("invalid configuration (1 problem):"), "{stderr}");
+    assert!(
+        stderr.contains("invalid configuration (1 problem):"),
+        "{stderr}"
+    );
     assert!(stderr.contains("not valid YAML"), "{stderr}");
     assert!(!stderr.contains("required"), "{stderr}");
 }

@@ -126,3 +126,46 @@ fn prose_comments_are_not_mistaken_for_settings() {
         "auto (detect; the default), k3s, rke2 or kubeadm."
     ));
 }
+
+/// `doctor`, `publish` and `check-config` point at /usr/share/doc/irsa-agent/*.md: each must be
+/// a file of docs/ and the package must ship docs/ there (before, it shipped only the README).
+#[test]
+fn the_docs_messages_name_are_in_the_package() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cargo = std::fs::read_to_string(root.join("Cargo.toml")).expect("Cargo.toml");
+    assert!(
+        cargo.contains(r#"["docs/*.md", "usr/share/doc/irsa-agent/", "644"]"#),
+        "[package.metadata.deb] assets must ship docs/*.md"
+    );
+    let mut named = std::collections::BTreeSet::new();
+    let mut dirs = vec![root.join("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("src") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).expect("source");
+                for (i, _) in text.match_indices("/usr/share/doc/irsa-agent/") {
+                    let rest = &text[i + "/usr/share/doc/irsa-agent/".len()..];
+                    let name: String = rest
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
+                        .collect();
+                    if let Some(name) = name.strip_suffix('.').map(String::from).or(Some(name))
+                        && name.ends_with(".md")
+                    {
+                        named.insert(name);
+                    }
+                }
+            }
+        }
+    }
+    assert!(named.contains("publishing.md"), "{named:?}");
+    for name in &named {
+        assert!(
+            root.join("docs").join(name).is_file() || name == "README.md",
+            "messages name /usr/share/doc/irsa-agent/{name}, but docs/{name} does not exist"
+        );
+    }
+}

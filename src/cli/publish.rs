@@ -174,7 +174,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
     let settings = &loaded.settings;
     if settings.publish.is_empty() && !args.check {
         bail!(
-            "no `publish:` targets in the configuration; add one (e.g. `publish: [{{type: directory, path: /srv/oidc}}]`, see docs/publishing.md), or run `publish --check` to check only the public copy"
+            "no `publish:` targets in the configuration; add one (e.g. `publish: [{{type: directory, path: /srv/oidc}}]`, see /usr/share/doc/irsa-agent/publishing.md), or run `publish --check` to check only the public copy"
         );
     }
     log::info!("reading the apiserver's service-account keys");

@@ -926,7 +926,7 @@ pub fn validate(
             key: "publish".into(),
             value: None,
             message: format!(
-                "no targets: nothing will be published from this host, and relying parties find no documents at {} unless something else puts them there (add a target, e.g. `publish: [{{type: directory, path: /srv/oidc}}]`; docs/publishing.md)",
+                "no targets: nothing will be published from this host, and relying parties find no documents at {} unless something else puts them there (add a target, e.g. `publish: [{{type: directory, path: /srv/oidc}}]`; /usr/share/doc/irsa-agent/publishing.md)",
                 issuer.value
             ),
         });

@@ -340,7 +340,7 @@ fn jwks_uri_check(doc: Option<&serde_json::Value>, configured: &str) -> Check {
 
 /// `application/json` or `application/jwk-set+json` (parameters ignored).
 fn content_type_check(id: &'static str, fetched: &Fetched) -> Check {
-    let fix = "serve it as application/json: `irsa-agent publish` sets that on S3/GCS/Azure objects (an object uploaded by hand gets binary/octet-stream); behind nginx add `default_type application/json;` to its location (docs/publishing.md)";
+    let fix = "serve it as application/json: `irsa-agent publish` sets that on S3/GCS/Azure objects (an object uploaded by hand gets binary/octet-stream); behind nginx add `default_type application/json;` to its location (/usr/share/doc/irsa-agent/publishing.md)";
     let Some(raw) = fetched.content_type.as_deref() else {
         return Check::warn(
             id,

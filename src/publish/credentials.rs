@@ -383,7 +383,7 @@ impl SelfIssued {
         .await
         .map_err(|e| match e {
             StsError::Refused { .. } => format!(
-                "{e}; check that IAM trusts the issuer {} (an OIDC provider with audience {}), that the role's trust policy allows sub {}, and that the published JWKS holds kid {} (the first publish needs other credentials: see docs/publishing.md, bootstrap)",
+                "{e}; check that IAM trusts the issuer {} (an OIDC provider with audience {}), that the role's trust policy allows sub {}, and that the published JWKS holds kid {} (the first publish needs other credentials: see /usr/share/doc/irsa-agent/publishing.md, bootstrap)",
                 self.issuer,
                 self.audience,
                 self.subject,
