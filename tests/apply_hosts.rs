@@ -772,6 +772,56 @@ fn demo_runs_the_real_apply_and_verifies_a_token_against_the_published_jwks() {
     );
     let jwks = std::fs::read_to_string(root.path("/srv/oidc/openid/v1/jwks")).expect("published");
     assert!(jwks.starts_with("{\"keys\":[{\"use\":\"sig\",\"kty\":\"RSA\""));
+    // Kept, and said so; the next steps point at the quickstart.
+    assert!(
+        stdout.contains(&format!("stay in {}", dir.path().join("host").display())),
+        "{stdout}"
+    );
+    assert!(stdout.contains("docs/quickstart.md"), "{stdout}");
+}
+
+#[test]
+fn demo_says_which_folder_it_writes_and_removes_and_what_comes_next() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = assert_cmd::Command::cargo_bin("irsa-agent")
+        .expect("binary")
+        .arg("demo")
+        .env("TMPDIR", tmp.path())
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    // Before: "wrote /etc/rancher/k3s/config.yaml" right after "nothing on this machine changes".
+    let copy = stdout
+        .lines()
+        .find(|l| l.contains("/etc/rancher/k3s/config.yaml is the demo's copy: "))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        copy.trim_end()
+            .ends_with("/host/etc/rancher/k3s/config.yaml")
+            && copy.contains("irsa-agent-demo-"),
+        "{copy}"
+    );
+    assert!(
+        stdout.contains("Removed the demo's folder")
+            && stdout.contains("`irsa-agent demo --dir DIR` keeps"),
+        "{stdout}"
+    );
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).expect("tmp").count(),
+        0,
+        "the demo's folder is removed"
+    );
+    for step in [
+        "irsa-agent check-config",
+        "irsa-agent apply --check --diff",
+        "irsa-agent doctor",
+        "irsa-agent trust-policy --namespace NS --service-account SA --account-id ID",
+        "irsa-agent verify-token -",
+        "/usr/share/doc/irsa-agent/quickstart.md",
+    ] {
+        assert!(stdout.contains(step), "missing {step:?}:\n{stdout}");
+    }
 }
 
 #[test]

@@ -54,8 +54,9 @@ const EXAMPLE_HOST: [(&str, &[u8], u32); 4] = [
 
 #[derive(Debug, ClapArgs)]
 #[command(after_help = "\
-Runs on a copy of the example host in a temporary folder: nothing on this machine is changed. \
-With --dir the example host is kept in DIR/host (the published documents in DIR/host/srv/oidc).")]
+Runs on a copy of the example host in a temporary folder, removed at the end: nothing else on \
+this machine is changed. With --dir the example host is kept in DIR/host (the published \
+documents in DIR/host/srv/oidc). Ends with the next steps on a real server (docs/quickstart.md).")]
 pub struct Args {
     /// Keep everything in DIR instead of a temporary folder removed at the end.
     #[arg(long, value_name = "DIR")]
@@ -139,11 +140,39 @@ pub fn run(_global: &Global, args: Args) -> anyhow::Result<Exit> {
         None => (unique_temp_dir()?, false),
     };
     let result = demo(&base);
-    if !keep {
-        let _ = std::fs::remove_dir_all(&base);
+    if keep {
+        println!(
+            "\nThe example host and the published documents stay in {} (the documents in {}).",
+            base.join("host").display(),
+            base.join("host/srv/oidc").display()
+        );
+    } else {
+        let removed = std::fs::remove_dir_all(&base);
+        println!(
+            "\n{} the demo's folder {}; `irsa-agent demo --dir DIR` keeps the example host and the published documents to look at.",
+            if removed.is_ok() {
+                "Removed"
+            } else {
+                "Could not remove"
+            },
+            base.display()
+        );
+    }
+    if result.is_ok() {
+        println!("{NEXT_STEPS}");
     }
     result
 }
+
+/// Where to go from the demo: the journey on a real server, each step with its check.
+const NEXT_STEPS: &str = "
+Next, on a real k3s, RKE2 or kubeadm server (every step with the check that it worked:
+/usr/share/doc/irsa-agent/quickstart.md, docs/quickstart.md in the source):
+  1. set `issuer:` and a `publish:` target in /etc/irsa-agent/config.yaml; `irsa-agent check-config`
+  2. `irsa-agent publish` (exit 3 until the issuer's URL serves the documents)
+  3. `irsa-agent apply --check --diff`, then `irsa-agent apply`; `irsa-agent doctor`
+  4. `irsa-agent trust-policy --namespace NS --service-account SA --account-id ID`: the AWS commands
+  5. `kubectl create token SA -n NS --audience sts.amazonaws.com | irsa-agent verify-token -`";
 
 fn demo(base: &Path) -> anyhow::Result<Exit> {
     let host = base.join("host");
@@ -157,6 +186,9 @@ fn demo(base: &Path) -> anyhow::Result<Exit> {
             .with_context(|| format!("cannot write {}", target.display()))?;
     }
     println!("==> example k3s host copied to {}", host.display());
+    println!(
+        "    every host path below (/etc/rancher/k3s/..., /var/lib/irsa-agent/..., /srv/oidc/...) is inside that folder: nothing else on this machine changes"
+    );
     let settings = config::load(&root, None)?.settings;
     println!("    configured issuer: {}", settings.issuer);
 
@@ -188,6 +220,13 @@ fn demo(base: &Path) -> anyhow::Result<Exit> {
         &opts,
         state::unix_now(),
     )?;
+    for w in &outcome.written {
+        println!(
+            "    {} is the demo's copy: {}",
+            w.path.display(),
+            root.path(&w.path).display()
+        );
+    }
     let mut st = State::load(&root)?;
     executor::record(&mut st, &plan, &outcome, state::unix_now());
     st.save(&root)?;
@@ -258,9 +297,7 @@ fn demo(base: &Path) -> anyhow::Result<Exit> {
         verified.2["sub"].as_str().unwrap_or(""),
         verified.2["aud"]
     );
-    println!(
-        "\nDone. On a real k3s server: put your issuer in /etc/irsa-agent/config.yaml and run `irsa-agent apply --check --diff`, then `irsa-agent apply`."
-    );
+    println!("\nDone: that was the whole job, on the demo's copy of a k3s server.");
     Ok(Exit::OK)
 }
 
