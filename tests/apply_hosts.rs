@@ -909,3 +909,25 @@ fn k3s_issuer_entries_split_over_config_and_an_appending_drop_in() {
         "kube-apiserver-arg+: []\n"
     );
 }
+
+/// On a host that is no control plane at all the message had a hole where the (stripped) root
+/// was: "found under : none of".
+#[test]
+fn no_control_plane_is_said_without_a_hole_in_the_sentence() {
+    let host = Host::new();
+    host.agent_config("https://oidc.example.com/homelab");
+    for args in [&["apply", "--check"][..], &["doctor", "--offline"][..]] {
+        let out = host.agent().args(args).output().expect("run");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        assert!(
+            text.contains("no Kubernetes control plane found: none of /etc/rancher/k3s"),
+            "{args:?}: {text}"
+        );
+        assert!(!text.contains("under :"), "{text}");
+    }
+}

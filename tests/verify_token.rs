@@ -435,3 +435,21 @@ fn the_token_shape_is_checked_first_and_an_empty_input_is_called_empty() {
     assert!(!stderr.contains("cannot fetch"), "{stderr}");
     assert!(!stderr.contains("fetching the published JWKS"), "{stderr}");
 }
+
+/// "REFUSED: problems (a, b)" said no number: the count is always given.
+#[test]
+fn the_verdict_counts_the_problems() {
+    let world = World::healthy();
+    let key = signing_key(&world);
+    let mut bad = claims(&world.issuer);
+    bad["aud"] = json!(["sts.amazon.com"]);
+    bad["iat"] = json!(NOW - 3690);
+    bad["nbf"] = json!(NOW - 3690);
+    bad["exp"] = json!(NOW - 90);
+    let (code, out) = verify(&world, &mint(&key, &bad), &[]);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("REFUSED: 2 problems (token.audience, token.lifetime)"),
+        "{out}"
+    );
+}

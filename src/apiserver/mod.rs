@@ -48,11 +48,15 @@ const MARKERS: [(Distribution, &[&str]); 3] = [
 #[derive(Debug, thiserror::Error)]
 pub enum DetectError {
     #[error(
-        "no Kubernetes control plane found under {root}: none of /etc/rancher/k3s, /var/lib/rancher/k3s/server, /etc/rancher/rke2, /var/lib/rancher/rke2/server, /etc/kubernetes/manifests/kube-apiserver.yaml exists; run irsa-agent on a server (control-plane) node, or set `distribution:`"
+        "no Kubernetes control plane found: none of /etc/rancher/k3s, /var/lib/rancher/k3s/server, /etc/rancher/rke2, /var/lib/rancher/rke2/server, /etc/kubernetes/manifests/kube-apiserver.yaml exists; run irsa-agent on a server (control-plane) node, or set `distribution:` (paths under --root, if given)"
     )]
-    NotFound { root: String },
+    NotFound {
+        /// The root looked under (not shown: messages name host paths, and callers strip the
+        /// root from them).
+        root: String,
+    },
     #[error(
-        "several distributions found under {root} ({found}); set `distribution:` in the configuration to the one that runs the apiserver"
+        "several distributions found ({found}); set `distribution:` in the configuration to the one that runs the apiserver"
     )]
     Ambiguous { root: String, found: String },
     #[error(transparent)]

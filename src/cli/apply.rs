@@ -258,10 +258,10 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
                 "{}",
                 serde_json::to_string_pretty(&json!({
                     "changed": false,
-                    "error": format!("{err:#}"),
+                    "error": super::error_chain(&err),
                 }))?
             );
-            log::error!("{err:#}");
+            log::error!("{}", super::error_chain(&err));
             Ok(Exit::FAILURE)
         }
         Err(err) => Err(err),

@@ -49,10 +49,10 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
             println!(
                 "{}",
                 serde_json::to_string_pretty(
-                    &json!({"changed": false, "error": format!("{err:#}")})
+                    &json!({"changed": false, "error": super::error_chain(&err)})
                 )?
             );
-            log::error!("{err:#}");
+            log::error!("{}", super::error_chain(&err));
             Ok(Exit::FAILURE)
         }
         Err(err) => Err(err),

@@ -114,7 +114,7 @@ impl ApplyStep for RealApply {
             }
         };
         if let Err(e) = apply_cli::refuse_command_line_flags(root, &observed, &self.run) {
-            return ApplyReport::failed(FailureKind::Refused, format!("{e:#}"));
+            return ApplyReport::failed(FailureKind::Refused, super::error_chain(&e));
         }
         let lost_change = apply_cli::lost_change(&state, settings, &observed);
         let issuer_state = state.issuer.as_ref();
@@ -207,7 +207,7 @@ impl ApplyStep for RealApply {
                     };
                     report.outcome = Err(daemon::ApplyFailed {
                         kind,
-                        message: format!("{e:#}"),
+                        message: super::error_chain(&e),
                     });
                     return report;
                 }

@@ -307,12 +307,9 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
             );
         } else {
             println!(
-                "REFUSED: {} ({})",
-                if fails.len() == 1 {
-                    "1 problem"
-                } else {
-                    "problems"
-                },
+                "REFUSED: {} problem{} ({})",
+                fails.len(),
+                if fails.len() == 1 { "" } else { "s" },
                 fails.join(", ")
             );
         }

@@ -16,6 +16,7 @@ use super::backoff::{Backoff, Jitter};
 use super::metrics::{self, TargetMetric};
 use super::status::{
     ApiserverStatus, ConvergeRecord, DaemonStatus, Phase, PublicStatus, TargetStatus, TaskStatus,
+    prefixed,
 };
 use super::tasks::{ScheduledTask, TaskContext, TaskReason};
 use super::watch::{Group, WatchEvent, WatchSet, Watcher};
@@ -1014,7 +1015,7 @@ impl Engine {
             if let Some(line) = ctx.status.take()
                 && slot.status.status.as_ref() != Some(&line)
             {
-                log::info!("{}: {line}", slot.status.name);
+                log::info!("{}", prefixed(&slot.status.name, &line));
                 slot.status.status = Some(line);
             }
             requested |= ctx.converge_requested;
@@ -1027,12 +1028,12 @@ impl Engine {
                     slot.next_due = next;
                 }
                 Err(e) => {
-                    let message = format!("{e:#}");
+                    let message = crate::cli::error_chain(&e);
                     let delay = slot.backoff.fail(jitter);
                     if slot.status.last_error.as_ref() != Some(&message) {
                         log::error!(
-                            "{}: {message} (retrying in {})",
-                            slot.status.name,
+                            "{} (retrying in {})",
+                            prefixed(&slot.status.name, &message),
                             format_duration(round(delay))
                         );
                     }
@@ -1230,6 +1231,19 @@ mod tests {
         .expect_err("refused");
         assert!(e.contains("kid c"), "{e}");
         assert!(e.contains("service.current.key"), "{e}");
+    }
+
+    #[test]
+    fn a_task_line_is_not_prefixed_twice() {
+        assert_eq!(
+            prefixed("rotation", "rotation: disabled"),
+            "rotation: disabled"
+        );
+        assert_eq!(prefixed("rotation", "idle"), "rotation: idle");
+        assert_eq!(
+            prefixed("rotation", "rotations ok"),
+            "rotation: rotations ok"
+        );
     }
 
     #[test]

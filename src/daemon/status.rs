@@ -12,6 +12,18 @@ use super::metrics::Metrics;
 use crate::host::HostRoot;
 use crate::state::{self, State, StateError};
 
+/// `name: line`, unless the line already starts with the name ("rotation: rotation: ...").
+pub fn prefixed(name: &str, line: &str) -> String {
+    if line
+        .strip_prefix(name)
+        .is_some_and(|rest| rest.starts_with(':'))
+    {
+        line.to_string()
+    } else {
+        format!("{name}: {line}")
+    }
+}
+
 /// The key of the daemon's section in the state file.
 pub const SECTION: &str = "daemon";
 
@@ -352,9 +364,8 @@ pub fn render_human(state: &State, rotation_enabled: Option<bool>) -> String {
             }
             for t in &d.tasks {
                 out.push_str(&format!(
-                    "task {}: {}; last run {}; next due {}{}\n",
-                    t.name,
-                    t.status.as_deref().unwrap_or("-"),
+                    "task {}; last run {}; next due {}{}\n",
+                    prefixed(&t.name, t.status.as_deref().unwrap_or("-")),
                     time(t.last_run_at),
                     time(t.next_due_at),
                     t.last_error

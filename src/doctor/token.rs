@@ -108,7 +108,7 @@ pub fn decode(token: &str) -> Result<(Value, Value), String> {
         }
         n => {
             return Err(format!(
-                "not a JWT: {n} part{}, expected 3 separated by '.'; is it the whole token (kubectl create token, or the file the projected volume mounts)?",
+                "not a JWT: {n} part{}, expected 3 parts separated by '.'; is it the whole token (kubectl create token, or the file the projected volume mounts)?",
                 if n == 1 { "" } else { "s" }
             ));
         }
