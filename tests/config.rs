@@ -438,6 +438,7 @@ fn run_section_values_in_effect() {
             "publish-timeout": "2m",
             "metrics-textfile": "/var/lib/prometheus/node-exporter/irsa_agent.prom",
             "metrics-listen": "127.0.0.1:9464",
+            "apply-issuer": true,
         })
     );
 }

@@ -828,3 +828,61 @@ fn a_relative_root_is_made_absolute_so_the_watch_sees_changes() {
         kids(b).contains(&key.kid)
     });
 }
+
+#[test]
+fn with_apply_issuer_false_the_daemon_publishes_and_reports_the_pending_apiserver_change() {
+    let host = k3s_host("  apply-issuer: false\n");
+    let k3s_before = host.read("/etc/rancher/k3s/config.yaml");
+    let mut d = Daemon::start(host.root(), &["--no-restart"], &[]);
+    d.wait_ready();
+    assert_eq!(read(&host, JWKS), real_apiserver_jwks(), "published");
+    let status = d.wait_status("the pending change", |s| {
+        s["daemon"]["phase"] == "apply-pending"
+    });
+    assert_eq!(
+        status["daemon"]["apiserver"]["result"], "apply-pending",
+        "{status:#}"
+    );
+    let message = status["daemon"]["apiserver"]["message"]
+        .as_str()
+        .unwrap_or("");
+    assert!(
+        message.contains("the configuration says issuer https://oidc.example.com/homelab")
+            && message.contains("irsa-agent apply --check --diff"),
+        "{message}"
+    );
+    assert!(
+        status["daemon"]["next_retry_at"].is_null(),
+        "not a failure: {status:#}"
+    );
+    // Nothing of the apiserver's was touched, nothing restarted.
+    assert_eq!(host.read("/etc/rancher/k3s/config.yaml"), k3s_before);
+    assert!(!host.path("/var/lib/irsa-agent/backups").exists());
+    let out = std::process::Command::new(run_support::binary())
+        .arg("--root")
+        .arg(host.root())
+        .arg("status")
+        .output()
+        .expect("status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "not in sync: {text}");
+    assert!(text.contains("apiserver change pending"), "{text}");
+
+    // The person applies it; the daemon sees the change and is in sync.
+    let out = std::process::Command::new(run_support::binary())
+        .arg("--root")
+        .arg(host.root())
+        .args(["apply", "--no-restart"])
+        .output()
+        .expect("apply");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = d.wait_status("in sync after apply", |s| s["daemon"]["phase"] == "in-sync");
+    assert_eq!(
+        status["daemon"]["apiserver"]["result"], "in-sync",
+        "{status:#}"
+    );
+}

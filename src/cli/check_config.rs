@@ -56,6 +56,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
                 "publish-timeout": format_duration(s.run.publish_timeout),
                 "metrics-textfile": s.run.metrics_textfile,
                 "metrics-listen": s.run.metrics_listen.map(|a| a.to_string()),
+                "apply-issuer": s.run.apply_issuer,
             },
             "sources": s.sources,
             "warnings": loaded.warnings.iter().map(ToString::to_string).chain(host_warnings.iter().cloned()).collect::<Vec<_>>(),
@@ -92,6 +93,14 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
             "on (publish and the daemon fetch the documents over HTTPS)"
         } else {
             "off (public-check: false)"
+        }
+    );
+    println!(
+        "daemon:        {}",
+        if s.run.apply_issuer {
+            "publishes, and applies `issuer:` to the apiserver at once (restarting it)"
+        } else {
+            "publishes; apiserver changes wait for `irsa-agent apply` (run.apply-issuer: false)"
         }
     );
     println!(

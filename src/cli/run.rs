@@ -139,6 +139,34 @@ impl ApplyStep for RealApply {
             warnings: plan.warnings.clone(),
         };
         let issuer = plan.desired.issuers.first().cloned().unwrap_or_default();
+        if !settings.run.apply_issuer {
+            // Publish and rotate, but leave the apiserver to a person: report what `apply`
+            // would do, write nothing, restart nothing.
+            report.outcome = Ok(Applied {
+                changed: false,
+                summary: if plan.in_sync() {
+                    format!(
+                        "in sync ({}: signing issuer {issuer}); apiserver changes are left to `irsa-agent apply` (run.apply-issuer: false)",
+                        plan.distribution.name()
+                    )
+                } else {
+                    let files: Vec<String> = plan
+                        .changes
+                        .iter()
+                        .map(|c| c.path.display().to_string())
+                        .collect();
+                    format!(
+                        "change pending: the configuration says issuer {issuer}, the apiserver has {}; run `irsa-agent apply --check --diff`, then `irsa-agent apply` (it edits {}; run.apply-issuer: false leaves that to you)",
+                        plan.before.issuers.join(", "),
+                        files.join(", ")
+                    )
+                },
+                lost_change,
+                restart_pending: false,
+                apply_pending: !plan.in_sync(),
+            });
+            return report;
+        }
         let opts = Options {
             no_restart: self.run.no_restart,
             timeout: self.run.apiserver.timeout,
@@ -268,6 +296,7 @@ impl ApplyStep for RealApply {
             summary,
             lost_change,
             restart_pending,
+            apply_pending: false,
         });
         report
     }

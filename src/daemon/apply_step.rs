@@ -34,6 +34,9 @@ pub struct Applied {
     /// The files are written but the running apiserver has not been restarted with them yet
     /// (`--no-restart`).
     pub restart_pending: bool,
+    /// `run.apply-issuer: false`: the apiserver's flags differ from the configuration, and the
+    /// daemon leaves the change to `irsa-agent apply` (nothing was written).
+    pub apply_pending: bool,
 }
 
 /// The apiserver step failed.

@@ -159,6 +159,8 @@ pub struct Engine {
     apiserver_was_in_sync: bool,
     /// The apiserver runs with older flags than its files say (`--no-restart`).
     restart_pending: bool,
+    /// `run.apply-issuer: false` and the apiserver's flags differ from the configuration.
+    apply_pending: bool,
     last_warnings: Vec<String>,
     /// Kids published only because the running apiserver still serves them (not restarted
     /// since they left the key files); while there are any, the daemon looks again soon.
@@ -251,6 +253,7 @@ impl Engine {
             last_good: BTreeMap::new(),
             apiserver_was_in_sync: false,
             restart_pending: false,
+            apply_pending: false,
             last_warnings: Vec::new(),
             live_only: Vec::new(),
             last_errors: Vec::new(),
@@ -940,10 +943,16 @@ impl Engine {
                         self.status.metrics.drift_found_total += 1;
                     }
                 }
-                self.apiserver_was_in_sync = true;
+                if applied.apply_pending && !self.apply_pending {
+                    log::warn!("apiserver: {}", applied.summary);
+                }
+                self.apply_pending = applied.apply_pending;
+                self.apiserver_was_in_sync = !applied.apply_pending;
                 self.restart_pending = applied.restart_pending;
                 self.status.apiserver = Some(ApiserverStatus {
-                    result: if applied.restart_pending {
+                    result: if applied.apply_pending {
+                        "apply-pending"
+                    } else if applied.restart_pending {
                         "restart-pending"
                     } else if applied.changed {
                         "changed"
@@ -958,6 +967,7 @@ impl Engine {
             }
             Err(failed) => {
                 self.apiserver_was_in_sync = false;
+                self.apply_pending = false;
                 if failed.kind == FailureKind::RolledBack {
                     log::error!("{}", failed.message);
                     log::error!(
@@ -1110,6 +1120,10 @@ impl Engine {
                             "apiserver change rolled back and held (reload to retry): {}",
                             h.message
                         ),
+                        (None, _) if self.apply_pending => {
+                            "apiserver change pending: run `irsa-agent apply` (run.apply-issuer: false)"
+                                .to_string()
+                        }
                         (None, true) => {
                             "apiserver configuration written, restart pending".to_string()
                         }
@@ -1118,6 +1132,8 @@ impl Engine {
                     (
                         if self.hold.is_some() {
                             Phase::Held
+                        } else if self.apply_pending {
+                            Phase::ApplyPending
                         } else {
                             Phase::InSync
                         },

@@ -45,6 +45,9 @@ pub enum Phase {
     /// The host is a k3s/RKE2 agent (worker) node: nothing to do; the daemon waits (without
     /// retrying) until a server's files appear.
     NotAServer,
+    /// Published; the apiserver's issuer flags differ from the configuration and
+    /// `run.apply-issuer: false` leaves the change to `irsa-agent apply`.
+    ApplyPending,
     /// Published, but an apiserver change was rolled back and is not retried until its inputs
     /// change or a reload.
     Held,
@@ -62,6 +65,7 @@ impl Phase {
             Phase::InSync => "in sync",
             Phase::Retrying => "retrying",
             Phase::NotAServer => "not a server node",
+            Phase::ApplyPending => "apiserver change pending (irsa-agent apply)",
             Phase::Held => "apiserver change held",
             Phase::Stopping => "stopping",
             Phase::Stopped => "stopped",
@@ -98,7 +102,8 @@ pub struct TargetStatus {
 #[serde(default)]
 pub struct ApiserverStatus {
     /// `in-sync`, `changed`, `restart-pending` (written, the apiserver not restarted yet:
-    /// `--no-restart`), `failed`, `held` (a change was rolled back: not retried until the
+    /// `--no-restart`), `apply-pending` (`run.apply-issuer: false`: `irsa-agent apply` would
+    /// change it), `failed`, `held` (a change was rolled back: not retried until the
     /// inputs change or a reload), `skipped` (publishing failed: the apiserver is not switched
     /// to an issuer relying parties cannot verify yet).
     pub result: String,
