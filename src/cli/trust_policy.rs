@@ -13,6 +13,8 @@ pub enum Format {
     All,
     /// Only the IAM trust policy JSON (feeds `verify-token --trust-policy`).
     Iam,
+    /// Only the AWS CLI commands (provider, role, permissions, annotation).
+    Aws,
     /// Only the Terraform snippet.
     Terraform,
     /// Only the Azure federated identity credential.
@@ -26,7 +28,14 @@ pub enum Format {
 The policy trusts exactly one service account: `sub` = system:serviceaccount:NS:SA and `aud` = \
 sts.amazonaws.com, with condition keys named after the issuer without https:// (the IAM OIDC \
 provider). Save the IAM part with `--format iam > trust.json` and check a real token against \
-it with `irsa-agent verify-token --namespace NS --service-account SA --trust-policy trust.json`.")]
+it with `irsa-agent verify-token --namespace NS --service-account SA --trust-policy trust.json`.
+
+`--format aws` prints the AWS CLI commands (create-open-id-connect-provider, create-role, \
+put-role-policy, the kubectl annotation) and `--format terraform` the same as Terraform; role and \
+resource names are derived from the namespace and the service account and never collide \
+(<ns>_<sa>). The thumbprint: none is needed when the issuer's certificate chains to a public CA \
+AWS trusts; for a private CA the output gives the openssl command that computes it (it needs a \
+TLS connection to the issuer's host, which this command does not make).")]
 pub struct Args {
     /// The service account's namespace.
     #[arg(long, short = 'n', value_name = "NS")]
@@ -102,6 +111,20 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
     };
     let subject = policy::subject(&args.namespace, &args.service_account);
     let iam = policy::iam_policy(&arn, &issuer, &subject, &args.audience);
+    let account = arn
+        .strip_prefix("arn:")
+        .and_then(|rest| rest.split(':').nth(3))
+        .filter(|a| !a.is_empty())
+        .unwrap_or("<ACCOUNT_ID>")
+        .to_string();
+    let aws = policy::aws_cli(
+        args.provider_arn.as_deref(),
+        &account,
+        &issuer,
+        &args.namespace,
+        &args.service_account,
+        &args.audience,
+    );
     let terraform = policy::terraform(
         args.provider_arn.as_deref(),
         &issuer,
@@ -113,6 +136,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
     let gcp = policy::gcp(&issuer, &jwks_uri, &args.namespace, &args.service_account);
     match args.format {
         Format::Iam => print!("{iam}"),
+        Format::Aws => print!("{aws}"),
         Format::Terraform => print!("{terraform}"),
         Format::Azure => print!("{azure}"),
         Format::Gcp => print!("{gcp}"),
@@ -126,15 +150,12 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
                 args.audience
             );
             print!("{iam}");
-            let account = arn
-                .strip_prefix("arn:")
-                .and_then(|rest| rest.split(':').nth(3))
-                .filter(|a| !a.is_empty())
-                .unwrap_or("<ACCOUNT_ID>");
             println!(
                 "# then annotate the service account (pod identity webhook): eks.amazonaws.com/role-arn: arn:aws:iam::{account}:role/{}",
                 policy::role_name(&args.namespace, &args.service_account)
             );
+            println!("\n# AWS CLI");
+            print!("{aws}");
             println!("\n# Terraform");
             print!("{terraform}");
             println!();

@@ -101,9 +101,22 @@ fn tf_name(s: &str) -> String {
     out
 }
 
-/// An IAM role name (`[\w+=,.@-]`, at most 64 characters).
+/// A short hex digest of `text`, to keep a shortened name unique.
+fn short_hash(text: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .take(4)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// An IAM role name for one service account: `<ns>_<sa>`. Kubernetes names never contain `_`,
+/// so no two service accounts get the same name (`a-b`/`c` and `a`/`b-c` would both be
+/// `a-b-c` with a dash). IAM allows `[\w+=,.@-]`, at most 64 characters: a longer name is cut
+/// and ends with a hash of the whole, so it stays unique.
 pub fn role_name(namespace: &str, service_account: &str) -> String {
-    let name: String = format!("{namespace}-{service_account}")
+    let name: String = format!("{namespace}_{service_account}")
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || "+=,.@-_".contains(c) {
@@ -113,7 +126,127 @@ pub fn role_name(namespace: &str, service_account: &str) -> String {
             }
         })
         .collect();
-    name.chars().take(64).collect()
+    if name.len() <= 64 {
+        return name;
+    }
+    let hash = short_hash(&name);
+    format!("{}-{hash}", &name[..64 - 1 - hash.len()])
+}
+
+/// A Terraform resource name for one service account: `<ns>__<sa>` with `.` as `_` (a
+/// Kubernetes name never has `_`, nor two dots in a row, so `__` separates them unambiguously).
+pub fn tf_resource_name(namespace: &str, service_account: &str) -> String {
+    // Terraform names allow letters, digits, `_` and `-`: `-` is kept, `.` becomes `_`.
+    let part = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    let mut out = format!("{}__{}", part(namespace), part(service_account));
+    if !out.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        out.insert(0, '_');
+    }
+    out
+}
+
+/// A Terraform resource name for the cluster's OIDC provider, from the issuer (so blocks for
+/// several clusters do not collide).
+pub fn tf_provider_name(issuer: &str) -> String {
+    format!("oidc_{}", tf_name(&provider(issuer)))
+}
+
+/// What AWS needs to know about the issuer's TLS certificate: the thumbprint rule, said once
+/// for the AWS CLI and Terraform output.
+pub fn thumbprint_rule(issuer: &str) -> String {
+    let url = url::Url::parse(issuer).ok();
+    let host = url
+        .as_ref()
+        .and_then(|u| u.host_str().map(String::from))
+        .unwrap_or_else(|| provider(issuer));
+    let port = url
+        .as_ref()
+        .and_then(url::Url::port_or_known_default)
+        .unwrap_or(443);
+    format!(
+        r#"# The thumbprint: AWS needs none when the certificate {host} serves chains to a public CA
+# AWS trusts (Let's Encrypt, CloudFront, S3, Pages...): it then verifies the chain itself and
+# ignores any thumbprint. For a private CA (your own CA, a self-signed certificate) it needs the
+# SHA-1 fingerprint of the top certificate of the chain {host} serves, which only a TLS
+# connection to it can tell (trust-policy does not connect anywhere):
+#   openssl s_client -connect {host}:{port} -servername {host} -showcerts </dev/null 2>/dev/null \
+#     | awk '/BEGIN CERTIFICATE/{{pem=""}} {{pem=pem $0 "\n"}} /END CERTIFICATE/{{last=pem}} END{{printf "%s", last}}' \
+#     | openssl x509 -noout -fingerprint -sha1 | cut -d= -f2 | tr -d : | tr A-F a-f
+# and add it: --thumbprint-list <that> (AWS CLI), thumbprint_list = ["<that>"] (Terraform).
+"#
+    )
+}
+
+/// The AWS CLI commands: the OIDC provider, the role trusting exactly this service account, an
+/// example permissions policy, and the annotation.
+pub fn aws_cli(
+    provider_arn: Option<&str>,
+    account: &str,
+    issuer: &str,
+    namespace: &str,
+    service_account: &str,
+    audience: &str,
+) -> String {
+    let role = role_name(namespace, service_account);
+    let mut out = String::new();
+    match provider_arn {
+        Some(arn) => out.push_str(&format!(
+            "# 1. The IAM OIDC provider for {issuer} exists already: {arn}
+"
+        )),
+        None => {
+            out.push_str(&format!(
+                "# 1. The IAM OIDC provider (once per cluster; `aws iam list-open-id-connect-providers` shows it if it exists)
+{}aws iam create-open-id-connect-provider \\
+  --url {issuer} \\
+  --client-id-list {audience}
+",
+                thumbprint_rule(issuer)
+            ));
+        }
+    }
+    let account_arg = if account == "<ACCOUNT_ID>" {
+        "--account-id <ACCOUNT_ID>".to_string()
+    } else {
+        format!("--account-id {account}")
+    };
+    out.push_str(&format!(
+        r#"
+# 2. The role, trusting only {namespace}/{service_account}
+irsa-agent trust-policy --namespace {namespace} --service-account {service_account} {account_arg} --format iam > trust-{role}.json
+aws iam create-role --role-name {role} \
+  --assume-role-policy-document file://trust-{role}.json
+
+# 3. What the role may do: an example (read one S3 bucket); write what the pod needs
+cat > permissions-{role}.json <<'EOF'
+{{
+  "Version": "2012-10-17",
+  "Statement": [
+    {{"Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": "arn:aws:s3:::<BUCKET>"}},
+    {{"Effect": "Allow", "Action": ["s3:GetObject"], "Resource": "arn:aws:s3:::<BUCKET>/*"}}
+  ]
+}}
+EOF
+aws iam put-role-policy --role-name {role} --policy-name {role}-permissions \
+  --policy-document file://permissions-{role}.json
+#    or a managed policy: aws iam attach-role-policy --role-name {role} --policy-arn arn:aws:iam::aws:policy/AmazonS3ReadOnlyAccess
+
+# 4. Tell the pod identity webhook which role the service account assumes
+kubectl annotate serviceaccount --namespace {namespace} {service_account} \
+  eks.amazonaws.com/role-arn=arn:aws:iam::{account}:role/{role}
+"#
+    ));
+    out
 }
 
 /// The Terraform snippet: the provider (unless an ARN was given) and the role.
@@ -126,6 +259,8 @@ pub fn terraform(
 ) -> String {
     let p = provider(issuer);
     let role = role_name(namespace, service_account);
+    let tf = tf_resource_name(namespace, service_account);
+    let tf_provider = tf_provider_name(issuer);
     let mut out = String::new();
     let principal = match provider_arn {
         Some(arn) => {
@@ -136,17 +271,19 @@ pub fn terraform(
         }
         None => {
             out.push_str(&format!(
-                r#"resource "aws_iam_openid_connect_provider" "cluster" {{
+                r#"# Once per cluster (several service accounts share it).
+{rule}resource "aws_iam_openid_connect_provider" "{tf_provider}" {{
   url            = {url}
   client_id_list = [{aud}]
-  # thumbprint_list is not needed for certificates from public CAs
+  # thumbprint_list = ["<SHA-1 of the top certificate>"]   # only for a private CA, see above
 }}
 
 "#,
+                rule = thumbprint_rule(issuer),
                 url = json_str(issuer),
                 aud = json_str(audience),
             ));
-            "aws_iam_openid_connect_provider.cluster.arn".to_string()
+            format!("aws_iam_openid_connect_provider.{tf_provider}.arn")
         }
     };
     out.push_str(&format!(
@@ -167,8 +304,21 @@ pub fn terraform(
     }}]
   }})
 }}
+
+# What the role may do: an example (read one S3 bucket); write what the pod needs.
+resource "aws_iam_role_policy" "{tf}" {{
+  name = {policy}
+  role = aws_iam_role.{tf}.id
+  policy = jsonencode({{
+    Version = "2012-10-17"
+    Statement = [
+      {{ Effect = "Allow", Action = ["s3:ListBucket"], Resource = "arn:aws:s3:::<BUCKET>" }},
+      {{ Effect = "Allow", Action = ["s3:GetObject"], Resource = "arn:aws:s3:::<BUCKET>/*" }},
+    ]
+  }})
+}}
 "#,
-        tf = tf_name(&role),
+        policy = json_str(&format!("{role}-permissions")),
         role = json_str(&role),
         sub_key = json_str(&format!("{p}:sub")),
         sub = json_str(&subject(namespace, service_account)),
@@ -655,6 +805,63 @@ pub fn evaluate(policy_text: &str, claims: &Value) -> Vec<Check> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_are_unique_per_service_account() {
+        // With a dash both were "a-b-c".
+        assert_ne!(role_name("a-b", "c"), role_name("a", "b-c"));
+        assert_ne!(tf_resource_name("a-b", "c"), tf_resource_name("a", "b-c"));
+        assert_ne!(tf_resource_name("a", "b.c"), tf_resource_name("a", "b-c"));
+        assert_eq!(role_name("default", "app"), "default_app");
+        assert_eq!(tf_resource_name("default", "app"), "default__app");
+        // Long names are cut to IAM's 64 characters and stay distinct.
+        let ns = "n".repeat(63);
+        let (a, b) = (role_name(&ns, "sa-one"), role_name(&ns, "sa-two"));
+        assert!(a.len() <= 64 && b.len() <= 64, "{a} {b}");
+        assert_ne!(a, b);
+        assert!(
+            role_name(&ns, "x")
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+=,.@-_".contains(c))
+        );
+        assert_eq!(
+            tf_provider_name("https://oidc.example.com/homelab"),
+            "oidc_oidc_example_com_homelab"
+        );
+    }
+
+    #[test]
+    fn aws_cli_commands_are_complete() {
+        let out = aws_cli(
+            None,
+            "123456789012",
+            "https://oidc.example.com/homelab",
+            "default",
+            "app",
+            AWS_AUDIENCE,
+        );
+        for needle in [
+            "aws iam create-open-id-connect-provider \\\n  --url https://oidc.example.com/homelab \\\n  --client-id-list sts.amazonaws.com\n",
+            "--format iam > trust-default_app.json",
+            "aws iam create-role --role-name default_app \\\n  --assume-role-policy-document file://trust-default_app.json",
+            "aws iam put-role-policy --role-name default_app --policy-name default_app-permissions",
+            "eks.amazonaws.com/role-arn=arn:aws:iam::123456789012:role/default_app",
+            "AWS needs none when the certificate oidc.example.com serves chains to a public CA",
+            "openssl s_client -connect oidc.example.com:443 -servername oidc.example.com",
+        ] {
+            assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+        }
+        // An existing provider is not created again.
+        let out = aws_cli(
+            Some("arn:aws:iam::123456789012:oidc-provider/oidc.example.com/homelab"),
+            "123456789012",
+            "https://oidc.example.com/homelab",
+            "default",
+            "app",
+            AWS_AUDIENCE,
+        );
+        assert!(!out.contains("create-open-id-connect-provider"), "{out}");
+    }
 
     #[test]
     fn globs() {
