@@ -200,6 +200,19 @@ pub fn error_chain(err: &anyhow::Error) -> String {
     out
 }
 
+/// Writes a document to stdout exactly; adds a newline only for a terminal, so that
+/// `irsa-agent jwks ... > jwks.json` is byte-identical to what the apiserver serves.
+pub fn print_document(doc: &str) -> anyhow::Result<()> {
+    use std::io::{IsTerminal as _, Write as _};
+    let mut out = std::io::stdout().lock();
+    out.write_all(doc.as_bytes())?;
+    if out.is_terminal() {
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,17 +232,4 @@ mod tests {
         let err = anyhow::anyhow!("inner").context("outer");
         assert_eq!(error_chain(&err), "outer: inner");
     }
-}
-
-/// Writes a document to stdout exactly; adds a newline only for a terminal, so that
-/// `irsa-agent jwks ... > jwks.json` is byte-identical to what the apiserver serves.
-pub fn print_document(doc: &str) -> anyhow::Result<()> {
-    use std::io::{IsTerminal as _, Write as _};
-    let mut out = std::io::stdout().lock();
-    out.write_all(doc.as_bytes())?;
-    if out.is_terminal() {
-        out.write_all(b"\n")?;
-    }
-    out.flush()?;
-    Ok(())
 }
