@@ -169,6 +169,8 @@ waiting_step
 # Configure: the conffile edited by the admin (issuer, directory target), plus a drop-in.
 cat >>"$root/etc/irsa-agent/config.yaml" <<'EOF'
 issuer: https://oidc.example.com/homelab
+# nothing serves this issuer here: no public check
+public-check: false
 publish:
   - type: directory
     path: /srv/oidc

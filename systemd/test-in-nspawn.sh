@@ -197,6 +197,8 @@ say "2. issuer and directory target configured (the daemon notices the file)"
 cat >"$root/etc/irsa-agent/config.yaml" <<'EOF'
 issuer: https://oidc.example.com/homelab
 distribution: k3s
+# nothing serves this issuer here: no public check (it would keep the daemon from "in sync")
+public-check: false
 publish:
   - type: directory
     path: /srv/oidc
