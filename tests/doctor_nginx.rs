@@ -162,3 +162,65 @@ fn nginx_default_type_octet_stream_fails_the_content_type_checks() {
     }
     assert!(public.contains(&("public.kids".to_string(), "pass".to_string())));
 }
+
+/// `trust-policy --thumbprint` asks the issuer's host. Trusted through SSL_CERT_FILE (as a
+/// public CA would be): no thumbprint. Not trusted (a private CA): the SHA-1 of the top
+/// certificate nginx serves, the same value the printed openssl command computes.
+#[test]
+fn trust_policy_thumbprint_asks_the_issuers_host() {
+    let (_work, host, _ca, _nginx, ca_path) = setup("application/json");
+    let args = [
+        "trust-policy",
+        "--namespace",
+        "default",
+        "--service-account",
+        "app",
+        "--account-id",
+        "123456789012",
+        "--format",
+        "aws",
+        "--thumbprint",
+    ];
+    let (code, stdout, stderr) = support::agent(host.path(), &args, &[("SSL_CERT_FILE", &ca_path)]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("The thumbprint: none needed"), "{stdout}");
+    assert!(!stdout.contains("--thumbprint-list"), "{stdout}");
+
+    let (code, stdout, stderr) = support::agent(host.path(), &args, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("serves a private chain"), "{stdout}");
+    let found = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("--thumbprint-list "))
+        .unwrap_or_else(|| panic!("no --thumbprint-list in:\n{stdout}"))
+        .to_string();
+    // The openssl command trust-policy prints without --thumbprint, run for real.
+    let (_, rule, _) = support::agent(
+        host.path(),
+        &args[..args.len() - 1],
+        &[("SSL_CERT_FILE", &ca_path)],
+    );
+    let command: String = rule
+        .lines()
+        .skip_while(|l| !l.starts_with("#   openssl s_client"))
+        .take(3)
+        .map(|l| {
+            l.trim_start_matches('#')
+                .trim()
+                .trim_end_matches('\\')
+                .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        command.starts_with("openssl s_client -connect 127.0.0.1:"),
+        "{rule}"
+    );
+    let out = std::process::Command::new("sh")
+        .args(["-c", &command])
+        .output()
+        .expect("sh");
+    let expected = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(expected.len(), 40, "{command}: {expected:?}");
+    assert_eq!(found, expected);
+}

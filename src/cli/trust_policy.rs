@@ -35,7 +35,9 @@ put-role-policy, the kubectl annotation) and `--format terraform` the same as Te
 resource names are derived from the namespace and the service account and never collide \
 (<ns>_<sa>). The thumbprint: none is needed when the issuer's certificate chains to a public CA \
 AWS trusts; for a private CA the output gives the openssl command that computes it (it needs a \
-TLS connection to the issuer's host, which this command does not make).")]
+TLS connection to the issuer's host, which this command makes only with --thumbprint: it then \
+says whether the chain verifies against this machine's CA store (SSL_CERT_FILE honoured; not \
+ca-file:) and, if not, puts the SHA-1 of the top certificate the host serves into the output).")]
 pub struct Args {
     /// The service account's namespace.
     #[arg(long, short = 'n', value_name = "NS")]
@@ -64,6 +66,20 @@ pub struct Args {
     /// What to print.
     #[arg(long, value_enum, default_value = "all")]
     pub format: Format,
+
+    /// Ask the issuer's host (network): does its certificate chain to a public CA (no
+    /// thumbprint needed), or is it private (then the SHA-1 of the top certificate it serves goes
+    /// into the AWS CLI and Terraform output)?
+    #[arg(long)]
+    pub thumbprint: bool,
+
+    /// Timeout of the --thumbprint requests.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_timeout)]
+    pub timeout: std::time::Duration,
+}
+
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    config::parse_duration(s)
 }
 
 fn valid_name(s: &str) -> bool {
@@ -117,6 +133,13 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
         .filter(|a| !a.is_empty())
         .unwrap_or("<ACCOUNT_ID>")
         .to_string();
+    let thumbprint = if args.thumbprint {
+        let found = crate::doctor::thumbprint::probe(&issuer, args.timeout)
+            .map_err(|e| anyhow::anyhow!("--thumbprint: {e}"))?;
+        Some(found)
+    } else {
+        None
+    };
     let aws = policy::aws_cli(
         args.provider_arn.as_deref(),
         &account,
@@ -124,6 +147,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
         &args.namespace,
         &args.service_account,
         &args.audience,
+        thumbprint.as_ref(),
     );
     let terraform = policy::terraform(
         args.provider_arn.as_deref(),
@@ -131,6 +155,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
         &args.namespace,
         &args.service_account,
         &args.audience,
+        thumbprint.as_ref(),
     );
     let azure = policy::azure(&issuer, &args.namespace, &args.service_account);
     let gcp = policy::gcp(&issuer, &jwks_uri, &args.namespace, &args.service_account);

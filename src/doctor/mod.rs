@@ -37,6 +37,7 @@ pub mod local;
 pub mod policy;
 pub mod public;
 pub mod running;
+pub mod thumbprint;
 pub mod token;
 pub mod words;
 

@@ -19,6 +19,7 @@
 
 use serde_json::Value;
 
+use super::thumbprint::Thumbprint;
 use super::token::{audiences, service_account};
 use super::words;
 use super::{Check, Status};
@@ -187,6 +188,31 @@ pub fn thumbprint_rule(issuer: &str) -> String {
     )
 }
 
+/// The thumbprint comment and value for the provider: what was found by asking the host
+/// (`trust-policy --thumbprint`), or the rule and the openssl command.
+fn thumbprint_parts(issuer: &str, found: Option<&Thumbprint>) -> (String, Option<String>) {
+    match found {
+        None => (thumbprint_rule(issuer), None),
+        Some(Thumbprint::NotNeeded { host }) => (
+            format!(
+                "# The thumbprint: none needed. The certificate {host} serves chains to a public CA\n# (it verifies against this machine's CA store, as AWS verifies it against its own).\n"
+            ),
+            None,
+        ),
+        Some(Thumbprint::Private {
+            host,
+            sha1,
+            subject,
+            why,
+        }) => (
+            format!(
+                "# The thumbprint: {host} serves a private chain (it does not verify against this machine's\n# public CAs: {why}), so AWS needs the SHA-1 of its top certificate ({subject}).\n# It changes when that certificate is replaced: update the provider then.\n"
+            ),
+            Some(sha1.clone()),
+        ),
+    }
+}
+
 /// The AWS CLI commands: the OIDC provider, the role trusting exactly this service account, an
 /// example permissions policy, and the annotation.
 pub fn aws_cli(
@@ -196,9 +222,11 @@ pub fn aws_cli(
     namespace: &str,
     service_account: &str,
     audience: &str,
+    thumbprint: Option<&Thumbprint>,
 ) -> String {
     let role = role_name(namespace, service_account);
     let mut out = String::new();
+    let (comment, sha1) = thumbprint_parts(issuer, thumbprint);
     match provider_arn {
         Some(arn) => out.push_str(&format!(
             "# 1. The IAM OIDC provider for {issuer} exists already: {arn}
@@ -207,11 +235,13 @@ pub fn aws_cli(
         None => {
             out.push_str(&format!(
                 "# 1. The IAM OIDC provider (once per cluster; `aws iam list-open-id-connect-providers` shows it if it exists)
-{}aws iam create-open-id-connect-provider \\
+{comment}aws iam create-open-id-connect-provider \\
   --url {issuer} \\
-  --client-id-list {audience}
+  --client-id-list {audience}{}
 ",
-                thumbprint_rule(issuer)
+                sha1.as_ref()
+                    .map(|s| format!(" \\\n  --thumbprint-list {s}"))
+                    .unwrap_or_default()
             ));
         }
     }
@@ -256,8 +286,10 @@ pub fn terraform(
     namespace: &str,
     service_account: &str,
     audience: &str,
+    thumbprint: Option<&Thumbprint>,
 ) -> String {
     let p = provider(issuer);
+    let (comment, sha1) = thumbprint_parts(issuer, thumbprint);
     let role = role_name(namespace, service_account);
     let tf = tf_resource_name(namespace, service_account);
     let tf_provider = tf_provider_name(issuer);
@@ -272,14 +304,18 @@ pub fn terraform(
         None => {
             out.push_str(&format!(
                 r#"# Once per cluster (several service accounts share it).
-{rule}resource "aws_iam_openid_connect_provider" "{tf_provider}" {{
+{comment}resource "aws_iam_openid_connect_provider" "{tf_provider}" {{
   url            = {url}
   client_id_list = [{aud}]
-  # thumbprint_list = ["<SHA-1 of the top certificate>"]   # only for a private CA, see above
+  {thumbprint}
 }}
 
 "#,
-                rule = thumbprint_rule(issuer),
+                thumbprint = match &sha1 {
+                    Some(s) => format!("thumbprint_list = [{}]", json_str(s)),
+                    None if thumbprint.is_some() => "# no thumbprint_list: a public CA".to_string(),
+                    None => "# thumbprint_list = [\"<SHA-1 of the top certificate>\"]   # only for a private CA, see above".to_string(),
+                },
                 url = json_str(issuer),
                 aud = json_str(audience),
             ));
@@ -839,6 +875,7 @@ mod tests {
             "default",
             "app",
             AWS_AUDIENCE,
+            None,
         );
         for needle in [
             "aws iam create-open-id-connect-provider \\\n  --url https://oidc.example.com/homelab \\\n  --client-id-list sts.amazonaws.com\n",
@@ -859,8 +896,51 @@ mod tests {
             "default",
             "app",
             AWS_AUDIENCE,
+            None,
         );
         assert!(!out.contains("create-open-id-connect-provider"), "{out}");
+        // What the host said, when it was asked.
+        let private = Thumbprint::Private {
+            host: "oidc.example.com".into(),
+            sha1: "f0d93e834cefbbff303026f0a22574d191c2661c".into(),
+            subject: "CN=My CA".into(),
+            why: "invalid peer certificate: UnknownIssuer".into(),
+        };
+        let issuer = "https://oidc.example.com/homelab";
+        let out = aws_cli(
+            None,
+            "1",
+            issuer,
+            "default",
+            "app",
+            AWS_AUDIENCE,
+            Some(&private),
+        );
+        assert!(
+            out.contains("--client-id-list sts.amazonaws.com \\\n  --thumbprint-list f0d93e834cefbbff303026f0a22574d191c2661c\n"),
+            "{out}"
+        );
+        let tf = terraform(None, issuer, "default", "app", AWS_AUDIENCE, Some(&private));
+        assert!(
+            tf.contains("thumbprint_list = [\"f0d93e834cefbbff303026f0a22574d191c2661c\"]"),
+            "{tf}"
+        );
+        let public = Thumbprint::NotNeeded {
+            host: "oidc.example.com".into(),
+        };
+        let out = aws_cli(
+            None,
+            "1",
+            issuer,
+            "default",
+            "app",
+            AWS_AUDIENCE,
+            Some(&public),
+        );
+        assert!(
+            !out.contains("--thumbprint-list") && out.contains("none needed"),
+            "{out}"
+        );
     }
 
     #[test]
