@@ -9,6 +9,8 @@
 //!   (directory, S3, GCS, Azure), credentials for that, and the check of the public copy;
 //! - [`doctor`]: `doctor`, `verify-token`, `trust-policy`: checks and explanations of what is
 //!   wrong between the key files and a relying party;
+//! - [`identity`]: what a pod needs for its cloud identity (projected token, variables) and
+//!   the JSON Patch that adds it (the webhook, `pod-config`);
 //! - [`host`]: the injectable host root every host path goes through;
 //! - [`fs`]: the one module that writes host files (atomic, durable, mode-preserving);
 //! - [`state`]: the agent's own state file (`/var/lib/irsa-agent/state.json`);
@@ -24,6 +26,7 @@ pub mod doctor;
 pub mod failpoint;
 pub mod fs;
 pub mod host;
+pub mod identity;
 pub mod keys;
 pub mod publish;
 pub mod rotation;
