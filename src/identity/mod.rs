@@ -22,6 +22,7 @@
 //! * Init containers and containers both, in that order; ephemeral containers never; names in
 //!   the pod's skip-containers annotation are left alone.
 
+pub mod admission;
 pub mod aws;
 pub mod azure;
 pub mod gcp;
