@@ -452,14 +452,15 @@ pub fn load(root: &HostRoot, explicit: Option<&Path>) -> Result<Loaded, ConfigEr
 /// Stage 1: one file into a fragment.
 pub fn parse_fragment(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Fragment {
     let mut fragment = Fragment::default();
-    let doc: Value = match serde_yaml::from_str(text) {
+    // A leading byte order mark is dropped; size and nesting are checked before parsing.
+    let doc: Value = match crate::yaml::from_str(text) {
         Ok(v) => v,
         Err(e) => {
             problems.push(Problem {
                 file: Some(file.to_path_buf()),
                 key: "(file)".into(),
                 value: None,
-                message: format!("not valid YAML: {e}"),
+                message: e.to_string(),
             });
             return fragment;
         }
