@@ -772,3 +772,40 @@ fn a_flood_of_idle_metrics_connections_does_not_stop_publishing() {
     let (exit, log) = d.stop();
     assert_eq!(exit.code(), Some(0), "{log}");
 }
+
+/// Temp files a crash left (a `.state.json` write, a half-written backup copy) were never
+/// removed; the daemon sweeps them at start. Other files stay.
+#[test]
+fn temp_files_left_by_a_crash_are_swept_at_start() {
+    let host = k3s_host("");
+    let leftovers = [
+        "/var/lib/irsa-agent/..state.json.irsa-agent-tmp.4242.0",
+        "/var/lib/irsa-agent/.state.json.irsa-agent-tmp.4242.1",
+        "/var/lib/irsa-agent/backups/20260101T000000Z/etc/rancher/k3s/.config.yaml.irsa-agent-tmp.4242.2",
+        "/etc/irsa-agent/config.d/.50-x.yaml.irsa-agent-tmp.4242.3",
+    ];
+    for path in leftovers {
+        host.write(path, "token: half-written\n");
+    }
+    let kept = [
+        "/var/lib/irsa-agent/backups/20260101T000000Z/etc/rancher/k3s/config.yaml.d/10.yaml",
+        "/var/lib/irsa-agent/.notes",
+    ];
+    for path in kept {
+        host.write(path, "token: x\n");
+    }
+    let mut d = Daemon::start(host.root(), &["--no-restart"], &[]);
+    d.wait_ready();
+    for path in leftovers {
+        assert!(
+            !host.path(path).exists(),
+            "{path} is still there\n{}",
+            d.log()
+        );
+    }
+    for path in kept {
+        assert!(host.path(path).exists(), "{path} was removed");
+    }
+    let (exit, log) = d.stop();
+    assert_eq!(exit.code(), Some(0), "{log}");
+}
