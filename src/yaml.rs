@@ -133,7 +133,7 @@ impl Scan {
         let mut node_start = true;
         if self.quote.is_none() && self.flow == 0 {
             let content = &line[indent..];
-            if content.is_empty() || content[0] == b'#' || content[0] == b'\t' {
+            if content.is_empty() || content[0] == b'#' {
                 return Ok(());
             }
             if indent == 0 && content[0] == b'%' {
@@ -295,6 +295,8 @@ mod tests {
         assert!(!depth_ok(&block));
         assert!(!depth_ok(&format!("--- {}", "[".repeat(MAX_DEPTH + 1))));
         assert!(!depth_ok(&format!("a:\n  {}", "[\n".repeat(MAX_DEPTH + 1))));
+        assert!(!depth_ok(&format!("a: 1\n\t{}", "[".repeat(MAX_DEPTH + 1))));
+        assert!(!depth_ok(&format!("a: \t{}", "[".repeat(MAX_DEPTH + 1))));
     }
 
     #[test]
