@@ -21,4 +21,11 @@ case ${1:-} in
 esac
 # --deny warnings: unmaintained or yanked crates fail too; ignore them in .cargo/audit.toml
 # with a reason, like the one advisory that does not apply.
-exec cargo audit "${fetch[@]}" --deny warnings --file Cargo.lock
+status=0
+cargo audit "${fetch[@]}" --deny warnings --file Cargo.lock || status=$?
+if [ "$status" -ne 0 ] && [ ! -d "$HOME/.cargo/advisory-db/crates" ]; then
+    echo "tools/audit.sh: no advisory database: cargo-audit clones it from" \
+        "https://github.com/RustSec/advisory-db (unreachable from CI); clone it into" \
+        "~/.cargo/advisory-db elsewhere and run with --no-fetch" >&2
+fi
+exit "$status"
