@@ -26,6 +26,6 @@ cargo audit "${fetch[@]}" --deny warnings --file Cargo.lock || status=$?
 if [ "$status" -ne 0 ] && [ ! -d "$HOME/.cargo/advisory-db/crates" ]; then
     echo "tools/audit.sh: no advisory database: cargo-audit clones it from" \
         "https://github.com/RustSec/advisory-db (unreachable from CI); clone it into" \
-        "~/.cargo/advisory-db elsewhere and run with --no-fetch" >&2
+        "$HOME/.cargo/advisory-db elsewhere and run with --no-fetch" >&2
 fi
 exit "$status"
