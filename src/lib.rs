@@ -14,6 +14,7 @@
 //! - [`host`]: the injectable host root every host path goes through;
 //! - [`fs`]: the one module that writes host files (atomic, durable, mode-preserving);
 //! - [`state`]: the agent's own state file (`/var/lib/irsa-agent/state.json`);
+//! - [`yaml`]: the one YAML entry point (size and nesting limits before parsing);
 //! - [`daemon`]: `irsa-agent run`, the loop that keeps all of the above true (watch, converge,
 //!   retry, systemd, metrics) and the extension point for scheduled work (rotation);
 //! - [`cli`]: the command line, one file per subcommand.
@@ -31,3 +32,4 @@ pub mod keys;
 pub mod publish;
 pub mod rotation;
 pub mod state;
+pub mod yaml;

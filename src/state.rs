@@ -49,6 +49,10 @@ pub struct IssuerState {
     /// Unix time of an `apply --no-restart` whose restart has not been seen yet.
     #[serde(default)]
     pub pending_restart_since: Option<u64>,
+    /// Host path of the backup folder written by the change that awaits its restart (the
+    /// files as the running apiserver read them); backup pruning keeps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_backup: Option<PathBuf>,
     #[serde(default)]
     pub distribution: String,
     #[serde(default)]

@@ -379,3 +379,31 @@ fn run_section_values_in_effect() {
         })
     );
 }
+
+#[test]
+fn backups_retention_is_configurable_and_checked() {
+    let root = host(&[(
+        "/etc/irsa-agent/config.yaml",
+        "issuer: https://oidc.example.com/x\nbackups:\n  keep: 3\n  max-age: 7d\n",
+    )]);
+    let (code, stdout, stderr) = check(root.path(), &["--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    assert_eq!(
+        doc["backups"],
+        serde_json::json!({"keep": 3, "max-age": "7d"})
+    );
+    let root = host(&[(
+        "/etc/irsa-agent/config.yaml",
+        "issuer: https://oidc.example.com/x\nbackups:\n  keep: 0\n  max-age: 10m\n  maxage: 1d\n",
+    )]);
+    let (code, _, stderr) = check(root.path(), &[]);
+    assert_eq!(code, 1);
+    for needle in [
+        "config.yaml: backups.keep = 0: expected a whole number from 1 to 1000",
+        "config.yaml: backups.max-age = \"10m\": must be at least 1h",
+        "backups.maxage",
+    ] {
+        assert!(stderr.contains(needle), "{needle} not in {stderr}");
+    }
+}

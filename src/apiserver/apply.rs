@@ -19,6 +19,7 @@ use super::FileChange;
 use super::plan::Plan;
 use super::probe::{ApiserverProbe, Status};
 use super::restart::{Restart, ServiceManager};
+use crate::config::Backups;
 use crate::fs::{self, NewFile};
 use crate::host::HostRoot;
 use crate::state::{self, IssuerState, State};
@@ -31,6 +32,8 @@ pub struct Options {
     pub timeout: Duration,
     /// How often to ask it.
     pub poll: Duration,
+    /// How long backups are kept (`backups:` of the configuration).
+    pub backups: Backups,
 }
 
 impl Default for Options {
@@ -39,6 +42,7 @@ impl Default for Options {
             no_restart: false,
             timeout: Duration::from_secs(300),
             poll: Duration::from_secs(2),
+            backups: Backups::default(),
         }
     }
 }
@@ -98,7 +102,20 @@ fn backup_dir(root: &HostRoot, now: u64) -> Result<PathBuf, ApplyError> {
     let base = PathBuf::from(state::BACKUP_DIR);
     fs::create_dir_all(&root.path(&base), 0o700).map_err(|e| io_err("create", &base, e))?;
     let stamp = state::compact_stamp(now);
-    for n in 0..1000 {
+    // After the last folder of this second: pruning may have freed a lower number, and a
+    // reused one would sort as older than it is.
+    let first = std::fs::read_dir(root.path(&base))
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| super::backups::parse_folder_name(&e.file_name().to_string_lossy()))
+                .filter(|(time, _)| state::compact_stamp(*time) == stamp)
+                .map(|(_, n)| n + 1)
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0);
+    for n in first..first + 1000 {
         let name = if n == 0 {
             stamp.clone()
         } else {
@@ -205,13 +222,14 @@ impl Prepared {
 
 /// Steps 1-3 of the executor (see the module docs): checks that every file still has the bytes
 /// the changes were computed from, sweeps temp files, backs the files up and writes the new
-/// texts atomically (a failure half-way restores what was written). `None` when there is
-/// nothing to change. Used by [`execute`] and by key rotation, which waits for the apiserver
-/// in its own way.
+/// texts atomically (a failure half-way restores what was written), then prunes older backups
+/// by `retention` ([`super::backups`]). `None` when there is nothing to change. Used by
+/// [`execute`] and by key rotation, which waits for the apiserver in its own way.
 pub fn write_changes(
     root: &HostRoot,
     changes: &[FileChange],
     now: u64,
+    retention: &Backups,
 ) -> Result<Option<Prepared>, ApplyError> {
     if changes.is_empty() {
         return Ok(None);
@@ -289,11 +307,39 @@ pub fn write_changes(
                 .unwrap_or_else(|| " (new file)".to_string())
         );
     }
+    prune_backups(root, retention, now, Some(&dir));
     Ok(Some(Prepared {
         written,
         backup_dir: dir,
         originals,
     }))
+}
+
+/// Applies the retention (after a new backup, and from the daemon's converges, so that age
+/// counts without new changes), keeping `new` and the backup a pending `apply --no-restart`
+/// would go back to. A failure is logged, never fatal.
+pub fn prune_backups(root: &HostRoot, retention: &Backups, now: u64, new: Option<&Path>) {
+    let mut protect: Vec<PathBuf> = new.map(Path::to_path_buf).into_iter().collect();
+    match State::load(root) {
+        Ok(state) => protect.extend(state.issuer.and_then(|i| i.pending_backup)),
+        Err(e) => {
+            log::warn!("backups not pruned: {e}");
+            return;
+        }
+    }
+    match super::backups::prune(root, retention, now, &protect) {
+        Ok(pruned) if pruned.files.is_empty() => {}
+        Ok(pruned) => log::info!(
+            "removed {} old backup cop{} ({} folder(s)) under {} (backups: keep {}, max-age {})",
+            pruned.files.len(),
+            if pruned.files.len() == 1 { "y" } else { "ies" },
+            pruned.folders.len(),
+            state::BACKUP_DIR,
+            retention.keep,
+            crate::config::format_duration(retention.max_age)
+        ),
+        Err(e) => log::warn!("cannot prune old backups under {}: {e}", state::BACKUP_DIR),
+    }
 }
 
 /// Carries out `plan`. `now` is the Unix time used for the backup folder name.
@@ -306,7 +352,7 @@ pub fn execute(
     opts: &Options,
     now: u64,
 ) -> Result<Outcome, ApplyError> {
-    let Some(prepared) = write_changes(root, &plan.changes, now)? else {
+    let Some(prepared) = write_changes(root, &plan.changes, now, &opts.backups)? else {
         return Ok(Outcome {
             written: Vec::new(),
             backup_dir: None,
@@ -437,6 +483,7 @@ pub fn record(state: &mut State, plan: &Plan, outcome: &Outcome, now: u64) {
         // apiserver is seen serving this one.
         entry.switched_at = None;
         entry.pending_restart_since = None;
+        entry.pending_backup = None;
     }
     entry.issuer = first;
     entry.previous = previous;
@@ -446,13 +493,20 @@ pub fn record(state: &mut State, plan: &Plan, outcome: &Outcome, now: u64) {
         RestartOutcome::Verified { at, .. } if plan.in_sync() => {
             entry.switched_at = Some(*at);
             entry.pending_restart_since = None;
+            entry.pending_backup = None;
         }
         RestartOutcome::Verified { at, .. } => {
             entry.switched_at.get_or_insert(*at);
             entry.pending_restart_since = None;
+            entry.pending_backup = None;
             entry.applied_at = now;
         }
         RestartOutcome::Pending(_) => {
+            // The backup of the first pending change holds the files as the running apiserver
+            // read them: the one to go back to, kept until the restart is seen.
+            if entry.pending_restart_since.is_none() {
+                entry.pending_backup = outcome.backup_dir.clone();
+            }
             entry.pending_restart_since.get_or_insert(now);
             entry.applied_at = now;
         }

@@ -358,6 +358,7 @@ fn apply(global: &Global, run: &RunArgs, accept_only: bool) -> anyhow::Result<Ex
                 no_restart: false,
                 timeout: run.apiserver.timeout,
                 poll: run.apiserver.poll_interval,
+                backups: settings.backups,
             };
             let mut probe = e
                 .probe
@@ -381,7 +382,7 @@ fn apply(global: &Global, run: &RunArgs, accept_only: bool) -> anyhow::Result<Ex
             backup_dir: None,
             restart: RestartOutcome::NotNeeded,
         },
-        (false, _, _) => execute_plan(root, &observed, &plan, run)?,
+        (false, _, _) => execute_plan(root, &observed, &plan, run, &settings.backups)?,
     };
     // Phase one of a rollout does not switch the signing issuer: nothing to remember yet.
     if plan.desired.issuers.first() == Some(&settings.issuer) {
@@ -439,12 +440,14 @@ pub fn execute_plan(
     observed: &Observed,
     plan: &Plan,
     run: &RunArgs,
+    backups: &crate::config::Backups,
 ) -> anyhow::Result<Outcome> {
     let mut edges = edges(root, observed, run);
     let opts = Options {
         no_restart: run.no_restart,
         timeout: run.apiserver.timeout,
         poll: run.apiserver.poll_interval,
+        backups: *backups,
     };
     let mut probe: Box<dyn ApiserverProbe> = match edges.probe.take() {
         Some(p) => p,

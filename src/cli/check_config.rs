@@ -51,6 +51,10 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
                 "metrics-textfile": s.run.metrics_textfile,
                 "metrics-listen": s.run.metrics_listen.map(|a| a.to_string()),
             },
+            "backups": {
+                "keep": s.backups.keep,
+                "max-age": format_duration(s.backups.max_age),
+            },
             "sources": s.sources,
             "warnings": loaded.warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
         });

@@ -91,6 +91,7 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
                 if let Some(st) = state.issuer.as_mut() {
                     st.switched_at = Some(now);
                     st.pending_restart_since = None;
+                    st.pending_backup = None;
                 }
                 state.save(root)?;
                 decision = FinalizeDecision::TooEarly {
@@ -213,7 +214,7 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
             restart: RestartOutcome::NotNeeded,
         }
     } else {
-        execute_plan(root, &observed, &plan, run)?
+        execute_plan(root, &observed, &plan, run, &settings.backups)?
     };
     executor::record_finalize(&mut state, &retire, &outcome, state::unix_now());
     state.save(root)?;

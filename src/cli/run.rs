@@ -100,6 +100,8 @@ impl ApplyStep for RealApply {
 
     fn apply(&mut self, settings: &Settings) -> ApplyReport {
         let root = &self.root;
+        // Backups age out even when nothing changes (cheap: one folder walk).
+        crate::apiserver::apply::prune_backups(root, &settings.backups, state::unix_now(), None);
         let state = match State::load(root) {
             Ok(s) => s,
             Err(e) => return ApplyReport::failed(FailureKind::Transient, e.to_string()),
@@ -143,6 +145,7 @@ impl ApplyStep for RealApply {
             no_restart: self.run.no_restart,
             timeout: self.run.apiserver.timeout,
             poll: self.run.apiserver.poll_interval,
+            backups: settings.backups,
         };
         let outcome = if plan.in_sync() {
             let mut pending = None;
@@ -188,7 +191,7 @@ impl ApplyStep for RealApply {
                 }
             }
         } else {
-            match apply_cli::execute_plan(root, &observed, &plan, &self.run) {
+            match apply_cli::execute_plan(root, &observed, &plan, &self.run, &settings.backups) {
                 Ok(outcome) => {
                     if matches!(outcome.restart, RestartOutcome::Verified { .. }) {
                         report.restarts += 1;

@@ -280,6 +280,36 @@ impl Rotation {
     }
 }
 
+/// `backups:`: how long copies of the files `apply` and rotation change are kept under
+/// `/var/lib/irsa-agent/backups` (they hold secrets such as k3s's `token:`).
+///
+/// ```yaml
+/// backups:
+///   keep: 10        # the newest 10 copies of each file
+///   max-age: 30d    # and none older than this once a newer copy of the file exists
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backups {
+    pub keep: usize,
+    pub max_age: Duration,
+}
+
+impl Default for Backups {
+    fn default() -> Self {
+        Backups {
+            keep: 10,
+            max_age: Duration::from_secs(30 * 86_400),
+        }
+    }
+}
+
+/// `backups:` of one file; merged key by key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackupsFragment {
+    pub keep: Option<usize>,
+    pub max_age: Option<Duration>,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
@@ -292,6 +322,8 @@ pub struct Settings {
     pub rotation: Rotation,
     /// `run:`: the daemon's timers and metrics outputs.
     pub run: run::RunSettings,
+    /// `backups:`: retention of the backups of changed files.
+    pub backups: Backups,
     /// An extra CA bundle (host path) trusted for the agent's own HTTPS requests: verifying the
     /// public copy, STS, storage endpoints. The system store (or `SSL_CERT_FILE`) stays trusted.
     pub ca_file: Option<PathBuf>,
@@ -325,6 +357,7 @@ pub struct Fragment {
     pub rotation: RotationFragment,
     pub ca_file: Option<Origin<PathBuf>>,
     pub run: run::RunFragment,
+    pub backups: BackupsFragment,
 }
 
 /// `rotation:` of one file; merged key by key.
@@ -455,14 +488,15 @@ pub fn load(root: &HostRoot, explicit: Option<&Path>) -> Result<Loaded, ConfigEr
 /// Stage 1: one file into a fragment.
 pub fn parse_fragment(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Fragment {
     let mut fragment = Fragment::default();
-    let doc: Value = match serde_yaml::from_str(text) {
+    // A leading byte order mark is dropped; size and nesting are checked before parsing.
+    let doc: Value = match crate::yaml::from_str(text) {
         Ok(v) => v,
         Err(e) => {
             problems.push(Problem {
                 file: Some(file.to_path_buf()),
                 key: "(file)".into(),
                 value: None,
-                message: format!("not valid YAML: {e}"),
+                message: e.to_string(),
             });
             return fragment;
         }
@@ -508,6 +542,9 @@ pub fn parse_fragment(file: &Path, text: &str, problems: &mut Vec<Problem>) -> F
     }
     if let Some(map) = f.mapping("run") {
         fragment.run = run::parse(file, map, f.problems());
+    }
+    if let Some(map) = f.mapping("backups") {
+        fragment.backups = parse_backups(file, map, f.problems());
     }
     f.finish();
     fragment
@@ -830,6 +867,38 @@ fn parse_rotation(file: &Path, map: &Mapping, problems: &mut Vec<Problem>) -> Ro
     fragment
 }
 
+fn parse_backups(file: &Path, map: &Mapping, problems: &mut Vec<Problem>) -> BackupsFragment {
+    let mut f = Fields::new(file, "backups", map, problems);
+    let keep = f.raw("keep").cloned().and_then(|value| {
+        match value.as_u64().filter(|n| (1..=1000).contains(n)) {
+            Some(n) => usize::try_from(n).ok(),
+            None => {
+                f.problem(
+                    "keep",
+                    Some(&value),
+                    "expected a whole number from 1 to 1000: how many copies of each backed-up file to keep",
+                );
+                None
+            }
+        }
+    });
+    let max_age = f.duration("max-age").and_then(|d| {
+        if d < Duration::from_secs(3600) {
+            let raw = f.raw("max-age").cloned();
+            f.problem(
+                "max-age",
+                raw.as_ref(),
+                "must be at least 1h (the newest copy of each file is kept whatever its age)",
+            );
+            None
+        } else {
+            Some(d)
+        }
+    });
+    f.finish();
+    BackupsFragment { keep, max_age }
+}
+
 /// Stage 2: later fragments override earlier ones, key by key.
 pub fn merge(fragments: Vec<Fragment>) -> Fragment {
     let mut out = Fragment::default();
@@ -840,6 +909,8 @@ pub fn merge(fragments: Vec<Fragment>) -> Fragment {
         out.publish = f.publish.or(out.publish);
         out.ca_file = f.ca_file.or(out.ca_file);
         out.run = run::merge(std::mem::take(&mut out.run), f.run);
+        out.backups.keep = f.backups.keep.or(out.backups.keep);
+        out.backups.max_age = f.backups.max_age.or(out.backups.max_age);
         let (r, o) = (f.rotation, &mut out.rotation);
         o.enabled = r.enabled.or(o.enabled);
         o.every = r.every.or(o.every.take());
@@ -988,6 +1059,10 @@ pub fn validate(
             publish: merged.publish.map(|o| o.value).unwrap_or_default(),
             rotation,
             run,
+            backups: Backups {
+                keep: merged.backups.keep.unwrap_or(Backups::default().keep),
+                max_age: merged.backups.max_age.unwrap_or(Backups::default().max_age),
+            },
             ca_file: merged.ca_file.map(|o| o.value),
             sources,
         },

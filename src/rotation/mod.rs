@@ -797,8 +797,9 @@ impl Run<'_> {
                 restarts_apiserver,
                 expected,
             } => {
-                let prepared = apply::write_changes(&root, &changes, self.now())
-                    .map_err(|e| failed(format!("{what}: {e}")))?;
+                let prepared =
+                    apply::write_changes(&root, &changes, self.now(), &self.ctx.settings.backups)
+                        .map_err(|e| failed(format!("{what}: {e}")))?;
                 if restarts_apiserver && prepared.is_some() {
                     // The manifest is written: kubelet restarts the apiserver.
                     self.update_rotation(|r| r.restarts += 1)?;
