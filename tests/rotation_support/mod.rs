@@ -444,6 +444,8 @@ impl ServiceManager for FakeServices {
             return Err(format!("Job for {unit}.service failed (injected)"));
         }
         w.log.push(format!("systemctl restart {unit}"));
+        // Starting it brings a stopped apiserver back.
+        w.down = false;
         let root = w.root.clone();
         let tls = tls_dir(w.distribution);
         k3s_start(&root, tls, &w.datastore);
