@@ -478,7 +478,12 @@ pub fn execute(
             })
             .collect(),
     };
-    if let Err(e) = State::update(root, |s| s.set_in_flight(Some(&change))) {
+    // Only a change of the signing issuer can be verified from outside (the apiserver's own
+    // discovery document shows it); other changes (phase one of a rollout, a jwks-uri) are
+    // verified by this run only.
+    if plan.switches_issuer()
+        && let Err(e) = State::update(root, |s| s.set_in_flight(Some(&change)))
+    {
         let restored = restore(root, &written, &originals);
         return Err(ApplyError::Io(format!(
             "cannot record the change in the state file ({e}), so it could not be verified after a crash; {restored}"
@@ -531,7 +536,9 @@ pub fn execute(
     };
     // 5. Roll back.
     let restored = restore(root, &written, &originals);
-    clear_in_flight(root);
+    if plan.switches_issuer() {
+        clear_in_flight(root);
+    }
     let mut message = format!("{failure}; {restored}");
     match restart {
         Restart::Unit(unit) => match services.restart(unit) {

@@ -463,6 +463,21 @@ pub fn running_check(
                 },
             }
         }
+        // After `--no-restart` the restart is the operator's: with no way to ask, the files
+        // are reported in sync and the switch stays unverified (finalize keeps waiting for it).
+        None if state
+            .in_flight()
+            .filter(|c| c.issuer == want)
+            .is_none_or(|c| c.no_restart) =>
+        {
+            if let Some(why) = &unverified {
+                log::warn!(
+                    "{why}; it cannot be asked ({}), so the change stays unverified",
+                    e.probe_error.clone().unwrap_or_default()
+                );
+            }
+            Running::Settled
+        }
         None => match unverified {
             Some(why) => bail!(
                 "{why}, and it cannot be asked ({}): nothing is declared applied; fix that and run apply again",

@@ -286,7 +286,7 @@ impl Rotation {
 
     /// How long `serviceaccount_stale_tokens_total` must stay flat before the old key is
     /// retired: an hour, or the whole drain (`lifetime`, the longest token lifetime in force,
-    /// + drain-margin) when that is shorter. The first reading is taken when the drain starts,
+    /// plus drain-margin) when that is shorter. The first reading is taken when the drain starts,
     /// so unless the counter rises this adds nothing to the drain.
     pub fn stale_quiet(&self, lifetime: Duration) -> Duration {
         STALE_QUIET_MAX.min(lifetime + self.drain_margin)
