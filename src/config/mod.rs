@@ -239,6 +239,9 @@ impl KeyType {
     }
 }
 
+/// The longest time the stale-token counter must stay flat before an old key is retired.
+pub const STALE_QUIET_MAX: Duration = Duration::from_secs(3600);
+
 /// Signing-key rotation settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rotation {
@@ -255,6 +258,10 @@ pub struct Rotation {
     /// Extra time the old key stays trusted after `token-lifetime` has passed (clock skew,
     /// tokens minted just before the switch, relying parties' leeway).
     pub drain_margin: Duration,
+    /// `ignore-stale-tokens: "<reason>"`: retire the old key without waiting for
+    /// `serviceaccount_stale_tokens_total` to stay flat (the daemon's `rotate
+    /// --ignore-stale-tokens`); the reason is logged with every retirement it allows.
+    pub ignore_stale_tokens: Option<String>,
 }
 
 impl Default for Rotation {
@@ -267,6 +274,7 @@ impl Default for Rotation {
             cdn_ttl: Duration::ZERO,
             token_lifetime: Duration::from_secs(86_400),
             drain_margin: Duration::from_secs(3600),
+            ignore_stale_tokens: None,
         }
     }
 }
@@ -277,6 +285,14 @@ impl Rotation {
     /// before the new key signs, token-lifetime + drain-margin before the old key goes.
     pub fn minimum_duration(&self) -> Duration {
         self.cdn_ttl + self.propagation_wait + self.token_lifetime + self.drain_margin
+    }
+
+    /// How long `serviceaccount_stale_tokens_total` must stay flat before the old key is
+    /// retired: an hour, or the whole drain (`lifetime`, the longest token lifetime in force,
+    /// plus drain-margin) when that is shorter. The first reading is taken when the drain starts,
+    /// so unless the counter rises this adds nothing to the drain.
+    pub fn stale_quiet(&self, lifetime: Duration) -> Duration {
+        STALE_QUIET_MAX.min(lifetime + self.drain_margin)
     }
 }
 
@@ -370,6 +386,7 @@ pub struct RotationFragment {
     pub cdn_ttl: Option<Duration>,
     pub token_lifetime: Option<Origin<Duration>>,
     pub drain_margin: Option<Duration>,
+    pub ignore_stale_tokens: Option<String>,
 }
 
 /// Why the configuration cannot be used.
@@ -862,6 +879,7 @@ fn parse_rotation(file: &Path, map: &Mapping, problems: &mut Vec<Problem>) -> Ro
         cdn_ttl: f.duration("cdn-ttl"),
         token_lifetime: f.duration("token-lifetime").map(|v| Origin::at(file, v)),
         drain_margin: f.duration("drain-margin"),
+        ignore_stale_tokens: ignore_stale_tokens(&mut f),
     };
     f.finish();
     fragment
@@ -899,6 +917,22 @@ fn parse_backups(file: &Path, map: &Mapping, problems: &mut Vec<Problem>) -> Bac
     BackupsFragment { keep, max_age }
 }
 
+/// `rotation.ignore-stale-tokens`: the reason, as text (a bare `true` says nothing about why).
+fn ignore_stale_tokens(f: &mut Fields<'_>) -> Option<String> {
+    let value = f.raw("ignore-stale-tokens")?;
+    match value {
+        Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+        other => {
+            f.problem(
+                "ignore-stale-tokens",
+                Some(other),
+                "expected the reason as text, e.g. `ignore-stale-tokens: \"audit log checked 2026-12-01: no client keeps tokens\"`: retirement then does not wait for serviceaccount_stale_tokens_total to stay flat, and the reason is logged each time",
+            );
+            None
+        }
+    }
+}
+
 /// Stage 2: later fragments override earlier ones, key by key.
 pub fn merge(fragments: Vec<Fragment>) -> Fragment {
     let mut out = Fragment::default();
@@ -919,6 +953,7 @@ pub fn merge(fragments: Vec<Fragment>) -> Fragment {
         o.cdn_ttl = r.cdn_ttl.or(o.cdn_ttl);
         o.token_lifetime = r.token_lifetime.or(o.token_lifetime.take());
         o.drain_margin = r.drain_margin.or(o.drain_margin);
+        o.ignore_stale_tokens = r.ignore_stale_tokens.or(o.ignore_stale_tokens.take());
     }
     out
 }
@@ -1005,7 +1040,16 @@ pub fn validate(
             .as_ref()
             .map_or(defaults.token_lifetime, |o| o.value),
         drain_margin: r.drain_margin.unwrap_or(defaults.drain_margin),
+        ignore_stale_tokens: r.ignore_stale_tokens.clone(),
     };
+    if let Some(reason) = &rotation.ignore_stale_tokens {
+        warnings.push(Problem {
+            file: None,
+            key: "rotation.ignore-stale-tokens".into(),
+            value: Some(format!("{reason:?}")),
+            message: "the old key is retired without waiting for serviceaccount_stale_tokens_total to stay flat: a client still presenting a stale token signed by it is then rejected".into(),
+        });
+    }
     if let Some(every) = &r.every
         && every.value <= rotation.token_lifetime
     {
