@@ -111,8 +111,9 @@ impl State {
         }
     }
 
-    /// Writes the state atomically (0600, directory 0700).
-    pub fn save(&self, root: &HostRoot) -> Result<(), StateError> {
+    /// Writes the state atomically (0600, directory 0700). Private: every writer goes through
+    /// [`State::update`], so no writer's snapshot overwrites another's change.
+    fn save(&self, root: &HostRoot) -> Result<(), StateError> {
         let err = |source| StateError::Write {
             path: PathBuf::from(STATE_FILE),
             source,

@@ -88,12 +88,15 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
         let serving = e.probe.as_mut().map(|p| p.check());
         match serving {
             Some(status) if status.issuer.as_deref() == Some(settings.issuer.as_str()) => {
-                if let Some(st) = state.issuer.as_mut() {
+                // Under the state lock, on the file as it is now (a rotation step may have
+                // been recorded since it was read above).
+                let mark = |st: &mut state::IssuerState| {
                     st.switched_at = Some(now);
                     st.pending_restart_since = None;
                     st.pending_backup = None;
-                }
-                state.save(root)?;
+                };
+                State::update(root, |s| s.issuer.as_mut().map(mark))?;
+                state.issuer.as_mut().map(mark);
                 decision = FinalizeDecision::TooEarly {
                     retire: retire.clone(),
                     switched_at: now,
