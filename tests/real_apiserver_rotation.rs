@@ -19,6 +19,7 @@
 //! addresses there.
 
 mod https_support;
+mod kube_support;
 mod rotation_support;
 mod support;
 
@@ -27,107 +28,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use kube_support::Kube;
 use serde_json::{Value, json};
 
 const TLS: &str = "var/lib/rancher/k3s/server/tls";
-
-struct Kube {
-    scripts: PathBuf,
-    flags: PathBuf,
-    state: PathBuf,
-    port: u16,
-    kapi: String,
-}
-
-impl Kube {
-    fn start(&self) {
-        let out = Command::new("bash")
-            .arg(self.scripts.join("start-apiserver.sh"))
-            .arg(&self.flags)
-            .arg(&self.state)
-            .env("IRSA_TEST_KUBE_APISERVER", &self.kapi)
-            .output()
-            .expect("start-apiserver.sh");
-        assert!(
-            out.status.success(),
-            "start-apiserver.sh failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn stop_apiserver(&self) {
-        let status = Command::new("bash")
-            .arg(self.scripts.join("stop-apiserver.sh"))
-            .arg(&self.state)
-            .arg("apiserver")
-            .status()
-            .expect("stop-apiserver.sh");
-        assert!(status.success());
-    }
-
-    fn pki(&self, name: &str) -> PathBuf {
-        self.state.join("pki").join(name)
-    }
-
-    /// One request with the admin client certificate (curl): (HTTP code, body).
-    fn api(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
-        let mut cmd = Command::new("curl");
-        cmd.args(["-sS", "-o", "-", "-w", "\n%{http_code}", "-X", method])
-            .arg("--cacert")
-            .arg(self.pki("ca.crt"))
-            .arg("--cert")
-            .arg(self.pki("admin.crt"))
-            .arg("--key")
-            .arg(self.pki("admin.key"))
-            .args(["--max-time", "10"]);
-        if let Some(b) = body {
-            cmd.args(["-H", "Content-Type: application/json", "--data-binary"])
-                .arg(b.to_string());
-        }
-        cmd.arg(format!("https://127.0.0.1:{}{path}", self.port));
-        let out = cmd.output().expect("curl");
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-        (code.trim().parse().unwrap_or(0), body.to_string())
-    }
-
-    fn ok(&self, method: &str, path: &str, body: Option<&Value>) -> Value {
-        let (code, text) = self.api(method, path, body);
-        assert!(
-            (200..300).contains(&code),
-            "{method} {path}: HTTP {code}: {text}"
-        );
-        serde_json::from_str(&text).unwrap_or(Value::Null)
-    }
-
-    /// Does the apiserver accept `token` (TokenReview)?
-    fn accepts(&self, token: &str, audience: Option<&str>) -> Result<(), String> {
-        let mut spec = json!({ "token": token });
-        if let Some(a) = audience {
-            spec["audiences"] = json!([a]);
-        }
-        let review = self.ok(
-            "POST",
-            "/apis/authentication.k8s.io/v1/tokenreviews",
-            Some(&json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": spec})),
-        );
-        if review["status"]["authenticated"] == true {
-            Ok(())
-        } else {
-            Err(review["status"].to_string())
-        }
-    }
-}
-
-impl Drop for Kube {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(self.scripts.join("stop-apiserver.sh"))
-            .arg(&self.state)
-            .status();
-    }
-}
 
 fn write(path: &Path, text: impl AsRef<[u8]>) {
     std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
