@@ -31,7 +31,7 @@ timed() { # timed LABEL COMMAND...: runs it, prints how long it took
 need_apt shellcheck
 say "shellcheck"
 if shellcheck -s sh install.sh && shellcheck -x packaging/*.sh packaging/debian/postinst \
-    packaging/debian/postrm packaging/ansible/*.sh systemd/*.sh benches/*.sh tests/run.sh .ci/run; then
+    packaging/debian/postrm packaging/ansible/*.sh systemd/*.sh benches/*.sh tools/*.sh tests/run.sh .ci/run; then
     ok "shellcheck: install.sh, packaging, systemd, bench and test scripts, maintainer scripts"
 else
     bad "shellcheck"

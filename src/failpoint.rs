@@ -3,7 +3,9 @@
 //!
 //! Compiled in only with the `failpoints` cargo feature (the test suite enables it); then
 //! `IRSA_AGENT_FAILPOINTS=name[@n][,name[@n]...]` makes [`hit`] exit the process with status 99
-//! the n-th time (default: the first) it reaches that point. Without the feature [`hit`] is
+//! the n-th time (default: the first) it reaches that point. `name[@n]:pause` instead creates
+//! the file `$IRSA_AGENT_FAILPOINT_DIR/<name>.paused` and waits (at most a minute) until the test
+//! removes it: two processes forced to overlap at a chosen point. Without the feature [`hit`] is
 //! empty.
 //!
 //! Points: `apply:after-backup`, `apply:after-write`, `apply:after-restart`,
@@ -37,11 +39,30 @@ pub fn hit(name: &str) {
         *n
     };
     for entry in spec.split(',') {
+        let (entry, pause) = match entry.strip_suffix(":pause") {
+            Some(e) => (e, true),
+            None => (entry, false),
+        };
         let (point, nth) = match entry.split_once('@') {
             Some((p, n)) => (p, n.parse().unwrap_or(1)),
             None => (entry, 1),
         };
         if point == name && nth == count {
+            if pause {
+                let dir = std::env::var_os("IRSA_AGENT_FAILPOINT_DIR").unwrap_or_default();
+                let flag = std::path::Path::new(&dir)
+                    .join(format!("{}.paused", name.replace(['/', ':'], "_")));
+                let _ = std::fs::write(&flag, b"");
+                eprintln!(
+                    "failpoint {name}@{count}: paused until {} is removed",
+                    flag.display()
+                );
+                let started = std::time::Instant::now();
+                while flag.exists() && started.elapsed() < std::time::Duration::from_secs(60) {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                continue;
+            }
             eprintln!("failpoint {name}@{count}: exiting");
             std::process::exit(99);
         }

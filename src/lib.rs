@@ -9,9 +9,12 @@
 //!   (directory, S3, GCS, Azure), credentials for that, and the check of the public copy;
 //! - [`doctor`]: `doctor`, `verify-token`, `trust-policy`: checks and explanations of what is
 //!   wrong between the key files and a relying party;
+//! - [`identity`]: what a pod needs for its cloud identity (projected token, variables) and
+//!   the JSON Patch that adds it (the webhook, `pod-config`);
 //! - [`host`]: the injectable host root every host path goes through;
 //! - [`fs`]: the one module that writes host files (atomic, durable, mode-preserving);
 //! - [`state`]: the agent's own state file (`/var/lib/irsa-agent/state.json`);
+//! - [`yaml`]: the one YAML entry point (size and nesting limits before parsing);
 //! - [`daemon`]: `irsa-agent run`, the loop that keeps all of the above true (watch, converge,
 //!   retry, systemd, metrics) and the extension point for scheduled work (rotation);
 //! - [`unit`]: what the packaged systemd unit lets the agent write;
@@ -25,8 +28,10 @@ pub mod doctor;
 pub mod failpoint;
 pub mod fs;
 pub mod host;
+pub mod identity;
 pub mod keys;
 pub mod publish;
 pub mod rotation;
 pub mod state;
 pub mod unit;
+pub mod yaml;

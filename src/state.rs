@@ -49,6 +49,10 @@ pub struct IssuerState {
     /// Unix time of an `apply --no-restart` whose restart has not been seen yet.
     #[serde(default)]
     pub pending_restart_since: Option<u64>,
+    /// Host path of the backup folder written by the change that awaits its restart (the
+    /// files as the running apiserver read them); backup pruning keeps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_backup: Option<PathBuf>,
     #[serde(default)]
     pub distribution: String,
     #[serde(default)]
@@ -107,8 +111,9 @@ impl State {
         }
     }
 
-    /// Writes the state atomically (0600, directory 0700).
-    pub fn save(&self, root: &HostRoot) -> Result<(), StateError> {
+    /// Writes the state atomically (0600, directory 0700). Private: every writer goes through
+    /// [`State::update`], so no writer's snapshot overwrites another's change.
+    fn save(&self, root: &HostRoot) -> Result<(), StateError> {
         let err = |source| StateError::Write {
             path: PathBuf::from(STATE_FILE),
             source,
@@ -146,6 +151,53 @@ impl State {
     pub fn section(&self, key: &str) -> Option<&serde_json::Value> {
         self.other.get(key)
     }
+
+    /// The apiserver change `apply` (or the daemon) wrote and has not yet seen the running
+    /// apiserver serve; `None` when there is none or the section is unreadable.
+    pub fn in_flight(&self) -> Option<InFlight> {
+        serde_json::from_value(self.other.get(IN_FLIGHT_KEY)?.clone()).ok()
+    }
+
+    pub fn set_in_flight(&mut self, change: Option<&InFlight>) {
+        match change.and_then(|c| serde_json::to_value(c).ok()) {
+            Some(v) => {
+                self.other.insert(IN_FLIGHT_KEY.to_string(), v);
+            }
+            None => {
+                self.other.remove(IN_FLIGHT_KEY);
+            }
+        }
+    }
+}
+
+/// The state file's section for an apiserver change in flight.
+pub const IN_FLIGHT_KEY: &str = "apply_in_flight";
+
+/// An apiserver configuration change that was written (saved right after the write, before
+/// the restart) but not yet seen served: a run that is killed after writing leaves it, and the
+/// next `apply` (or the daemon) waits for the apiserver, verifies it, and rolls the files back
+/// from these backups when it does not come, as the interrupted run would have.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InFlight {
+    /// The issuer the apiserver must serve (the first `--service-account-issuer` written).
+    pub issuer: String,
+    pub written_at: u64,
+    /// `--no-restart`: the restart was left to the operator.
+    #[serde(default)]
+    pub no_restart: bool,
+    pub backup_dir: Option<PathBuf>,
+    pub files: Vec<InFlightFile>,
+}
+
+/// One file of an [`InFlight`] change.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InFlightFile {
+    /// Host path.
+    pub path: PathBuf,
+    /// Host path of its backup; `None`: irsa-agent created the file (a rollback removes it).
+    pub backup: Option<PathBuf>,
+    /// What was written, so a rollback never undoes someone else's later edit.
+    pub written: String,
 }
 
 /// Seconds since the Unix epoch.

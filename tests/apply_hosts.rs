@@ -931,3 +931,122 @@ fn no_control_plane_is_said_without_a_hole_in_the_sentence() {
         assert!(!text.contains("under :"), "{text}");
     }
 }
+
+/// Every copy of `host_path` under the backup folder, as (folder name, bytes), oldest first.
+fn backup_copies(host: &Host, host_path: &str) -> Vec<(String, String)> {
+    let base = host.path("/var/lib/irsa-agent/backups");
+    let mut out: Vec<(String, String)> = std::fs::read_dir(&base)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let copy = e.path().join(host_path.trim_start_matches('/'));
+                    std::fs::read_to_string(copy).ok().map(|text| (name, text))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    // Stamps sort by time; `-n` by their number within one second.
+    out.sort_by_key(|(name, _)| {
+        let (stamp, n) = name.split_once('-').unwrap_or((name, "0"));
+        (stamp.to_string(), n.parse::<u32>().unwrap_or(0))
+    });
+    out
+}
+
+/// 300 applies once left 161 backup folders, each a copy of config.yaml with the cluster's
+/// `token:`, kept forever. Now `backups: keep` bounds the copies per file, the newest are
+/// kept, and the one a pending `--no-restart` change would go back to is never removed.
+#[test]
+fn backups_are_pruned_to_the_configured_number_per_file() {
+    let host = Host::new();
+    host.write(
+        "/etc/rancher/k3s/config.yaml",
+        "token: secret-cluster-token\nkube-apiserver-arg:\n  - \"audit-log-maxage=30\"\n",
+    )
+    .k3s_keys("/var/lib/rancher/k3s");
+    let config_yaml = "/etc/rancher/k3s/config.yaml";
+    let mut written = Vec::new();
+    for i in 0..12 {
+        host.write(
+            "/etc/irsa-agent/config.yaml",
+            format!(
+                "issuer: https://oidc.example.com/c{i}\ndistribution: k3s\nbackups:\n  keep: 3\n  max-age: 30d\n"
+            ),
+        );
+        written.push(host.read(config_yaml));
+        let out = host
+            .agent()
+            .args(["apply", "--no-restart"])
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "apply {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let copies = backup_copies(&host, config_yaml);
+    // The newest three copies: the file as it was before each of the last three applies.
+    let texts: Vec<&str> = copies.iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(
+        texts,
+        written[9..].iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    // The change awaiting its restart goes back to the newest (it switched the issuer).
+    let state: Value =
+        serde_json::from_str(&host.read("/var/lib/irsa-agent/state.json")).expect("state");
+    let pending = state["issuer"]["pending_backup"]
+        .as_str()
+        .expect("pending backup")
+        .to_string();
+    assert!(pending.ends_with(&copies[2].0), "{pending} vs {copies:?}");
+
+    // A pending change is kept even when newer backups would push it out: the jwks-uri flag
+    // removed by hand and put back by apply four times, the issuer unchanged, so the change
+    // still awaits the same restart.
+    let backups_before = backup_copies(&host, config_yaml).len();
+    for _ in 0..4 {
+        let text: String = host
+            .read(config_yaml)
+            .lines()
+            .filter(|l| !l.contains("service-account-jwks-uri="))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        host.write(config_yaml, &text);
+        let out = host
+            .agent()
+            .args(["apply", "--no-restart", "--json"])
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(json_of(&out)["changed"], true);
+    }
+    assert_eq!(backups_before, 3);
+    let state: Value =
+        serde_json::from_str(&host.read("/var/lib/irsa-agent/state.json")).expect("state");
+    let still = state["issuer"]["pending_backup"]
+        .as_str()
+        .expect("pending backup");
+    let names: Vec<String> = backup_copies(&host, config_yaml)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(
+        still, pending,
+        "the change awaiting its restart is the same"
+    );
+    assert_eq!(
+        names.len(),
+        4,
+        "the newest three and the pending one: {names:?}"
+    );
+    assert!(
+        names.iter().any(|n| still.ends_with(n.as_str())),
+        "the pending change's backup {still} was removed: {names:?}"
+    );
+}

@@ -528,3 +528,81 @@ fn a_restart_left_pending_is_done_by_the_next_apply() {
     assert_eq!(json_of(&out)["changed"], false);
     assert_eq!(host.systemctl_log(), "restart k3s\n");
 }
+
+/// The state race of issue 14: `apply` used to load the state at its start and save the whole
+/// file at its end, after a restart wait, so a rotation step recorded meanwhile (another
+/// process) was rolled back, `may_have_signed` included (the flag that decides whether
+/// `rotate --abort` is safe). Forced to overlap: apply pauses after the restart, the rotation's
+/// section is written by this process, then apply finishes.
+#[test]
+fn an_apply_overlapping_a_recorded_rotation_step_leaves_the_rotation_as_written() {
+    let host = k3s_host();
+    let server = FakeApiserver::start(Behaviour::FollowHost {
+        root: host.root().to_path_buf(),
+        distribution: Distribution::K3s,
+    });
+    host.kubeconfig("/etc/rancher/k3s/k3s.yaml", &server.url());
+    let systemctl = host.fake_systemctl();
+    let pauses = tempfile::tempdir().expect("tempdir");
+    // The state exists before apply reads it.
+    irsa_agent::state::State::update(&irsa_agent::host::HostRoot::new(host.root()), |s| {
+        s.other
+            .insert("rotation".into(), serde_json::json!({"phase": "signing"}));
+    })
+    .expect("seed state");
+    let mut apply = std::process::Command::new(env!("CARGO_BIN_EXE_irsa-agent"))
+        .arg("--root")
+        .arg(host.root())
+        .args([
+            "apply",
+            "--json",
+            "--timeout",
+            "20s",
+            "--poll-interval",
+            "1s",
+        ])
+        .arg("--systemctl")
+        .arg(&systemctl)
+        .env_remove("IRSA_AGENT_CONFIG")
+        .env_remove("IRSA_AGENT_SYSTEMCTL")
+        .env_remove("IRSA_AGENT_APISERVER_URL")
+        .env("IRSA_AGENT_FAILPOINTS", "apply:after-restart:pause")
+        .env("IRSA_AGENT_FAILPOINT_DIR", pauses.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("apply");
+    let flag = pauses.path().join("apply_after-restart.paused");
+    let started = std::time::Instant::now();
+    while !flag.exists() {
+        if let Ok(Some(status)) = apply.try_wait() {
+            panic!("apply ended ({status}) before reaching the pause");
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "apply never paused"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // The rotation records a step, as rotation::save_state does, while apply waits.
+    let written = serde_json::json!({"phase": "draining", "may_have_signed": true, "step": 5});
+    irsa_agent::state::State::update(&irsa_agent::host::HostRoot::new(host.root()), |s| {
+        s.other.insert("rotation".into(), written.clone());
+    })
+    .expect("rotation step");
+    std::fs::remove_file(&flag).expect("resume apply");
+    let out = apply.wait_with_output().expect("apply ends");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(json_of(&out)["changed"], true);
+    let state: Value =
+        serde_json::from_str(&host.read("/var/lib/irsa-agent/state.json")).expect("state");
+    assert_eq!(state["rotation"], written, "apply rolled the rotation back");
+    assert_eq!(
+        state["issuer"]["issuer"], "https://oidc.example.com/homelab",
+        "apply's own record is there too"
+    );
+}

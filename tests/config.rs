@@ -459,3 +459,62 @@ fn a_yaml_syntax_error_is_the_only_problem_reported() {
     assert!(stderr.contains("not valid YAML"), "{stderr}");
     assert!(!stderr.contains("required"), "{stderr}");
 }
+
+#[test]
+fn backups_retention_is_configurable_and_checked() {
+    let root = host(&[(
+        "/etc/irsa-agent/config.yaml",
+        "issuer: https://oidc.example.com/x\nbackups:\n  keep: 3\n  max-age: 7d\n",
+    )]);
+    let (code, stdout, stderr) = check(root.path(), &["--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    assert_eq!(
+        doc["backups"],
+        serde_json::json!({"keep": 3, "max-age": "7d"})
+    );
+    let root = host(&[(
+        "/etc/irsa-agent/config.yaml",
+        "issuer: https://oidc.example.com/x\nbackups:\n  keep: 0\n  max-age: 10m\n  maxage: 1d\n",
+    )]);
+    let (code, _, stderr) = check(root.path(), &[]);
+    assert_eq!(code, 1);
+    for needle in [
+        "config.yaml: backups.keep = 0: expected a whole number from 1 to 1000",
+        "config.yaml: backups.max-age = \"10m\": must be at least 1h",
+        "backups.maxage",
+    ] {
+        assert!(stderr.contains(needle), "{needle} not in {stderr}");
+    }
+}
+
+#[test]
+fn ignore_stale_tokens_takes_a_reason_and_is_warned_about() {
+    // `true` says nothing about why: refused, with what to write instead.
+    for bad in ["true", "\"\"", "[a]"] {
+        let root = host(&[(
+            "/etc/irsa-agent/config.yaml",
+            &format!(
+                "issuer: https://oidc.example.com/cluster-a\nrotation:\n  ignore-stale-tokens: {bad}\n"
+            ),
+        )]);
+        let (code, _, stderr) = check(root.path(), &[]);
+        assert_eq!(code, 1, "{bad}: {stderr}");
+        assert!(
+            stderr.contains("rotation.ignore-stale-tokens")
+                && stderr.contains("the reason as text"),
+            "{bad}: {stderr}"
+        );
+    }
+    let root = host(&[(
+        "/etc/irsa-agent/config.yaml",
+        "issuer: https://oidc.example.com/cluster-a\nrotation:\n  ignore-stale-tokens: \"audit log checked: no client keeps tokens\"\n",
+    )]);
+    let (code, stdout, stderr) = check(root.path(), &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let all = format!("{stdout}{stderr}");
+    assert!(
+        all.contains("rotation.ignore-stale-tokens") && all.contains("without waiting"),
+        "{all}"
+    );
+}

@@ -111,6 +111,8 @@ fn uncommented_example_is_valid_and_sets_what_it_documents() {
     assert_eq!(rotation["propagation-wait"], "1h");
     assert_eq!(rotation["cdn-ttl"], "0s");
     assert_eq!(rotation["token-lifetime"], "1d");
+    assert_eq!(doc["backups"]["keep"], 10);
+    assert_eq!(doc["backups"]["max-age"], "30d");
     assert_eq!(doc["warnings"], serde_json::json!([]));
 }
 

@@ -1,6 +1,8 @@
 //! Any byte string fed to the PEM and key parsers gives a key list or an error, never a panic;
 //! and whatever keys come out can be rendered. Inputs: random bytes, random DER in PEM armour
 //! under every label the parsers treat specially, and real key files with DER and text mutated.
+//! Large inputs (hundreds of KB of PEM and YAML fragments) must also come back, and the YAML
+//! reader ([`irsa_agent::yaml`]) must answer any text with a value or an error.
 
 use std::path::Path;
 
@@ -128,5 +130,61 @@ proptest! {
             text[i] = byte;
         }
         check(&text);
+    }
+}
+
+/// Fragments of PEM files, glued many thousands of times into large inputs.
+const PEM_PIECES: &[&str] = &[
+    "-----BEGIN PUBLIC KEY-----\n",
+    "-----BEGIN RSA PRIVATE KEY-----\n",
+    "-----END PUBLIC KEY-----\n",
+    "-----END RSA PRIVATE KEY----- x\n",
+    "Proc-Type: 4,ENCRYPTED\n",
+    "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n",
+    "aGk=\n",
+    "\r\n",
+    "-----",
+    " ",
+];
+
+/// Fragments of YAML, glued into large inputs.
+const YAML_PIECES: &[&str] = &[
+    "[", "]", "{", "}", "- ", "? ", ": ", "\n", "  ", "a", "\"", "'", "#", "|", ">", "&x ", "*x",
+    "!!str ", "---\n", ",", "\\", "issuer: ", "\u{feff}", "\t",
+];
+
+fn glue(pieces: &[&str], picks: &[usize], repeat: usize) -> String {
+    let unit: String = picks.iter().map(|&i| pieces[i % pieces.len()]).collect();
+    unit.repeat(repeat)
+}
+
+proptest! {
+    #![proptest_config(config(64))]
+
+    #[test]
+    fn large_pem_inputs(picks in vec(0..PEM_PIECES.len(), 1..12), repeat in 1000usize..20_000) {
+        let text = glue(PEM_PIECES, &picks, repeat);
+        check(text.as_bytes());
+    }
+
+    #[test]
+    fn large_yaml_inputs(picks in vec(0..YAML_PIECES.len(), 1..12), repeat in 1000usize..20_000) {
+        let text = glue(YAML_PIECES, &picks, repeat);
+        let _ = irsa_agent::yaml::from_str::<serde_yaml::Value>(&text);
+    }
+}
+
+proptest! {
+    #![proptest_config(config(2000))]
+
+    #[test]
+    fn small_yaml_inputs(picks in vec(0..YAML_PIECES.len(), 0..200)) {
+        let text = glue(YAML_PIECES, &picks, 1);
+        let _ = irsa_agent::yaml::from_str::<serde_yaml::Value>(&text);
+    }
+
+    #[test]
+    fn arbitrary_yaml_text(text in ".{0,300}") {
+        let _ = irsa_agent::yaml::from_str::<serde_yaml::Value>(&text);
     }
 }

@@ -886,3 +886,155 @@ fn with_apply_issuer_false_the_daemon_publishes_and_reports_the_pending_apiserve
         "{status:#}"
     );
 }
+
+/// `LimitNOFILE=` of the shipped unit (the daemon's file descriptor limit in production).
+fn unit_limit_nofile() -> Option<u64> {
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/irsa-agent.service"),
+    )
+    .ok()?;
+    unit.lines()
+        .find_map(|l| l.strip_prefix("LimitNOFILE="))
+        .and_then(|v| v.split(':').next_back())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+fn vm_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// 1,000 idle connections to the metrics endpoint (any local user can open them) once
+/// exhausted the daemon's file descriptors, and a key change made meanwhile was not published.
+/// Now the endpoint holds at most 64 of them, a key change is published within a second, and
+/// the endpoint serves again once the idle ones have timed out.
+#[test]
+fn a_flood_of_idle_metrics_connections_does_not_stop_publishing() {
+    let port = support::free_port();
+    let host = k3s_host(&format!("  metrics-listen: 127.0.0.1:{port}\n"));
+    let mut d = Daemon::start(host.root(), &["--no-restart"], &[]);
+    d.wait_ready();
+    // The daemon runs with the unit's descriptor limit (systemd's default soft limit, 1024,
+    // without one); the test itself needs more than 1,000.
+    let nofile = unit_limit_nofile().unwrap_or(1024);
+    let pid = rustix::process::Pid::from_raw(d.pid() as i32).expect("pid");
+    rustix::process::prlimit(
+        Some(pid),
+        rustix::process::Resource::Nofile,
+        rustix::process::Rlimit {
+            current: Some(nofile),
+            maximum: Some(nofile),
+        },
+    )
+    .expect("set the daemon's descriptor limit");
+    let mine = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    assert!(
+        mine.current.is_none_or(|n| n > 1100),
+        "the test needs more than 1,100 descriptors: {mine:?}"
+    );
+    let rss_before = vm_rss_kib(d.pid());
+    let fds_before = open_fds(d.pid());
+
+    let mut idle = Vec::new();
+    for _ in 0..1000 {
+        idle.push(std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect"));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let fds_during = open_fds(d.pid());
+    assert!(
+        fds_during <= fds_before + 64 + 4,
+        "the daemon holds {fds_during} descriptors (before the flood: {fds_before})"
+    );
+
+    // A key change while the connections are held.
+    let key = new_ec_key();
+    let mut both = host.read(SERVICE_KEY);
+    both.push_str(&key.public_pem);
+    let changed = std::time::Instant::now();
+    replace_by_rename(&host.path(SERVICE_KEY), both.as_bytes());
+    replace_by_rename(&host.path(CURRENT_KEY), key.private_pem.as_bytes());
+    let expected = jwks_for(host.root(), &[SERVICE_KEY]);
+    wait_file(&mut d, &host, JWKS, "the JWKS of the new key", |b| {
+        b == expected.as_slice()
+    });
+    let took = changed.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(1),
+        "published {took:?} after the key change, during the flood\nlog:\n{}",
+        d.log()
+    );
+
+    // Still holding all 1,000: the idle ones the endpoint took are closed after its header
+    // timeout, and a scrape is served again.
+    let scrape = || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut response = String::new();
+        s.read_to_string(&mut response).ok()?;
+        response.starts_with("HTTP/1.1 200").then_some(response)
+    };
+    let response = eventually(DEADLINE, scrape).expect("a scrape is served again");
+    assert!(
+        response.contains("irsa_agent_keys_published 3"),
+        "{response}"
+    );
+    let rss_during = vm_rss_kib(d.pid());
+    drop(idle);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    eprintln!(
+        "metrics flood: published {took:?} after the key change; descriptors {fds_before} -> {fds_during}; VmRSS {rss_before} kB before, {rss_during} kB during, {} kB after (debug build)",
+        vm_rss_kib(d.pid())
+    );
+    let (exit, log) = d.stop();
+    assert_eq!(exit.code(), Some(0), "{log}");
+}
+
+/// Temp files a crash left (a `.state.json` write, a half-written backup copy) were never
+/// removed; the daemon sweeps them at start. Other files stay.
+#[test]
+fn temp_files_left_by_a_crash_are_swept_at_start() {
+    let host = k3s_host("");
+    let leftovers = [
+        "/var/lib/irsa-agent/..state.json.irsa-agent-tmp.4242.0",
+        "/var/lib/irsa-agent/.state.json.irsa-agent-tmp.4242.1",
+        "/var/lib/irsa-agent/backups/20260101T000000Z/etc/rancher/k3s/.config.yaml.irsa-agent-tmp.4242.2",
+        "/etc/irsa-agent/config.d/.50-x.yaml.irsa-agent-tmp.4242.3",
+    ];
+    for path in leftovers {
+        host.write(path, "token: half-written\n");
+    }
+    let kept = [
+        "/var/lib/irsa-agent/backups/20260101T000000Z/etc/rancher/k3s/config.yaml.d/10.yaml",
+        "/var/lib/irsa-agent/.notes",
+    ];
+    for path in kept {
+        host.write(path, "token: x\n");
+    }
+    let mut d = Daemon::start(host.root(), &["--no-restart"], &[]);
+    d.wait_ready();
+    for path in leftovers {
+        assert!(
+            !host.path(path).exists(),
+            "{path} is still there\n{}",
+            d.log()
+        );
+    }
+    for path in kept {
+        assert!(host.path(path).exists(), "{path} was removed");
+    }
+    let (exit, log) = d.stop();
+    assert_eq!(exit.code(), Some(0), "{log}");
+}

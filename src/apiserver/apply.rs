@@ -19,9 +19,10 @@ use super::FileChange;
 use super::plan::Plan;
 use super::probe::{ApiserverProbe, Status};
 use super::restart::{Restart, ServiceManager};
+use crate::config::Backups;
 use crate::fs::{self, NewFile};
 use crate::host::HostRoot;
-use crate::state::{self, IssuerState, State};
+use crate::state::{self, InFlight, InFlightFile, IssuerState, State};
 
 /// How to carry out the plan.
 #[derive(Debug, Clone)]
@@ -31,6 +32,8 @@ pub struct Options {
     pub timeout: Duration,
     /// How often to ask it.
     pub poll: Duration,
+    /// How long backups are kept (`backups:` of the configuration).
+    pub backups: Backups,
 }
 
 impl Default for Options {
@@ -39,6 +42,7 @@ impl Default for Options {
             no_restart: false,
             timeout: Duration::from_secs(300),
             poll: Duration::from_secs(2),
+            backups: Backups::default(),
         }
     }
 }
@@ -98,7 +102,20 @@ fn backup_dir(root: &HostRoot, now: u64) -> Result<PathBuf, ApplyError> {
     let base = PathBuf::from(state::BACKUP_DIR);
     fs::create_dir_all(&root.path(&base), 0o700).map_err(|e| io_err("create", &base, e))?;
     let stamp = state::compact_stamp(now);
-    for n in 0..1000 {
+    // After the last folder of this second: pruning may have freed a lower number, and a
+    // reused one would sort as older than it is.
+    let first = std::fs::read_dir(root.path(&base))
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| super::backups::parse_folder_name(&e.file_name().to_string_lossy()))
+                .filter(|(time, _)| state::compact_stamp(*time) == stamp)
+                .map(|(_, n)| n + 1)
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0);
+    for n in first..first + 1000 {
         let name = if n == 0 {
             stamp.clone()
         } else {
@@ -153,38 +170,176 @@ fn wait_for(
     }
 }
 
-/// The files already say what the plan wants, but the running apiserver still signs with
-/// another issuer (an `apply --no-restart`, or a crash between writing and restarting): restart
-/// it and wait for `issuer`. Nothing to roll back: no file changes.
-pub fn restart_pending(
+fn look_at(restart: &Restart) -> String {
+    match restart {
+        Restart::Unit(unit) => format!("`journalctl -u {unit}`"),
+        Restart::KubeletStaticPod => {
+            "`crictl ps -a --name kube-apiserver` and `journalctl -u kubelet`".to_string()
+        }
+    }
+}
+
+/// The files already say what the plan wants, but the running apiserver has not been seen
+/// serving `issuer`: it signs with another one (`apply --no-restart`, or a run killed between
+/// writing and restarting), or it does not answer (killed right after writing: kubelet is
+/// restarting the static pod, or the apiserver is down). Finishes what the interrupted run
+/// would have done: waits until it answers; restarts it when it still serves another issuer;
+/// waits until it is ready serving `issuer`; and when it does not come within the timeout,
+/// restores the files from the backups recorded in `in_flight` (when there are any) and
+/// restarts again. Never declares the change applied without having seen it served.
+pub fn resume(
+    root: &HostRoot,
     restart: &Restart,
     issuer: &str,
+    in_flight: Option<&InFlight>,
     services: &mut dyn ServiceManager,
     probe: &mut dyn ApiserverProbe,
     opts: &Options,
 ) -> Result<RestartOutcome, ApplyError> {
-    if let Restart::Unit(unit) = restart {
-        log::info!("restarting {unit} (systemctl restart {unit})");
-        services.restart(unit).map_err(ApplyError::Io)?;
-    }
-    match wait_for(probe, Some(issuer), opts) {
-        Ok(waited) => Ok(RestartOutcome::Verified {
-            restart: restart.clone(),
-            at: state::unix_now(),
-            waited,
-        }),
-        Err(last) => Err(ApplyError::Io(format!(
-            "kube-apiserver did not become ready serving issuer {issuer} within {}s after the pending restart (last: {}); its configuration files were already in place, nothing to restore: look at {}",
-            opts.timeout.as_secs(),
-            last.detail,
-            match restart {
-                Restart::Unit(unit) => format!("`journalctl -u {unit}`"),
-                Restart::KubeletStaticPod => {
-                    "`crictl ps -a --name kube-apiserver` and `journalctl -u kubelet`".to_string()
-                }
+    let start = Instant::now();
+    // 1. Wait until it answers at all.
+    let answered = wait_for(probe, None, opts);
+    let mut restarted = false;
+    let failure = match answered {
+        Ok(_) => {
+            let status = probe.check();
+            if status.ready && status.issuer.as_deref() == Some(issuer) {
+                let waited = start.elapsed();
+                log::info!(
+                    "kube-apiserver is ready and serves issuer {issuer} (after {}s)",
+                    waited.as_secs()
+                );
+                clear_in_flight(root);
+                return Ok(RestartOutcome::Verified {
+                    restart: restart.clone(),
+                    at: state::unix_now(),
+                    waited,
+                });
             }
-        ))),
+            // 2. It answers with another issuer: the restart the change needs has not happened.
+            let restart_failed = match restart {
+                Restart::Unit(unit) => {
+                    log::info!(
+                        "kube-apiserver still serves {}: restarting {unit} (systemctl restart {unit})",
+                        status.issuer.as_deref().unwrap_or("(unreadable)")
+                    );
+                    restarted = true;
+                    services.restart(unit).err()
+                }
+                Restart::KubeletStaticPod => {
+                    log::info!(
+                        "kube-apiserver still serves {}: waiting for kubelet to restart it with the new manifest",
+                        status.issuer.as_deref().unwrap_or("(unreadable)")
+                    );
+                    None
+                }
+            };
+            match restart_failed {
+                Some(e) => e,
+                None => match wait_for(probe, Some(issuer), opts) {
+                    Ok(_) => {
+                        let waited = start.elapsed();
+                        log::info!(
+                            "kube-apiserver is ready and serves issuer {issuer} (after {}s)",
+                            waited.as_secs()
+                        );
+                        clear_in_flight(root);
+                        return Ok(RestartOutcome::Verified {
+                            restart: restart.clone(),
+                            at: state::unix_now(),
+                            waited,
+                        });
+                    }
+                    Err(last) => format!(
+                        "kube-apiserver did not become ready serving issuer {issuer} within {}s{} (last: {})",
+                        opts.timeout.as_secs(),
+                        if restarted {
+                            " after the pending restart"
+                        } else {
+                            ""
+                        },
+                        last.detail
+                    ),
+                },
+            }
+        }
+        Err(last) => format!(
+            "kube-apiserver did not answer within {}s while irsa-agent waited to verify the change it wrote (issuer {issuer}; last: {})",
+            opts.timeout.as_secs(),
+            last.detail
+        ),
+    };
+    // 3. Roll back, as the interrupted run would have.
+    let Some(change) = in_flight.filter(|c| !c.files.is_empty()) else {
+        return Err(ApplyError::Io(format!(
+            "{failure}; its configuration files were already in place and irsa-agent has no record of their backups, so nothing was restored: look at {}",
+            look_at(restart)
+        )));
+    };
+    let restored = restore_in_flight(root, change);
+    let mut message = format!("{failure}; {restored}");
+    match restart {
+        Restart::Unit(unit) => match services.restart(unit) {
+            Ok(()) => message.push_str(&format!("; restarted {unit} again")),
+            Err(e) => message.push_str(&format!("; restarting {unit} again failed too: {e}")),
+        },
+        Restart::KubeletStaticPod => {
+            message.push_str("; kubelet restarts the static pod with the restored manifest")
+        }
     }
+    match wait_for(probe, None, opts) {
+        Ok(_) => message.push_str("; the apiserver is ready with the old configuration"),
+        Err(last) => message.push_str(&format!(
+            "; the apiserver is still not ready ({}): look at {} now",
+            last.detail,
+            look_at(restart)
+        )),
+    }
+    clear_in_flight(root);
+    Err(ApplyError::RolledBack(message))
+}
+
+/// Forgets the change in flight (it was verified or rolled back).
+fn clear_in_flight(root: &HostRoot) {
+    if let Err(e) = State::update(root, |s| s.set_in_flight(None)) {
+        log::warn!("cannot clear the change in flight from the state: {e}");
+    }
+}
+
+/// Puts back the files of a change in flight from their backups (removes the ones it
+/// created), leaving alone any file changed since it was written.
+fn restore_in_flight(root: &HostRoot, change: &InFlight) -> String {
+    let mut parts = Vec::new();
+    for f in &change.files {
+        let path = root.path(&f.path);
+        let current = std::fs::read(&path).ok();
+        if current.as_deref() != Some(f.written.as_bytes()) {
+            parts.push(format!(
+                "left {} alone: it changed since irsa-agent wrote it",
+                f.path.display()
+            ));
+            continue;
+        }
+        let result = match &f.backup {
+            Some(backup) => std::fs::read(root.path(backup))
+                .and_then(|bytes| fs::write_atomic(&path, &bytes, NewFile::PRIVATE).map(|_| ())),
+            None => fs::remove_durable(&path),
+        };
+        parts.push(match (result, &f.backup) {
+            (Ok(()), Some(b)) => format!("restored {} from {}", f.path.display(), b.display()),
+            (Ok(()), None) => format!("removed {} (irsa-agent had created it)", f.path.display()),
+            (Err(e), Some(b)) => format!(
+                "FAILED to restore {} from {} ({e}): copy it back by hand",
+                f.path.display(),
+                b.display()
+            ),
+            (Err(e), None) => format!(
+                "FAILED to remove {} ({e}): delete it by hand",
+                f.path.display()
+            ),
+        });
+    }
+    parts.join("; ")
 }
 
 /// Files written by [`write_changes`]: what was written, and the bytes to put back.
@@ -205,13 +360,14 @@ impl Prepared {
 
 /// Steps 1-3 of the executor (see the module docs): checks that every file still has the bytes
 /// the changes were computed from, sweeps temp files, backs the files up and writes the new
-/// texts atomically (a failure half-way restores what was written). `None` when there is
-/// nothing to change. Used by [`execute`] and by key rotation, which waits for the apiserver
-/// in its own way.
+/// texts atomically (a failure half-way restores what was written), then prunes older backups
+/// by `retention` ([`super::backups`]). `None` when there is nothing to change. Used by
+/// [`execute`] and by key rotation, which waits for the apiserver in its own way.
 pub fn write_changes(
     root: &HostRoot,
     changes: &[FileChange],
     now: u64,
+    retention: &Backups,
 ) -> Result<Option<Prepared>, ApplyError> {
     if changes.is_empty() {
         return Ok(None);
@@ -289,11 +445,39 @@ pub fn write_changes(
                 .unwrap_or_else(|| " (new file)".to_string())
         );
     }
+    prune_backups(root, retention, now, Some(&dir));
     Ok(Some(Prepared {
         written,
         backup_dir: dir,
         originals,
     }))
+}
+
+/// Applies the retention (after a new backup, and from the daemon's converges, so that age
+/// counts without new changes), keeping `new` and the backup a pending `apply --no-restart`
+/// would go back to. A failure is logged, never fatal.
+pub fn prune_backups(root: &HostRoot, retention: &Backups, now: u64, new: Option<&Path>) {
+    let mut protect: Vec<PathBuf> = new.map(Path::to_path_buf).into_iter().collect();
+    match State::load(root) {
+        Ok(state) => protect.extend(state.issuer.and_then(|i| i.pending_backup)),
+        Err(e) => {
+            log::warn!("backups not pruned: {e}");
+            return;
+        }
+    }
+    match super::backups::prune(root, retention, now, &protect) {
+        Ok(pruned) if pruned.files.is_empty() => {}
+        Ok(pruned) => log::info!(
+            "removed {} old backup cop{} ({} folder(s)) under {} (backups: keep {}, max-age {})",
+            pruned.files.len(),
+            if pruned.files.len() == 1 { "y" } else { "ies" },
+            pruned.folders.len(),
+            state::BACKUP_DIR,
+            retention.keep,
+            crate::config::format_duration(retention.max_age)
+        ),
+        Err(e) => log::warn!("cannot prune old backups under {}: {e}", state::BACKUP_DIR),
+    }
 }
 
 /// Carries out `plan`. `now` is the Unix time used for the backup folder name.
@@ -306,7 +490,7 @@ pub fn execute(
     opts: &Options,
     now: u64,
 ) -> Result<Outcome, ApplyError> {
-    let Some(prepared) = write_changes(root, &plan.changes, now)? else {
+    let Some(prepared) = write_changes(root, &plan.changes, now, &opts.backups)? else {
         return Ok(Outcome {
             written: Vec::new(),
             backup_dir: None,
@@ -318,6 +502,36 @@ pub fn execute(
         backup_dir: dir,
         originals,
     } = prepared;
+    // Before anything else: a run killed from here on leaves the record the next run needs
+    // to verify the change (and to roll it back when the apiserver does not come).
+    let issuer = plan.desired.issuers.first().cloned().unwrap_or_default();
+    let change = InFlight {
+        issuer: issuer.clone(),
+        written_at: now,
+        no_restart: opts.no_restart,
+        backup_dir: Some(dir.clone()),
+        files: plan
+            .changes
+            .iter()
+            .zip(&written)
+            .map(|(c, w)| InFlightFile {
+                path: w.path.clone(),
+                backup: w.backup.clone(),
+                written: c.new.clone(),
+            })
+            .collect(),
+    };
+    // Only a change of the signing issuer can be verified from outside (the apiserver's own
+    // discovery document shows it); other changes (phase one of a rollout, a jwks-uri) are
+    // verified by this run only.
+    if plan.switches_issuer()
+        && let Err(e) = State::update(root, |s| s.set_in_flight(Some(&change)))
+    {
+        let restored = restore(root, &written, &originals);
+        return Err(ApplyError::Io(format!(
+            "cannot record the change in the state file ({e}), so it could not be verified after a crash; {restored}"
+        )));
+    }
     crate::failpoint::hit("apply:after-write");
     if opts.no_restart {
         return Ok(Outcome {
@@ -327,7 +541,6 @@ pub fn execute(
         });
     }
     // 4. Restart and verify.
-    let issuer = plan.desired.issuers.first().cloned().unwrap_or_default();
     let failure = match restart {
         Restart::Unit(unit) => {
             log::info!("restarting {unit} (systemctl restart {unit})");
@@ -366,6 +579,9 @@ pub fn execute(
     };
     // 5. Roll back.
     let restored = restore(root, &written, &originals);
+    if plan.switches_issuer() {
+        clear_in_flight(root);
+    }
     let mut message = format!("{failure}; {restored}");
     match restart {
         Restart::Unit(unit) => match services.restart(unit) {
@@ -437,6 +653,7 @@ pub fn record(state: &mut State, plan: &Plan, outcome: &Outcome, now: u64) {
         // apiserver is seen serving this one.
         entry.switched_at = None;
         entry.pending_restart_since = None;
+        entry.pending_backup = None;
     }
     entry.issuer = first;
     entry.previous = previous;
@@ -446,18 +663,65 @@ pub fn record(state: &mut State, plan: &Plan, outcome: &Outcome, now: u64) {
         RestartOutcome::Verified { at, .. } if plan.in_sync() => {
             entry.switched_at = Some(*at);
             entry.pending_restart_since = None;
+            entry.pending_backup = None;
         }
         RestartOutcome::Verified { at, .. } => {
             entry.switched_at.get_or_insert(*at);
             entry.pending_restart_since = None;
+            entry.pending_backup = None;
             entry.applied_at = now;
+            state.set_in_flight(None);
         }
         RestartOutcome::Pending(_) => {
+            // The backup of the first pending change holds the files as the running apiserver
+            // read them: the one to go back to, kept until the restart is seen.
+            if entry.pending_restart_since.is_none() {
+                entry.pending_backup = outcome.backup_dir.clone();
+            }
             entry.pending_restart_since.get_or_insert(now);
             entry.applied_at = now;
         }
         RestartOutcome::NotNeeded => {}
     }
+    if matches!(outcome.restart, RestartOutcome::Verified { .. }) {
+        state.set_in_flight(None);
+    }
+}
+
+/// The running apiserver was seen serving `issuer` (the files already said so): the first
+/// evidence that the change irsa-agent wrote is in effect.
+pub fn record_seen_serving(state: &mut State, issuer: &str, at: u64) {
+    if let Some(entry) = state.issuer.as_mut().filter(|e| e.issuer == issuer) {
+        entry.switched_at.get_or_insert(at);
+        entry.pending_restart_since = None;
+    }
+    if state.in_flight().is_some_and(|c| c.issuer == issuer) {
+        state.set_in_flight(None);
+    }
+}
+
+/// Why the running apiserver must be seen serving `issuer` before the change irsa-agent
+/// wrote may be called applied: a change in flight (written, never seen served), or a switch
+/// to `issuer` recorded but never seen (`--no-restart`). `None`: nothing unverified.
+pub fn unverified_change(state: &State, issuer: &str) -> Option<String> {
+    if let Some(c) = state.in_flight().filter(|c| c.issuer == issuer) {
+        return Some(format!(
+            "irsa-agent wrote the change to issuer {issuer} at {}{} and has not seen the running apiserver serve it since",
+            state::rfc3339(c.written_at),
+            if c.no_restart { " (--no-restart)" } else { "" }
+        ));
+    }
+    let entry = state.issuer.as_ref().filter(|e| e.issuer == issuer)?;
+    if entry.switched_at.is_some() {
+        return None;
+    }
+    Some(format!(
+        "irsa-agent switched the configuration to issuer {issuer}{} and has not seen the running apiserver serve it since",
+        entry
+            .pending_restart_since
+            .map(|t| format!(" at {} (restart pending)", state::rfc3339(t)))
+            .unwrap_or_default()
+    ))
 }
 
 /// Why old issuers may or may not be retired now.

@@ -265,10 +265,20 @@ fn is_seq_item(s: &str) -> bool {
 
 impl<'a> Document<'a> {
     pub fn parse(text: &'a str) -> Result<Document<'a>, EditError> {
+        if text.starts_with('\u{feff}') {
+            // The edit works on byte offsets of lines; a file with a byte order mark is left
+            // to the user rather than rewritten around an invisible character.
+            return Err(EditError::Unsupported(
+                "it starts with a UTF-8 byte order mark (U+FEFF); save it without one (e.g. `sed -i '1s/^\\xEF\\xBB\\xBF//' FILE`) and run again".into(),
+            ));
+        }
         let value: Value = if text.trim().is_empty() {
             Value::Null
         } else {
-            serde_yaml::from_str(text).map_err(|e| EditError::Yaml(e.to_string()))?
+            crate::yaml::from_str(text).map_err(|e| match e {
+                crate::yaml::Error::Parse(e) => EditError::Yaml(e.to_string()),
+                crate::yaml::Error::Limit(limit) => EditError::Unsupported(format!("it {limit}")),
+            })?
         };
         let newline = if text.contains("\r\n") { "\r\n" } else { "\n" };
         let mut lines = Vec::new();
@@ -1140,7 +1150,7 @@ pub fn check_only_list_changed(
     locator: Locator<'_>,
     expected: &[String],
 ) -> Result<(), EditError> {
-    let new: Value = serde_yaml::from_str(new_text)
+    let new: Value = crate::yaml::from_str(new_text)
         .map_err(|e| EditError::Verify(format!("the result is not valid YAML: {e}")))?;
     let mut want = if old.is_null() {
         Value::Mapping(Default::default())
@@ -1195,6 +1205,20 @@ fn normalize(v: &Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_byte_order_mark_or_deep_nesting_is_refused_with_its_cause() {
+        let bom = Document::parse("\u{feff}kube-apiserver-arg:\n- a=b\n").err();
+        assert!(
+            matches!(&bom, Some(EditError::Unsupported(m)) if m.contains("byte order mark")),
+            "{bom:?}"
+        );
+        let deep = Document::parse(&format!("a: {}", "[".repeat(100_000))).err();
+        assert!(
+            matches!(&deep, Some(EditError::Unsupported(m)) if m.starts_with("it nests collections too deeply")),
+            "{deep:?}"
+        );
+    }
 
     fn edit(text: &str, loc: Locator<'_>, f: impl Fn(&[ItemSpan]) -> Vec<Item>) -> String {
         let doc = Document::parse(text).expect("parse");

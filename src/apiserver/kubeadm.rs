@@ -59,9 +59,9 @@ pub fn image_version(image: &str) -> Option<(u32, u32, u32)> {
 
 /// Reads the manifest text.
 pub fn parse(path: PathBuf, text: String) -> Result<Observed, ObserveError> {
-    let value: Value = serde_yaml::from_str(&text).map_err(|e| ObserveError::File {
+    let value: Value = crate::yaml::from_str(&text).map_err(|e| ObserveError::File {
         path: path.clone(),
-        message: format!("is not valid YAML: {e}"),
+        message: e.after_path(),
     })?;
     let container = value
         .get("spec")

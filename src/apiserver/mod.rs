@@ -15,6 +15,7 @@
 //! apiserver uses.
 
 pub mod apply;
+pub mod backups;
 pub mod edit;
 pub mod flags;
 pub mod kubeadm;

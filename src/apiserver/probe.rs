@@ -241,8 +241,8 @@ impl ApiClient {
                 kubeconfig.display()
             )
         })?;
-        let config: Value = serde_yaml::from_str(&text)
-            .map_err(|e| format!("{}: not valid YAML: {e}", kubeconfig.display()))?;
+        let config: Value =
+            crate::yaml::from_str(&text).map_err(|e| format!("{}: {e}", kubeconfig.display()))?;
         let bad = |what: &str| format!("{}: {what}", kubeconfig.display());
         let context_name = field(&config, "current-context")
             .map(str::to_string)

@@ -114,9 +114,9 @@ fn parse_entries(host: &Path, text: &str) -> Result<Vec<(String, Value)>, Observ
     if text.trim().is_empty() {
         return Ok(Vec::new());
     }
-    let value: Value = serde_yaml::from_str(text).map_err(|e| ObserveError::File {
+    let value: Value = crate::yaml::from_str(text).map_err(|e| ObserveError::File {
         path: host.to_path_buf(),
-        message: format!("is not valid YAML: {e}"),
+        message: e.after_path(),
     })?;
     match value {
         Value::Null => Ok(Vec::new()),

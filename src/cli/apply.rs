@@ -271,7 +271,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
 fn apply(global: &Global, run: &RunArgs, accept_only: bool) -> anyhow::Result<Exit> {
     let root = &global.root;
     let settings = load_settings(global)?;
-    let mut state = State::load(root)?;
+    let state = State::load(root)?;
     let observed = apiserver::observe(root, settings.distribution)?;
     refuse_command_line_flags(root, &observed, run)?;
     let lost = if accept_only {
@@ -305,23 +305,19 @@ fn apply(global: &Global, run: &RunArgs, accept_only: bool) -> anyhow::Result<Ex
         log::warn!("{warning}");
     }
     let restart = restart::restart_for(root, observed.distribution, run.apiserver.unit.as_deref());
-    // In sync on disk, but is the running apiserver? (After `--no-restart`, or a crash between
-    // writing and restarting.) Only asked when it can be asked; never restarts an apiserver
-    // that is not ready.
+    // In sync on disk, but is the running apiserver? (After `--no-restart`, or a run killed
+    // between writing and restarting, or right after writing while the apiserver restarts.)
+    // A change irsa-agent wrote is called applied only once the apiserver was seen serving it.
     let mut edges_for_pending = None;
     let mut pending_restart: Option<String> = None;
+    let mut seen_serving = false;
     if plan.in_sync() && !run.no_restart {
-        let mut e = edges(root, &observed, run);
-        if let (Some(probe), Some(want)) = (e.probe.as_mut(), plan.desired.issuers.first()) {
-            let status = probe.check();
-            if status.ready
-                && let Some(serving) = status.issuer
-                && &serving != want
-            {
-                pending_restart = Some(format!(
-                    "the configuration already says {want}, but the running apiserver still signs with {serving}: a restart is pending"
-                ));
-            }
+        let want = plan.desired.issuers.first().cloned().unwrap_or_default();
+        let (e, running) = running_check(root, &observed, run, &state, &want)?;
+        match running {
+            Running::Settled => {}
+            Running::SeenServing => seen_serving = true,
+            Running::Pending(message) => pending_restart = Some(message),
         }
         edges_for_pending = Some(e);
     }
@@ -358,14 +354,18 @@ fn apply(global: &Global, run: &RunArgs, accept_only: bool) -> anyhow::Result<Ex
                 no_restart: false,
                 timeout: run.apiserver.timeout,
                 poll: run.apiserver.poll_interval,
+                backups: settings.backups,
             };
             let mut probe = e
                 .probe
                 .take()
                 .ok_or_else(|| anyhow::anyhow!("internal error: the probe went away"))?;
-            let restarted = executor::restart_pending(
+            let in_flight = State::load(root)?.in_flight();
+            let restarted = executor::resume(
+                root,
                 &e.restart,
                 &issuer,
+                in_flight.as_ref(),
                 e.services.as_mut(),
                 probe.as_mut(),
                 &opts,
@@ -381,12 +381,17 @@ fn apply(global: &Global, run: &RunArgs, accept_only: bool) -> anyhow::Result<Ex
             backup_dir: None,
             restart: RestartOutcome::NotNeeded,
         },
-        (false, _, _) => execute_plan(root, &observed, &plan, run)?,
+        (false, _, _) => execute_plan(root, &observed, &plan, run, &settings.backups)?,
     };
     // Phase one of a rollout does not switch the signing issuer: nothing to remember yet.
     if plan.desired.issuers.first() == Some(&settings.issuer) {
-        executor::record(&mut state, &plan, &outcome, state::unix_now());
-        state.save(root)?;
+        let now = state::unix_now();
+        State::update(root, |s| {
+            executor::record(s, &plan, &outcome, now);
+            if seen_serving {
+                executor::record_seen_serving(s, &settings.issuer, now);
+            }
+        })?;
     }
     if run.json {
         println!(
@@ -410,6 +415,79 @@ fn apply(global: &Global, run: &RunArgs, accept_only: bool) -> anyhow::Result<Ex
         }
     }
     Ok(Exit::OK)
+}
+
+/// What the running apiserver says about a configuration that is in sync on disk.
+pub enum Running {
+    /// Nothing to do: it serves the issuer (seen before), or the change is not irsa-agent's
+    /// and it cannot be asked now.
+    Settled,
+    /// It serves the issuer, seen now for the first time since irsa-agent wrote the change.
+    SeenServing,
+    /// It must be waited for and verified (restarted when it serves another issuer, the
+    /// change rolled back when it does not come): why.
+    Pending(String),
+}
+
+/// Asks the running apiserver whether it serves `want`; see [`Running`]. Fails (nothing is
+/// declared applied) when irsa-agent's change is unverified and there is no way to ask.
+pub fn running_check(
+    root: &HostRoot,
+    observed: &Observed,
+    run: &RunArgs,
+    state: &State,
+    want: &str,
+) -> anyhow::Result<(Edges, Running)> {
+    let unverified = executor::unverified_change(state, want);
+    let mut e = edges(root, observed, run);
+    let running = match e.probe.as_mut() {
+        Some(probe) => {
+            let status = probe.check();
+            match (status.ready, status.issuer) {
+                (true, Some(serving)) if serving != want => Running::Pending(format!(
+                    "the configuration already says {want}, but the running apiserver still signs with {serving}: a restart is pending"
+                )),
+                (true, Some(_)) if unverified.is_some() => Running::SeenServing,
+                (true, Some(_)) => Running::Settled,
+                (_, _) => match &unverified {
+                    Some(why) => Running::Pending(format!(
+                        "{why}, and it does not answer now ({}): waiting for it, to verify the change (and roll it back if it does not come)",
+                        status.detail
+                    )),
+                    None => {
+                        log::info!(
+                            "the running apiserver does not answer ({}); the configuration is in sync and irsa-agent has no change of its own to verify",
+                            status.detail
+                        );
+                        Running::Settled
+                    }
+                },
+            }
+        }
+        // After `--no-restart` the restart is the operator's: with no way to ask, the files
+        // are reported in sync and the switch stays unverified (finalize keeps waiting for it).
+        None if state
+            .in_flight()
+            .filter(|c| c.issuer == want)
+            .is_none_or(|c| c.no_restart) =>
+        {
+            if let Some(why) = &unverified {
+                log::warn!(
+                    "{why}; it cannot be asked ({}), so the change stays unverified",
+                    e.probe_error.clone().unwrap_or_default()
+                );
+            }
+            Running::Settled
+        }
+        None => match unverified {
+            Some(why) => bail!(
+                "{why}, and it cannot be asked ({}): nothing is declared applied; fix that and run apply again",
+                e.probe_error.clone().unwrap_or_default()
+            ),
+            None => Running::Settled,
+        },
+    };
+    Ok((e, running))
 }
 
 /// k3s/RKE2 settings on the unit's command line would override or bypass what apply edits.
@@ -439,12 +517,14 @@ pub fn execute_plan(
     observed: &Observed,
     plan: &Plan,
     run: &RunArgs,
+    backups: &crate::config::Backups,
 ) -> anyhow::Result<Outcome> {
     let mut edges = edges(root, observed, run);
     let opts = Options {
         no_restart: run.no_restart,
         timeout: run.apiserver.timeout,
         poll: run.apiserver.poll_interval,
+        backups: *backups,
     };
     let mut probe: Box<dyn ApiserverProbe> = match edges.probe.take() {
         Some(p) => p,

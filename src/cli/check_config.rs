@@ -58,6 +58,10 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
                 "metrics-listen": s.run.metrics_listen.map(|a| a.to_string()),
                 "apply-issuer": s.run.apply_issuer,
             },
+            "backups": {
+                "keep": s.backups.keep,
+                "max-age": format_duration(s.backups.max_age),
+            },
             "sources": s.sources,
             "warnings": loaded.warnings.iter().map(ToString::to_string).chain(host_warnings.iter().cloned()).collect::<Vec<_>>(),
         });

@@ -227,9 +227,9 @@ fn demo(base: &Path) -> anyhow::Result<Exit> {
             root.path(&w.path).display()
         );
     }
-    let mut st = State::load(&root)?;
-    executor::record(&mut st, &plan, &outcome, state::unix_now());
-    st.save(&root)?;
+    State::update(&root, |st| {
+        executor::record(st, &plan, &outcome, state::unix_now())
+    })?;
     if let RestartOutcome::Pending(r) = &outcome.restart {
         println!(
             "restart pending: on a real host `{}` makes it take effect",

@@ -88,11 +88,15 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
         let serving = e.probe.as_mut().map(|p| p.check());
         match serving {
             Some(status) if status.issuer.as_deref() == Some(settings.issuer.as_str()) => {
-                if let Some(st) = state.issuer.as_mut() {
+                // Under the state lock, on the file as it is now (a rotation step may have
+                // been recorded since it was read above).
+                let mark = |st: &mut state::IssuerState| {
                     st.switched_at = Some(now);
                     st.pending_restart_since = None;
-                }
-                state.save(root)?;
+                    st.pending_backup = None;
+                };
+                State::update(root, |s| s.issuer.as_mut().map(mark))?;
+                state.issuer.as_mut().map(mark);
                 decision = FinalizeDecision::TooEarly {
                     retire: retire.clone(),
                     switched_at: now,
@@ -173,16 +177,16 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
     if !run.json {
         eprintln!("{WHY_WAIT}");
     }
-    let stale = edges(root, &observed, run)
-        .probe
-        .as_mut()
-        .and_then(|p| p.stale_tokens());
-    match stale {
-        Some(n) if n > 0.0 => log::warn!(
-            "serviceaccount_stale_tokens_total is {n} on this apiserver: some clients use tokens past their original expiry; find them in the audit log (authentication.k8s.io/stale-token) before retiring old issuers"
-        ),
-        Some(_) => log::info!("serviceaccount_stale_tokens_total is 0 on this apiserver"),
-        None => {}
+    // The apiserver's own evidence comes before retiring anything: it must answer, serving
+    // the configured issuer, with a readable stale-token counter. When it cannot be asked,
+    // finalize waits (up to --timeout) and then refuses, changing nothing.
+    let stale = wait_for_evidence(&mut edges(root, &observed, run), &settings.issuer, run)?;
+    if stale > 0.0 {
+        log::warn!(
+            "serviceaccount_stale_tokens_total is {stale} on this apiserver: some clients use tokens past their original expiry; find them in the audit log (authentication.k8s.io/stale-token) before retiring old issuers"
+        );
+    } else {
+        log::info!("serviceaccount_stale_tokens_total is 0 on this apiserver");
     }
     let restart = crate::apiserver::restart::restart_for(
         root,
@@ -213,10 +217,12 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
             restart: RestartOutcome::NotNeeded,
         }
     } else {
-        execute_plan(root, &observed, &plan, run)?
+        execute_plan(root, &observed, &plan, run, &settings.backups)?
     };
-    executor::record_finalize(&mut state, &retire, &outcome, state::unix_now());
-    state.save(root)?;
+    let now = state::unix_now();
+    State::update(root, |s| {
+        executor::record_finalize(s, &retire, &outcome, now)
+    })?;
     if run.json {
         println!(
             "{}",
@@ -234,6 +240,54 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
         println!("retired: {}", retire.join(", "));
     }
     Ok(Exit::OK)
+}
+
+/// Waits until the local apiserver answers ready, serving `issuer`, with a readable
+/// `serviceaccount_stale_tokens_total`; returns its value. Polls every --poll-interval for up
+/// to --timeout, saying what it waits for; then fails, and nothing was changed.
+fn wait_for_evidence(
+    e: &mut super::apply::Edges,
+    issuer: &str,
+    run: &RunArgs,
+) -> anyhow::Result<f64> {
+    let Some(probe) = e.probe.as_mut() else {
+        bail!(
+            "cannot ask the apiserver whether it serves {issuer} and whether stale tokens are in use ({}): nothing was retired; fix that and run finalize again",
+            e.probe_error.clone().unwrap_or_default()
+        );
+    };
+    let start = std::time::Instant::now();
+    let mut last_said = String::new();
+    loop {
+        let status = probe.check();
+        let why = if !status.ready {
+            format!("it does not answer ready ({})", status.detail)
+        } else if status.issuer.as_deref() != Some(issuer) {
+            format!(
+                "it serves issuer {} instead of {issuer}",
+                status.issuer.as_deref().unwrap_or("(unreadable)")
+            )
+        } else {
+            match probe.stale_tokens() {
+                Some(n) => return Ok(n),
+                None => "its /metrics (serviceaccount_stale_tokens_total) cannot be read".into(),
+            }
+        };
+        if start.elapsed() >= run.apiserver.timeout {
+            bail!(
+                "the apiserver's evidence could not be read within {}: {why}; nothing was retired (the old issuers stay accepted): run finalize again once it answers",
+                format_duration(run.apiserver.timeout)
+            );
+        }
+        if why != last_said {
+            log::warn!(
+                "finalize waits for the apiserver before retiring anything: {why} (up to {})",
+                format_duration(run.apiserver.timeout)
+            );
+            last_said = why;
+        }
+        std::thread::sleep(run.apiserver.poll_interval);
+    }
 }
 
 fn round_up(d: Duration) -> Duration {

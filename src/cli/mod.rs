@@ -18,6 +18,7 @@ mod finalize;
 mod generate;
 mod keys;
 pub mod logging;
+mod pod_config;
 mod publish;
 mod rotate;
 mod run;
@@ -117,6 +118,9 @@ pub enum Command {
     /// Print the IAM trust policy (and Terraform, Azure and GCP equivalents) for a service
     /// account.
     TrustPolicy(trust_policy::Args),
+    /// Print the ServiceAccount and the pod template patch (projected token, variables) that
+    /// give a workload its AWS, Azure or GCP identity, without a webhook.
+    PodConfig(pod_config::Args),
     /// Generate the man page or shell completions (for packaging).
     #[command(hide = true)]
     Generate(generate::Args),
@@ -159,6 +163,7 @@ pub fn main() -> ExitCode {
         Command::Rotate(args) => rotate::run(&global, args),
         Command::VerifyToken(args) => verify_token::run(&global, args),
         Command::TrustPolicy(args) => trust_policy::run(&global, args),
+        Command::PodConfig(args) => pod_config::run(&global, args),
         Command::Generate(args) => generate::run(args),
     };
     match result {

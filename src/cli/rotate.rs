@@ -30,8 +30,14 @@ does the same on its own). State: /var/lib/irsa-agent/state.json (`rotation`).
 `published`; several k3s servers: also while `trusted`): the new key is removed again, no token \
 is rejected. Later the way out is forward: finish the rotation.
 
-Exit status: 0 ok (also when nothing is due); 1 a step failed or was refused (the next run retries \
-after a back-off).")]
+A step waiting for something outside (a legacy token Secret signed by the old key, the \
+stale-token counter, other servers) is looked at again every minute by the daemon, and at once by \
+`irsa-agent rotate`. A step whose evidence cannot be read (the apiserver does not answer) is \
+BLOCKED: nothing irreversible happens, `--status` says what it waits for, and it is tried again \
+(1 min, doubling up to 1 h; at once by `irsa-agent rotate`).
+
+Exit status: 0 ok (also when nothing is due, or a step waits or is blocked); 1 a step failed or was \
+refused (the next run retries after a back-off).")]
 pub struct Args {
     /// Start a rotation now, even if none is due (or rotation.enabled is false).
     #[arg(long, conflicts_with_all = ["abort", "status"])]
@@ -108,7 +114,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
                 serde_json::to_string_pretty(&rotation::status_json(st.as_ref(), &settings, now))?
             );
         } else {
-            for line in rotation::status_lines(st.as_ref(), &settings, now) {
+            for line in rotation::status_lines_on(Some(root), st.as_ref(), &settings, now) {
                 println!("{line}");
             }
         }
@@ -118,6 +124,8 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
     let options = Options {
         start_now: args.now,
         ignore_stale_tokens: args.ignore_stale_tokens,
+        // A person asked: look again now at whatever the rotation waits for.
+        look_now: true,
         ..options
     };
     let runtime = tokio::runtime::Builder::new_current_thread()

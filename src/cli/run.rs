@@ -100,6 +100,8 @@ impl ApplyStep for RealApply {
 
     fn apply(&mut self, settings: &Settings) -> ApplyReport {
         let root = &self.root;
+        // Backups age out even when nothing changes (cheap: one folder walk).
+        crate::apiserver::apply::prune_backups(root, &settings.backups, state::unix_now(), None);
         let state = match State::load(root) {
             Ok(s) => s,
             Err(e) => return ApplyReport::failed(FailureKind::Transient, e.to_string()),
@@ -171,28 +173,36 @@ impl ApplyStep for RealApply {
             no_restart: self.run.no_restart,
             timeout: self.run.apiserver.timeout,
             poll: self.run.apiserver.poll_interval,
+            backups: settings.backups,
         };
+        let mut seen_serving = false;
         let outcome = if plan.in_sync() {
             let mut pending = None;
             if !self.run.no_restart {
-                let mut edges = apply_cli::edges(root, &observed, &self.run);
-                if let Some(probe) = edges.probe.as_mut() {
-                    let status = probe.check();
-                    if status.ready
-                        && let Some(serving) = status.issuer
-                        && serving != issuer
-                    {
-                        log::warn!(
-                            "the configuration already says {issuer}, but the running apiserver still signs with {serving}: restarting it"
-                        );
-                        report.restarts += 1;
-                        pending = Some(executor::restart_pending(
-                            &edges.restart,
-                            &issuer,
-                            edges.services.as_mut(),
-                            probe.as_mut(),
-                            &opts,
-                        ));
+                let (mut edges, running) =
+                    match apply_cli::running_check(root, &observed, &self.run, &state, &issuer) {
+                        Ok(x) => x,
+                        Err(e) => {
+                            return ApplyReport::failed(FailureKind::Transient, format!("{e:#}"));
+                        }
+                    };
+                match running {
+                    apply_cli::Running::Settled => {}
+                    apply_cli::Running::SeenServing => seen_serving = true,
+                    apply_cli::Running::Pending(message) => {
+                        log::warn!("{message}");
+                        if let Some(probe) = edges.probe.as_mut() {
+                            let in_flight = state.in_flight();
+                            pending = Some(executor::resume(
+                                root,
+                                &edges.restart,
+                                &issuer,
+                                in_flight.as_ref(),
+                                edges.services.as_mut(),
+                                probe.as_mut(),
+                                &opts,
+                            ));
+                        }
                     }
                 }
             }
@@ -202,21 +212,33 @@ impl ApplyStep for RealApply {
                     backup_dir: None,
                     restart: RestartOutcome::NotNeeded,
                 },
-                Some(Ok(restart)) => Outcome {
-                    written: Vec::new(),
-                    backup_dir: None,
-                    restart,
-                },
+                Some(Ok(restart)) => {
+                    if matches!(restart, RestartOutcome::Verified { .. }) {
+                        report.restarts += 1;
+                    }
+                    Outcome {
+                        written: Vec::new(),
+                        backup_dir: None,
+                        restart,
+                    }
+                }
                 Some(Err(e)) => {
+                    let kind = match e {
+                        ApplyError::RolledBack(_) => {
+                            report.restarts += 2;
+                            FailureKind::RolledBack
+                        }
+                        _ => FailureKind::Transient,
+                    };
                     report.outcome = Err(daemon::ApplyFailed {
-                        kind: FailureKind::Transient,
+                        kind,
                         message: e.to_string(),
                     });
                     return report;
                 }
             }
         } else {
-            match apply_cli::execute_plan(root, &observed, &plan, &self.run) {
+            match apply_cli::execute_plan(root, &observed, &plan, &self.run, &settings.backups) {
                 Ok(outcome) => {
                     if matches!(outcome.restart, RestartOutcome::Verified { .. }) {
                         report.restarts += 1;
@@ -244,6 +266,9 @@ impl ApplyStep for RealApply {
         let now = state::unix_now();
         let restart_pending = match State::update(root, |s| {
             executor::record(s, &plan, &outcome, now);
+            if seen_serving {
+                executor::record_seen_serving(s, &issuer, now);
+            }
             s.issuer
                 .as_ref()
                 .is_some_and(|i| i.issuer == issuer && i.pending_restart_since.is_some())

@@ -239,6 +239,9 @@ impl KeyType {
     }
 }
 
+/// The longest time the stale-token counter must stay flat before an old key is retired.
+pub const STALE_QUIET_MAX: Duration = Duration::from_secs(3600);
+
 /// Signing-key rotation settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rotation {
@@ -255,6 +258,10 @@ pub struct Rotation {
     /// Extra time the old key stays trusted after `token-lifetime` has passed (clock skew,
     /// tokens minted just before the switch, relying parties' leeway).
     pub drain_margin: Duration,
+    /// `ignore-stale-tokens: "<reason>"`: retire the old key without waiting for
+    /// `serviceaccount_stale_tokens_total` to stay flat (the daemon's `rotate
+    /// --ignore-stale-tokens`); the reason is logged with every retirement it allows.
+    pub ignore_stale_tokens: Option<String>,
 }
 
 impl Default for Rotation {
@@ -267,6 +274,7 @@ impl Default for Rotation {
             cdn_ttl: Duration::ZERO,
             token_lifetime: Duration::from_secs(86_400),
             drain_margin: Duration::from_secs(3600),
+            ignore_stale_tokens: None,
         }
     }
 }
@@ -278,6 +286,44 @@ impl Rotation {
     pub fn minimum_duration(&self) -> Duration {
         self.cdn_ttl + self.propagation_wait + self.token_lifetime + self.drain_margin
     }
+
+    /// How long `serviceaccount_stale_tokens_total` must stay flat before the old key is
+    /// retired: an hour, or the whole drain (`lifetime`, the longest token lifetime in force,
+    /// plus drain-margin) when that is shorter. The first reading is taken when the drain starts,
+    /// so unless the counter rises this adds nothing to the drain.
+    pub fn stale_quiet(&self, lifetime: Duration) -> Duration {
+        STALE_QUIET_MAX.min(lifetime + self.drain_margin)
+    }
+}
+
+/// `backups:`: how long copies of the files `apply` and rotation change are kept under
+/// `/var/lib/irsa-agent/backups` (they hold secrets such as k3s's `token:`).
+///
+/// ```yaml
+/// backups:
+///   keep: 10        # the newest 10 copies of each file
+///   max-age: 30d    # and none older than this once a newer copy of the file exists
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backups {
+    pub keep: usize,
+    pub max_age: Duration,
+}
+
+impl Default for Backups {
+    fn default() -> Self {
+        Backups {
+            keep: 10,
+            max_age: Duration::from_secs(30 * 86_400),
+        }
+    }
+}
+
+/// `backups:` of one file; merged key by key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackupsFragment {
+    pub keep: Option<usize>,
+    pub max_age: Option<Duration>,
 }
 
 /// The validated configuration.
@@ -292,6 +338,8 @@ pub struct Settings {
     pub rotation: Rotation,
     /// `run:`: the daemon's timers and metrics outputs.
     pub run: run::RunSettings,
+    /// `backups:`: retention of the backups of changed files.
+    pub backups: Backups,
     /// An extra CA bundle (host path) trusted for the agent's own HTTPS requests: verifying the
     /// public copy, STS, storage endpoints. The system store (or `SSL_CERT_FILE`) stays trusted.
     pub ca_file: Option<PathBuf>,
@@ -330,6 +378,7 @@ pub struct Fragment {
     pub ca_file: Option<Origin<PathBuf>>,
     pub public_check: Option<bool>,
     pub run: run::RunFragment,
+    pub backups: BackupsFragment,
 }
 
 /// `rotation:` of one file; merged key by key.
@@ -342,6 +391,7 @@ pub struct RotationFragment {
     pub cdn_ttl: Option<Duration>,
     pub token_lifetime: Option<Origin<Duration>>,
     pub drain_margin: Option<Duration>,
+    pub ignore_stale_tokens: Option<String>,
 }
 
 /// Why the configuration cannot be used.
@@ -465,14 +515,15 @@ pub fn load(root: &HostRoot, explicit: Option<&Path>) -> Result<Loaded, ConfigEr
 /// Stage 1: one file into a fragment.
 pub fn parse_fragment(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Fragment {
     let mut fragment = Fragment::default();
-    let doc: Value = match serde_yaml::from_str(text) {
+    // A leading byte order mark is dropped; size and nesting are checked before parsing.
+    let doc: Value = match crate::yaml::from_str(text) {
         Ok(v) => v,
         Err(e) => {
             problems.push(Problem {
                 file: Some(file.to_path_buf()),
                 key: "(file)".into(),
                 value: None,
-                message: format!("not valid YAML: {e}"),
+                message: e.to_string(),
             });
             return fragment;
         }
@@ -519,6 +570,9 @@ pub fn parse_fragment(file: &Path, text: &str, problems: &mut Vec<Problem>) -> F
     }
     if let Some(map) = f.mapping("run") {
         fragment.run = run::parse(file, map, f.problems());
+    }
+    if let Some(map) = f.mapping("backups") {
+        fragment.backups = parse_backups(file, map, f.problems());
     }
     f.finish();
     fragment
@@ -836,9 +890,58 @@ fn parse_rotation(file: &Path, map: &Mapping, problems: &mut Vec<Problem>) -> Ro
         cdn_ttl: f.duration("cdn-ttl"),
         token_lifetime: f.duration("token-lifetime").map(|v| Origin::at(file, v)),
         drain_margin: f.duration("drain-margin"),
+        ignore_stale_tokens: ignore_stale_tokens(&mut f),
     };
     f.finish();
     fragment
+}
+
+fn parse_backups(file: &Path, map: &Mapping, problems: &mut Vec<Problem>) -> BackupsFragment {
+    let mut f = Fields::new(file, "backups", map, problems);
+    let keep = f.raw("keep").cloned().and_then(|value| {
+        match value.as_u64().filter(|n| (1..=1000).contains(n)) {
+            Some(n) => usize::try_from(n).ok(),
+            None => {
+                f.problem(
+                    "keep",
+                    Some(&value),
+                    "expected a whole number from 1 to 1000: how many copies of each backed-up file to keep",
+                );
+                None
+            }
+        }
+    });
+    let max_age = f.duration("max-age").and_then(|d| {
+        if d < Duration::from_secs(3600) {
+            let raw = f.raw("max-age").cloned();
+            f.problem(
+                "max-age",
+                raw.as_ref(),
+                "must be at least 1h (the newest copy of each file is kept whatever its age)",
+            );
+            None
+        } else {
+            Some(d)
+        }
+    });
+    f.finish();
+    BackupsFragment { keep, max_age }
+}
+
+/// `rotation.ignore-stale-tokens`: the reason, as text (a bare `true` says nothing about why).
+fn ignore_stale_tokens(f: &mut Fields<'_>) -> Option<String> {
+    let value = f.raw("ignore-stale-tokens")?;
+    match value {
+        Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+        other => {
+            f.problem(
+                "ignore-stale-tokens",
+                Some(other),
+                "expected the reason as text, e.g. `ignore-stale-tokens: \"audit log checked 2026-12-01: no client keeps tokens\"`: retirement then does not wait for serviceaccount_stale_tokens_total to stay flat, and the reason is logged each time",
+            );
+            None
+        }
+    }
 }
 
 /// Stage 2: later fragments override earlier ones, key by key.
@@ -852,6 +955,8 @@ pub fn merge(fragments: Vec<Fragment>) -> Fragment {
         out.ca_file = f.ca_file.or(out.ca_file);
         out.public_check = f.public_check.or(out.public_check);
         out.run = run::merge(std::mem::take(&mut out.run), f.run);
+        out.backups.keep = f.backups.keep.or(out.backups.keep);
+        out.backups.max_age = f.backups.max_age.or(out.backups.max_age);
         let (r, o) = (f.rotation, &mut out.rotation);
         o.enabled = r.enabled.or(o.enabled);
         o.every = r.every.or(o.every.take());
@@ -860,6 +965,7 @@ pub fn merge(fragments: Vec<Fragment>) -> Fragment {
         o.cdn_ttl = r.cdn_ttl.or(o.cdn_ttl);
         o.token_lifetime = r.token_lifetime.or(o.token_lifetime.take());
         o.drain_margin = r.drain_margin.or(o.drain_margin);
+        o.ignore_stale_tokens = r.ignore_stale_tokens.or(o.ignore_stale_tokens.take());
     }
     out
 }
@@ -957,7 +1063,16 @@ pub fn validate(
             .as_ref()
             .map_or(defaults.token_lifetime, |o| o.value),
         drain_margin: r.drain_margin.unwrap_or(defaults.drain_margin),
+        ignore_stale_tokens: r.ignore_stale_tokens.clone(),
     };
+    if let Some(reason) = &rotation.ignore_stale_tokens {
+        warnings.push(Problem {
+            file: None,
+            key: "rotation.ignore-stale-tokens".into(),
+            value: Some(format!("{reason:?}")),
+            message: "the old key is retired without waiting for serviceaccount_stale_tokens_total to stay flat: a client still presenting a stale token signed by it is then rejected".into(),
+        });
+    }
     if let Some(every) = &r.every
         && every.value <= rotation.token_lifetime
     {
@@ -1011,6 +1126,10 @@ pub fn validate(
             publish: merged.publish.map(|o| o.value).unwrap_or_default(),
             rotation,
             run,
+            backups: Backups {
+                keep: merged.backups.keep.unwrap_or(Backups::default().keep),
+                max_age: merged.backups.max_age.unwrap_or(Backups::default().max_age),
+            },
             ca_file: merged.ca_file.map(|o| o.value),
             public_check: merged.public_check.unwrap_or(true),
             sources,

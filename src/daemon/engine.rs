@@ -165,6 +165,9 @@ pub struct Engine {
     /// Kids published only because the running apiserver still serves them (not restarted
     /// since they left the key files); while there are any, the daemon looks again soon.
     live_only: Vec<String>,
+    /// The keys the running apiserver was last seen serving: kept published while it cannot
+    /// be asked (a key is dropped from the JWKS only on evidence that it no longer serves it).
+    last_live: Vec<crate::keys::PublicKey>,
     last_errors: Vec<String>,
     /// What the last successful publish wrote (for the public check).
     last_publication: Option<Publication>,
@@ -256,6 +259,7 @@ impl Engine {
             apply_pending: false,
             last_warnings: Vec::new(),
             live_only: Vec::new(),
+            last_live: Vec::new(),
             last_errors: Vec::new(),
             last_publication: None,
             not_a_server: None,
@@ -671,7 +675,21 @@ impl Engine {
         }
         // Never drop a key the running apiserver still verifies (and may sign) with: a key
         // file replaced by one without it takes effect only at the apiserver's next restart.
-        let live = self.live_keys(observed).await.unwrap_or_default();
+        let live = match self.live_keys(observed).await {
+            Some(live) => {
+                self.last_live = live.clone();
+                live
+            }
+            None => {
+                if !self.last_live.is_empty() {
+                    log::debug!(
+                        "the running apiserver cannot be asked for its keys; keeping the {} it was last seen serving",
+                        self.last_live.len()
+                    );
+                }
+                self.last_live.clone()
+            }
+        };
         let live_only = crate::keys::add_missing(&mut all, live);
         if live_only != self.live_only {
             if live_only.is_empty() {

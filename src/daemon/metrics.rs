@@ -8,6 +8,8 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -219,24 +221,88 @@ pub fn write_textfile(path: &Path, text: &str) -> std::io::Result<WriteOutcome> 
     fs::write_atomic(path, text.as_bytes(), NewFile::PUBLIC)
 }
 
+/// Connections served at once; any more are closed as soon as they are accepted, so a flood
+/// of idle connections from a local user holds at most this many file descriptors (1,100 of
+/// them once exhausted the daemon's, and a key change made meanwhile was not published).
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take to send a request's headers, the first or the next one on a
+/// kept-alive connection (an idle connection is closed after this).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest life of one connection, whatever it does.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// hyper's read buffer cap per connection (its minimum); a scrape request is a few hundred bytes.
+const MAX_BUF_SIZE: usize = 8192;
+/// How often a refused connection is logged at most.
+const REFUSED_LOG_EVERY: Duration = Duration::from_secs(60);
+
 /// Serves the latest rendering on `addr` (loopback only, checked by the configuration):
 /// `GET /metrics` answers 200, anything else 404. Runs until the task is aborted.
+///
+/// Bounded: at most [`MAX_CONNECTIONS`] connections at once (more are closed at once), each
+/// given [`HEADER_READ_TIMEOUT`] per request head and [`CONNECTION_TIMEOUT`] in all. It runs on
+/// the daemon's one thread but only ever waits; accepting yields to the main loop after every
+/// refused connection, so a flood never starves the daemon's own work.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     latest: tokio::sync::watch::Receiver<String>,
+) {
+    serve_with(listener, latest, Limits::default()).await;
+}
+
+/// The bounds of the endpoint (the constants above; smaller in tests).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub connections: usize,
+    pub header_read_timeout: Duration,
+    pub connection_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connections: MAX_CONNECTIONS,
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            connection_timeout: CONNECTION_TIMEOUT,
+        }
+    }
+}
+
+/// [`serve`] with other limits.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    latest: tokio::sync::watch::Receiver<String>,
+    limits: Limits,
 ) {
     use http_body_util::Full;
     use hyper::body::Bytes;
     use hyper::{Response, StatusCode};
 
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.connections));
+    let mut refused: u64 = 0;
+    let mut refused_logged: Option<Instant> = None;
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(conn) => conn,
             Err(e) => {
                 log::debug!("metrics endpoint: accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            refused += 1;
+            if refused_logged.is_none_or(|at| at.elapsed() >= REFUSED_LOG_EVERY) {
+                log::warn!(
+                    "metrics endpoint: {refused} connection(s) closed at once: {} are open already (idle ones are closed after {}s)",
+                    limits.connections,
+                    limits.header_read_timeout.as_secs()
+                );
+                refused = 0;
+                refused_logged = Some(Instant::now());
+            }
+            tokio::task::yield_now().await;
+            continue;
         };
         let latest = latest.clone();
         let service = hyper::service::service_fn(move |request: hyper::Request<_>| {
@@ -255,12 +321,21 @@ pub async fn serve(
             }
         });
         tokio::spawn(async move {
+            let _permit = permit;
             let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await
-            {
-                log::debug!("metrics endpoint: {e}");
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .max_buf_size(MAX_BUF_SIZE)
+                .max_headers(32)
+                .serve_connection(io, service);
+            match tokio::time::timeout(limits.connection_timeout, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => log::debug!("metrics endpoint: {e}"),
+                Err(_) => log::debug!(
+                    "metrics endpoint: connection closed after {:?}",
+                    limits.connection_timeout
+                ),
             }
         });
     }
@@ -274,6 +349,78 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Connections over the limit are closed at once; an idle connection is closed after the
+    /// header timeout, a slow one after the connection timeout; a freed slot serves again.
+    #[test]
+    fn connections_are_limited_and_timed_out() {
+        use std::io::{Read as _, Write as _};
+        use std::net::TcpStream;
+
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = runtime
+            .block_on(bind("127.0.0.1:0".parse().expect("addr")))
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (_tx, rx) = tokio::sync::watch::channel("irsa_agent_up 1\n".to_string());
+        let limits = Limits {
+            connections: 2,
+            header_read_timeout: Duration::from_millis(300),
+            connection_timeout: Duration::from_secs(2),
+        };
+        std::thread::spawn(move || runtime.block_on(serve_with(listener, rx, limits)));
+
+        let closed_within = |stream: &mut TcpStream, limit: Duration| {
+            stream.set_read_timeout(Some(limit)).expect("timeout");
+            let mut buf = [0u8; 64];
+            loop {
+                match stream.read(&mut buf) {
+                    Ok(0) => return true,
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                    Err(_) => return false,
+                }
+            }
+        };
+        let started = Instant::now();
+        let mut idle1 = TcpStream::connect(addr).expect("connect");
+        let mut idle2 = TcpStream::connect(addr).expect("connect");
+        std::thread::sleep(Duration::from_millis(50));
+        // The third is over the limit: closed at once (long before the header timeout).
+        let mut third = TcpStream::connect(addr).expect("connect");
+        assert!(closed_within(&mut third, Duration::from_millis(200)));
+        // The idle ones are closed after the header timeout.
+        assert!(closed_within(&mut idle1, Duration::from_secs(2)));
+        assert!(closed_within(&mut idle2, Duration::from_secs(2)));
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        // A slot is free again: a scrape is served.
+        let mut scrape = TcpStream::connect(addr).expect("connect");
+        scrape
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .expect("write");
+        let mut response = String::new();
+        scrape.read_to_string(&mut response).expect("read");
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(response.ends_with("irsa_agent_up 1\n"), "{response}");
+        // A client sending its request head slowly is cut off: the whole head must arrive
+        // within the header timeout.
+        let mut slow = TcpStream::connect(addr).expect("connect");
+        let slow_started = Instant::now();
+        slow.write_all(b"GET /metrics HTTP/1.1\r\n").expect("write");
+        let mut cut = false;
+        for _ in 0..40 {
+            std::thread::sleep(Duration::from_millis(100));
+            if slow.write_all(b"X-A: b\r\n").is_err() {
+                cut = true;
+                break;
+            }
+        }
+        assert!(cut || closed_within(&mut slow, Duration::from_secs(1)));
+        assert!(slow_started.elapsed() < Duration::from_secs(4));
+    }
 
     #[test]
     fn renders_stable_names_and_escaped_labels() {

@@ -85,6 +85,7 @@ pub fn run(
     apply: Box<dyn ApplyStep>,
     tasks: Vec<Box<dyn ScheduledTask>>,
 ) -> anyhow::Result<()> {
+    sweep_leftovers(&options.root);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -92,6 +93,46 @@ pub fn run(
     let result = runtime.block_on(main_loop(options, apply, tasks));
     runtime.shutdown_timeout(Duration::from_secs(5));
     result
+}
+
+/// Removes temp files a crash left in the agent's own folders (`.state.json` temp files in
+/// `/var/lib/irsa-agent`, copies half-written into backup and rotation folders, anything
+/// beside the configuration), which nothing else would ever remove. Failures are logged.
+fn sweep_leftovers(root: &crate::host::HostRoot) {
+    let mut dirs = vec![
+        root.path(crate::config::CONFIG_DIR),
+        root.path(crate::config::CONFIG_FILE)
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_default(),
+    ];
+    // The state folder and every folder under it (backups, rotation staging), not following
+    // symlinks.
+    let mut stack = vec![root.path(crate::state::STATE_DIR)];
+    while let Some(dir) = stack.pop() {
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            stack.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+        dirs.push(dir);
+    }
+    for dir in dirs {
+        match crate::fs::sweep_temp_files(&dir) {
+            Ok(0) => {}
+            Ok(n) => log::info!(
+                "removed {n} temp file(s) an interrupted write left in {}",
+                root.host_view(&dir).display()
+            ),
+            Err(e) => log::warn!(
+                "cannot remove temp files in {}: {e}",
+                root.host_view(&dir).display()
+            ),
+        }
+    }
 }
 
 /// What the loop listens to besides the engine.

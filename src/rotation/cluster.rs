@@ -40,8 +40,9 @@ pub trait Cluster: Send {
     /// A token freshly issued by an apiserver (`None`: the local one) through TokenRequest.
     /// A secret: never log it.
     async fn request_token(&mut self, server: Option<&str>) -> Result<Zeroizing<String>, String>;
-    /// `serviceaccount_stale_tokens_total` of the local apiserver, if readable.
-    async fn stale_tokens(&mut self) -> Option<f64>;
+    /// `serviceaccount_stale_tokens_total` of the local apiserver; why not when it cannot be
+    /// read (the apiserver does not answer, or answers something else than the metrics).
+    async fn stale_tokens(&mut self) -> Result<f64, String>;
     /// Legacy service-account token Secrets (`kubernetes.io/service-account-token`) as
     /// (`namespace/name`, kid of their token).
     async fn legacy_token_kids(&mut self) -> Result<Vec<(String, String)>, String>;
@@ -193,11 +194,21 @@ impl Cluster for ApiCluster {
             .ok_or_else(|| format!("TokenRequest at {} returned no token", api.server()))
     }
 
-    async fn stale_tokens(&mut self) -> Option<f64> {
-        match self.api.get("/metrics").await {
-            Ok((200, body)) => stale_tokens_in(&body),
-            _ => None,
+    async fn stale_tokens(&mut self) -> Result<f64, String> {
+        let (code, body) = self.api.get("/metrics").await?;
+        if code != 200 {
+            return Err(format!(
+                "{}/metrics answered HTTP {code}: {}",
+                self.api.server(),
+                body.lines().next().unwrap_or("").trim()
+            ));
         }
+        stale_tokens_in(&body).ok_or_else(|| {
+            format!(
+                "{}/metrics has an unreadable serviceaccount_stale_tokens_total sample",
+                self.api.server()
+            )
+        })
     }
 
     async fn legacy_token_kids(&mut self) -> Result<Vec<(String, String)>, String> {

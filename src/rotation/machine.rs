@@ -404,6 +404,31 @@ impl Phase {
         }
     }
 
+    /// draining -> draining: a new reading of the stale-token counter (its value changed, or
+    /// it is the first one); the drain's end stays where it is.
+    pub fn note_stale_reading(&self, reading: StaleReading) -> Result<Phase, TransitionError> {
+        match self {
+            Phase::Draining {
+                rotation,
+                since,
+                all_signing_at,
+                drain_until,
+                ..
+            } => Ok(Phase::Draining {
+                rotation: rotation.clone(),
+                since: *since,
+                all_signing_at: *all_signing_at,
+                drain_until: *drain_until,
+                stale: Some(reading),
+            }),
+            other => Err(illegal(
+                other.name(),
+                "read stale tokens in",
+                "only a draining rotation watches them",
+            )),
+        }
+    }
+
     /// draining -> retired, once the drain is over.
     pub fn retire(&self, at: u64) -> Result<Phase, TransitionError> {
         match self {
@@ -550,6 +575,38 @@ pub struct RotationState {
     /// The last rotations, newest last (at most [`HISTORY`]).
     #[serde(default)]
     pub history: Vec<Finished>,
+    /// The step is blocked: the evidence that guards it could not be read (the apiserver did
+    /// not answer). Nothing irreversible happens until it can; retried with a back-off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked: Option<Blocked>,
+    /// How the first rotation's due time was chosen (the signing key's age, and the evidence
+    /// for it), recorded when the state is created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_age: Option<KeyAge>,
+}
+
+/// A step that waits for evidence it could not read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Blocked {
+    /// When it was first blocked.
+    pub since: u64,
+    /// What it waits for, in words.
+    pub waiting_for: String,
+    /// Consecutive blocked attempts (for the back-off).
+    pub attempts: u32,
+}
+
+/// The age of the signing key in use when rotation first ran on this host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyAge {
+    /// The signing key's kid.
+    pub kid: String,
+    /// When it came into use, as far as the host can tell.
+    pub since: u64,
+    /// Which evidence `since` is (`installed`: a key file's modification time; `first-seen`:
+    /// when irsa-agent first saw it), with the file.
+    pub evidence: String,
+    pub detail: String,
 }
 
 /// How many finished rotations the state keeps.
@@ -567,6 +624,22 @@ impl RotationState {
             failures: 0,
             not_before: None,
             history: Vec::new(),
+            blocked: None,
+            key_age: None,
+        }
+    }
+
+    /// A machine that has never rotated, whose first rotation is due `every` after the signing
+    /// key in use came into use (`key.since`; never before `now` is known better than that).
+    pub fn first(now: u64, every: Duration, key: Option<KeyAge>) -> RotationState {
+        let born = key.as_ref().map_or(now, |k| k.since.min(now));
+        RotationState {
+            phase: Phase::Idle {
+                since: now,
+                next_due: Some(born + every.as_secs()),
+            },
+            key_age: key,
+            ..RotationState::new(now, every)
         }
     }
 
@@ -610,7 +683,16 @@ impl RotationState {
 
 /// The back-off after `failures` consecutive failed steps: 1 min, doubling, at most 1 h.
 pub fn backoff(failures: u32) -> Duration {
-    let secs = 60u64.saturating_mul(1u64 << failures.saturating_sub(1).min(6));
+    backoff_from(Duration::from_secs(60), failures)
+}
+
+/// The same back-off starting at `first` instead of a minute (blocked steps start at the
+/// rotation's re-check interval), doubling, at most 1 h.
+pub fn backoff_from(first: Duration, attempts: u32) -> Duration {
+    let secs = first
+        .as_secs()
+        .max(1)
+        .saturating_mul(1u64 << attempts.saturating_sub(1).min(12));
     Duration::from_secs(secs.min(3600))
 }
 

@@ -77,7 +77,9 @@ use self::clock::Clock;
 use self::cluster::Cluster;
 use self::distro::{Distro, HostChange, Install, Refusal};
 use self::machine::InProgress;
-pub use self::machine::{Phase, PhaseName, RotationState, StaleReading, TransitionError};
+pub use self::machine::{
+    Blocked, KeyAge, Phase, PhaseName, RotationState, StaleReading, TransitionError,
+};
 use self::publishing::Publishing;
 use self::runner::CommandRunner;
 use crate::apiserver::restart::{self, Restart, ServiceManager};
@@ -97,10 +99,12 @@ rewrites the file after ~48 minutes, but a client that read its token once can k
 signed by the old key for up to a year. The apiserver counts requests with such tokens past their \
 intended expiry in serviceaccount_stale_tokens_total (and annotates the audit events \
 authentication.k8s.io/stale-token). While that counter rises, retiring the old key could reject a \
-client; find it in the audit log and restart it, or run `irsa-agent rotate --ignore-stale-tokens`.";
+client; find it in the audit log and restart it, or run `irsa-agent rotate --ignore-stale-tokens` \
+(the daemon: `rotation.ignore-stale-tokens: \"<reason>\"`).";
 
-/// How long the stale-token counter must stay flat before the old key is retired.
-pub const STALE_QUIET: Duration = Duration::from_secs(3600);
+/// How long the stale-token counter must stay flat before the old key is retired, at most
+/// (shorter when the whole drain is shorter: [`crate::config::Rotation::stale_quiet`]).
+pub const STALE_QUIET: Duration = crate::config::STALE_QUIET_MAX;
 
 /// The Cache-Control max-age assumed when neither the public copy nor the configuration gives
 /// one (what kube-apiserver itself serves its JWKS with).
@@ -122,6 +126,10 @@ pub struct Options {
     pub recheck: Duration,
     /// The service unit to restart (default: detected).
     pub unit: Option<String>,
+    /// Look again now at what the rotation waits for (a legacy Secret, the stale-token
+    /// counter, an apiserver that did not answer) instead of at the saved re-check time: a
+    /// person ran `irsa-agent rotate`. Holds and drains are never shortened.
+    pub look_now: bool,
 }
 
 impl Default for Options {
@@ -133,6 +141,7 @@ impl Default for Options {
             poll: Duration::from_secs(2),
             recheck: Duration::from_secs(60),
             unit: None,
+            look_now: false,
         }
     }
 }
@@ -188,6 +197,9 @@ enum Progress {
     Advanced(Box<Phase>, String),
     /// Still waiting for something outside; look again at the time given.
     Waiting(String, u64),
+    /// The evidence that guards the step could not be read (the apiserver did not answer):
+    /// nothing was done; retried with a back-off from the re-check interval.
+    Blocked(String),
 }
 
 /// The key of rotation's section in the state file.
@@ -266,14 +278,24 @@ fn due_text(due: Option<u64>, now: u64) -> String {
 /// The rotation lines of `irsa-agent status` / `rotate --status`: phase, since when, what comes
 /// next and when, the last step's outcome.
 pub fn status_lines(st: Option<&RotationState>, settings: &Settings, now: u64) -> Vec<String> {
+    status_lines_on(None, st, settings, now)
+}
+
+/// [`status_lines`] on a host: before the first rotation it also says when the first one is
+/// due by the age of the signing key (read from the host's key files under `root`).
+pub fn status_lines_on(
+    root: Option<&HostRoot>,
+    st: Option<&RotationState>,
+    settings: &Settings,
+    now: u64,
+) -> Vec<String> {
     let mut out = Vec::new();
     let Some(st) = st else {
         out.push(format!(
             "rotation: never run ({}){}",
             if settings.rotation.enabled {
                 format!(
-                    "enabled, every {}; the first rotation is due {} after the agent first runs",
-                    format_duration(settings.rotation.every),
+                    "enabled, every {}",
                     format_duration(settings.rotation.every)
                 )
             } else {
@@ -281,10 +303,86 @@ pub fn status_lines(st: Option<&RotationState>, settings: &Settings, now: u64) -
             },
             "; `irsa-agent rotate --now` starts one"
         ));
+        if let Some(root) = root {
+            let age = signing_key_age(root, settings, now);
+            out.push(format!(
+                "  {}",
+                first_due_line(age.as_ref(), settings.rotation.every, now)
+            ));
+        }
         return out;
     };
     out.extend(state_lines(st, settings.rotation.enabled, now));
     out
+}
+
+/// When the signing key in use came into use, by the best evidence the host has: the oldest
+/// modification time of the files holding it (the signing-key file, the verification files
+/// with its public half): when it was installed. `None` when the key files cannot be read.
+pub fn signing_key_age(root: &HostRoot, settings: &Settings, now: u64) -> Option<KeyAge> {
+    let observed = distro::observe(root, settings.distribution).ok()?;
+    let kid = observed.keys.signing.as_ref()?.kid();
+    let mut files: Vec<String> = observed.flags.signing_key_file.iter().cloned().collect();
+    for file in &observed.flags.key_files {
+        if keys::load_verification_file(&root.path(file))
+            .is_ok_and(|k| k.keys.iter().any(|key| key.kid() == kid))
+        {
+            files.push(file.clone());
+        }
+    }
+    let oldest = files
+        .iter()
+        .filter_map(|f| {
+            let modified = std::fs::metadata(root.path(f)).ok()?.modified().ok()?;
+            let secs = modified
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()?
+                .as_secs();
+            Some((secs, f.clone()))
+        })
+        .min();
+    Some(match oldest {
+        Some((at, file)) if at <= now => KeyAge {
+            kid,
+            since: at,
+            evidence: "installed".into(),
+            detail: format!(
+                "written {} (the modification time of {})",
+                state::rfc3339(at),
+                file
+            ),
+        },
+        _ => KeyAge {
+            kid,
+            since: now,
+            evidence: "first-seen".into(),
+            detail: format!(
+                "first seen by irsa-agent at {} (no key file has a usable modification time)",
+                state::rfc3339(now)
+            ),
+        },
+    })
+}
+
+/// The `rotate --status` line saying when the first rotation is due and why.
+fn first_due_line(age: Option<&KeyAge>, every: Duration, now: u64) -> String {
+    match age {
+        Some(a) => {
+            let due = a.since.min(now) + every.as_secs();
+            format!(
+                "first rotation due {} ({} after the signing key {} came into use: {}; it is {} old)",
+                due_text(Some(due), now),
+                format_duration(every),
+                a.kid,
+                a.detail,
+                format_duration(Duration::from_secs(now.saturating_sub(a.since)))
+            )
+        }
+        None => format!(
+            "first rotation due {} after irsa-agent first steps the rotation (the signing key's files cannot be read now, so its age is unknown)",
+            format_duration(every)
+        ),
+    }
 }
 
 /// The lines describing a saved rotation state (for `irsa-agent status`, which may have no
@@ -322,6 +420,23 @@ pub fn state_lines(st: &RotationState, enabled: bool, now: u64) -> Vec<String> {
             due_text(st.due_at(), now)
         )),
     }
+    if let Some(b) = &st.blocked {
+        out.push(format!(
+            "  BLOCKED since {} ({} attempt(s)): waiting for {}; nothing irreversible happens until it can be read; next look {}",
+            state::rfc3339(b.since),
+            b.attempts,
+            b.waiting_for,
+            due_text(st.due_at(), now)
+        ));
+    }
+    if let (Phase::Idle { .. }, true, Some(age)) = (&st.phase, st.history.is_empty(), &st.key_age) {
+        out.push(format!(
+            "  first rotation: due by the signing key's age: {} came into use {} ({})",
+            age.kid,
+            state::rfc3339(age.since),
+            age.detail
+        ));
+    }
     if let Some(last) = &st.last_step {
         out.push(format!(
             "  last step: {} {} ({} -> {}): {}",
@@ -358,6 +473,8 @@ pub fn status_json(st: Option<&RotationState>, settings: &Settings, now: u64) ->
         "due_now": st.due_at().is_some_and(|d| d <= now),
         "rotation": st.phase.rotation(),
         "last_step": st.last_step,
+        "blocked": st.blocked,
+        "key_age": st.key_age,
         "history": st.history,
     })
 }
@@ -411,6 +528,18 @@ pub fn metrics_text(st: Option<&RotationState>) -> String {
         "Consecutive failed rotation steps.",
         st.failures,
     );
+    x.gauge(
+        "rotation_blocked",
+        "1 while the next rotation step waits for evidence it could not read (the apiserver did not answer); nothing irreversible happens meanwhile.",
+        u8::from(st.blocked.is_some()),
+    );
+    if let Some(b) = &st.blocked {
+        x.gauge(
+            "rotation_blocked_since_timestamp_seconds",
+            "Since when the next rotation step is blocked.",
+            b.since,
+        );
+    }
     if let Some(r) = st.phase.rotation() {
         x.gauge(
             "rotation_apiserver_restarts",
@@ -462,7 +591,17 @@ pub async fn step(ctx: &mut Context, now: u64) -> Result<StepOutcome, RotationEr
     let mut st = match load_state(&ctx.root)? {
         Some(st) => st,
         None => {
-            let st = RotationState::new(now, ctx.settings.rotation.every);
+            let age = signing_key_age(&ctx.root, &ctx.settings, now);
+            let st = RotationState::first(now, ctx.settings.rotation.every, age);
+            if let Some(a) = &st.key_age {
+                log::info!(
+                    "rotation: the signing key {} came into use {} ({}); the first rotation is due {}",
+                    a.kid,
+                    state::rfc3339(a.since),
+                    a.detail,
+                    due_text(st.due_at(), now)
+                );
+            }
             save_state(&ctx.root, &st)?;
             st
         }
@@ -493,8 +632,15 @@ pub async fn step(ctx: &mut Context, now: u64) -> Result<StepOutcome, RotationEr
             return Err(e);
         }
     }
-    let due = st.due_at();
+    // A person asking (`irsa-agent rotate`) looks again now at what the rotation waits for;
+    // the phase's own time (a hold, a drain) still rules.
+    let due = if ctx.options.look_now {
+        st.phase.due_at()
+    } else {
+        st.due_at()
+    };
     if !idle_start && due.is_some_and(|d| d > now) {
+        let due = st.due_at();
         return Ok(StepOutcome {
             phase: from,
             progressed: false,
@@ -522,6 +668,7 @@ pub async fn step(ctx: &mut Context, now: u64) -> Result<StepOutcome, RotationEr
             st.phase = phase;
             st.failures = 0;
             st.not_before = None;
+            st.blocked = None;
             st.record_step(at, from, to, true, message.clone());
             save_state(&ctx.root, &st)?;
             log::info!("rotation: {from} -> {to}: {message}");
@@ -535,6 +682,7 @@ pub async fn step(ctx: &mut Context, now: u64) -> Result<StepOutcome, RotationEr
         Ok(Progress::Waiting(message, recheck_at)) => {
             st.not_before = Some(recheck_at);
             st.failures = 0;
+            st.blocked = None;
             st.record_step(at, from, from, true, format!("waiting: {message}"));
             save_state(&ctx.root, &st)?;
             log::info!("rotation: {from}: waiting: {message}");
@@ -543,6 +691,32 @@ pub async fn step(ctx: &mut Context, now: u64) -> Result<StepOutcome, RotationEr
                 progressed: false,
                 next_due: st.due_at(),
                 status_line: format!("{from}: waiting: {message}"),
+            })
+        }
+        Ok(Progress::Blocked(what)) => {
+            let (since, attempts) = match &st.blocked {
+                Some(b) => (b.since, b.attempts + 1),
+                None => (at, 1),
+            };
+            let delay = machine::backoff_from(ctx.options.recheck, attempts);
+            st.not_before = Some(at + delay.as_secs());
+            st.blocked = Some(machine::Blocked {
+                since,
+                waiting_for: what.clone(),
+                attempts,
+            });
+            let message = format!(
+                "blocked: waiting for {what}; nothing irreversible is done until it can be read (attempt {attempts}, next look {})",
+                due_text(st.due_at(), at)
+            );
+            st.record_step(at, from, from, false, message.clone());
+            save_state(&ctx.root, &st)?;
+            log::warn!("rotation: {from}: {message}");
+            Ok(StepOutcome {
+                phase: from,
+                progressed: false,
+                next_due: st.due_at(),
+                status_line: format!("{from}: {message}"),
             })
         }
         Err(err) => {
@@ -797,8 +971,9 @@ impl Run<'_> {
                 restarts_apiserver,
                 expected,
             } => {
-                let prepared = apply::write_changes(&root, &changes, self.now())
-                    .map_err(|e| failed(format!("{what}: {e}")))?;
+                let prepared =
+                    apply::write_changes(&root, &changes, self.now(), &self.ctx.settings.backups)
+                        .map_err(|e| failed(format!("{what}: {e}")))?;
                 if restarts_apiserver && prepared.is_some() {
                     // The manifest is written: kubelet restarts the apiserver.
                     self.update_rotation(|r| r.restarts += 1)?;
@@ -1271,6 +1446,20 @@ impl Run<'_> {
         ))
     }
 
+    /// Why retirement does not wait for the stale-token counter, if it does not:
+    /// `rotate --ignore-stale-tokens`, or `rotation.ignore-stale-tokens: "<reason>"`.
+    fn ignore_stale_tokens(&self) -> Option<String> {
+        if self.ctx.options.ignore_stale_tokens {
+            return Some("`irsa-agent rotate --ignore-stale-tokens` was given".into());
+        }
+        self.ctx
+            .settings
+            .rotation
+            .ignore_stale_tokens
+            .as_ref()
+            .map(|reason| format!("rotation.ignore-stale-tokens: {reason:?}"))
+    }
+
     /// The longest lifetime a token of the old key can have.
     fn token_lifetime(&self, observed: &Observed) -> Duration {
         let configured = self.ctx.settings.rotation.token_lifetime;
@@ -1293,7 +1482,13 @@ impl Run<'_> {
             .cluster
             .stale_tokens()
             .await
-            .map(|value| StaleReading { at: now, value });
+            .map(|value| StaleReading { at: now, value })
+            .map_err(|e| {
+                log::warn!(
+                    "rotation: cannot read serviceaccount_stale_tokens_total at the start of the drain ({e}); retirement waits until it has been read and stayed flat"
+                )
+            })
+            .ok();
         let phase = self.st.phase.drain(now, drain, stale)?;
         let until = phase.due_at().unwrap_or(now);
         Ok(Progress::Advanced(
@@ -1315,54 +1510,98 @@ impl Run<'_> {
         let now = self.now();
         // Never retire too early.
         self.st.phase.retire(now)?;
+        // Every piece of evidence below is read from the apiserver; when it cannot be read,
+        // the old key stays (fail closed) and the step is tried again on the back-off.
+        //
         // The 1-year kube-api-access tokens: no stale-token use for a while.
-        if !self.ctx.options.ignore_stale_tokens
-            && let Phase::Draining { stale, .. } = &self.st.phase
-        {
+        let ignore = self.ignore_stale_tokens();
+        if let Some(reason) = &ignore {
+            log::warn!(
+                "rotation: not waiting for serviceaccount_stale_tokens_total to stay flat: {reason}"
+            );
+        } else if let Phase::Draining { stale, .. } = &self.st.phase {
             let previous = *stale;
-            if let Some(value) = self.ctx.cluster.stale_tokens().await {
-                let reading = StaleReading { at: now, value };
-                let quiet = previous.is_some_and(|p| {
-                    value == p.value && now.saturating_sub(p.at) >= STALE_QUIET.as_secs()
-                });
-                if !quiet {
+            let value = match self.ctx.cluster.stale_tokens().await {
+                Ok(value) => value,
+                Err(e) => {
+                    return Ok(Progress::Blocked(format!(
+                        "the apiserver's serviceaccount_stale_tokens_total, which must be read before the old key is retired ({e})"
+                    )));
+                }
+            };
+            let window = self
+                .ctx
+                .settings
+                .rotation
+                .stale_quiet(self.token_lifetime(&observed))
+                .as_secs();
+            let reading = StaleReading { at: now, value };
+            let flat_since = previous.filter(|p| p.value == value).map(|p| p.at);
+            match flat_since {
+                Some(since) if now.saturating_sub(since) >= window => {}
+                Some(since) => {
+                    let quiet_at = since + window;
+                    return Ok(Progress::Waiting(
+                        format!(
+                            "serviceaccount_stale_tokens_total has stayed at {value} for {} of the {} it must stay flat before the old key is retired (until {})",
+                            format_duration(Duration::from_secs(now - since)),
+                            format_duration(Duration::from_secs(window)),
+                            state::rfc3339(quiet_at)
+                        ),
+                        quiet_at.min(self.recheck_at()),
+                    ));
+                }
+                None => {
                     let why = match previous {
                         Some(p) if value > p.value => format!(
-                            "serviceaccount_stale_tokens_total rose from {} to {value} since {}: a client still presents a token past its intended expiry, maybe one signed by the old key. {STALE_TOKENS}",
+                            "serviceaccount_stale_tokens_total rose from {} to {value} since {}: a client still presents a token past its intended expiry, maybe one signed by the old key; retirement waits until it has stayed flat for {}. {STALE_TOKENS}",
                             p.value,
-                            state::rfc3339(p.at)
+                            state::rfc3339(p.at),
+                            format_duration(Duration::from_secs(window))
                         ),
-                        Some(p) if value < p.value => "the stale-token counter was reset (apiserver restart); watching it for an hour before retiring".to_string(),
-                        _ => "watching serviceaccount_stale_tokens_total for an hour before retiring".to_string(),
+                        Some(_) => format!(
+                            "the stale-token counter was reset (apiserver restart); watching it for {} before retiring",
+                            format_duration(Duration::from_secs(window))
+                        ),
+                        None => format!(
+                            "watching serviceaccount_stale_tokens_total for {} before retiring (no reading since the drain started)",
+                            format_duration(Duration::from_secs(window))
+                        ),
                     };
-                    let recheck = now + STALE_QUIET.as_secs();
-                    let phase = self.st.phase.wait_for_stale_tokens(reading, recheck)?;
+                    let phase = self.st.phase.note_stale_reading(reading)?;
                     self.st.phase = phase;
-                    return Ok(Progress::Waiting(why, recheck));
+                    return Ok(Progress::Waiting(
+                        why,
+                        (now + window).min(self.recheck_at()),
+                    ));
                 }
             }
         }
         // Legacy token Secrets never expire: one signed by an old key would be rejected.
-        match self.ctx.cluster.legacy_token_kids().await {
-            Ok(secrets) => {
-                let old: Vec<String> = secrets
-                    .iter()
-                    .filter(|(_, kid)| rotation.old_kids.contains(kid))
-                    .map(|(name, _)| name.clone())
-                    .collect();
-                if !old.is_empty() {
-                    return Ok(Progress::Waiting(
-                        format!(
-                            "legacy service-account token Secrets hold tokens signed by the old key and never expire: {}; retiring it would reject them. Move their users to projected or TokenRequest tokens, or re-create each Secret (delete it and create it again: kube-controller-manager signs the new one with the new key)",
-                            old.join(", ")
-                        ),
-                        now + STALE_QUIET.as_secs(),
-                    ));
-                }
-            }
+        let secrets = match self.ctx.cluster.legacy_token_kids().await {
+            Ok(secrets) => secrets,
             Err(e) => {
-                log::warn!("rotation: cannot list legacy token Secrets ({e}); retiring anyway")
+                return Ok(Progress::Blocked(format!(
+                    "the list of legacy service-account token Secrets, which must be read before the old key is retired ({e})"
+                )));
             }
+        };
+        let old: Vec<String> = secrets
+            .iter()
+            .filter(|(_, kid)| rotation.old_kids.contains(kid))
+            .map(|(name, _)| name.clone())
+            .collect();
+        if !old.is_empty() {
+            return Ok(Progress::Waiting(
+                format!(
+                    "legacy service-account token Secrets hold tokens signed by the old key and never expire ({} of {}): {}; retiring it would reject them. Move their users to projected or TokenRequest tokens, or re-create each Secret (delete it and create it again: kube-controller-manager signs the new one with the new key); looked at again every {}",
+                    old.len(),
+                    secrets.len(),
+                    old.join(", "),
+                    format_duration(self.ctx.options.recheck)
+                ),
+                self.recheck_at(),
+            ));
         }
         let change = distro.plan(&self.ctx.root, &observed, &rotation, Install::Retire)?;
         self.carry_out(change, Install::Retire, "retire the old key")

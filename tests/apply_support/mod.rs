@@ -182,6 +182,14 @@ pub enum Behaviour {
     /// Ready; serves these documents, the `kubernetes` endpoints and TokenRequest (doctor,
     /// verify-token).
     Serve(Served),
+    /// Like `FollowHost`, but it cannot start with this signing issuer: `/readyz` answers 500
+    /// while the configuration it loaded makes `broken` sign (a change that breaks the
+    /// apiserver, to be rolled back).
+    BreaksOn {
+        root: PathBuf,
+        distribution: irsa_agent::config::Distribution,
+        broken: String,
+    },
 }
 
 /// The keys an apiserver started on `root` loads.
@@ -340,8 +348,22 @@ impl FakeApiserver {
     }
 
     pub fn start(behaviour: Behaviour) -> FakeApiserver {
-        let config = https_support::server_config(true);
+        FakeApiserver::start_on(0, behaviour)
+    }
+
+    /// A port nothing listens on (connections to it are refused), to start a fake on later
+    /// with [`FakeApiserver::start_on`]: an apiserver that is down, then comes back.
+    pub fn refused_port() -> u16 {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr").port()
+    }
+
+    /// Starts on `port` (0: any). Stopping (drop) and starting again on the same port is an
+    /// apiserver restart: connections are refused in between, and it loads the host's
+    /// configuration again.
+    pub fn start_on(port: u16, behaviour: Behaviour) -> FakeApiserver {
+        let config = https_support::server_config(true);
+        let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let stop = Arc::new(AtomicBool::new(false));
         let requests = Arc::new(Mutex::new(Vec::new()));
@@ -363,6 +385,9 @@ impl FakeApiserver {
         };
         let (mut seen_restarts, mut issuer) = match &behaviour {
             Behaviour::FollowHost { root, distribution }
+            | Behaviour::BreaksOn {
+                root, distribution, ..
+            }
             | Behaviour::Keys { root, distribution } => {
                 (restarts_of(root), issuer_of(root, *distribution))
             }
@@ -424,7 +449,10 @@ impl FakeApiserver {
                         ),
                         _ => (404, "not found".to_string()),
                     },
-                    Behaviour::FollowHost { root, distribution } => {
+                    Behaviour::FollowHost { root, distribution }
+                    | Behaviour::BreaksOn {
+                        root, distribution, ..
+                    } => {
                         let restarts = restarts_of(root);
                         let follow_always =
                             *distribution == irsa_agent::config::Distribution::Kubeadm;
@@ -432,7 +460,15 @@ impl FakeApiserver {
                             seen_restarts = restarts;
                             issuer = issuer_of(root, *distribution);
                         }
+                        let broken = match &behaviour {
+                            Behaviour::BreaksOn { broken, .. } => *broken == issuer,
+                            _ => false,
+                        };
                         match path.as_str() {
+                            "/readyz" if broken => {
+                                (500, "[-]poststarthook/start-service-account-issuer failed".to_string())
+                            }
+                            _ if broken => (503, "not ready".to_string()),
                             "/readyz" => (200, "ok".to_string()),
                             "/.well-known/openid-configuration" => (
                                 200,

@@ -170,11 +170,16 @@ pub struct World {
     pub fail_rotate_ca: u32,
     pub fail_publish: u32,
     pub unready_checks: u32,
+    /// The local apiserver refuses connections (stopped): every request to it fails.
+    pub down: bool,
     /// Every `systemctl restart` and `rotate-ca` in order.
     pub log: Vec<String>,
 }
 
 pub type Shared = Arc<Mutex<World>>;
+
+/// What a request to a stopped apiserver fails with.
+pub const REFUSED: &str = "error sending request for url (https://10.0.0.1:6443/): tcp connect error: Connection refused (os error 111)";
 
 fn lock(world: &Shared) -> std::sync::MutexGuard<'_, World> {
     world.lock().unwrap_or_else(|e| e.into_inner())
@@ -269,6 +274,7 @@ impl World {
             fail_rotate_ca: 0,
             fail_publish: 0,
             unready_checks: 0,
+            down: false,
             log: Vec::new(),
         }))
     }
@@ -332,6 +338,15 @@ impl World {
         }
     }
 
+    /// Fails like a stopped apiserver when the local one is down (`server` `None` or its URL).
+    pub fn refuse(&self, server: Option<&str>) -> Result<(), String> {
+        let local = server.is_none_or(|u| u == self.servers[0].url);
+        if self.down && local {
+            return Err(REFUSED.to_string());
+        }
+        Ok(())
+    }
+
     pub fn restarts(&self) -> usize {
         self.log
             .iter()
@@ -349,6 +364,13 @@ pub struct FakeCluster(pub Shared);
 impl Cluster for FakeCluster {
     async fn health(&mut self) -> Health {
         let mut w = lock(&self.0);
+        if w.down {
+            return Health {
+                ready: false,
+                issuer: None,
+                detail: REFUSED.into(),
+            };
+        }
         if w.unready_checks > 0 {
             w.unready_checks -= 1;
             return Health {
@@ -366,17 +388,20 @@ impl Cluster for FakeCluster {
 
     async fn jwks_kids(&mut self, server: Option<&str>) -> Result<Vec<String>, String> {
         let mut w = lock(&self.0);
+        w.refuse(server)?;
         let s = w.server(server)?;
         Ok(s.verification.iter().map(PublicKey::kid).collect())
     }
 
     async fn servers(&mut self) -> Result<Vec<String>, String> {
         let w = lock(&self.0);
+        w.refuse(None)?;
         Ok(w.servers.iter().map(|s| s.url.clone()).collect())
     }
 
     async fn request_token(&mut self, server: Option<&str>) -> Result<Zeroizing<String>, String> {
         let mut w = lock(&self.0);
+        w.refuse(server)?;
         let now = w.clock.now();
         let s = w.server(server)?;
         let token = keys::token::mint(
@@ -390,12 +415,16 @@ impl Cluster for FakeCluster {
         Ok(Zeroizing::new(token))
     }
 
-    async fn stale_tokens(&mut self) -> Option<f64> {
-        lock(&self.0).stale
+    async fn stale_tokens(&mut self) -> Result<f64, String> {
+        let w = lock(&self.0);
+        w.refuse(None)?;
+        w.stale
+            .ok_or_else(|| "/metrics answered HTTP 403: forbidden".to_string())
     }
 
     async fn legacy_token_kids(&mut self) -> Result<Vec<(String, String)>, String> {
         let w = lock(&self.0);
+        w.refuse(None)?;
         Ok(w.legacy
             .iter()
             .filter_map(|s| {
@@ -415,6 +444,8 @@ impl ServiceManager for FakeServices {
             return Err(format!("Job for {unit}.service failed (injected)"));
         }
         w.log.push(format!("systemctl restart {unit}"));
+        // Starting it brings a stopped apiserver back.
+        w.down = false;
         let root = w.root.clone();
         let tls = tls_dir(w.distribution);
         k3s_start(&root, tls, &w.datastore);
