@@ -197,6 +197,20 @@ pub fn resume(
     opts: &Options,
 ) -> Result<RestartOutcome, ApplyError> {
     let start = Instant::now();
+    // Seen ready, serving the issuer: the change is applied.
+    let verified = || {
+        let waited = start.elapsed();
+        log::info!(
+            "kube-apiserver is ready and serves issuer {issuer} (after {}s)",
+            waited.as_secs()
+        );
+        clear_in_flight(root);
+        RestartOutcome::Verified {
+            restart: restart.clone(),
+            at: state::unix_now(),
+            waited,
+        }
+    };
     // 1. Wait until it answers at all.
     let answered = wait_for(probe, None, opts);
     let mut restarted = false;
@@ -204,17 +218,7 @@ pub fn resume(
         Ok(_) => {
             let status = probe.check();
             if status.ready && status.issuer.as_deref() == Some(issuer) {
-                let waited = start.elapsed();
-                log::info!(
-                    "kube-apiserver is ready and serves issuer {issuer} (after {}s)",
-                    waited.as_secs()
-                );
-                clear_in_flight(root);
-                return Ok(RestartOutcome::Verified {
-                    restart: restart.clone(),
-                    at: state::unix_now(),
-                    waited,
-                });
+                return Ok(verified());
             }
             // 2. It answers with another issuer: the restart the change needs has not happened.
             let restart_failed = match restart {
@@ -238,17 +242,7 @@ pub fn resume(
                 Some(e) => e,
                 None => match wait_for(probe, Some(issuer), opts) {
                     Ok(_) => {
-                        let waited = start.elapsed();
-                        log::info!(
-                            "kube-apiserver is ready and serves issuer {issuer} (after {}s)",
-                            waited.as_secs()
-                        );
-                        clear_in_flight(root);
-                        return Ok(RestartOutcome::Verified {
-                            restart: restart.clone(),
-                            at: state::unix_now(),
-                            waited,
-                        });
+                        return Ok(verified());
                     }
                     Err(last) => format!(
                         "kube-apiserver did not become ready serving issuer {issuer} within {}s{} (last: {})",
