@@ -382,53 +382,53 @@ impl Phase {
         reading: StaleReading,
         recheck_at: u64,
     ) -> Result<Phase, TransitionError> {
-        match self {
-            Phase::Draining {
-                rotation,
-                since,
-                all_signing_at,
-                drain_until,
-                ..
-            } => Ok(Phase::Draining {
-                rotation: rotation.clone(),
-                since: *since,
-                all_signing_at: *all_signing_at,
-                drain_until: (*drain_until).max(recheck_at),
-                stale: Some(reading),
-            }),
-            other => Err(illegal(
-                other.name(),
+        self.with_stale_reading(
+            reading,
+            |drain_until| drain_until.max(recheck_at),
+            (
                 "wait for stale tokens in",
                 "only a draining rotation waits for them",
-            )),
-        }
+            ),
+        )
     }
-
     /// draining -> draining: a new reading of the stale-token counter (its value changed, or
     /// it is the first one); the drain's end stays where it is.
     pub fn note_stale_reading(&self, reading: StaleReading) -> Result<Phase, TransitionError> {
+        self.with_stale_reading(
+            reading,
+            |drain_until| drain_until,
+            (
+                "read stale tokens in",
+                "only a draining rotation watches them",
+            ),
+        )
+    }
+
+    /// draining -> draining with `reading` and the drain's end moved by `drain_until`; the
+    /// error's words for any other phase.
+    fn with_stale_reading(
+        &self,
+        reading: StaleReading,
+        drain_until: impl FnOnce(u64) -> u64,
+        (action, why): (&'static str, &str),
+    ) -> Result<Phase, TransitionError> {
         match self {
             Phase::Draining {
                 rotation,
                 since,
                 all_signing_at,
-                drain_until,
+                drain_until: until,
                 ..
             } => Ok(Phase::Draining {
                 rotation: rotation.clone(),
                 since: *since,
                 all_signing_at: *all_signing_at,
-                drain_until: *drain_until,
+                drain_until: drain_until(*until),
                 stale: Some(reading),
             }),
-            other => Err(illegal(
-                other.name(),
-                "read stale tokens in",
-                "only a draining rotation watches them",
-            )),
+            other => Err(illegal(other.name(), action, why)),
         }
     }
-
     /// draining -> retired, once the drain is over.
     pub fn retire(&self, at: u64) -> Result<Phase, TransitionError> {
         match self {
