@@ -651,7 +651,7 @@ pub fn record(state: &mut State, plan: &Plan, outcome: &Outcome, now: u64) {
     }
     entry.issuer = first;
     entry.previous = previous;
-    entry.distribution = plan.distribution.name().to_string();
+    entry.distribution = Some(plan.distribution);
     match &outcome.restart {
         // A pending restart: the apiserver signed with another issuer until just now.
         RestartOutcome::Verified { at, .. } if plan.in_sync() => {

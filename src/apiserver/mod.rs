@@ -16,6 +16,7 @@
 
 pub mod apply;
 pub mod backups;
+pub mod change;
 pub mod edit;
 pub mod flags;
 pub mod kubeadm;

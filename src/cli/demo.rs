@@ -70,7 +70,8 @@ fn publish(
     root: &HostRoot,
     settings: &config::Settings,
 ) -> anyhow::Result<(Vec<PathBuf>, Publication)> {
-    let publication = Publication::from_host(root, settings)?;
+    let publication =
+        Publication::from_host(root, settings, crate::rotation::published_ahead(root))?;
     let env = publish::Environment {
         root: root.clone(),
         ca_file: None,

@@ -6,12 +6,10 @@ use anyhow::bail;
 use clap::Args as ClapArgs;
 use serde_json::json;
 
-use super::apply::{
-    RunArgs, edges, execute_plan, load_settings, print_outcome, print_plan, result_json,
-};
+use super::apply::{RunArgs, load_settings, print_outcome, print_plan, result_json};
 use super::{Exit, Global};
-use crate::apiserver::apply::{self as executor, FinalizeDecision, Outcome, RestartOutcome};
-use crate::apiserver::plan::{self, Target};
+use crate::apiserver::apply::{self as executor, FinalizeDecision};
+use crate::apiserver::change::{self, Goal};
 use crate::apiserver::{self, flags};
 use crate::config::format_duration;
 use crate::state::{self, State};
@@ -64,7 +62,7 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
     let settings = load_settings(global)?;
     let mut state = State::load(root)?;
     let observed = apiserver::observe(root, settings.distribution)?;
-    super::apply::refuse_command_line_flags(root, &observed, run)?;
+    change::refuse_command_line_flags(root, &observed, &run.options())?;
     let mut lifetime = settings.rotation.token_lifetime;
     if let Some(max) = observed
         .flags
@@ -84,7 +82,7 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
     );
     // A switch written with --no-restart: see whether the apiserver serves it by now.
     if let FinalizeDecision::AwaitingSwitch { retire } = &decision {
-        let mut e = edges(root, &observed, run);
+        let mut e = change::edges(root, &observed, &run.options());
         let serving = e.probe.as_mut().map(|p| p.check());
         match serving {
             Some(status) if status.issuer.as_deref() == Some(settings.issuer.as_str()) => {
@@ -161,17 +159,9 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
         }
         FinalizeDecision::Ready { retire } => retire,
     };
-    let st = state.issuer.clone().unwrap_or_default();
-    let target = Target {
-        issuer: settings.issuer.clone(),
-        jwks_uri: settings.jwks_uri.clone(),
-        remembered: Vec::new(),
-        retire: retire.clone(),
-        retired: st.retired.clone(),
-        accept_only: false,
-    };
-    let plan = plan::plan(&observed, &target)?;
-    for warning in &plan.warnings {
+    let options = run.options();
+    let mut prepared = change::prepare(root, &settings, Goal::Retire(retire.clone()), &options)?;
+    for warning in &prepared.plan.warnings {
         log::warn!("{warning}");
     }
     if !run.json {
@@ -180,7 +170,11 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
     // The apiserver's own evidence comes before retiring anything: it must answer, serving
     // the configured issuer, with a readable stale-token counter. When it cannot be asked,
     // finalize waits (up to --timeout) and then refuses, changing nothing.
-    let stale = wait_for_evidence(&mut edges(root, &observed, run), &settings.issuer, run)?;
+    let stale = wait_for_evidence(
+        &mut change::edges(root, &prepared.observed, &options),
+        &settings.issuer,
+        run,
+    )?;
     if stale > 0.0 {
         log::warn!(
             "serviceaccount_stale_tokens_total is {stale} on this apiserver: some clients use tokens past their original expiry; find them in the audit log (authentication.k8s.io/stale-token) before retiring old issuers"
@@ -195,13 +189,14 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
     );
     let extra = json!({"retire": retire, "stale_tokens_total": stale});
     if run.check {
+        let plan = &prepared.plan;
         if run.json {
             println!(
                 "{}",
-                serde_json::to_string_pretty(&result_json(&plan, None, &restart, true, extra))?
+                serde_json::to_string_pretty(&result_json(plan, None, &restart, true, extra))?
             );
         } else {
-            print_plan(&plan, run.diff);
+            print_plan(plan, run.diff);
             println!("old issuers can be retired now: {}", retire.join(", "));
         }
         return Ok(if plan.in_sync() {
@@ -210,24 +205,13 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
             Exit::PENDING
         });
     }
-    let outcome = if plan.in_sync() {
-        Outcome {
-            written: Vec::new(),
-            backup_dir: None,
-            restart: RestartOutcome::NotNeeded,
-        }
-    } else {
-        execute_plan(root, &observed, &plan, run, &settings.backups)?
-    };
-    let now = state::unix_now();
-    State::update(root, |s| {
-        executor::record_finalize(s, &retire, &outcome, now)
-    })?;
+    let outcome = change::carry_out(root, &settings, &mut prepared, &options)?.outcome;
+    let plan = &prepared.plan;
     if run.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&result_json(
-                &plan,
+                plan,
                 Some(&outcome),
                 &restart,
                 false,
@@ -235,8 +219,8 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
             ))?
         );
     } else {
-        print_plan(&plan, run.diff);
-        print_outcome(&plan, &outcome);
+        print_plan(plan, run.diff);
+        print_outcome(plan, &outcome);
         println!("retired: {}", retire.join(", "));
     }
     Ok(Exit::OK)
@@ -245,11 +229,7 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
 /// Waits until the local apiserver answers ready, serving `issuer`, with a readable
 /// `serviceaccount_stale_tokens_total`; returns its value. Polls every --poll-interval for up
 /// to --timeout, saying what it waits for; then fails, and nothing was changed.
-fn wait_for_evidence(
-    e: &mut super::apply::Edges,
-    issuer: &str,
-    run: &RunArgs,
-) -> anyhow::Result<f64> {
+fn wait_for_evidence(e: &mut change::Edges, issuer: &str, run: &RunArgs) -> anyhow::Result<f64> {
     let Some(probe) = e.probe.as_mut() else {
         bail!(
             "cannot ask the apiserver whether it serves {issuer} and whether stale tokens are in use ({}): nothing was retired; fix that and run finalize again",

@@ -1056,7 +1056,7 @@ impl Engine {
                     slot.next_due = next;
                 }
                 Err(e) => {
-                    let message = crate::cli::error_chain(&e);
+                    let message = crate::errors::chain(e.as_ref());
                     let delay = slot.backoff.fail(jitter);
                     if slot.status.last_error.as_ref() != Some(&message) {
                         log::error!(

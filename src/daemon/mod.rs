@@ -54,6 +54,7 @@
 pub mod apply_step;
 pub mod backoff;
 pub mod engine;
+pub mod host_apply;
 pub mod metrics;
 pub mod rotation_task;
 pub mod status;

@@ -35,20 +35,7 @@ impl StoreTarget {
     }
 }
 
-/// The whole error chain in one line: object_store puts the store's answer in the sources.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
-}
+pub use crate::errors::chain as error_chain;
 
 fn attribute(attributes: &Attributes, key: &Attribute) -> Option<String> {
     attributes.get(key).map(|v| v.as_ref().to_string())
