@@ -9,6 +9,8 @@
 use std::time::{Duration, SystemTime};
 
 use super::backoff::{Backoff, Jitter};
+use super::status::Phase;
+use crate::config::format_duration;
 
 /// A point in time on the clock's monotonic scale.
 pub type Tick = Duration;
@@ -386,6 +388,122 @@ impl Schedule {
     }
 }
 
+/// What the daemon knows when it says where it stands ([`phase`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Situation<'a> {
+    /// A usable configuration (with an issuer) is loaded.
+    pub configured: bool,
+    /// The configuration file a person should edit.
+    pub config_file: &'a str,
+    /// Why the configuration on disk cannot be used, if it cannot.
+    pub config_error: Option<&'a str>,
+    /// A converge has finished since the start.
+    pub converged: bool,
+    /// Why this host is not a server, if it is not.
+    pub not_a_server: Option<&'a str>,
+    /// How long until the next retry, if one is scheduled.
+    pub retry_in: Option<Duration>,
+    /// Converge failures in a row.
+    pub failures: u32,
+    pub first_error: Option<&'a str>,
+    /// How many publish targets there are, and the first one's name.
+    pub targets: usize,
+    pub first_target: Option<&'a str>,
+    /// How many kids are published.
+    pub kids: usize,
+    /// Why the apiserver change is held, if it is.
+    pub held: Option<&'a str>,
+    pub apply_pending: bool,
+    pub restart_pending: bool,
+}
+
+/// The phase and the one-line status (`systemctl status`, `irsa-agent status`) of a situation.
+pub fn phase(s: &Situation<'_>) -> (Phase, String) {
+    if !s.configured {
+        return match s.config_error {
+            None => (
+                Phase::WaitingForIssuer,
+                format!("waiting for an issuer in {}", s.config_file),
+            ),
+            Some(e) => (
+                Phase::ConfigInvalid,
+                format!(
+                    "configuration invalid, waiting for a fix: {}",
+                    first_problem(e)
+                ),
+            ),
+        };
+    }
+    if !s.converged {
+        return (Phase::Starting, "starting".into());
+    }
+    let prefix = s
+        .config_error
+        .map(|e| {
+            format!(
+                "configuration invalid, still using the previous one ({}); ",
+                first_problem(e)
+            )
+        })
+        .unwrap_or_default();
+    if let Some(why) = s.not_a_server {
+        return (Phase::NotAServer, format!("{prefix}{why}"));
+    }
+    if let Some(wait) = s.retry_in {
+        return (
+            Phase::Retrying,
+            format!(
+                "{prefix}failing, retry {} in {}: {}",
+                s.failures + 1,
+                format_duration(round(wait)),
+                s.first_error.unwrap_or("unknown error")
+            ),
+        );
+    }
+    let published = match (s.targets, s.first_target) {
+        (0, _) => "no publish targets configured".to_string(),
+        (1, Some(target)) => format!("{} key(s) published to {target}", s.kids),
+        (n, _) => format!("{} key(s) published to {n} targets", s.kids),
+    };
+    let apiserver = match (s.held, s.restart_pending) {
+        (Some(message), _) => {
+            format!("apiserver change rolled back and held (reload to retry): {message}")
+        }
+        (None, _) if s.apply_pending => {
+            "apiserver change pending: run `irsa-agent apply` (run.apply-issuer: false)".to_string()
+        }
+        (None, true) => "apiserver configuration written, restart pending".to_string(),
+        (None, false) => "apiserver in sync".to_string(),
+    };
+    let phase = if s.held.is_some() {
+        Phase::Held
+    } else if s.apply_pending {
+        Phase::ApplyPending
+    } else {
+        Phase::InSync
+    };
+    (phase, format!("{prefix}{published}; {apiserver}"))
+}
+
+/// The headline and the first problem of a multi-line configuration error.
+pub fn first_problem(message: &str) -> String {
+    let lines: Vec<&str> = message.lines().map(str::trim).collect();
+    match lines.as_slice() {
+        [] => String::new(),
+        [one] => one.to_string(),
+        [head, first, ..] => format!("{} {first}", head.trim_end_matches(':')),
+    }
+}
+
+/// Whole seconds (at least the milliseconds below one second) for messages.
+pub fn round(d: Duration) -> Duration {
+    if d >= Duration::from_secs(1) {
+        Duration::from_secs(d.as_secs())
+    } else {
+        Duration::from_millis(d.as_millis() as u64)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -721,5 +839,121 @@ mod tests {
         assert_eq!(follow_up(false, Trigger::Resync), None);
         // The converge a task asked for does not ask for another.
         assert_eq!(follow_up(true, Trigger::Task), None);
+    }
+
+    fn situation() -> Situation<'static> {
+        Situation {
+            configured: true,
+            config_file: "/etc/irsa-agent/config.yaml",
+            config_error: None,
+            converged: true,
+            not_a_server: None,
+            retry_in: None,
+            failures: 0,
+            first_error: None,
+            targets: 1,
+            first_target: Some("directory /srv/oidc"),
+            kids: 2,
+            held: None,
+            apply_pending: false,
+            restart_pending: false,
+        }
+    }
+
+    #[test]
+    fn where_the_daemon_stands_in_one_line() {
+        let s = situation();
+        assert_eq!(
+            phase(&s),
+            (
+                Phase::InSync,
+                "2 key(s) published to directory /srv/oidc; apiserver in sync".into()
+            )
+        );
+        let (p, line) = phase(&Situation {
+            held: Some("the apiserver did not come back"),
+            ..s
+        });
+        assert_eq!(p, Phase::Held);
+        assert_eq!(
+            line,
+            "2 key(s) published to directory /srv/oidc; apiserver change rolled back and held (reload to retry): the apiserver did not come back"
+        );
+        let (p, line) = phase(&Situation {
+            retry_in: Some(Duration::from_millis(4500)),
+            failures: 2,
+            first_error: Some("directory /srv/oidc: permission denied"),
+            held: Some("ignored while retrying"),
+            ..s
+        });
+        assert_eq!(p, Phase::Retrying);
+        assert_eq!(
+            line,
+            "failing, retry 3 in 4s: directory /srv/oidc: permission denied"
+        );
+        let (p, line) = phase(&Situation {
+            not_a_server: Some("this is a k3s agent (worker) node"),
+            config_error: Some("invalid configuration (1 problem):\n  issuer: not https"),
+            ..s
+        });
+        assert_eq!(p, Phase::NotAServer);
+        assert_eq!(
+            line,
+            "configuration invalid, still using the previous one (invalid configuration (1 problem) issuer: not https); this is a k3s agent (worker) node"
+        );
+        let (p, line) = phase(&Situation {
+            apply_pending: true,
+            targets: 3,
+            ..s
+        });
+        assert_eq!(p, Phase::ApplyPending);
+        assert!(line.starts_with("2 key(s) published to 3 targets; apiserver change pending"));
+        let (p, line) = phase(&Situation {
+            restart_pending: true,
+            targets: 0,
+            ..s
+        });
+        assert_eq!(p, Phase::InSync);
+        assert_eq!(
+            line,
+            "no publish targets configured; apiserver configuration written, restart pending"
+        );
+        assert_eq!(
+            phase(&Situation {
+                converged: false,
+                ..s
+            }),
+            (Phase::Starting, "starting".into())
+        );
+        assert_eq!(
+            phase(&Situation {
+                configured: false,
+                ..s
+            }),
+            (
+                Phase::WaitingForIssuer,
+                "waiting for an issuer in /etc/irsa-agent/config.yaml".into()
+            )
+        );
+        assert_eq!(
+            phase(&Situation {
+                configured: false,
+                config_error: Some("cannot read x"),
+                ..s
+            }),
+            (
+                Phase::ConfigInvalid,
+                "configuration invalid, waiting for a fix: cannot read x".into()
+            )
+        );
+    }
+
+    #[test]
+    fn first_problem_of_a_config_error() {
+        assert_eq!(
+            first_problem("invalid configuration (2 problems):\n  a: x\n  b: y"),
+            "invalid configuration (2 problems) a: x"
+        );
+        assert_eq!(first_problem("cannot read x"), "cannot read x");
     }
 }

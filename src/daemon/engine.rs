@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use super::apply_step::{ApplyReport, ApplyStep, FailureKind};
 use super::backoff::Jitter;
-use super::decide::{self, Converged, HoldCheck, Retry, Schedule, Tick};
+use super::decide::{self, Converged, HoldCheck, Retry, Schedule, Tick, round};
 pub use super::decide::{Trigger, Work};
 use super::metrics::{self, TargetMetric};
 use super::status::{
@@ -963,81 +963,23 @@ impl Engine {
         s.failures = self.schedule.failures();
         s.next_retry_at = next_retry_at;
         s.next_resync_at = next_resync_at;
-        let (phase, line) = match (&self.settings, &self.config_error) {
-            (None, None) => (
-                Phase::WaitingForIssuer,
-                format!("waiting for an issuer in {config_file}"),
-            ),
-            (None, Some(e)) => (
-                Phase::ConfigInvalid,
-                format!(
-                    "configuration invalid, waiting for a fix: {}",
-                    first_problem(e)
-                ),
-            ),
-            (Some(_), _) if s.last_converge.is_none() => (Phase::Starting, "starting".into()),
-            (Some(_), config_error) => {
-                let prefix = config_error
-                    .as_ref()
-                    .map(|e| {
-                        format!(
-                            "configuration invalid, still using the previous one ({}); ",
-                            first_problem(e)
-                        )
-                    })
-                    .unwrap_or_default();
-                if let Some(why) = &self.not_a_server {
-                    (Phase::NotAServer, format!("{prefix}{why}"))
-                } else if let Some(retry) = self.schedule.retry_at() {
-                    let wait = retry.saturating_sub(now);
-                    (
-                        Phase::Retrying,
-                        format!(
-                            "{prefix}failing, retry {} in {}: {}",
-                            s.failures + 1,
-                            format_duration(round(wait)),
-                            s.errors
-                                .first()
-                                .map(String::as_str)
-                                .unwrap_or("unknown error")
-                        ),
-                    )
-                } else {
-                    let published = match s.targets.len() {
-                        0 => "no publish targets configured".to_string(),
-                        1 => format!(
-                            "{} key(s) published to {}",
-                            s.kids.len(),
-                            s.targets[0].target
-                        ),
-                        n => format!("{} key(s) published to {n} targets", s.kids.len()),
-                    };
-                    let apiserver = match (held, self.restart_pending) {
-                        (Some(message), _) => format!(
-                            "apiserver change rolled back and held (reload to retry): {message}"
-                        ),
-                        (None, _) if self.apply_pending => {
-                            "apiserver change pending: run `irsa-agent apply` (run.apply-issuer: false)"
-                                .to_string()
-                        }
-                        (None, true) => {
-                            "apiserver configuration written, restart pending".to_string()
-                        }
-                        (None, false) => "apiserver in sync".to_string(),
-                    };
-                    (
-                        if held.is_some() {
-                            Phase::Held
-                        } else if self.apply_pending {
-                            Phase::ApplyPending
-                        } else {
-                            Phase::InSync
-                        },
-                        format!("{prefix}{published}; {apiserver}"),
-                    )
-                }
-            }
-        };
+        let first_target = s.targets.first().map(|t| t.target.clone());
+        let (phase, line) = decide::phase(&decide::Situation {
+            configured: self.settings.is_some(),
+            config_file: &config_file,
+            config_error: self.config_error.as_deref(),
+            converged: s.last_converge.is_some(),
+            not_a_server: self.not_a_server.as_deref(),
+            retry_in: self.schedule.retry_at().map(|t| t.saturating_sub(now)),
+            failures: s.failures,
+            first_error: s.errors.first().map(String::as_str),
+            targets: s.targets.len(),
+            first_target: first_target.as_deref(),
+            kids: s.kids.len(),
+            held,
+            apply_pending: self.apply_pending,
+            restart_pending: self.restart_pending,
+        });
         if phase != s.phase || line != s.status {
             // NotAServer: the converge logged it already, as an error, once.
             if phase != s.phase && phase != Phase::NotAServer {
@@ -1121,24 +1063,6 @@ fn fingerprint(watch_set: &WatchSet, settings: &Settings) -> u64 {
     h.finish()
 }
 
-fn first_problem(message: &str) -> String {
-    let lines: Vec<&str> = message.lines().map(str::trim).collect();
-    match lines.as_slice() {
-        [] => String::new(),
-        [one] => one.to_string(),
-        [head, first, ..] => format!("{} {first}", head.trim_end_matches(':')),
-    }
-}
-
-/// Whole seconds (at least the milliseconds below one second) for messages.
-fn round(d: Duration) -> Duration {
-    if d >= Duration::from_secs(1) {
-        Duration::from_secs(d.as_secs())
-    } else {
-        Duration::from_millis(d.as_millis() as u64)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1168,14 +1092,5 @@ mod tests {
             prefixed("rotation", "rotations ok"),
             "rotation: rotations ok"
         );
-    }
-
-    #[test]
-    fn first_problem_of_a_config_error() {
-        assert_eq!(
-            first_problem("invalid configuration (2 problems):\n  a: x\n  b: y"),
-            "invalid configuration (2 problems) a: x"
-        );
-        assert_eq!(first_problem("cannot read x"), "cannot read x");
     }
 }
