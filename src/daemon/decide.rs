@@ -568,6 +568,41 @@ mod tests {
     }
 
     #[test]
+    fn driven_by_the_simulated_clock_a_day_of_resyncs_and_retries_takes_no_time() {
+        use crate::rotation::clock::{Clock, SimulatedClock};
+        let clock = SimulatedClock::at(1_700_000_000);
+        let mut s = schedule();
+        s.set_retry_max(60 * SEC);
+        let (mut converges, mut retries, mut resyncs) = (0u32, 0u32, 0u32);
+        // Fails for the first hour, then works: what the loop would do, woken at each
+        // deadline.
+        let mut ok = false;
+        s.after_converge(FAILED, clock.monotonic(), 600 * SEC);
+        while clock.monotonic() < 86_400 * SEC {
+            let wake = s
+                .next_wakeup(true, DEBOUNCE)
+                .expect("always something scheduled");
+            assert!(wake >= clock.monotonic());
+            clock.advance(wake - clock.monotonic());
+            match s.take_due(clock.monotonic(), true, DEBOUNCE) {
+                Some(Work::Converge(Trigger::Retry)) => retries += 1,
+                Some(Work::Converge(Trigger::Resync)) => resyncs += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+            converges += 1;
+            ok |= clock.monotonic() >= 3600 * SEC;
+            let c = if ok { OK } else { FAILED };
+            s.after_converge(c, clock.monotonic(), 600 * SEC);
+        }
+        // An hour of retries at most a minute apart (at least half a minute once capped) ...
+        assert!((60..=130).contains(&retries), "{retries} retries");
+        // ... then a resync every 10 min ± 10% for the other 23 hours.
+        assert!((125..=155).contains(&resyncs), "{resyncs} resyncs");
+        assert_eq!(converges, retries + resyncs);
+        assert_eq!(s.failures(), 0);
+    }
+
+    #[test]
     fn a_configuration_change_in_the_window_rereads_the_configuration() {
         let mut s = schedule();
         s.on_change(false, SEC);

@@ -78,3 +78,38 @@ impl Clock for SimulatedClock {
         self.advance(duration);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_simulated_clock_moves_both_times_and_setting_the_date_keeps_the_timers() {
+        let clock = SimulatedClock::at(1000);
+        assert_eq!((clock.now(), clock.monotonic()), (1000, Duration::ZERO));
+        clock.advance(Duration::from_millis(250));
+        // Calendar seconds always move (poll loops on seconds progress); timers move exactly.
+        assert_eq!(clock.now(), 1001);
+        assert_eq!(clock.monotonic(), Duration::from_millis(250));
+        clock.advance(Duration::from_secs(90));
+        assert_eq!(clock.now(), 1091);
+        assert_eq!(clock.monotonic(), Duration::from_millis(90_250));
+        // The date set back: timers do not go back with it.
+        clock.set(10);
+        assert_eq!(clock.now(), 10);
+        assert_eq!(clock.monotonic(), Duration::from_millis(90_250));
+        // Clones share the time.
+        let other = clock.clone();
+        other.advance(Duration::from_secs(1));
+        assert_eq!(clock.monotonic(), Duration::from_millis(91_250));
+    }
+
+    #[test]
+    fn the_system_clock_never_goes_back() {
+        let clock = SystemClock;
+        let a = clock.monotonic();
+        let b = clock.monotonic();
+        assert!(b >= a);
+        assert!(clock.now() > 1_600_000_000);
+    }
+}
