@@ -292,11 +292,14 @@ impl Schedule {
     }
 
     /// A person asked for a reload: a held change is tried again, and so is everything else,
-    /// now (no backoff left over).
+    /// now (no backoff left over). The reload re-reads the configuration and its converge
+    /// every file, so changes seen before it need no converge of their own (one would follow
+    /// the reload's at once and say `files-changed` where a person asked for a reload).
     pub fn reload(&mut self) {
         self.hold = None;
         self.backoff.reset();
         self.retry = None;
+        self.debounce = None;
     }
 
     /// The next retry and resync after a converge that ended at `now`.
@@ -684,7 +687,11 @@ mod tests {
             s.after_converge(FAILED, SEC, 600 * SEC);
         }
         s.rolled_back(7, "rolled back");
+        // The daemon's own write seen just before the reload: the reload's converge reads it.
+        s.on_change(false, SEC);
         s.reload();
+        assert_eq!(s.debounce_deadline(DEBOUNCE), None);
+        assert_eq!(s.take_due(SEC + DEBOUNCE, true, DEBOUNCE), None);
         assert_eq!(s.retry_at(), None);
         assert_eq!(s.failures(), 0);
         assert_eq!(s.held(), None);
