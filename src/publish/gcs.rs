@@ -215,7 +215,7 @@ impl Target for GcsTarget {
                 }
             }
             Err(TargetError::Failed(format!(
-                "cannot read {key}: it changed while being read, {READ_ATTEMPTS} times"
+                "it changed while being read, {READ_ATTEMPTS} times in a row"
             )))
         })
     }
@@ -269,7 +269,7 @@ impl Target for GcsTarget {
                     format!("multipart/related; boundary={boundary}"),
                 )
                 .body(body);
-            let what = format!("cannot write {key}: POST {url}");
+            let what = format!("POST {url}");
             let (status, answer_body) = self.request(request, &what).await?;
             if status == reqwest::StatusCode::PRECONDITION_FAILED {
                 return Err(TargetError::Conflict);
