@@ -8,10 +8,14 @@
 //! writer that changes the JWKS between the agent's read and its write is merged with, never
 //! overwritten.
 //!
+//! And `irsa-agent run` publishing to both at once: a key file replaced by rename reaches both,
+//! an object deleted behind its back is restored by the resync.
+//!
 //! Without the emulators (IRSA_TEST_FAKE_GCS_SERVER, IRSA_TEST_AZURITE, set by tests/run.sh)
 //! each test prints SKIPPED and passes.
 
 mod emulator_support;
+mod run_support;
 mod support;
 
 use std::path::Path;
@@ -544,4 +548,84 @@ fn azure_conditional_writes_merge_a_concurrent_writer() {
         cache_control: "public, max-age=300".into(),
     };
     conditional_writes_merge(&issuer, &make);
+}
+
+// ---- The daemon, publishing to both ----
+
+#[test]
+fn the_daemon_keeps_gcs_and_azure_in_sync() {
+    let test = "the_daemon_keeps_gcs_and_azure_in_sync";
+    let (Some(gcs), Some(az)) = (FakeGcs::get(test), Azurite::get(test)) else {
+        return;
+    };
+    gcs.create_bucket("oidc-run");
+    az.create_container("run");
+    let config = format!(
+        "issuer: {}\ndistribution: k3s\npublic-check: false\npublish:\n  - type: gcs\n    bucket: oidc-run\n    prefix: {PREFIX}\n    endpoint: {}\n    credentials-file: {GCS_KEY_FILE}\n  - type: azure-blob\n    account: {AZURE_ACCOUNT}\n    container: run\n    prefix: {PREFIX}\n    endpoint: {}\nrun:\n  resync-interval: 1s\n  retry-max: 2s\n  publish-timeout: 5s\n",
+        gcs_issuer("oidc-run"),
+        gcs.endpoint(),
+        az.endpoint()
+    );
+    let host = support::k3s_host(&config);
+    std::fs::write(host.path().join(&GCS_KEY_FILE[1..]), GCS_NO_OAUTH_KEY).expect("key");
+    let mut d = run_support::Daemon::start(
+        host.path(),
+        &["--no-restart"],
+        &[("AZURE_STORAGE_ACCOUNT_KEY", AZURE_KEY)],
+    );
+    d.wait_ready();
+    // Published before READY, byte for byte what the real apiserver served for these keys.
+    assert_eq!(gcs.bytes("oidc-run", JWKS_KEY), Some(apiserver_jwks()));
+    assert_eq!(az.get_blob("run", JWKS_KEY).body, apiserver_jwks());
+
+    // A new key, k3s style: the verification file replaced by rename.
+    let service_key = host
+        .path()
+        .join("var/lib/rancher/k3s/server/tls/service.key");
+    let key = run_support::new_ec_key();
+    let mut both = std::fs::read_to_string(&service_key).expect("service.key");
+    both.push_str(&key.public_pem);
+    run_support::replace_by_rename(&service_key, both.as_bytes());
+    let expected = run_support::jwks_for(
+        host.path(),
+        &["/var/lib/rancher/k3s/server/tls/service.key"],
+    );
+    assert!(run_support::kids(&expected).contains(&key.kid));
+    let reached = run_support::eventually(run_support::DEADLINE, || {
+        (gcs.bytes("oidc-run", JWKS_KEY).as_deref() == Some(&expected[..])
+            && az.get_blob("run", JWKS_KEY).body == expected)
+            .then_some(())
+    });
+    assert!(
+        reached.is_some(),
+        "the new JWKS never reached both:\n{}",
+        d.log()
+    );
+
+    // Deleted in the bucket behind the agent's back: the resync puts it back.
+    gcs.delete("oidc-run", JWKS_KEY);
+    let restored = run_support::eventually(run_support::DEADLINE, || {
+        (gcs.bytes("oidc-run", JWKS_KEY).as_deref() == Some(&expected[..])).then_some(())
+    });
+    assert!(restored.is_some(), "never restored:\n{}", d.log());
+    let status = d.wait_status("drift counted and in sync", |s| {
+        s["daemon"]["metrics"]["drift_found_total"].as_u64() >= Some(1)
+            && s["daemon"]["phase"] == "in-sync"
+    });
+    let targets: Vec<&str> = status["daemon"]["targets"]
+        .as_array()
+        .expect("targets")
+        .iter()
+        .filter_map(|t| t["target"].as_str())
+        .collect();
+    assert_eq!(
+        targets,
+        [
+            "gs://oidc-run/cluster-a",
+            "azure://devstoreaccount1/run/cluster-a"
+        ],
+        "{status}"
+    );
+    let (exit, log) = d.stop();
+    assert_eq!(exit.code(), Some(0), "{log}");
 }

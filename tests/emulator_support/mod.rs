@@ -186,6 +186,17 @@ impl FakeGcs {
         }
     }
 
+    /// Someone deletes an object.
+    pub fn delete(&self, bucket: &str, name: &str) {
+        let a = send(client().delete(self.object_url(bucket, name)));
+        assert!(
+            a.status == 200 || a.status == 204,
+            "{}: {}",
+            a.status,
+            String::from_utf8_lossy(&a.body)
+        );
+    }
+
     /// Another writer replaces an object, unconditionally.
     pub fn overwrite(&self, bucket: &str, name: &str, body: &[u8]) {
         let a = send(
