@@ -1,10 +1,9 @@
-//! A [`Target`] over an `object_store` bucket: S3 (and R2, MinIO, SeaweedFS, Ceph), GCS and
-//! Azure Blob share it; their modules only build the store.
+//! A [`Target`] over an `object_store` bucket: S3 (and R2, MinIO, SeaweedFS, Ceph) and Azure
+//! Blob share it; their modules only build the store (GCS has its own, [`super::gcs`]).
 //!
-//! Reads are plain GETs (bytes, ETag or generation, Content-Type, Cache-Control). Writes are
-//! single PUTs with `Content-Type` and `Cache-Control` and no ACL header, conditional on what
-//! was read: `PutMode::Create` (S3/Azure `If-None-Match: *`, GCS `x-goog-if-generation-match:
-//! 0`) or `PutMode::Update` (S3/Azure `If-Match: <etag>`, GCS the generation). A failed
+//! Reads are plain GETs (bytes, ETag, Content-Type, Cache-Control). Writes are single PUTs
+//! with `Content-Type` and `Cache-Control` and no ACL header, conditional on what was read:
+//! `PutMode::Create` (`If-None-Match: *`) or `PutMode::Update` (`If-Match: <etag>`). A failed
 //! condition (412, or S3's 409 under concurrent writes, which object_store retries first)
 //! becomes [`TargetError::Conflict`].
 
