@@ -515,6 +515,16 @@ fn azure_a_wrong_key_fails_naming_the_target_and_writes_nothing() {
     );
     assert!(stdout.contains("FAILED"), "{stdout}");
     assert!(stdout.contains("403"), "{stdout}");
+    // Azurite's answer, in one line of the report rather than an XML document.
+    let failed = stdout
+        .lines()
+        .find(|l| l.contains("FAILED"))
+        .unwrap_or_default();
+    assert!(
+        failed.contains("403 Forbidden: AuthorizationFailure: Server failed to authenticate"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("<Error>"), "{stdout}");
     assert_eq!(az.get_blob("wrongkey", JWKS_KEY).status, 404);
     assert_eq!(az.get_blob("wrongkey", DISCOVERY_KEY).status, 404);
 
