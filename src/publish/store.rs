@@ -87,29 +87,6 @@ fn condense_xml_error(text: &str) -> String {
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::condense_xml_error;
-
-    #[test]
-    fn an_xml_error_document_becomes_one_line() {
-        // What Azurite answered to a wrong account key.
-        let azure = "Error performing GET http://127.0.0.1:1/a/b in 3ms - Server returned non-2xx status code: 403 Forbidden: <?xml version=\"1.0\" encoding=\"UTF-8\" standalone=\"yes\"?>\n<Error>\n  <Code>AuthorizationFailure</Code>\n  <Message>Server failed to authenticate the request.\nRequestId:fbe63a84\nTime:2026-12-07T01:08:41.812Z</Message>\n</Error>";
-        assert_eq!(
-            condense_xml_error(azure),
-            "Error performing GET http://127.0.0.1:1/a/b in 3ms - Server returned non-2xx status code: 403 Forbidden: AuthorizationFailure: Server failed to authenticate the request."
-        );
-        let s3 = "403 Forbidden: <Error><Code>SignatureDoesNotMatch</Code><Message>The signature does not match</Message><Resource>/b/k</Resource></Error> (after 1 retry)";
-        assert_eq!(
-            condense_xml_error(s3),
-            "403 Forbidden: SignatureDoesNotMatch: The signature does not match (after 1 retry)"
-        );
-        for plain in ["no xml here", "<Error> never closed", "<Error></Error>"] {
-            assert_eq!(condense_xml_error(plain), plain);
-        }
-    }
-}
-
 fn attribute(attributes: &Attributes, key: &Attribute) -> Option<String> {
     attributes.get(key).map(|v| v.as_ref().to_string())
 }
@@ -189,5 +166,28 @@ impl Target for StoreTarget {
                 Err(e) => Err(TargetError::Failed(error_chain(&e))),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::condense_xml_error;
+
+    #[test]
+    fn an_xml_error_document_becomes_one_line() {
+        // What Azurite answered to a wrong account key.
+        let azure = "Error performing GET http://127.0.0.1:1/a/b in 3ms - Server returned non-2xx status code: 403 Forbidden: <?xml version=\"1.0\" encoding=\"UTF-8\" standalone=\"yes\"?>\n<Error>\n  <Code>AuthorizationFailure</Code>\n  <Message>Server failed to authenticate the request.\nRequestId:fbe63a84\nTime:2026-12-07T01:08:41.812Z</Message>\n</Error>";
+        assert_eq!(
+            condense_xml_error(azure),
+            "Error performing GET http://127.0.0.1:1/a/b in 3ms - Server returned non-2xx status code: 403 Forbidden: AuthorizationFailure: Server failed to authenticate the request."
+        );
+        let s3 = "403 Forbidden: <Error><Code>SignatureDoesNotMatch</Code><Message>The signature does not match</Message><Resource>/b/k</Resource></Error> (after 1 retry)";
+        assert_eq!(
+            condense_xml_error(s3),
+            "403 Forbidden: SignatureDoesNotMatch: The signature does not match (after 1 retry)"
+        );
+        for plain in ["no xml here", "<Error> never closed", "<Error></Error>"] {
+            assert_eq!(condense_xml_error(plain), plain);
+        }
     }
 }
