@@ -110,7 +110,8 @@ pub enum PublishTarget {
         cache_control: String,
         /// A service-account key file (host path); default: application default credentials.
         credentials_file: Option<PathBuf>,
-        /// Another storage endpoint (fake-gcs-server, tests).
+        /// Another JSON API endpoint than https://storage.googleapis.com (fake-gcs-server, private
+        /// endpoints).
         endpoint: Option<String>,
     },
     /// Azure Blob Storage (static website: container `$web`).
