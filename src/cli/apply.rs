@@ -299,6 +299,7 @@ fn apply(global: &Global, run: &RunArgs, accept_only: bool) -> anyhow::Result<Ex
         retire: Vec::new(),
         retired,
         accept_only,
+        drop_external_audiences: false,
     };
     let plan = plan::plan(&observed, &target)?;
     for warning in &plan.warnings {
@@ -519,6 +520,14 @@ pub fn execute_plan(
     run: &RunArgs,
     backups: &crate::config::Backups,
 ) -> anyhow::Result<Outcome> {
+    let kept = plan.kept_external_audiences();
+    if run.no_restart && !kept.is_empty() {
+        bail!(
+            "refusing --no-restart: this change puts the in-cluster audiences {} back into --api-audiences, and `irsa-agent finalize` may remove {} only the longest token lifetime after the apiserver restarted with them; on a cluster that already signs with the issuer, that restart cannot be seen from outside, so irsa-agent must do it: run `irsa-agent apply` without --no-restart (on several servers, one server at a time)",
+            plan.restored_audiences.join(", "),
+            kept.join(", ")
+        );
+    }
     let mut edges = edges(root, observed, run);
     let opts = Options {
         no_restart: run.no_restart,

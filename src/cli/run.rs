@@ -127,6 +127,7 @@ impl ApplyStep for RealApply {
             retire: Vec::new(),
             retired: issuer_state.map(|s| s.retired.clone()).unwrap_or_default(),
             accept_only: false,
+            drop_external_audiences: false,
         };
         let plan = match plan::plan(&observed, &target) {
             Ok(p) => p,
