@@ -507,46 +507,60 @@ struct Repair {
 }
 
 impl Repair {
-    /// "run apply ...: the flags become ..." in the distribution's syntax.
+    /// "run apply ...: it sets ..." in the distribution's syntax, naming only what changes.
     fn steps(&self, observed: &Observed) -> String {
-        let items: Vec<String> = self
-            .desired
-            .issuers
-            .iter()
-            .map(|i| flag_item(observed, flags::ISSUER, i))
-            .chain(std::iter::once(flag_item(
+        let f = &observed.flags;
+        let d = &self.desired;
+        let mut items: Vec<String> = Vec::new();
+        if f.issuers != d.issuers {
+            items.extend(
+                d.issuers
+                    .iter()
+                    .map(|i| flag_item(observed, flags::ISSUER, i)),
+            );
+        }
+        if f.api_audiences.as_ref() != Some(&d.api_audiences) {
+            items.push(flag_item(
                 observed,
                 flags::AUDIENCES,
-                &self.desired.api_audiences.join(","),
-            )))
+                &d.api_audiences.join(","),
+            ));
+        }
+        let items: Vec<String> = items
+            .iter()
             .map(|i| format!("`{}`", i.trim_start_matches("- ")))
             .collect();
-        let kept: Vec<&String> = self
-            .before_audiences
+        let mut why: Vec<String> = Vec::new();
+        let back: Vec<String> = d
+            .issuers
             .iter()
-            .filter(|a| self.desired.api_audiences.contains(a))
+            .skip(1)
+            .filter(|i| !f.issuers.contains(i))
+            .cloned()
             .collect();
+        if !back.is_empty() {
+            why.push(format!("{} accepted again", back.join(", ")));
+        }
+        let restored: Vec<String> = d
+            .api_audiences
+            .iter()
+            .filter(|a| !self.before_audiences.contains(a))
+            .cloned()
+            .collect();
+        if !restored.is_empty() {
+            why.push(format!(
+                "the in-cluster audiences {} back, and {} kept, because the tokens pods hold now carry {}",
+                restored.join(","),
+                self.before_audiences.join(","),
+                if self.before_audiences.len() == 1 { "it" } else { "them" }
+            ));
+        }
         format!(
-            "run `irsa-agent apply --check --diff`, then `irsa-agent apply`: it keeps {} signing and sets {} in {} (the old issuer accepted again, the in-cluster audiences back{}; nothing accepted now stops being accepted) and restarts the apiserver",
-            self.desired
-                .issuers
-                .first()
-                .map(String::as_str)
-                .unwrap_or(""),
+            "run `irsa-agent apply --check --diff`, then `irsa-agent apply`: it keeps {} signing, sets {} in {} ({}; nothing accepted now stops being accepted) and restarts the apiserver",
+            d.issuers.first().map(String::as_str).unwrap_or(""),
             items.join(" "),
             flag_location(observed, flags::ISSUER),
-            if kept.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    ", and {} kept, because the tokens pods hold carry {}",
-                    kept.iter()
-                        .map(|a| a.as_str())
-                        .collect::<Vec<_>>()
-                        .join(","),
-                    if kept.len() == 1 { "it" } else { "them" }
-                )
-            }
+            why.join("; ")
         )
     }
 }
@@ -643,10 +657,7 @@ fn audiences_check(local: &Local, observed: &Observed) -> Check {
                 list(&lost)
             ),
         )
-        .fix(format!(
-            "pin it to the audiences in force before the issuer change and the ones in force now (the tokens pods hold carry those): {}",
-            repair.steps(observed)
-        )),
+        .fix(repair.steps(observed)),
         (None, true) => Check::warn(
             id,
             format!(
