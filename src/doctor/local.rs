@@ -624,13 +624,32 @@ fn audiences_check(local: &Local, observed: &Observed) -> Check {
         let finding = format!(
             "--api-audiences includes {ext}: any pod can request a token for that audience, and the Kubernetes API then accepts the token meant for AWS/Azure/GCP as well"
         );
-        let finalize = format!(
-            "`irsa-agent finalize` removes {ext} the longest token lifetime (rotation.token-lifetime, 24h by default, or --service-account-max-token-expiration) after that, once `kubectl get --raw /metrics | grep serviceaccount_stale_tokens_total` stops rising"
-        );
+        let finalize = |since: &str| {
+            format!(
+                "`irsa-agent finalize` removes {ext} the longest token lifetime (rotation.token-lifetime, 24h by default, or --service-account-max-token-expiration) after {since}, once `kubectl get --raw /metrics | grep serviceaccount_stale_tokens_total` stops rising"
+            )
+        };
         if lost.is_empty() {
-            return Check::fail(id, finding).fix(format!(
-                "run `irsa-agent apply` if it has not run on this host; {finalize}"
-            ));
+            let switched = local
+                .state
+                .as_ref()
+                .ok()
+                .and_then(|s| s.issuer.as_ref())
+                .filter(|s| f.issuers.first() == Some(&s.issuer))
+                .and_then(|s| s.switched_at);
+            return Check::fail(id, finding).fix(match switched {
+                Some(at) => format!(
+                    "{} (`irsa-agent finalize --check` says whether it can now)",
+                    finalize(&format!(
+                        "irsa-agent's last change took effect ({})",
+                        crate::state::rfc3339(at)
+                    ))
+                ),
+                None => format!(
+                    "run `irsa-agent apply` (it records when its change takes effect), then {}",
+                    finalize("that")
+                ),
+            });
         }
         return Check::fail(
             id,
@@ -641,8 +660,9 @@ fn audiences_check(local: &Local, observed: &Observed) -> Check {
             ),
         )
         .fix(format!(
-            "keep {ext} for now: 1. {}; 2. {finalize}",
-            repair.steps(observed)
+            "keep {ext} for now: 1. {}; 2. {}",
+            repair.steps(observed),
+            finalize("that")
         ));
     }
     let pin = flag_item(observed, flags::AUDIENCES, &original.join(","));
