@@ -219,6 +219,29 @@ fn installs_the_debs_files_keeps_the_conffile_and_uninstalls() {
     assert!(files(root).is_empty(), "{:#?}", files(root));
 }
 
+/// The README's install section and the quickstart's step 1 name this script, and no
+/// placeholder URL a reader could not fill in.
+#[test]
+fn the_install_docs_name_the_script_and_no_placeholder() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README");
+    let install = readme
+        .split("\n## Install\n")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("## Install");
+    let quickstart = std::fs::read_to_string(root.join("docs/quickstart.md")).expect("quickstart");
+    let step1 = quickstart
+        .split("\n## 1. ")
+        .nth(1)
+        .and_then(|s| s.split("\n## 2. ").next())
+        .expect("step 1");
+    for (name, text) in [("README ## Install", install), ("quickstart step 1", step1)] {
+        assert!(text.contains("tools/install-from-source.sh"), "{name}");
+        assert!(!text.contains("<release-url>"), "{name}");
+    }
+}
+
 #[test]
 fn the_help_answers_what_it_installs_and_bad_usage_exits_64() {
     if let Some(why) = tools_missing() {

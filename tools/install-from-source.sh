@@ -9,9 +9,11 @@ Usage: tools/install-from-source.sh [OPTIONS]
        tools/install-from-source.sh --uninstall [--purge] [OPTIONS]
 
 Builds irsa-agent from this checkout and installs it on this machine (a Raspberry Pi builds its
-own; about 20-40 minutes there, a few minutes on a PC), as root:
+own). Run it as the user who has Rust: it builds as that user, then runs the install steps
+through sudo (as root it does everything itself):
 
-  1. cargo build --release --locked (needs Rust >= 1.88: https://rustup.rs);
+  1. cargo build --release --locked (needs Rust >= 1.88, https://rustup.rs, and a C compiler:
+     apt-get install build-essential);
   2. the man pages and bash/zsh/fish completions, written by the built binary
      (packaging/generate-assets.sh);
   3. installs the files the .deb installs, read from the one list in Cargo.toml
@@ -39,7 +41,7 @@ Options:
   -h, --help      this help
 
 Examples:
-  sudo tools/install-from-source.sh
+  tools/install-from-source.sh
   tools/install-from-source.sh --destdir /tmp/root --binary target/debug/irsa-agent
   sudo tools/install-from-source.sh --uninstall
 
@@ -118,6 +120,11 @@ need_root() {
         die "this changes the system: run it as root (sudo $0 ...), or use --destdir"
 }
 
+# As a normal user on the real system: build here, then install through sudo.
+as_root_via_sudo() {
+    real_system && [ "$dry_run" = 0 ] && [ "$(id -u)" != 0 ]
+}
+
 if real_system && command -v dpkg-query >/dev/null 2>&1; then
     case $(dpkg-query -W -f='${db:Status-Status}' irsa-agent 2>/dev/null || true) in
         installed* | config-files* | half-* | unpacked* | triggers-*)
@@ -178,9 +185,7 @@ fi
 # ---------------------------------------------------------------------------------------------
 # build
 # ---------------------------------------------------------------------------------------------
-need_root
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+as_root_via_sudo || need_root
 if [ -z "$binary" ]; then
     command -v cargo >/dev/null 2>&1 ||
         die "cargo is not installed: install Rust (https://rustup.rs: curl --proto '=https' -sSf https://sh.rustup.rs | sh), then run this again"
@@ -190,6 +195,14 @@ if [ -z "$binary" ]; then
     say "built in $((SECONDS - start)) s"
     binary=$src/target/release/irsa-agent
 fi
+if as_root_via_sudo; then
+    command -v sudo >/dev/null 2>&1 ||
+        die "built $binary; installing needs root: run $0 --binary $binary as root"
+    say "installing as root: sudo $0 --binary $binary"
+    exec sudo "$0" --binary "$binary"
+fi
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
 version=$("$binary" --version) || die "$binary does not run here"
 say "man pages and completions (packaging/generate-assets.sh)"
 bash "$src/packaging/generate-assets.sh" "$tmp/generated" "$binary" >/dev/null
