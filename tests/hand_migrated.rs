@@ -337,3 +337,35 @@ fn finalize_before_the_repair_refuses_and_says_apply_first() {
     );
     assert_eq!(host.snapshot(), snapshot);
 }
+
+/// kubeadm with its own DNS domain (networking.dnsDomain, which kubeadm writes into the
+/// kubelet's clusterDomain): the default issuer that comes back is that domain's.
+#[test]
+fn kubeadm_with_its_own_dns_domain_gets_that_default_back() {
+    let host = host_for(&KUBEADM);
+    host.write(
+        "/var/lib/kubelet/config.yaml",
+        "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nclusterDNS:\n- 10.96.0.10\nclusterDomain: homelab.internal\n",
+    );
+    let out = host
+        .agent()
+        .args(["apply", "--check", "--json"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let result = json_of(&out);
+    let own = "https://kubernetes.default.svc.homelab.internal";
+    assert_eq!(
+        result["after"]["issuers"],
+        serde_json::json!([KUBEADM.issuer, own])
+    );
+    assert_eq!(
+        result["after"]["api_audiences"],
+        serde_json::json!([own, STS])
+    );
+    let (_, fix) = check(&host, "apiserver.old-issuers");
+    assert!(
+        fix.contains(&format!("--service-account-issuer={own}")),
+        "{fix}"
+    );
+}
