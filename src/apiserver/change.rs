@@ -212,6 +212,9 @@ pub fn prepare(
         retire,
         retired: issuer_state.map(|s| s.retired.clone()).unwrap_or_default(),
         accept_only,
+        // finalize also removes the external audiences a cluster switched by hand had
+        // (sts.amazonaws.com) once the in-cluster ones are back; apply keeps them.
+        drop_external_audiences: matches!(goal, Goal::Retire(_)),
     };
     let plan = plan::plan(&observed, &target)?;
     Ok(Prepared {
@@ -405,6 +408,14 @@ fn execute_plan(
     run: &RunOptions,
     opts: &Options,
 ) -> Result<Outcome, ChangeError> {
+    let kept = plan.kept_external_audiences();
+    if run.no_restart && !kept.is_empty() {
+        return Err(ChangeError::Refused(format!(
+            "refusing --no-restart: this change puts the in-cluster audiences {} back into --api-audiences, and `irsa-agent finalize` may remove {} only the longest token lifetime after the apiserver restarted with them; on a cluster that already signs with the issuer, that restart cannot be seen from outside, so irsa-agent must do it: run `irsa-agent apply` without --no-restart (on several servers, one server at a time)",
+            plan.restored_audiences.join(", "),
+            kept.join(", ")
+        )));
+    }
     let mut edges = edges(root, observed, run);
     let mut probe: Box<dyn ApiserverProbe> = match edges.probe.take() {
         Some(p) => p,

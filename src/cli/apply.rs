@@ -45,6 +45,12 @@ config.yaml.d/ (kube-apiserver-arg); kubeadm: /etc/kubernetes/manifests/kube-api
 Backups go to /var/lib/irsa-agent/backups/. After a restart it waits until the apiserver is ready \
 and serves the new issuer, and restores the backup if it does not.
 
+On a cluster switched by hand (default issuer removed, api-audiences=sts.amazonaws.com) it keeps \
+the issuer and sts.amazonaws.com (the tokens pods hold carry it alone), accepts the default issuer \
+again and puts the in-cluster audiences back in front; `irsa-agent finalize` removes \
+sts.amazonaws.com after the longest token lifetime (README: \"A cluster you already switched by \
+hand\").
+
 A second apply changes nothing. Exit status: 0 done or in sync; 2 changes pending (--check); 1 error.
 On a cluster with several servers, run it on one server at a time (see README).")]
 pub struct Args {

@@ -202,6 +202,7 @@ fn demo(base: &Path) -> anyhow::Result<Exit> {
         retire: Vec::new(),
         retired: Vec::new(),
         accept_only: false,
+        drop_external_audiences: false,
     };
     let plan = plan::plan(&observed, &target)?;
     for warning in &plan.warnings {

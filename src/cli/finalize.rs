@@ -10,6 +10,7 @@ use super::apply::{RunArgs, load_settings, print_outcome, print_plan, result_jso
 use super::{Exit, Global};
 use crate::apiserver::apply::{self as executor, FinalizeDecision};
 use crate::apiserver::change::{self, Goal};
+use crate::apiserver::plan;
 use crate::apiserver::{self, flags};
 use crate::config::format_duration;
 use crate::state::{self, State};
@@ -31,7 +32,7 @@ requests with tokens past their original expiry), and audit events annotated \
 Removes the issuers `apply` kept accepted (the old default included) once the time since the \
 apiserver was first seen signing with the new issuer exceeds the longest token lifetime: \
 rotation.token-lifetime (default 24h) or the apiserver's --service-account-max-token-expiration, \
-whichever is longer. Refuses before that. --api-audiences stays pinned.
+whichever is longer. Refuses before that. --api-audiences stays pinned, except for external audiences (sts.amazonaws.com, api://AzureADTokenExchange, ...) that a cluster migrated by hand had there: once `apply` put the in-cluster audiences back, finalize removes them with the same wait (until then the tokens pods hold may carry them as their only audience).
 
 Exit status: 0 done or nothing to retire; 2 retirement possible now (--check); 1 refused or error.")]
 pub struct Args {
@@ -73,10 +74,43 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
         lifetime = lifetime.max(max);
     }
     let now = state::unix_now();
+    // External audiences (sts.amazonaws.com, ...) go too, but only once every in-cluster
+    // audience is back: then every default token minted since carries one of those.
+    let previous = state
+        .issuer
+        .as_ref()
+        .map(|s| s.previous.clone())
+        .unwrap_or_default();
+    let origin = plan::origin(&observed, &previous);
+    let in_force = observed.flags.effective_audiences();
+    let external: Vec<String> = in_force
+        .iter()
+        .filter(|a| plan::is_external_audience(a))
+        .cloned()
+        .collect();
+    let missing: Vec<String> = origin
+        .audiences
+        .iter()
+        .filter(|a| !in_force.contains(a))
+        .cloned()
+        .collect();
+    if !external.is_empty() && !missing.is_empty() {
+        bail!(
+            "--api-audiences is {} without the in-cluster audiences {}: the tokens pods hold carry {} as their only audience, so removing it now would reject them; run `irsa-agent apply` first (it puts {} back and keeps {}), then run finalize the longest token lifetime ({}) later",
+            in_force.join(","),
+            missing.join(","),
+            external.join(", "),
+            missing.join(","),
+            external.join(", "),
+            format_duration(lifetime)
+        );
+    }
+    let drop = external;
     let mut decision = executor::finalize_decision(
         state.issuer.as_ref(),
         &settings.issuer,
         &observed.flags.issuers,
+        &drop,
         now,
         lifetime,
     );
@@ -115,6 +149,15 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
         }
     }
     let retire = match decision {
+        FinalizeDecision::NotApplied
+            if observed.flags.issuers.first() == Some(&settings.issuer) =>
+        {
+            bail!(
+                "the apiserver signs with {}, but irsa-agent has no record of applying it on this host ({}), so it cannot tell since when; run `irsa-agent apply` first (it records that), then finalize after the longest token lifetime",
+                settings.issuer,
+                state::STATE_FILE
+            )
+        }
         FinalizeDecision::NotApplied => bail!(
             "the apiserver does not sign with the configured issuer {} yet (it has {}); run `irsa-agent apply` first",
             settings.issuer,
@@ -146,8 +189,8 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
             remaining,
         } => {
             let message = format!(
-                "refusing to retire {} yet: the apiserver was first seen signing with {} at {}; tokens minted with the old issuer(s) before then may live {} (the longest token lifetime configured), so wait {} more (until {})",
-                retire.join(", "),
+                "refusing to {} yet: the apiserver was first seen signing with {} at {}; tokens minted with the old issuer(s) before then may live {} (the longest token lifetime configured), so wait {} more (until {})",
+                what_goes(&retire, &drop),
                 settings.issuer,
                 state::rfc3339(switched_at),
                 format_duration(lifetime),
@@ -187,7 +230,7 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
         observed.distribution,
         run.apiserver.unit.as_deref(),
     );
-    let extra = json!({"retire": retire, "stale_tokens_total": stale});
+    let extra = json!({"retire": retire, "drop_audiences": prepared.plan.dropped_audiences, "stale_tokens_total": stale});
     if run.check {
         let plan = &prepared.plan;
         if run.json {
@@ -197,7 +240,10 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
             );
         } else {
             print_plan(plan, run.diff);
-            println!("old issuers can be retired now: {}", retire.join(", "));
+            println!(
+                "can be done now: {}",
+                what_goes(&retire, &plan.dropped_audiences)
+            );
         }
         return Ok(if plan.in_sync() {
             Exit::OK
@@ -221,7 +267,15 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
     } else {
         print_plan(plan, run.diff);
         print_outcome(plan, &outcome);
-        println!("retired: {}", retire.join(", "));
+        if !retire.is_empty() {
+            println!("retired: {}", retire.join(", "));
+        }
+        if !plan.dropped_audiences.is_empty() {
+            println!(
+                "removed from --api-audiences: {}",
+                plan.dropped_audiences.join(", ")
+            );
+        }
     }
     Ok(Exit::OK)
 }
@@ -268,6 +322,18 @@ fn wait_for_evidence(e: &mut change::Edges, issuer: &str, run: &RunArgs) -> anyh
         }
         std::thread::sleep(run.apiserver.poll_interval);
     }
+}
+
+/// "retire X" / "remove Y from --api-audiences" / both.
+fn what_goes(retire: &[String], drop: &[String]) -> String {
+    let mut parts = Vec::new();
+    if !retire.is_empty() {
+        parts.push(format!("retire {}", retire.join(", ")));
+    }
+    if !drop.is_empty() {
+        parts.push(format!("remove {} from --api-audiences", drop.join(", ")));
+    }
+    parts.join(" and ")
 }
 
 fn round_up(d: Duration) -> Duration {
