@@ -4,9 +4,11 @@
 //! application default credentials (`GOOGLE_APPLICATION_CREDENTIALS`, gcloud's file), else the
 //! metadata server (GCE/GKE workload identity); `object_store` turns them into bearer tokens.
 //!
-//! Objects are read as metadata (`GET /storage/v1/b/<bucket>/o/<name>`: generation,
-//! contentType, cacheControl), then as that generation's bytes (`?alt=media&generation=`), so
-//! bytes and metadata always belong together. They are written with one multipart upload
+//! Objects are read with one request (`GET /storage/v1/b/<bucket>/o/<name>?alt=media`): the
+//! bytes, and in the answer's headers the generation (`x-goog-generation`), content type and
+//! cache control of those very bytes, so they always belong together even while other agents
+//! write (reading metadata and bytes separately lost that race again and again with four
+//! writers). They are written with one multipart upload
 //! (`POST /upload/storage/v1/b/<bucket>/o?uploadType=multipart`) carrying the contentType and
 //! cacheControl, conditional on `ifGenerationMatch` (`0` to create, else the generation read).
 //! The JSON API rather than the XML one (which `object_store` speaks): it is the API Google
@@ -28,9 +30,6 @@ use crate::config::PublishTarget;
 
 /// Where the JSON API lives unless `endpoint:` says otherwise.
 pub const DEFAULT_ENDPOINT: &str = "https://storage.googleapis.com";
-
-/// How often a read is retried when the object changes between its metadata and its bytes.
-const READ_ATTEMPTS: usize = 3;
 
 /// A GCS bucket through the JSON API.
 #[derive(Debug, Clone)]
@@ -136,7 +135,7 @@ impl GcsTarget {
         &self,
         builder: reqwest::RequestBuilder,
         what: &str,
-    ) -> Result<(reqwest::StatusCode, Vec<u8>), TargetError> {
+    ) -> Result<(reqwest::StatusCode, reqwest::header::HeaderMap, Vec<u8>), TargetError> {
         let credential = self.credentials.get_credential().await.map_err(|e| {
             TargetError::Failed(format!("cannot get GCS credentials: {}", error_chain(&e)))
         })?;
@@ -150,37 +149,32 @@ impl GcsTarget {
             .await
             .map_err(|e| TargetError::Failed(format!("{what}: {}", error_chain(&e))))?;
         let status = response.status();
-        let body = response
-            .bytes()
+        let headers = response.headers().clone();
+        // Never read an answer without bound: a document (or an error) is far smaller.
+        let mut response = response;
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
             .await
-            .map_err(|e| TargetError::Failed(format!("{what}: {}", error_chain(&e))))?;
-        Ok((status, body.to_vec()))
+            .map_err(|e| TargetError::Failed(format!("{what}: {}", error_chain(&e))))?
+        {
+            if (body.len() + chunk.len()) as u64 > crate::fs::CAP {
+                return Err(TargetError::Failed(format!(
+                    "{what}: the answer is larger than the {} MiB limit",
+                    crate::fs::CAP >> 20
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok((status, headers, body))
     }
 
-    /// One attempt: `None` inside when the object changed between metadata and bytes.
-    async fn read_once(&self, key: &str) -> Result<Option<Option<Stored>>, TargetError> {
-        let url = self.object_url(key);
-        let what = format!("GET {url}");
-        let (status, body) = self.request(self.client.get(&url), &what).await?;
-        if status == reqwest::StatusCode::NOT_FOUND {
-            return Ok(Some(None));
-        }
-        if !status.is_success() {
-            return Err(TargetError::Failed(format!(
-                "{what}: {}",
-                answer(status, &body)
-            )));
-        }
-        let meta: serde_json::Value = serde_json::from_slice(&body)
-            .map_err(|e| TargetError::Failed(format!("{what}: not the object's metadata: {e}")))?;
-        let text = |field: &str| meta[field].as_str().map(str::to_string);
-        let generation = text("generation")
-            .ok_or_else(|| TargetError::Failed(format!("{what}: the answer has no generation")))?;
-        let media = format!("{url}?alt=media&generation={}", encode(&generation));
+    /// The object's bytes with the generation, content type and cache control of those bytes.
+    async fn read_object(&self, key: &str) -> Result<Option<Stored>, TargetError> {
+        let media = format!("{}?alt=media", self.object_url(key));
         let what = format!("GET {media}");
-        let (status, bytes) = self.request(self.client.get(&media), &what).await?;
+        let (status, headers, bytes) = self.request(self.client.get(&media), &what).await?;
         if status == reqwest::StatusCode::NOT_FOUND {
-            // Replaced (or deleted) since the metadata was read.
             return Ok(None);
         }
         if !status.is_success() {
@@ -189,16 +183,27 @@ impl GcsTarget {
                 answer(status, &bytes)
             )));
         }
-        Ok(Some(Some(Stored {
+        let header = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let generation = header("x-goog-generation").ok_or_else(|| {
+            TargetError::Failed(format!(
+                "{what}: the answer has no x-goog-generation header"
+            ))
+        })?;
+        Ok(Some(Stored {
             bytes,
             version: Version {
-                e_tag: text("etag"),
+                e_tag: header("etag"),
                 version: Some(generation),
             },
-            content_type: text("contentType"),
-            cache_control: text("cacheControl"),
+            content_type: header("content-type"),
+            cache_control: header("cache-control"),
             problems: Vec::new(),
-        })))
+        }))
     }
 }
 
@@ -208,16 +213,7 @@ impl Target for GcsTarget {
     }
 
     fn read<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Stored>, TargetError>> {
-        Box::pin(async move {
-            for _ in 0..READ_ATTEMPTS {
-                if let Some(stored) = self.read_once(key).await? {
-                    return Ok(stored);
-                }
-            }
-            Err(TargetError::Failed(format!(
-                "it changed while being read, {READ_ATTEMPTS} times in a row"
-            )))
-        })
+        Box::pin(self.read_object(key))
     }
 
     fn put<'a>(
@@ -270,7 +266,7 @@ impl Target for GcsTarget {
                 )
                 .body(body);
             let what = format!("POST {url}");
-            let (status, answer_body) = self.request(request, &what).await?;
+            let (status, _, answer_body) = self.request(request, &what).await?;
             if status == reqwest::StatusCode::PRECONDITION_FAILED {
                 return Err(TargetError::Conflict);
             }
