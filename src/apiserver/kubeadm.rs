@@ -42,6 +42,67 @@ pub struct Observed {
     pub cluster_domain: Option<String>,
 }
 
+impl Observed {
+    /// The issuer kubeadm uses when none is configured (from the kubelet's cluster domain).
+    pub fn default_issuer(&self) -> String {
+        format!(
+            "https://kubernetes.default.svc.{}",
+            self.cluster_domain.as_deref().unwrap_or("cluster.local")
+        )
+    }
+
+    /// The admin kubeconfig, and the URL of this host's apiserver (the manifest's
+    /// `--advertise-address` and `--secure-port`; the kubeconfig may name a load balancer).
+    pub fn kubeconfig(&self) -> (PathBuf, Option<String>) {
+        let arg = |name: &str| {
+            self.args
+                .iter()
+                .rev()
+                .find(|a| a.name == name)
+                .map(|a| a.value.clone())
+        };
+        let url = arg("advertise-address").map(|addr| {
+            let port = arg("secure-port").unwrap_or_else(|| "6443".to_string());
+            if addr.contains(':') {
+                format!("https://[{addr}]:{port}")
+            } else {
+                format!("https://{addr}:{port}")
+            }
+        });
+        (PathBuf::from(ADMIN_KUBECONFIG), url)
+    }
+
+    /// The file the daemon watches: the static pod manifest.
+    pub fn watched(&self) -> super::Watched {
+        super::Watched {
+            files: vec![self.path.clone()],
+            dropin_dirs: Vec::new(),
+        }
+    }
+
+    /// Where a line for `flag` goes, in words, for fixes.
+    pub fn flag_location(&self, _flag: &str) -> String {
+        format!(
+            "the kube-apiserver command in {} (and apiServer.extraArgs of the kubeadm ClusterConfiguration, so `kubeadm upgrade` keeps it)",
+            self.path.display()
+        )
+    }
+
+    /// The command item that sets `flag=value`.
+    pub fn flag_item(flag: &str, value: &str) -> String {
+        format!("- --{flag}={value}")
+    }
+}
+
+/// Paths whose existence says kubeadm's control plane runs here (`distribution: auto`), and
+/// the file the daemon waits for while the apiserver cannot be read yet.
+pub const MARKERS: [&str; 1] = [MANIFEST];
+
+/// How the apiserver is restarted: kubelet restarts the static pod when its manifest changes.
+pub fn restart() -> super::restart::Restart {
+    super::restart::Restart::KubeletStaticPod
+}
+
 /// Where kubeadm writes the kubelet's configuration.
 pub const KUBELET_CONFIG: &str = "/var/lib/kubelet/config.yaml";
 

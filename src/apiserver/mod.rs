@@ -31,20 +31,46 @@ use crate::config::Distribution;
 use crate::host::HostRoot;
 
 /// Host paths whose presence identifies each distribution.
-const MARKERS: [(Distribution, &[&str]); 3] = [
-    (
-        Distribution::K3s,
-        &["/etc/rancher/k3s", "/var/lib/rancher/k3s/server"],
-    ),
-    (
-        Distribution::Rke2,
-        &["/etc/rancher/rke2", "/var/lib/rancher/rke2/server"],
-    ),
-    (
-        Distribution::Kubeadm,
-        &["/etc/kubernetes/manifests/kube-apiserver.yaml"],
-    ),
-];
+/// The concrete distributions, in the order `distribution: auto` looks for them.
+const CONCRETE: [Distribution; 3] = [Distribution::K3s, Distribution::Rke2, Distribution::Kubeadm];
+
+/// Paths whose existence says `distribution` is installed here.
+fn markers(distribution: Distribution) -> Vec<String> {
+    match distribution {
+        Distribution::K3s => rancher::Flavor::K3s.markers().to_vec(),
+        Distribution::Rke2 => rancher::Flavor::Rke2.markers().to_vec(),
+        Distribution::Kubeadm => kubeadm::MARKERS.iter().map(|m| m.to_string()).collect(),
+        Distribution::Auto => CONCRETE.into_iter().flat_map(markers).collect(),
+    }
+}
+
+/// The files whose appearance the daemon waits for while the apiserver of `distribution`
+/// (every one, for `auto`) cannot be read yet.
+pub fn awaited_files(distribution: Distribution) -> Vec<PathBuf> {
+    match distribution {
+        Distribution::K3s => rancher::Flavor::K3s.awaited_files().to_vec(),
+        Distribution::Rke2 => rancher::Flavor::Rke2.awaited_files().to_vec(),
+        Distribution::Kubeadm => kubeadm::MARKERS.iter().map(PathBuf::from).collect(),
+        Distribution::Auto => CONCRETE.into_iter().flat_map(awaited_files).collect(),
+    }
+}
+
+/// How the apiserver of `distribution` is restarted on this host.
+pub fn restart(root: &HostRoot, distribution: Distribution) -> restart::Restart {
+    match distribution {
+        Distribution::K3s => rancher::Flavor::K3s.restart(root),
+        Distribution::Rke2 => rancher::Flavor::Rke2.restart(root),
+        Distribution::Kubeadm | Distribution::Auto => kubeadm::restart(),
+    }
+}
+
+/// What the daemon watches for one distribution (host paths).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Watched {
+    pub files: Vec<PathBuf>,
+    /// Folders of drop-ins (any file appearing in them counts).
+    pub dropin_dirs: Vec<PathBuf>,
+}
 
 /// Why the distribution or its key files cannot be determined.
 #[derive(Debug, thiserror::Error)]
@@ -129,11 +155,63 @@ pub struct FileChange {
     pub new: String,
 }
 
-/// Where the flags come from.
+/// Where the flags come from: one type per distribution (k3s and RKE2 share one), each in its
+/// own file. The methods below only dispatch; a new distribution is a new file and an arm here.
 #[derive(Debug, Clone)]
 pub enum Source {
     Rancher(rancher::Observed),
     Kubeadm(kubeadm::Observed),
+}
+
+impl Source {
+    /// The apiserver's arguments as the distribution computes them.
+    pub fn args(&self) -> &[flags::Arg] {
+        match self {
+            Source::Rancher(r) => &r.args,
+            Source::Kubeadm(k) => &k.args,
+        }
+    }
+
+    /// The issuer the distribution uses when none is configured.
+    pub fn default_issuer(&self) -> String {
+        match self {
+            Source::Rancher(r) => r.default_issuer(),
+            Source::Kubeadm(k) => k.default_issuer(),
+        }
+    }
+
+    /// The admin kubeconfig (host path) and, when the kubeconfig may name another server, the
+    /// URL of this host's apiserver.
+    pub fn kubeconfig(&self) -> (PathBuf, Option<String>) {
+        match self {
+            Source::Rancher(r) => (r.flavor.kubeconfig(), None),
+            Source::Kubeadm(k) => k.kubeconfig(),
+        }
+    }
+
+    /// The configuration files the daemon watches.
+    pub fn watched(&self) -> Watched {
+        match self {
+            Source::Rancher(r) => r.watched(),
+            Source::Kubeadm(k) => k.watched(),
+        }
+    }
+
+    /// Where a line for `flag` goes, in words (for fixes).
+    pub fn flag_location(&self, flag: &str) -> String {
+        match self {
+            Source::Rancher(r) => r.flag_location(flag),
+            Source::Kubeadm(k) => k.flag_location(flag),
+        }
+    }
+
+    /// The list item that sets `flag=value`, in the distribution's syntax.
+    pub fn flag_item(&self, flag: &str, value: &str) -> String {
+        match self {
+            Source::Rancher(_) => rancher::Observed::flag_item(flag, value),
+            Source::Kubeadm(_) => kubeadm::Observed::flag_item(flag, value),
+        }
+    }
 }
 
 /// The service-account keys the apiserver would load, checked as it checks them.
@@ -158,21 +236,12 @@ pub struct Observed {
 impl Observed {
     /// The apiserver's arguments as the distribution computes them.
     pub fn args(&self) -> &[flags::Arg] {
-        match &self.source {
-            Source::Rancher(r) => &r.args,
-            Source::Kubeadm(k) => &k.args,
-        }
+        self.source.args()
     }
 
     /// The issuer the distribution uses when none is configured.
     pub fn default_issuer(&self) -> String {
-        match &self.source {
-            Source::Rancher(r) => format!("https://kubernetes.default.svc.{}", r.cluster_domain),
-            Source::Kubeadm(k) => format!(
-                "https://kubernetes.default.svc.{}",
-                k.cluster_domain.as_deref().unwrap_or("cluster.local")
-            ),
-        }
+        self.source.default_issuer()
     }
 }
 
@@ -222,11 +291,7 @@ pub fn observe(root: &HostRoot, configured: Distribution) -> Result<Observed, De
         Distribution::Rke2 => Source::Rancher(rancher::observe(root, rancher::Flavor::Rke2)?),
         Distribution::Kubeadm | Distribution::Auto => Source::Kubeadm(kubeadm::observe(root)?),
     };
-    let args = match &source {
-        Source::Rancher(r) => &r.args,
-        Source::Kubeadm(k) => &k.args,
-    };
-    let flags = flags::ServiceAccountFlags::from_args(args);
+    let flags = flags::ServiceAccountFlags::from_args(source.args());
     let keys = check_keys(root, &flags);
     Ok(Observed {
         distribution,
@@ -241,10 +306,9 @@ pub fn detect(root: &HostRoot, configured: Distribution) -> Result<Distribution,
     if configured != Distribution::Auto {
         return Ok(configured);
     }
-    let found: Vec<Distribution> = MARKERS
-        .iter()
-        .filter(|(_, paths)| paths.iter().any(|p| root.path(p).exists()))
-        .map(|(d, _)| *d)
+    let found: Vec<Distribution> = CONCRETE
+        .into_iter()
+        .filter(|d| markers(*d).iter().any(|p| root.path(p).exists()))
         .collect();
     match found.as_slice() {
         [one] => Ok(*one),

@@ -17,27 +17,7 @@ use crate::k8s::Api;
 /// manifest's `--advertise-address` and `--secure-port`; the kubeconfig may name a load
 /// balancer).
 pub fn target(observed: &super::Observed) -> (PathBuf, Option<String>) {
-    match &observed.source {
-        super::Source::Rancher(r) => (r.flavor.kubeconfig(), None),
-        super::Source::Kubeadm(k) => {
-            let arg = |name: &str| {
-                k.args
-                    .iter()
-                    .rev()
-                    .find(|a| a.name == name)
-                    .map(|a| a.value.clone())
-            };
-            let url = arg("advertise-address").map(|addr| {
-                let port = arg("secure-port").unwrap_or_else(|| "6443".to_string());
-                if addr.contains(':') {
-                    format!("https://[{addr}]:{port}")
-                } else {
-                    format!("https://{addr}:{port}")
-                }
-            });
-            (PathBuf::from(super::kubeadm::ADMIN_KUBECONFIG), url)
-        }
-    }
+    observed.source.kubeconfig()
 }
 
 /// The keys the running apiserver serves at `/openid/v1/jwks` (it verifies with them and signs

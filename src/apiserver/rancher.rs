@@ -54,6 +54,73 @@ impl Flavor {
     pub fn kubeconfig(self) -> PathBuf {
         PathBuf::from(format!("/etc/rancher/{p}/{p}.yaml", p = self.program()))
     }
+
+    /// Paths whose existence says this distribution is installed here (`distribution: auto`).
+    pub fn markers(self) -> [String; 2] {
+        [
+            format!("/etc/rancher/{}", self.program()),
+            format!("{}/server", self.default_data_dir()),
+        ]
+    }
+
+    /// Files whose appearance the daemon waits for while the apiserver cannot be read yet.
+    pub fn awaited_files(self) -> [PathBuf; 2] {
+        [
+            self.config_file(),
+            PathBuf::from(format!(
+                "{}/server/tls/service.key",
+                self.default_data_dir()
+            )),
+        ]
+    }
+
+    /// How the apiserver is restarted: the distribution's systemd unit.
+    pub fn restart(self, root: &HostRoot) -> super::restart::Restart {
+        super::restart::Restart::Unit(match self {
+            Flavor::K3s => super::restart::detect_k3s_unit(root),
+            Flavor::Rke2 => "rke2-server".to_string(),
+        })
+    }
+}
+
+impl Observed {
+    /// The issuer k3s/RKE2 uses when none is configured.
+    pub fn default_issuer(&self) -> String {
+        format!("https://kubernetes.default.svc.{}", self.cluster_domain)
+    }
+
+    /// The files the daemon watches (config.yaml, its drop-ins, the key files k3s switches
+    /// between) and the drop-in folder.
+    pub fn watched(&self) -> super::Watched {
+        let main = self.flavor.config_file();
+        let mut files = vec![main.clone()];
+        files.extend(self.files.iter().map(|f| f.path.clone()));
+        // k3s switches the signing key to service.current.key when that file appears.
+        let tls = PathBuf::from(&self.data_dir).join("server/tls");
+        files.push(tls.join("service.current.key"));
+        files.push(tls.join("service.key"));
+        super::Watched {
+            files,
+            dropin_dirs: vec![PathBuf::from(format!("{}.d", main.display()))],
+        }
+    }
+
+    /// Where a line for `flag` goes, in words, for fixes.
+    pub fn flag_location(&self, flag: &str) -> String {
+        let file = self
+            .entries
+            .iter()
+            .find(|e| super::flags::ExtraArg::parse(&e.text).name == flag)
+            .or(self.entries.last())
+            .map(|e| self.files[e.file].path.clone())
+            .unwrap_or_else(|| self.flavor.config_file());
+        format!("the `kube-apiserver-arg:` list in {}", file.display())
+    }
+
+    /// The list item that sets `flag=value` in `kube-apiserver-arg:`.
+    pub fn flag_item(flag: &str, value: &str) -> String {
+        format!("- {flag}={value}")
+    }
 }
 
 /// One config file as read.

@@ -143,11 +143,7 @@ pub fn restart_for(root: &HostRoot, distribution: Distribution, unit: Option<&st
     if let Some(unit) = unit {
         return Restart::Unit(unit.trim_end_matches(".service").to_string());
     }
-    match distribution {
-        Distribution::K3s => Restart::Unit(detect_k3s_unit(root)),
-        Distribution::Rke2 => Restart::Unit("rke2-server".to_string()),
-        Distribution::Kubeadm | Distribution::Auto => Restart::KubeletStaticPod,
-    }
+    super::restart(root, distribution)
 }
 
 /// Settings on the k3s/RKE2 unit's command line (or its environment) that irsa-agent cannot

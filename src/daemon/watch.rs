@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use notify::{EventKind, RecursiveMode, Watcher as _};
 
-use crate::apiserver::{Observed, Source};
+use crate::apiserver::Observed;
 use crate::config::{self, Settings};
 use crate::host::HostRoot;
 
@@ -64,20 +64,12 @@ impl WatchSet {
         let mut add = |host: &Path| {
             self.files.insert(root.path(host), Group::Apiserver);
         };
-        match &observed.source {
-            Source::Rancher(r) => {
-                let main = r.flavor.config_file();
-                add(&main);
-                for file in &r.files {
-                    add(&file.path);
-                }
-                // k3s switches the signing key to service.current.key when that file appears.
-                add(&PathBuf::from(&r.data_dir).join("server/tls/service.current.key"));
-                add(&PathBuf::from(&r.data_dir).join("server/tls/service.key"));
-                self.dropin_dirs
-                    .insert(root.path(format!("{}.d", main.display())), Group::Apiserver);
-            }
-            Source::Kubeadm(k) => add(&k.path),
+        let watched = observed.source.watched();
+        for file in &watched.files {
+            add(file);
+        }
+        for dir in &watched.dropin_dirs {
+            self.dropin_dirs.insert(root.path(dir), Group::Apiserver);
         }
         for file in &observed.flags.key_files {
             add(Path::new(file));
@@ -90,21 +82,7 @@ impl WatchSet {
     /// When the apiserver cannot be read yet: the paths whose appearance identifies a
     /// distribution, and the configuration files of the one configured.
     pub fn add_markers(&mut self, root: &HostRoot, settings: &Settings) {
-        use crate::config::Distribution;
-        let all = [
-            "/etc/rancher/k3s/config.yaml",
-            "/var/lib/rancher/k3s/server/tls/service.key",
-            "/etc/rancher/rke2/config.yaml",
-            "/var/lib/rancher/rke2/server/tls/service.key",
-            "/etc/kubernetes/manifests/kube-apiserver.yaml",
-        ];
-        let wanted: Vec<&str> = match settings.distribution {
-            Distribution::Auto => all.to_vec(),
-            Distribution::K3s => all[..2].to_vec(),
-            Distribution::Rke2 => all[2..4].to_vec(),
-            Distribution::Kubeadm => all[4..].to_vec(),
-        };
-        for path in wanted {
+        for path in crate::apiserver::awaited_files(settings.distribution) {
             self.files.insert(root.path(path), Group::Apiserver);
         }
     }

@@ -360,30 +360,12 @@ fn distribution_check(observed: &Observed) -> Check {
 
 /// Where a line for `flag` goes, in words, for fixes.
 fn flag_location(observed: &Observed, flag: &str) -> String {
-    match &observed.source {
-        Source::Rancher(r) => {
-            let file = r
-                .entries
-                .iter()
-                .find(|e| flags::ExtraArg::parse(&e.text).name == flag)
-                .or(r.entries.last())
-                .map(|e| r.files[e.file].path.clone())
-                .unwrap_or_else(|| r.flavor.config_file());
-            format!("the `kube-apiserver-arg:` list in {}", file.display())
-        }
-        Source::Kubeadm(k) => format!(
-            "the kube-apiserver command in {} (and apiServer.extraArgs of the kubeadm ClusterConfiguration, so `kubeadm upgrade` keeps it)",
-            k.path.display()
-        ),
-    }
+    observed.source.flag_location(flag)
 }
 
 /// The list item that sets `flag=value` in the distribution's syntax.
 fn flag_item(observed: &Observed, flag: &str, value: &str) -> String {
-    match &observed.source {
-        Source::Rancher(_) => format!("- {flag}={value}"),
-        Source::Kubeadm(_) => format!("- --{flag}={value}"),
-    }
+    observed.source.flag_item(flag, value)
 }
 
 fn issuers_check(observed: &Observed, settings: &Settings) -> Check {
