@@ -379,12 +379,19 @@ pub struct Running {
     pub counters: Arc<Counters>,
     pub bundle: tokio::sync::watch::Receiver<String>,
     pub local_addr: std::net::SocketAddr,
+    renew: tokio::sync::mpsc::UnboundedSender<u64>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Running {
     pub fn stop(self) {
         self.task.abort();
+    }
+
+    /// Asks the server to bring its certificates up to date as if the time were `now` (the
+    /// hourly check uses the real clock; tests use this).
+    pub fn renew_at(&self, now: u64) {
+        let _ = self.renew.send(now);
     }
 }
 
@@ -394,14 +401,15 @@ impl Drop for Running {
     }
 }
 
-/// Binds `settings.listen`, makes or reads the CA under `root` and serves until stopped.
-/// Certificates are renewed by the task itself (checked hourly with the real clock).
+/// Binds `settings.listen`, makes or reads the CA under `root` as of `now` and serves until
+/// stopped. Certificates are renewed by the task itself (checked hourly with the real clock).
 pub async fn start(
     root: &crate::host::HostRoot,
     settings: &WebhookSettings,
     cache: ServiceAccounts,
+    now: u64,
 ) -> anyhow::Result<Running> {
-    let tls = Tls::new(root, settings.serving_ips(), unix_now())?;
+    let tls = Tls::new(root, settings.serving_ips(), now)?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.listen))?;
@@ -413,11 +421,13 @@ pub async fn start(
         cache,
         counters: counters.clone(),
     });
-    let task = tokio::spawn(serve(listener, tls, shared, bundle_tx));
+    let (renew, renew_rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(serve(listener, tls, shared, bundle_tx, renew_rx));
     Ok(Running {
         counters,
         bundle,
         local_addr,
+        renew,
         task,
     })
 }
@@ -427,6 +437,7 @@ async fn serve(
     mut tls: Tls,
     shared: Arc<Shared>,
     bundle_tx: tokio::sync::watch::Sender<String>,
+    mut renew_rx: tokio::sync::mpsc::UnboundedReceiver<u64>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
@@ -435,8 +446,13 @@ async fn serve(
     let mut refused_logged: Option<std::time::Instant> = None;
     loop {
         let accepted = tokio::select! {
-            _ = renew.tick() => {
-                match tls.renew(unix_now()) {
+            now = async {
+                tokio::select! {
+                    _ = renew.tick() => unix_now(),
+                    Some(now) = renew_rx.recv() => now,
+                }
+            } => {
+                match tls.renew(now) {
                     Ok(true) => { let _ = bundle_tx.send(tls.bundle_pem()); }
                     Ok(false) => {}
                     Err(e) => log::error!("webhook: cannot renew certificates: {e:#}"),
