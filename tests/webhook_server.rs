@@ -146,7 +146,6 @@ fn pods_are_mutated_over_tls_from_the_cache_and_bad_requests_are_refused() {
     let root = HostRoot::new(dir.path());
     runtime().block_on(async {
         let running = webhook::start(&root, &settings(), cache(), webhook::unix_now())
-            .await
             .expect("start");
         // The CA is kept, private.
         let ca_path = root.path(certs::CA_FILE);
@@ -321,9 +320,7 @@ fn a_client_trusting_only_the_old_ca_keeps_working_until_the_new_ca_takes_over()
     let new_pem = new_only.bundle_pem();
 
     runtime().block_on(async {
-        let running = webhook::start(&root, &settings(), cache(), now)
-            .await
-            .expect("start");
+        let running = webhook::start(&root, &settings(), cache(), now).expect("start");
         let bundle = running.bundle.borrow().clone();
         assert_eq!(
             bundle,

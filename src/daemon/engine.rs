@@ -177,6 +177,13 @@ pub struct Engine {
     pub status: DaemonStatus,
     metrics_tx: tokio::sync::watch::Sender<String>,
     metrics_server: Option<(std::net::SocketAddr, tokio::task::JoinHandle<()>)>,
+    /// The pod identity webhook being served, and the settings it was started with.
+    webhook: Option<(
+        crate::config::webhook::WebhookSettings,
+        crate::webhook::Running,
+    )>,
+    /// The webhook's ServiceAccount cache; outlives restarts of the server.
+    pub webhook_cache: crate::webhook::ServiceAccounts,
     textfile_error: Option<String>,
     state_error: Option<String>,
     /// Set while blocking work that must not be cut off runs (an apiserver change).
@@ -266,6 +273,8 @@ impl Engine {
             status,
             metrics_tx,
             metrics_server: None,
+            webhook: None,
+            webhook_cache: crate::webhook::ServiceAccounts::default(),
             textfile_error: None,
             state_error: None,
             critical: Arc::new(AtomicBool::new(false)),
@@ -311,6 +320,7 @@ impl Engine {
                     }
                     self.settings = Some(loaded.settings);
                     self.update_metrics_server();
+                    self.update_webhook_server();
                 }
             }
             Err(e) if e.is_unconfigured() && self.settings.is_none() => {
@@ -369,6 +379,40 @@ impl Engine {
                 self.metrics_server = Some((addr, handle));
             }
             Err(e) => log::error!("cannot serve metrics on {addr}: {e}"),
+        }
+    }
+
+    /// Starts, restarts (settings changed) or stops the webhook server.
+    fn update_webhook_server(&mut self) {
+        let wanted = self
+            .settings
+            .as_ref()
+            .map(|s| s.webhook.clone())
+            .filter(|w| w.enabled);
+        if self.webhook.as_ref().map(|(w, _)| w) == wanted.as_ref() {
+            return;
+        }
+        if let Some((old, running)) = self.webhook.take() {
+            running.stop();
+            log::info!("webhook on {} stopped", old.url());
+        }
+        self.status.metrics.webhook = None;
+        let Some(wanted) = wanted else { return };
+        match crate::webhook::start(
+            &self.root,
+            &wanted,
+            self.webhook_cache.clone(),
+            crate::webhook::unix_now(),
+        ) {
+            Ok(running) => {
+                log::info!(
+                    "serving the pod identity webhook on {} (CA in {})",
+                    wanted.url(),
+                    crate::webhook::certs::ca_file(&self.root).display()
+                );
+                self.webhook = Some((wanted, running));
+            }
+            Err(e) => log::error!("cannot serve the pod identity webhook: {e:#}"),
         }
     }
 
@@ -1078,6 +1122,21 @@ impl Engine {
     /// Recomputes the phase and the one-line status from what is known.
     pub fn refresh_status(&mut self) {
         let config_file = self.config_file_shown();
+        self.status.metrics.webhook = self.webhook.as_ref().map(|(w, running)| {
+            let [requests, mutations, refusals, errors] = running.counters.snapshot();
+            metrics::WebhookMetric {
+                url: w.url(),
+                requests_total: requests,
+                mutations_total: mutations,
+                refusals_total: refusals,
+                errors_total: errors,
+                service_accounts: self.webhook_cache.len() as u64,
+                certificate_expiry_timestamp_seconds: running
+                    .counters
+                    .certificate_expiry
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            }
+        });
         let s = &mut self.status;
         s.updated_at = unix(SystemTime::now());
         s.config_error = self.config_error.clone();

@@ -323,6 +323,18 @@ pub fn render_human(state: &State, rotation_enabled: Option<bool>) -> String {
                     ));
                 }
             }
+            if let Some(w) = &d.metrics.webhook {
+                out.push_str(&format!(
+                    "webhook:       {} ({} reviews, {} pods given an identity, {} refused, {} errors; {} ServiceAccounts cached; certificate until {})\n",
+                    w.url,
+                    w.requests_total,
+                    w.mutations_total,
+                    w.refusals_total,
+                    w.errors_total,
+                    w.service_accounts,
+                    time(Some(w.certificate_expiry_timestamp_seconds))
+                ));
+            }
             if let Some(p) = &d.public {
                 out.push_str(&format!(
                     "public copy:   {} ({})\n",

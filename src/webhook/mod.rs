@@ -123,6 +123,8 @@ pub struct Counters {
     /// Requests not answered with a review: bad body, too large, wrong method or path, TLS
     /// handshakes that failed.
     pub errors: AtomicU64,
+    /// Unix time the serving certificate in use expires.
+    pub certificate_expiry: AtomicU64,
 }
 
 impl Counters {
@@ -403,18 +405,24 @@ impl Drop for Running {
 
 /// Binds `settings.listen`, makes or reads the CA under `root` as of `now` and serves until
 /// stopped. Certificates are renewed by the task itself (checked hourly with the real clock).
-pub async fn start(
+///
+/// Must be called within the daemon's runtime (it spawns the serving task).
+pub fn start(
     root: &crate::host::HostRoot,
     settings: &WebhookSettings,
     cache: ServiceAccounts,
     now: u64,
 ) -> anyhow::Result<Running> {
     let tls = Tls::new(root, settings.serving_ips(), now)?;
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
+    let listener = std::net::TcpListener::bind(settings.listen)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .and_then(tokio::net::TcpListener::from_std)
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.listen))?;
     let local_addr = listener.local_addr()?;
     let counters = Arc::new(Counters::default());
+    counters
+        .certificate_expiry
+        .store(tls.serving().not_after, Ordering::Relaxed);
     let (bundle_tx, bundle) = tokio::sync::watch::channel(tls.bundle_pem());
     let shared = Arc::new(Shared {
         defaults: settings.defaults.clone(),
@@ -457,6 +465,10 @@ async fn serve(
                     Ok(false) => {}
                     Err(e) => log::error!("webhook: cannot renew certificates: {e:#}"),
                 }
+                shared
+                    .counters
+                    .certificate_expiry
+                    .store(tls.serving().not_after, Ordering::Relaxed);
                 continue;
             }
             accepted = listener.accept() => accepted,
