@@ -36,7 +36,7 @@ fn service_account(i: usize) -> Value {
     let mut annotations = json!({
         "kubectl.kubernetes.io/last-applied-configuration": format!("{{\"apiVersion\":\"v1\",\"kind\":\"ServiceAccount\",\"metadata\":{{\"name\":\"sa-{i}\"}}}}"),
     });
-    if i % 4 == 0 {
+    if i.is_multiple_of(4) {
         annotations["eks.amazonaws.com/role-arn"] =
             format!("arn:aws:iam::123456789012:role/workload-{i}").into();
         annotations["eks.amazonaws.com/token-expiration"] = "3600".into();

@@ -216,7 +216,7 @@ impl Authorities {
     /// PRIVATE KEY block.
     pub fn from_pem(text: &[u8]) -> Result<Authorities, String> {
         let blocks = pem::blocks(text);
-        if blocks.len() % 2 != 0 {
+        if !blocks.len().is_multiple_of(2) {
             return Err("expected CERTIFICATE and PRIVATE KEY blocks in pairs".into());
         }
         let mut cas = Vec::new();

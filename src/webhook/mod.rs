@@ -47,11 +47,14 @@ pub const PREFIXES: [&str; 3] = [
 pub const NAME: &str = "irsa-agent";
 pub const WEBHOOK_NAME: &str = "pod-identity.irsa-agent.io";
 
+/// (namespace, name) -> the slimmed ServiceAccount.
+type Map = HashMap<(String, String), Arc<Value>>;
+
 /// ServiceAccounts by namespace and name, with only the annotations a cloud reads. Cheap to
 /// clone (shared); written by the watch, read by every request.
 #[derive(Debug, Clone, Default)]
 pub struct ServiceAccounts {
-    inner: Arc<RwLock<HashMap<(String, String), Arc<Value>>>>,
+    inner: Arc<RwLock<Map>>,
 }
 
 impl ServiceAccounts {
