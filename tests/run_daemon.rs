@@ -1045,9 +1045,25 @@ fn temp_files_left_by_a_crash_are_swept_at_start() {
 fn the_daemon_serves_the_webhook_when_enabled_and_stops_when_disabled() {
     let port = support::free_port();
     let webhook = format!("webhook:\n  enabled: true\n  listen: 127.0.0.1:{port}\n");
-    let host = k3s_host(&webhook);
+    let host = k3s_host(&format!("  resync-interval: 1s\n{webhook}"));
+    // The port is taken at first: said in status, and tried again.
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind");
     let mut d = Daemon::start(host.root(), &["--no-restart"], &[]);
     d.wait_ready();
+    let status = d.wait_status("the webhook's error", |s| {
+        s["daemon"]["metrics"]["webhook"]["error"].is_string()
+    });
+    assert!(
+        status["daemon"]["metrics"]["webhook"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&format!("cannot listen on 127.0.0.1:{port}"))),
+        "{status}"
+    );
+    drop(squatter);
+    d.wait_status("the webhook served", |s| {
+        s["daemon"]["metrics"]["webhook"]["error"].is_null()
+            && s["daemon"]["metrics"]["webhook"]["url"].is_string()
+    });
     let ca = host.path("/var/lib/irsa-agent/webhook-ca.pem");
     let pem = eventually(DEADLINE, || std::fs::read(&ca).ok()).expect("the CA file");
     let mode = std::fs::metadata(&ca).expect("ca").permissions();
@@ -1088,14 +1104,7 @@ fn the_daemon_serves_the_webhook_when_enabled_and_stops_when_disabled() {
     });
     assert_eq!(answer["response"]["uid"], "u1");
     assert_eq!(answer["response"]["allowed"], true);
-    // Counted in status (refreshed at the next save: a resync or a configuration change).
-    host.write(
-        "/etc/irsa-agent/config.yaml",
-        config(
-            "https://oidc.example.com/homelab",
-            &format!("  resync-interval: 1s\n{webhook}"),
-        ),
-    );
+    // Counted in status (refreshed at the next save: the 1 s resync).
     let status = d.wait_status("the review counted", |s| {
         s["daemon"]["metrics"]["webhook"]["requests_total"] == 1
     });

@@ -184,6 +184,8 @@ pub struct Engine {
     )>,
     /// The webhook's ServiceAccount cache; outlives restarts of the server.
     pub webhook_cache: crate::webhook::ServiceAccounts,
+    /// Why the enabled webhook is not served (shown by `status`, retried at every converge).
+    webhook_error: Option<String>,
     textfile_error: Option<String>,
     state_error: Option<String>,
     /// Set while blocking work that must not be cut off runs (an apiserver change).
@@ -275,6 +277,7 @@ impl Engine {
             metrics_server: None,
             webhook: None,
             webhook_cache: crate::webhook::ServiceAccounts::default(),
+            webhook_error: None,
             textfile_error: None,
             state_error: None,
             critical: Arc::new(AtomicBool::new(false)),
@@ -389,9 +392,11 @@ impl Engine {
             .as_ref()
             .map(|s| s.webhook.clone())
             .filter(|w| w.enabled);
-        if self.webhook.as_ref().map(|(w, _)| w) == wanted.as_ref() {
+        if self.webhook.as_ref().map(|(w, _)| w) == wanted.as_ref() && self.webhook_error.is_none()
+        {
             return;
         }
+        self.webhook_error = None;
         if let Some((old, running)) = self.webhook.take() {
             running.stop();
             log::info!("webhook on {} stopped", old.url());
@@ -412,7 +417,13 @@ impl Engine {
                 );
                 self.webhook = Some((wanted, running));
             }
-            Err(e) => log::error!("cannot serve the pod identity webhook: {e:#}"),
+            Err(e) => {
+                let message = format!("{e:#}");
+                log::error!(
+                    "cannot serve the pod identity webhook: {message} (tried again at every converge)"
+                );
+                self.webhook_error = Some(message);
+            }
         }
     }
 
@@ -556,6 +567,10 @@ impl Engine {
         let started = Instant::now();
         log::debug!("converging ({})", trigger.name());
         self.status.metrics.converges_total += 1;
+        // A webhook that could not start (port taken, CA file unreadable) is tried again.
+        if self.webhook_error.is_some() {
+            self.update_webhook_server();
+        }
         let mut errors: Vec<String> = Vec::new();
 
         let observed = apiserver::observe(&self.root, settings.distribution);
@@ -1122,20 +1137,31 @@ impl Engine {
     /// Recomputes the phase and the one-line status from what is known.
     pub fn refresh_status(&mut self) {
         let config_file = self.config_file_shown();
-        self.status.metrics.webhook = self.webhook.as_ref().map(|(w, running)| {
-            let [requests, mutations, refusals, errors] = running.counters.snapshot();
-            metrics::WebhookMetric {
+        let failed = self.webhook_error.as_ref().and_then(|e| {
+            let w = &self.settings.as_ref()?.webhook;
+            Some(metrics::WebhookMetric {
                 url: w.url(),
-                requests_total: requests,
-                mutations_total: mutations,
-                refusals_total: refusals,
-                errors_total: errors,
-                service_accounts: self.webhook_cache.len() as u64,
-                certificate_expiry_timestamp_seconds: running
-                    .counters
-                    .certificate_expiry
-                    .load(std::sync::atomic::Ordering::Relaxed),
-            }
+                error: Some(e.clone()),
+                ..Default::default()
+            })
+        });
+        self.status.metrics.webhook = failed.or_else(|| {
+            self.webhook.as_ref().map(|(w, running)| {
+                let [requests, mutations, refusals, errors] = running.counters.snapshot();
+                metrics::WebhookMetric {
+                    url: w.url(),
+                    requests_total: requests,
+                    mutations_total: mutations,
+                    refusals_total: refusals,
+                    errors_total: errors,
+                    service_accounts: self.webhook_cache.len() as u64,
+                    certificate_expiry_timestamp_seconds: running
+                        .counters
+                        .certificate_expiry
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                    error: None,
+                }
+            })
         });
         let s = &mut self.status;
         s.updated_at = unix(SystemTime::now());

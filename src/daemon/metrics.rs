@@ -67,6 +67,8 @@ pub struct WebhookMetric {
     pub service_accounts: u64,
     /// Unix time the serving certificate expires.
     pub certificate_expiry_timestamp_seconds: u64,
+    /// Why it is enabled but not served.
+    pub error: Option<String>,
 }
 
 /// Escapes a label value.
@@ -227,6 +229,12 @@ pub fn render(m: &Metrics, issuer: Option<&str>) -> String {
         }
     }
     if let Some(w) = &m.webhook {
+        metric(
+            "webhook_up",
+            "gauge",
+            "1 when the enabled pod identity webhook is served.",
+            one(u8::from(w.error.is_none()).to_string()),
+        );
         for (name, help, value) in [
             (
                 "webhook_requests_total",
