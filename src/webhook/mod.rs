@@ -340,7 +340,8 @@ async fn handle(
             );
         }
     };
-    if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
+    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+        // Not JSON: the same refusal a review would give, as a 400.
         let answer = admission::review(&body, &shared.defaults, |_, _| None);
         counters.errors.fetch_add(1, Ordering::Relaxed);
         return Ok(reply(
@@ -348,8 +349,8 @@ async fn handle(
             "application/json",
             serde_json::to_vec(&answer).unwrap_or_default(),
         ));
-    }
-    let answer = admission::review(&body, &shared.defaults, |ns, name| {
+    };
+    let answer = admission::review_parsed(&request, &shared.defaults, |ns, name| {
         shared.cache.get(ns, name).map(|sa| (*sa).clone())
     });
     counters.requests.fetch_add(1, Ordering::Relaxed);
@@ -358,7 +359,7 @@ async fn handle(
         counters.refusals.fetch_add(1, Ordering::Relaxed);
         log::info!(
             "webhook: refused a pod in {}: {}",
-            answer_namespace(&body),
+            request["request"]["namespace"].as_str().unwrap_or("?"),
             response["status"]["message"].as_str().unwrap_or_default()
         );
     } else if response.get("patch").is_some() {
@@ -369,13 +370,6 @@ async fn handle(
         "application/json",
         serde_json::to_vec(&answer).unwrap_or_default(),
     ))
-}
-
-fn answer_namespace(body: &[u8]) -> String {
-    serde_json::from_slice::<Value>(body)
-        .ok()
-        .and_then(|v| v["request"]["namespace"].as_str().map(str::to_string))
-        .unwrap_or_else(|| "?".into())
 }
 
 /// A running webhook: its counters, its TLS state (for the registration's caBundle), and the
