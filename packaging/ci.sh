@@ -90,6 +90,32 @@ check_fn "install.sh --sha256 verifies a file without SHA256SUMS" accepts_sha256
 
 # The role runs the amd64 release binary just built (saves a debug build of its own).
 native=target/$(rustc -vV | sed -n 's/^host: //p')/release/irsa-agent
+
+# tools/install-from-source.sh installs what the .deb installs: the same paths with the same
+# modes (it reads the same asset list). Besides its manifest, only the two files cargo-deb
+# writes itself (copyright, changelog.Debian.gz) and the lintian override differ.
+files_with_modes() { # files_with_modes ROOT: "-rw-r--r-- /path" per file
+    (cd "$1" && find . -type f -printf '%M %p\n' | sed 's| \./| /|' | LC_ALL=C sort -k2)
+}
+deb_files_with_modes() { # deb_files_with_modes DEB
+    dpkg-deb -c "$1" | awk '$1 !~ /^d/ { p = $6; sub(/^\./, "", p); print $1 " " p }' |
+        grep -v -e ' /usr/share/lintian/' -e ' /usr/share/doc/irsa-agent/copyright$' \
+            -e ' /usr/share/doc/irsa-agent/changelog.Debian.gz$' | LC_ALL=C sort -k2
+}
+source_install_matches_deb() {
+    local root rc=0
+    root=$(mktemp -d)
+    out=$(bash tools/install-from-source.sh --destdir "$root" --binary "$native" 2>&1) || rc=$?
+    if [ "$rc" = 0 ]; then
+        out=$(diff <(files_with_modes "$root" | grep -v ' /usr/lib/irsa-agent/install-manifest$') \
+            <(deb_files_with_modes "$dist/irsa-agent_${version}_${arch}.deb") 2>&1) || rc=$?
+    fi
+    rm -rf "$root"
+    [ "$rc" = 0 ]
+}
+if [ -x "$native" ]; then
+    check_fn "install-from-source.sh installs the .deb's files with the .deb's modes" source_install_matches_deb
+fi
 if [ "$arch" = amd64 ] && [ -x "$native" ]; then
     export IRSA_AGENT_BIN=$PWD/$native
 fi

@@ -53,8 +53,8 @@ pub struct IssuerState {
     /// files as the running apiserver read them); backup pruning keeps it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_backup: Option<PathBuf>,
-    #[serde(default)]
-    pub distribution: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distribution: Option<crate::config::Distribution>,
     #[serde(default)]
     pub applied_at: u64,
     /// Issuers `finalize` removed.

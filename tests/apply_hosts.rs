@@ -398,10 +398,12 @@ fn k3s_drop_in_replacing_the_list_and_an_issuer_the_user_already_set() {
         &host,
         Distribution::K3s,
         &Expect {
-            // The user's issuer replaced k3s's default: that is what was accepted before.
+            // The user's issuer replaced k3s's default: both were accepted at some time, and
+            // both are again (the default last).
             issuers: &[
                 "https://oidc.example.com/homelab",
                 "https://s3.eu-west-1.amazonaws.com/old-bucket",
+                DEFAULT,
             ],
             audiences: &[DEFAULT, "k3s"],
             jwks_uri: "https://oidc.example.com/homelab/openid/v1/jwks",
@@ -570,7 +572,7 @@ fn kubeadm_manifest_whose_issuer_was_changed_by_hand() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains(
-            "default issuer https://kubernetes.default.svc.cluster.local is not accepted"
+            "accepts https://kubernetes.default.svc.cluster.local again (it was removed by hand"
         ),
         "{stderr}"
     );
@@ -578,12 +580,14 @@ fn kubeadm_manifest_whose_issuer_was_changed_by_hand() {
         &host,
         Distribution::Kubeadm,
         &Expect {
-            // The hand-set issuer was the one accepted (and the audience tokens carry).
+            // The hand-set issuer was the one accepted (and the audience tokens carry since the
+            // hand edit); the default, which tokens carried before it, comes back last.
             issuers: &[
                 "https://oidc.example.com/cluster-b",
                 "https://oidc.example.com/cluster-a",
+                DEFAULT,
             ],
-            audiences: &["https://oidc.example.com/cluster-a"],
+            audiences: &[DEFAULT, "https://oidc.example.com/cluster-a"],
             jwks_uri: "https://oidc.example.com/cluster-b/openid/v1/jwks",
             key_files: &["/etc/kubernetes/pki/sa.pub"],
             signing: "/etc/kubernetes/pki/sa.key",
@@ -898,6 +902,7 @@ fn k3s_issuer_entries_split_over_config_and_an_appending_drop_in() {
                 "https://oidc.example.com/homelab",
                 "https://a.example",
                 "https://b.example",
+                DEFAULT,
             ],
             "https://oidc.example.com/homelab/openid/v1/jwks",
         ),

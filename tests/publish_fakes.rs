@@ -1,6 +1,7 @@
-//! GCS and Azure Blob request shapes, against a tiny in-memory object store on 127.0.0.1 that
-//! records every request and honours conditional headers as the real services do
-//! (GCS: `x-goog-if-generation-match`, Azure: `If-Match` / `If-None-Match: *`).
+//! Azure Blob request shapes, against a tiny in-memory object store on 127.0.0.1 that records
+//! every request and honours `If-Match` / `If-None-Match: *` as the service does. It runs
+//! without Node.js; tests/publish_emulators.rs runs the same target against the real Azurite
+//! (and the `gcs` target against fake-gcs-server, which replaced the GCS fake here).
 
 mod support;
 
@@ -17,12 +18,6 @@ struct Request {
     body: Vec<u8>,
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Flavor {
-    Gcs,
-    Azure,
-}
-
 #[derive(Default)]
 struct State {
     objects: HashMap<String, (Vec<u8>, u64, String, String)>, // bytes, generation, type, cache
@@ -36,7 +31,7 @@ struct Fake {
 }
 
 impl Fake {
-    fn start(flavor: Flavor) -> Fake {
+    fn start() -> Fake {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let state = Arc::new(Mutex::new(State::default()));
@@ -44,7 +39,7 @@ impl Fake {
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 let state = Arc::clone(&shared);
-                std::thread::spawn(move || serve(stream, flavor, &state));
+                std::thread::spawn(move || serve(stream, &state));
             }
         });
         Fake { port, state }
@@ -55,7 +50,7 @@ impl Fake {
     }
 }
 
-fn serve(stream: std::net::TcpStream, flavor: Flavor, state: &Mutex<State>) {
+fn serve(stream: std::net::TcpStream, state: &Mutex<State>) {
     let mut reader = BufReader::new(stream.try_clone().expect("clone"));
     let mut writer = stream;
     loop {
@@ -91,7 +86,7 @@ fn serve(stream: std::net::TcpStream, flavor: Flavor, state: &Mutex<State>) {
             headers,
             body,
         };
-        let response = respond(&request, flavor, state);
+        let response = respond(&request, state);
         state.lock().expect("lock").requests.push(request);
         if writer.write_all(&response).is_err() {
             return;
@@ -99,7 +94,7 @@ fn serve(stream: std::net::TcpStream, flavor: Flavor, state: &Mutex<State>) {
     }
 }
 
-/// GCS object names arrive fully percent-encoded (`%2F` for `/`), as the XML API allows.
+/// Request paths may arrive percent-encoded.
 fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::new();
@@ -119,7 +114,7 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn respond(r: &Request, flavor: Flavor, state: &Mutex<State>) -> Vec<u8> {
+fn respond(r: &Request, state: &Mutex<State>) -> Vec<u8> {
     let mut s = state.lock().expect("lock");
     let key = r.path.split('?').next().unwrap_or_default().to_string();
     let etag = |g: u64| format!("\"0x8D{g:012}\"");
@@ -137,7 +132,7 @@ fn respond(r: &Request, flavor: Flavor, state: &Mutex<State>) -> Vec<u8> {
         "GET" | "HEAD" => match s.objects.get(&key) {
             None => reply("404 Not Found", vec![], b""),
             Some((bytes, g, ct, cc)) => {
-                let mut headers = vec![
+                let headers = vec![
                     ("ETag".into(), etag(*g)),
                     (
                         "Last-Modified".into(),
@@ -146,47 +141,30 @@ fn respond(r: &Request, flavor: Flavor, state: &Mutex<State>) -> Vec<u8> {
                     ("Content-Type".into(), ct.clone()),
                     ("Cache-Control".into(), cc.clone()),
                 ];
-                if flavor == Flavor::Gcs {
-                    headers.push(("x-goog-generation".into(), g.to_string()));
-                }
                 reply("200 OK", headers, bytes)
             }
         },
         "PUT" => {
             let current = s.objects.get(&key).map(|o| o.1);
-            let ok = match flavor {
-                Flavor::Gcs => match r.headers.get("x-goog-if-generation-match") {
-                    Some(g) if g == "0" => current.is_none(),
-                    Some(g) => current.map(|c| c.to_string()) == Some(g.clone()),
-                    None => true,
-                },
-                Flavor::Azure => {
-                    if r.headers.get("if-none-match").map(String::as_str) == Some("*") {
-                        current.is_none()
-                    } else if let Some(m) = r.headers.get("if-match") {
-                        current.map(etag) == Some(m.clone())
-                    } else {
-                        true
-                    }
-                }
+            let ok = if r.headers.get("if-none-match").map(String::as_str) == Some("*") {
+                current.is_none()
+            } else if let Some(m) = r.headers.get("if-match") {
+                current.map(etag) == Some(m.clone())
+            } else {
+                true
             };
             if !ok {
                 return reply("412 Precondition Failed", vec![], b"");
             }
             s.generation += 1;
             let g = s.generation;
-            let (ct, cc) = match flavor {
-                Flavor::Gcs => ("content-type", "cache-control"),
-                Flavor::Azure => ("x-ms-blob-content-type", "x-ms-blob-cache-control"),
-            };
-            let ct = r.headers.get(ct).cloned().unwrap_or_default();
-            let cc = r.headers.get(cc).cloned().unwrap_or_default();
+            let header = |name: &str| r.headers.get(name).cloned().unwrap_or_default();
+            let (ct, cc) = (
+                header("x-ms-blob-content-type"),
+                header("x-ms-blob-cache-control"),
+            );
             s.objects.insert(key, (r.body.clone(), g, ct, cc));
-            let mut headers = vec![("ETag".into(), etag(g))];
-            if flavor == Flavor::Gcs {
-                headers.push(("x-goog-generation".into(), g.to_string()));
-            }
-            reply("201 Created", headers, b"")
+            reply("201 Created", vec![("ETag".into(), etag(g))], b"")
         }
         _ => reply("405 Method Not Allowed", vec![], b""),
     }
@@ -197,83 +175,8 @@ fn put_requests(requests: &[Request]) -> Vec<&Request> {
 }
 
 #[test]
-fn gcs_request_shapes() {
-    let fake = Fake::start(Flavor::Gcs);
-    let config = format!(
-        "issuer: https://storage.googleapis.com/oidc-bucket/cluster-a\ndistribution: k3s\npublish:\n  - type: gcs\n    bucket: oidc-bucket\n    prefix: cluster-a\n    endpoint: http://127.0.0.1:{}\n    credentials-file: /etc/irsa-agent/gcs.json\n",
-        fake.port
-    );
-    let host = support::k3s_host(&config);
-    // A service-account key with OAuth off (what fake-gcs-server setups use): requests carry an
-    // empty bearer token instead of contacting Google.
-    std::fs::write(
-        host.path().join("etc/irsa-agent/gcs.json"),
-        r#"{"disable_oauth": true, "client_email": "", "private_key": "", "private_key_id": ""}"#,
-    )
-    .expect("key");
-    let (code, stdout, stderr) = support::agent(host.path(), &["publish", "--no-verify"], &[]);
-    assert_eq!(code, 0, "{stdout}{stderr}");
-    assert!(
-        stdout.starts_with("gs://oidc-bucket/cluster-a\n"),
-        "{stdout}"
-    );
-    let requests = fake.requests();
-    let puts = put_requests(&requests);
-    assert_eq!(puts.len(), 2, "{requests:#?}");
-    // JWKS first, then discovery; XML API paths /<bucket>/<key>.
-    assert_eq!(puts[0].path, "/oidc-bucket/cluster-a/openid/v1/jwks");
-    assert_eq!(
-        puts[1].path,
-        "/oidc-bucket/cluster-a/.well-known/openid-configuration"
-    );
-    for p in &puts {
-        assert_eq!(
-            p.headers["x-goog-if-generation-match"], "0",
-            "create only if absent"
-        );
-        assert_eq!(p.headers["content-type"], "application/json");
-        assert_eq!(p.headers["cache-control"], "public, max-age=300");
-        assert!(!p.headers.contains_key("x-goog-acl"), "no ACLs");
-    }
-    let jwks: serde_json::Value = serde_json::from_slice(&puts[0].body).expect("JSON");
-    assert_eq!(jwks["keys"].as_array().map(Vec::len), Some(2));
-
-    // An outside change: the next publish replaces it conditionally on the generation it read.
-    {
-        let mut s = fake.state.lock().expect("lock");
-        s.generation += 1;
-        let g = s.generation;
-        let entry = s
-            .objects
-            .get_mut("/oidc-bucket/cluster-a/openid/v1/jwks")
-            .expect("jwks");
-        entry.0 = br#"{"keys":[]}"#.to_vec();
-        entry.1 = g;
-    }
-    let (code, stdout, _) =
-        support::agent(host.path(), &["publish", "--check", "--no-verify"], &[]);
-    assert_eq!(code, 2, "{stdout}");
-    let before = fake.requests().len();
-    let (code, stdout, _) = support::agent(host.path(), &["publish", "--no-verify"], &[]);
-    assert_eq!(code, 0, "{stdout}");
-    assert!(stdout.contains("openid/v1/jwks: updated"), "{stdout}");
-    let requests = fake.requests();
-    let new_puts = put_requests(&requests[before..]);
-    assert_eq!(
-        new_puts.len(),
-        1,
-        "only the changed object is written: {new_puts:#?}"
-    );
-    let generation = fake.state.lock().expect("lock").generation - 1;
-    assert_eq!(
-        new_puts[0].headers["x-goog-if-generation-match"],
-        generation.to_string()
-    );
-}
-
-#[test]
 fn azure_request_shapes() {
-    let fake = Fake::start(Flavor::Azure);
+    let fake = Fake::start();
     let config = format!(
         "issuer: https://oidcacct.z6.web.core.windows.net/cluster-a\ndistribution: k3s\npublish:\n  - type: azure-blob\n    account: oidcacct\n    prefix: cluster-a\n    endpoint: http://127.0.0.1:{}\n    cache-control: \"public, max-age=60\"\n",
         fake.port

@@ -110,6 +110,22 @@ fn volumes(pod: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Starts the apiserver with the k3s test case's service-account keys.
+fn start(kube: &Kube) {
+    let keys =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/apiserver/k3s/keys");
+    std::fs::write(
+        kube.flags.join("apiserver.args"),
+        format!(
+            "--service-account-issuer=https://oidc.example.com/homelab\n--service-account-key-file={}\n--service-account-signing-key-file={}\n",
+            keys.join("service.key").display(),
+            keys.join("service.current.key").display()
+        ),
+    )
+    .expect("args");
+    kube.start();
+}
+
 const PODS: &str = "/api/v1/namespaces/prod/pods?dryRun=All";
 const MWC: &str = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations";
 
@@ -129,18 +145,7 @@ fn the_real_apiserver_calls_the_webhook_and_the_failure_policy_holds_when_it_is_
             support::free_port(),
         ],
     );
-    let keys =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/apiserver/k3s/keys");
-    std::fs::write(
-        kube.flags.join("apiserver.args"),
-        format!(
-            "--service-account-issuer=https://oidc.example.com/homelab\n--service-account-key-file={}\n--service-account-signing-key-file={}\n",
-            keys.join("service.key").display(),
-            keys.join("service.current.key").display()
-        ),
-    )
-    .expect("args");
-    kube.start();
+    start(&kube);
     kube.ok(
         "POST",
         "/api/v1/namespaces",
@@ -358,4 +363,146 @@ fn the_real_apiserver_calls_the_webhook_and_the_failure_policy_holds_when_it_is_
         Some(&pod("default", json!({}), json!([]))),
     );
     assert_eq!(created["kind"], "Pod");
+}
+
+/// The agent's own links to the API against the real kube-apiserver: the ServiceAccount watch
+/// feeds the cache (an annotation changed later is used for the next pod), the registration is
+/// applied by the agent itself, and a second agent with another CA does not replace it.
+#[test]
+fn the_watch_feeds_the_cache_and_the_agent_registers_itself() {
+    let Some(kapi) = Kube::binary("real_apiserver_webhook") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kube = Kube::new(
+        dir.path(),
+        kapi,
+        [
+            support::free_port(),
+            support::free_port(),
+            support::free_port(),
+            support::free_port(),
+        ],
+    );
+    start(&kube);
+    kube.ok(
+        "POST",
+        "/api/v1/namespaces",
+        Some(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "prod"}})),
+    );
+    let sa = |role: &str| {
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"namespace": "prod", "name": "s3-reader", "annotations": {
+            "eks.amazonaws.com/role-arn": role,
+        }}})
+    };
+    kube.ok(
+        "POST",
+        "/api/v1/namespaces/prod/serviceaccounts",
+        Some(&sa("arn:aws:iam::123456789012:role/first")),
+    );
+
+    let agent_root = tempfile::tempdir().expect("agent root");
+    let mut settings = WebhookSettings {
+        enabled: true,
+        ..Default::default()
+    };
+    settings.listen = format!("127.0.0.1:{}", support::free_port())
+        .parse()
+        .expect("addr");
+    let kubeconfig = kube.state.join("kubeconfig");
+    let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
+    let (bundle_tx, bundle_rx) = std::sync::mpsc::channel();
+    let root = HostRoot::new(agent_root.path());
+    let thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let cache = ServiceAccounts::default();
+            let running = webhook::start(&root, &settings, cache.clone(), webhook::unix_now())
+                .expect("webhook starts");
+            bundle_tx
+                .send(running.bundle.borrow().clone())
+                .expect("send");
+            let api = irsa_agent::k8s::Api::from_kubeconfig(
+                &HostRoot::new("/"),
+                &kubeconfig,
+                None,
+                std::time::Duration::from_secs(330),
+            )
+            .await
+            .expect("kubeconfig");
+            let client = api.client().expect("client");
+            let watch = tokio::spawn(webhook::kube_sync::watch(client.clone(), cache));
+            let register = tokio::spawn(webhook::kube_sync::register(
+                client.clone(),
+                settings.clone(),
+                running.bundle.clone(),
+            ));
+            // A second agent, on another server, with a CA of its own.
+            let other =
+                irsa_agent::webhook::certs::Authority::generate(webhook::unix_now()).expect("ca");
+            let other_bundle =
+                irsa_agent::webhook::certs::Authorities { cas: vec![other] }.bundle_pem();
+            let (_other_tx, other_rx) = tokio::sync::watch::channel(other_bundle);
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            let second = tokio::spawn(webhook::kube_sync::register(
+                client,
+                settings.clone(),
+                other_rx,
+            ));
+            while stop_rx.try_recv().is_err() {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            watch.abort();
+            register.abort();
+            second.abort();
+            running.stop();
+        });
+    });
+    let bundle: String = bundle_rx.recv().expect("bundle");
+
+    // Registered by the agent, and the watch fed the cache: a pod is mutated.
+    let aws_pod = pod("s3-reader", json!({}), json!([]));
+    let mutated_with = |role: &str| {
+        let started = std::time::Instant::now();
+        for _ in 0..200 {
+            let created = kube.ok("POST", PODS, Some(&aws_pod));
+            if value(&created, "AWS_ROLE_ARN").as_deref() == Some(role) {
+                return Some(started.elapsed());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        None
+    };
+    mutated_with("arn:aws:iam::123456789012:role/first").expect("mutated from the watched SA");
+    // A changed annotation is used for the next pods.
+    kube.ok(
+        "PATCH",
+        "/api/v1/namespaces/prod/serviceaccounts/s3-reader?fieldManager=test&force=true",
+        Some(&sa("arn:aws:iam::123456789012:role/second")),
+    );
+    let took = mutated_with("arn:aws:iam::123456789012:role/second")
+        .expect("the changed annotation is used");
+    eprintln!("MEASURED: annotation change to first pod using it: {took:?} (polling every 50 ms)");
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+
+    // The second agent's CA did not replace the first's.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let registered = kube.ok("GET", &format!("{MWC}/{}", webhook::NAME), None);
+    let ca_bundle = registered["webhooks"][0]["clientConfig"]["caBundle"]
+        .as_str()
+        .and_then(|b| base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b).ok())
+        .expect("caBundle");
+    assert_eq!(String::from_utf8_lossy(&ca_bundle), bundle);
+    assert!(
+        registered["metadata"]["managedFields"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|f| f["manager"] == "irsa-agent")),
+        "{registered}"
+    );
+
+    let _ = stop.send(());
+    let _ = thread.join();
 }

@@ -255,7 +255,10 @@ fn rotate_to_the_end(p: &mut Proc, failpoint: Option<&str>) -> usize {
     let st = p.state().expect("state");
     assert!(
         matches!(st.phase, Phase::Idle { .. })
-            && st.history.last().is_some_and(|h| h.outcome == "completed"),
+            && st
+                .history
+                .last()
+                .is_some_and(|h| h.outcome == irsa_agent::rotation::machine::Ending::Completed),
         "not finished: {:?}",
         st.last_step
     );

@@ -126,8 +126,8 @@ async fn rotation_with_outage(target: PhaseName, attempts: usize) -> (Sim, Vec<S
         st.last_step
     );
     assert_eq!(
-        st.history.last().map(|h| h.outcome.as_str()),
-        Some("completed")
+        st.history.last().map(|h| h.outcome),
+        Some(irsa_agent::rotation::machine::Ending::Completed)
     );
     for _ in 0..30 {
         let t = sim.now() + HOUR;

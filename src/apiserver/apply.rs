@@ -642,7 +642,11 @@ pub fn record(state: &mut State, plan: &Plan, outcome: &Outcome, now: u64) {
     };
     let previous: Vec<String> = plan.desired.issuers[1..].to_vec();
     let entry = state.issuer.get_or_insert_with(IssuerState::default);
-    if entry.issuer != first || plan.switches_issuer() {
+    // A repaired hand migration counts as a switch too: until the apiserver restarts with the
+    // in-cluster audiences back, default tokens are minted with the external audience alone,
+    // and `finalize` may drop that audience only the longest token lifetime after.
+    let repair = !plan.kept_external_audiences().is_empty() && !plan.changes.is_empty();
+    if entry.issuer != first || plan.switches_issuer() || repair {
         // A (new or repeated) switch: tokens with an older issuer may be minted until the
         // apiserver is seen serving this one.
         entry.switched_at = None;
@@ -651,7 +655,7 @@ pub fn record(state: &mut State, plan: &Plan, outcome: &Outcome, now: u64) {
     }
     entry.issuer = first;
     entry.previous = previous;
-    entry.distribution = plan.distribution.name().to_string();
+    entry.distribution = Some(plan.distribution);
     match &outcome.restart {
         // A pending restart: the apiserver signed with another issuer until just now.
         RestartOutcome::Verified { at, .. } if plan.in_sync() => {
@@ -740,12 +744,15 @@ pub enum FinalizeDecision {
     },
 }
 
-/// The pure rule behind `finalize`: old issuers go only once every token minted with them has
-/// expired, i.e. `lifetime` after the apiserver was first seen signing with the new issuer.
+/// The pure rule behind `finalize`: old issuers (and the external audiences `drop`, kept by a
+/// hand-migration repair) go only once every token minted with them has expired, i.e.
+/// `lifetime` after the apiserver was first seen signing with the new issuer (or restarted with
+/// the in-cluster audiences back).
 pub fn finalize_decision(
     state: Option<&IssuerState>,
     configured: &str,
     current_issuers: &[String],
+    drop: &[String],
     now: u64,
     lifetime: Duration,
 ) -> FinalizeDecision {
@@ -761,7 +768,7 @@ pub fn finalize_decision(
         .filter(|i| st.previous.contains(i))
         .cloned()
         .collect();
-    if retire.is_empty() {
+    if retire.is_empty() && drop.is_empty() {
         return FinalizeDecision::NothingToRetire;
     }
     let Some(switched_at) = st.switched_at else {
@@ -811,11 +818,11 @@ mod tests {
         let day = Duration::from_secs(86_400);
         let current = vec!["https://new".to_string(), "https://old".to_string()];
         assert_eq!(
-            finalize_decision(None, "https://new", &current, 0, day),
+            finalize_decision(None, "https://new", &current, &[], 0, day),
             FinalizeDecision::NotApplied
         );
         assert_eq!(
-            finalize_decision(Some(&state(None)), "https://new", &current, 0, day),
+            finalize_decision(Some(&state(None)), "https://new", &current, &[], 0, day),
             FinalizeDecision::AwaitingSwitch {
                 retire: vec!["https://old".into()]
             }
@@ -825,6 +832,7 @@ mod tests {
                 Some(&state(Some(1000))),
                 "https://new",
                 &current,
+                &[],
                 1000 + 3600,
                 day
             ),
@@ -839,6 +847,7 @@ mod tests {
                 Some(&state(Some(1000))),
                 "https://new",
                 &current,
+                &[],
                 1000 + 86_401,
                 day
             ),
@@ -849,8 +858,32 @@ mod tests {
         // An issuer the user added by hand is not irsa-agent's to retire.
         let current = vec!["https://new".to_string(), "https://mine".to_string()];
         assert_eq!(
-            finalize_decision(Some(&state(Some(0))), "https://new", &current, 999_999, day),
+            finalize_decision(
+                Some(&state(Some(0))),
+                "https://new",
+                &current,
+                &[],
+                999_999,
+                day
+            ),
             FinalizeDecision::NothingToRetire
+        );
+        // An external audience kept by a hand-migration repair waits like an old issuer.
+        let sts = vec!["sts.amazonaws.com".to_string()];
+        assert_eq!(
+            finalize_decision(
+                Some(&state(Some(0))),
+                "https://new",
+                &current,
+                &sts,
+                60,
+                day
+            ),
+            FinalizeDecision::TooEarly {
+                retire: Vec::new(),
+                switched_at: 0,
+                remaining: day - Duration::from_secs(60),
+            }
         );
         // Configured issuer changed since: apply first.
         assert_eq!(
@@ -858,6 +891,7 @@ mod tests {
                 Some(&state(Some(0))),
                 "https://other",
                 &current,
+                &[],
                 999_999,
                 day
             ),

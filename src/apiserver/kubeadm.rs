@@ -36,6 +36,27 @@ pub struct Observed {
     pub args: Vec<Arg>,
     /// The Kubernetes version of the image (`registry.k8s.io/kube-apiserver:v1.31.2`).
     pub version: Option<(u32, u32, u32)>,
+    /// The cluster's DNS domain as kubelet has it (`clusterDomain:` of
+    /// /var/lib/kubelet/config.yaml, which kubeadm writes from networking.dnsDomain); the
+    /// default issuer is `https://kubernetes.default.svc.<it>`. `None`: not known here.
+    pub cluster_domain: Option<String>,
+}
+
+/// Where kubeadm writes the kubelet's configuration.
+pub const KUBELET_CONFIG: &str = "/var/lib/kubelet/config.yaml";
+
+/// `clusterDomain:` of the kubelet configuration, when it is there and looks like a DNS
+/// domain. A hint only: anything unreadable is `None` (the default `cluster.local` is assumed).
+pub fn kubelet_cluster_domain(root: &HostRoot) -> Option<String> {
+    let bytes = crate::fs::read_optional(&root.path(KUBELET_CONFIG)).ok()??;
+    let value: serde_yaml::Value = serde_yaml::from_slice(&bytes).ok()?;
+    let domain = value.get("clusterDomain")?.as_str()?.trim_end_matches('.');
+    let valid = !domain.is_empty()
+        && domain.len() <= 253
+        && domain
+            .split('.')
+            .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+    valid.then(|| domain.to_ascii_lowercase())
 }
 
 fn strings(v: Option<&Value>) -> Vec<String> {
@@ -97,6 +118,7 @@ pub fn parse(path: PathBuf, text: String) -> Result<Observed, ObserveError> {
         extra_args,
         args,
         version,
+        cluster_domain: None,
     })
 }
 
@@ -106,7 +128,9 @@ pub fn observe(root: &HostRoot) -> Result<Observed, ObserveError> {
         path: path.clone(),
         message: e.to_string(),
     })?;
-    parse(path, text)
+    let mut observed = parse(path, text)?;
+    observed.cluster_domain = kubelet_cluster_domain(root);
+    Ok(observed)
 }
 
 /// The manifest edit that gives the managed flags `changes` (flag name -> desired values).

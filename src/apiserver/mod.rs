@@ -16,6 +16,7 @@
 
 pub mod apply;
 pub mod backups;
+pub mod change;
 pub mod edit;
 pub mod flags;
 pub mod kubeadm;
@@ -167,7 +168,10 @@ impl Observed {
     pub fn default_issuer(&self) -> String {
         match &self.source {
             Source::Rancher(r) => format!("https://kubernetes.default.svc.{}", r.cluster_domain),
-            Source::Kubeadm(_) => "https://kubernetes.default.svc.cluster.local".to_string(),
+            Source::Kubeadm(k) => format!(
+                "https://kubernetes.default.svc.{}",
+                k.cluster_domain.as_deref().unwrap_or("cluster.local")
+            ),
         }
     }
 }

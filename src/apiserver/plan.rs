@@ -7,6 +7,12 @@
 //! - `--api-audiences`: pinned to the audiences in force before (k3s/RKE2 already pin
 //!   `https://kubernetes.default.svc.<domain>,k3s`; on kubeadm, where it is unset, that is the
 //!   old issuers), never adding `sts.amazonaws.com` or any other external audience;
+//! - on a cluster migrated by hand (the distribution's default issuer gone, or its in-cluster
+//!   audiences gone, e.g. `api-audiences=sts.amazonaws.com` as blog posts write), the
+//!   [`Origin`] is restored: the default issuer is accepted again (last) and the in-cluster
+//!   audiences are put back in front of the audiences in force, which all stay (the tokens pods
+//!   hold carry them). Nothing accepted before stops being accepted. `finalize` later drops
+//!   the external audiences once no token can carry them alone;
 //! - `--service-account-jwks-uri`: the configured jwks-uri;
 //! - nothing else: other flags, their order and values stay.
 //!
@@ -34,6 +40,65 @@ pub struct Target {
     /// Phase one of a multi-server rollout: accept the configured issuer (last) without making
     /// it sign, so tokens signed by servers that already switched verify everywhere.
     pub accept_only: bool,
+    /// `finalize`: drop the external audiences (`sts.amazonaws.com` and the like) from
+    /// `--api-audiences`, which is safe only once every in-cluster audience is in it (then every
+    /// default token minted since carries one of those too).
+    pub drop_external_audiences: bool,
+}
+
+/// What the distribution had before anyone changed it: the issuer every token was minted with
+/// and the audiences in-cluster tokens carried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub default_issuer: String,
+    /// kubeadm: any `https://kubernetes.default.svc.<domain>` counts as the default (the
+    /// manifest does not show networking.dnsDomain).
+    pub any_domain: bool,
+    /// The in-cluster audiences (k3s: `https://kubernetes.default.svc.<domain>,k3s`; kubeadm:
+    /// the default issuer, since `--api-audiences` is unset there).
+    pub audiences: Vec<String>,
+}
+
+impl Origin {
+    pub fn is_default_issuer(&self, issuer: &str) -> bool {
+        if self.any_domain {
+            issuer.starts_with("https://kubernetes.default.svc.")
+        } else {
+            issuer == self.default_issuer
+        }
+    }
+}
+
+/// The [`Origin`] of the observed host. `previous`: issuers an earlier run kept accepted (on
+/// kubeadm they may name the default issuer with its real cluster domain).
+pub fn origin(observed: &Observed, previous: &[String]) -> Origin {
+    match &observed.source {
+        Source::Rancher(r) => Origin {
+            default_issuer: observed.default_issuer(),
+            any_domain: false,
+            audiences: r
+                .defaults
+                .get(flags::AUDIENCES)
+                .map(|v| flags::split_csv(v))
+                .unwrap_or_else(|| vec![observed.default_issuer()]),
+        },
+        Source::Kubeadm(_) => {
+            let is_default = |i: &&String| i.starts_with("https://kubernetes.default.svc.");
+            let default_issuer = observed
+                .flags
+                .issuers
+                .iter()
+                .find(is_default)
+                .or_else(|| previous.iter().find(is_default))
+                .cloned()
+                .unwrap_or_else(|| observed.default_issuer());
+            Origin {
+                audiences: vec![default_issuer.clone()],
+                default_issuer,
+                any_domain: true,
+            }
+        }
+    }
 }
 
 /// The managed flags as they must be.
@@ -51,7 +116,8 @@ const EXTERNAL_AUDIENCES: [&str; 3] = [
     "https://iam.googleapis.com/",
 ];
 
-fn is_external_audience(aud: &str) -> bool {
+/// Is `aud` an audience of a cloud token exchange (AWS, Azure, GCP)?
+pub fn is_external_audience(aud: &str) -> bool {
     EXTERNAL_AUDIENCES
         .iter()
         .any(|e| aud == *e || (e.ends_with('/') && aud.starts_with(e)))
@@ -69,39 +135,69 @@ fn dedup(values: impl IntoIterator<Item = String>) -> Vec<String> {
 }
 
 /// The pure rule: the flags the apiserver must get.
-pub fn desired(before: &ServiceAccountFlags, target: &Target) -> Desired {
+pub fn desired(before: &ServiceAccountFlags, target: &Target, origin: &Origin) -> Desired {
+    let gone = |i: &String| target.retire.contains(i) || target.retired.contains(i);
+    // The default issuer, when someone removed it by hand (not `finalize`): accepted again.
+    let default_dropped = !before
+        .issuers
+        .iter()
+        .chain(&target.remembered)
+        .chain(&target.retire)
+        .chain(&target.retired)
+        .any(|i| origin.is_default_issuer(i));
+    let restore = default_dropped.then(|| origin.default_issuer.clone());
     let already_signing = before.issuers.first() == Some(&target.issuer);
-    if target.accept_only && !already_signing {
-        let issuers = dedup(
+    let issuers = if target.accept_only && !already_signing {
+        dedup(
             before
                 .issuers
                 .iter()
                 .chain(&target.remembered)
                 .filter(|i| !i.is_empty())
                 .cloned()
+                .chain(restore)
                 .chain(std::iter::once(target.issuer.clone())),
-        );
-        return Desired {
-            issuers,
-            api_audiences: dedup(before.effective_audiences()),
-            jwks_uri: target.jwks_uri.clone(),
-        };
-    }
-    let issuers = dedup(
-        std::iter::once(target.issuer.clone()).chain(
-            before
-                .issuers
-                .iter()
-                .chain(&target.remembered)
-                .filter(|i| !target.retire.contains(i) && !i.is_empty())
-                .cloned(),
-        ),
-    );
+        )
+    } else {
+        dedup(
+            std::iter::once(target.issuer.clone()).chain(
+                before
+                    .issuers
+                    .iter()
+                    .chain(&target.remembered)
+                    .filter(|i| !gone(i) && !i.is_empty())
+                    .cloned()
+                    .chain(restore),
+            ),
+        )
+    };
     Desired {
         issuers,
-        api_audiences: dedup(before.effective_audiences()),
+        api_audiences: desired_audiences(before, target, origin),
         jwks_uri: target.jwks_uri.clone(),
     }
+}
+
+/// The audiences in force stay (the tokens pods hold carry them); in-cluster audiences someone
+/// removed come back first; external ones go only when `finalize` asks and every in-cluster
+/// audience was already there.
+fn desired_audiences(
+    before: &ServiceAccountFlags,
+    target: &Target,
+    origin: &Origin,
+) -> Vec<String> {
+    let in_force = dedup(before.effective_audiences());
+    let missing = origin.audiences.iter().any(|a| !in_force.contains(a));
+    if missing {
+        return dedup(origin.audiences.iter().cloned().chain(in_force));
+    }
+    if target.drop_external_audiences {
+        return in_force
+            .into_iter()
+            .filter(|a| !is_external_audience(a))
+            .collect();
+    }
+    in_force
 }
 
 /// The complete plan.
@@ -116,6 +212,12 @@ pub struct Plan {
     pub warnings: Vec<String>,
     /// For kubeadm: how to make the change survive `kubeadm upgrade`.
     pub kubeadm_note: Option<String>,
+    /// Issuers removed by hand that the plan accepts again (the distribution's default).
+    pub restored_issuers: Vec<String>,
+    /// In-cluster audiences removed by hand that the plan puts back.
+    pub restored_audiences: Vec<String>,
+    /// External audiences the plan removes (`finalize`).
+    pub dropped_audiences: Vec<String>,
 }
 
 impl Plan {
@@ -126,6 +228,21 @@ impl Plan {
     /// True when the first (signing) issuer changes.
     pub fn switches_issuer(&self) -> bool {
         self.before.issuers.first() != self.desired.issuers.first()
+    }
+
+    /// The external audiences a hand-migration repair keeps for now (the tokens pods hold may
+    /// carry them alone): `finalize` drops them the longest token lifetime after the apiserver
+    /// restarted with the in-cluster audiences back. Empty when the plan repairs no audiences.
+    pub fn kept_external_audiences(&self) -> Vec<String> {
+        if self.restored_audiences.is_empty() {
+            return Vec::new();
+        }
+        self.desired
+            .api_audiences
+            .iter()
+            .filter(|a| is_external_audience(a))
+            .cloned()
+            .collect()
     }
 }
 
@@ -184,26 +301,41 @@ fn key_problems(observed: &Observed) -> Result<Vec<String>, PlanError> {
 pub fn plan(observed: &Observed, target: &Target) -> Result<Plan, PlanError> {
     let before = observed.flags.clone();
     let mut warnings = key_problems(observed)?;
-    let desired = desired(&before, target);
+    let origin = origin(observed, &target.remembered);
+    let desired = desired(&before, target, &origin);
+    let in_force = before.effective_audiences();
+    let restored_issuers: Vec<String> = desired
+        .issuers
+        .iter()
+        .filter(|i| {
+            !before.issuers.contains(i) && **i != target.issuer && !target.remembered.contains(i)
+        })
+        .cloned()
+        .collect();
+    let restored_audiences: Vec<String> = desired
+        .api_audiences
+        .iter()
+        .filter(|a| !in_force.contains(a))
+        .cloned()
+        .collect();
+    let dropped_audiences: Vec<String> = in_force
+        .iter()
+        .filter(|a| !desired.api_audiences.contains(a))
+        .cloned()
+        .collect();
+    if !restored_issuers.is_empty() || !restored_audiences.is_empty() {
+        warnings.push(hand_migration_note(
+            &restored_issuers,
+            &restored_audiences,
+            &desired.api_audiences,
+        ));
+    }
     for aud in &desired.api_audiences {
         if is_external_audience(aud) {
             warnings.push(format!(
-                "--api-audiences includes {aud:?}: tokens requested for that audience (e.g. for AWS STS) are also valid against the Kubernetes API; irsa-agent keeps the audiences as they are, but consider removing it"
+                "--api-audiences includes {aud:?}: tokens requested for it (for AWS STS and the like) are also valid against the Kubernetes API; it stays for now because tokens pods hold may carry it as their only audience; `irsa-agent finalize` removes it once no such token can be valid (the longest token lifetime after the in-cluster audiences took effect)"
             ));
         }
-    }
-    // kubeadm's default depends on networking.dnsDomain, which the manifest does not show: any
-    // `https://kubernetes.default.svc.<domain>` counts there.
-    let default_issuer = observed.default_issuer();
-    let is_default = |i: &String| match observed.source {
-        Source::Kubeadm(_) => i.starts_with("https://kubernetes.default.svc."),
-        Source::Rancher(_) => *i == default_issuer,
-    };
-    let retired_default = target.retire.iter().chain(&target.retired).any(is_default);
-    if !desired.issuers.iter().any(is_default) && !retired_default {
-        warnings.push(format!(
-            "the distribution's default issuer {default_issuer} is not accepted (it was removed before irsa-agent ran): tokens issued with it are rejected"
-        ));
     }
     let changes = changed_flags(&before, &desired);
     let (file_changes, after_args) = if changes.is_empty() {
@@ -265,7 +397,37 @@ pub fn plan(observed: &Observed, target: &Target) -> Result<Plan, PlanError> {
         changes: file_changes,
         warnings,
         kubeadm_note,
+        restored_issuers,
+        restored_audiences,
+        dropped_audiences,
     })
+}
+
+/// What a plan that repairs a hand migration does, in one sentence.
+fn hand_migration_note(issuers: &[String], audiences: &[String], all: &[String]) -> String {
+    let mut parts = Vec::new();
+    if !issuers.is_empty() {
+        parts.push(format!(
+            "accepts {} again (it was removed by hand, so tokens minted with it were rejected)",
+            issuers.join(", ")
+        ));
+    }
+    if !audiences.is_empty() {
+        let kept: Vec<String> = all
+            .iter()
+            .filter(|a| !audiences.contains(a))
+            .cloned()
+            .collect();
+        parts.push(format!(
+            "puts the in-cluster audiences {} back into --api-audiences in front of the ones in force ({}), which stay",
+            audiences.join(", "),
+            kept.join(", ")
+        ));
+    }
+    format!(
+        "the issuer configuration was changed by hand: this change {}; nothing accepted now stops being accepted",
+        parts.join(", and ")
+    )
 }
 
 /// A unified diff of one change, with host paths as file names.
@@ -304,22 +466,47 @@ mod tests {
             retire: Vec::new(),
             retired: Vec::new(),
             accept_only: false,
+            drop_external_audiences: false,
         }
     }
 
     const DEFAULT: &str = "https://kubernetes.default.svc.cluster.local";
+
+    fn kubeadm() -> Origin {
+        Origin {
+            default_issuer: DEFAULT.into(),
+            any_domain: true,
+            audiences: vec![DEFAULT.into()],
+        }
+    }
+
+    fn k3s() -> Origin {
+        Origin {
+            default_issuer: DEFAULT.into(),
+            any_domain: false,
+            audiences: vec![DEFAULT.into(), "k3s".into()],
+        }
+    }
+
+    /// The apiserver's authenticator for one token: its issuer is accepted and one of its
+    /// audiences is among the api-audiences (pkg/serviceaccount, authenticator audiences).
+    fn accepts(issuers: &[String], audiences: &[String], iss: &str, aud: &[&str]) -> bool {
+        issuers.iter().any(|i| i == iss) && aud.iter().any(|a| audiences.iter().any(|x| x == a))
+    }
 
     #[test]
     fn new_issuer_first_old_ones_kept_audiences_pinned() {
         let d = desired(
             &flags(&[DEFAULT], None),
             &target("https://oidc.example.com/a"),
+            &kubeadm(),
         );
         assert_eq!(d.issuers, vec!["https://oidc.example.com/a", DEFAULT]);
         assert_eq!(d.api_audiences, vec![DEFAULT]);
         let d = desired(
             &flags(&[DEFAULT], Some(&[DEFAULT, "k3s"])),
             &target("https://oidc.example.com/a"),
+            &k3s(),
         );
         assert_eq!(d.api_audiences, vec![DEFAULT, "k3s"]);
     }
@@ -327,16 +514,16 @@ mod tests {
     #[test]
     fn second_run_is_a_fixed_point_and_a_new_issuer_keeps_all_old_ones() {
         let t = target("https://a.example");
-        let first = desired(&flags(&[DEFAULT], None), &t);
+        let first = desired(&flags(&[DEFAULT], None), &t, &kubeadm());
         let after = ServiceAccountFlags {
             issuers: first.issuers.clone(),
             api_audiences: Some(first.api_audiences.clone()),
             jwks_uri: Some(first.jwks_uri.clone()),
             ..Default::default()
         };
-        assert_eq!(desired(&after, &t), first);
+        assert_eq!(desired(&after, &t, &kubeadm()), first);
         assert!(changed_flags(&after, &first).is_empty());
-        let next = desired(&after, &target("https://b.example"));
+        let next = desired(&after, &target("https://b.example"), &kubeadm());
         assert_eq!(
             next.issuers,
             vec!["https://b.example", "https://a.example", DEFAULT]
@@ -348,10 +535,30 @@ mod tests {
     fn remembered_and_retired_issuers() {
         let mut t = target("https://a.example");
         t.remembered = vec!["https://old.example".into()];
-        let d = desired(&flags(&["https://a.example"], Some(&["x"])), &t);
+        t.retired = vec![DEFAULT.into()];
+        let d = desired(
+            &flags(&["https://a.example"], Some(&[DEFAULT])),
+            &t,
+            &kubeadm(),
+        );
         assert_eq!(d.issuers, vec!["https://a.example", "https://old.example"]);
+        t.retired = Vec::new();
         t.retire = vec!["https://old.example".into(), DEFAULT.into()];
-        let d = desired(&flags(&["https://a.example", DEFAULT], Some(&["x"])), &t);
+        let d = desired(
+            &flags(&["https://a.example", DEFAULT], Some(&[DEFAULT])),
+            &t,
+            &kubeadm(),
+        );
+        assert_eq!(d.issuers, vec!["https://a.example"]);
+        // A default issuer `finalize` retired is not a hand migration: it stays retired.
+        t.retire = Vec::new();
+        t.retired = vec![DEFAULT.into()];
+        t.remembered = Vec::new();
+        let d = desired(
+            &flags(&["https://a.example"], Some(&[DEFAULT])),
+            &t,
+            &kubeadm(),
+        );
         assert_eq!(d.issuers, vec!["https://a.example"]);
     }
 
@@ -359,7 +566,7 @@ mod tests {
     fn accept_only_adds_the_new_issuer_last_and_never_demotes_it() {
         let mut t = target("https://a.example");
         t.accept_only = true;
-        let d = desired(&flags(&[DEFAULT], None), &t);
+        let d = desired(&flags(&[DEFAULT], None), &t, &kubeadm());
         assert_eq!(d.issuers, vec![DEFAULT, "https://a.example"]);
         assert_eq!(d.api_audiences, vec![DEFAULT]);
         // Phase two then makes it sign, keeping the rest.
@@ -369,9 +576,9 @@ mod tests {
             jwks_uri: Some(d.jwks_uri.clone()),
             ..Default::default()
         };
-        assert_eq!(desired(&after, &t), d);
+        assert_eq!(desired(&after, &t, &kubeadm()), d);
         t.accept_only = false;
-        let d2 = desired(&after, &t);
+        let d2 = desired(&after, &t, &kubeadm());
         assert_eq!(d2.issuers, vec!["https://a.example", DEFAULT]);
         assert_eq!(d2.api_audiences, vec![DEFAULT]);
         // Once it signs, --accept-only changes nothing.
@@ -380,7 +587,61 @@ mod tests {
             issuers: d2.issuers.clone(),
             ..after
         };
-        assert_eq!(desired(&switched, &t).issuers, d2.issuers);
+        assert_eq!(desired(&switched, &t, &kubeadm()).issuers, d2.issuers);
+    }
+
+    #[test]
+    fn a_hand_migrated_cluster_gets_back_what_it_lost_and_keeps_what_pods_hold() {
+        const NEW: &str = "https://oidc.example.com/homelab";
+        for (origin, lost) in [(k3s(), vec![DEFAULT, "k3s"]), (kubeadm(), vec![DEFAULT])] {
+            // As blog posts leave it: the issuer replaced, api-audiences=sts.amazonaws.com.
+            let before = flags(&[NEW], Some(&["sts.amazonaws.com"]));
+            let d = desired(&before, &target(NEW), &origin);
+            assert_eq!(d.issuers, vec![NEW, DEFAULT]);
+            let mut want: Vec<&str> = lost.clone();
+            want.push("sts.amazonaws.com");
+            assert_eq!(d.api_audiences, want);
+            // Tokens pods hold now (kube-api-access minted since the hand change: aud is the
+            // api-audiences then) and tokens from before it are accepted afterwards.
+            assert!(accepts(
+                &d.issuers,
+                &d.api_audiences,
+                NEW,
+                &["sts.amazonaws.com"]
+            ));
+            assert!(accepts(&d.issuers, &d.api_audiences, DEFAULT, &lost));
+            // A fixed point.
+            let after = ServiceAccountFlags {
+                issuers: d.issuers.clone(),
+                api_audiences: Some(d.api_audiences.clone()),
+                jwks_uri: Some(d.jwks_uri.clone()),
+                ..Default::default()
+            };
+            assert_eq!(desired(&after, &target(NEW), &origin), d);
+            // finalize: the old issuer retired, sts.amazonaws.com dropped; tokens minted
+            // after the repair (aud = every api-audience then) stay accepted.
+            let mut t = target(NEW);
+            t.retire = vec![DEFAULT.into()];
+            t.drop_external_audiences = true;
+            let f = desired(&after, &t, &origin);
+            assert_eq!(f.issuers, vec![NEW]);
+            assert_eq!(f.api_audiences, lost);
+            let minted_after_repair: Vec<&str> = want.clone();
+            assert!(accepts(
+                &f.issuers,
+                &f.api_audiences,
+                NEW,
+                &minted_after_repair
+            ));
+            // finalize never drops it while in-cluster audiences are missing.
+            let f = desired(&before, &t, &origin);
+            assert!(f.api_audiences.iter().any(|a| a == "sts.amazonaws.com"));
+        }
+        // kubeadm with api-audiences unset after the hand change: the audiences followed the
+        // issuer, so pods hold tokens for the new issuer: both stay.
+        let d = desired(&flags(&[NEW], None), &target(NEW), &kubeadm());
+        assert_eq!(d.issuers, vec![NEW, DEFAULT]);
+        assert_eq!(d.api_audiences, vec![DEFAULT, NEW]);
     }
 
     #[test]

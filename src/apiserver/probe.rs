@@ -3,20 +3,15 @@
 //! The real probe reads the host's admin kubeconfig (`/etc/rancher/k3s/k3s.yaml`,
 //! `/etc/rancher/rke2/rke2.yaml`, `/etc/kubernetes/admin.conf`, under the host root), trusts only
 //! its certificate authority, authenticates with its client certificate or token, and calls
-//! `GET /readyz` and `GET /.well-known/openid-configuration` over HTTPS (reqwest + rustls with
-//! ring, on a current-thread tokio runtime the probe owns). On kubeadm the kubeconfig may name a
+//! `GET /readyz` and `GET /.well-known/openid-configuration` over HTTPS (the one client,
+//! [`crate::k8s`], on a current-thread tokio runtime the probe owns). On kubeadm the kubeconfig may name a
 //! load balancer, so the caller can point the probe at the local apiserver's advertise address.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine as _;
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use serde_yaml::Value;
-
 use crate::host::HostRoot;
+use crate::k8s::Api;
 
 /// The admin kubeconfig (host path) and, on kubeadm, the URL of this host's apiserver (the
 /// manifest's `--advertise-address` and `--secure-port`; the kubeconfig may name a load
@@ -56,7 +51,7 @@ pub fn served_keys(
     let (kubeconfig, url) = target(observed);
     let probe = KubeconfigProbe::new(root, &kubeconfig, server.or(url), timeout)?;
     match probe.block_on(probe.get(crate::keys::jwks::JWKS_PATH))? {
-        (200, body) => Ok(crate::publish::merge::keys_in(body.as_bytes())),
+        (200, body) => Ok(crate::keys::jwk::keys_in(body.as_bytes())),
         (code, _) => Err(format!(
             "the apiserver at {} answered {code} for {}",
             probe.server(),
@@ -85,59 +80,11 @@ pub trait ApiserverProbe {
     }
 }
 
-/// The real probe: an [`ApiClient`] on a current-thread runtime of its own (for the
-/// synchronous `apply`/`finalize`).
+/// The real probe: the admin kubeconfig's [`crate::k8s::Api`] on a current-thread runtime of
+/// its own (for the synchronous `apply`/`finalize`, `doctor` and `verify-token`).
 pub struct KubeconfigProbe {
     runtime: tokio::runtime::Runtime,
-    api: ApiClient,
-}
-
-/// An HTTPS client for the apiserver, built from the admin kubeconfig: trusts only its CA,
-/// authenticates with its client certificate or token. Async and runtime-free, so async code
-/// (key rotation, the daemon) can use it on its own runtime.
-#[derive(Clone)]
-pub struct ApiClient {
-    client: reqwest::Client,
-    server: String,
-    token: Option<String>,
-}
-
-fn field<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
-    v.get(key).and_then(Value::as_str).filter(|s| !s.is_empty())
-}
-
-fn named<'a>(list: Option<&'a Value>, name: &str, inner: &str) -> Option<&'a Value> {
-    list?
-        .as_sequence()?
-        .iter()
-        .find(|e| field(e, "name") == Some(name))
-        .and_then(|e| e.get(inner))
-}
-
-/// Data inline (`*-data`, base64) or from a file (relative to the kubeconfig's folder).
-fn material(
-    root: &HostRoot,
-    dir: &Path,
-    section: &Value,
-    key: &str,
-) -> Result<Option<Vec<u8>>, String> {
-    if let Some(data) = field(section, &format!("{key}-data")) {
-        return base64::engine::general_purpose::STANDARD
-            .decode(data.trim())
-            .map(Some)
-            .map_err(|e| format!("{key}-data is not base64: {e}"));
-    }
-    if let Some(file) = field(section, key) {
-        let host = if Path::new(file).is_absolute() {
-            PathBuf::from(file)
-        } else {
-            dir.join(file)
-        };
-        return crate::fs::read(root.path(&host))
-            .map(Some)
-            .map_err(|e| format!("cannot read {}: {e}", host.display()));
-    }
-    Ok(None)
+    api: Api,
 }
 
 impl KubeconfigProbe {
@@ -149,11 +96,13 @@ impl KubeconfigProbe {
         server: Option<String>,
         timeout: Duration,
     ) -> Result<Self, String> {
-        let api = ApiClient::new(root, kubeconfig, server, timeout)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+        let api = runtime
+            .block_on(Api::from_kubeconfig(root, kubeconfig, server, timeout))
+            .map_err(|e| e.to_string())?;
         Ok(KubeconfigProbe { runtime, api })
     }
 
@@ -162,8 +111,8 @@ impl KubeconfigProbe {
         self.api.server()
     }
 
-    /// The async client underneath (for callers with a runtime of their own).
-    pub fn api(&self) -> &ApiClient {
+    /// The client configuration underneath (for callers with a runtime of their own).
+    pub fn api(&self) -> &Api {
         &self.api
     }
 
@@ -173,18 +122,21 @@ impl KubeconfigProbe {
         self.runtime.block_on(future)
     }
 
-    /// See [`ApiClient::get`].
+    /// See [`Api::get`].
     pub async fn get(&self, path: &str) -> Result<(u16, String), String> {
-        self.api.get(path).await
+        self.api.get(path).await.map_err(|e| e.to_string())
     }
 
-    /// See [`ApiClient::post_json`].
+    /// See [`Api::post_json`].
     pub async fn post_json(
         &self,
         path: &str,
         body: &serde_json::Value,
     ) -> Result<(u16, String), String> {
-        self.api.post_json(path, body).await
+        self.api
+            .post_json(path, body)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// Asks the apiserver's TokenRequest API for a token of `namespace/service_account` with
@@ -226,167 +178,6 @@ impl KubeconfigProbe {
     }
 }
 
-impl ApiClient {
-    /// Builds the client from the admin kubeconfig at `kubeconfig` (a host path). `server`
-    /// overrides the kubeconfig's server URL.
-    pub fn new(
-        root: &HostRoot,
-        kubeconfig: &Path,
-        server: Option<String>,
-        timeout: Duration,
-    ) -> Result<Self, String> {
-        let text = crate::fs::read_to_string(root.path(kubeconfig)).map_err(|e| {
-            format!(
-                "cannot read the admin kubeconfig {}: {e}",
-                kubeconfig.display()
-            )
-        })?;
-        let config: Value =
-            crate::yaml::from_str(&text).map_err(|e| format!("{}: {e}", kubeconfig.display()))?;
-        let bad = |what: &str| format!("{}: {what}", kubeconfig.display());
-        let context_name = field(&config, "current-context")
-            .map(str::to_string)
-            .or_else(|| {
-                config
-                    .get("contexts")
-                    .and_then(Value::as_sequence)
-                    .and_then(|s| s.first())
-                    .and_then(|c| field(c, "name"))
-                    .map(str::to_string)
-            })
-            .ok_or_else(|| bad("no context"))?;
-        let context = named(config.get("contexts"), &context_name, "context")
-            .ok_or_else(|| bad(&format!("context {context_name:?} not found")))?;
-        let cluster_name =
-            field(context, "cluster").ok_or_else(|| bad("context has no cluster"))?;
-        let cluster = named(config.get("clusters"), cluster_name, "cluster")
-            .ok_or_else(|| bad(&format!("cluster {cluster_name:?} not found")))?;
-        let user = field(context, "user")
-            .and_then(|u| named(config.get("users"), u, "user"))
-            .cloned()
-            .unwrap_or(Value::Null);
-        let dir = kubeconfig.parent().unwrap_or(Path::new("/"));
-        let server = match server {
-            Some(s) => s,
-            None => field(cluster, "server")
-                .ok_or_else(|| bad("cluster has no server"))?
-                .to_string(),
-        };
-        let ca = material(root, dir, cluster, "certificate-authority")
-            .map_err(|e| bad(&e))?
-            .ok_or_else(|| bad("cluster has no certificate-authority(-data): refusing to talk to the apiserver without verifying it"))?;
-        let cert = material(root, dir, &user, "client-certificate").map_err(|e| bad(&e))?;
-        let key = material(root, dir, &user, "client-key").map_err(|e| bad(&e))?;
-        let token = field(&user, "token").map(str::to_string);
-
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(&ca) {
-            let cert = cert.map_err(|e| bad(&format!("bad CA certificate: {e}")))?;
-            roots
-                .add(cert)
-                .map_err(|e| bad(&format!("bad CA certificate: {e}")))?;
-        }
-        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots);
-        let tls = match (cert, key) {
-            (Some(cert), Some(key)) => {
-                let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert)
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| bad(&format!("bad client certificate: {e}")))?;
-                let key = PrivateKeyDer::from_pem_slice(&key)
-                    .map_err(|e| bad(&format!("bad client key: {e}")))?;
-                builder
-                    .with_client_auth_cert(chain, key)
-                    .map_err(|e| bad(&format!("bad client certificate: {e}")))?
-            }
-            _ => builder.with_no_client_auth(),
-        };
-        let client = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .timeout(timeout)
-            .no_proxy()
-            .build()
-            .map_err(|e| format!("cannot build the HTTPS client: {e}"))?;
-        Ok(ApiClient {
-            client,
-            server: server.trim_end_matches('/').to_string(),
-            token,
-        })
-    }
-
-    /// The apiserver URL requests go to (`https://127.0.0.1:6443`).
-    pub fn server(&self) -> &str {
-        &self.server
-    }
-
-    /// The same credentials aimed at another apiserver of the cluster (`https://10.0.0.2:6443`).
-    pub fn at(&self, server: &str) -> ApiClient {
-        ApiClient {
-            client: self.client.clone(),
-            server: server.trim_end_matches('/').to_string(),
-            token: self.token.clone(),
-        }
-    }
-
-    /// `GET` with the admin credential: `path` on this apiserver, or an absolute `https://` URL
-    /// (another apiserver of the same cluster, trusted through the same CA).
-    pub async fn get(&self, path: &str) -> Result<(u16, String), String> {
-        self.send(reqwest::Method::GET, path, None).await
-    }
-
-    /// `POST` of a JSON body with the admin credential (TokenRequest).
-    pub async fn post_json(
-        &self,
-        path: &str,
-        body: &serde_json::Value,
-    ) -> Result<(u16, String), String> {
-        self.send(reqwest::Method::POST, path, Some(body)).await
-    }
-
-    async fn send(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<&serde_json::Value>,
-    ) -> Result<(u16, String), String> {
-        let url = if path.starts_with("https://") {
-            path.to_string()
-        } else {
-            format!("{}{path}", self.server)
-        };
-        let mut request = self.client.request(method, url);
-        if let Some(token) = &self.token {
-            request = request.bearer_auth(token);
-        }
-        if let Some(body) = body {
-            request = request
-                .header("Content-Type", "application/json")
-                .body(body.to_string());
-        }
-        let response = request.send().await.map_err(|e| {
-            // The innermost cause says it best ("Connection refused", a TLS alert, ...).
-            let mut message = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                message = s.to_string();
-                source = s.source();
-            }
-            if e.is_timeout() {
-                message = format!("timed out ({message})");
-            }
-            message
-        })?;
-        let status = response.status().as_u16();
-        let body = response.text().await.map_err(|e| e.to_string())?;
-        Ok((status, body))
-    }
-}
-
 impl ApiserverProbe for KubeconfigProbe {
     fn check(&mut self) -> Status {
         let ready = self.runtime.block_on(self.get("/readyz"));
@@ -399,7 +190,10 @@ impl ApiserverProbe for KubeconfigProbe {
                     body.lines().next().unwrap_or("").trim()
                 ),
             ),
-            Err(e) => (false, format!("not reachable at {}: {e}", self.api.server)),
+            Err(e) => (
+                false,
+                format!("not reachable at {}: {e}", self.api.server()),
+            ),
         };
         let mut issuer = None;
         if ready {

@@ -1,19 +1,16 @@
 //! `irsa-agent apply`: set the public issuer in the apiserver configuration, safely.
 
-use anyhow::bail;
 use clap::Args as ClapArgs;
 use serde_json::json;
 
 use super::edge_args::ApiserverArgs;
 use super::{Exit, Global};
-use crate::apiserver::apply::{self as executor, Options, Outcome, RestartOutcome};
-use crate::apiserver::plan::{self, Plan, Target};
-use crate::apiserver::probe::{ApiserverProbe, KubeconfigProbe};
-use crate::apiserver::restart::{self, Restart, ServiceManager, Systemctl};
-use crate::apiserver::{self, Observed, Source, flags};
+use crate::apiserver::apply::{Outcome, RestartOutcome};
+use crate::apiserver::change::{self, Goal, RunOptions};
+use crate::apiserver::flags;
+use crate::apiserver::plan::{self, Plan};
+use crate::apiserver::restart::{self, Restart};
 use crate::config::{self, Settings, format_duration};
-use crate::host::HostRoot;
-use crate::state::{self, State};
 
 /// Options shared by `apply` and `finalize`.
 #[derive(Debug, Clone, ClapArgs)]
@@ -48,6 +45,12 @@ config.yaml.d/ (kube-apiserver-arg); kubeadm: /etc/kubernetes/manifests/kube-api
 Backups go to /var/lib/irsa-agent/backups/. After a restart it waits until the apiserver is ready \
 and serves the new issuer, and restores the backup if it does not.
 
+On a cluster switched by hand (default issuer removed, api-audiences=sts.amazonaws.com) it keeps \
+the issuer and sts.amazonaws.com (the tokens pods hold carry it alone), accepts the default issuer \
+again and puts the in-cluster audiences back in front; `irsa-agent finalize` removes \
+sts.amazonaws.com after the longest token lifetime (README: \"A cluster you already switched by \
+hand\").
+
 A second apply changes nothing. Exit status: 0 done or in sync; 2 changes pending (--check); 1 error.
 On a cluster with several servers, run it on one server at a time (see README).")]
 pub struct Args {
@@ -60,35 +63,18 @@ pub struct Args {
     pub accept_only: bool,
 }
 
-/// The apiserver as the CLI reaches it.
-pub struct Edges {
-    pub restart: Restart,
-    pub services: Box<dyn ServiceManager>,
-    pub probe: Option<Box<dyn ApiserverProbe>>,
-    pub probe_error: Option<String>,
-}
-
-pub fn edges(root: &HostRoot, observed: &Observed, run: &RunArgs) -> Edges {
-    let restart = restart::restart_for(root, observed.distribution, run.apiserver.unit.as_deref());
-    let services: Box<dyn ServiceManager> = Box::new(Systemctl {
-        program: run.apiserver.systemctl.clone(),
-    });
-    let (kubeconfig, url) = crate::apiserver::probe::target(observed);
-    let url = run.apiserver.apiserver_url.clone().or(url);
-    let request_timeout = run.apiserver.request_timeout();
-    match KubeconfigProbe::new(root, &kubeconfig, url, request_timeout) {
-        Ok(probe) => Edges {
-            restart,
-            services,
-            probe: Some(Box::new(probe)),
-            probe_error: None,
-        },
-        Err(e) => Edges {
-            restart,
-            services,
-            probe: None,
-            probe_error: Some(e),
-        },
+impl RunArgs {
+    /// How the apiserver is restarted and asked, as the use case takes it.
+    pub fn options(&self) -> RunOptions {
+        RunOptions {
+            no_restart: self.no_restart,
+            timeout: self.apiserver.timeout,
+            poll: self.apiserver.poll_interval,
+            request_timeout: self.apiserver.request_timeout(),
+            unit: self.apiserver.unit.clone(),
+            systemctl: self.apiserver.systemctl.clone(),
+            apiserver_url: self.apiserver.apiserver_url.clone(),
+        }
     }
 }
 
@@ -228,26 +214,6 @@ pub fn print_plan(plan: &Plan, diff: bool) {
     }
 }
 
-/// Why the host's issuer no longer is the one irsa-agent set, if that is the case.
-pub fn lost_change(state: &State, settings: &Settings, observed: &Observed) -> Option<String> {
-    let st = state.issuer.as_ref()?;
-    let at = st.switched_at?;
-    if st.issuer != settings.issuer || observed.flags.issuers.first() == Some(&st.issuer) {
-        return None;
-    }
-    let cause = match observed.distribution {
-        crate::config::Distribution::Kubeadm => {
-            "kube-apiserver.yaml was regenerated, probably by `kubeadm upgrade`"
-        }
-        _ => "the configuration was changed since",
-    };
-    Some(format!(
-        "the apiserver no longer signs with {} (irsa-agent set it on {}): {cause}; re-applying",
-        st.issuer,
-        state::rfc3339(at)
-    ))
-}
-
 pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
     let run = args.run;
     let result = apply(global, &run, args.accept_only);
@@ -271,68 +237,34 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
 fn apply(global: &Global, run: &RunArgs, accept_only: bool) -> anyhow::Result<Exit> {
     let root = &global.root;
     let settings = load_settings(global)?;
-    let state = State::load(root)?;
-    let observed = apiserver::observe(root, settings.distribution)?;
-    refuse_command_line_flags(root, &observed, run)?;
-    let lost = if accept_only {
-        None
-    } else {
-        lost_change(&state, &settings, &observed)
-    };
-    if let Some(message) = &lost {
+    let options = run.options();
+    let mut prepared = change::prepare(root, &settings, Goal::Sign { accept_only }, &options)?;
+    if let Some(message) = &prepared.lost_change {
         log::warn!("{message}");
     }
-    let remembered = state
-        .issuer
-        .as_ref()
-        .map(|s| s.previous.clone())
-        .unwrap_or_default();
-    let retired = state
-        .issuer
-        .as_ref()
-        .map(|s| s.retired.clone())
-        .unwrap_or_default();
-    let target = Target {
-        issuer: settings.issuer.clone(),
-        jwks_uri: settings.jwks_uri.clone(),
-        remembered,
-        retire: Vec::new(),
-        retired,
-        accept_only,
-    };
-    let plan = plan::plan(&observed, &target)?;
-    for warning in &plan.warnings {
+    for warning in &prepared.plan.warnings {
         log::warn!("{warning}");
     }
-    let restart = restart::restart_for(root, observed.distribution, run.apiserver.unit.as_deref());
+    let restart = restart::restart_for(
+        root,
+        prepared.observed.distribution,
+        run.apiserver.unit.as_deref(),
+    );
     // In sync on disk, but is the running apiserver? (After `--no-restart`, or a run killed
     // between writing and restarting, or right after writing while the apiserver restarts.)
     // A change irsa-agent wrote is called applied only once the apiserver was seen serving it.
-    let mut edges_for_pending = None;
-    let mut pending_restart: Option<String> = None;
-    let mut seen_serving = false;
-    if plan.in_sync() && !run.no_restart {
-        let want = plan.desired.issuers.first().cloned().unwrap_or_default();
-        let (e, running) = running_check(root, &observed, run, &state, &want)?;
-        match running {
-            Running::Settled => {}
-            Running::SeenServing => seen_serving = true,
-            Running::Pending(message) => pending_restart = Some(message),
-        }
-        edges_for_pending = Some(e);
-    }
-    if let Some(message) = &pending_restart {
-        log::warn!("{message}");
-    }
-    let extra = json!({"lost_change": lost, "pending_restart": pending_restart});
+    prepared.look_at_running(root, &options)?;
+    let pending_restart = prepared.pending_restart().map(str::to_string);
+    let extra = json!({"lost_change": prepared.lost_change, "pending_restart": pending_restart});
     if run.check {
+        let plan = &prepared.plan;
         if run.json {
             println!(
                 "{}",
-                serde_json::to_string_pretty(&result_json(&plan, None, &restart, true, extra))?
+                serde_json::to_string_pretty(&result_json(plan, None, &restart, true, extra))?
             );
         } else {
-            print_plan(&plan, run.diff);
+            print_plan(plan, run.diff);
             if let Some(message) = &pending_restart {
                 println!("{message}");
             } else if plan.in_sync() {
@@ -347,57 +279,13 @@ fn apply(global: &Global, run: &RunArgs, accept_only: bool) -> anyhow::Result<Ex
             Exit::PENDING
         });
     }
-    let outcome = match (plan.in_sync(), pending_restart.is_some(), edges_for_pending) {
-        (true, true, Some(mut e)) => {
-            let issuer = plan.desired.issuers.first().cloned().unwrap_or_default();
-            let opts = Options {
-                no_restart: false,
-                timeout: run.apiserver.timeout,
-                poll: run.apiserver.poll_interval,
-                backups: settings.backups,
-            };
-            let mut probe = e
-                .probe
-                .take()
-                .ok_or_else(|| anyhow::anyhow!("internal error: the probe went away"))?;
-            let in_flight = State::load(root)?.in_flight();
-            let restarted = executor::resume(
-                root,
-                &e.restart,
-                &issuer,
-                in_flight.as_ref(),
-                e.services.as_mut(),
-                probe.as_mut(),
-                &opts,
-            )?;
-            Outcome {
-                written: Vec::new(),
-                backup_dir: None,
-                restart: restarted,
-            }
-        }
-        (true, _, _) => Outcome {
-            written: Vec::new(),
-            backup_dir: None,
-            restart: RestartOutcome::NotNeeded,
-        },
-        (false, _, _) => execute_plan(root, &observed, &plan, run, &settings.backups)?,
-    };
-    // Phase one of a rollout does not switch the signing issuer: nothing to remember yet.
-    if plan.desired.issuers.first() == Some(&settings.issuer) {
-        let now = state::unix_now();
-        State::update(root, |s| {
-            executor::record(s, &plan, &outcome, now);
-            if seen_serving {
-                executor::record_seen_serving(s, &settings.issuer, now);
-            }
-        })?;
-    }
+    let done = change::carry_out(root, &settings, &mut prepared, &options)?;
+    let (plan, outcome) = (&prepared.plan, done.outcome);
     if run.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&result_json(
-                &plan,
+                plan,
                 Some(&outcome),
                 &restart,
                 false,
@@ -405,8 +293,8 @@ fn apply(global: &Global, run: &RunArgs, accept_only: bool) -> anyhow::Result<Ex
             ))?
         );
     } else {
-        print_plan(&plan, run.diff);
-        print_outcome(&plan, &outcome);
+        print_plan(plan, run.diff);
+        print_outcome(plan, &outcome);
         if accept_only && plan.desired.issuers.first() != Some(&settings.issuer) {
             println!(
                 "{} is accepted but does not sign yet: once every server accepts it, run `irsa-agent apply` on each server, one at a time",
@@ -415,148 +303,6 @@ fn apply(global: &Global, run: &RunArgs, accept_only: bool) -> anyhow::Result<Ex
         }
     }
     Ok(Exit::OK)
-}
-
-/// What the running apiserver says about a configuration that is in sync on disk.
-pub enum Running {
-    /// Nothing to do: it serves the issuer (seen before), or the change is not irsa-agent's
-    /// and it cannot be asked now.
-    Settled,
-    /// It serves the issuer, seen now for the first time since irsa-agent wrote the change.
-    SeenServing,
-    /// It must be waited for and verified (restarted when it serves another issuer, the
-    /// change rolled back when it does not come): why.
-    Pending(String),
-}
-
-/// Asks the running apiserver whether it serves `want`; see [`Running`]. Fails (nothing is
-/// declared applied) when irsa-agent's change is unverified and there is no way to ask.
-pub fn running_check(
-    root: &HostRoot,
-    observed: &Observed,
-    run: &RunArgs,
-    state: &State,
-    want: &str,
-) -> anyhow::Result<(Edges, Running)> {
-    let unverified = executor::unverified_change(state, want);
-    let mut e = edges(root, observed, run);
-    let running = match e.probe.as_mut() {
-        Some(probe) => {
-            let status = probe.check();
-            match (status.ready, status.issuer) {
-                (true, Some(serving)) if serving != want => Running::Pending(format!(
-                    "the configuration already says {want}, but the running apiserver still signs with {serving}: a restart is pending"
-                )),
-                (true, Some(_)) if unverified.is_some() => Running::SeenServing,
-                (true, Some(_)) => Running::Settled,
-                (_, _) => match &unverified {
-                    Some(why) => Running::Pending(format!(
-                        "{why}, and it does not answer now ({}): waiting for it, to verify the change (and roll it back if it does not come)",
-                        status.detail
-                    )),
-                    None => {
-                        log::info!(
-                            "the running apiserver does not answer ({}); the configuration is in sync and irsa-agent has no change of its own to verify",
-                            status.detail
-                        );
-                        Running::Settled
-                    }
-                },
-            }
-        }
-        // After `--no-restart` the restart is the operator's: with no way to ask, the files
-        // are reported in sync and the switch stays unverified (finalize keeps waiting for it).
-        None if state
-            .in_flight()
-            .filter(|c| c.issuer == want)
-            .is_none_or(|c| c.no_restart) =>
-        {
-            if let Some(why) = &unverified {
-                log::warn!(
-                    "{why}; it cannot be asked ({}), so the change stays unverified",
-                    e.probe_error.clone().unwrap_or_default()
-                );
-            }
-            Running::Settled
-        }
-        None => match unverified {
-            Some(why) => bail!(
-                "{why}, and it cannot be asked ({}): nothing is declared applied; fix that and run apply again",
-                e.probe_error.clone().unwrap_or_default()
-            ),
-            None => Running::Settled,
-        },
-    };
-    Ok((e, running))
-}
-
-/// k3s/RKE2 settings on the unit's command line would override or bypass what apply edits.
-pub fn refuse_command_line_flags(
-    root: &HostRoot,
-    observed: &Observed,
-    run: &RunArgs,
-) -> anyhow::Result<()> {
-    let Source::Rancher(r) = &observed.source else {
-        return Ok(());
-    };
-    let Restart::Unit(unit) =
-        restart::restart_for(root, observed.distribution, run.apiserver.unit.as_deref())
-    else {
-        return Ok(());
-    };
-    let problems = restart::command_line_problems(root, &unit, r.flavor.program());
-    if !problems.is_empty() {
-        bail!("{}", problems.join("\n"));
-    }
-    Ok(())
-}
-
-/// Carries out a plan with the real service manager and probe (or the injected fakes).
-pub fn execute_plan(
-    root: &HostRoot,
-    observed: &Observed,
-    plan: &Plan,
-    run: &RunArgs,
-    backups: &crate::config::Backups,
-) -> anyhow::Result<Outcome> {
-    let mut edges = edges(root, observed, run);
-    let opts = Options {
-        no_restart: run.no_restart,
-        timeout: run.apiserver.timeout,
-        poll: run.apiserver.poll_interval,
-        backups: *backups,
-    };
-    let mut probe: Box<dyn ApiserverProbe> = match edges.probe.take() {
-        Some(p) => p,
-        None if run.no_restart => Box::new(NoProbe),
-        None => bail!(
-            "cannot verify the apiserver after a restart, so nothing was changed: {}; fix that, or use --no-restart to only write the files",
-            edges.probe_error.unwrap_or_default()
-        ),
-    };
-    let outcome = executor::execute(
-        root,
-        plan,
-        &edges.restart,
-        edges.services.as_mut(),
-        probe.as_mut(),
-        &opts,
-        state::unix_now(),
-    )?;
-    Ok(outcome)
-}
-
-/// A probe for `--no-restart`, which never asks.
-struct NoProbe;
-
-impl ApiserverProbe for NoProbe {
-    fn check(&mut self) -> crate::apiserver::probe::Status {
-        crate::apiserver::probe::Status {
-            ready: false,
-            issuer: None,
-            detail: "not probed".into(),
-        }
-    }
 }
 
 pub fn print_outcome(plan: &Plan, outcome: &Outcome) {

@@ -70,7 +70,8 @@ fn publish(
     root: &HostRoot,
     settings: &config::Settings,
 ) -> anyhow::Result<(Vec<PathBuf>, Publication)> {
-    let publication = Publication::from_host(root, settings)?;
+    let publication =
+        Publication::from_host(root, settings, crate::rotation::published_ahead(root))?;
     let env = publish::Environment {
         root: root.clone(),
         ca_file: None,
@@ -201,6 +202,7 @@ fn demo(base: &Path) -> anyhow::Result<Exit> {
         retire: Vec::new(),
         retired: Vec::new(),
         accept_only: false,
+        drop_external_audiences: false,
     };
     let plan = plan::plan(&observed, &target)?;
     for warning in &plan.warnings {

@@ -6,12 +6,11 @@ use anyhow::bail;
 use clap::Args as ClapArgs;
 use serde_json::json;
 
-use super::apply::{
-    RunArgs, edges, execute_plan, load_settings, print_outcome, print_plan, result_json,
-};
+use super::apply::{RunArgs, load_settings, print_outcome, print_plan, result_json};
 use super::{Exit, Global};
-use crate::apiserver::apply::{self as executor, FinalizeDecision, Outcome, RestartOutcome};
-use crate::apiserver::plan::{self, Target};
+use crate::apiserver::apply::{self as executor, FinalizeDecision};
+use crate::apiserver::change::{self, Goal};
+use crate::apiserver::plan;
 use crate::apiserver::{self, flags};
 use crate::config::format_duration;
 use crate::state::{self, State};
@@ -33,7 +32,7 @@ requests with tokens past their original expiry), and audit events annotated \
 Removes the issuers `apply` kept accepted (the old default included) once the time since the \
 apiserver was first seen signing with the new issuer exceeds the longest token lifetime: \
 rotation.token-lifetime (default 24h) or the apiserver's --service-account-max-token-expiration, \
-whichever is longer. Refuses before that. --api-audiences stays pinned.
+whichever is longer. Refuses before that. --api-audiences stays pinned, except for external audiences (sts.amazonaws.com, api://AzureADTokenExchange, ...) that a cluster migrated by hand had there: once `apply` put the in-cluster audiences back, finalize removes them with the same wait (until then the tokens pods hold may carry them as their only audience).
 
 Exit status: 0 done or nothing to retire; 2 retirement possible now (--check); 1 refused or error.")]
 pub struct Args {
@@ -64,7 +63,7 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
     let settings = load_settings(global)?;
     let mut state = State::load(root)?;
     let observed = apiserver::observe(root, settings.distribution)?;
-    super::apply::refuse_command_line_flags(root, &observed, run)?;
+    change::refuse_command_line_flags(root, &observed, &run.options())?;
     let mut lifetime = settings.rotation.token_lifetime;
     if let Some(max) = observed
         .flags
@@ -75,16 +74,49 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
         lifetime = lifetime.max(max);
     }
     let now = state::unix_now();
+    // External audiences (sts.amazonaws.com, ...) go too, but only once every in-cluster
+    // audience is back: then every default token minted since carries one of those.
+    let previous = state
+        .issuer
+        .as_ref()
+        .map(|s| s.previous.clone())
+        .unwrap_or_default();
+    let origin = plan::origin(&observed, &previous);
+    let in_force = observed.flags.effective_audiences();
+    let external: Vec<String> = in_force
+        .iter()
+        .filter(|a| plan::is_external_audience(a))
+        .cloned()
+        .collect();
+    let missing: Vec<String> = origin
+        .audiences
+        .iter()
+        .filter(|a| !in_force.contains(a))
+        .cloned()
+        .collect();
+    if !external.is_empty() && !missing.is_empty() {
+        bail!(
+            "--api-audiences is {} without the in-cluster audiences {}: the tokens pods hold carry {} as their only audience, so removing it now would reject them; run `irsa-agent apply` first (it puts {} back and keeps {}), then run finalize the longest token lifetime ({}) later",
+            in_force.join(","),
+            missing.join(","),
+            external.join(", "),
+            missing.join(","),
+            external.join(", "),
+            format_duration(lifetime)
+        );
+    }
+    let drop = external;
     let mut decision = executor::finalize_decision(
         state.issuer.as_ref(),
         &settings.issuer,
         &observed.flags.issuers,
+        &drop,
         now,
         lifetime,
     );
     // A switch written with --no-restart: see whether the apiserver serves it by now.
     if let FinalizeDecision::AwaitingSwitch { retire } = &decision {
-        let mut e = edges(root, &observed, run);
+        let mut e = change::edges(root, &observed, &run.options());
         let serving = e.probe.as_mut().map(|p| p.check());
         match serving {
             Some(status) if status.issuer.as_deref() == Some(settings.issuer.as_str()) => {
@@ -117,6 +149,15 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
         }
     }
     let retire = match decision {
+        FinalizeDecision::NotApplied
+            if observed.flags.issuers.first() == Some(&settings.issuer) =>
+        {
+            bail!(
+                "the apiserver signs with {}, but irsa-agent has no record of applying it on this host ({}), so it cannot tell since when; run `irsa-agent apply` first (it records that), then finalize after the longest token lifetime",
+                settings.issuer,
+                state::STATE_FILE
+            )
+        }
         FinalizeDecision::NotApplied => bail!(
             "the apiserver does not sign with the configured issuer {} yet (it has {}); run `irsa-agent apply` first",
             settings.issuer,
@@ -148,8 +189,8 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
             remaining,
         } => {
             let message = format!(
-                "refusing to retire {} yet: the apiserver was first seen signing with {} at {}; tokens minted with the old issuer(s) before then may live {} (the longest token lifetime configured), so wait {} more (until {})",
-                retire.join(", "),
+                "refusing to {} yet: the apiserver was first seen signing with {} at {}; tokens minted with the old issuer(s) before then may live {} (the longest token lifetime configured), so wait {} more (until {})",
+                what_goes(&retire, &drop),
                 settings.issuer,
                 state::rfc3339(switched_at),
                 format_duration(lifetime),
@@ -161,17 +202,9 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
         }
         FinalizeDecision::Ready { retire } => retire,
     };
-    let st = state.issuer.clone().unwrap_or_default();
-    let target = Target {
-        issuer: settings.issuer.clone(),
-        jwks_uri: settings.jwks_uri.clone(),
-        remembered: Vec::new(),
-        retire: retire.clone(),
-        retired: st.retired.clone(),
-        accept_only: false,
-    };
-    let plan = plan::plan(&observed, &target)?;
-    for warning in &plan.warnings {
+    let options = run.options();
+    let mut prepared = change::prepare(root, &settings, Goal::Retire(retire.clone()), &options)?;
+    for warning in &prepared.plan.warnings {
         log::warn!("{warning}");
     }
     if !run.json {
@@ -180,7 +213,11 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
     // The apiserver's own evidence comes before retiring anything: it must answer, serving
     // the configured issuer, with a readable stale-token counter. When it cannot be asked,
     // finalize waits (up to --timeout) and then refuses, changing nothing.
-    let stale = wait_for_evidence(&mut edges(root, &observed, run), &settings.issuer, run)?;
+    let stale = wait_for_evidence(
+        &mut change::edges(root, &prepared.observed, &options),
+        &settings.issuer,
+        run,
+    )?;
     if stale > 0.0 {
         log::warn!(
             "serviceaccount_stale_tokens_total is {stale} on this apiserver: some clients use tokens past their original expiry; find them in the audit log (authentication.k8s.io/stale-token) before retiring old issuers"
@@ -193,16 +230,20 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
         observed.distribution,
         run.apiserver.unit.as_deref(),
     );
-    let extra = json!({"retire": retire, "stale_tokens_total": stale});
+    let extra = json!({"retire": retire, "drop_audiences": prepared.plan.dropped_audiences, "stale_tokens_total": stale});
     if run.check {
+        let plan = &prepared.plan;
         if run.json {
             println!(
                 "{}",
-                serde_json::to_string_pretty(&result_json(&plan, None, &restart, true, extra))?
+                serde_json::to_string_pretty(&result_json(plan, None, &restart, true, extra))?
             );
         } else {
-            print_plan(&plan, run.diff);
-            println!("old issuers can be retired now: {}", retire.join(", "));
+            print_plan(plan, run.diff);
+            println!(
+                "can be done now: {}",
+                what_goes(&retire, &plan.dropped_audiences)
+            );
         }
         return Ok(if plan.in_sync() {
             Exit::OK
@@ -210,24 +251,13 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
             Exit::PENDING
         });
     }
-    let outcome = if plan.in_sync() {
-        Outcome {
-            written: Vec::new(),
-            backup_dir: None,
-            restart: RestartOutcome::NotNeeded,
-        }
-    } else {
-        execute_plan(root, &observed, &plan, run, &settings.backups)?
-    };
-    let now = state::unix_now();
-    State::update(root, |s| {
-        executor::record_finalize(s, &retire, &outcome, now)
-    })?;
+    let outcome = change::carry_out(root, &settings, &mut prepared, &options)?.outcome;
+    let plan = &prepared.plan;
     if run.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&result_json(
-                &plan,
+                plan,
                 Some(&outcome),
                 &restart,
                 false,
@@ -235,9 +265,17 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
             ))?
         );
     } else {
-        print_plan(&plan, run.diff);
-        print_outcome(&plan, &outcome);
-        println!("retired: {}", retire.join(", "));
+        print_plan(plan, run.diff);
+        print_outcome(plan, &outcome);
+        if !retire.is_empty() {
+            println!("retired: {}", retire.join(", "));
+        }
+        if !plan.dropped_audiences.is_empty() {
+            println!(
+                "removed from --api-audiences: {}",
+                plan.dropped_audiences.join(", ")
+            );
+        }
     }
     Ok(Exit::OK)
 }
@@ -245,11 +283,7 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
 /// Waits until the local apiserver answers ready, serving `issuer`, with a readable
 /// `serviceaccount_stale_tokens_total`; returns its value. Polls every --poll-interval for up
 /// to --timeout, saying what it waits for; then fails, and nothing was changed.
-fn wait_for_evidence(
-    e: &mut super::apply::Edges,
-    issuer: &str,
-    run: &RunArgs,
-) -> anyhow::Result<f64> {
+fn wait_for_evidence(e: &mut change::Edges, issuer: &str, run: &RunArgs) -> anyhow::Result<f64> {
     let Some(probe) = e.probe.as_mut() else {
         bail!(
             "cannot ask the apiserver whether it serves {issuer} and whether stale tokens are in use ({}): nothing was retired; fix that and run finalize again",
@@ -288,6 +322,18 @@ fn wait_for_evidence(
         }
         std::thread::sleep(run.apiserver.poll_interval);
     }
+}
+
+/// "retire X" / "remove Y from --api-audiences" / both.
+fn what_goes(retire: &[String], drop: &[String]) -> String {
+    let mut parts = Vec::new();
+    if !retire.is_empty() {
+        parts.push(format!("retire {}", retire.join(", ")));
+    }
+    if !drop.is_empty() {
+        parts.push(format!("remove {} from --api-audiences", drop.join(", ")));
+    }
+    parts.join(" and ")
 }
 
 fn round_up(d: Duration) -> Duration {

@@ -187,22 +187,9 @@ fn absolute(path: &std::path::Path) -> PathBuf {
     }
 }
 
-/// The error and its causes, joined by ": ", each cause only when the text so far does not
-/// already say it (typed errors often print their source in their own message; `{:#}` would
-/// then print it twice: "cannot read X: no such file: no such file").
+/// The error and its causes in one line ([`crate::errors::chain`]).
 pub fn error_chain(err: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in err.chain() {
-        let text = cause.to_string();
-        if text.is_empty() || out.contains(&text) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&text);
-    }
-    out
+    crate::errors::chain(err.as_ref())
 }
 
 /// Writes a document to stdout exactly; adds a newline only for a terminal, so that

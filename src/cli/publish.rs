@@ -178,7 +178,11 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
         );
     }
     log::info!("reading the apiserver's service-account keys");
-    let publication = Publication::from_host(&global.root, settings)?;
+    let publication = Publication::from_host(
+        &global.root,
+        settings,
+        crate::rotation::published_ahead(&global.root),
+    )?;
     let publication = with_live_keys(global, settings, publication);
     log::info!(
         "{} key{} to publish for {}: {}",

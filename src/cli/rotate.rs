@@ -131,7 +131,13 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let mut ctx = Context::for_host(root, &settings, clock.clone(), edges, options)?;
+    let mut ctx = runtime.block_on(Context::for_host(
+        root,
+        &settings,
+        clock.clone(),
+        edges,
+        options,
+    ))?;
     let result = runtime.block_on(async {
         if args.abort {
             let now = ctx.clock.now();

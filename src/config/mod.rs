@@ -16,6 +16,7 @@
 
 pub mod fields;
 pub mod issuer;
+pub mod layout;
 pub mod run;
 pub mod webhook;
 
@@ -35,8 +36,10 @@ pub const CONFIG_FILE: &str = "/etc/irsa-agent/config.yaml";
 /// Host path of the drop-in directory.
 pub const CONFIG_DIR: &str = "/etc/irsa-agent/config.d";
 
-/// Which Kubernetes distribution runs the apiserver on this host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which Kubernetes distribution runs the apiserver on this host. Persisted in the state file
+/// by its name; an unknown name there is an error naming the file and the value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Distribution {
     Auto,
     K3s,
@@ -76,7 +79,7 @@ impl fmt::Display for Distribution {
 /// One place the documents are published to. Each target gets both documents.
 ///
 /// Object keys (file paths for `directory`) are `<prefix>/.well-known/openid-configuration` and
-/// the jwks-uri's path; see [`crate::publish::layout`] for how they line up with the issuer.
+/// the jwks-uri's path; see [`layout`] for how they line up with the issuer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PublishTarget {
     /// A directory served by a web server; a host path, resolved under the host root.
@@ -108,7 +111,8 @@ pub enum PublishTarget {
         cache_control: String,
         /// A service-account key file (host path); default: application default credentials.
         credentials_file: Option<PathBuf>,
-        /// Another storage endpoint (fake-gcs-server, tests).
+        /// Another JSON API endpoint than https://storage.googleapis.com (fake-gcs-server, private
+        /// endpoints).
         endpoint: Option<String>,
     },
     /// Azure Blob Storage (static website: container `$web`).
@@ -211,12 +215,22 @@ impl PublishTarget {
     }
 }
 
-/// The key type rotation generates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The key type rotation generates. Persisted in the state file by its name; an unknown name
+/// there is an error naming the file and the value (never silently another key type).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum KeyType {
+    #[serde(rename = "rsa-2048")]
     Rsa2048,
+    #[serde(rename = "rsa-3072")]
     Rsa3072,
+    #[serde(rename = "ecdsa-p256")]
     EcdsaP256,
+}
+
+impl fmt::Display for KeyType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl KeyType {
@@ -1048,8 +1062,7 @@ pub fn validate(
     // Where each target puts the documents, and whether that can line up with the issuer.
     if let Some(publish) = &merged.publish {
         for (i, target) in publish.value.iter().enumerate() {
-            let layout =
-                crate::publish::layout::Layout::for_target(&issuer.value, &jwks_uri, target);
+            let layout = layout::Layout::for_target(&issuer.value, &jwks_uri, target);
             warnings.extend(layout.notes.into_iter().map(|message| Problem {
                 file: Some(publish.file.clone()),
                 key: format!("publish[{i}]"),

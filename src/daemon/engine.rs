@@ -9,10 +9,12 @@ use std::hash::{Hash as _, Hasher as _};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use super::apply_step::{ApplyReport, ApplyStep, FailureKind};
-use super::backoff::{Backoff, Jitter};
+use super::backoff::Jitter;
+use super::decide::{self, Converged, HoldCheck, Retry, Schedule, Tick, round};
+pub use super::decide::{Trigger, Work};
 use super::metrics::{self, TargetMetric};
 use super::status::{
     ApiserverStatus, ConvergeRecord, DaemonStatus, Phase, PublicStatus, TargetStatus, TaskStatus,
@@ -24,51 +26,11 @@ use crate::apiserver::{self, Observed};
 use crate::config::{self, Settings, format_duration};
 use crate::host::HostRoot;
 use crate::publish::{self, Outcome, Publication, Publisher};
+use crate::rotation::clock::Clock;
 use crate::state::State;
 
-/// The first retry comes after about this long; then it doubles up to `run.retry-max`.
-const RETRY_BASE: Duration = Duration::from_secs(1);
 /// The longest one request of the public check may take (AWS STS gives up after about 5 s).
 const PUBLIC_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Events keep coming (an editor saving, k3s writing several files): converge at the latest
-/// this many debounce periods after the first one.
-const DEBOUNCE_MAX_FACTOR: u32 = 20;
-
-/// What started a converge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Trigger {
-    Start,
-    Reload,
-    ConfigChanged,
-    FilesChanged,
-    Retry,
-    Resync,
-    Task,
-}
-
-impl Trigger {
-    pub fn name(self) -> &'static str {
-        match self {
-            Trigger::Start => "start",
-            Trigger::Reload => "reload",
-            Trigger::ConfigChanged => "config-changed",
-            Trigger::FilesChanged => "files-changed",
-            Trigger::Retry => "retry",
-            Trigger::Resync => "resync",
-            Trigger::Task => "task",
-        }
-    }
-}
-
-/// Work that is due.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Work {
-    /// Re-read the agent configuration, then converge.
-    ConfigChanged,
-    Converge(Trigger),
-    Tasks,
-}
-
 /// How the daemon was started.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -79,21 +41,7 @@ pub struct Options {
 
 struct TaskSlot {
     task: Box<dyn ScheduledTask>,
-    next_due: Option<SystemTime>,
-    backoff: Backoff,
     status: TaskStatus,
-}
-
-struct Debounce {
-    first: Instant,
-    last: Instant,
-    reload: bool,
-}
-
-/// An apiserver change that was rolled back: not retried while the inputs stay the same.
-struct Hold {
-    fingerprint: u64,
-    message: String,
 }
 
 /// Why the publication must not go out, if it must not: the JWKS has to contain the key the
@@ -117,23 +65,12 @@ fn unix(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-/// Unix time `at` (an Instant in the future or past) stands for.
-fn unix_of(at: Instant) -> u64 {
-    let now = Instant::now();
-    let wall = SystemTime::now();
-    let t = if at >= now {
-        wall + (at - now)
-    } else {
-        wall - (now - at)
-    };
-    unix(t)
-}
-
 /// The daemon's state (see the module docs).
-/// How soon the daemon looks again while it publishes keys only the running apiserver has.
-const LIVE_RECHECK: Duration = Duration::from_secs(30);
-
 pub struct Engine {
+    /// The one clock every time the engine acts on comes from.
+    clock: Arc<dyn Clock>,
+    /// What is due when, and whether an apiserver change is held: the decisions' state.
+    schedule: Schedule,
     root: HostRoot,
     explicit_config: Option<PathBuf>,
     settings: Option<Settings>,
@@ -144,12 +81,6 @@ pub struct Engine {
     publishers_for: Option<String>,
     apply: Option<Box<dyn ApplyStep>>,
     tasks: Vec<TaskSlot>,
-    jitter: Jitter,
-    backoff: Backoff,
-    next_retry: Option<Instant>,
-    next_resync: Option<Instant>,
-    debounce: Option<Debounce>,
-    hold: Option<Hold>,
     watch_set: WatchSet,
     watcher: Watcher,
     /// Kids last written successfully per target (drift: a target differs although nothing
@@ -197,6 +128,7 @@ pub struct Engine {
 impl Engine {
     pub fn new(
         options: Options,
+        clock: Arc<dyn Clock>,
         apply: Box<dyn ApplyStep>,
         tasks: Vec<Box<dyn ScheduledTask>>,
         watcher: Watcher,
@@ -205,7 +137,7 @@ impl Engine {
             .ok()
             .as_ref()
             .and_then(DaemonStatus::from_state);
-        let now = unix(SystemTime::now());
+        let now = clock.now();
         let mut status = DaemonStatus {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -235,6 +167,8 @@ impl Engine {
         let (metrics_tx, _) = tokio::sync::watch::channel(String::new());
         let watch_set = WatchSet::new(&options.root, options.config.as_deref());
         Engine {
+            clock,
+            schedule: Schedule::new(tasks.len(), Jitter::from_entropy()),
             root: options.root,
             explicit_config: options.config,
             settings: None,
@@ -250,16 +184,8 @@ impl Engine {
                         ..Default::default()
                     },
                     task,
-                    next_due: None,
-                    backoff: Backoff::new(RETRY_BASE, Duration::from_secs(300)),
                 })
                 .collect(),
-            jitter: Jitter::from_entropy(),
-            backoff: Backoff::new(RETRY_BASE, Duration::from_secs(300)),
-            next_retry: None,
-            next_resync: None,
-            debounce: None,
-            hold: None,
             watch_set,
             watcher,
             last_good: BTreeMap::new(),
@@ -313,7 +239,7 @@ impl Engine {
                     if self.settings.is_some() {
                         log::info!("configuration changed; converging with the new settings");
                     }
-                    self.backoff.set_max(loaded.settings.run.retry_max);
+                    self.schedule.set_retry_max(loaded.settings.run.retry_max);
                     self.publishers.clear();
                     self.publishers_for = None;
                     self.last_good.clear();
@@ -356,9 +282,7 @@ impl Engine {
     /// A reload asked for by a person (SIGHUP): re-read the configuration and try everything
     /// again now, a held apiserver change included.
     pub fn reload(&mut self) {
-        self.hold = None;
-        self.backoff.reset();
-        self.next_retry = None;
+        self.schedule.reload();
         self.load_config();
     }
 
@@ -409,12 +333,21 @@ impl Engine {
             self.webhook_cache.clone(),
             crate::webhook::unix_now(),
         ) {
-            Ok(running) => {
+            Ok(mut running) => {
                 log::info!(
                     "serving the pod identity webhook on {} (CA in {})",
                     wanted.url(),
                     crate::webhook::certs::ca_file(&self.root).display()
                 );
+                if let Some(settings) = &self.settings {
+                    running.attach(tokio::spawn(crate::webhook::kube_sync::run(
+                        self.root.clone(),
+                        settings.distribution,
+                        wanted.clone(),
+                        self.webhook_cache.clone(),
+                        running.bundle.clone(),
+                    )));
+                }
                 self.webhook = Some((wanted, running));
             }
             Err(e) => {
@@ -440,7 +373,7 @@ impl Engine {
     }
 
     /// What an inotify event means: starts or extends the debounce window.
-    pub fn on_event(&mut self, event: WatchEvent, now: Instant) {
+    pub fn on_event(&mut self, event: WatchEvent) {
         let (mut reload, mut relevant) = (false, false);
         match event {
             WatchEvent::Rescan => {
@@ -464,98 +397,42 @@ impl Engine {
                 }
             }
         }
-        if !relevant {
-            return;
-        }
-        match &mut self.debounce {
-            Some(d) => {
-                d.last = now;
-                d.reload |= reload;
-            }
-            None => {
-                self.debounce = Some(Debounce {
-                    first: now,
-                    last: now,
-                    reload,
-                })
-            }
+        if relevant {
+            self.schedule.on_change(reload, self.clock.monotonic());
         }
     }
 
     fn debounce_period(&self) -> Duration {
         self.settings
             .as_ref()
-            .map_or(Duration::from_millis(100), |s| s.run.debounce)
+            .map_or(decide::DEFAULT_DEBOUNCE, |s| s.run.debounce)
     }
 
-    fn debounce_deadline(&self) -> Option<Instant> {
-        let d = self.debounce.as_ref()?;
-        let period = self.debounce_period();
-        Some((d.last + period).min(d.first + period * DEBOUNCE_MAX_FACTOR))
+    /// The clock's time now, monotonic.
+    pub fn now(&self) -> Tick {
+        self.clock.monotonic()
     }
 
-    fn task_deadline(&self) -> Option<Instant> {
-        if !self.configured() {
-            return None;
+    /// Unix time `at` (in the future or past) stands for.
+    fn unix_of(&self, at: Tick) -> u64 {
+        let (now, wall) = (self.clock.monotonic(), self.clock.now());
+        if at >= now {
+            wall.saturating_add((at - now).as_secs())
+        } else {
+            wall.saturating_sub((now - at).as_secs())
         }
-        let now = Instant::now();
-        let wall = SystemTime::now();
-        self.tasks
-            .iter()
-            .filter_map(|t| t.next_due)
-            .map(|due| now + due.duration_since(wall).unwrap_or(Duration::ZERO))
-            .min()
     }
 
     /// When the loop must wake up next (`None`: only for an event or a signal).
-    pub fn next_wakeup(&self) -> Option<Instant> {
-        [
-            self.debounce_deadline(),
-            self.next_retry,
-            self.next_resync,
-            self.task_deadline(),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
+    pub fn next_wakeup(&self) -> Option<Tick> {
+        self.schedule
+            .next_wakeup(self.configured(), self.debounce_period())
     }
 
-    /// The work due at `now`, if any.
-    pub fn take_due(&mut self, now: Instant) -> Option<Work> {
-        if self.debounce_deadline().is_some_and(|d| d <= now) {
-            let d = self.debounce.take()?;
-            if d.reload || !self.configured() {
-                return Some(Work::ConfigChanged);
-            }
-            return Some(Work::Converge(Trigger::FilesChanged));
-        }
-        if !self.configured() {
-            return None;
-        }
-        if self.next_retry.is_some_and(|t| t <= now) {
-            self.next_retry = None;
-            return Some(Work::Converge(Trigger::Retry));
-        }
-        if self.next_resync.is_some_and(|t| t <= now) {
-            self.next_resync = None;
-            return Some(Work::Converge(Trigger::Resync));
-        }
-        if self.task_deadline().is_some_and(|t| t <= now) {
-            return Some(Work::Tasks);
-        }
-        None
-    }
-
-    /// Hash of what an apiserver change depends on: the apiserver's files and the settings.
-    fn fingerprint(&self, settings: &Settings) -> u64 {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        settings.issuer.hash(&mut h);
-        settings.jwks_uri.hash(&mut h);
-        for path in self.watch_set.files_of(Group::Apiserver) {
-            path.hash(&mut h);
-            crate::fs::read(path).ok().hash(&mut h);
-        }
-        h.finish()
+    /// The work due now, if any.
+    pub fn take_due(&mut self) -> Option<Work> {
+        let (now, configured, period) = (self.now(), self.configured(), self.debounce_period());
+        self.schedule.take_due(now, configured, period)
     }
 
     /// One converge: read the host, publish, then bring the apiserver in line, then run the
@@ -564,7 +441,7 @@ impl Engine {
         let Some(settings) = self.settings.clone() else {
             return false;
         };
-        let started = Instant::now();
+        let started = self.clock.monotonic();
         log::debug!("converging ({})", trigger.name());
         self.status.metrics.converges_total += 1;
         // A webhook that could not start (port taken, CA file unreadable) is tried again.
@@ -610,75 +487,72 @@ impl Engine {
                     message: Some(
                         "waiting for the documents to be published first: relying parties must be able to verify tokens before the apiserver signs with the issuer".into(),
                     ),
-                    at: unix(SystemTime::now()),
+                    at: self.clock.now(),
                 });
             }
             false
-        } else if self.stopping.load(Ordering::SeqCst) {
+        } else if !decide::apiserver_step_runs(published, self.stopping.load(Ordering::SeqCst)) {
             false
         } else {
             self.apiserver_step(&settings, &mut errors).await
         };
 
         let ok = published && apiserver_ok && errors.is_empty();
-        let now = Instant::now();
-        let duration = now - started;
+        let now = self.clock.monotonic();
+        let duration = now.saturating_sub(started);
         self.status.metrics.last_converge_duration_seconds = duration.as_secs_f64();
         self.status.last_converge = Some(ConvergeRecord {
-            at: unix(SystemTime::now()),
+            at: self.clock.now(),
             trigger: trigger.name().into(),
             ok,
             duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
         });
-        if ok {
-            if self.backoff.failures() > 0 {
-                log::info!(
-                    "recovered after {} failed attempt(s)",
-                    self.backoff.failures()
-                );
-            }
-            self.backoff.reset();
-            self.next_retry = None;
-            self.status.last_success_at = Some(unix(SystemTime::now()));
-        } else if self.not_a_server.is_some() {
-            // Nothing to retry: the watches on the server's files bring the next converge.
-            self.next_retry = None;
-        } else {
-            self.status.metrics.converge_failures_total += 1;
-            let delay = self.backoff.fail(&mut self.jitter);
-            self.next_retry = Some(now + delay);
-            if errors != self.last_errors {
-                for e in &errors {
-                    log::error!("{e}");
+        let converged = Converged {
+            ok,
+            not_a_server: self.not_a_server.is_some(),
+            live_only: !self.live_only.is_empty(),
+        };
+        match self
+            .schedule
+            .after_converge(converged, now, settings.run.resync_interval)
+        {
+            Retry::Recovered { after } => {
+                if after > 0 {
+                    log::info!("recovered after {after} failed attempt(s)");
                 }
-                log::warn!("retrying in {}", format_duration(round(delay)));
-            } else {
-                log::debug!(
-                    "failed again ({} in a row); retrying in {}",
-                    self.backoff.failures(),
-                    format_duration(round(delay))
-                );
+                self.status.last_success_at = Some(self.clock.now());
+            }
+            // Nothing to retry: the watches on the server's files bring the next converge.
+            Retry::NotAServer => {}
+            Retry::After { delay, failures } => {
+                self.status.metrics.converge_failures_total += 1;
+                if errors != self.last_errors {
+                    for e in &errors {
+                        log::error!("{e}");
+                    }
+                    log::warn!("retrying in {}", format_duration(round(delay)));
+                } else {
+                    log::debug!(
+                        "failed again ({failures} in a row); retrying in {}",
+                        format_duration(round(delay))
+                    );
+                }
             }
         }
         self.last_errors = errors.clone();
         self.status.errors = errors;
-        self.next_resync = Some(now + self.jitter.spread(settings.run.resync_interval, 0.1));
-        if !self.live_only.is_empty() {
-            // Follow the apiserver's restart soon rather than at the next resync.
-            self.next_resync = self.next_resync.map(|t| t.min(now + LIVE_RECHECK));
-        }
         self.refresh_status();
 
-        if self.stopping.load(Ordering::SeqCst) {
+        if !decide::tasks_run_after_converge(self.stopping.load(Ordering::SeqCst)) {
             return false;
         }
         let reason = TaskReason::AfterConverge {
-            in_sync: ok && self.hold.is_none(),
+            in_sync: ok && self.schedule.held().is_none(),
             published_kids: self.status.kids.clone(),
             signing_kid: self.status.signing_kid.clone(),
         };
         let requested = self.run_tasks(Some(reason)).await;
-        requested && trigger != Trigger::Task
+        decide::follow_up(requested, trigger).is_some()
     }
 
     /// Asks the running apiserver which keys it serves (on a blocking thread: the probe owns a
@@ -799,7 +673,7 @@ impl Engine {
         )
         .await
         .ok();
-        let now = unix(SystemTime::now());
+        let now = self.clock.now();
         let kids = publication.kids().to_vec();
         let mut all_ok = true;
         let mut targets = Vec::new();
@@ -893,7 +767,7 @@ impl Engine {
     /// parties refuse is an error of this converge (retried with backoff, so `status` is not
     /// "in sync"), unless `public-check: false` says the URL is not served yet.
     async fn check_public(&mut self, settings: &Settings, errors: &mut Vec<String>) {
-        let at = unix(SystemTime::now());
+        let at = self.clock.now();
         if !settings.public_check {
             self.status.public = Some(PublicStatus {
                 result: "not-checked".into(),
@@ -961,21 +835,27 @@ impl Engine {
 
     /// The apiserver step on a blocking thread (unless held after a rollback).
     async fn apiserver_step(&mut self, settings: &Settings, errors: &mut Vec<String>) -> bool {
-        let now = unix(SystemTime::now());
-        if let Some(hold) = &self.hold {
-            if hold.fingerprint == self.fingerprint(settings) {
+        let now = self.clock.now();
+        let Engine {
+            schedule,
+            watch_set,
+            ..
+        } = self;
+        match schedule.check_hold(|| fingerprint(watch_set, settings)) {
+            HoldCheck::Free => {}
+            HoldCheck::Held { message } => {
                 self.status.apiserver = Some(ApiserverStatus {
                     result: "held".into(),
                     message: Some(format!(
-                        "{}; not retried until the apiserver configuration, its key files or the agent configuration change, or `systemctl reload irsa-agent`",
-                        hold.message
+                        "{message}; not retried until the apiserver configuration, its key files or the agent configuration change, or `systemctl reload irsa-agent`"
                     )),
                     at: now,
                 });
                 return true;
             }
-            log::info!("the inputs changed since the rolled-back apiserver change; trying again");
-            self.hold = None;
+            HoldCheck::InputsChanged => log::info!(
+                "the inputs changed since the rolled-back apiserver change; trying again"
+            ),
         }
         let Some(mut step) = self.apply.take() else {
             errors.push(
@@ -1050,10 +930,8 @@ impl Engine {
                     log::error!(
                         "not trying this apiserver change again until its inputs change or `systemctl reload irsa-agent`"
                     );
-                    self.hold = Some(Hold {
-                        fingerprint: self.fingerprint(settings),
-                        message: failed.message.clone(),
-                    });
+                    self.schedule
+                        .rolled_back(fingerprint(&self.watch_set, settings), &failed.message);
                     self.status.apiserver = Some(ApiserverStatus {
                         result: "held".into(),
                         message: Some(failed.message),
@@ -1079,22 +957,23 @@ impl Engine {
             return false;
         };
         let mut requested = false;
-        let wall = SystemTime::now();
+        let started = self.clock.monotonic();
         let Engine {
             tasks,
             root,
             publishers,
             critical,
-            jitter,
+            schedule,
+            clock,
             ..
         } = self;
-        for slot in tasks.iter_mut() {
+        for (i, slot) in tasks.iter_mut().enumerate() {
             let reason = match &reason {
                 Some(r) => r.clone(),
-                None if slot.next_due.is_some_and(|d| d <= wall) => TaskReason::Due,
+                None if schedule.task_due(i, started) => TaskReason::Due,
                 None => continue,
             };
-            let now = SystemTime::now();
+            let now = SystemTime::UNIX_EPOCH + Duration::from_secs(clock.now());
             let mut ctx =
                 TaskContext::new(now, reason, root, &settings, publishers, critical.clone());
             let result = slot.task.run(&mut ctx).await;
@@ -1106,17 +985,23 @@ impl Engine {
                 slot.status.status = Some(line);
             }
             requested |= ctx.converge_requested;
-            match result {
+            let (tick, wall) = (
+                clock.monotonic(),
+                SystemTime::UNIX_EPOCH + Duration::from_secs(clock.now()),
+            );
+            slot.status.next_due_at = match result {
                 Ok(next) => {
                     if slot.status.last_error.take().is_some() {
                         log::info!("{}: recovered", slot.status.name);
                     }
-                    slot.backoff.reset();
-                    slot.next_due = next;
+                    schedule.task_ran(i, Ok(next), tick, wall);
+                    next.map(unix)
                 }
                 Err(e) => {
-                    let message = crate::cli::error_chain(&e);
-                    let delay = slot.backoff.fail(jitter);
+                    let message = crate::errors::chain(e.as_ref());
+                    let delay = schedule
+                        .task_ran(i, Err(()), tick, wall)
+                        .unwrap_or_default();
                     if slot.status.last_error.as_ref() != Some(&message) {
                         log::error!(
                             "{} (retrying in {})",
@@ -1125,10 +1010,9 @@ impl Engine {
                         );
                     }
                     slot.status.last_error = Some(message);
-                    slot.next_due = Some(SystemTime::now() + delay);
+                    Some(unix(wall + delay))
                 }
-            }
-            slot.status.next_due_at = slot.next_due.map(unix);
+            };
         }
         self.status.tasks = self.tasks.iter().map(|t| t.status.clone()).collect();
         requested
@@ -1163,88 +1047,33 @@ impl Engine {
                 }
             })
         });
+        let next_retry_at = self.schedule.retry_at().map(|t| self.unix_of(t));
+        let next_resync_at = self.schedule.resync_at().map(|t| self.unix_of(t));
+        let now = self.clock.monotonic();
+        let held = self.schedule.held();
         let s = &mut self.status;
-        s.updated_at = unix(SystemTime::now());
+        s.updated_at = self.clock.now();
         s.config_error = self.config_error.clone();
-        s.failures = self.backoff.failures();
-        s.next_retry_at = self.next_retry.map(unix_of);
-        s.next_resync_at = self.next_resync.map(unix_of);
-        let (phase, line) = match (&self.settings, &self.config_error) {
-            (None, None) => (
-                Phase::WaitingForIssuer,
-                format!("waiting for an issuer in {config_file}"),
-            ),
-            (None, Some(e)) => (
-                Phase::ConfigInvalid,
-                format!(
-                    "configuration invalid, waiting for a fix: {}",
-                    first_problem(e)
-                ),
-            ),
-            (Some(_), _) if s.last_converge.is_none() => (Phase::Starting, "starting".into()),
-            (Some(_), config_error) => {
-                let prefix = config_error
-                    .as_ref()
-                    .map(|e| {
-                        format!(
-                            "configuration invalid, still using the previous one ({}); ",
-                            first_problem(e)
-                        )
-                    })
-                    .unwrap_or_default();
-                if let Some(why) = &self.not_a_server {
-                    (Phase::NotAServer, format!("{prefix}{why}"))
-                } else if let Some(retry) = self.next_retry {
-                    let wait = retry.saturating_duration_since(Instant::now());
-                    (
-                        Phase::Retrying,
-                        format!(
-                            "{prefix}failing, retry {} in {}: {}",
-                            s.failures + 1,
-                            format_duration(round(wait)),
-                            s.errors
-                                .first()
-                                .map(String::as_str)
-                                .unwrap_or("unknown error")
-                        ),
-                    )
-                } else {
-                    let published = match s.targets.len() {
-                        0 => "no publish targets configured".to_string(),
-                        1 => format!(
-                            "{} key(s) published to {}",
-                            s.kids.len(),
-                            s.targets[0].target
-                        ),
-                        n => format!("{} key(s) published to {n} targets", s.kids.len()),
-                    };
-                    let apiserver = match (&self.hold, self.restart_pending) {
-                        (Some(h), _) => format!(
-                            "apiserver change rolled back and held (reload to retry): {}",
-                            h.message
-                        ),
-                        (None, _) if self.apply_pending => {
-                            "apiserver change pending: run `irsa-agent apply` (run.apply-issuer: false)"
-                                .to_string()
-                        }
-                        (None, true) => {
-                            "apiserver configuration written, restart pending".to_string()
-                        }
-                        (None, false) => "apiserver in sync".to_string(),
-                    };
-                    (
-                        if self.hold.is_some() {
-                            Phase::Held
-                        } else if self.apply_pending {
-                            Phase::ApplyPending
-                        } else {
-                            Phase::InSync
-                        },
-                        format!("{prefix}{published}; {apiserver}"),
-                    )
-                }
-            }
-        };
+        s.failures = self.schedule.failures();
+        s.next_retry_at = next_retry_at;
+        s.next_resync_at = next_resync_at;
+        let first_target = s.targets.first().map(|t| t.target.clone());
+        let (phase, line) = decide::phase(&decide::Situation {
+            configured: self.settings.is_some(),
+            config_file: &config_file,
+            config_error: self.config_error.as_deref(),
+            converged: s.last_converge.is_some(),
+            not_a_server: self.not_a_server.as_deref(),
+            retry_in: self.schedule.retry_at().map(|t| t.saturating_sub(now)),
+            failures: s.failures,
+            first_error: s.errors.first().map(String::as_str),
+            targets: s.targets.len(),
+            first_target: first_target.as_deref(),
+            kids: s.kids.len(),
+            held,
+            apply_pending: self.apply_pending,
+            restart_pending: self.restart_pending,
+        });
         if phase != s.phase || line != s.status {
             // NotAServer: the converge logged it already, as an error, once.
             if phase != s.phase && phase != Phase::NotAServer {
@@ -1275,7 +1104,7 @@ impl Engine {
         self.status.status = "stopped".into();
         self.status.next_retry_at = None;
         self.status.next_resync_at = None;
-        self.status.updated_at = unix(SystemTime::now());
+        self.status.updated_at = self.clock.now();
         self.save();
     }
 
@@ -1316,22 +1145,16 @@ impl Engine {
     }
 }
 
-fn first_problem(message: &str) -> String {
-    let lines: Vec<&str> = message.lines().map(str::trim).collect();
-    match lines.as_slice() {
-        [] => String::new(),
-        [one] => one.to_string(),
-        [head, first, ..] => format!("{} {first}", head.trim_end_matches(':')),
+/// Hash of what an apiserver change depends on: the apiserver's files and the settings.
+fn fingerprint(watch_set: &WatchSet, settings: &Settings) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    settings.issuer.hash(&mut h);
+    settings.jwks_uri.hash(&mut h);
+    for path in watch_set.files_of(Group::Apiserver) {
+        path.hash(&mut h);
+        crate::fs::read(path).ok().hash(&mut h);
     }
-}
-
-/// Whole seconds (at least the milliseconds below one second) for messages.
-fn round(d: Duration) -> Duration {
-    if d >= Duration::from_secs(1) {
-        Duration::from_secs(d.as_secs())
-    } else {
-        Duration::from_millis(d.as_millis() as u64)
-    }
+    h.finish()
 }
 
 #[cfg(test)]
@@ -1363,14 +1186,5 @@ mod tests {
             prefixed("rotation", "rotations ok"),
             "rotation: rotations ok"
         );
-    }
-
-    #[test]
-    fn first_problem_of_a_config_error() {
-        assert_eq!(
-            first_problem("invalid configuration (2 problems):\n  a: x\n  b: y"),
-            "invalid configuration (2 problems) a: x"
-        );
-        assert_eq!(first_problem("cannot read x"), "cannot read x");
     }
 }

@@ -53,7 +53,9 @@
 
 pub mod apply_step;
 pub mod backoff;
+pub mod decide;
 pub mod engine;
+pub mod host_apply;
 pub mod metrics;
 pub mod rotation_task;
 pub mod status;
@@ -64,16 +66,18 @@ pub mod watch;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 pub use self::apply_step::{Applied, ApplyFailed, ApplyReport, ApplyStep, FailureKind};
+use self::decide::{OnStop, Tick};
 pub use self::engine::{Engine, Options, Trigger, Work};
 use self::systemd::Notifier;
 pub use self::tasks::{ScheduledTask, TaskContext, TaskReason};
 use self::watch::{WatchEvent, Watcher};
+use crate::rotation::clock::{Clock, SystemClock};
 
 /// How much more time to ask systemd for while the first converge or a stop takes long.
 const EXTEND_BY: Duration = Duration::from_secs(60);
@@ -90,7 +94,8 @@ pub fn run(
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let result = runtime.block_on(main_loop(options, apply, tasks));
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let result = runtime.block_on(main_loop(options, clock, apply, tasks));
     runtime.shutdown_timeout(Duration::from_secs(5));
     result
 }
@@ -159,9 +164,10 @@ async fn tick(interval: &mut Option<tokio::time::Interval>) {
     }
 }
 
-async fn sleep_until(deadline: Option<Instant>) {
+/// Sleeps until the clock reads `deadline` (measured now: the wait is on the runtime's timer).
+async fn sleep_until(clock: &dyn Clock, deadline: Option<Tick>) {
     match deadline {
-        Some(d) => tokio::time::sleep_until(d.into()).await,
+        Some(d) => tokio::time::sleep(d.saturating_sub(clock.monotonic())).await,
         None => std::future::pending().await,
     }
 }
@@ -204,7 +210,7 @@ async fn drive<F: Future>(
             _ = stop_signal(&mut io.term, &mut io.int), if !io.stop_requested => {
                 io.stop_requested = true;
                 stopping.store(true, Ordering::SeqCst);
-                if !critical.load(Ordering::SeqCst) {
+                if decide::on_stop(critical.load(Ordering::SeqCst)) == OnStop::Now {
                     return Driven::Stop;
                 }
                 log::info!("stopping once the apiserver change in progress has finished");
@@ -231,6 +237,7 @@ fn reload(engine: &mut Engine, io: &mut Io) -> Option<Work> {
 /// The loop (see the module docs).
 async fn main_loop(
     options: Options,
+    clock: Arc<dyn Clock>,
     apply: Box<dyn ApplyStep>,
     tasks: Vec<Box<dyn ScheduledTask>>,
 ) -> anyhow::Result<()> {
@@ -255,7 +262,7 @@ async fn main_loop(
         ready: false,
         stop_requested: false,
     };
-    let mut engine = Engine::new(options, apply, tasks, watcher);
+    let mut engine = Engine::new(options, clock.clone(), apply, tasks, watcher);
     let critical: Arc<AtomicBool> = engine.critical.clone();
     let stopping: Arc<AtomicBool> = engine.stopping.clone();
     log::info!(
@@ -278,16 +285,11 @@ async fn main_loop(
             let driven = match work {
                 Work::ConfigChanged => {
                     engine.load_config();
-                    if engine.configured() {
-                        drive(
-                            &mut io,
-                            &critical,
-                            &stopping,
-                            engine.converge(Trigger::ConfigChanged),
-                        )
-                        .await
-                    } else {
-                        Driven::Done(false)
+                    match decide::after_config_load(engine.configured()) {
+                        Some(trigger) => {
+                            drive(&mut io, &critical, &stopping, engine.converge(trigger)).await
+                        }
+                        None => Driven::Done(false),
                     }
                 }
                 Work::Converge(trigger) => {
@@ -300,7 +302,7 @@ async fn main_loop(
                 Driven::Stop => break,
             };
             for event in std::mem::take(&mut io.buffered) {
-                engine.on_event(event, Instant::now());
+                engine.on_event(event);
             }
             engine.refresh_status();
             engine.save();
@@ -322,9 +324,9 @@ async fn main_loop(
         }
         let deadline = engine.next_wakeup();
         tokio::select! {
-            _ = sleep_until(deadline) => next = engine.take_due(Instant::now()),
+            _ = sleep_until(clock.as_ref(), deadline) => next = engine.take_due(),
             _ = tick(&mut io.watchdog) => io.notifier.watchdog(),
-            Some(event) = io.events.recv() => engine.on_event(event, Instant::now()),
+            Some(event) = io.events.recv() => engine.on_event(event),
             _ = io.hup.recv() => next = reload(&mut engine, &mut io),
             _ = stop_signal(&mut io.term, &mut io.int) => break,
         }

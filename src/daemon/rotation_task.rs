@@ -84,9 +84,12 @@ impl ScheduledTask for RotationTask {
                         .build()
                         .map_err(|e| rotation::RotationError::Failed(e.to_string()))?;
                     let clock = Arc::new(rotation::clock::SystemClock);
-                    let mut rctx =
-                        rotation::Context::for_host(&root, &settings, clock, edges, options)?;
-                    runtime.block_on(rotation::advance(&mut rctx))
+                    runtime.block_on(async {
+                        let mut rctx =
+                            rotation::Context::for_host(&root, &settings, clock, edges, options)
+                                .await?;
+                        rotation::advance(&mut rctx).await
+                    })
                 },
             )
             .await??;

@@ -38,20 +38,25 @@ impl Notifier {
     /// From the environment systemd gives a `Type=notify` service: `NOTIFY_SOCKET`, and
     /// `WATCHDOG_USEC` (+ `WATCHDOG_PID`) when `WatchdogSec=` is set.
     pub fn from_env() -> Notifier {
+        Notifier::new(
+            std::env::var_os("NOTIFY_SOCKET").is_some(),
+            sd_notify::watchdog_enabled(),
+        )
+    }
+
+    /// `enabled`: there is a socket to notify; `watchdog`: the watchdog timeout systemd set
+    /// (`WATCHDOG_USEC`), if it set one.
+    pub fn new(enabled: bool, watchdog: Option<Duration>) -> Notifier {
         Notifier {
-            enabled: std::env::var_os("NOTIFY_SOCKET").is_some(),
-            watchdog: sd_notify::watchdog_enabled(),
+            enabled,
+            watchdog,
             last_status: String::new(),
         }
     }
 
     /// A notifier that sends nothing (tests of the loop).
     pub fn disabled() -> Notifier {
-        Notifier {
-            enabled: false,
-            watchdog: None,
-            last_status: String::new(),
-        }
+        Notifier::new(false, None)
     }
 
     /// How often to ping the watchdog: half its timeout, as sd_watchdog_enabled(3) advises.
@@ -105,9 +110,14 @@ impl Notifier {
         self.last_status = line;
     }
 
+    /// Whether WATCHDOG=1 is sent: only when systemd asked for it.
+    fn pings(&self) -> bool {
+        self.watchdog.is_some()
+    }
+
     /// WATCHDOG=1 (only when systemd asked for it).
     pub fn watchdog(&self) {
-        if self.watchdog.is_some() {
+        if self.pings() {
             self.send(&[NotifyState::Watchdog]);
         }
     }
@@ -131,5 +141,30 @@ mod tests {
         let cut = one_line(&long);
         assert_eq!(cut.chars().count(), MAX_STATUS);
         assert!(cut.ends_with('…'));
+    }
+
+    #[test]
+    fn no_watchdog_without_watchdog_usec() {
+        // Under systemd without WatchdogSec=: no interval (the loop's watchdog tick never
+        // fires) and no WATCHDOG=1 even if asked.
+        let quiet = Notifier::new(true, None);
+        assert_eq!(quiet.watchdog_interval(), None);
+        assert!(!quiet.pings());
+        // WatchdogSec=0 is off too.
+        assert_eq!(
+            Notifier::new(true, Some(Duration::ZERO)).watchdog_interval(),
+            None
+        );
+        // With one: pings at half the timeout, never more often than every millisecond.
+        let watched = Notifier::new(true, Some(Duration::from_millis(200)));
+        assert!(watched.pings());
+        assert_eq!(
+            watched.watchdog_interval(),
+            Some(Duration::from_millis(100))
+        );
+        assert_eq!(
+            Notifier::new(true, Some(Duration::from_micros(1))).watchdog_interval(),
+            Some(Duration::from_millis(1))
+        );
     }
 }

@@ -482,11 +482,7 @@ fn old_issuers_check(local: &Local, observed: &Observed) -> Check {
             },
         );
     }
-    let first = issuers.first().cloned().unwrap_or_default();
-    let items: Vec<String> = missing
-        .iter()
-        .map(|m| flag_item(observed, flags::ISSUER, m))
-        .collect();
+    let repair = apply_repair(local, observed);
     Check::fail(
         id,
         format!(
@@ -497,16 +493,103 @@ fn old_issuers_check(local: &Local, observed: &Observed) -> Check {
         ),
     )
     .fix(format!(
-        "add `{}` after the `{}` item in {}{}, then {}; `irsa-agent finalize` retires it safely later",
-        items.join("` and `"),
-        flag_item(observed, flags::ISSUER, &first).trim_start_matches("- "),
-        flag_location(observed, flags::ISSUER),
-        match observed.source {
-            Source::Rancher(_) => " (an entry replaces k3s' default, so the default must be listed again)",
-            Source::Kubeadm(_) => "",
-        },
-        local.restart_hint()
+        "{}; `irsa-agent finalize` retires {} safely later",
+        repair.steps(observed),
+        missing.join(", ")
     ))
+}
+
+/// What `irsa-agent apply` would make of the managed flags now: the one path doctor's fixes
+/// name (the same pure rule apply uses, with the same target).
+struct Repair {
+    desired: apiserver::plan::Desired,
+    before_audiences: Vec<String>,
+}
+
+impl Repair {
+    /// "run apply ...: it sets ..." in the distribution's syntax, naming only what changes.
+    fn steps(&self, observed: &Observed) -> String {
+        let f = &observed.flags;
+        let d = &self.desired;
+        let mut items: Vec<String> = Vec::new();
+        if f.issuers != d.issuers {
+            items.extend(
+                d.issuers
+                    .iter()
+                    .map(|i| flag_item(observed, flags::ISSUER, i)),
+            );
+        }
+        if f.api_audiences.as_ref() != Some(&d.api_audiences) {
+            items.push(flag_item(
+                observed,
+                flags::AUDIENCES,
+                &d.api_audiences.join(","),
+            ));
+        }
+        let items: Vec<String> = items
+            .iter()
+            .map(|i| format!("`{}`", i.trim_start_matches("- ")))
+            .collect();
+        let mut why: Vec<String> = Vec::new();
+        let back: Vec<String> = d
+            .issuers
+            .iter()
+            .skip(1)
+            .filter(|i| !f.issuers.contains(i))
+            .cloned()
+            .collect();
+        if !back.is_empty() {
+            why.push(format!("{} accepted again", back.join(", ")));
+        }
+        let restored: Vec<String> = d
+            .api_audiences
+            .iter()
+            .filter(|a| !self.before_audiences.contains(a))
+            .cloned()
+            .collect();
+        if !restored.is_empty() {
+            why.push(format!(
+                "the in-cluster audiences {} back, and {} kept, because the tokens pods hold now carry {}",
+                restored.join(","),
+                self.before_audiences.join(","),
+                if self.before_audiences.len() == 1 { "it" } else { "them" }
+            ));
+        }
+        format!(
+            "run `irsa-agent apply --check --diff`, then `irsa-agent apply`: it keeps {} signing, sets {} in {} ({}; nothing accepted now stops being accepted) and restarts the apiserver",
+            d.issuers.first().map(String::as_str).unwrap_or(""),
+            items.join(" "),
+            flag_location(observed, flags::ISSUER),
+            why.join("; ")
+        )
+    }
+}
+
+fn apply_repair(local: &Local, observed: &Observed) -> Repair {
+    let st = local.state.as_ref().ok().and_then(|s| s.issuer.clone());
+    let remembered = st.as_ref().map(|s| s.previous.clone()).unwrap_or_default();
+    let f = &observed.flags;
+    let (issuer, jwks_uri) = match local.settings() {
+        Some(s) => (s.issuer.clone(), s.jwks_uri.clone()),
+        None => (
+            f.issuers.first().cloned().unwrap_or_default(),
+            f.jwks_uri().unwrap_or_default().to_string(),
+        ),
+    };
+    let target = apiserver::plan::Target {
+        issuer,
+        jwks_uri,
+        retired: st.map(|s| s.retired).unwrap_or_default(),
+        remembered: remembered.clone(),
+        retire: Vec::new(),
+        accept_only: false,
+        drop_external_audiences: false,
+    };
+    let origin = apiserver::plan::origin(observed, &remembered);
+    Repair {
+        desired: apiserver::plan::desired(f, &target, &origin),
+        before_audiences: f.effective_audiences(),
+    }
 }
 
 /// Audiences that belong to cloud token exchanges, never to the Kubernetes API.
@@ -518,72 +601,70 @@ fn is_external_audience(aud: &str) -> bool {
         || words::near_miss(aud, "sts.amazonaws.com").is_some()
 }
 
-/// The audiences in-cluster tokens had before anyone changed the issuer.
-fn original_audiences(observed: &Observed, state: Option<&State>) -> Vec<String> {
-    match &observed.source {
-        Source::Rancher(r) => r
-            .defaults
-            .get(flags::AUDIENCES)
-            .map(|v| flags::split_csv(v))
-            .unwrap_or_else(|| vec![observed.default_issuer()]),
-        Source::Kubeadm(_) => {
-            let from_flags = observed
-                .flags
-                .issuers
-                .iter()
-                .find(|i| is_default_issuer(observed, i))
-                .cloned();
-            let from_state = state.and_then(|s| s.issuer.as_ref()).and_then(|s| {
-                s.previous
-                    .iter()
-                    .find(|i| is_default_issuer(observed, i))
-                    .cloned()
-            });
-            vec![
-                from_flags
-                    .or(from_state)
-                    .unwrap_or_else(|| observed.default_issuer()),
-            ]
-        }
-    }
-}
-
 fn audiences_check(local: &Local, observed: &Observed) -> Check {
     let id = "apiserver.api-audiences";
-    let state = local.state.as_ref().ok();
     let f = &observed.flags;
     let effective = f.effective_audiences();
+    let st = local.state.as_ref().ok().and_then(|s| s.issuer.clone());
+    let origin = apiserver::plan::origin(observed, &st.map(|s| s.previous).unwrap_or_default());
+    let original = origin.audiences;
+    let lost: Vec<String> = original
+        .iter()
+        .filter(|a| !effective.contains(a))
+        .cloned()
+        .collect();
+    let repair = apply_repair(local, observed);
     let external: Vec<String> = effective
         .iter()
         .filter(|a| is_external_audience(a))
         .cloned()
         .collect();
     if !external.is_empty() {
-        let kept: Vec<String> = effective
-            .iter()
-            .filter(|a| !external.contains(a))
-            .cloned()
-            .collect();
+        let ext = external.join(", ");
+        let finding = format!(
+            "--api-audiences includes {ext}: any pod can request a token for that audience, and the Kubernetes API then accepts the token meant for AWS/Azure/GCP as well"
+        );
+        let finalize = |since: &str| {
+            format!(
+                "`irsa-agent finalize` removes {ext} the longest token lifetime (rotation.token-lifetime, 24h by default, or --service-account-max-token-expiration) after {since}, once `kubectl get --raw /metrics | grep serviceaccount_stale_tokens_total` stops rising"
+            )
+        };
+        if lost.is_empty() {
+            let switched = local
+                .state
+                .as_ref()
+                .ok()
+                .and_then(|s| s.issuer.as_ref())
+                .filter(|s| f.issuers.first() == Some(&s.issuer))
+                .and_then(|s| s.switched_at);
+            return Check::fail(id, finding).fix(match switched {
+                Some(at) => format!(
+                    "{} (`irsa-agent finalize --check` says whether it can now)",
+                    finalize(&format!(
+                        "irsa-agent's last change took effect ({})",
+                        crate::state::rfc3339(at)
+                    ))
+                ),
+                None => format!(
+                    "run `irsa-agent apply` (it records when its change takes effect), then {}",
+                    finalize("that")
+                ),
+            });
+        }
         return Check::fail(
             id,
             format!(
-                "--api-audiences includes {}: any pod can request a token for that audience, and the Kubernetes API then accepts the token meant for AWS/Azure/GCP as well",
-                external.join(", ")
+                "{finding}; and without the in-cluster audiences {}, default tokens (kube-api-access) are minted for {} alone, so removing {ext} first would reject the tokens pods hold now",
+                list(&lost),
+                list(&effective)
             ),
         )
         .fix(format!(
-            "set `{}` in {}, then {}",
-            flag_item(observed, flags::AUDIENCES, &kept.join(",")).trim_start_matches("- "),
-            flag_location(observed, flags::AUDIENCES),
-            local.restart_hint()
+            "keep {ext} for now: 1. {}; 2. {}",
+            repair.steps(observed),
+            finalize("that")
         ));
     }
-    let original = original_audiences(observed, state);
-    let lost: Vec<String> = original
-        .iter()
-        .filter(|a| !effective.contains(a))
-        .cloned()
-        .collect();
     let pin = flag_item(observed, flags::AUDIENCES, &original.join(","));
     match (&f.api_audiences, lost.is_empty()) {
         (None, false) => Check::fail(
@@ -596,10 +677,7 @@ fn audiences_check(local: &Local, observed: &Observed) -> Check {
                 list(&lost)
             ),
         )
-        .fix(format!(
-            "pin it to the audiences in force before the issuer change: add `{pin}` to {}",
-            flag_location(observed, flags::AUDIENCES)
-        )),
+        .fix(repair.steps(observed)),
         (None, true) => Check::warn(
             id,
             format!(
@@ -621,11 +699,7 @@ fn audiences_check(local: &Local, observed: &Observed) -> Check {
                 if lost.len() == 1 { "it" } else { "them" }
             ),
         )
-        .fix(format!(
-            "add {} to the --api-audiences value in {}",
-            list(&lost),
-            flag_location(observed, flags::AUDIENCES)
-        )),
+        .fix(repair.steps(observed)),
     }
 }
 

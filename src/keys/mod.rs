@@ -17,6 +17,7 @@
 //! The JWKS and discovery document are rendered in [`jwks`].
 
 pub mod der;
+pub mod jwk;
 pub mod jwks;
 pub mod pem;
 pub mod token;

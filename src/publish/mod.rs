@@ -25,7 +25,7 @@
 //!   daemon, rotation and doctor call [`publish_all`] / [`check_all`] and [`verify::verify`]
 //!   from a tokio current-thread runtime.
 //!
-//! Where objects go is [`layout`]; credentials (the standard AWS chain and the self-issued web
+//! Where objects go is [`Layout`]; credentials (the standard AWS chain and the self-issued web
 //! identity) are [`credentials`]; the check of the public copy is [`verify`].
 
 pub mod azure;
@@ -33,7 +33,6 @@ pub mod credentials;
 pub mod directory;
 pub mod gcs;
 pub mod http;
-pub mod layout;
 pub mod merge;
 pub mod s3;
 pub mod store;
@@ -48,7 +47,7 @@ use crate::config::{PublishTarget, Settings};
 use crate::host::HostRoot;
 use crate::keys::{self, PublicKey, jwks};
 
-pub use self::layout::Layout;
+pub use crate::config::layout::Layout;
 
 /// The Content-Type both documents are published with: plain JSON, which every relying party
 /// and every static host understands (the apiserver itself serves the JWKS as
@@ -165,9 +164,13 @@ impl Publication {
 
     /// The publication of this host: the apiserver's verification keys
     /// (`apiserver::key_files` + `keys::load_verification_files`) for the configured issuer,
-    /// plus a key a rotation in progress publishes ahead of use
-    /// ([`crate::rotation::published_ahead`]).
-    pub fn from_host(root: &HostRoot, settings: &Settings) -> Result<Self, PublishError> {
+    /// plus `ahead`: a key a rotation in progress publishes before the apiserver has it
+    /// (`rotation::published_ahead`).
+    pub fn from_host(
+        root: &HostRoot,
+        settings: &Settings,
+        ahead: Vec<PublicKey>,
+    ) -> Result<Self, PublishError> {
         let files = apiserver::key_files(root, settings.distribution)
             .map_err(|e| PublishError::Keys(e.to_string()))?;
         let paths: Vec<PathBuf> = files.verification.iter().map(|p| root.path(p)).collect();
@@ -180,9 +183,8 @@ impl Publication {
                     .join("\n"),
             )
         })?;
-        // A key rotation publishes its new key before the apiserver has it: keep it.
         let mut keys = keys;
-        keys.extend(crate::rotation::published_ahead(root));
+        keys.extend(ahead);
         Ok(Publication::new(
             &settings.issuer,
             &settings.jwks_uri,

@@ -2,13 +2,14 @@
 //! apiserver serves (what it verifies with), tokens it signs now (TokenRequest), its stale-token
 //! counter, and legacy token Secrets (signed by kube-controller-manager, never expiring).
 //!
-//! The real implementation talks HTTPS with the admin kubeconfig ([`ApiClient`]); tests use a
+//! The real implementation talks HTTPS with the admin kubeconfig ([`crate::k8s::Api`]); tests use a
 //! fake whose apiservers load the fake host's key files at their last restart.
 
 use base64::Engine as _;
 use zeroize::Zeroizing;
 
-use crate::apiserver::probe::{ApiClient, stale_tokens_in};
+use crate::apiserver::probe::stale_tokens_in;
+use crate::k8s::Api;
 use crate::keys::jwks::{DISCOVERY_PATH, JWKS_PATH};
 
 /// The local apiserver's health.
@@ -55,15 +56,21 @@ pub fn token_kid(token: &str) -> Option<String> {
 
 /// The real cluster, through the admin kubeconfig.
 pub struct ApiCluster {
-    pub api: ApiClient,
+    pub api: Api,
 }
 
 impl ApiCluster {
-    fn client(&self, server: Option<&str>) -> ApiClient {
+    fn client(&self, server: Option<&str>) -> Result<Api, String> {
         match server {
-            Some(s) if s.trim_end_matches('/') != self.api.server() => self.api.at(s),
-            _ => self.api.clone(),
+            Some(s) if s.trim_end_matches('/') != self.api.server() => {
+                self.api.at(s).map_err(|e| e.to_string())
+            }
+            _ => Ok(self.api.clone()),
         }
+    }
+
+    async fn get(api: &Api, path: &str) -> Result<(u16, String), String> {
+        api.get(path).await.map_err(|e| e.to_string())
     }
 }
 
@@ -156,15 +163,15 @@ impl Cluster for ApiCluster {
     }
 
     async fn jwks_kids(&mut self, server: Option<&str>) -> Result<Vec<String>, String> {
-        let api = self.client(server);
-        let (code, body) = api.get(JWKS_PATH).await?;
+        let api = self.client(server)?;
+        let (code, body) = Self::get(&api, JWKS_PATH).await?;
         let doc = json(code, &body, &format!("{}{JWKS_PATH}", api.server()))?;
-        Ok(crate::publish::merge::kids_in(doc.to_string().as_bytes()))
+        Ok(crate::keys::jwk::kids_in(doc.to_string().as_bytes()))
     }
 
     async fn servers(&mut self) -> Result<Vec<String>, String> {
         let path = "/api/v1/namespaces/default/endpoints/kubernetes";
-        let (code, body) = self.api.get(path).await?;
+        let (code, body) = Self::get(&self.api, path).await?;
         let doc = json(code, &body, path)?;
         let urls = endpoint_urls(&doc);
         if urls.is_empty() {
@@ -174,7 +181,7 @@ impl Cluster for ApiCluster {
     }
 
     async fn request_token(&mut self, server: Option<&str>) -> Result<Zeroizing<String>, String> {
-        let api = self.client(server);
+        let api = self.client(server)?;
         let path = format!(
             "/api/v1/namespaces/{TOKEN_NAMESPACE}/serviceaccounts/{TOKEN_SERVICE_ACCOUNT}/token"
         );
@@ -183,7 +190,10 @@ impl Cluster for ApiCluster {
             "kind": "TokenRequest",
             "spec": {"audiences": [TOKEN_AUDIENCE], "expirationSeconds": 600},
         });
-        let (code, body) = api.post_json(&path, &request).await?;
+        let (code, body) = api
+            .post_json(&path, &request)
+            .await
+            .map_err(|e| e.to_string())?;
         let body = Zeroizing::new(body);
         // The parsed document holds the token too; it is dropped right after.
         let doc = json(code, &body, &format!("TokenRequest at {}", api.server()))?;
@@ -195,7 +205,7 @@ impl Cluster for ApiCluster {
     }
 
     async fn stale_tokens(&mut self) -> Result<f64, String> {
-        let (code, body) = self.api.get("/metrics").await?;
+        let (code, body) = Self::get(&self.api, "/metrics").await?;
         if code != 200 {
             return Err(format!(
                 "{}/metrics answered HTTP {code}: {}",
@@ -213,7 +223,7 @@ impl Cluster for ApiCluster {
 
     async fn legacy_token_kids(&mut self) -> Result<Vec<(String, String)>, String> {
         let path = "/api/v1/secrets?fieldSelector=type%3Dkubernetes.io%2Fservice-account-token";
-        let (code, body) = self.api.get(path).await?;
+        let (code, body) = Self::get(&self.api, path).await?;
         let body = Zeroizing::new(body);
         let doc = json(code, &body, "listing service-account token Secrets")?;
         Ok(legacy_kids(&doc))

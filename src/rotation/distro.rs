@@ -190,9 +190,21 @@ impl Distro {
     }
 
     pub fn name(&self) -> &'static str {
+        self.distribution().name()
+    }
+
+    /// The distribution, as configured and persisted.
+    pub fn distribution(&self) -> crate::config::Distribution {
         match self {
-            Distro::Rancher { flavor, .. } => flavor.program(),
-            Distro::Kubeadm => "kubeadm",
+            Distro::Rancher {
+                flavor: Flavor::K3s,
+                ..
+            } => crate::config::Distribution::K3s,
+            Distro::Rancher {
+                flavor: Flavor::Rke2,
+                ..
+            } => crate::config::Distribution::Rke2,
+            Distro::Kubeadm => crate::config::Distribution::Kubeadm,
         }
     }
 
@@ -333,11 +345,7 @@ impl Distro {
 
     /// The new private key of a rotation, read back (and re-checked).
     pub fn new_key(&self, root: &HostRoot, rotation: &InProgress) -> Result<NewKey, Refusal> {
-        let kind = match rotation.key_type.as_str() {
-            "rsa-3072" => crate::config::KeyType::Rsa3072,
-            "ecdsa-p256" => crate::config::KeyType::EcdsaP256,
-            _ => crate::config::KeyType::Rsa2048,
-        };
+        let kind = rotation.key_type;
         let bytes = read_file(root, Path::new(&rotation.new_key_file))?;
         let key = super::keygen::load(kind, &bytes).map_err(|e| refuse(e.to_string()))?;
         if key.kid() != rotation.new_kid {

@@ -13,7 +13,7 @@ pub struct InProgress {
     pub id: String,
     pub started_at: u64,
     /// `rsa-2048`, `rsa-3072` or `ecdsa-p256`.
-    pub key_type: String,
+    pub key_type: crate::config::KeyType,
     /// The new key's kid and public half (SPKI PEM; published ahead of use).
     pub new_kid: String,
     pub new_public_pem: String,
@@ -23,7 +23,7 @@ pub struct InProgress {
     /// The kid the apiserver signed with when the rotation started.
     pub old_signing_kid: String,
     /// `k3s`, `rke2` or `kubeadm`.
-    pub distribution: String,
+    pub distribution: crate::config::Distribution,
     /// Host path of the new private key (k3s/RKE2: in the agent's state folder until `rotate-ca`
     /// has put it into the datastore; kubeadm: `sa-<id>.key` beside `sa.key`).
     pub new_key_file: String,
@@ -464,7 +464,7 @@ impl Phase {
                     since: at,
                     next_due: Some(rotation.started_at + every.as_secs()),
                 },
-                Finished::of(rotation, at, "completed"),
+                Finished::of(rotation, at, Ending::Completed),
             )),
             other => Err(illegal(
                 other.name(),
@@ -507,7 +507,7 @@ impl Phase {
                         // Try again one period later, not immediately.
                         next_due: Some(at + every.as_secs()),
                     },
-                    Finished::of(rotation, at, "aborted"),
+                    Finished::of(rotation, at, Ending::Aborted),
                 ))
             }
         }
@@ -523,24 +523,42 @@ pub struct Finished {
     pub new_kid: String,
     pub retired_kids: Vec<String>,
     pub restarts: u32,
-    /// `completed` or `aborted`.
-    pub outcome: String,
+    pub outcome: Ending,
+}
+
+/// How a rotation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ending {
+    /// The old keys were retired.
+    Completed,
+    /// `rotate --abort`: the new key was removed before it could sign.
+    Aborted,
+}
+
+impl std::fmt::Display for Ending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Ending::Completed => "completed",
+            Ending::Aborted => "aborted",
+        })
+    }
 }
 
 impl Finished {
-    fn of(rotation: &InProgress, at: u64, outcome: &str) -> Finished {
+    fn of(rotation: &InProgress, at: u64, outcome: Ending) -> Finished {
         Finished {
             id: rotation.id.clone(),
             started_at: rotation.started_at,
             finished_at: at,
             new_kid: rotation.new_kid.clone(),
-            retired_kids: if outcome == "completed" {
+            retired_kids: if outcome == Ending::Completed {
                 rotation.old_kids.clone()
             } else {
                 Vec::new()
             },
             restarts: rotation.restarts,
-            outcome: outcome.to_string(),
+            outcome,
         }
     }
 }
@@ -704,12 +722,12 @@ mod tests {
         InProgress {
             id: "20261122T000000Z".into(),
             started_at: 1000,
-            key_type: "rsa-2048".into(),
+            key_type: crate::config::KeyType::Rsa2048,
             new_kid: "new".into(),
             new_public_pem: String::new(),
             old_kids: vec!["old".into()],
             old_signing_kid: "old".into(),
-            distribution: "k3s".into(),
+            distribution: crate::config::Distribution::K3s,
             new_key_file: "/x".into(),
             canonical_files: None,
             servers: vec!["https://127.0.0.1:6443".into()],
@@ -746,7 +764,30 @@ mod tests {
         let (idle, finished) = retired.finish(200_000, 90 * 24 * H)?;
         assert_eq!(idle.due_at(), Some(1000 + 90 * 24 * 3600));
         assert_eq!(finished.retired_kids, vec!["old".to_string()]);
-        assert_eq!(finished.outcome, "completed");
+        assert_eq!(finished.outcome, Ending::Completed);
+        Ok(())
+    }
+
+    #[test]
+    fn persisted_names_round_trip_and_an_unknown_one_is_an_error_naming_it()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let mut state = RotationState::new(0, H);
+        state.phase = state.phase.stage(rotation(), 1000)?;
+        let text = serde_json::to_string(&state)?;
+        assert!(text.contains(r#""key_type":"rsa-2048""#), "{text}");
+        assert!(text.contains(r#""distribution":"k3s""#), "{text}");
+        assert_eq!(serde_json::from_str::<RotationState>(&text)?, state);
+        // Once read as RSA-2048 whatever it said; now the value is named and nothing is guessed.
+        let unknown = text.replace(r#""key_type":"rsa-2048""#, r#""key_type":"rsa-1024""#);
+        let err = serde_json::from_str::<RotationState>(&unknown)
+            .err()
+            .ok_or("an unknown key type was accepted")?;
+        assert!(err.to_string().contains("rsa-1024"), "{err}");
+        let unknown = text.replace(r#""distribution":"k3s""#, r#""distribution":"k0s""#);
+        let err = serde_json::from_str::<RotationState>(&unknown)
+            .err()
+            .ok_or("an unknown distribution was accepted")?;
+        assert!(err.to_string().contains("k0s"), "{err}");
         Ok(())
     }
 
@@ -782,7 +823,7 @@ mod tests {
         let (back, finished) = staged.abort(5, H)?;
         assert_eq!(back.name(), PhaseName::Idle);
         assert_eq!(back.due_at(), Some(5 + 3600));
-        assert_eq!(finished.outcome, "aborted");
+        assert_eq!(finished.outcome, Ending::Aborted);
         assert!(finished.retired_kids.is_empty());
         let published = staged.publish(2, H)?;
         assert!(published.abort(5, H).is_ok());

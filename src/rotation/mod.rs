@@ -486,7 +486,7 @@ pub fn status_json(st: Option<&RotationState>, settings: &Settings, now: u64) ->
 /// (consecutive), `irsa_agent_rotation_apiserver_restarts` (of the rotation in progress),
 /// `irsa_agent_rotation_last_completed_timestamp_seconds`.
 pub fn metrics_text(st: Option<&RotationState>) -> String {
-    let mut x = crate::daemon::metrics::Exposition::default();
+    let mut x = crate::exposition::Exposition::default();
     let current = st.map_or(PhaseName::Idle, |s| s.phase.name());
     let phases = [
         PhaseName::Idle,
@@ -547,7 +547,12 @@ pub fn metrics_text(st: Option<&RotationState>) -> String {
             r.restarts,
         );
     }
-    if let Some(done) = st.history.iter().rev().find(|h| h.outcome == "completed") {
+    if let Some(done) = st
+        .history
+        .iter()
+        .rev()
+        .find(|h| h.outcome == machine::Ending::Completed)
+    {
         x.gauge(
             "rotation_last_completed_timestamp_seconds",
             "When the last rotation completed.",
@@ -1184,12 +1189,12 @@ impl Run<'_> {
         let rotation = InProgress {
             id: id.clone(),
             started_at: now,
-            key_type: kind.name().to_string(),
+            key_type: kind,
             new_kid: key.kid(),
             new_public_pem: key.public().to_spki_pem(),
             old_kids,
             old_signing_kid: host.signing.kid(),
-            distribution: distro.name().to_string(),
+            distribution: distro.distribution(),
             new_key_file: new_key_file.clone(),
             canonical_files,
             servers: servers.clone(),
@@ -1745,7 +1750,7 @@ impl Context {
     /// The real thing: the admin kubeconfig's apiserver, the configured publish targets, the
     /// host's systemctl and k3s/rke2 binaries. Build it once (the daemon keeps it: publish's
     /// credential cache lives inside) and call [`step`] when [`StepOutcome::next_due`] comes.
-    pub fn for_host(
+    pub async fn for_host(
         root: &HostRoot,
         settings: &Settings,
         clock: Arc<dyn Clock>,
@@ -1754,12 +1759,13 @@ impl Context {
     ) -> Result<Context, RotationError> {
         let observed = distro::observe(root, settings.distribution)?;
         let (kubeconfig, url) = crate::apiserver::probe::target(&observed);
-        let api = crate::apiserver::probe::ApiClient::new(
+        let api = crate::k8s::Api::from_kubeconfig(
             root,
             &kubeconfig,
             edges.apiserver_url.clone().or(url),
             edges.request_timeout,
         )
+        .await
         .map_err(|e| RotationError::Refused(format!("cannot reach the apiserver: {e}")))?;
         let publishing = publishing::RealPublishing::new(root, settings, edges.request_timeout)
             .map_err(failed)?;

@@ -13,6 +13,7 @@
 //!   a renewal (a few kilobytes, once in months).
 
 pub mod certs;
+pub mod kube_sync;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -380,11 +381,21 @@ pub struct Running {
     pub local_addr: std::net::SocketAddr,
     renew: tokio::sync::mpsc::UnboundedSender<u64>,
     task: tokio::task::JoinHandle<()>,
+    /// Tasks that live as long as the server (the ServiceAccount watch, the registration).
+    attached: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
     pub fn stop(self) {
         self.task.abort();
+        for t in &self.attached {
+            t.abort();
+        }
+    }
+
+    /// Ties `task` to the server's life.
+    pub fn attach(&mut self, task: tokio::task::JoinHandle<()>) {
+        self.attached.push(task);
     }
 
     /// Asks the server to bring its certificates up to date as if the time were `now` (the
@@ -397,6 +408,9 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         self.task.abort();
+        for t in &self.attached {
+            t.abort();
+        }
     }
 }
 
@@ -434,6 +448,7 @@ pub fn start(
         local_addr,
         renew,
         task,
+        attached: Vec::new(),
     })
 }
 

@@ -291,8 +291,12 @@ impl World {
         let settings = irsa_agent::config::load(&root, None)
             .expect("config")
             .settings;
-        let publication =
-            irsa_agent::publish::Publication::from_host(&root, &settings).expect("publication");
+        let publication = irsa_agent::publish::Publication::from_host(
+            &root,
+            &settings,
+            irsa_agent::rotation::published_ahead(&root),
+        )
+        .expect("publication");
         self.public.set(
             DISCOVERY,
             Reply::json(publication.documents.discovery.clone()),

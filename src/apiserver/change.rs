@@ -1,0 +1,452 @@
+//! The one use case for "change the apiserver's flags": observe, plan (pure), carry out (write,
+//! restart, verify, or roll back), record under the state lock.
+//!
+//! `irsa-agent apply`, `irsa-agent finalize` and the daemon's apiserver step all go through
+//! [`prepare`] and [`carry_out`]; they differ only in their [`Goal`] and in how they report.
+//!
+//! - [`prepare`] reads the state, observes the host, and plans ([`super::plan::plan`] is pure: it
+//!   sees only the observation and the target). Nothing is written.
+//! - [`Prepared::look_at_running`] asks the running apiserver, when the files are already in
+//!   sync, whether it serves what they say (a restart left pending by `--no-restart` or by a
+//!   killed run, or a change irsa-agent wrote that was never seen served).
+//! - [`carry_out`] writes and restarts ([`super::apply::execute`]), or resumes a pending restart
+//!   ([`super::apply::resume`]), then records the result with [`State::update`] on the state
+//!   file as it is then (a rotation step recorded meanwhile is kept).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::apply::{self as executor, ApplyError, Options, Outcome, RestartOutcome};
+use super::plan::{self, Plan, Target};
+use super::probe::{ApiserverProbe, KubeconfigProbe, Status};
+use super::restart::{self, Restart, ServiceManager, Systemctl};
+use super::{DetectError, Observed, PlanError, Source};
+use crate::config::Settings;
+use crate::host::HostRoot;
+use crate::state::{self, State, StateError};
+
+/// How the apiserver is restarted and asked (the command line's `ApiserverArgs` and
+/// `--no-restart`).
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Write the files, leave the restart to the operator.
+    pub no_restart: bool,
+    /// How long to wait for a restarted apiserver.
+    pub timeout: Duration,
+    /// How often to ask it while waiting.
+    pub poll: Duration,
+    /// The timeout of one request to it.
+    pub request_timeout: Duration,
+    /// The systemd unit to restart, when not detected.
+    pub unit: Option<String>,
+    /// The systemctl program.
+    pub systemctl: PathBuf,
+    /// The apiserver URL to ask, when not the kubeconfig's (or kubeadm's advertise address).
+    pub apiserver_url: Option<String>,
+}
+
+/// What the change is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Goal {
+    /// Make the configured issuer sign (first), keeping every issuer accepted before. With
+    /// `accept_only`, phase one of a rollout on several servers: accept it (last) without
+    /// making it sign.
+    Sign { accept_only: bool },
+    /// Retire these old issuers (`finalize`, once no token of theirs can be alive).
+    Retire(Vec<String>),
+}
+
+/// Why nothing (or not everything) was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    /// The apiserver configuration could not be read.
+    #[error(transparent)]
+    Observe(#[from] DetectError),
+    /// The plan refuses (a file it cannot edit safely, a key file the apiserver would refuse).
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// The state file could not be read or written.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The host needs a person before anything is written (settings on the unit's command
+    /// line, no way to verify a restart).
+    #[error("{0}")]
+    Refused(String),
+    /// A change irsa-agent made is unverified and the apiserver cannot be asked now.
+    #[error("{0}")]
+    Unverified(String),
+    /// Writing, restarting or verifying failed; [`ApplyError::RolledBack`] when the change was
+    /// undone.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+}
+
+/// The apiserver as it is reached: how to restart it, and the probe that asks it.
+pub struct Edges {
+    pub restart: Restart,
+    pub services: Box<dyn ServiceManager>,
+    pub probe: Option<Box<dyn ApiserverProbe>>,
+    pub probe_error: Option<String>,
+}
+
+/// The real edges: systemctl (or kubelet's static pod) and the admin kubeconfig's apiserver.
+pub fn edges(root: &HostRoot, observed: &Observed, run: &RunOptions) -> Edges {
+    let restart = restart::restart_for(root, observed.distribution, run.unit.as_deref());
+    let services: Box<dyn ServiceManager> = Box::new(Systemctl {
+        program: run.systemctl.clone(),
+    });
+    let (kubeconfig, url) = super::probe::target(observed);
+    let url = run.apiserver_url.clone().or(url);
+    match KubeconfigProbe::new(root, &kubeconfig, url, run.request_timeout) {
+        Ok(probe) => Edges {
+            restart,
+            services,
+            probe: Some(Box::new(probe)),
+            probe_error: None,
+        },
+        Err(e) => Edges {
+            restart,
+            services,
+            probe: None,
+            probe_error: Some(e),
+        },
+    }
+}
+
+/// What the running apiserver says about a configuration that is in sync on disk.
+pub enum Running {
+    /// Nothing to do: it serves the issuer (seen before), or the change is not irsa-agent's
+    /// and it cannot be asked now.
+    Settled,
+    /// It serves the issuer, seen now for the first time since irsa-agent wrote the change.
+    SeenServing,
+    /// It must be waited for and verified (restarted when it serves another issuer, the
+    /// change rolled back when it does not come): why.
+    Pending(String),
+}
+
+/// A plan and what it was computed from.
+pub struct Prepared {
+    pub goal: Goal,
+    /// The state file when the plan was made (for reading only: records go through
+    /// [`State::update`]).
+    pub state: State,
+    pub observed: Observed,
+    pub plan: Plan,
+    /// The change irsa-agent made earlier had been undone (`kubeadm upgrade` regenerated the
+    /// manifest): why (re-applied now).
+    pub lost_change: Option<String>,
+    /// What the running apiserver says, once asked ([`Prepared::look_at_running`]).
+    pub running: Option<Running>,
+    edges: Option<Edges>,
+}
+
+/// Why the host's issuer no longer is the one irsa-agent set, if that is the case.
+pub fn lost_change(state: &State, settings: &Settings, observed: &Observed) -> Option<String> {
+    let st = state.issuer.as_ref()?;
+    let at = st.switched_at?;
+    if st.issuer != settings.issuer || observed.flags.issuers.first() == Some(&st.issuer) {
+        return None;
+    }
+    let cause = match observed.distribution {
+        crate::config::Distribution::Kubeadm => {
+            "kube-apiserver.yaml was regenerated, probably by `kubeadm upgrade`"
+        }
+        _ => "the configuration was changed since",
+    };
+    Some(format!(
+        "the apiserver no longer signs with {} (irsa-agent set it on {}): {cause}; re-applying",
+        st.issuer,
+        state::rfc3339(at)
+    ))
+}
+
+/// k3s/RKE2 settings on the unit's command line would override or bypass what apply edits.
+pub fn refuse_command_line_flags(
+    root: &HostRoot,
+    observed: &Observed,
+    run: &RunOptions,
+) -> Result<(), ChangeError> {
+    let Source::Rancher(r) = &observed.source else {
+        return Ok(());
+    };
+    let Restart::Unit(unit) =
+        restart::restart_for(root, observed.distribution, run.unit.as_deref())
+    else {
+        return Ok(());
+    };
+    let problems = restart::command_line_problems(root, &unit, r.flavor.program());
+    if !problems.is_empty() {
+        return Err(ChangeError::Refused(problems.join("\n")));
+    }
+    Ok(())
+}
+
+/// Reads the state, observes the host and plans `goal`. Writes nothing.
+pub fn prepare(
+    root: &HostRoot,
+    settings: &Settings,
+    goal: Goal,
+    run: &RunOptions,
+) -> Result<Prepared, ChangeError> {
+    let state = State::load(root)?;
+    let observed = super::observe(root, settings.distribution)?;
+    refuse_command_line_flags(root, &observed, run)?;
+    let accept_only = matches!(goal, Goal::Sign { accept_only: true });
+    let lost_change = match goal {
+        Goal::Sign { accept_only: false } => lost_change(&state, settings, &observed),
+        _ => None,
+    };
+    let issuer_state = state.issuer.as_ref();
+    let (remembered, retire) = match &goal {
+        Goal::Sign { .. } => (
+            issuer_state.map(|s| s.previous.clone()).unwrap_or_default(),
+            Vec::new(),
+        ),
+        Goal::Retire(retire) => (Vec::new(), retire.clone()),
+    };
+    let target = Target {
+        issuer: settings.issuer.clone(),
+        jwks_uri: settings.jwks_uri.clone(),
+        remembered,
+        retire,
+        retired: issuer_state.map(|s| s.retired.clone()).unwrap_or_default(),
+        accept_only,
+        // finalize also removes the external audiences a cluster switched by hand had
+        // (sts.amazonaws.com) once the in-cluster ones are back; apply keeps them.
+        drop_external_audiences: matches!(goal, Goal::Retire(_)),
+    };
+    let plan = plan::plan(&observed, &target)?;
+    Ok(Prepared {
+        goal,
+        state,
+        observed,
+        plan,
+        lost_change,
+        running: None,
+        edges: None,
+    })
+}
+
+impl Prepared {
+    /// The issuer the plan makes sign.
+    pub fn signing(&self) -> String {
+        self.plan
+            .desired
+            .issuers
+            .first()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// When the files are in sync (and the restart is not left to the operator), asks the
+    /// running apiserver whether it serves the signing issuer; see [`Running`]. Fails (nothing
+    /// is declared applied) when irsa-agent's change is unverified and there is no way to ask.
+    pub fn look_at_running(
+        &mut self,
+        root: &HostRoot,
+        run: &RunOptions,
+    ) -> Result<(), ChangeError> {
+        let sign = matches!(self.goal, Goal::Sign { .. });
+        if self.running.is_some() || !sign || !self.plan.in_sync() || run.no_restart {
+            return Ok(());
+        }
+        let want = self.signing();
+        let unverified = executor::unverified_change(&self.state, &want);
+        let mut e = edges(root, &self.observed, run);
+        let running = match e.probe.as_mut() {
+            Some(probe) => {
+                let status = probe.check();
+                match (status.ready, status.issuer) {
+                    (true, Some(serving)) if serving != want => Running::Pending(format!(
+                        "the configuration already says {want}, but the running apiserver still signs with {serving}: a restart is pending"
+                    )),
+                    (true, Some(_)) if unverified.is_some() => Running::SeenServing,
+                    (true, Some(_)) => Running::Settled,
+                    (_, _) => match &unverified {
+                        Some(why) => Running::Pending(format!(
+                            "{why}, and it does not answer now ({}): waiting for it, to verify the change (and roll it back if it does not come)",
+                            status.detail
+                        )),
+                        None => {
+                            log::info!(
+                                "the running apiserver does not answer ({}); the configuration is in sync and irsa-agent has no change of its own to verify",
+                                status.detail
+                            );
+                            Running::Settled
+                        }
+                    },
+                }
+            }
+            // After `--no-restart` the restart is the operator's: with no way to ask, the files
+            // are reported in sync and the switch stays unverified (finalize keeps waiting).
+            None if self
+                .state
+                .in_flight()
+                .filter(|c| c.issuer == want)
+                .is_none_or(|c| c.no_restart) =>
+            {
+                if let Some(why) = &unverified {
+                    log::warn!(
+                        "{why}; it cannot be asked ({}), so the change stays unverified",
+                        e.probe_error.clone().unwrap_or_default()
+                    );
+                }
+                Running::Settled
+            }
+            None => match unverified {
+                Some(why) => {
+                    return Err(ChangeError::Unverified(format!(
+                        "{why}, and it cannot be asked ({}): nothing is declared applied; fix that and run apply again",
+                        e.probe_error.clone().unwrap_or_default()
+                    )));
+                }
+                None => Running::Settled,
+            },
+        };
+        if let Running::Pending(message) = &running {
+            log::warn!("{message}");
+        }
+        self.running = Some(running);
+        self.edges = Some(e);
+        Ok(())
+    }
+
+    /// Why a restart is still pending, once [`Prepared::look_at_running`] asked.
+    pub fn pending_restart(&self) -> Option<&str> {
+        match &self.running {
+            Some(Running::Pending(message)) => Some(message),
+            _ => None,
+        }
+    }
+}
+
+/// What [`carry_out`] did.
+pub struct Done {
+    pub outcome: Outcome,
+    /// The signing issuer was seen served for the first time since irsa-agent wrote it.
+    pub seen_serving: bool,
+    /// The files are written but the running apiserver has not been restarted with them yet.
+    pub restart_pending: bool,
+}
+
+/// Carries out a prepared plan: writes and restarts, or resumes a pending restart, or nothing
+/// when in sync; then records the result under the state lock.
+pub fn carry_out(
+    root: &HostRoot,
+    settings: &Settings,
+    prepared: &mut Prepared,
+    run: &RunOptions,
+) -> Result<Done, ChangeError> {
+    let opts = Options {
+        no_restart: run.no_restart,
+        timeout: run.timeout,
+        poll: run.poll,
+        backups: settings.backups,
+    };
+    let issuer = prepared.signing();
+    prepared.look_at_running(root, run)?;
+    let seen_serving = matches!(prepared.running, Some(Running::SeenServing));
+    let outcome = if !prepared.plan.in_sync() {
+        execute_plan(root, &prepared.observed, &prepared.plan, run, &opts)?
+    } else {
+        let restart = match (&prepared.running, prepared.edges.as_mut()) {
+            (Some(Running::Pending(_)), Some(e)) => match e.probe.as_mut() {
+                Some(probe) => executor::resume(
+                    root,
+                    &e.restart,
+                    &issuer,
+                    prepared.state.in_flight().as_ref(),
+                    e.services.as_mut(),
+                    probe.as_mut(),
+                    &opts,
+                )?,
+                None => RestartOutcome::NotNeeded,
+            },
+            _ => RestartOutcome::NotNeeded,
+        };
+        Outcome {
+            written: Vec::new(),
+            backup_dir: None,
+            restart,
+        }
+    };
+    let now = state::unix_now();
+    let restart_pending = match &prepared.goal {
+        Goal::Retire(retire) => {
+            State::update(root, |s| {
+                executor::record_finalize(s, retire, &outcome, now)
+            })?;
+            matches!(outcome.restart, RestartOutcome::Pending(_))
+        }
+        // Phase one of a rollout does not switch the signing issuer: nothing to remember yet.
+        Goal::Sign { .. } if issuer != settings.issuer => {
+            matches!(outcome.restart, RestartOutcome::Pending(_))
+        }
+        Goal::Sign { .. } => State::update(root, |s| {
+            executor::record(s, &prepared.plan, &outcome, now);
+            if seen_serving {
+                executor::record_seen_serving(s, &issuer, now);
+            }
+            s.issuer
+                .as_ref()
+                .is_some_and(|i| i.issuer == issuer && i.pending_restart_since.is_some())
+        })?,
+    };
+    Ok(Done {
+        outcome,
+        seen_serving,
+        restart_pending,
+    })
+}
+
+/// Carries out a plan with the real service manager and probe.
+fn execute_plan(
+    root: &HostRoot,
+    observed: &Observed,
+    plan: &Plan,
+    run: &RunOptions,
+    opts: &Options,
+) -> Result<Outcome, ChangeError> {
+    let kept = plan.kept_external_audiences();
+    if run.no_restart && !kept.is_empty() {
+        return Err(ChangeError::Refused(format!(
+            "refusing --no-restart: this change puts the in-cluster audiences {} back into --api-audiences, and `irsa-agent finalize` may remove {} only the longest token lifetime after the apiserver restarted with them; on a cluster that already signs with the issuer, that restart cannot be seen from outside, so irsa-agent must do it: run `irsa-agent apply` without --no-restart (on several servers, one server at a time)",
+            plan.restored_audiences.join(", "),
+            kept.join(", ")
+        )));
+    }
+    let mut edges = edges(root, observed, run);
+    let mut probe: Box<dyn ApiserverProbe> = match edges.probe.take() {
+        Some(p) => p,
+        None if run.no_restart => Box::new(NoProbe),
+        None => {
+            return Err(ChangeError::Refused(format!(
+                "cannot verify the apiserver after a restart, so nothing was changed: {}; fix that, or use --no-restart to only write the files",
+                edges.probe_error.unwrap_or_default()
+            )));
+        }
+    };
+    Ok(executor::execute(
+        root,
+        plan,
+        &edges.restart,
+        edges.services.as_mut(),
+        probe.as_mut(),
+        opts,
+        state::unix_now(),
+    )?)
+}
+
+/// A probe for `--no-restart`, which never asks.
+struct NoProbe;
+
+impl ApiserverProbe for NoProbe {
+    fn check(&mut self) -> Status {
+        Status {
+            ready: false,
+            issuer: None,
+            detail: "not probed".into(),
+        }
+    }
+}
