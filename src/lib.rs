@@ -37,4 +37,5 @@ pub mod publish;
 pub mod rotation;
 pub mod state;
 pub mod unit;
+pub mod webhook;
 pub mod yaml;

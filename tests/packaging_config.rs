@@ -113,6 +113,16 @@ fn uncommented_example_is_valid_and_sets_what_it_documents() {
     assert_eq!(rotation["token-lifetime"], "1d");
     assert_eq!(doc["backups"]["keep"], 10);
     assert_eq!(doc["backups"]["max-age"], "30d");
+    let webhook = &doc["webhook"];
+    assert_eq!(webhook["enabled"], false, "uncommented, still off");
+    assert_eq!(webhook["url"], "https://127.0.0.1:9443/mutate");
+    assert_eq!(webhook["failure-policy"], "Ignore");
+    assert_eq!(
+        webhook["skip-namespaces"],
+        serde_json::json!(["kube-system"])
+    );
+    assert_eq!(webhook["aws"]["region"], "eu-west-1");
+    assert_eq!(webhook["aws"]["token-expiration"], "1d");
     assert_eq!(doc["warnings"], serde_json::json!([]));
 }
 

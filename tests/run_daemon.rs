@@ -1043,3 +1043,99 @@ fn temp_files_left_by_a_crash_are_swept_at_start() {
     let (exit, log) = d.stop();
     assert_eq!(exit.code(), Some(0), "{log}");
 }
+
+/// `webhook.enabled: true`: the daemon serves the pod identity webhook over TLS with a CA it
+/// made and keeps (0600), `status` counts its reviews, and turning it off closes it.
+#[test]
+fn the_daemon_serves_the_webhook_when_enabled_and_stops_when_disabled() {
+    let port = support::free_port();
+    let webhook = format!("webhook:\n  enabled: true\n  listen: 127.0.0.1:{port}\n");
+    let host = k3s_host(&format!("  resync-interval: 1s\n{webhook}"));
+    // The port is taken at first: said in status, and tried again.
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind");
+    let mut d = Daemon::start(host.root(), &["--no-restart"], &[]);
+    d.wait_ready();
+    let status = d.wait_status("the webhook's error", |s| {
+        s["daemon"]["metrics"]["webhook"]["error"].is_string()
+    });
+    assert!(
+        status["daemon"]["metrics"]["webhook"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&format!("cannot listen on 127.0.0.1:{port}"))),
+        "{status}"
+    );
+    drop(squatter);
+    d.wait_status("the webhook served", |s| {
+        s["daemon"]["metrics"]["webhook"]["error"].is_null()
+            && s["daemon"]["metrics"]["webhook"]["url"].is_string()
+    });
+    let ca = host.path("/var/lib/irsa-agent/webhook-ca.pem");
+    let pem = eventually(DEADLINE, || std::fs::read(&ca).ok()).expect("the CA file");
+    let mode = std::fs::metadata(&ca).expect("ca").permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    // Trust only the CA's certificate (the file holds its key too).
+    let certs: String = irsa_agent::keys::pem::blocks(&pem)
+        .iter()
+        .filter(|b| b.label == b"CERTIFICATE")
+        .map(|b| irsa_agent::keys::pem::encode("CERTIFICATE", &b.der))
+        .collect();
+    irsa_agent::publish::http::install_crypto_provider();
+    let client = reqwest::Client::builder()
+        .tls_certs_only(reqwest::Certificate::from_pem_bundle(certs.as_bytes()).expect("pem"))
+        .build()
+        .expect("client");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let review = serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": "u1", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "namespace": "prod", "operation": "CREATE",
+            "object": {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "a"}]}}}
+    });
+    let answer: Value = runtime.block_on(async {
+        let response = client
+            .post(format!("https://127.0.0.1:{port}/mutate"))
+            .body(serde_json::to_vec(&review).expect("json"))
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(response.status().as_u16(), 200);
+        serde_json::from_str(&response.text().await.expect("body")).expect("json")
+    });
+    assert_eq!(answer["response"]["uid"], "u1");
+    assert_eq!(answer["response"]["allowed"], true);
+    // Counted in status (refreshed at the next save: the 1 s resync).
+    let status = d.wait_status("the review counted", |s| {
+        s["daemon"]["metrics"]["webhook"]["requests_total"] == 1
+    });
+    assert_eq!(
+        status["daemon"]["metrics"]["webhook"]["url"],
+        format!("https://127.0.0.1:{port}/mutate")
+    );
+    // Off again: the port is closed.
+    host.write(
+        "/etc/irsa-agent/config.yaml",
+        config(
+            "https://oidc.example.com/homelab",
+            "  resync-interval: 1s\n",
+        ),
+    );
+    d.wait_status("webhook gone", |s| {
+        s["daemon"]["metrics"]["webhook"].is_null()
+    });
+    assert!(
+        eventually(DEADLINE, || std::net::TcpStream::connect((
+            "127.0.0.1",
+            port
+        ))
+        .is_err()
+        .then_some(()))
+        .is_some(),
+        "the webhook port is still open"
+    );
+}

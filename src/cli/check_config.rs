@@ -58,6 +58,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
                 "metrics-listen": s.run.metrics_listen.map(|a| a.to_string()),
                 "apply-issuer": s.run.apply_issuer,
             },
+            "webhook": s.webhook.to_json(),
             "backups": {
                 "keep": s.backups.keep,
                 "max-age": format_duration(s.backups.max_age),
@@ -117,6 +118,24 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
             )
         } else {
             "disabled".to_string()
+        }
+    );
+    let w = &s.webhook;
+    println!(
+        "webhook:       {}",
+        if w.enabled {
+            format!(
+                "serves {} (failure policy {}, skips {})",
+                w.url(),
+                w.failure_policy.name(),
+                if w.defaults.skip_namespaces.is_empty() {
+                    "no namespace".to_string()
+                } else {
+                    w.defaults.skip_namespaces.join(", ")
+                }
+            )
+        } else {
+            "off (webhook.enabled: false)".to_string()
         }
     );
     Ok(Exit::OK)

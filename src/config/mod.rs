@@ -18,6 +18,7 @@ pub mod fields;
 pub mod issuer;
 pub mod layout;
 pub mod run;
+pub mod webhook;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -354,6 +355,8 @@ pub struct Settings {
     pub run: run::RunSettings,
     /// `backups:`: retention of the backups of changed files.
     pub backups: Backups,
+    /// `webhook:`: the pod identity webhook the daemon serves (off by default).
+    pub webhook: webhook::WebhookSettings,
     /// An extra CA bundle (host path) trusted for the agent's own HTTPS requests: verifying the
     /// public copy, STS, storage endpoints. The system store (or `SSL_CERT_FILE`) stays trusted.
     pub ca_file: Option<PathBuf>,
@@ -393,6 +396,7 @@ pub struct Fragment {
     pub public_check: Option<bool>,
     pub run: run::RunFragment,
     pub backups: BackupsFragment,
+    pub webhook: webhook::WebhookFragment,
 }
 
 /// `rotation:` of one file; merged key by key.
@@ -584,6 +588,9 @@ pub fn parse_fragment(file: &Path, text: &str, problems: &mut Vec<Problem>) -> F
     }
     if let Some(map) = f.mapping("run") {
         fragment.run = run::parse(file, map, f.problems());
+    }
+    if let Some(map) = f.mapping("webhook") {
+        fragment.webhook = webhook::parse(file, map, f.problems());
     }
     if let Some(map) = f.mapping("backups") {
         fragment.backups = parse_backups(file, map, f.problems());
@@ -969,6 +976,7 @@ pub fn merge(fragments: Vec<Fragment>) -> Fragment {
         out.ca_file = f.ca_file.or(out.ca_file);
         out.public_check = f.public_check.or(out.public_check);
         out.run = run::merge(std::mem::take(&mut out.run), f.run);
+        out.webhook = webhook::merge(std::mem::take(&mut out.webhook), f.webhook);
         out.backups.keep = f.backups.keep.or(out.backups.keep);
         out.backups.max_age = f.backups.max_age.or(out.backups.max_age);
         let (r, o) = (f.rotation, &mut out.rotation);
@@ -1128,6 +1136,7 @@ pub fn validate(
         });
     }
     let run = run::validate(merged.run, problems);
+    let webhook = webhook::validate(merged.webhook, problems);
     if !problems.is_empty() {
         return None;
     }
@@ -1139,6 +1148,7 @@ pub fn validate(
             publish: merged.publish.map(|o| o.value).unwrap_or_default(),
             rotation,
             run,
+            webhook,
             backups: Backups {
                 keep: merged.backups.keep.unwrap_or(Backups::default().keep),
                 max_age: merged.backups.max_age.unwrap_or(Backups::default().max_age),

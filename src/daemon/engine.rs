@@ -108,6 +108,15 @@ pub struct Engine {
     pub status: DaemonStatus,
     metrics_tx: tokio::sync::watch::Sender<String>,
     metrics_server: Option<(std::net::SocketAddr, tokio::task::JoinHandle<()>)>,
+    /// The pod identity webhook being served, and the settings it was started with.
+    webhook: Option<(
+        crate::config::webhook::WebhookSettings,
+        crate::webhook::Running,
+    )>,
+    /// The webhook's ServiceAccount cache; outlives restarts of the server.
+    pub webhook_cache: crate::webhook::ServiceAccounts,
+    /// Why the enabled webhook is not served (shown by `status`, retried at every converge).
+    webhook_error: Option<String>,
     textfile_error: Option<String>,
     state_error: Option<String>,
     /// Set while blocking work that must not be cut off runs (an apiserver change).
@@ -192,6 +201,9 @@ impl Engine {
             status,
             metrics_tx,
             metrics_server: None,
+            webhook: None,
+            webhook_cache: crate::webhook::ServiceAccounts::default(),
+            webhook_error: None,
             textfile_error: None,
             state_error: None,
             critical: Arc::new(AtomicBool::new(false)),
@@ -237,6 +249,7 @@ impl Engine {
                     }
                     self.settings = Some(loaded.settings);
                     self.update_metrics_server();
+                    self.update_webhook_server();
                 }
             }
             Err(e) if e.is_unconfigured() && self.settings.is_none() => {
@@ -293,6 +306,57 @@ impl Engine {
                 self.metrics_server = Some((addr, handle));
             }
             Err(e) => log::error!("cannot serve metrics on {addr}: {e}"),
+        }
+    }
+
+    /// Starts, restarts (settings changed) or stops the webhook server.
+    fn update_webhook_server(&mut self) {
+        let wanted = self
+            .settings
+            .as_ref()
+            .map(|s| s.webhook.clone())
+            .filter(|w| w.enabled);
+        if self.webhook.as_ref().map(|(w, _)| w) == wanted.as_ref() && self.webhook_error.is_none()
+        {
+            return;
+        }
+        self.webhook_error = None;
+        if let Some((old, running)) = self.webhook.take() {
+            running.stop();
+            log::info!("webhook on {} stopped", old.url());
+        }
+        self.status.metrics.webhook = None;
+        let Some(wanted) = wanted else { return };
+        match crate::webhook::start(
+            &self.root,
+            &wanted,
+            self.webhook_cache.clone(),
+            crate::webhook::unix_now(),
+        ) {
+            Ok(mut running) => {
+                log::info!(
+                    "serving the pod identity webhook on {} (CA in {})",
+                    wanted.url(),
+                    crate::webhook::certs::ca_file(&self.root).display()
+                );
+                if let Some(settings) = &self.settings {
+                    running.attach(tokio::spawn(crate::webhook::kube_sync::run(
+                        self.root.clone(),
+                        settings.distribution,
+                        wanted.clone(),
+                        self.webhook_cache.clone(),
+                        running.bundle.clone(),
+                    )));
+                }
+                self.webhook = Some((wanted, running));
+            }
+            Err(e) => {
+                let message = format!("{e:#}");
+                log::error!(
+                    "cannot serve the pod identity webhook: {message} (tried again at every converge)"
+                );
+                self.webhook_error = Some(message);
+            }
         }
     }
 
@@ -380,6 +444,10 @@ impl Engine {
         let started = self.clock.monotonic();
         log::debug!("converging ({})", trigger.name());
         self.status.metrics.converges_total += 1;
+        // A webhook that could not start (port taken, CA file unreadable) is tried again.
+        if self.webhook_error.is_some() {
+            self.update_webhook_server();
+        }
         let mut errors: Vec<String> = Vec::new();
 
         let observed = apiserver::observe(&self.root, settings.distribution);
@@ -953,6 +1021,32 @@ impl Engine {
     /// Recomputes the phase and the one-line status from what is known.
     pub fn refresh_status(&mut self) {
         let config_file = self.config_file_shown();
+        let failed = self.webhook_error.as_ref().and_then(|e| {
+            let w = &self.settings.as_ref()?.webhook;
+            Some(metrics::WebhookMetric {
+                url: w.url(),
+                error: Some(e.clone()),
+                ..Default::default()
+            })
+        });
+        self.status.metrics.webhook = failed.or_else(|| {
+            self.webhook.as_ref().map(|(w, running)| {
+                let [requests, mutations, refusals, errors] = running.counters.snapshot();
+                metrics::WebhookMetric {
+                    url: w.url(),
+                    requests_total: requests,
+                    mutations_total: mutations,
+                    refusals_total: refusals,
+                    errors_total: errors,
+                    service_accounts: self.webhook_cache.len() as u64,
+                    certificate_expiry_timestamp_seconds: running
+                        .counters
+                        .certificate_expiry
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                    error: None,
+                }
+            })
+        });
         let next_retry_at = self.schedule.retry_at().map(|t| self.unix_of(t));
         let next_resync_at = self.schedule.resync_at().map(|t| self.unix_of(t));
         let now = self.clock.monotonic();

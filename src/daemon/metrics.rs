@@ -49,6 +49,26 @@ pub struct Metrics {
     /// The last converge left everything as it should be.
     pub in_sync: bool,
     pub targets: Vec<TargetMetric>,
+    /// The pod identity webhook, when it is served.
+    pub webhook: Option<WebhookMetric>,
+}
+
+/// The pod identity webhook's counters (since it started serving) and its cache.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WebhookMetric {
+    /// `https://127.0.0.1:9443/mutate`.
+    pub url: String,
+    pub requests_total: u64,
+    pub mutations_total: u64,
+    pub refusals_total: u64,
+    pub errors_total: u64,
+    /// ServiceAccounts in the cache.
+    pub service_accounts: u64,
+    /// Unix time the serving certificate expires.
+    pub certificate_expiry_timestamp_seconds: u64,
+    /// Why it is enabled but not served.
+    pub error: Option<String>,
 }
 
 pub use crate::exposition::{Exposition, label};
@@ -163,6 +183,50 @@ pub fn render(m: &Metrics, issuer: Option<&str>) -> String {
                 last,
             );
         }
+    }
+    if let Some(w) = &m.webhook {
+        metric(
+            "webhook_up",
+            "gauge",
+            "1 when the enabled pod identity webhook is served.",
+            one(u8::from(w.error.is_none()).to_string()),
+        );
+        for (name, help, value) in [
+            (
+                "webhook_requests_total",
+                "AdmissionReviews the pod identity webhook answered.",
+                w.requests_total,
+            ),
+            (
+                "webhook_mutations_total",
+                "Pods the webhook gave a cloud identity (answers with a patch).",
+                w.mutations_total,
+            ),
+            (
+                "webhook_refusals_total",
+                "Pods the webhook refused (a bad annotation, not a pod review).",
+                w.refusals_total,
+            ),
+            (
+                "webhook_errors_total",
+                "Webhook requests not answered with a review: bad body, too large, wrong path, failed TLS handshakes, connections over the limit.",
+                w.errors_total,
+            ),
+        ] {
+            metric(name, "counter", help, one(value.to_string()));
+        }
+        metric(
+            "webhook_service_accounts",
+            "gauge",
+            "ServiceAccounts in the webhook's cache.",
+            one(w.service_accounts.to_string()),
+        );
+        metric(
+            "webhook_certificate_expiry_timestamp_seconds",
+            "gauge",
+            "Unix time the webhook's serving certificate expires (renewed 10 days before).",
+            one(w.certificate_expiry_timestamp_seconds.to_string()),
+        );
     }
     exposition.finish()
 }

@@ -323,6 +323,24 @@ pub fn render_human(state: &State, rotation_enabled: Option<bool>) -> String {
                     ));
                 }
             }
+            if let Some(w) = d.metrics.webhook.as_ref().filter(|w| w.error.is_some()) {
+                out.push_str(&format!(
+                    "webhook:       NOT SERVED at {}: {} (pods are created without their identity, or refused with failure-policy Fail)\n",
+                    w.url,
+                    w.error.as_deref().unwrap_or_default()
+                ));
+            } else if let Some(w) = &d.metrics.webhook {
+                out.push_str(&format!(
+                    "webhook:       {} ({} reviews, {} pods given an identity, {} refused, {} errors; {} ServiceAccounts cached; certificate until {})\n",
+                    w.url,
+                    w.requests_total,
+                    w.mutations_total,
+                    w.refusals_total,
+                    w.errors_total,
+                    w.service_accounts,
+                    time(Some(w.certificate_expiry_timestamp_seconds))
+                ));
+            }
             if let Some(p) = &d.public {
                 out.push_str(&format!(
                     "public copy:   {} ({})\n",

@@ -65,10 +65,18 @@ pub fn review(
     defaults: &Defaults,
     service_account: impl Fn(&str, &str) -> Option<Value>,
 ) -> Value {
-    let request: Value = match serde_json::from_slice(body) {
-        Ok(v) => v,
-        Err(e) => return refused(&Value::Null, "", format!("not an AdmissionReview: {e}")),
-    };
+    match serde_json::from_slice(body) {
+        Ok(request) => review_parsed(&request, defaults, service_account),
+        Err(e) => refused(&Value::Null, "", format!("not an AdmissionReview: {e}")),
+    }
+}
+
+/// [`review`] of a body already parsed as JSON.
+pub fn review_parsed(
+    request: &Value,
+    defaults: &Defaults,
+    service_account: impl Fn(&str, &str) -> Option<Value>,
+) -> Value {
     let api_version = request["apiVersion"]
         .as_str()
         .unwrap_or("admission.k8s.io/v1");
@@ -76,7 +84,7 @@ pub fn review(
     let req = &request["request"];
     if req["kind"]["kind"] != "Pod" || request["kind"] != "AdmissionReview" {
         return refused(
-            &request,
+            request,
             uid,
             "only AdmissionReviews of pods are handled here".into(),
         );
@@ -103,7 +111,7 @@ pub fn review(
                 "patch": base64::engine::general_purpose::STANDARD.encode(bytes),
             }))
         }
-        Err(message) => refused(&request, uid, message),
+        Err(message) => refused(request, uid, message),
     }
 }
 

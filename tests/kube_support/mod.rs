@@ -60,7 +60,13 @@ impl Kube {
             .arg(self.pki("admin.key"))
             .args(["--max-time", "10"]);
         if let Some(b) = body {
-            cmd.args(["-H", "Content-Type: application/json", "--data-binary"])
+            let content_type = if method == "PATCH" {
+                // Server-side apply (JSON is YAML).
+                "Content-Type: application/apply-patch+yaml"
+            } else {
+                "Content-Type: application/json"
+            };
+            cmd.args(["-H", content_type, "--data-binary"])
                 .arg(b.to_string());
         }
         cmd.arg(format!("https://127.0.0.1:{}{path}", self.port));

@@ -1,0 +1,508 @@
+//! The webhook as the real kube-apiserver (v1.36.2, named by `IRSA_TEST_KUBE_APISERVER`;
+//! without it the test says SKIPPED) calls it: the registration the agent makes is applied
+//! server-side (field manager `irsa-agent`, twice, as two agents would), and pods created with
+//! `dryRun=All` come back mutated for AWS and Azure, unchanged without annotations, with their
+//! own variables kept. With the agent stopped, `failurePolicy: Ignore` creates the pod without
+//! the injection and `failurePolicy: Fail` refuses it.
+//!
+//! The ServiceAccount cache is filled by the test (the watch comes with the Kubernetes client).
+
+mod kube_support;
+mod support;
+
+use irsa_agent::config::webhook::{FailurePolicy, WebhookSettings};
+use irsa_agent::host::HostRoot;
+use irsa_agent::webhook::{self, ServiceAccounts};
+use kube_support::Kube;
+use serde_json::{Value, json};
+
+/// The webhook served on its own thread (the test blocks in curl while the apiserver calls it).
+struct Agent {
+    bundle: String,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Agent {
+    fn start(root: HostRoot, settings: WebhookSettings, cache: ServiceAccounts) -> Agent {
+        let (info_tx, info_rx) = std::sync::mpsc::channel();
+        let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                let running = webhook::start(&root, &settings, cache, webhook::unix_now())
+                    .expect("webhook starts");
+                info_tx.send(running.bundle.borrow().clone()).expect("send");
+                while stop_rx.try_recv().is_err() {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                running.stop();
+            });
+        });
+        let bundle = info_rx.recv().expect("webhook info");
+        Agent {
+            bundle,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn pod(sa: &str, labels: Value, env: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "app", "labels": labels},
+        "spec": {"serviceAccountName": sa, "containers": [{
+            "name": "app", "image": "registry.example/app:1", "env": env,
+        }]},
+    })
+}
+
+fn env(pod: &Value) -> Vec<(String, String)> {
+    pod["spec"]["containers"][0]["env"]
+        .as_array()
+        .map(|e| {
+            e.iter()
+                .map(|v| {
+                    (
+                        v["name"].as_str().unwrap_or_default().to_string(),
+                        v["value"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn value(pod: &Value, name: &str) -> Option<String> {
+    env(pod)
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v)
+}
+
+fn volumes(pod: &Value) -> Vec<String> {
+    pod["spec"]["volumes"]
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .filter_map(|v| v["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Starts the apiserver with the k3s test case's service-account keys.
+fn start(kube: &Kube) {
+    let keys =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/apiserver/k3s/keys");
+    std::fs::write(
+        kube.flags.join("apiserver.args"),
+        format!(
+            "--service-account-issuer=https://oidc.example.com/homelab\n--service-account-key-file={}\n--service-account-signing-key-file={}\n",
+            keys.join("service.key").display(),
+            keys.join("service.current.key").display()
+        ),
+    )
+    .expect("args");
+    kube.start();
+}
+
+const PODS: &str = "/api/v1/namespaces/prod/pods?dryRun=All";
+const MWC: &str = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations";
+
+#[test]
+fn the_real_apiserver_calls_the_webhook_and_the_failure_policy_holds_when_it_is_down() {
+    let Some(kapi) = Kube::binary("real_apiserver_webhook") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kube = Kube::new(
+        dir.path(),
+        kapi,
+        [
+            support::free_port(),
+            support::free_port(),
+            support::free_port(),
+            support::free_port(),
+        ],
+    );
+    start(&kube);
+    kube.ok(
+        "POST",
+        "/api/v1/namespaces",
+        Some(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "prod"}})),
+    );
+    let sas = [
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"namespace": "prod", "name": "s3-reader", "annotations": {
+            "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/s3-reader",
+            "eks.amazonaws.com/token-expiration": "3600",
+        }}}),
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"namespace": "prod", "name": "blob-reader", "annotations": {
+            "azure.workload.identity/client-id": "11111111-2222-3333-4444-555555555555",
+            "azure.workload.identity/tenant-id": "66666666-7777-8888-9999-000000000000",
+        }}}),
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"namespace": "prod", "name": "plain"}}),
+    ];
+    let cache = ServiceAccounts::default();
+    for sa in &sas {
+        let created = kube.ok("POST", "/api/v1/namespaces/prod/serviceaccounts", Some(sa));
+        // The cache gets the objects as the API returns them (as the watch will).
+        cache.upsert(&created);
+    }
+
+    let agent_root = tempfile::tempdir().expect("agent root");
+    let mut settings = WebhookSettings {
+        enabled: true,
+        ..Default::default()
+    };
+    settings.listen = format!("127.0.0.1:{}", support::free_port())
+        .parse()
+        .expect("addr");
+    settings.defaults.aws.region = Some("eu-west-1".into());
+    let mut agent = Agent::start(
+        HostRoot::new(agent_root.path()),
+        settings.clone(),
+        cache.clone(),
+    );
+    let apply = |settings: &WebhookSettings, bundle: &str| {
+        kube.ok(
+            "PATCH",
+            &format!("{MWC}/{}?fieldManager=irsa-agent&force=true", webhook::NAME),
+            Some(&webhook::registration(settings, bundle)),
+        )
+    };
+    let registered = apply(&settings, &agent.bundle);
+    // A second agent applying the same object: no conflict, nothing changes.
+    let again = apply(&settings, &agent.bundle);
+    assert_eq!(
+        registered["metadata"]["resourceVersion"], again["metadata"]["resourceVersion"],
+        "applying the same registration again must not write"
+    );
+    assert_eq!(again["webhooks"][0]["reinvocationPolicy"], "IfNeeded");
+    assert_eq!(again["webhooks"][0]["sideEffects"], "None");
+
+    // The apiserver picks registrations up asynchronously: wait until a pod is mutated.
+    let aws_pod = pod("s3-reader", json!({}), json!([]));
+    let mut created = Value::Null;
+    for _ in 0..100 {
+        created = kube.ok("POST", PODS, Some(&aws_pod));
+        if value(&created, "AWS_ROLE_ARN").is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        value(&created, "AWS_ROLE_ARN").as_deref(),
+        Some("arn:aws:iam::123456789012:role/s3-reader"),
+        "{created}"
+    );
+    assert_eq!(
+        value(&created, "AWS_WEB_IDENTITY_TOKEN_FILE").as_deref(),
+        Some("/var/run/secrets/eks.amazonaws.com/serviceaccount/token")
+    );
+    assert_eq!(value(&created, "AWS_REGION").as_deref(), Some("eu-west-1"));
+    let aws_volume = created["spec"]["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == "aws-iam-token"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no aws-iam-token volume: {created}"));
+    assert_eq!(
+        aws_volume["projected"]["sources"][0]["serviceAccountToken"]["expirationSeconds"],
+        3600
+    );
+    // The apiserver's own token volume is there too (admission ran before and after us).
+    assert!(
+        volumes(&created)
+            .iter()
+            .any(|v| v.starts_with("kube-api-access-")),
+        "{created}"
+    );
+
+    // Azure.
+    let created = kube.ok(
+        "POST",
+        PODS,
+        Some(&pod(
+            "blob-reader",
+            json!({"azure.workload.identity/use": "true"}),
+            json!([]),
+        )),
+    );
+    assert_eq!(
+        value(&created, "AZURE_CLIENT_ID").as_deref(),
+        Some("11111111-2222-3333-4444-555555555555"),
+        "{created}"
+    );
+    assert_eq!(
+        value(&created, "AZURE_FEDERATED_TOKEN_FILE").as_deref(),
+        Some("/var/run/secrets/azure/tokens/azure-identity-token")
+    );
+    assert!(volumes(&created).contains(&"azure-identity-token".to_string()));
+
+    // No annotations: unchanged.
+    let created = kube.ok("POST", PODS, Some(&pod("plain", json!({}), json!([]))));
+    assert!(env(&created).is_empty(), "{created}");
+    assert!(
+        volumes(&created)
+            .iter()
+            .all(|v| v.starts_with("kube-api-access-")),
+        "{created}"
+    );
+
+    // Its own variables are kept.
+    let created = kube.ok(
+        "POST",
+        PODS,
+        Some(&pod(
+            "s3-reader",
+            json!({}),
+            json!([{"name": "AWS_ROLE_ARN", "value": "arn:aws:iam::999999999999:role/mine"}]),
+        )),
+    );
+    let roles: Vec<String> = env(&created)
+        .into_iter()
+        .filter(|(n, _)| n == "AWS_ROLE_ARN")
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(roles, vec!["arn:aws:iam::999999999999:role/mine"]);
+
+    // What the webhook adds to a pod create through the apiserver (printed, not asserted: the
+    // curl process each request starts dominates, and the machine is shared): the median of
+    // 30 dryRun creates with the registration, then 30 without.
+    let median_ms = |n: usize| {
+        let mut times: Vec<f64> = (0..n)
+            .map(|_| {
+                let started = std::time::Instant::now();
+                let (code, _) = kube.api("POST", PODS, Some(&aws_pod));
+                assert_eq!(code, 201);
+                started.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        times[n / 2]
+    };
+    let with = median_ms(30);
+    kube.ok("DELETE", &format!("{MWC}/{}", webhook::NAME), None);
+    for _ in 0..100 {
+        if value(&kube.ok("POST", PODS, Some(&aws_pod)), "AWS_ROLE_ARN").is_none() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let without = median_ms(30);
+    eprintln!(
+        "MEASURED: dryRun pod create through curl: median {with:.1} ms with the webhook, {without:.1} ms without ({:+.1} ms)",
+        with - without
+    );
+    apply(&settings, &agent.bundle);
+    // Registered again and seen by the apiserver (a pod is mutated) before the agent stops, so
+    // the bare pod below is the failure policy's doing.
+    let mut seen = false;
+    for _ in 0..100 {
+        if value(&kube.ok("POST", PODS, Some(&aws_pod)), "AWS_ROLE_ARN").is_some() {
+            seen = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(seen, "the registration applied again was never used");
+
+    // The agent stops. failurePolicy: Ignore (the default): the pod is created, without
+    // its identity.
+    agent.stop();
+    let created = kube.ok("POST", PODS, Some(&aws_pod));
+    assert!(value(&created, "AWS_ROLE_ARN").is_none(), "{created}");
+
+    // failurePolicy: Fail: the create is refused, naming the webhook.
+    settings.failure_policy = FailurePolicy::Fail;
+    apply(&settings, &agent.bundle);
+    let mut refused = (0, String::new());
+    for _ in 0..100 {
+        refused = kube.api("POST", PODS, Some(&aws_pod));
+        if refused.0 >= 400 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(refused.0 >= 500, "HTTP {}: {}", refused.0, refused.1);
+    assert!(
+        refused.1.contains("failed calling webhook") && refused.1.contains(webhook::WEBHOOK_NAME),
+        "{}",
+        refused.1
+    );
+    // A pod in a skipped namespace is still created (kube-system is not matched).
+    kube.ok(
+        "POST",
+        "/api/v1/namespaces/kube-system/serviceaccounts",
+        Some(
+            &json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}}),
+        ),
+    );
+    let created = kube.ok(
+        "POST",
+        "/api/v1/namespaces/kube-system/pods?dryRun=All",
+        Some(&pod("default", json!({}), json!([]))),
+    );
+    assert_eq!(created["kind"], "Pod");
+}
+
+/// The agent's own links to the API against the real kube-apiserver: the ServiceAccount watch
+/// feeds the cache (an annotation changed later is used for the next pod), the registration is
+/// applied by the agent itself, and a second agent with another CA does not replace it.
+#[test]
+fn the_watch_feeds_the_cache_and_the_agent_registers_itself() {
+    let Some(kapi) = Kube::binary("real_apiserver_webhook") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kube = Kube::new(
+        dir.path(),
+        kapi,
+        [
+            support::free_port(),
+            support::free_port(),
+            support::free_port(),
+            support::free_port(),
+        ],
+    );
+    start(&kube);
+    kube.ok(
+        "POST",
+        "/api/v1/namespaces",
+        Some(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "prod"}})),
+    );
+    let sa = |role: &str| {
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"namespace": "prod", "name": "s3-reader", "annotations": {
+            "eks.amazonaws.com/role-arn": role,
+        }}})
+    };
+    kube.ok(
+        "POST",
+        "/api/v1/namespaces/prod/serviceaccounts",
+        Some(&sa("arn:aws:iam::123456789012:role/first")),
+    );
+
+    let agent_root = tempfile::tempdir().expect("agent root");
+    let mut settings = WebhookSettings {
+        enabled: true,
+        ..Default::default()
+    };
+    settings.listen = format!("127.0.0.1:{}", support::free_port())
+        .parse()
+        .expect("addr");
+    let kubeconfig = kube.state.join("kubeconfig");
+    let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
+    let (bundle_tx, bundle_rx) = std::sync::mpsc::channel();
+    let root = HostRoot::new(agent_root.path());
+    let thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let cache = ServiceAccounts::default();
+            let running = webhook::start(&root, &settings, cache.clone(), webhook::unix_now())
+                .expect("webhook starts");
+            bundle_tx
+                .send(running.bundle.borrow().clone())
+                .expect("send");
+            let api = irsa_agent::k8s::Api::from_kubeconfig(
+                &HostRoot::new("/"),
+                &kubeconfig,
+                None,
+                std::time::Duration::from_secs(330),
+            )
+            .await
+            .expect("kubeconfig");
+            let client = api.client().expect("client");
+            let watch = tokio::spawn(webhook::kube_sync::watch(client.clone(), cache));
+            let register = tokio::spawn(webhook::kube_sync::register(
+                client.clone(),
+                settings.clone(),
+                running.bundle.clone(),
+            ));
+            // A second agent, on another server, with a CA of its own.
+            let other =
+                irsa_agent::webhook::certs::Authority::generate(webhook::unix_now()).expect("ca");
+            let other_bundle =
+                irsa_agent::webhook::certs::Authorities { cas: vec![other] }.bundle_pem();
+            let (_other_tx, other_rx) = tokio::sync::watch::channel(other_bundle);
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            let second = tokio::spawn(webhook::kube_sync::register(
+                client,
+                settings.clone(),
+                other_rx,
+            ));
+            while stop_rx.try_recv().is_err() {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            watch.abort();
+            register.abort();
+            second.abort();
+            running.stop();
+        });
+    });
+    let bundle: String = bundle_rx.recv().expect("bundle");
+
+    // Registered by the agent, and the watch fed the cache: a pod is mutated.
+    let aws_pod = pod("s3-reader", json!({}), json!([]));
+    let mutated_with = |role: &str| {
+        let started = std::time::Instant::now();
+        for _ in 0..200 {
+            let created = kube.ok("POST", PODS, Some(&aws_pod));
+            if value(&created, "AWS_ROLE_ARN").as_deref() == Some(role) {
+                return Some(started.elapsed());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        None
+    };
+    mutated_with("arn:aws:iam::123456789012:role/first").expect("mutated from the watched SA");
+    // A changed annotation is used for the next pods.
+    kube.ok(
+        "PATCH",
+        "/api/v1/namespaces/prod/serviceaccounts/s3-reader?fieldManager=test&force=true",
+        Some(&sa("arn:aws:iam::123456789012:role/second")),
+    );
+    let took = mutated_with("arn:aws:iam::123456789012:role/second")
+        .expect("the changed annotation is used");
+    eprintln!("MEASURED: annotation change to first pod using it: {took:?} (polling every 50 ms)");
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+
+    // The second agent's CA did not replace the first's.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let registered = kube.ok("GET", &format!("{MWC}/{}", webhook::NAME), None);
+    let ca_bundle = registered["webhooks"][0]["clientConfig"]["caBundle"]
+        .as_str()
+        .and_then(|b| base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b).ok())
+        .expect("caBundle");
+    assert_eq!(String::from_utf8_lossy(&ca_bundle), bundle);
+    assert!(
+        registered["metadata"]["managedFields"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|f| f["manager"] == "irsa-agent")),
+        "{registered}"
+    );
+
+    let _ = stop.send(());
+    let _ = thread.join();
+}
