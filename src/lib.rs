@@ -33,6 +33,7 @@ pub mod host;
 pub mod identity;
 pub mod k8s;
 pub mod keys;
+pub mod membership;
 pub mod publish;
 pub mod rotation;
 pub mod state;

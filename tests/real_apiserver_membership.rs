@@ -1,0 +1,142 @@
+//! Membership Leases against the real kube-apiserver (v1.36.2, named by
+//! `IRSA_TEST_KUBE_APISERVER`; without it the test says SKIPPED): an agent announces itself in
+//! `kube-system`, renews, and the view names the apiserver (by the host in its own identity
+//! Lease) that has no live agent.
+
+mod kube_support;
+mod support;
+
+use irsa_agent::host::HostRoot;
+use irsa_agent::membership::{self, Report};
+use kube_support::Kube;
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+#[test]
+fn an_agent_announces_itself_and_the_apiserver_without_one_is_named() {
+    let Some(kapi) = Kube::binary("real_apiserver_membership") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kube = Kube::new(
+        dir.path(),
+        kapi,
+        [
+            support::free_port(),
+            support::free_port(),
+            support::free_port(),
+            support::free_port(),
+        ],
+    );
+    let keys =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/apiserver/k3s/keys");
+    std::fs::write(
+        kube.flags.join("apiserver.args"),
+        format!(
+            "--service-account-issuer=https://oidc.example.com/homelab\n--service-account-key-file={}\n--service-account-signing-key-file={}\n",
+            keys.join("service.key").display(),
+            keys.join("service.current.key").display()
+        ),
+    )
+    .expect("args");
+    kube.start();
+    // kube-apiserver names its host in its identity Lease (os.Hostname).
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .expect("hostname")
+        .trim()
+        .to_string();
+    let kubeconfig = kube.state.join("kubeconfig");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let api = irsa_agent::k8s::Api::from_kubeconfig(
+            &HostRoot::new("/"),
+            &kubeconfig,
+            None,
+            std::time::Duration::from_secs(10),
+        )
+        .await
+        .expect("client config");
+        let client = api.client().expect("client");
+
+        // The apiserver's identity Lease appears shortly after it starts.
+        let mut view = membership::View::default();
+        for _ in 0..60 {
+            view = membership::view(&client, now()).await.expect("view");
+            if view.apiservers.contains(&host) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+        assert_eq!(view.apiservers, vec![host.clone()], "{view:?}");
+        assert_eq!(view.without_agent(), vec![host.clone()], "no agent yet");
+
+        // Another node's agent does not count for this apiserver.
+        let report = Report {
+            version: "test".into(),
+            issuers: vec!["https://oidc.example.com/homelab".into()],
+            kids: vec!["kid-a".into()],
+            rollout: "signing".into(),
+            rotation: "idle".into(),
+            ..Report::default()
+        };
+        membership::announce(&client, "elsewhere", &report, 40, now())
+            .await
+            .expect("announce");
+        let view = membership::view(&client, now()).await.expect("view");
+        assert_eq!(view.without_agent(), vec![host.clone()], "{view:?}");
+
+        // Its own agent does; the report reads back as written.
+        membership::announce(&client, &host, &report, 40, now())
+            .await
+            .expect("announce");
+        let view = membership::view(&client, now()).await.expect("view");
+        assert!(view.without_agent().is_empty(), "{view:?}");
+        let mine = view
+            .agents
+            .iter()
+            .find(|a| a.node == host)
+            .expect("own lease");
+        assert!(mine.live);
+        assert_eq!(mine.report.as_ref(), Some(&report));
+
+        // A renewal moves renewTime and keeps acquireTime; past its duration it is not live.
+        let path = format!(
+            "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/{}",
+            membership::lease_name(&host)
+        );
+        let before = kube.ok("GET", &path, None);
+        let later = now() + 30;
+        let renewed = Report {
+            rotation: "staged".into(),
+            ..report.clone()
+        };
+        membership::announce(&client, &host, &renewed, 40, later)
+            .await
+            .expect("renew");
+        let after = kube.ok("GET", &path, None);
+        assert_eq!(
+            before["spec"]["acquireTime"], after["spec"]["acquireTime"],
+            "{after}"
+        );
+        assert_ne!(
+            before["spec"]["renewTime"], after["spec"]["renewTime"],
+            "{after}"
+        );
+        let view = membership::view(&client, later + 41).await.expect("view");
+        let mine = view
+            .agents
+            .iter()
+            .find(|a| a.node == host)
+            .expect("own lease");
+        assert!(!mine.live, "expired at renewTime + 40 s");
+        assert_eq!(mine.report.as_ref(), Some(&renewed));
+    });
+}
