@@ -33,6 +33,18 @@ pub const APISERVER_IDENTITY: &str = "apiserver.kubernetes.io/identity=kube-apis
 /// The label naming the apiserver's host on its identity Lease.
 pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
 
+/// The cluster-wide restart Lease: an agent restarts its own apiserver only while it holds it.
+pub const RESTART: &str = "irsa-agent-restart";
+
+/// The answer to [`acquire_restart`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Restart {
+    /// This node holds the restart Lease until `until` (Unix seconds).
+    Held { until: i64 },
+    /// Another node holds it until `until`: wait (a holder that died frees it then).
+    Busy { holder: String, until: i64 },
+}
+
 /// What one agent says about its server.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Report {
@@ -193,6 +205,104 @@ pub async fn announce(
     })
 }
 
+/// Takes (or renews) the cluster-wide restart Lease for `node`, for `duration` seconds from
+/// `now`, unless another node holds a live one. The write carries the resourceVersion read, so
+/// of two agents racing for a free Lease exactly one wins; the other reads it again and is told
+/// who holds it.
+pub async fn acquire_restart(
+    client: &kube::Client,
+    node: &str,
+    duration: i32,
+    now: i64,
+) -> Result<Restart, Error> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
+    let fail = |e: kube::Error| Error::Lease {
+        name: RESTART.to_string(),
+        cause: e.to_string(),
+    };
+    for _ in 0..2 {
+        let old = leases.get_opt(RESTART).await.map_err(fail)?;
+        if let Some(busy) = old.as_ref().and_then(|l| held_by_other(l, node, now)) {
+            return Ok(busy);
+        }
+        let lease = restart_lease(node, duration, now, old.as_ref());
+        let written = match old {
+            None => leases.create(&PostParams::default(), &lease).await,
+            Some(_) => {
+                leases
+                    .replace(RESTART, &PostParams::default(), &lease)
+                    .await
+            }
+        };
+        match written {
+            Ok(_) => {
+                return Ok(Restart::Held {
+                    until: now + i64::from(duration),
+                });
+            }
+            // Someone else wrote first (created it, or took it): look again.
+            Err(kube::Error::Api(status)) if status.code == 409 => continue,
+            Err(e) => return Err(fail(e)),
+        }
+    }
+    Err(Error::Lease {
+        name: RESTART.to_string(),
+        cause: "conflicting writes twice in a row".to_string(),
+    })
+}
+
+/// Gives the restart Lease back, when `node` holds it (a Lease another node took after this
+/// one's expired is left alone).
+pub async fn release_restart(client: &kube::Client, node: &str) -> Result<(), Error> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
+    let fail = |e: kube::Error| Error::Lease {
+        name: RESTART.to_string(),
+        cause: e.to_string(),
+    };
+    let Some(mut lease) = leases.get_opt(RESTART).await.map_err(fail)? else {
+        return Ok(());
+    };
+    let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+    if spec.holder_identity.as_deref() != Some(node) {
+        return Ok(());
+    }
+    spec.holder_identity = None;
+    spec.renew_time = None;
+    match leases
+        .replace(RESTART, &PostParams::default(), &lease)
+        .await
+    {
+        Ok(_) => Ok(()),
+        // Taken over meanwhile (it had expired): not ours to release any more.
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        Err(e) => Err(fail(e)),
+    }
+}
+
+/// `Busy` when a node other than `node` holds `lease` and it is live at `now`.
+pub fn held_by_other(lease: &Lease, node: &str, now: i64) -> Option<Restart> {
+    let spec = lease.spec.as_ref()?;
+    let holder = spec.holder_identity.as_deref().filter(|h| !h.is_empty())?;
+    if holder == node || !live(lease, now) {
+        return None;
+    }
+    let until = spec.renew_time.as_ref()?.0.as_second()
+        + i64::from(spec.lease_duration_seconds.unwrap_or(0));
+    Some(Restart::Busy {
+        holder: holder.to_string(),
+        until,
+    })
+}
+
+fn restart_lease(node: &str, duration: i32, now: i64, old: Option<&Lease>) -> Lease {
+    let mut lease = desired(node, &Report::default(), duration, now, old);
+    lease.metadata.name = Some(RESTART.to_string());
+    if let Some(a) = lease.metadata.annotations.as_mut() {
+        a.remove(REPORT);
+    }
+    lease
+}
+
 /// Reads every agent Lease and every apiserver identity Lease.
 pub async fn view(client: &kube::Client, now: i64) -> Result<View, Error> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
@@ -204,7 +314,11 @@ pub async fn view(client: &kube::Client, now: i64) -> Result<View, Error> {
         .items
         .iter()
         .filter_map(|lease| {
-            let node = lease.metadata.name.as_deref()?.strip_prefix(PREFIX)?;
+            let name = lease.metadata.name.as_deref()?;
+            if name == RESTART {
+                return None;
+            }
+            let node = name.strip_prefix(PREFIX)?;
             let report = lease
                 .metadata
                 .annotations
@@ -269,6 +383,28 @@ mod tests {
             apiservers: vec!["cp1".into(), "cp2".into(), "cp3".into()],
         };
         assert_eq!(view.without_agent(), vec!["cp2", "cp3"]);
+    }
+
+    #[test]
+    fn the_restart_lease_is_busy_only_while_another_node_holds_it_live() {
+        let mut lease = restart_lease("cp1", 60, 1000, None);
+        assert_eq!(
+            held_by_other(&lease, "cp2", 1030),
+            Some(Restart::Busy {
+                holder: "cp1".into(),
+                until: 1060
+            })
+        );
+        assert_eq!(held_by_other(&lease, "cp1", 1030), None, "its own");
+        assert_eq!(
+            held_by_other(&lease, "cp2", 1061),
+            None,
+            "a dead holder frees it"
+        );
+        if let Some(spec) = lease.spec.as_mut() {
+            spec.holder_identity = None;
+        }
+        assert_eq!(held_by_other(&lease, "cp2", 1030), None, "released");
     }
 
     #[test]

@@ -138,5 +138,124 @@ fn an_agent_announces_itself_and_the_apiserver_without_one_is_named() {
             .expect("own lease");
         assert!(!mine.live, "expired at renewTime + 40 s");
         assert_eq!(mine.report.as_ref(), Some(&renewed));
+        assert!(
+            !view.agents.iter().any(|a| a.node == "restart"),
+            "the restart Lease is not an agent"
+        );
+    });
+}
+
+#[test]
+fn one_node_at_a_time_holds_the_restart_lease_and_a_dead_holder_frees_it() {
+    use membership::Restart;
+    let Some(kapi) = Kube::binary("real_apiserver_membership") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kube = Kube::new(
+        dir.path(),
+        kapi,
+        [
+            support::free_port(),
+            support::free_port(),
+            support::free_port(),
+            support::free_port(),
+        ],
+    );
+    let keys =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/apiserver/k3s/keys");
+    std::fs::write(
+        kube.flags.join("apiserver.args"),
+        format!(
+            "--service-account-issuer=https://oidc.example.com/homelab\n--service-account-key-file={}\n--service-account-signing-key-file={}\n",
+            keys.join("service.key").display(),
+            keys.join("service.current.key").display()
+        ),
+    )
+    .expect("args");
+    kube.start();
+    let kubeconfig = kube.state.join("kubeconfig");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let api = irsa_agent::k8s::Api::from_kubeconfig(
+            &HostRoot::new("/"),
+            &kubeconfig,
+            None,
+            std::time::Duration::from_secs(10),
+        )
+        .await
+        .expect("client config");
+        let client = api.client().expect("client");
+        let t = now();
+        // Two agents race for the free Lease: exactly one holds it.
+        let (a, b) = tokio::join!(
+            membership::acquire_restart(&client, "cp-a", 60, t),
+            membership::acquire_restart(&client, "cp-b", 60, t),
+        );
+        let (a, b) = (a.expect("cp-a"), b.expect("cp-b"));
+        let (winner, loser) = match (&a, &b) {
+            (Restart::Held { .. }, Restart::Busy { holder, .. }) if holder == "cp-a" => {
+                ("cp-a", "cp-b")
+            }
+            (Restart::Busy { holder, .. }, Restart::Held { .. }) if holder == "cp-b" => {
+                ("cp-b", "cp-a")
+            }
+            other => panic!("not exactly one holder: {other:?}"),
+        };
+        // The holder renews; the other is told who holds it and until when.
+        assert_eq!(
+            membership::acquire_restart(&client, winner, 60, t + 10)
+                .await
+                .expect("renew"),
+            Restart::Held { until: t + 70 }
+        );
+        assert_eq!(
+            membership::acquire_restart(&client, loser, 60, t + 20)
+                .await
+                .expect("busy"),
+            Restart::Busy {
+                holder: winner.to_string(),
+                until: t + 70
+            }
+        );
+        // Only the holder can give it back; then the other takes it.
+        membership::release_restart(&client, loser)
+            .await
+            .expect("release by a non-holder is a no-op");
+        assert!(matches!(
+            membership::acquire_restart(&client, loser, 60, t + 20).await,
+            Ok(Restart::Busy { .. })
+        ));
+        membership::release_restart(&client, winner)
+            .await
+            .expect("release");
+        assert_eq!(
+            membership::acquire_restart(&client, loser, 5, t + 30)
+                .await
+                .expect("take"),
+            Restart::Held { until: t + 35 }
+        );
+        // A holder that died (never renewed) frees the Lease when its duration has passed.
+        assert!(matches!(
+            membership::acquire_restart(&client, winner, 60, t + 34).await,
+            Ok(Restart::Busy { .. })
+        ));
+        assert_eq!(
+            membership::acquire_restart(&client, winner, 60, t + 36)
+                .await
+                .expect("take over"),
+            Restart::Held { until: t + 96 }
+        );
+        let lease = kube.ok(
+            "GET",
+            "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/irsa-agent-restart",
+            None,
+        );
+        assert_eq!(lease["spec"]["holderIdentity"], winner, "{lease}");
+        // Two changes of holder: the winner to the other, and back after the other died.
+        assert_eq!(lease["spec"]["leaseTransitions"], 2, "{lease}");
     });
 }
