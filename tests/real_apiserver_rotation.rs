@@ -312,13 +312,17 @@ fn a_rotation_whose_apiserver_is_stopped_as_the_drain_ends_rejects_no_token() {
         }
         if phase == "draining" && outage.is_none() {
             let drain_until = st["drain_until"].as_u64().expect("drain_until");
-            // Sleep to 8 s before the drain ends (minting on the way), then stop the apiserver
-            // (its graceful shutdown takes a few seconds): it is down when the drain ends.
-            while now() + 8 < drain_until {
+            // Sleep to LEAD s before the drain ends (minting on the way), then stop the
+            // apiserver: it is down when the drain ends. The lead covers a mint (curl: 10 s at
+            // most) and a graceful stop (10 s, then SIGKILL) on a loaded CI machine; CI once saw
+            // an 8 s lead run out.
+            const LEAD: u64 = 25;
+            while now() + LEAD < drain_until {
                 std::thread::sleep(Duration::from_secs(5).min(Duration::from_secs(
-                    drain_until.saturating_sub(now() + 8).max(1),
+                    drain_until.saturating_sub(now() + LEAD).max(1),
                 )));
                 if last_mint.elapsed() >= Duration::from_secs(15)
+                    && now() + LEAD + 12 < drain_until
                     && let Some(t) = mint(&kube)
                 {
                     tokens.push(t);
