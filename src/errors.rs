@@ -1,4 +1,27 @@
-//! An error and its causes in one line, the way every command and the daemon print them.
+//! An error and its causes in one line, the way every command and the daemon print them; and
+//! the error of the ports that run a host program ([`ProgramError`]).
+
+use std::path::PathBuf;
+
+/// A host program (`systemctl restart`, `k3s certificate rotate-ca`) could not be run or
+/// failed. The error of [`crate::apiserver::restart::ServiceManager`] and
+/// [`crate::rotation::runner::CommandRunner`].
+#[derive(Debug, thiserror::Error)]
+pub enum ProgramError {
+    /// It could not be started (not installed, not executable).
+    #[error("cannot run {}: {source}", program.display())]
+    Spawn {
+        program: PathBuf,
+        source: std::io::Error,
+    },
+    /// It ran and failed: the command line, how it exited, and the last lines it printed.
+    #[error("`{command}` failed ({status}): {output}")]
+    Failed {
+        command: String,
+        status: String,
+        output: String,
+    },
+}
 
 /// The error and its causes, joined by ": ", each cause only when the text so far does not
 /// already say it (typed errors often print their source in their own message; `{:#}` would

@@ -13,6 +13,8 @@
 //!   the JSON Patch that adds it (the webhook, `pod-config`);
 //! - [`host`]: the injectable host root every host path goes through;
 //! - [`fs`]: the one module that writes host files (atomic, durable, mode-preserving);
+//! - [`clock`] and [`runtime`]: the one clock (real or simulated) and the one async runtime
+//!   every part of the process shares;
 //! - [`state`]: the agent's own state file (`/var/lib/irsa-agent/state.json`);
 //! - [`yaml`]: the one YAML entry point (size and nesting limits before parsing);
 //! - [`daemon`]: `irsa-agent run`, the loop that keeps all of the above true (watch, converge,
@@ -22,6 +24,7 @@
 
 pub mod apiserver;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod doctor;
@@ -36,6 +39,7 @@ pub mod keys;
 pub mod membership;
 pub mod publish;
 pub mod rotation;
+pub mod runtime;
 pub mod state;
 pub mod unit;
 pub mod webhook;

@@ -7,6 +7,7 @@ mod https_support;
 
 use apply_support::{Behaviour, FakeApiserver, Host, data};
 use irsa_agent::config::Distribution;
+use irsa_agent::runtime::block_on;
 use serde_json::Value;
 
 fn json_of(output: &std::process::Output) -> Value {
@@ -408,13 +409,13 @@ fn the_probe_trusts_only_the_kubeconfig_ca_and_authenticates_with_its_client_cer
         timeout,
     )
     .expect("probe");
-    let status = probe.check();
+    let status = block_on(probe.check());
     assert!(status.ready, "{status:?}");
     assert_eq!(
         status.issuer.as_deref(),
         Some("https://kubernetes.default.svc.cluster.local")
     );
-    assert_eq!(probe.stale_tokens(), Some(0.0));
+    assert_eq!(block_on(probe.stale_tokens()), Some(0.0));
     // A CA that did not sign the server's certificate: not trusted.
     let text = host.read("/etc/rancher/k3s/k3s.yaml");
     let client_pem = base64::Engine::encode(
@@ -440,7 +441,7 @@ fn the_probe_trusts_only_the_kubeconfig_ca_and_authenticates_with_its_client_cer
         timeout,
     )
     .expect("probe");
-    let status = probe.check();
+    let status = block_on(probe.check());
     assert!(!status.ready);
     assert!(
         status.detail.to_lowercase().contains("certificate"),
@@ -461,7 +462,7 @@ fn the_probe_trusts_only_the_kubeconfig_ca_and_authenticates_with_its_client_cer
         timeout,
     )
     .expect("probe");
-    assert!(!probe.check().ready);
+    assert!(!block_on(probe.check()).ready);
     // No CA at all: refused up front.
     host.write(
         "/etc/rancher/k3s/noca.yaml",

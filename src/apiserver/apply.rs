@@ -13,12 +13,15 @@
 //!    backup.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use super::FileChange;
 use super::plan::Plan;
-use super::probe::{ApiserverProbe, Status};
+use super::probe::ApiserverProbe;
+use super::ready::{self, Patience};
 use super::restart::{Restart, ServiceManager};
+use crate::clock::{Clock, SystemClock};
 use crate::config::Backups;
 use crate::fs::{self, NewFile};
 use crate::host::HostRoot;
@@ -34,6 +37,8 @@ pub struct Options {
     pub poll: Duration,
     /// How long backups are kept (`backups:` of the configuration).
     pub backups: Backups,
+    /// The clock the wait is measured on.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Default for Options {
@@ -43,6 +48,16 @@ impl Default for Options {
             timeout: Duration::from_secs(300),
             poll: Duration::from_secs(2),
             backups: Backups::default(),
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+impl Options {
+    fn patience(&self) -> Patience {
+        Patience {
+            timeout: self.timeout,
+            poll: self.poll,
         }
     }
 }
@@ -134,40 +149,26 @@ fn backup_dir(root: &HostRoot, now: u64) -> Result<PathBuf, ApplyError> {
     )))
 }
 
-/// Waits until the apiserver is ready and serves `issuer` (or, with `issuer` `None`, is ready).
-fn wait_for(
+/// Waits ([`ready::wait_until`]) until the apiserver is ready and serves `issuer` (or, with
+/// `issuer` `None`, is ready). On a timeout, returns what it last answered.
+async fn wait_for(
     probe: &mut dyn ApiserverProbe,
     issuer: Option<&str>,
     opts: &Options,
-) -> Result<Duration, Status> {
-    let start = Instant::now();
-    let mut last_log = Instant::now();
-    let mut last_detail = String::new();
-    loop {
-        let status = probe.check();
-        let good = status.ready && issuer.is_none_or(|i| status.issuer.as_deref() == Some(i));
-        if good {
-            return Ok(start.elapsed());
+) -> Result<Duration, String> {
+    let what = match issuer {
+        Some(i) => format!("waiting for kube-apiserver to serve issuer {i}"),
+        None => "waiting for kube-apiserver to be ready".to_string(),
+    };
+    ready::wait_until(&what, opts.clock.as_ref(), opts.patience(), async || {
+        let status = probe.check().await;
+        if status.ready && issuer.is_none_or(|i| status.issuer.as_deref() == Some(i)) {
+            Ok(())
+        } else {
+            Err(status.detail)
         }
-        if status.detail != last_detail || last_log.elapsed() >= Duration::from_secs(15) {
-            log::info!(
-                "waiting for kube-apiserver ({}s of {}s): {}",
-                start.elapsed().as_secs(),
-                opts.timeout.as_secs(),
-                status.detail
-            );
-            last_detail = status.detail.clone();
-            last_log = Instant::now();
-        }
-        if start.elapsed() >= opts.timeout {
-            return Err(status);
-        }
-        std::thread::sleep(
-            opts.poll
-                .min(opts.timeout.saturating_sub(start.elapsed()))
-                .max(Duration::from_millis(10)),
-        );
-    }
+    })
+    .await
 }
 
 fn look_at(restart: &Restart) -> String {
@@ -187,7 +188,7 @@ fn look_at(restart: &Restart) -> String {
 /// waits until it is ready serving `issuer`; and when it does not come within the timeout,
 /// restores the files from the backups recorded in `in_flight` (when there are any) and
 /// restarts again. Never declares the change applied without having seen it served.
-pub fn resume(
+pub async fn resume(
     root: &HostRoot,
     restart: &Restart,
     issuer: &str,
@@ -196,10 +197,10 @@ pub fn resume(
     probe: &mut dyn ApiserverProbe,
     opts: &Options,
 ) -> Result<RestartOutcome, ApplyError> {
-    let start = Instant::now();
+    let start = opts.clock.monotonic();
     // Seen ready, serving the issuer: the change is applied.
     let verified = || {
-        let waited = start.elapsed();
+        let waited = opts.clock.monotonic().saturating_sub(start);
         log::info!(
             "kube-apiserver is ready and serves issuer {issuer} (after {}s)",
             waited.as_secs()
@@ -212,11 +213,11 @@ pub fn resume(
         }
     };
     // 1. Wait until it answers at all.
-    let answered = wait_for(probe, None, opts);
+    let answered = wait_for(probe, None, opts).await;
     let mut restarted = false;
     let failure = match answered {
         Ok(_) => {
-            let status = probe.check();
+            let status = probe.check().await;
             if status.ready && status.issuer.as_deref() == Some(issuer) {
                 return Ok(verified());
             }
@@ -239,8 +240,8 @@ pub fn resume(
                 }
             };
             match restart_failed {
-                Some(e) => e,
-                None => match wait_for(probe, Some(issuer), opts) {
+                Some(e) => e.to_string(),
+                None => match wait_for(probe, Some(issuer), opts).await {
                     Ok(_) => {
                         return Ok(verified());
                     }
@@ -252,15 +253,14 @@ pub fn resume(
                         } else {
                             ""
                         },
-                        last.detail
+                        last
                     ),
                 },
             }
         }
         Err(last) => format!(
-            "kube-apiserver did not answer within {}s while irsa-agent waited to verify the change it wrote (issuer {issuer}; last: {})",
+            "kube-apiserver did not answer within {}s while irsa-agent waited to verify the change it wrote (issuer {issuer}; last: {last})",
             opts.timeout.as_secs(),
-            last.detail
         ),
     };
     // 3. Roll back, as the interrupted run would have.
@@ -281,11 +281,10 @@ pub fn resume(
             message.push_str("; kubelet restarts the static pod with the restored manifest")
         }
     }
-    match wait_for(probe, None, opts) {
+    match wait_for(probe, None, opts).await {
         Ok(_) => message.push_str("; the apiserver is ready with the old configuration"),
         Err(last) => message.push_str(&format!(
-            "; the apiserver is still not ready ({}): look at {} now",
-            last.detail,
+            "; the apiserver is still not ready ({last}): look at {} now",
             look_at(restart)
         )),
     }
@@ -475,7 +474,7 @@ pub fn prune_backups(root: &HostRoot, retention: &Backups, now: u64, new: Option
 }
 
 /// Carries out `plan`. `now` is the Unix time used for the backup folder name.
-pub fn execute(
+pub async fn execute(
     root: &HostRoot,
     plan: &Plan,
     restart: &Restart,
@@ -547,8 +546,8 @@ pub fn execute(
     };
     crate::failpoint::hit("apply:after-restart");
     let failure = match failure {
-        Some(e) => e,
-        None => match wait_for(probe, Some(&issuer), opts) {
+        Some(e) => e.to_string(),
+        None => match wait_for(probe, Some(&issuer), opts).await {
             Ok(waited) => {
                 log::info!(
                     "kube-apiserver is ready and serves issuer {issuer} (after {}s)",
@@ -565,9 +564,8 @@ pub fn execute(
                 });
             }
             Err(last) => format!(
-                "kube-apiserver did not become ready serving issuer {issuer} within {}s (last: {})",
+                "kube-apiserver did not become ready serving issuer {issuer} within {}s (last: {last})",
                 opts.timeout.as_secs(),
-                last.detail
             ),
         },
     };
@@ -586,21 +584,11 @@ pub fn execute(
             message.push_str("; kubelet restarts the static pod with the restored manifest")
         }
     }
-    let quick = Options {
-        timeout: opts.timeout,
-        ..opts.clone()
-    };
-    match wait_for(probe, None, &quick) {
+    match wait_for(probe, None, opts).await {
         Ok(_) => message.push_str("; the apiserver is ready with the old configuration"),
         Err(last) => message.push_str(&format!(
-            "; the apiserver is still not ready ({}): look at {} now",
-            last.detail,
-            match restart {
-                Restart::Unit(unit) => format!("`journalctl -u {unit}`"),
-                Restart::KubeletStaticPod => {
-                    "`crictl ps -a --name kube-apiserver` and `journalctl -u kubelet`".to_string()
-                }
-            }
+            "; the apiserver is still not ready ({last}): look at {} now",
+            look_at(restart)
         )),
     }
     Err(ApplyError::RolledBack(message))

@@ -14,6 +14,7 @@
 //!   file as it is then (a rotation step recorded meanwhile is kept).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::apply::{self as executor, ApplyError, Options, Outcome, RestartOutcome};
@@ -21,6 +22,7 @@ use super::plan::{self, Plan, Target};
 use super::probe::{ApiserverProbe, KubeconfigProbe, Status};
 use super::restart::{self, Restart, ServiceManager, Systemctl};
 use super::{DetectError, Observed, PlanError, Source};
+use crate::clock::Clock;
 use crate::config::Settings;
 use crate::host::HostRoot;
 use crate::state::{self, State, StateError};
@@ -43,6 +45,8 @@ pub struct RunOptions {
     pub systemctl: PathBuf,
     /// The apiserver URL to ask, when not the kubeconfig's (or kubeadm's advertise address).
     pub apiserver_url: Option<String>,
+    /// The clock the restart wait is measured on (the daemon's own).
+    pub clock: Arc<dyn Clock>,
 }
 
 /// What the change is for.
@@ -256,7 +260,7 @@ impl Prepared {
         let mut e = edges(root, &self.observed, run);
         let running = match e.probe.as_mut() {
             Some(probe) => {
-                let status = probe.check();
+                let status = crate::runtime::block_on(probe.check());
                 match (status.ready, status.issuer) {
                     (true, Some(serving)) if serving != want => Running::Pending(format!(
                         "the configuration already says {want}, but the running apiserver still signs with {serving}: a restart is pending"
@@ -343,16 +347,21 @@ pub fn carry_out(
         timeout: run.timeout,
         poll: run.poll,
         backups: settings.backups,
+        clock: run.clock.clone(),
     };
     let issuer = prepared.signing();
     prepared.look_at_running(root, run)?;
     let seen_serving = matches!(prepared.running, Some(Running::SeenServing));
     let outcome = if !prepared.plan.in_sync() {
-        execute_plan(root, &prepared.observed, &prepared.plan, run, &opts)?
+        let edges = match prepared.edges.take() {
+            Some(e) => e,
+            None => edges(root, &prepared.observed, run),
+        };
+        execute_plan(root, edges, &prepared.plan, run, &opts)?
     } else {
         let restart = match (&prepared.running, prepared.edges.as_mut()) {
             (Some(Running::Pending(_)), Some(e)) => match e.probe.as_mut() {
-                Some(probe) => executor::resume(
+                Some(probe) => crate::runtime::block_on(executor::resume(
                     root,
                     &e.restart,
                     &issuer,
@@ -360,7 +369,7 @@ pub fn carry_out(
                     e.services.as_mut(),
                     probe.as_mut(),
                     &opts,
-                )?,
+                ))?,
                 None => RestartOutcome::NotNeeded,
             },
             _ => RestartOutcome::NotNeeded,
@@ -400,10 +409,10 @@ pub fn carry_out(
     })
 }
 
-/// Carries out a plan with the real service manager and probe.
+/// Carries out a plan with the real service manager and probe (`edges`).
 fn execute_plan(
     root: &HostRoot,
-    observed: &Observed,
+    mut edges: Edges,
     plan: &Plan,
     run: &RunOptions,
     opts: &Options,
@@ -416,7 +425,6 @@ fn execute_plan(
             kept.join(", ")
         )));
     }
-    let mut edges = edges(root, observed, run);
     let mut probe: Box<dyn ApiserverProbe> = match edges.probe.take() {
         Some(p) => p,
         None if run.no_restart => Box::new(NoProbe),
@@ -427,7 +435,7 @@ fn execute_plan(
             )));
         }
     };
-    Ok(executor::execute(
+    Ok(crate::runtime::block_on(executor::execute(
         root,
         plan,
         &edges.restart,
@@ -435,14 +443,15 @@ fn execute_plan(
         probe.as_mut(),
         opts,
         state::unix_now(),
-    )?)
+    ))?)
 }
 
 /// A probe for `--no-restart`, which never asks.
 struct NoProbe;
 
+#[async_trait::async_trait]
 impl ApiserverProbe for NoProbe {
-    fn check(&mut self) -> Status {
+    async fn check(&mut self) -> Status {
         Status {
             ready: false,
             issuer: None,

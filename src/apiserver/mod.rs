@@ -23,6 +23,7 @@ pub mod kubeadm;
 pub mod plan;
 pub mod probe;
 pub mod rancher;
+pub mod ready;
 pub mod restart;
 
 use std::path::PathBuf;

@@ -4,8 +4,8 @@
 //! `/etc/rancher/rke2/rke2.yaml`, `/etc/kubernetes/admin.conf`, under the host root), trusts only
 //! its certificate authority, authenticates with its client certificate or token, and calls
 //! `GET /readyz` and `GET /.well-known/openid-configuration` over HTTPS (the one client,
-//! [`crate::k8s`], on a current-thread tokio runtime the probe owns). On kubeadm the kubeconfig may name a
-//! load balancer, so the caller can point the probe at the local apiserver's advertise address.
+//! [`crate::k8s`]). On kubeadm the kubeconfig may name a load balancer, so the caller can point the
+//! probe at the local apiserver's advertise address.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -30,7 +30,7 @@ pub fn served_keys(
 ) -> Result<Vec<crate::keys::PublicKey>, String> {
     let (kubeconfig, url) = target(observed);
     let probe = KubeconfigProbe::new(root, &kubeconfig, server.or(url), timeout)?;
-    match probe.block_on(probe.get(crate::keys::jwks::JWKS_PATH))? {
+    match crate::runtime::block_on(probe.get(crate::keys::jwks::JWKS_PATH))? {
         (200, body) => Ok(crate::keys::jwk::keys_in(body.as_bytes())),
         (code, _) => Err(format!(
             "the apiserver at {} answered {code} for {}",
@@ -52,18 +52,17 @@ pub struct Status {
 }
 
 /// The apiserver, as far as `apply` and `finalize` need it.
-pub trait ApiserverProbe {
-    fn check(&mut self) -> Status;
+#[async_trait::async_trait]
+pub trait ApiserverProbe: Send {
+    async fn check(&mut self) -> Status;
     /// The value of `serviceaccount_stale_tokens_total` (summed), if it can be read.
-    fn stale_tokens(&mut self) -> Option<f64> {
+    async fn stale_tokens(&mut self) -> Option<f64> {
         None
     }
 }
 
-/// The real probe: the admin kubeconfig's [`crate::k8s::Api`] on a current-thread runtime of
-/// its own (for the synchronous `apply`/`finalize`, `doctor` and `verify-token`).
+/// The real probe: the admin kubeconfig's [`crate::k8s::Api`].
 pub struct KubeconfigProbe {
-    runtime: tokio::runtime::Runtime,
     api: Api,
 }
 
@@ -76,14 +75,9 @@ impl KubeconfigProbe {
         server: Option<String>,
         timeout: Duration,
     ) -> Result<Self, String> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-        let api = runtime
-            .block_on(Api::from_kubeconfig(root, kubeconfig, server, timeout))
+        let api = crate::runtime::block_on(Api::from_kubeconfig(root, kubeconfig, server, timeout))
             .map_err(|e| e.to_string())?;
-        Ok(KubeconfigProbe { runtime, api })
+        Ok(KubeconfigProbe { api })
     }
 
     /// The apiserver URL the probe talks to (no trailing slash).
@@ -91,15 +85,9 @@ impl KubeconfigProbe {
         self.api.server()
     }
 
-    /// The client configuration underneath (for callers with a runtime of their own).
+    /// The client configuration underneath (for async callers).
     pub fn api(&self) -> &Api {
         &self.api
-    }
-
-    /// Runs `future` on the probe's own runtime (doctor and verify-token compose several
-    /// requests and run them concurrently).
-    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
-        self.runtime.block_on(future)
     }
 
     /// See [`Api::get`].
@@ -120,7 +108,7 @@ impl KubeconfigProbe {
     }
 
     /// Asks the apiserver's TokenRequest API for a token of `namespace/service_account` with
-    /// these audiences and lifetime. The token is a credential: callers must not log it.
+    /// these audiences and lifetime. The token is a credential: callers must not log it. Blocking.
     pub fn token_request(
         &self,
         namespace: &str,
@@ -135,8 +123,7 @@ impl KubeconfigProbe {
             "kind": "TokenRequest",
             "spec": {"audiences": audiences, "expirationSeconds": expiration_seconds},
         });
-        let (code, text) = self
-            .block_on(self.post_json(&path, &body))
+        let (code, text) = crate::runtime::block_on(self.post_json(&path, &body))
             .map_err(|e| format!("cannot reach the apiserver at {}: {e}", self.server()))?;
         let answer: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
         let message = answer
@@ -158,9 +145,10 @@ impl KubeconfigProbe {
     }
 }
 
+#[async_trait::async_trait]
 impl ApiserverProbe for KubeconfigProbe {
-    fn check(&mut self) -> Status {
-        let ready = self.runtime.block_on(self.get("/readyz"));
+    async fn check(&mut self) -> Status {
+        let ready = self.get("/readyz").await;
         let (ready, mut detail) = match ready {
             Ok((200, _)) => (true, "ready".to_string()),
             Ok((code, body)) => (
@@ -177,10 +165,7 @@ impl ApiserverProbe for KubeconfigProbe {
         };
         let mut issuer = None;
         if ready {
-            match self
-                .runtime
-                .block_on(self.get(crate::keys::jwks::DISCOVERY_PATH))
-            {
+            match self.get(crate::keys::jwks::DISCOVERY_PATH).await {
                 Ok((200, body)) => {
                     issuer = serde_json::from_str::<serde_json::Value>(&body)
                         .ok()
@@ -201,8 +186,8 @@ impl ApiserverProbe for KubeconfigProbe {
         }
     }
 
-    fn stale_tokens(&mut self) -> Option<f64> {
-        let (code, body) = self.runtime.block_on(self.get("/metrics")).ok()?;
+    async fn stale_tokens(&mut self) -> Option<f64> {
+        let (code, body) = self.get("/metrics").await.ok()?;
         if code != 200 {
             return None;
         }

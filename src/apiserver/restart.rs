@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::config::Distribution;
+use crate::errors::ProgramError;
 use crate::host::HostRoot;
 
 /// How the new flags take effect.
@@ -35,7 +36,7 @@ impl Restart {
 /// The service manager.
 pub trait ServiceManager {
     /// Restarts `unit` and returns once the manager accepted the job.
-    fn restart(&mut self, unit: &str) -> Result<(), String>;
+    fn restart(&mut self, unit: &str) -> Result<(), ProgramError>;
 }
 
 /// The real one: `systemctl restart UNIT`.
@@ -54,21 +55,23 @@ impl Default for Systemctl {
 }
 
 impl ServiceManager for Systemctl {
-    fn restart(&mut self, unit: &str) -> Result<(), String> {
+    fn restart(&mut self, unit: &str) -> Result<(), ProgramError> {
         let output = Command::new(&self.program)
             .arg("restart")
             .arg(unit)
             .output()
-            .map_err(|e| format!("cannot run {}: {e}", self.program.display()))?;
+            .map_err(|source| ProgramError::Spawn {
+                program: self.program.clone(),
+                source,
+            })?;
         if output.status.success() {
             Ok(())
         } else {
-            Err(format!(
-                "`{} restart {unit}` failed ({}): {}",
-                self.program.display(),
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            ))
+            Err(ProgramError::Failed {
+                command: format!("{} restart {unit}", self.program.display()),
+                status: output.status.to_string(),
+                output: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            })
         }
     }
 }

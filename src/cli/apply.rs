@@ -74,6 +74,7 @@ impl RunArgs {
             unit: self.apiserver.unit.clone(),
             systemctl: self.apiserver.systemctl.clone(),
             apiserver_url: self.apiserver.apiserver_url.clone(),
+            clock: std::sync::Arc::new(crate::clock::SystemClock),
         }
     }
 }

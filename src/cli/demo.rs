@@ -77,11 +77,7 @@ fn publish(
         ca_file: None,
     };
     let publishers = publish::publishers(settings, &env)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    let reports = runtime.block_on(publish::publish_all(&publishers, &publication));
+    let reports = crate::runtime::block_on(publish::publish_all(&publishers, &publication));
     let mut written = Vec::new();
     for (report, target) in reports.iter().zip(&settings.publish) {
         if report.failed() {
@@ -99,13 +95,18 @@ fn publish(
 /// The demo has no k3s to restart.
 struct NoServices;
 impl ServiceManager for NoServices {
-    fn restart(&mut self, unit: &str) -> Result<(), String> {
-        Err(format!("the demo does not restart {unit}"))
+    fn restart(&mut self, unit: &str) -> Result<(), crate::errors::ProgramError> {
+        Err(crate::errors::ProgramError::Failed {
+            command: format!("systemctl restart {unit}"),
+            status: "not run".into(),
+            output: "the demo does not restart services".into(),
+        })
     }
 }
 struct NoProbe;
+#[async_trait::async_trait]
 impl ApiserverProbe for NoProbe {
-    fn check(&mut self) -> Status {
+    async fn check(&mut self) -> Status {
         Status {
             ready: false,
             issuer: None,
@@ -213,7 +214,7 @@ fn demo(base: &Path) -> anyhow::Result<Exit> {
         no_restart: true,
         ..Options::default()
     };
-    let outcome = executor::execute(
+    let outcome = crate::runtime::block_on(executor::execute(
         &root,
         &plan,
         &Restart::Unit("k3s".into()),
@@ -221,7 +222,7 @@ fn demo(base: &Path) -> anyhow::Result<Exit> {
         &mut NoProbe,
         &opts,
         state::unix_now(),
-    )?;
+    ))?;
     for w in &outcome.written {
         println!(
             "    {} is the demo's copy: {}",

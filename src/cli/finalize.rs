@@ -11,6 +11,7 @@ use super::{Exit, Global};
 use crate::apiserver::apply::{self as executor, FinalizeDecision};
 use crate::apiserver::change::{self, Goal};
 use crate::apiserver::plan;
+use crate::apiserver::ready::{self, Patience};
 use crate::apiserver::{self, flags};
 use crate::config::format_duration;
 use crate::state::{self, State};
@@ -117,7 +118,10 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
     // A switch written with --no-restart: see whether the apiserver serves it by now.
     if let FinalizeDecision::AwaitingSwitch { retire } = &decision {
         let mut e = change::edges(root, &observed, &run.options());
-        let serving = e.probe.as_mut().map(|p| p.check());
+        let serving = e
+            .probe
+            .as_mut()
+            .map(|p| crate::runtime::block_on(p.check()));
         match serving {
             Some(status) if status.issuer.as_deref() == Some(settings.issuer.as_str()) => {
                 // Under the state lock, on the file as it is now (a rotation step may have
@@ -290,37 +294,45 @@ fn wait_for_evidence(e: &mut change::Edges, issuer: &str, run: &RunArgs) -> anyh
             e.probe_error.clone().unwrap_or_default()
         );
     };
-    let start = std::time::Instant::now();
-    let mut last_said = String::new();
-    loop {
-        let status = probe.check();
-        let why = if !status.ready {
-            format!("it does not answer ready ({})", status.detail)
-        } else if status.issuer.as_deref() != Some(issuer) {
-            format!(
-                "it serves issuer {} instead of {issuer}",
-                status.issuer.as_deref().unwrap_or("(unreadable)")
-            )
-        } else {
-            match probe.stale_tokens() {
-                Some(n) => return Ok(n),
-                None => "its /metrics (serviceaccount_stale_tokens_total) cannot be read".into(),
+    let options = run.options();
+    let patience = Patience {
+        timeout: run.apiserver.timeout,
+        poll: run.apiserver.poll_interval,
+    };
+    let mut stale = None;
+    let waited = crate::runtime::block_on(ready::wait_until(
+        "finalize waits for the apiserver before retiring anything",
+        options.clock.as_ref(),
+        patience,
+        async || {
+            let status = probe.check().await;
+            if !status.ready {
+                return Err(format!("it does not answer ready ({})", status.detail));
             }
-        };
-        if start.elapsed() >= run.apiserver.timeout {
-            bail!(
-                "the apiserver's evidence could not be read within {}: {why}; nothing was retired (the old issuers stay accepted): run finalize again once it answers",
-                format_duration(run.apiserver.timeout)
-            );
+            if status.issuer.as_deref() != Some(issuer) {
+                return Err(format!(
+                    "it serves issuer {} instead of {issuer}",
+                    status.issuer.as_deref().unwrap_or("(unreadable)")
+                ));
+            }
+            stale = probe.stale_tokens().await;
+            match stale {
+                Some(_) => Ok(()),
+                None => {
+                    Err("its /metrics (serviceaccount_stale_tokens_total) cannot be read".into())
+                }
+            }
+        },
+    ));
+    match (waited, stale) {
+        (Ok(_), Some(n)) => Ok(n),
+        (Err(why), _) => bail!(
+            "the apiserver's evidence could not be read within {}: {why}; nothing was retired (the old issuers stay accepted): run finalize again once it answers",
+            format_duration(run.apiserver.timeout)
+        ),
+        (Ok(_), None) => {
+            bail!("the apiserver's stale-token counter could not be read: nothing was retired")
         }
-        if why != last_said {
-            log::warn!(
-                "finalize waits for the apiserver before retiring anything: {why} (up to {})",
-                format_duration(run.apiserver.timeout)
-            );
-            last_said = why;
-        }
-        std::thread::sleep(run.apiserver.poll_interval);
     }
 }
 

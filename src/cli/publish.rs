@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use clap::Args as ClapArgs;
 
 use super::{Exit, Global};
@@ -195,16 +195,16 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
         root: global.root.clone(),
         ca_file: settings.ca_file.as_ref().map(|p| global.root.path(p)),
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(async {
+    crate::runtime::block_on(async {
         let publishers = publish::publishers(settings, &env)?;
         for p in &publishers {
             log::info!(
                 "{} {} (JWKS at {}, discovery at {})",
-                if args.check { "checking" } else { "publishing to" },
+                if args.check {
+                    "checking"
+                } else {
+                    "publishing to"
+                },
                 p.name(),
                 p.layout.jwks_key,
                 p.layout.discovery_key
@@ -271,7 +271,11 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
         if !args.check && !failed && public_differs {
             eprintln!(
                 "published, but the public copy is {}: relying parties (AWS STS) would refuse tokens until {} serves what was published (exit {}; `--no-verify` or `public-check: false` while the URL is not served yet)",
-                if public_error { "unreachable" } else { "not what was published" },
+                if public_error {
+                    "unreachable"
+                } else {
+                    "not what was published"
+                },
                 verify::discovery_url(&settings.issuer),
                 Exit::PUBLIC_COPY.0
             );

@@ -9,8 +9,8 @@ use clap::Args as ClapArgs;
 use super::apply::load_settings;
 use super::edge_args::{ApiserverArgs, ProgramArgs};
 use super::{Exit, Global};
+use crate::clock::{Clock, SystemClock};
 use crate::config::format_duration;
-use crate::rotation::clock::{Clock, SystemClock};
 use crate::rotation::{self, Context, HostEdges, Options, RotationError};
 use crate::state;
 
@@ -96,7 +96,7 @@ fn clock() -> Arc<dyn Clock> {
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
     {
-        return Arc::new(rotation::clock::SimulatedClock::at(t));
+        return Arc::new(crate::clock::SimulatedClock::at(t));
     }
     Arc::new(SystemClock)
 }
@@ -128,17 +128,14 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
         look_now: true,
         ..options
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let mut ctx = runtime.block_on(Context::for_host(
+    let mut ctx = crate::runtime::block_on(Context::for_host(
         root,
         &settings,
         clock.clone(),
         edges,
         options,
     ))?;
-    let result = runtime.block_on(async {
+    let result = crate::runtime::block_on(async {
         if args.abort {
             let now = ctx.clock.now();
             rotation::abort(&mut ctx, now).await.map(|o| vec![o])

@@ -210,12 +210,8 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
             .map(|p| global.root.path(p));
         let client =
             publish::http::client(ca.as_deref(), args.timeout).map_err(|e| anyhow::anyhow!(e))?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("cannot start the async runtime")?;
         log::info!("fetching the published JWKS from {jwks_uri}");
-        let (fetched, body) = runtime.block_on(publish::verify::fetch(&client, &jwks_uri));
+        let (fetched, body) = crate::runtime::block_on(publish::verify::fetch(&client, &jwks_uri));
         let Some(body) = body else {
             bail!(
                 "cannot fetch the published JWKS from {jwks_uri}: {} (use --local to check against this host's key files)",

@@ -2,9 +2,9 @@
 //! apiserver change, when tasks are due, what a stop request does. Pure functions of a
 //! [`Schedule`] (the decision state), an event and `now`; no I/O, no threads, no clock of their
 //! own. The [`super::engine::Engine`] reads `now` from its one injected
-//! [`crate::rotation::clock::Clock`], asks, and carries the answers out.
+//! [`crate::clock::Clock`], asks, and carries the answers out.
 //!
-//! Time here is a [`Tick`]: the clock's monotonic time ([`crate::rotation::clock::Clock::monotonic`]).
+//! Time here is a [`Tick`]: the clock's monotonic time ([`crate::clock::Clock::monotonic`]).
 
 use std::time::{Duration, SystemTime};
 
@@ -572,7 +572,7 @@ mod tests {
 
     #[test]
     fn driven_by_the_simulated_clock_a_day_of_resyncs_and_retries_takes_no_time() {
-        use crate::rotation::clock::{Clock, SimulatedClock};
+        use crate::clock::{Clock, SimulatedClock};
         let clock = SimulatedClock::at(1_700_000_000);
         let mut s = schedule();
         s.set_retry_max(60 * SEC);

@@ -23,10 +23,10 @@ use super::status::{
 use super::tasks::{ScheduledTask, TaskContext, TaskReason};
 use super::watch::{Group, WatchEvent, WatchSet, Watcher};
 use crate::apiserver::{self, Observed};
+use crate::clock::Clock;
 use crate::config::{self, Settings, format_duration};
 use crate::host::HostRoot;
 use crate::publish::{self, Outcome, Publication, Publisher};
-use crate::rotation::clock::Clock;
 use crate::state::State;
 
 /// The longest one request of the public check may take (AWS STS gives up after about 5 s).
@@ -974,8 +974,15 @@ impl Engine {
                 None => continue,
             };
             let now = SystemTime::UNIX_EPOCH + Duration::from_secs(clock.now());
-            let mut ctx =
-                TaskContext::new(now, reason, root, &settings, publishers, critical.clone());
+            let mut ctx = TaskContext::new(
+                now,
+                reason,
+                root,
+                &settings,
+                publishers,
+                critical.clone(),
+                clock.clone(),
+            );
             let result = slot.task.run(&mut ctx).await;
             slot.status.last_run_at = Some(unix(now));
             if let Some(line) = ctx.status.take()

@@ -77,7 +77,7 @@ pub use self::engine::{Engine, Options, Trigger, Work};
 use self::systemd::Notifier;
 pub use self::tasks::{ScheduledTask, TaskContext, TaskReason};
 use self::watch::{WatchEvent, Watcher};
-use crate::rotation::clock::{Clock, SystemClock};
+use crate::clock::{Clock, SystemClock};
 
 /// How much more time to ask systemd for while the first converge or a stop takes long.
 const EXTEND_BY: Duration = Duration::from_secs(60);
@@ -90,14 +90,8 @@ pub fn run(
     tasks: Vec<Box<dyn ScheduledTask>>,
 ) -> anyhow::Result<()> {
     sweep_leftovers(&options.root);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let result = runtime.block_on(main_loop(options, clock, apply, tasks));
-    runtime.shutdown_timeout(Duration::from_secs(5));
-    result
+    crate::runtime::block_on(main_loop(options, clock, apply, tasks))
 }
 
 /// Removes temp files a crash left in the agent's own folders (`.state.json` temp files in

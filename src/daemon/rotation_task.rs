@@ -10,7 +10,6 @@
 //! The new key is published ahead of use through [`ScheduledTask::extra_keys`], so a resync
 //! never drops it.
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::tasks::{ScheduledTask, TaskContext, TaskReason};
@@ -76,15 +75,11 @@ impl ScheduledTask for RotationTask {
         let settings = ctx.settings.clone();
         let edges = self.edges.clone();
         let options = self.options.clone();
+        let clock = ctx.clock.clone();
         let outcomes = ctx
             .blocking(
                 move || -> Result<Vec<rotation::StepOutcome>, rotation::RotationError> {
-                    let runtime = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .map_err(|e| rotation::RotationError::Failed(e.to_string()))?;
-                    let clock = Arc::new(rotation::clock::SystemClock);
-                    runtime.block_on(async {
+                    crate::runtime::block_on(async {
                         let mut rctx =
                             rotation::Context::for_host(&root, &settings, clock, edges, options)
                                 .await?;

@@ -45,6 +45,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
+use crate::clock::Clock;
 use crate::config::Settings;
 use crate::host::HostRoot;
 use crate::keys::PublicKey;
@@ -75,6 +76,8 @@ pub struct TaskContext<'a> {
     /// The configured targets, built once (their credential caches live inside); use them with
     /// [`crate::publish::publish_all`] / [`crate::publish::check_all`].
     pub publishers: &'a [Publisher],
+    /// The daemon's clock: tasks wait and record on it.
+    pub clock: Arc<dyn Clock>,
     pub(crate) status: Option<String>,
     pub(crate) converge_requested: bool,
     pub(crate) critical: Arc<AtomicBool>,
@@ -88,6 +91,7 @@ impl<'a> TaskContext<'a> {
         settings: &'a Settings,
         publishers: &'a [Publisher],
         critical: Arc<AtomicBool>,
+        clock: Arc<dyn Clock>,
     ) -> Self {
         TaskContext {
             now,
@@ -95,6 +99,7 @@ impl<'a> TaskContext<'a> {
             root,
             settings,
             publishers,
+            clock,
             status: None,
             converge_requested: false,
             critical,

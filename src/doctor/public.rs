@@ -68,15 +68,8 @@ pub fn gather_blocking(
         Err(e) => return Facts::Failed(local.host_text(&e)),
     };
     let trust = trust_description(settings.ca_file.as_deref());
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => return Facts::Failed(format!("cannot start the async runtime: {e}")),
-    };
     let discovery_url = verify::discovery_url(&settings.issuer);
-    let fetched = runtime.block_on(async {
+    let fetched = crate::runtime::block_on(async {
         tokio::time::timeout(
             left,
             futures_util::future::join(

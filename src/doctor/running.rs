@@ -145,7 +145,7 @@ pub fn start(root: &crate::host::HostRoot, local: &Local, options: &Options) -> 
     let (sender, receiver) = mpsc::channel();
     std::thread::spawn(move || {
         let probe = &probe;
-        let view = probe.block_on(async move {
+        let view = crate::runtime::block_on(async move {
             let (ready, discovery, jwks, endpoints) = tokio::join!(
                 probe.get("/readyz"),
                 probe.get(DISCOVERY_PATH),

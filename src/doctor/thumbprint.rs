@@ -143,12 +143,8 @@ pub fn probe(issuer: &str, timeout: Duration) -> Result<Thumbprint, String> {
     let chain = served_chain(&host, port, timeout)?;
     // The same request a relying party makes, trusting only public CAs (this machine's store).
     let client = crate::publish::http::client(None, timeout)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
     let discovery = super::super::publish::verify::discovery_url(issuer);
-    let verified = runtime.block_on(async { client.get(&discovery).send().await });
+    let verified = crate::runtime::block_on(async { client.get(&discovery).send().await });
     match verified {
         Ok(_) => Ok(Thumbprint::NotNeeded { host }),
         Err(e) => {

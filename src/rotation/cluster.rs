@@ -28,6 +28,24 @@ pub const TOKEN_NAMESPACE: &str = "kube-system";
 pub const TOKEN_SERVICE_ACCOUNT: &str = "default";
 pub const TOKEN_AUDIENCE: &str = "irsa-agent-rotation-check";
 
+/// Why the cluster could not answer a question.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The apiserver could not be asked (kubeconfig, network, TLS, an answer cut off).
+    #[error(transparent)]
+    Api(#[from] crate::k8s::Error),
+    /// It answered, but not with what was asked for (an HTTP error, an unreadable document,
+    /// nothing listed).
+    #[error("{0}")]
+    Answer(String),
+}
+
+impl From<String> for ClusterError {
+    fn from(message: String) -> Self {
+        ClusterError::Answer(message)
+    }
+}
+
 /// The cluster's apiservers.
 #[async_trait::async_trait]
 pub trait Cluster: Send {
@@ -35,18 +53,21 @@ pub trait Cluster: Send {
     async fn health(&mut self) -> Health;
     /// The kids of the JWKS an apiserver serves (`None`: the local one), in its order: the keys
     /// it verifies with (on k3s/RKE2 the first one is the one it signs with).
-    async fn jwks_kids(&mut self, server: Option<&str>) -> Result<Vec<String>, String>;
+    async fn jwks_kids(&mut self, server: Option<&str>) -> Result<Vec<String>, ClusterError>;
     /// The URL of every apiserver of the cluster (the `kubernetes` Service's endpoints).
-    async fn servers(&mut self) -> Result<Vec<String>, String>;
+    async fn servers(&mut self) -> Result<Vec<String>, ClusterError>;
     /// A token freshly issued by an apiserver (`None`: the local one) through TokenRequest.
     /// A secret: never log it.
-    async fn request_token(&mut self, server: Option<&str>) -> Result<Zeroizing<String>, String>;
+    async fn request_token(
+        &mut self,
+        server: Option<&str>,
+    ) -> Result<Zeroizing<String>, ClusterError>;
     /// `serviceaccount_stale_tokens_total` of the local apiserver; why not when it cannot be
     /// read (the apiserver does not answer, or answers something else than the metrics).
-    async fn stale_tokens(&mut self) -> Result<f64, String>;
+    async fn stale_tokens(&mut self) -> Result<f64, ClusterError>;
     /// Legacy service-account token Secrets (`kubernetes.io/service-account-token`) as
     /// (`namespace/name`, kid of their token).
-    async fn legacy_token_kids(&mut self) -> Result<Vec<(String, String)>, String>;
+    async fn legacy_token_kids(&mut self) -> Result<Vec<(String, String)>, ClusterError>;
 }
 
 /// The kid in a JWT's header (no verification).
@@ -60,17 +81,15 @@ pub struct ApiCluster {
 }
 
 impl ApiCluster {
-    fn client(&self, server: Option<&str>) -> Result<Api, String> {
+    fn client(&self, server: Option<&str>) -> Result<Api, ClusterError> {
         match server {
-            Some(s) if s.trim_end_matches('/') != self.api.server() => {
-                self.api.at(s).map_err(|e| e.to_string())
-            }
+            Some(s) if s.trim_end_matches('/') != self.api.server() => Ok(self.api.at(s)?),
             _ => Ok(self.api.clone()),
         }
     }
 
-    async fn get(api: &Api, path: &str) -> Result<(u16, String), String> {
-        api.get(path).await.map_err(|e| e.to_string())
+    async fn get(api: &Api, path: &str) -> Result<(u16, String), ClusterError> {
+        Ok(api.get(path).await?)
     }
 }
 
@@ -162,25 +181,30 @@ impl Cluster for ApiCluster {
         }
     }
 
-    async fn jwks_kids(&mut self, server: Option<&str>) -> Result<Vec<String>, String> {
+    async fn jwks_kids(&mut self, server: Option<&str>) -> Result<Vec<String>, ClusterError> {
         let api = self.client(server)?;
         let (code, body) = Self::get(&api, JWKS_PATH).await?;
         let doc = json(code, &body, &format!("{}{JWKS_PATH}", api.server()))?;
         Ok(crate::keys::jwk::kids_in(doc.to_string().as_bytes()))
     }
 
-    async fn servers(&mut self) -> Result<Vec<String>, String> {
+    async fn servers(&mut self) -> Result<Vec<String>, ClusterError> {
         let path = "/api/v1/namespaces/default/endpoints/kubernetes";
         let (code, body) = Self::get(&self.api, path).await?;
         let doc = json(code, &body, path)?;
         let urls = endpoint_urls(&doc);
         if urls.is_empty() {
-            return Err(format!("{path} lists no apiserver address"));
+            return Err(ClusterError::Answer(format!(
+                "{path} lists no apiserver address"
+            )));
         }
         Ok(urls)
     }
 
-    async fn request_token(&mut self, server: Option<&str>) -> Result<Zeroizing<String>, String> {
+    async fn request_token(
+        &mut self,
+        server: Option<&str>,
+    ) -> Result<Zeroizing<String>, ClusterError> {
         let api = self.client(server)?;
         let path = format!(
             "/api/v1/namespaces/{TOKEN_NAMESPACE}/serviceaccounts/{TOKEN_SERVICE_ACCOUNT}/token"
@@ -190,10 +214,7 @@ impl Cluster for ApiCluster {
             "kind": "TokenRequest",
             "spec": {"audiences": [TOKEN_AUDIENCE], "expirationSeconds": 600},
         });
-        let (code, body) = api
-            .post_json(&path, &request)
-            .await
-            .map_err(|e| e.to_string())?;
+        let (code, body) = api.post_json(&path, &request).await?;
         let body = Zeroizing::new(body);
         // The parsed document holds the token too; it is dropped right after.
         let doc = json(code, &body, &format!("TokenRequest at {}", api.server()))?;
@@ -201,27 +222,32 @@ impl Cluster for ApiCluster {
             .and_then(|s| s.get("token"))
             .and_then(|t| t.as_str())
             .map(|t| Zeroizing::new(t.to_string()))
-            .ok_or_else(|| format!("TokenRequest at {} returned no token", api.server()))
+            .ok_or_else(|| {
+                ClusterError::Answer(format!(
+                    "TokenRequest at {} returned no token",
+                    api.server()
+                ))
+            })
     }
 
-    async fn stale_tokens(&mut self) -> Result<f64, String> {
+    async fn stale_tokens(&mut self) -> Result<f64, ClusterError> {
         let (code, body) = Self::get(&self.api, "/metrics").await?;
         if code != 200 {
-            return Err(format!(
+            return Err(ClusterError::Answer(format!(
                 "{}/metrics answered HTTP {code}: {}",
                 self.api.server(),
                 body.lines().next().unwrap_or("").trim()
-            ));
+            )));
         }
         stale_tokens_in(&body).ok_or_else(|| {
-            format!(
+            ClusterError::Answer(format!(
                 "{}/metrics has an unreadable serviceaccount_stale_tokens_total sample",
                 self.api.server()
-            )
+            ))
         })
     }
 
-    async fn legacy_token_kids(&mut self) -> Result<Vec<(String, String)>, String> {
+    async fn legacy_token_kids(&mut self) -> Result<Vec<(String, String)>, ClusterError> {
         let path = "/api/v1/secrets?fieldSelector=type%3Dkubernetes.io%2Fservice-account-token";
         let (code, body) = Self::get(&self.api, path).await?;
         let body = Zeroizing::new(body);

@@ -53,13 +53,12 @@
 //!
 //! # Outside systems
 //!
-//! The clock ([`clock::Clock`]), the apiservers ([`cluster::Cluster`]), publishing
+//! The clock ([`crate::clock::Clock`]), the apiservers ([`cluster::Cluster`]), publishing
 //! ([`publishing::Publishing`]), the service manager ([`ServiceManager`]) and the distribution's
 //! binary ([`runner::CommandRunner`]) are traits; tests run whole rotations on a simulated clock
 //! against fakes. [`step`] is the entry point for the daemon; [`advance`] for `irsa-agent
 //! rotate`.
 
-pub mod clock;
 pub mod cluster;
 pub mod distro;
 pub mod keygen;
@@ -73,7 +72,6 @@ use std::time::Duration;
 
 use zeroize::Zeroizing;
 
-use self::clock::Clock;
 use self::cluster::Cluster;
 use self::distro::{Distro, HostChange, Install, Refusal};
 use self::machine::InProgress;
@@ -82,8 +80,10 @@ pub use self::machine::{
 };
 use self::publishing::Publishing;
 use self::runner::CommandRunner;
+use crate::apiserver::ready::{self, Patience};
 use crate::apiserver::restart::{self, Restart, ServiceManager};
 use crate::apiserver::{Observed, apply, flags};
+use crate::clock::Clock;
 use crate::config::{Settings, format_duration};
 use crate::fs::{self, NewFile};
 use crate::host::HostRoot;
@@ -879,41 +879,49 @@ impl Run<'_> {
         )
     }
 
-    /// Waits until the local apiserver is ready and serves exactly `expected` (kids, in order,
-    /// repeats dropped).
-    async fn wait_for_jwks(&mut self, expected: &[String]) -> Result<(), String> {
-        let start = self.now();
-        let timeout = self.ctx.options.restart_timeout.as_secs();
-        loop {
-            let last;
-            let health = self.ctx.cluster.health().await;
-            if health.ready {
-                match self.ctx.cluster.jwks_kids(None).await {
-                    Ok(kids) => {
-                        let kids = distro::dedup_kids(kids.iter());
-                        if kids == expected {
-                            return Ok(());
-                        }
-                        last = format!(
-                            "serves kids {} instead of {}",
-                            kids.join(", "),
-                            expected.join(", ")
-                        );
-                    }
-                    Err(e) => last = e,
-                }
-            } else {
-                last = health.detail;
-            }
-            if self.now().saturating_sub(start) >= timeout {
-                return Err(format!(
-                    "kube-apiserver did not become ready with the keys {} within {}s (last: {last})",
-                    expected.join(", "),
-                    timeout
-                ));
-            }
-            self.ctx.clock.sleep(self.ctx.options.poll).await;
+    /// How long a restarted apiserver is waited for, and how often it is asked.
+    fn patience(&self) -> Patience {
+        Patience {
+            timeout: self.ctx.options.restart_timeout,
+            poll: self.ctx.options.poll,
         }
+    }
+
+    /// Waits ([`ready::wait_until`]) until the local apiserver is ready and serves exactly
+    /// `expected` (kids, in order, repeats dropped).
+    async fn wait_for_jwks(&mut self, expected: &[String]) -> Result<(), String> {
+        let patience = self.patience();
+        let cluster = &mut self.ctx.cluster;
+        let what = format!(
+            "waiting for kube-apiserver to serve the keys {}",
+            expected.join(", ")
+        );
+        ready::wait_until(&what, self.ctx.clock.as_ref(), patience, async || {
+            let health = cluster.health().await;
+            if !health.ready {
+                return Err(health.detail);
+            }
+            let kids = cluster.jwks_kids(None).await.map_err(|e| e.to_string())?;
+            let kids = distro::dedup_kids(kids.iter());
+            if kids == expected {
+                Ok(())
+            } else {
+                Err(format!(
+                    "serves kids {} instead of {}",
+                    kids.join(", "),
+                    expected.join(", ")
+                ))
+            }
+        })
+        .await
+        .map(|_| ())
+        .map_err(|last| {
+            format!(
+                "kube-apiserver did not become ready with the keys {} within {}s (last: {last})",
+                expected.join(", "),
+                patience.timeout.as_secs()
+            )
+        })
     }
 
     /// Carries out a host change and waits until the apiserver serves the expected keys.
@@ -1003,19 +1011,25 @@ impl Run<'_> {
     }
 
     async fn wait_ready(&mut self) -> String {
-        let start = self.now();
-        loop {
-            let health = self.ctx.cluster.health().await;
-            if health.ready {
-                return "the apiserver is ready with the restored files".into();
-            }
-            if self.now().saturating_sub(start) >= self.ctx.options.restart_timeout.as_secs() {
-                return format!(
-                    "the apiserver is still not ready ({}): look at it now",
-                    health.detail
-                );
-            }
-            self.ctx.clock.sleep(self.ctx.options.poll).await;
+        let patience = self.patience();
+        let cluster = &mut self.ctx.cluster;
+        let waited = ready::wait_until(
+            "waiting for kube-apiserver to be ready with the restored files",
+            self.ctx.clock.as_ref(),
+            patience,
+            async || {
+                let health = cluster.health().await;
+                if health.ready {
+                    Ok(())
+                } else {
+                    Err(health.detail)
+                }
+            },
+        )
+        .await;
+        match waited {
+            Ok(_) => "the apiserver is ready with the restored files".into(),
+            Err(last) => format!("the apiserver is still not ready ({last}): look at it now"),
         }
     }
 

@@ -4,10 +4,12 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+use crate::errors::ProgramError;
+
 /// Runs a program of the host.
 pub trait CommandRunner: Send {
     /// Runs `program args...`; `Ok(stdout)` when it exits 0, `Err` with its stderr otherwise.
-    fn run(&mut self, program: &str, args: &[String]) -> Result<String, String>;
+    fn run(&mut self, program: &str, args: &[String]) -> Result<String, ProgramError>;
 }
 
 /// The real runner. `programs` maps a program name (`k3s`) to the binary to run (tests and
@@ -18,7 +20,7 @@ pub struct SystemRunner {
 }
 
 impl CommandRunner for SystemRunner {
-    fn run(&mut self, program: &str, args: &[String]) -> Result<String, String> {
+    fn run(&mut self, program: &str, args: &[String]) -> Result<String, ProgramError> {
         let binary = self
             .programs
             .iter()
@@ -28,19 +30,21 @@ impl CommandRunner for SystemRunner {
         let output = Command::new(&binary)
             .args(args)
             .output()
-            .map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
+            .map_err(|source| ProgramError::Spawn {
+                program: binary.clone(),
+                source,
+            })?;
         if output.status.success() {
             Ok(String::from_utf8_lossy(&output.stdout).into_owned())
         } else {
             let stderr = String::from_utf8_lossy(&output.stderr);
             // k3s logs with logrus: the last lines say why.
             let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
-            Err(format!(
-                "`{program} {}` failed ({}): {}",
-                args.join(" "),
-                output.status,
-                tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
-            ))
+            Err(ProgramError::Failed {
+                command: format!("{program} {}", args.join(" ")),
+                status: output.status.to_string(),
+                output: tail.into_iter().rev().collect::<Vec<_>>().join(" / "),
+            })
         }
     }
 }

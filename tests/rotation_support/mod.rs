@@ -13,12 +13,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use irsa_agent::apiserver::restart::ServiceManager;
+use irsa_agent::clock::{Clock, SimulatedClock};
 use irsa_agent::config::{Distribution, Settings};
+use irsa_agent::errors::ProgramError;
 use irsa_agent::host::HostRoot;
 use irsa_agent::keys::{self, PublicKey, SigningKey};
 use irsa_agent::publish::Publication;
-use irsa_agent::rotation::clock::{Clock, SimulatedClock};
-use irsa_agent::rotation::cluster::{Cluster, Health, TOKEN_AUDIENCE};
+use irsa_agent::rotation::cluster::{Cluster, ClusterError, Health, TOKEN_AUDIENCE};
 use irsa_agent::rotation::publishing::{PublicCopy, Publishing};
 use irsa_agent::rotation::runner::CommandRunner;
 use irsa_agent::rotation::{Context, Options};
@@ -386,20 +387,23 @@ impl Cluster for FakeCluster {
         }
     }
 
-    async fn jwks_kids(&mut self, server: Option<&str>) -> Result<Vec<String>, String> {
+    async fn jwks_kids(&mut self, server: Option<&str>) -> Result<Vec<String>, ClusterError> {
         let mut w = lock(&self.0);
         w.refuse(server)?;
         let s = w.server(server)?;
         Ok(s.verification.iter().map(PublicKey::kid).collect())
     }
 
-    async fn servers(&mut self) -> Result<Vec<String>, String> {
+    async fn servers(&mut self) -> Result<Vec<String>, ClusterError> {
         let w = lock(&self.0);
         w.refuse(None)?;
         Ok(w.servers.iter().map(|s| s.url.clone()).collect())
     }
 
-    async fn request_token(&mut self, server: Option<&str>) -> Result<Zeroizing<String>, String> {
+    async fn request_token(
+        &mut self,
+        server: Option<&str>,
+    ) -> Result<Zeroizing<String>, ClusterError> {
         let mut w = lock(&self.0);
         w.refuse(server)?;
         let now = w.clock.now();
@@ -415,14 +419,15 @@ impl Cluster for FakeCluster {
         Ok(Zeroizing::new(token))
     }
 
-    async fn stale_tokens(&mut self) -> Result<f64, String> {
+    async fn stale_tokens(&mut self) -> Result<f64, ClusterError> {
         let w = lock(&self.0);
         w.refuse(None)?;
-        w.stale
-            .ok_or_else(|| "/metrics answered HTTP 403: forbidden".to_string())
+        w.stale.ok_or_else(|| {
+            ClusterError::Answer("/metrics answered HTTP 403: forbidden".to_string())
+        })
     }
 
-    async fn legacy_token_kids(&mut self) -> Result<Vec<(String, String)>, String> {
+    async fn legacy_token_kids(&mut self) -> Result<Vec<(String, String)>, ClusterError> {
         let w = lock(&self.0);
         w.refuse(None)?;
         Ok(w.legacy
@@ -437,11 +442,15 @@ impl Cluster for FakeCluster {
 pub struct FakeServices(pub Shared);
 
 impl ServiceManager for FakeServices {
-    fn restart(&mut self, unit: &str) -> Result<(), String> {
+    fn restart(&mut self, unit: &str) -> Result<(), ProgramError> {
         let mut w = lock(&self.0);
         if w.fail_restarts > 0 {
             w.fail_restarts -= 1;
-            return Err(format!("Job for {unit}.service failed (injected)"));
+            return Err(ProgramError::Failed {
+                command: format!("systemctl restart {unit}"),
+                status: "exit status: 1".into(),
+                output: format!("Job for {unit}.service failed (injected)"),
+            });
         }
         w.log.push(format!("systemctl restart {unit}"));
         // Starting it brings a stopped apiserver back.
@@ -466,7 +475,18 @@ impl ServiceManager for FakeServices {
 pub struct FakeK3s(pub Shared);
 
 impl CommandRunner for FakeK3s {
-    fn run(&mut self, program: &str, args: &[String]) -> Result<String, String> {
+    fn run(&mut self, program: &str, args: &[String]) -> Result<String, ProgramError> {
+        self.rotate_ca(program, args)
+            .map_err(|output| ProgramError::Failed {
+                command: format!("{program} {}", args.join(" ")),
+                status: "exit status: 1".into(),
+                output,
+            })
+    }
+}
+
+impl FakeK3s {
+    fn rotate_ca(&mut self, program: &str, args: &[String]) -> Result<String, String> {
         let mut w = lock(&self.0);
         assert!(program == "k3s" || program == "rke2", "{program}");
         if w.fail_rotate_ca > 0 {

@@ -1,6 +1,7 @@
-//! The clock, behind a trait: the system clock in production, a simulated one in tests (whole
-//! rotations, holds and drains of days, run in milliseconds). The daemon reads its time from
-//! the same clock: calendar time for records and schedules, [`Clock::monotonic`] for its short
+//! The one clock, behind a trait: the system clock in production, a simulated one in tests
+//! (whole rotations, holds and drains of days, run in milliseconds). Rotation, the apiserver's
+//! restart-and-verify wait ([`crate::apiserver::ready`]) and the daemon read their time from
+//! it: calendar time for records and schedules, [`Clock::monotonic`] for its short
 //! timers (debounce, retry, resync), which must not jump with the wall clock.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 
 /// Time as rotation and the daemon see it.
 #[async_trait::async_trait]
-pub trait Clock: Send + Sync {
+pub trait Clock: Send + Sync + std::fmt::Debug {
     /// Seconds since the Unix epoch.
     fn now(&self) -> u64;
     /// Time since a fixed, arbitrary origin that never goes back (a wall clock set back by
