@@ -10,14 +10,18 @@
 //! `kubeadm upgrade` regenerates the manifest from the kubeadm-config ConfigMap: [`persistence`]
 //! prints the ClusterConfiguration and the patch that make the change survive it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde_yaml::Value;
 
 use super::edit::{self, Document, Item, Locator};
 use super::flags::{self, Arg};
+use super::install::{
+    self, HostChange, Install, Installing, NewKeyPem, Refusal, dedup_kids, refuse,
+};
 use super::{FileChange, ObserveError, PlanError};
 use crate::host::HostRoot;
+use crate::keys::PublicKey;
 
 pub const MANIFEST: &str = "/etc/kubernetes/manifests/kube-apiserver.yaml";
 pub const MANIFEST_DIR: &str = "/etc/kubernetes/manifests";
@@ -376,6 +380,420 @@ fn yaml_value(v: &str) -> String {
     }
 }
 
+// Key rotation: how a new key is installed here (see [`super::install`]): new files
+// `sa-<id>.key` / `sa-<id>.pub` beside `sa.key` / `sa.pub`; trust adds
+// `--service-account-key-file=.../sa-<id>.pub` and switches `--service-account-signing-key-file`
+// in the static pod manifest (one apiserver: verifying and signing switch in the same restart);
+// sign switches kube-controller-manager's `--service-account-private-key-file` (it signs legacy
+// Secret tokens); retire writes the new key into `sa.key` / `sa.pub` and points every flag back
+// at them, so `kubeadm upgrade` and `kubeadm join --control-plane` keep working. All through the
+// byte-preserving editor and the apply executor (backups, atomic writes, rollback).
+
+/// kube-controller-manager's static pod manifest.
+pub const KCM_MANIFEST: &str = "/etc/kubernetes/manifests/kube-controller-manager.yaml";
+/// kube-controller-manager's signing key flag.
+pub const KCM_KEY_FLAG: &str = "service-account-private-key-file";
+
+/// kubeadm's canonical key files and the kube-controller-manager's key flag value, kept in the
+/// rotation state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CanonicalFiles {
+    /// `--service-account-signing-key-file` before the rotation (`/etc/kubernetes/pki/sa.key`).
+    pub signing: String,
+    /// The `--service-account-key-file` holding the old signing key (`/etc/kubernetes/pki/sa.pub`).
+    pub verification: String,
+    /// kube-controller-manager's `--service-account-private-key-file` before the rotation.
+    pub controller_manager: String,
+    /// Host path of the new public key (`sa-<id>.pub`).
+    pub new_public_file: String,
+}
+
+impl Observed {
+    /// Checks that rotation can manage this host's keys; returns the kids the rotation will
+    /// retire at the end (the keys of the file the signing key's public half is in).
+    pub fn rotation_preflight(
+        &self,
+        root: &HostRoot,
+        observed: &super::Observed,
+    ) -> Result<Vec<String>, Refusal> {
+        install::signing_is_verified(observed)?;
+        let canonical = canonical(root, observed)?;
+        let file = crate::keys::load_verification_file(&root.path(&canonical.verification))
+            .map_err(|e| refuse(e.to_string()))?;
+        Ok(dedup_kids(
+            file.keys
+                .iter()
+                .map(PublicKey::kid)
+                .collect::<Vec<_>>()
+                .iter(),
+        ))
+    }
+
+    /// Writes `sa-<id>.key` / `sa-<id>.pub` beside the signing key; returns the new private
+    /// key's host path and the canonical files.
+    pub fn stage_new_key(
+        &self,
+        root: &HostRoot,
+        observed: &super::Observed,
+        id: &str,
+        key: &NewKeyPem<'_>,
+    ) -> Result<(String, CanonicalFiles), Refusal> {
+        let mut canonical = canonical(root, observed)?;
+        let dir = Path::new(&canonical.signing)
+            .parent()
+            .unwrap_or(Path::new("/etc/kubernetes/pki"))
+            .to_path_buf();
+        let private = dir.join(format!("sa-{id}.key"));
+        let public = dir.join(format!("sa-{id}.pub"));
+        crate::fs::write_atomic(
+            &root.path(&private),
+            key.private_pem.as_bytes(),
+            crate::fs::NewFile::PRIVATE,
+        )
+        .map_err(|e| install::io("write", &private, e))?;
+        crate::fs::write_atomic(
+            &root.path(&public),
+            key.public_pem.as_bytes(),
+            crate::fs::NewFile::PRIVATE,
+        )
+        .map_err(|e| install::io("write", &public, e))?;
+        canonical.new_public_file = public.display().to_string();
+        Ok((private.display().to_string(), canonical))
+    }
+
+    pub fn plan_install(
+        &self,
+        root: &HostRoot,
+        observed: &super::Observed,
+        rotation: &Installing<'_>,
+        install: Install,
+    ) -> Result<HostChange, Refusal> {
+        let obs = self;
+        let canonical = rotation
+            .canonical
+            .cloned()
+            .ok_or_else(|| refuse("the rotation state lacks kubeadm's key files; abort it"))?;
+        let f = &observed.flags;
+        let new_pub = canonical.new_public_file.clone();
+        let new_key = rotation.new_key_file.to_string();
+        let mut changes = Vec::new();
+        let mut overrides: Vec<(String, String)> = Vec::new();
+        let (key_files, signing): (Vec<String>, String) = match install {
+            Install::Trust => {
+                let mut files = f.key_files.clone();
+                if !files.contains(&new_pub) {
+                    files.push(new_pub.clone());
+                }
+                (files, new_key.clone())
+            }
+            Install::Sign | Install::VerifyOnly => (
+                f.key_files.clone(),
+                f.signing_key_file.clone().unwrap_or_default(),
+            ),
+            Install::Retire => {
+                let key = rotation.key()?;
+                let mut writes = vec![(canonical.signing.clone(), key.private_pem.to_string())];
+                if canonical.verification != canonical.signing {
+                    writes.push((canonical.verification.clone(), key.public_pem.clone()));
+                }
+                for (path, content) in writes {
+                    let old = crate::fs::read_to_string(root.path(&path)).ok();
+                    if old.as_deref() != Some(content.as_str()) {
+                        changes.push(FileChange {
+                            path: PathBuf::from(&path),
+                            old,
+                            new: content.clone(),
+                        });
+                    }
+                    overrides.push((path, content));
+                }
+                let mut files: Vec<String> = f
+                    .key_files
+                    .iter()
+                    .filter(|k| **k != new_pub)
+                    .cloned()
+                    .collect();
+                if !files.contains(&canonical.verification) {
+                    files.insert(0, canonical.verification.clone());
+                }
+                (files, canonical.signing.clone())
+            }
+            Install::RemoveNew => {
+                let files: Vec<String> = f
+                    .key_files
+                    .iter()
+                    .filter(|k| **k != new_pub)
+                    .cloned()
+                    .collect();
+                let signing = match f.signing_key_file.as_deref() {
+                    Some(s) if s == new_key => canonical.signing.clone(),
+                    Some(s) => s.to_string(),
+                    None => canonical.signing.clone(),
+                };
+                (files, signing)
+            }
+        };
+        let manifest = apiserver_edit(obs, &key_files, &signing)?;
+        let restarts_apiserver = manifest.is_some();
+        changes.extend(manifest);
+        let kcm_key_wanted = match install {
+            Install::Sign => Some(new_key.clone()),
+            Install::Retire | Install::RemoveNew => Some(canonical.controller_manager.clone()),
+            Install::Trust | Install::VerifyOnly => None,
+        };
+        if let Some(key) = kcm_key_wanted {
+            changes.extend(kcm_edit(root, &key)?);
+        }
+        if changes.is_empty() {
+            return Ok(HostChange::None);
+        }
+        let expected = kids_of_files(root, &key_files, &overrides)?;
+        Ok(HostChange::Files {
+            changes,
+            restarts_apiserver,
+            expected,
+        })
+    }
+
+    /// Removes `sa-<UTC stamp>.key|.pub` files no flag names (a rotation that crashed before
+    /// saving its first state left them). Returns the host paths removed.
+    pub fn sweep_orphan_keys(
+        &self,
+        root: &HostRoot,
+        observed: &super::Observed,
+    ) -> Result<Vec<PathBuf>, Refusal> {
+        let mut removed = Vec::new();
+        let f = &observed.flags;
+        let Some(signing) = &f.signing_key_file else {
+            return Ok(removed);
+        };
+        let dir = Path::new(signing)
+            .parent()
+            .unwrap_or(Path::new("/etc/kubernetes/pki"));
+        if let Ok(entries) = std::fs::read_dir(root.path(dir)) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().to_string();
+                if !is_staged_name(&name) {
+                    continue;
+                }
+                let host = dir.join(&name).display().to_string();
+                let used = f.key_files.contains(&host)
+                    || f.signing_key_file.as_deref() == Some(host.as_str())
+                    || kcm_uses(root, &host);
+                if !used {
+                    crate::fs::remove_durable(&entry.path())
+                        .map_err(|e| install::io("remove", Path::new(&host), e))?;
+                    removed.push(PathBuf::from(host));
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes the rotation's `sa-<id>.*` files once no flag names them (after retirement or
+    /// abort).
+    pub fn clean_up_keys(
+        &self,
+        root: &HostRoot,
+        observed: &super::Observed,
+        rotation: &Installing<'_>,
+    ) -> Result<(), Refusal> {
+        let Some(c) = rotation.canonical else {
+            return Ok(());
+        };
+        let f = &observed.flags;
+        let used = |p: &str| {
+            f.key_files.iter().any(|k| k == p) || f.signing_key_file.as_deref() == Some(p)
+        };
+        for file in [rotation.new_key_file, c.new_public_file.as_str()] {
+            if !used(file) && !kcm_uses(root, file) {
+                crate::fs::remove_durable(&root.path(file))
+                    .map_err(|e| install::io("remove", Path::new(file), e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `sa-20261122T070542Z.key` / `.pub`: the names rotation gives kubeadm key files.
+fn is_staged_name(name: &str) -> bool {
+    let Some(stem) = name
+        .strip_suffix(".key")
+        .or_else(|| name.strip_suffix(".pub"))
+        .and_then(|n| n.strip_prefix("sa-"))
+    else {
+        return false;
+    };
+    let b = stem.as_bytes();
+    b.len() == 16
+        && b[8] == b'T'
+        && b[15] == b'Z'
+        && b[..8].iter().chain(&b[9..15]).all(u8::is_ascii_digit)
+}
+
+fn kcm_observe(root: &HostRoot) -> Result<Observed, Refusal> {
+    let path = PathBuf::from(KCM_MANIFEST);
+    let text = crate::fs::read_to_string(root.path(&path)).map_err(|e| {
+        refuse(format!(
+            "cannot read {KCM_MANIFEST} ({e}): kube-controller-manager signs legacy token Secrets with the same key and must be switched with the apiserver; irsa-agent rotates only kubeadm control planes whose controller-manager runs as this static pod"
+        ))
+    })?;
+    parse(path, text).map_err(|e| refuse(e.to_string()))
+}
+
+fn kcm_key(obs: &Observed) -> Option<String> {
+    obs.args
+        .iter()
+        .rev()
+        .find(|a| a.name == KCM_KEY_FLAG)
+        .map(|a| a.value.clone())
+}
+
+/// The kid of the key kube-controller-manager signs legacy token Secrets with (kubeadm).
+pub fn kcm_signing_kid(root: &HostRoot) -> Option<String> {
+    let file = kcm_key(&kcm_observe(root).ok()?)?;
+    crate::keys::load_signing_file(&root.path(file))
+        .ok()
+        .map(|k| k.public.kid())
+}
+
+fn kcm_uses(root: &HostRoot, file: &str) -> bool {
+    kcm_observe(root)
+        .ok()
+        .and_then(|o| kcm_key(&o))
+        .is_some_and(|k| k == file)
+}
+
+/// kubeadm's layout: the signing key file, the verification file holding exactly its public
+/// half, and kube-controller-manager's key flag.
+fn canonical(root: &HostRoot, observed: &super::Observed) -> Result<CanonicalFiles, Refusal> {
+    let f = &observed.flags;
+    let signing = f
+        .signing_key_file
+        .clone()
+        .ok_or_else(|| refuse("the apiserver has no --service-account-signing-key-file"))?;
+    let host = install::host_keys(observed)?;
+    let mut verification = None;
+    for file in &f.key_files {
+        let keys = crate::keys::load_verification_file(&root.path(file))
+            .map_err(|e| refuse(e.to_string()))?;
+        if keys.keys.iter().any(|k| k.kid() == host.signing.kid()) {
+            if keys.keys.iter().all(|k| k.kid() == host.signing.kid()) {
+                verification = Some(file.clone());
+                break;
+            }
+            return Err(refuse(format!(
+                "{file} holds the signing key's public half together with other keys: irsa-agent replaces the signing key's own file (kubeadm's sa.pub) at the end of a rotation and will not rewrite a file with other keys in it"
+            )));
+        }
+    }
+    let verification = verification.ok_or_else(|| {
+        refuse("no --service-account-key-file holds the signing key's public half")
+    })?;
+    let kcm = kcm_observe(root)?;
+    let controller_manager = kcm_key(&kcm).ok_or_else(|| {
+        refuse(format!(
+            "{KCM_MANIFEST} has no --{KCM_KEY_FLAG}: kube-controller-manager would not sign legacy token Secrets with the key"
+        ))
+    })?;
+    if controller_manager != signing {
+        return Err(refuse(format!(
+            "kube-controller-manager signs with {controller_manager} but the apiserver with {signing}: make them the same key first"
+        )));
+    }
+    Ok(CanonicalFiles {
+        signing,
+        verification,
+        controller_manager,
+        new_public_file: String::new(),
+    })
+}
+
+/// The apiserver manifest edit that sets the key flags, verified by re-reading the result.
+fn apiserver_edit(
+    obs: &Observed,
+    key_files: &[String],
+    signing: &str,
+) -> Result<Option<FileChange>, Refusal> {
+    let before = flags::ServiceAccountFlags::from_args(&obs.args);
+    let mut changes: Vec<(&'static str, Vec<String>)> = Vec::new();
+    if before.key_files != key_files {
+        changes.push((flags::KEY_FILE, key_files.to_vec()));
+    }
+    if before.signing_key_file.as_deref() != Some(signing) {
+        changes.push((flags::SIGNING_KEY_FILE, vec![signing.to_string()]));
+    }
+    if changes.is_empty() {
+        return Ok(None);
+    }
+    let edits = edits(obs, &changes).map_err(|e| refuse(e.to_string()))?;
+    let Some(change) = edits.into_iter().next() else {
+        return Ok(None);
+    };
+    let after = parse(obs.path.clone(), change.new.clone()).map_err(|e| refuse(e.to_string()))?;
+    let flags_after = flags::ServiceAccountFlags::from_args(&after.args);
+    let others = |args: &[flags::Arg]| -> Vec<flags::Arg> {
+        args.iter()
+            .filter(|a| a.name != flags::KEY_FILE && a.name != flags::SIGNING_KEY_FILE)
+            .cloned()
+            .collect()
+    };
+    if flags_after.key_files != key_files
+        || flags_after.signing_key_file.as_deref() != Some(signing)
+        || others(&obs.args) != others(&after.args)
+    {
+        return Err(refuse(format!(
+            "internal check failed, nothing was written: editing {} would not give exactly the intended key flags",
+            obs.path.display()
+        )));
+    }
+    Ok(Some(change))
+}
+
+fn kcm_edit(root: &HostRoot, key: &str) -> Result<Option<FileChange>, Refusal> {
+    let kcm = kcm_observe(root)?;
+    if kcm_key(&kcm).as_deref() == Some(key) {
+        return Ok(None);
+    }
+    let edits =
+        edits(&kcm, &[(KCM_KEY_FLAG, vec![key.to_string()])]).map_err(|e| refuse(e.to_string()))?;
+    let Some(change) = edits.into_iter().next() else {
+        return Ok(None);
+    };
+    let after = parse(kcm.path.clone(), change.new.clone()).map_err(|e| refuse(e.to_string()))?;
+    let others = |args: &[flags::Arg]| -> Vec<flags::Arg> {
+        args.iter()
+            .filter(|a| a.name != KCM_KEY_FLAG)
+            .cloned()
+            .collect()
+    };
+    if kcm_key(&after).as_deref() != Some(key) || others(&kcm.args) != others(&after.args) {
+        return Err(refuse(format!(
+            "internal check failed, nothing was written: editing {KCM_MANIFEST} would not give exactly --{KCM_KEY_FLAG}={key}"
+        )));
+    }
+    Ok(Some(change))
+}
+
+/// The kids (in order, no repeats) of a list of key files as they will be on disk, with
+/// `overrides` (host path -> new content) applied.
+fn kids_of_files(
+    root: &HostRoot,
+    files: &[String],
+    overrides: &[(String, String)],
+) -> Result<Vec<String>, Refusal> {
+    let mut kids = Vec::new();
+    for file in files {
+        let data = match overrides.iter().find(|(p, _)| p == file) {
+            Some((_, content)) => content.as_bytes().to_vec(),
+            None => install::read_file(root, Path::new(file))?.to_vec(),
+        };
+        let parsed = crate::keys::parse_verification_keys(&data).unwrap_or_default();
+        kids.extend(parsed.keys.iter().map(PublicKey::kid));
+    }
+    Ok(dedup_kids(kids.iter()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -410,5 +828,15 @@ mod tests {
         assert_eq!(sorted_position(&cmd, "api-audiences"), 2);
         assert_eq!(sorted_position(&cmd, "service-account-jwks-uri"), 3);
         assert_eq!(sorted_position(&cmd, "zzz"), 4);
+    }
+
+    #[test]
+    fn staged_key_names() {
+        assert!(is_staged_name("sa-20261122T070542Z.key"));
+        assert!(is_staged_name("sa-20261122T070542Z.pub"));
+        assert!(!is_staged_name("sa.key"));
+        assert!(!is_staged_name("sa-backup.key"));
+        assert!(!is_staged_name("sa-20261122T070542Z.key.bak"));
+        assert!(!is_staged_name("sa-2026112xT070542Z.key"));
     }
 }

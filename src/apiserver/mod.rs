@@ -19,6 +19,7 @@ pub mod backups;
 pub mod change;
 pub mod edit;
 pub mod flags;
+pub mod install;
 pub mod kubeadm;
 pub mod plan;
 pub mod probe;
@@ -211,6 +212,100 @@ impl Source {
         match self {
             Source::Rancher(_) => rancher::Observed::flag_item(flag, value),
             Source::Kubeadm(_) => kubeadm::Observed::flag_item(flag, value),
+        }
+    }
+
+    /// Key rotation: whether every server loads the same key file from the cluster's datastore
+    /// (k3s/RKE2: `rotate-ca` on one server, a restart on each), rather than each host keeping
+    /// its own key files (kubeadm).
+    pub fn keys_shared_by_servers(&self) -> bool {
+        match self {
+            Source::Rancher(_) => true,
+            Source::Kubeadm(_) => false,
+        }
+    }
+
+    /// Key rotation: checks that rotation can manage this host's keys; returns the kids it
+    /// retires at the end.
+    pub fn rotation_preflight(
+        &self,
+        root: &HostRoot,
+        observed: &Observed,
+    ) -> Result<Vec<String>, install::Refusal> {
+        match self {
+            Source::Rancher(r) => r.rotation_preflight(root, observed),
+            Source::Kubeadm(k) => k.rotation_preflight(root, observed),
+        }
+    }
+
+    /// Key rotation: writes the new key where the installs use it; returns its host path and
+    /// (kubeadm) the canonical key files.
+    pub fn stage_new_key(
+        &self,
+        root: &HostRoot,
+        observed: &Observed,
+        id: &str,
+        key: &install::NewKeyPem<'_>,
+    ) -> Result<(String, Option<kubeadm::CanonicalFiles>), install::Refusal> {
+        match self {
+            Source::Rancher(r) => Ok((r.stage_new_key(root, id, key.private_pem)?, None)),
+            Source::Kubeadm(k) => {
+                let (file, canonical) = k.stage_new_key(root, observed, id, key)?;
+                Ok((file, Some(canonical)))
+            }
+        }
+    }
+
+    /// Key rotation: what `install` changes on this host now.
+    pub fn plan_install(
+        &self,
+        root: &HostRoot,
+        observed: &Observed,
+        rotation: &install::Installing<'_>,
+        install: install::Install,
+    ) -> Result<install::HostChange, install::Refusal> {
+        match self {
+            Source::Rancher(r) => r.plan_install(root, rotation, install),
+            Source::Kubeadm(k) => k.plan_install(root, observed, rotation, install),
+        }
+    }
+
+    /// Key rotation: removes what a rotation that crashed before saving its first state left
+    /// (staged folders; kubeadm: `sa-<stamp>.*` files no flag names). Returns the host paths.
+    pub fn sweep_orphans(
+        &self,
+        root: &HostRoot,
+        observed: &Observed,
+    ) -> Result<Vec<PathBuf>, install::Refusal> {
+        let mut removed = install::sweep_staged_folders(root)?;
+        match self {
+            Source::Rancher(_) => {}
+            Source::Kubeadm(k) => removed.extend(k.sweep_orphan_keys(root, observed)?),
+        }
+        Ok(removed)
+    }
+
+    /// Key rotation: removes the rotation's own files once no longer needed.
+    pub fn clean_up(
+        &self,
+        root: &HostRoot,
+        observed: &Observed,
+        rotation: &install::Installing<'_>,
+    ) -> Result<(), install::Refusal> {
+        install::remove_staged_folder(root, rotation.id)?;
+        match self {
+            Source::Rancher(_) => Ok(()),
+            Source::Kubeadm(k) => k.clean_up_keys(root, observed, rotation),
+        }
+    }
+
+    /// Key rotation: whether legacy token Secrets are signed with `kid`. On kubeadm
+    /// kube-controller-manager signs them with a key file of its own (false when its manifest
+    /// or key cannot be read); on k3s/RKE2 it uses the apiserver's own file: always true.
+    pub fn legacy_signer_uses(&self, root: &HostRoot, kid: &str) -> bool {
+        match self {
+            Source::Rancher(_) => true,
+            Source::Kubeadm(_) => kubeadm::kcm_signing_kid(root).as_deref() == Some(kid),
         }
     }
 }

@@ -25,6 +25,10 @@ use serde_yaml::Value;
 
 use super::edit::{self, Document, Item, Locator};
 use super::flags::{self, Arg, ExtraArg};
+use super::install::{
+    self, HostChange, Install, Installing, KeyBlock, ROTATION_DIR, Refusal, dedup_kids, key_blocks,
+    refuse,
+};
 use super::{FileChange, ObserveError};
 use crate::host::HostRoot;
 
@@ -575,4 +579,137 @@ pub fn with_texts(obs: &Observed, changes: &[FileChange]) -> Result<Observed, Ob
     out.entries = entries;
     out.contributing = contributing;
     Ok(out)
+}
+
+// Key rotation: how a new key is installed here (see [`super::install`]). `service.key` is
+// bootstrap data in the datastore, so it is never edited in place: the wanted file is staged
+// and loaded with `<program> certificate rotate-ca`, and takes effect at each server's restart.
+impl Observed {
+    /// `<data-dir>/server/tls/service.key` (host path).
+    fn service_key(&self) -> PathBuf {
+        PathBuf::from(format!("{}/server/tls/service.key", self.data_dir))
+    }
+
+    /// Checks that rotation can manage this host's keys; returns the kids the rotation will
+    /// retire at the end (every key of `service.key`).
+    pub fn rotation_preflight(
+        &self,
+        root: &HostRoot,
+        observed: &super::Observed,
+    ) -> Result<Vec<String>, Refusal> {
+        let f = &observed.flags;
+        let flavor = self.flavor;
+        let tls = format!("{}/server/tls", self.data_dir);
+        let service_key = format!("{tls}/service.key");
+        let allowed_signing = [format!("{tls}/service.current.key"), service_key.clone()];
+        if f.key_files != [service_key.clone()]
+            || !f
+                .signing_key_file
+                .as_ref()
+                .is_some_and(|s| allowed_signing.contains(s))
+        {
+            return Err(refuse(format!(
+                "kube-apiserver-arg sets its own service-account key files ({} / {}): irsa-agent rotates only {}'s own {service_key} through `{} certificate rotate-ca`; remove those entries or rotate by hand",
+                f.key_files.join(", "),
+                f.signing_key_file.as_deref().unwrap_or("-"),
+                flavor.program(),
+                flavor.program()
+            )));
+        }
+        let host = install::signing_is_verified(observed)?;
+        if let super::restart::Restart::Unit(unit) = flavor.restart(root) {
+            let problems = super::restart::command_line_problems(root, &unit, flavor.program());
+            if !problems.is_empty() {
+                return Err(refuse(problems.join("\n")));
+            }
+        }
+        let blocks = key_blocks(&install::read_file(root, Path::new(&service_key))?);
+        if blocks.first().map(|b| &b.kid) != Some(&host.signing.kid()) {
+            return Err(refuse(format!(
+                "{service_key}: its first key is not the key the apiserver signs with ({}); {} has not been restarted since service.key changed? restart it first",
+                host.signing.kid(),
+                flavor.program()
+            )));
+        }
+        Ok(dedup_kids(blocks.iter().map(|b| &b.kid)))
+    }
+
+    /// Keeps the new key in the agent's own rotation folder until `rotate-ca` has put it into
+    /// the datastore; returns its host path.
+    pub fn stage_new_key(
+        &self,
+        root: &HostRoot,
+        id: &str,
+        private_pem: &str,
+    ) -> Result<String, Refusal> {
+        let dir = PathBuf::from(format!("{ROTATION_DIR}/{id}"));
+        crate::fs::create_dir_all(&root.path(&dir), 0o700)
+            .map_err(|e| install::io("create", &dir, e))?;
+        let file = dir.join("new.key");
+        crate::fs::write_atomic(
+            &root.path(&file),
+            private_pem.as_bytes(),
+            crate::fs::NewFile::PRIVATE,
+        )
+        .map_err(|e| install::io("write", &file, e))?;
+        Ok(file.display().to_string())
+    }
+
+    /// What `install` changes on this host now (nothing when it is in place already). The
+    /// order of the keys in the staged `service.key` decides what a restart does (see
+    /// [`super::install`]).
+    pub fn plan_install(
+        &self,
+        root: &HostRoot,
+        rotation: &Installing<'_>,
+        install: Install,
+    ) -> Result<HostChange, Refusal> {
+        let flavor = self.flavor;
+        let service_key = self.service_key();
+        let current = install::read_file(root, &service_key)?;
+        let blocks = key_blocks(&current);
+        let others: Vec<&KeyBlock> = blocks
+            .iter()
+            .filter(|b| b.kid != rotation.new_kid)
+            .collect();
+        let new_block = match install {
+            Install::RemoveNew => None,
+            _ => {
+                let key = rotation.key()?;
+                Some(KeyBlock {
+                    kid: key.kid.clone(),
+                    pem: key.private_pem.clone(),
+                })
+            }
+        };
+        let wanted: Vec<&KeyBlock> = match (install, &new_block) {
+            (Install::VerifyOnly, Some(new)) => others.iter().copied().chain([new]).collect(),
+            (Install::Trust | Install::Sign, Some(new)) => {
+                std::iter::once(new).chain(others.iter().copied()).collect()
+            }
+            (Install::Retire, Some(new)) => vec![new],
+            _ => others.clone(),
+        };
+        if wanted.is_empty() {
+            return Err(refuse(format!(
+                "{}: removing the new key would leave no key at all",
+                service_key.display()
+            )));
+        }
+        let content = install::join_blocks(&wanted);
+        let expected = dedup_kids(wanted.iter().map(|b| &b.kid));
+        let have = dedup_kids(blocks.iter().map(|b| &b.kid));
+        if have == expected {
+            return Ok(HostChange::None);
+        }
+        let dir = PathBuf::from(format!("{ROTATION_DIR}/{}/{}", rotation.id, install.name()));
+        Ok(HostChange::RotateCa {
+            program: flavor.program(),
+            dir,
+            content,
+            data_dir_arg: (self.data_dir != flavor.default_data_dir())
+                .then(|| self.data_dir.clone()),
+            expected,
+        })
+    }
 }

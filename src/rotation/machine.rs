@@ -41,18 +41,7 @@ pub struct InProgress {
     pub may_have_signed: bool,
 }
 
-/// kubeadm's canonical key files and the kube-controller-manager's key flag value.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CanonicalFiles {
-    /// `--service-account-signing-key-file` before the rotation (`/etc/kubernetes/pki/sa.key`).
-    pub signing: String,
-    /// The `--service-account-key-file` holding the old signing key (`/etc/kubernetes/pki/sa.pub`).
-    pub verification: String,
-    /// kube-controller-manager's `--service-account-private-key-file` before the rotation.
-    pub controller_manager: String,
-    /// Host path of the new public key (`sa-<id>.pub`).
-    pub new_public_file: String,
-}
+pub use crate::apiserver::kubeadm::CanonicalFiles;
 
 impl InProgress {
     /// More than one apiserver.

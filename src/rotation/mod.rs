@@ -60,7 +60,6 @@
 //! rotate`.
 
 pub mod cluster;
-pub mod distro;
 pub mod keygen;
 pub mod machine;
 pub mod publishing;
@@ -73,13 +72,14 @@ use std::time::Duration;
 use zeroize::Zeroizing;
 
 use self::cluster::Cluster;
-use self::distro::{Distro, HostChange, Install, Refusal};
+use self::keygen::NewKey;
 use self::machine::InProgress;
 pub use self::machine::{
     Blocked, KeyAge, Phase, PhaseName, RotationState, StaleReading, TransitionError,
 };
 use self::publishing::Publishing;
 use self::runner::CommandRunner;
+use crate::apiserver::install::{self, HostChange, Install, Installing, NewKeyPem, Refusal};
 use crate::apiserver::ready::{self, Patience};
 use crate::apiserver::restart::{self, Restart, ServiceManager};
 use crate::apiserver::{Observed, apply, flags};
@@ -320,7 +320,7 @@ pub fn status_lines_on(
 /// modification time of the files holding it (the signing-key file, the verification files
 /// with its public half): when it was installed. `None` when the key files cannot be read.
 pub fn signing_key_age(root: &HostRoot, settings: &Settings, now: u64) -> Option<KeyAge> {
-    let observed = distro::observe(root, settings.distribution).ok()?;
+    let observed = install::observe(root, settings.distribution).ok()?;
     let kid = observed.keys.signing.as_ref()?.kid();
     let mut files: Vec<String> = observed.flags.signing_key_file.iter().cloned().collect();
     for file in &observed.flags.key_files {
@@ -581,12 +581,12 @@ pub async fn advance(ctx: &mut Context) -> Result<Vec<StepOutcome>, RotationErro
 
 /// Takes the rotation lock (one step at a time, across processes).
 fn lock(root: &HostRoot) -> Result<fs::DirLock, RotationError> {
-    let dir = root.path(distro::ROTATION_DIR);
+    let dir = root.path(install::ROTATION_DIR);
     fs::create_dir_all(&dir, 0o700).map_err(|e| {
-        RotationError::Failed(format!("cannot create {}: {e}", distro::ROTATION_DIR))
+        RotationError::Failed(format!("cannot create {}: {e}", install::ROTATION_DIR))
     })?;
     fs::lock_dir(&dir)
-        .map_err(|e| RotationError::Failed(format!("cannot lock {}: {e}", distro::ROTATION_DIR)))
+        .map_err(|e| RotationError::Failed(format!("cannot lock {}: {e}", install::ROTATION_DIR)))
 }
 
 /// Does the step that is due now (at most one transition), saves the state and the outcome,
@@ -771,12 +771,11 @@ pub async fn abort(ctx: &mut Context, now: u64) -> Result<StepOutcome, RotationE
         st: &mut st,
     };
     let observed = run.observe()?;
-    let distro = Distro::of(&observed);
-    let change = distro.plan(&run.ctx.root, &observed, &rotation, Install::RemoveNew)?;
+    let change = plan_install(&run.ctx.root, &observed, &rotation, Install::RemoveNew)?;
     run.carry_out(change, Install::RemoveNew, "remove the new key again")
         .await?;
     let observed = run.observe()?;
-    distro.clean_up(&run.ctx.root, &observed, &rotation)?;
+    clean_up(&run.ctx.root, &observed, &rotation)?;
     // Republish without the new key.
     let publication = run.publication(&observed, None)?;
     let published = run.ctx.publishing.publish(&publication).await;
@@ -830,7 +829,7 @@ impl Run<'_> {
     }
 
     fn observe(&self) -> Result<Observed, RotationError> {
-        Ok(distro::observe(
+        Ok(install::observe(
             &self.ctx.root,
             self.ctx.settings.distribution,
         )?)
@@ -858,7 +857,7 @@ impl Run<'_> {
         observed: &Observed,
         ahead: Option<&InProgress>,
     ) -> Result<Publication, RotationError> {
-        let mut keys = Distro::host_keys(observed)?.verification_keys;
+        let mut keys = install::host_keys(observed)?.verification_keys;
         if let Some(r) = ahead {
             let parsed = keys::parse_verification_keys(r.new_public_pem.as_bytes())
                 .map_err(|e| failed(format!("the saved new public key is unreadable: {e:?}")))?;
@@ -902,7 +901,7 @@ impl Run<'_> {
                 return Err(health.detail);
             }
             let kids = cluster.jwks_kids(None).await.map_err(|e| e.to_string())?;
-            let kids = distro::dedup_kids(kids.iter());
+            let kids = install::dedup_kids(kids.iter());
             if kids == expected {
                 Ok(())
             } else {
@@ -1039,33 +1038,34 @@ impl Run<'_> {
     async fn reinstall_if_lost(&mut self) -> Result<bool, RotationError> {
         let rotation = self.rotation()?;
         let observed = self.observe()?;
-        let distro = Distro::of(&observed);
         let signed = matches!(
             self.st.phase.name(),
             PhaseName::Signing | PhaseName::Draining
         );
         // Judged by the keys, not by the files: a crash may have left a later install (sign,
         // retire) in place before the phase was saved, and that is not a loss.
-        let host = Distro::host_keys(&observed)?;
+        let host = install::host_keys(&observed)?;
         let verifies = host.verification.contains(&rotation.new_kid);
         let signs = host.signing.kid() == rotation.new_kid;
         let mut lost: Vec<Install> = Vec::new();
-        match (&distro, rotation.is_ha()) {
-            (Distro::Rancher { .. }, true) if signed && !signs => lost.push(Install::Sign),
-            (Distro::Rancher { .. }, true) if !verifies => lost.push(Install::VerifyOnly),
-            (Distro::Rancher { .. }, true) => {}
+        let shared = observed.source.keys_shared_by_servers();
+        match (shared, rotation.is_ha()) {
+            (true, true) if signed && !signs => lost.push(Install::Sign),
+            (true, true) if !verifies => lost.push(Install::VerifyOnly),
+            (true, true) => {}
             (_, _) if !verifies || !signs => lost.push(Install::Trust),
             _ => {}
         }
-        if matches!(distro, Distro::Kubeadm)
-            && signed
-            && distro::kcm_signing_kid(&self.ctx.root).as_deref() != Some(rotation.new_kid.as_str())
+        if signed
+            && !observed
+                .source
+                .legacy_signer_uses(&self.ctx.root, &rotation.new_kid)
         {
             lost.push(Install::Sign);
         }
         for install in &lost {
             let observed = self.observe()?;
-            let change = distro.plan(&self.ctx.root, &observed, &rotation, *install)?;
+            let change = plan_install(&self.ctx.root, &observed, &rotation, *install)?;
             if matches!(change, HostChange::None) {
                 continue;
             }
@@ -1154,9 +1154,10 @@ impl Run<'_> {
     /// idle -> staged.
     async fn start(&mut self, now: u64) -> Result<Progress, RotationError> {
         let observed = self.observe()?;
-        let distro = Distro::of(&observed);
-        let old_kids = distro.preflight(&self.ctx.root, &observed)?;
-        let host = Distro::host_keys(&observed)?;
+        let old_kids = observed
+            .source
+            .rotation_preflight(&self.ctx.root, &observed)?;
+        let host = install::host_keys(&observed)?;
         // The running apiserver must have loaded what is on disk.
         let health = self.ctx.cluster.health().await;
         if !health.ready {
@@ -1171,7 +1172,7 @@ impl Run<'_> {
             .jwks_kids(None)
             .await
             .map_err(|e| failed(format!("cannot read the apiserver's JWKS: {e}")))?;
-        if distro::dedup_kids(loaded.iter()) != host.verification {
+        if install::dedup_kids(loaded.iter()) != host.verification {
             return Err(RotationError::Refused(format!(
                 "the running apiserver verifies with {} but its key files hold {}: a restart is pending; restart it ({}) before rotating",
                 loaded.join(", "),
@@ -1180,7 +1181,7 @@ impl Run<'_> {
             )));
         }
         let servers = self.servers().await?;
-        if servers.len() > 1 && matches!(distro, Distro::Kubeadm) {
+        if servers.len() > 1 && !observed.source.keys_shared_by_servers() {
             return Err(RotationError::Refused(format!(
                 "this kubeadm cluster has {} apiservers ({}): the new key would have to be copied to every control-plane node before any of them signs with it, which irsa-agent does not do; rotate by hand (see README, \"Key rotation\")",
                 servers.len(),
@@ -1188,7 +1189,7 @@ impl Run<'_> {
             )));
         }
         // Leftovers of a start that crashed before its state was saved.
-        for path in distro.sweep_orphans(&self.ctx.root, &observed)? {
+        for path in observed.source.sweep_orphans(&self.ctx.root, &observed)? {
             log::info!(
                 "rotation: removed {} (left by an interrupted start)",
                 path.display()
@@ -1198,7 +1199,10 @@ impl Run<'_> {
         log::info!("rotation: generating a {} key", kind.name());
         let key = keygen::generate(kind).map_err(failed)?;
         let id = state::compact_stamp(now);
-        let (new_key_file, canonical_files) = distro.stage(&self.ctx.root, &observed, &id, &key)?;
+        let (new_key_file, canonical_files) =
+            observed
+                .source
+                .stage_new_key(&self.ctx.root, &observed, &id, &pem_of(&key))?;
         crate::failpoint::hit("rotation:after-stage-files");
         let rotation = InProgress {
             id: id.clone(),
@@ -1208,7 +1212,7 @@ impl Run<'_> {
             new_public_pem: key.public().to_spki_pem(),
             old_kids,
             old_signing_kid: host.signing.kid(),
-            distribution: distro.distribution(),
+            distribution: observed.distribution,
             new_key_file: new_key_file.clone(),
             canonical_files,
             servers: servers.clone(),
@@ -1238,11 +1242,10 @@ impl Run<'_> {
     async fn publish_new_key(&mut self) -> Result<Progress, RotationError> {
         let rotation = self.rotation()?;
         let mut observed = self.observe()?;
-        let distro = Distro::of(&observed);
-        distro.new_key(&self.ctx.root, &rotation)?;
+        new_key(&self.ctx.root, &rotation)?;
         if rotation.is_ha() {
             // Every apiserver verifies with the new key before anything publishes it.
-            let change = distro.plan(&self.ctx.root, &observed, &rotation, Install::VerifyOnly)?;
+            let change = plan_install(&self.ctx.root, &observed, &rotation, Install::VerifyOnly)?;
             self.carry_out(
                 change,
                 Install::VerifyOnly,
@@ -1256,7 +1259,7 @@ impl Run<'_> {
                     format!(
                         "the new key is in the datastore; these servers do not verify with it yet: {}; restart {} there (servers only, one at a time)",
                         lacking.join(", "),
-                        distro.name()
+                        observed.distribution.name()
                     ),
                     self.recheck_at(),
                 ));
@@ -1309,7 +1312,6 @@ impl Run<'_> {
     async fn trust_new_key(&mut self) -> Result<Progress, RotationError> {
         let rotation = self.rotation()?;
         let observed = self.observe()?;
-        let distro = Distro::of(&observed);
         // The public copy must still have the new key (someone may have republished without
         // it): looked at before republishing, so a removal is not papered over.
         let publication = self.publication(&observed, Some(&rotation))?;
@@ -1351,7 +1353,7 @@ impl Run<'_> {
                     format!(
                         "these servers do not verify with the new key: {}; restart {} there",
                         lacking.join(", "),
-                        distro.name()
+                        observed.distribution.name()
                     ),
                     self.recheck_at(),
                 ));
@@ -1363,7 +1365,7 @@ impl Run<'_> {
         }
         // One server: verifying with the new key and signing with it switch in one restart.
         self.update_rotation(|r| r.may_have_signed = true)?;
-        let change = distro.plan(&self.ctx.root, &observed, &rotation, Install::Trust)?;
+        let change = plan_install(&self.ctx.root, &observed, &rotation, Install::Trust)?;
         let restarted = self
             .carry_out(change, Install::Trust, "trust the new key")
             .await?;
@@ -1395,18 +1397,20 @@ impl Run<'_> {
     async fn sign_with_new_key(&mut self) -> Result<Progress, RotationError> {
         let rotation = self.rotation()?;
         let observed = self.observe()?;
-        let distro = Distro::of(&observed);
-        let ha_rancher = rotation.is_ha() && matches!(distro, Distro::Rancher { .. });
-        if ha_rancher || matches!(distro, Distro::Kubeadm) {
+        // Keys shared through the datastore: on several servers, the staged file now puts the
+        // new key first. Keys in each host's files (kubeadm): kube-controller-manager switches.
+        let shared = observed.source.keys_shared_by_servers();
+        let shared_ha = rotation.is_ha() && shared;
+        if shared_ha || !shared {
             if !rotation.may_have_signed {
                 self.update_rotation(|r| r.may_have_signed = true)?;
             }
-            let what = if ha_rancher {
+            let what = if shared_ha {
                 "sign with the new key"
             } else {
                 "make kube-controller-manager sign legacy token Secrets with the new key"
             };
-            let change = distro.plan(&self.ctx.root, &observed, &rotation, Install::Sign)?;
+            let change = plan_install(&self.ctx.root, &observed, &rotation, Install::Sign)?;
             self.carry_out(change, Install::Sign, what).await?;
         }
         let lagging = self.servers_not_signing_with(&rotation.new_kid).await?;
@@ -1415,7 +1419,7 @@ impl Run<'_> {
                 format!(
                     "these servers still sign with the old key: {}; restart {} there (they verify with both keys, so nothing is rejected meanwhile)",
                     lagging.join(", "),
-                    distro.name()
+                    observed.distribution.name()
                 ),
                 self.recheck_at(),
             ));
@@ -1525,7 +1529,6 @@ impl Run<'_> {
     async fn retire_old_key(&mut self) -> Result<Progress, RotationError> {
         let rotation = self.rotation()?;
         let observed = self.observe()?;
-        let distro = Distro::of(&observed);
         let now = self.now();
         // Never retire too early.
         self.st.phase.retire(now)?;
@@ -1622,7 +1625,7 @@ impl Run<'_> {
                 self.recheck_at(),
             ));
         }
-        let change = distro.plan(&self.ctx.root, &observed, &rotation, Install::Retire)?;
+        let change = plan_install(&self.ctx.root, &observed, &rotation, Install::Retire)?;
         self.carry_out(change, Install::Retire, "retire the old key")
             .await?;
         let kids = self
@@ -1651,7 +1654,6 @@ impl Run<'_> {
     async fn finish_rotation(&mut self) -> Result<Progress, RotationError> {
         let rotation = self.rotation()?;
         let observed = self.observe()?;
-        let distro = Distro::of(&observed);
         let publication = self.publication(&observed, None)?;
         let summary = self
             .ctx
@@ -1673,13 +1675,13 @@ impl Run<'_> {
                     format!(
                         "these servers still verify with the old key (harmless, but their agents keep publishing it): {}; restart {} there",
                         still.join(", "),
-                        distro.name()
+                        observed.distribution.name()
                     ),
                     self.recheck_at(),
                 ));
             }
         }
-        distro.clean_up(&self.ctx.root, &observed, &rotation)?;
+        clean_up(&self.ctx.root, &observed, &rotation)?;
         let now = self.now();
         let (phase, finished) = self
             .st
@@ -1728,9 +1730,69 @@ pub fn verify_token(token: &str, jwks: &str, kid: &str, now: u64) -> Result<(), 
     }
 }
 
+/// The new private key of a rotation, read back from its file (and re-checked).
+fn new_key(root: &HostRoot, rotation: &InProgress) -> Result<NewKey, Refusal> {
+    let bytes = install::read_file(root, std::path::Path::new(&rotation.new_key_file))?;
+    let key = keygen::load(rotation.key_type, &bytes).map_err(|e| Refusal(e.to_string()))?;
+    if key.kid() != rotation.new_kid {
+        return Err(Refusal(format!(
+            "{} no longer holds the new key {} (it holds {}); abort the rotation",
+            rotation.new_key_file,
+            rotation.new_kid,
+            key.kid()
+        )));
+    }
+    Ok(key)
+}
+
+/// The new key as the distribution's installs write it.
+fn pem_of(key: &NewKey) -> NewKeyPem<'_> {
+    NewKeyPem {
+        kid: key.kid(),
+        private_pem: &key.pem,
+        public_pem: key.public().to_spki_pem(),
+    }
+}
+
+/// The rotation as the distribution's installs see it.
+fn installing<'a>(rotation: &'a InProgress, key: Option<&'a NewKey>) -> Installing<'a> {
+    Installing {
+        id: &rotation.id,
+        new_kid: &rotation.new_kid,
+        new_key_file: &rotation.new_key_file,
+        canonical: rotation.canonical_files.as_ref(),
+        new_key: key.map(pem_of),
+    }
+}
+
+/// What `install` changes on this host now (the distribution plans it; see
+/// [`crate::apiserver::install`]). Every install but removing the new key reads it back first.
+fn plan_install(
+    root: &HostRoot,
+    observed: &Observed,
+    rotation: &InProgress,
+    install: Install,
+) -> Result<HostChange, Refusal> {
+    let key = match install {
+        Install::RemoveNew => None,
+        _ => Some(new_key(root, rotation)?),
+    };
+    observed
+        .source
+        .plan_install(root, observed, &installing(rotation, key.as_ref()), install)
+}
+
+/// Removes the rotation's own files once they are no longer needed (after retirement or
+/// abort), unless a flag still names them.
+fn clean_up(root: &HostRoot, observed: &Observed, rotation: &InProgress) -> Result<(), Refusal> {
+    observed
+        .source
+        .clean_up(root, observed, &installing(rotation, None))
+}
+
 /// Host paths a rotation writes besides the state (for docs and tests).
 pub fn rotation_dir(id: &str) -> PathBuf {
-    PathBuf::from(format!("{}/{id}", distro::ROTATION_DIR))
+    PathBuf::from(format!("{}/{id}", install::ROTATION_DIR))
 }
 
 /// A token's secret bytes, wiped when dropped.
@@ -1771,7 +1833,7 @@ impl Context {
         edges: HostEdges,
         options: Options,
     ) -> Result<Context, RotationError> {
-        let observed = distro::observe(root, settings.distribution)?;
+        let observed = install::observe(root, settings.distribution)?;
         let (kubeconfig, url) = crate::apiserver::probe::target(&observed);
         let api = crate::k8s::Api::from_kubeconfig(
             root,
