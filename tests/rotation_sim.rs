@@ -735,13 +735,19 @@ struct ZeroMaxAge(FakePublishing);
 
 #[async_trait::async_trait]
 impl irsa_agent::rotation::publishing::Publishing for ZeroMaxAge {
-    async fn publish(&mut self, p: &irsa_agent::publish::Publication) -> Result<String, String> {
+    async fn publish(
+        &mut self,
+        p: &irsa_agent::publish::Publication,
+    ) -> Result<String, irsa_agent::rotation::publishing::PublishingError> {
         self.0.publish(p).await
     }
     async fn public(
         &mut self,
         p: &irsa_agent::publish::Publication,
-    ) -> Result<irsa_agent::rotation::publishing::PublicCopy, String> {
+    ) -> Result<
+        irsa_agent::rotation::publishing::PublicCopy,
+        irsa_agent::rotation::publishing::PublishingError,
+    > {
         let mut copy = self.0.public(p).await?;
         copy.max_age = Some(std::time::Duration::ZERO);
         Ok(copy)

@@ -19,13 +19,24 @@ pub struct PublicCopy {
     pub max_age: Option<Duration>,
 }
 
+/// Why publishing, or looking at the public copy, failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishingError {
+    /// Targets that could not be written or are not in sync, each with why.
+    #[error("publishing failed: {}", .0.join("; "))]
+    Targets(Vec<String>),
+    /// The public copy could not be fetched, or the answer was an error.
+    #[error("{0}")]
+    Public(String),
+}
+
 /// Where the documents go and how the public copy looks.
 #[async_trait::async_trait]
 pub trait Publishing: Send {
     /// Writes both documents to every target; `Err` names the targets that failed.
-    async fn publish(&mut self, publication: &Publication) -> Result<String, String>;
+    async fn publish(&mut self, publication: &Publication) -> Result<String, PublishingError>;
     /// Fetches the public JWKS (the jwks-uri) as relying parties see it.
-    async fn public(&mut self, publication: &Publication) -> Result<PublicCopy, String>;
+    async fn public(&mut self, publication: &Publication) -> Result<PublicCopy, PublishingError>;
     /// The longest Cache-Control max-age the targets are configured with (used when the public
     /// answer has no Cache-Control).
     fn configured_max_age(&self) -> Option<Duration>;
@@ -61,7 +72,7 @@ impl RealPublishing {
 
 #[async_trait::async_trait]
 impl Publishing for RealPublishing {
-    async fn publish(&mut self, publication: &Publication) -> Result<String, String> {
+    async fn publish(&mut self, publication: &Publication) -> Result<String, PublishingError> {
         if self.publishers.is_empty() {
             return Ok("no publish: targets configured (publish the JWKS yourself)".into());
         }
@@ -84,7 +95,7 @@ impl Publishing for RealPublishing {
             })
             .collect();
         if !failed.is_empty() {
-            return Err(format!("publishing failed: {}", failed.join("; ")));
+            return Err(PublishingError::Targets(failed));
         }
         let changed = reports.iter().filter(|r| r.changed()).count();
         Ok(format!(
@@ -93,17 +104,20 @@ impl Publishing for RealPublishing {
         ))
     }
 
-    async fn public(&mut self, publication: &Publication) -> Result<PublicCopy, String> {
+    async fn public(&mut self, publication: &Publication) -> Result<PublicCopy, PublishingError> {
         let report = verify::verify(&self.client, publication).await;
         if let Some(e) = &report.jwks.error {
-            return Err(format!("cannot fetch {}: {e}", publication.jwks_uri));
+            return Err(PublishingError::Public(format!(
+                "cannot fetch {}: {e}",
+                publication.jwks_uri
+            )));
         }
         if report.jwks.status.is_some_and(|s| !(200..300).contains(&s)) {
-            return Err(format!(
+            return Err(PublishingError::Public(format!(
                 "{} answered HTTP {}",
                 publication.jwks_uri,
                 report.jwks.status.unwrap_or_default()
-            ));
+            )));
         }
         let jwks = match self.client.get(&publication.jwks_uri).send().await {
             Ok(r) if r.status().is_success() => r.text().await.ok(),

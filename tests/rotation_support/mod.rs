@@ -20,7 +20,7 @@ use irsa_agent::host::HostRoot;
 use irsa_agent::keys::{self, PublicKey, SigningKey};
 use irsa_agent::publish::Publication;
 use irsa_agent::rotation::cluster::{Cluster, ClusterError, Health, TOKEN_AUDIENCE};
-use irsa_agent::rotation::publishing::{PublicCopy, Publishing};
+use irsa_agent::rotation::publishing::{PublicCopy, Publishing, PublishingError};
 use irsa_agent::rotation::runner::CommandRunner;
 use irsa_agent::rotation::{Context, Options};
 use zeroize::Zeroizing;
@@ -580,12 +580,14 @@ pub struct FakePublishing {
 
 #[async_trait::async_trait]
 impl Publishing for FakePublishing {
-    async fn publish(&mut self, publication: &Publication) -> Result<String, String> {
+    async fn publish(&mut self, publication: &Publication) -> Result<String, PublishingError> {
         {
             let mut w = lock(&self.world);
             if w.fail_publish > 0 {
                 w.fail_publish -= 1;
-                return Err("s3://oidc: cannot write openid/v1/jwks: 503 (injected)".into());
+                return Err(PublishingError::Targets(vec![
+                    "s3://oidc: cannot write openid/v1/jwks: 503 (injected)".into(),
+                ]));
             }
         }
         let mut cdn = self.cdn.lock().unwrap_or_else(|e| e.into_inner());
@@ -594,10 +596,12 @@ impl Publishing for FakePublishing {
         Ok("1 target(s) in sync".into())
     }
 
-    async fn public(&mut self, _publication: &Publication) -> Result<PublicCopy, String> {
+    async fn public(&mut self, _publication: &Publication) -> Result<PublicCopy, PublishingError> {
         let now = lock(&self.world).clock.now();
         let mut cdn = self.cdn.lock().unwrap_or_else(|e| e.into_inner());
-        let body = cdn.public(now).ok_or("404")?;
+        let body = cdn
+            .public(now)
+            .ok_or_else(|| PublishingError::Public("404".into()))?;
         Ok(PublicCopy {
             kids: irsa_agent::publish::merge::kids_in(body.as_bytes()),
             jwks: Some(body),
