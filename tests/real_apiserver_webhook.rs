@@ -5,7 +5,11 @@
 //! own variables kept. With the agent stopped, `failurePolicy: Ignore` creates the pod without
 //! the injection and `failurePolicy: Fail` refuses it.
 //!
-//! The ServiceAccount cache is filled by the test (the watch comes with the Kubernetes client).
+//! The first test fills the ServiceAccount cache itself; the others run the agent's own links
+//! to the API ([`webhook::kube_sync`]): the watch, the CA shared through a Secret and the
+//! registration. They cover the whole IRSA loop (annotation -> mutated pod -> TokenRequest
+//! with the injected audience and lifetime -> credentials from SeaweedFS's STS, which trusts
+//! the issuer irsa-agent published) and two agents sharing one CA without flapping.
 
 mod kube_support;
 mod support;
@@ -365,17 +369,106 @@ fn the_real_apiserver_calls_the_webhook_and_the_failure_policy_holds_when_it_is_
     assert_eq!(created["kind"], "Pod");
 }
 
-/// The agent's own links to the API against the real kube-apiserver: the ServiceAccount watch
-/// feeds the cache (an annotation changed later is used for the next pod), the registration is
-/// applied by the agent itself, and a second agent with another CA does not replace it.
-#[test]
-fn the_watch_feeds_the_cache_and_the_agent_registers_itself() {
-    let Some(kapi) = Kube::binary("real_apiserver_webhook") else {
-        return;
-    };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kube = Kube::new(
-        dir.path(),
+/// The webhook with the agent's own links to the API (the watch, the shared CA, the
+/// registration), as the daemon runs them, on its own thread. `serve` is where it listens,
+/// `register` what it registers (the same, unless the test plays a second server whose port
+/// is taken on this one machine).
+struct FullAgent {
+    commands: std::sync::mpsc::Sender<Command>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+enum Command {
+    Renew(u64),
+    Stop,
+}
+
+impl FullAgent {
+    fn start(
+        kube: &Kube,
+        root: &std::path::Path,
+        serve: WebhookSettings,
+        register: WebhookSettings,
+        reapply: std::time::Duration,
+        ca_sync: std::time::Duration,
+    ) -> FullAgent {
+        let kubeconfig = kube.state.join("kubeconfig");
+        let root = HostRoot::new(root);
+        let (commands, command_rx) = std::sync::mpsc::channel::<Command>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                let cache = ServiceAccounts::default();
+                let running = webhook::start(&root, &serve, cache.clone(), webhook::unix_now())
+                    .expect("webhook starts");
+                let _ = ready_tx.send(());
+                let api = irsa_agent::k8s::Api::from_kubeconfig(
+                    &HostRoot::new("/"),
+                    &kubeconfig,
+                    None,
+                    std::time::Duration::from_secs(330),
+                )
+                .await
+                .expect("kubeconfig");
+                let client = api.client().expect("client");
+                let watch = tokio::spawn(webhook::kube_sync::watch(client.clone(), cache));
+                let links = tokio::spawn(webhook::kube_sync::share_then_register(
+                    client,
+                    root.clone(),
+                    register,
+                    running.bundle.clone(),
+                    running.control(),
+                    reapply,
+                    ca_sync,
+                ));
+                loop {
+                    match command_rx.try_recv() {
+                        Ok(Command::Renew(now)) => running.renew_at(now),
+                        Ok(Command::Stop) | Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                            break;
+                        }
+                        Err(std::sync::mpsc::TryRecvError::Empty) => {
+                            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        }
+                    }
+                }
+                watch.abort();
+                links.abort();
+                running.stop();
+            });
+        });
+        ready_rx.recv().expect("webhook serving");
+        FullAgent {
+            commands,
+            thread: Some(thread),
+        }
+    }
+
+    fn renew_at(&self, now: u64) {
+        let _ = self.commands.send(Command::Renew(now));
+    }
+
+    fn stop(&mut self) {
+        let _ = self.commands.send(Command::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for FullAgent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn kube_on_free_ports(dir: &std::path::Path, kapi: String) -> Kube {
+    Kube::new(
+        dir,
         kapi,
         [
             support::free_port(),
@@ -383,7 +476,41 @@ fn the_watch_feeds_the_cache_and_the_agent_registers_itself() {
             support::free_port(),
             support::free_port(),
         ],
-    );
+    )
+}
+
+fn settings_on(port: u16) -> WebhookSettings {
+    let mut settings = WebhookSettings {
+        enabled: true,
+        ..Default::default()
+    };
+    settings.listen = format!("127.0.0.1:{port}").parse().expect("addr");
+    settings
+}
+
+/// Polls dryRun creates of `pod` until `done` holds for the answer (10 s at most).
+fn created_until(kube: &Kube, pod: &Value, done: impl Fn(&Value) -> bool) -> Value {
+    let mut created = Value::Null;
+    for _ in 0..200 {
+        created = kube.ok("POST", PODS, Some(pod));
+        if done(&created) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    created
+}
+
+/// The agent's own links to the API against the real kube-apiserver: the ServiceAccount watch
+/// feeds the cache (an annotation changed later is used for the next pod) and the agent
+/// registers itself once its CA is the cluster's.
+#[test]
+fn the_watch_feeds_the_cache_and_the_agent_registers_itself() {
+    let Some(kapi) = Kube::binary("real_apiserver_webhook") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kube = kube_on_free_ports(dir.path(), kapi);
     start(&kube);
     kube.ok(
         "POST",
@@ -400,81 +527,25 @@ fn the_watch_feeds_the_cache_and_the_agent_registers_itself() {
         "/api/v1/namespaces/prod/serviceaccounts",
         Some(&sa("arn:aws:iam::123456789012:role/first")),
     );
-
     let agent_root = tempfile::tempdir().expect("agent root");
-    let mut settings = WebhookSettings {
-        enabled: true,
-        ..Default::default()
-    };
-    settings.listen = format!("127.0.0.1:{}", support::free_port())
-        .parse()
-        .expect("addr");
-    let kubeconfig = kube.state.join("kubeconfig");
-    let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
-    let (bundle_tx, bundle_rx) = std::sync::mpsc::channel();
-    let root = HostRoot::new(agent_root.path());
-    let thread = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async {
-            let cache = ServiceAccounts::default();
-            let running = webhook::start(&root, &settings, cache.clone(), webhook::unix_now())
-                .expect("webhook starts");
-            bundle_tx
-                .send(running.bundle.borrow().clone())
-                .expect("send");
-            let api = irsa_agent::k8s::Api::from_kubeconfig(
-                &HostRoot::new("/"),
-                &kubeconfig,
-                None,
-                std::time::Duration::from_secs(330),
-            )
-            .await
-            .expect("kubeconfig");
-            let client = api.client().expect("client");
-            let watch = tokio::spawn(webhook::kube_sync::watch(client.clone(), cache));
-            let register = tokio::spawn(webhook::kube_sync::register(
-                client.clone(),
-                settings.clone(),
-                running.bundle.clone(),
-            ));
-            // A second agent, on another server, with a CA of its own.
-            let other =
-                irsa_agent::webhook::certs::Authority::generate(webhook::unix_now()).expect("ca");
-            let other_bundle =
-                irsa_agent::webhook::certs::Authorities { cas: vec![other] }.bundle_pem();
-            let (_other_tx, other_rx) = tokio::sync::watch::channel(other_bundle);
-            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            let second = tokio::spawn(webhook::kube_sync::register(
-                client,
-                settings.clone(),
-                other_rx,
-            ));
-            while stop_rx.try_recv().is_err() {
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            watch.abort();
-            register.abort();
-            second.abort();
-            running.stop();
-        });
-    });
-    let bundle: String = bundle_rx.recv().expect("bundle");
+    let settings = settings_on(support::free_port());
+    let _agent = FullAgent::start(
+        &kube,
+        agent_root.path(),
+        settings.clone(),
+        settings,
+        webhook::kube_sync::REAPPLY_EVERY,
+        webhook::kube_sync::CA_SYNC_EVERY,
+    );
 
     // Registered by the agent, and the watch fed the cache: a pod is mutated.
     let aws_pod = pod("s3-reader", json!({}), json!([]));
     let mutated_with = |role: &str| {
         let started = std::time::Instant::now();
-        for _ in 0..200 {
-            let created = kube.ok("POST", PODS, Some(&aws_pod));
-            if value(&created, "AWS_ROLE_ARN").as_deref() == Some(role) {
-                return Some(started.elapsed());
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        None
+        let created = created_until(&kube, &aws_pod, |c| {
+            value(c, "AWS_ROLE_ARN").as_deref() == Some(role)
+        });
+        (value(&created, "AWS_ROLE_ARN").as_deref() == Some(role)).then(|| started.elapsed())
     };
     mutated_with("arn:aws:iam::123456789012:role/first").expect("mutated from the watched SA");
     // A changed annotation is used for the next pods.
@@ -488,21 +559,53 @@ fn the_watch_feeds_the_cache_and_the_agent_registers_itself() {
     eprintln!("MEASURED: annotation change to first pod using it: {took:?} (polling every 50 ms)");
     assert!(took < std::time::Duration::from_secs(5), "{took:?}");
 
-    // The second agent's CA did not replace the first's.
-    std::thread::sleep(std::time::Duration::from_secs(2));
+    // The registration's caBundle is the CA the agent keeps locally and shared in the Secret.
     let registered = kube.ok("GET", &format!("{MWC}/{}", webhook::NAME), None);
-    let ca_bundle = registered["webhooks"][0]["clientConfig"]["caBundle"]
-        .as_str()
-        .and_then(|b| base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b).ok())
-        .expect("caBundle");
-    assert_eq!(String::from_utf8_lossy(&ca_bundle), bundle);
+    let local =
+        std::fs::read_to_string(agent_root.path().join("var/lib/irsa-agent/webhook-ca.pem"))
+            .expect("local CA file");
+    assert_eq!(ca_bundle(&registered), bundle_of(&local));
+    assert_eq!(shared_ca(&kube), local);
     assert!(
         registered["metadata"]["managedFields"]
             .as_array()
             .is_some_and(|m| m.iter().any(|f| f["manager"] == "irsa-agent")),
         "{registered}"
     );
+}
 
-    let _ = stop.send(());
-    let _ = thread.join();
+fn b64(text: &str) -> Vec<u8> {
+    base64::Engine::decode(&base64::engine::general_purpose::STANDARD, text).expect("base64")
+}
+
+/// The registration's caBundle (PEM text).
+fn ca_bundle(registered: &Value) -> String {
+    let bundle = registered["webhooks"][0]["clientConfig"]["caBundle"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no caBundle: {registered}"));
+    String::from_utf8_lossy(&b64(bundle)).into_owned()
+}
+
+/// The certificates of a CA file's text (what a bundle made from it holds).
+fn bundle_of(ca_file: &str) -> String {
+    irsa_agent::webhook::certs::Authorities::from_pem(ca_file.as_bytes())
+        .expect("CA file")
+        .bundle_pem()
+}
+
+/// The text of the shared CA Secret.
+fn shared_ca(kube: &Kube) -> String {
+    let secret = kube.ok(
+        "GET",
+        &format!(
+            "/api/v1/namespaces/{}/secrets/{}",
+            webhook::kube_sync::CA_SECRET_NAMESPACE,
+            webhook::kube_sync::CA_SECRET
+        ),
+        None,
+    );
+    let data = secret["data"][webhook::kube_sync::CA_SECRET_KEY]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {}: {secret}", webhook::kube_sync::CA_SECRET_KEY));
+    String::from_utf8_lossy(&b64(data)).into_owned()
 }

@@ -346,6 +346,7 @@ impl Engine {
                         wanted.clone(),
                         self.webhook_cache.clone(),
                         running.bundle.clone(),
+                        running.control(),
                     )));
                 }
                 self.webhook = Some((wanted, running));
