@@ -609,3 +609,285 @@ fn shared_ca(kube: &Kube) -> String {
         .unwrap_or_else(|| panic!("no {}: {secret}", webhook::kube_sync::CA_SECRET_KEY));
     String::from_utf8_lossy(&b64(data)).into_owned()
 }
+
+/// `application/x-www-form-urlencoded` for the STS query (unreserved characters kept).
+fn form(pairs: &[(&str, &str)]) -> String {
+    let encode = |s: &str| {
+        s.bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect::<String>()
+    };
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+fn xml(body: &str, tag: &str) -> Option<String> {
+    let start = body.find(&format!("<{tag}>"))? + tag.len() + 2;
+    let end = body.find(&format!("</{tag}>"))?;
+    Some(body[start..end].to_string())
+}
+
+fn sts_client(sw: &support::Seaweed) -> reqwest::Client {
+    irsa_agent::publish::http::install_crypto_provider();
+    let pem = std::fs::read(&sw.ca.ca_cert).expect("ca");
+    reqwest::Client::builder()
+        .tls_certs_only(reqwest::Certificate::from_pem_bundle(&pem).expect("pem"))
+        .build()
+        .expect("client")
+}
+
+/// AssumeRoleWithWebIdentity at SeaweedFS's STS: (HTTP status, answer).
+fn assume_role(sw: &support::Seaweed, role: &str, token: &str) -> (u16, String) {
+    let body = form(&[
+        ("Action", "AssumeRoleWithWebIdentity"),
+        ("Version", "2011-06-15"),
+        ("RoleArn", role),
+        ("RoleSessionName", "webhook-loop"),
+        ("WebIdentityToken", token),
+        ("DurationSeconds", "900"),
+    ]);
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            let r = sts_client(sw)
+                .post(format!("{}/", sw.https_endpoint()))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(body)
+                .send()
+                .await
+                .expect("STS answers");
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap_or_default())
+        })
+}
+
+/// A TokenRequest for prod/`sa` with exactly this audience and lifetime: (token, seconds until
+/// it expires as the apiserver says).
+fn token_request(kube: &Kube, sa: &str, audience: &str, seconds: i64) -> (String, i64) {
+    let answer = kube.ok(
+        "POST",
+        &format!("/api/v1/namespaces/prod/serviceaccounts/{sa}/token"),
+        Some(
+            &json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "spec": {"audiences": [audience], "expirationSeconds": seconds}}),
+        ),
+    );
+    let token = answer["status"]["token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no token: {answer}"))
+        .to_string();
+    let expires = answer["status"]["expirationTimestamp"]
+        .as_str()
+        .and_then(|t| rfc3339_seconds(t))
+        .unwrap_or_else(|| panic!("no expirationTimestamp: {answer}"));
+    (token, expires - webhook::unix_now() as i64)
+}
+
+/// Seconds since the epoch of an RFC 3339 UTC time (`2026-12-07T04:00:00Z`).
+fn rfc3339_seconds(t: &str) -> Option<i64> {
+    let (date, time) = t.trim_end_matches('Z').split_once('T')?;
+    let d: Vec<i64> = date
+        .split('-')
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    let h: Vec<i64> = time
+        .split(':')
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    let (y, m, day) = (d[0], d[1], d[2]);
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + h[0] * 3600 + h[1] * 60 + h[2])
+}
+
+/// The whole IRSA loop on one machine: SeaweedFS's STS trusts the issuer irsa-agent published
+/// (from the apiserver's own signing key); a ServiceAccount annotated with a role; a pod
+/// created through the real apiserver comes back mutated by the agent's webhook; a token
+/// minted with exactly the injected audience and lifetime (what the kubelet would project) is
+/// exchanged for credentials that work, for the injected role. A token for another audience is
+/// refused.
+#[test]
+fn the_whole_irsa_loop_from_annotation_to_credentials() {
+    let Some(kapi) = Kube::binary("real_apiserver_webhook (IRSA loop)") else {
+        return;
+    };
+    if support::find_tool("weed").is_none() {
+        eprintln!(
+            "SKIPPED: the_whole_irsa_loop_from_annotation_to_credentials not run: SeaweedFS (weed) is not installed; `bash tests/run.sh` installs it"
+        );
+        return;
+    }
+    let sw = support::Seaweed::start(&["loop"]);
+    sw.create_bucket("loop", true);
+    let issuer = sw.issuer("loop");
+
+    // The apiserver issues tokens for that issuer, signed with the k3s case's key.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kube = kube_on_free_ports(dir.path(), kapi);
+    let keys =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/apiserver/k3s/keys");
+    std::fs::write(
+        kube.flags.join("apiserver.args"),
+        format!(
+            "--service-account-issuer={issuer}\n--service-account-key-file={}\n--service-account-signing-key-file={}\n",
+            keys.join("service.key").display(),
+            keys.join("service.current.key").display()
+        ),
+    )
+    .expect("args");
+    kube.start();
+
+    // irsa-agent publishes the issuer from the host's key files (the same files).
+    let host = support::k3s_host(&format!(
+        "issuer: {issuer}\ndistribution: k3s\npublish:\n  - type: s3\n    bucket: loop\n    endpoint: {}\n    path-style: true\n    region: us-east-1\n",
+        sw.http_endpoint()
+    ));
+    let ca = sw.ca.ca_cert.display().to_string();
+    let (code, stdout, stderr) = support::agent(
+        host.path(),
+        &["publish"],
+        &[
+            ("AWS_ACCESS_KEY_ID", support::ADMIN_KEY),
+            ("AWS_SECRET_ACCESS_KEY", support::ADMIN_SECRET),
+            ("SSL_CERT_FILE", &ca),
+        ],
+    );
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    // What was published holds every key the apiserver itself announces.
+    let apiserver_jwks = kube.ok("GET", "/openid/v1/jwks", None);
+    let published: Value = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            sts_client(&sw)
+                .get(format!("{issuer}/openid/v1/jwks"))
+                .send()
+                .await
+                .expect("GET jwks")
+                .bytes()
+                .await
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .expect("JSON")
+        });
+    let kids = |jwks: &Value| -> Vec<String> {
+        jwks["keys"]
+            .as_array()
+            .map(|k| {
+                k.iter()
+                    .filter_map(|k| k["kid"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert!(!kids(&apiserver_jwks).is_empty(), "{apiserver_jwks}");
+    for kid in kids(&apiserver_jwks) {
+        assert!(kids(&published).contains(&kid), "{kid} not in {published}");
+    }
+
+    // The annotated ServiceAccount, and the agent's webhook with its own links to the API.
+    kube.ok(
+        "POST",
+        "/api/v1/namespaces",
+        Some(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "prod"}})),
+    );
+    kube.ok(
+        "POST",
+        "/api/v1/namespaces/prod/serviceaccounts",
+        Some(&json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"namespace": "prod", "name": "s3-app", "annotations": {
+            "eks.amazonaws.com/role-arn": support::ROLE_PUBLISHER,
+            "eks.amazonaws.com/token-expiration": "3600",
+        }}})),
+    );
+    let agent_root = tempfile::tempdir().expect("agent root");
+    let settings = settings_on(support::free_port());
+    let _agent = FullAgent::start(
+        &kube,
+        agent_root.path(),
+        settings.clone(),
+        settings,
+        webhook::kube_sync::REAPPLY_EVERY,
+        webhook::kube_sync::CA_SYNC_EVERY,
+    );
+    let created = created_until(&kube, &pod("s3-app", json!({}), json!([])), |c| {
+        value(c, "AWS_ROLE_ARN").is_some()
+    });
+    let role = value(&created, "AWS_ROLE_ARN").unwrap_or_else(|| panic!("not mutated: {created}"));
+    assert_eq!(role, support::ROLE_PUBLISHER);
+    let source = created["spec"]["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == "aws-iam-token"))
+        .map(|v| v["projected"]["sources"][0]["serviceAccountToken"].clone())
+        .unwrap_or_else(|| panic!("no aws-iam-token volume: {created}"));
+    let audience = source["audience"].as_str().expect("audience").to_string();
+    let seconds = source["expirationSeconds"]
+        .as_i64()
+        .expect("expirationSeconds");
+    assert_eq!((audience.as_str(), seconds), ("sts.amazonaws.com", 3600));
+
+    // What the kubelet would project: a token with exactly that audience and lifetime.
+    let (token, lifetime) = token_request(&kube, "s3-app", &audience, seconds);
+    assert!((seconds - 60..=seconds).contains(&lifetime), "{lifetime}");
+    let (status, answer) = assume_role(&sw, &role, &token);
+    assert_eq!(status, 200, "{answer}");
+    let access_key = xml(&answer, "AccessKeyId").expect("AccessKeyId");
+    let secret = xml(&answer, "SecretAccessKey").expect("SecretAccessKey");
+    let session = xml(&answer, "SessionToken").expect("SessionToken");
+    // The credentials are real: a signed S3 read with them succeeds.
+    let store = object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name("loop")
+        .with_region("us-east-1")
+        .with_endpoint(sw.http_endpoint())
+        .with_allow_http(true)
+        .with_access_key_id(access_key)
+        .with_secret_access_key(secret)
+        .with_token(session)
+        .build()
+        .expect("store");
+    let target = irsa_agent::publish::store::StoreTarget::new(
+        "s3://loop".into(),
+        std::sync::Arc::new(store),
+    );
+    let listed = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            use irsa_agent::publish::Target as _;
+            target.read("openid/v1/jwks").await
+        });
+    assert!(
+        matches!(listed, Ok(Some(_))),
+        "the temporary credentials must read the JWKS: {:?}",
+        listed.map(|r| r.map(|o| o.bytes.len()))
+    );
+
+    // The same ServiceAccount's token for another audience: refused.
+    let (wrong, _) = token_request(&kube, "s3-app", "https://not-sts.example", seconds);
+    let (status, answer) = assume_role(&sw, &role, &wrong);
+    assert_ne!(
+        status, 200,
+        "a token for another audience must be refused: {answer}"
+    );
+    assert!(xml(&answer, "AccessKeyId").is_none(), "{answer}");
+    // Refused for its audience, not for anything else about it.
+    assert!(answer.contains("audience"), "{answer}");
+}
