@@ -891,3 +891,231 @@ fn the_whole_irsa_loop_from_annotation_to_credentials() {
     // Refused for its audience, not for anything else about it.
     assert!(answer.contains("audience"), "{answer}");
 }
+
+/// GET /healthz on a webhook at `port` trusting only `bundle_pem`: whether TLS and the answer
+/// were fine.
+fn healthy_with(port: u16, bundle_pem: &str) -> Result<(), String> {
+    irsa_agent::publish::http::install_crypto_provider();
+    let client = reqwest::Client::builder()
+        .tls_certs_only(
+            reqwest::Certificate::from_pem_bundle(bundle_pem.as_bytes())
+                .map_err(|e| e.to_string())?,
+        )
+        .build()
+        .map_err(|e| e.to_string())?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?
+        .block_on(async {
+            let r = client
+                .get(format!("https://127.0.0.1:{port}/healthz"))
+                .send()
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            if r.status().is_success() {
+                Ok(())
+            } else {
+                Err(r.status().to_string())
+            }
+        })
+}
+
+fn resource_version(kube: &Kube) -> String {
+    kube.ok("GET", &format!("{MWC}/{}", webhook::NAME), None)["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Two agents (two servers' worth: separate roots, separate CAs at first) against one real
+/// apiserver: the first makes the cluster's CA, the second adopts it; both serve with it, the
+/// registration stays put while both reapply it and renew their serving certificates, a pod is
+/// mutated by whichever agent answers on the registered address, and a CA replacement reaches
+/// both agents and the registration (old and new CA in the bundle).
+#[test]
+fn two_agents_share_one_ca_and_the_registration_does_not_flap() {
+    use irsa_agent::webhook::certs;
+    let Some(kapi) = Kube::binary("real_apiserver_webhook (two agents)") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kube = kube_on_free_ports(dir.path(), kapi);
+    start(&kube);
+    kube.ok(
+        "POST",
+        "/api/v1/namespaces",
+        Some(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "prod"}})),
+    );
+    kube.ok(
+        "POST",
+        "/api/v1/namespaces/prod/serviceaccounts",
+        Some(&json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"namespace": "prod", "name": "s3-reader", "annotations": {
+            "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/s3-reader",
+        }}})),
+    );
+    let (root_a, root_b) = (
+        tempfile::tempdir().expect("root a"),
+        tempfile::tempdir().expect("root b"),
+    );
+    let ca_file = |root: &tempfile::TempDir| {
+        std::fs::read_to_string(root.path().join("var/lib/irsa-agent/webhook-ca.pem"))
+            .expect("CA file")
+    };
+    // Every server registers https://127.0.0.1:PORT/mutate; on this one machine the second
+    // agent listens elsewhere but registers the same.
+    let port = support::free_port();
+    let port_b = support::free_port();
+    let settings = settings_on(port);
+    let fast = std::time::Duration::from_millis(300);
+    let mut a = FullAgent::start(
+        &kube,
+        root_a.path(),
+        settings.clone(),
+        settings.clone(),
+        fast,
+        fast,
+    );
+    let aws_pod = pod("s3-reader", json!({}), json!([]));
+    let created = created_until(&kube, &aws_pod, |c| value(c, "AWS_ROLE_ARN").is_some());
+    assert!(value(&created, "AWS_ROLE_ARN").is_some(), "{created}");
+    let shared = shared_ca(&kube);
+    assert_eq!(ca_file(&root_a), shared, "A's CA became the cluster's");
+
+    // B starts with a CA of its own (made before it reaches the API), then adopts the shared one.
+    let mut b = FullAgent::start(
+        &kube,
+        root_b.path(),
+        settings_on(port_b),
+        settings.clone(),
+        fast,
+        fast,
+    );
+    let started = std::time::Instant::now();
+    while ca_file(&root_b) != shared && started.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(ca_file(&root_b), shared, "B adopted the shared CA");
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(root_b.path().join("var/lib/irsa-agent/webhook-ca.pem"))
+        .expect("meta")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // Both serve certificates the registered bundle verifies.
+    let registered = kube.ok("GET", &format!("{MWC}/{}", webhook::NAME), None);
+    let bundle = ca_bundle(&registered);
+    assert_eq!(bundle, bundle_of(&shared));
+    let mut b_ok = healthy_with(port_b, &bundle);
+    for _ in 0..100 {
+        if b_ok.is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        b_ok = healthy_with(port_b, &bundle);
+    }
+    b_ok.expect("B serves with the shared CA");
+    healthy_with(port, &bundle).expect("A serves with the shared CA");
+    // ... and not with a CA of its own any more: a bundle of another CA fails.
+    let stranger = certs::Authorities {
+        cas: vec![certs::Authority::generate(webhook::unix_now()).expect("ca")],
+    };
+    assert!(healthy_with(port_b, &stranger.bundle_pem()).is_err());
+
+    // No flapping: both reapply every 300 ms and renew their serving certificates (as 21 days
+    // on); the registration is not written.
+    let before = resource_version(&kube);
+    let later = webhook::unix_now() + 21 * 86_400;
+    a.renew_at(later);
+    b.renew_at(later);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(
+        resource_version(&kube),
+        before,
+        "the registration was rewritten"
+    );
+    // (The renewed certificates start 21 days from now: not checked against the real clock.)
+
+    // A stops: its pods are created bare. B's CA copy then serves on the registered address
+    // (as B's apiserver would call it, and with no API needed: from the local file): the pod
+    // is mutated with no registration change. Whichever agent answers, the apiserver trusts it.
+    a.stop();
+    let created = kube.ok("POST", PODS, Some(&aws_pod));
+    assert!(
+        value(&created, "AWS_ROLE_ARN").is_none(),
+        "A is down: {created}"
+    );
+    let b_here = Agent::start(HostRoot::new(root_b.path()), settings.clone(), {
+        let cache = ServiceAccounts::default();
+        cache.upsert(&kube.ok(
+            "GET",
+            "/api/v1/namespaces/prod/serviceaccounts/s3-reader",
+            None,
+        ));
+        cache
+    });
+    assert_eq!(b_here.bundle, bundle);
+    let created = created_until(&kube, &aws_pod, |c| value(c, "AWS_ROLE_ARN").is_some());
+    assert!(
+        value(&created, "AWS_ROLE_ARN").is_some(),
+        "B's CA copy on the registered address: {created}"
+    );
+    assert_eq!(resource_version(&kube), before);
+    drop(b_here);
+
+    // CA replacement: the CA is due (under 180 days left); whoever syncs first adds a new one
+    // to the Secret. Both agents adopt it, the registration carries both CAs once.
+    let due = {
+        let cas = certs::Authorities::from_pem(shared.as_bytes()).expect("shared");
+        cas.cas[0].not_after - certs::CA_RENEW_BEFORE + 60
+    };
+    let rotated = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            let api = irsa_agent::k8s::Api::from_kubeconfig(
+                &HostRoot::new("/"),
+                &kube.state.join("kubeconfig"),
+                None,
+                std::time::Duration::from_secs(30),
+            )
+            .await
+            .expect("kubeconfig");
+            let client = api.client().expect("client");
+            webhook::kube_sync::sync_ca(&client, None, due).await
+        })
+        .expect("rotated");
+    let cas = certs::Authorities::from_pem(rotated.as_bytes()).expect("rotated");
+    assert_eq!(cas.cas.len(), 2, "old and new CA overlap");
+    assert_eq!(shared_ca(&kube), rotated);
+    let started = std::time::Instant::now();
+    while (ca_file(&root_b) != rotated
+        || ca_bundle(&kube.ok("GET", &format!("{MWC}/{}", webhook::NAME), None))
+            != cas.bundle_pem())
+        && started.elapsed() < std::time::Duration::from_secs(10)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(ca_file(&root_b), rotated, "B adopted the new CA");
+    let registered = kube.ok("GET", &format!("{MWC}/{}", webhook::NAME), None);
+    assert_eq!(ca_bundle(&registered), cas.bundle_pem());
+    // B's copy still signs with the old CA (the new one signs after 7 days in the bundle),
+    // which the bundle holds: a server started from it now is trusted during the overlap.
+    // (B itself renewed "21 days on" above, so its certificate is not valid yet by this clock.)
+    let mut during = settings_on(support::free_port());
+    during.defaults = settings.defaults.clone();
+    let restarted = Agent::start(
+        HostRoot::new(root_b.path()),
+        during.clone(),
+        ServiceAccounts::default(),
+    );
+    assert_eq!(restarted.bundle, cas.bundle_pem());
+    healthy_with(during.listen.port(), &ca_bundle(&registered)).expect("served during the overlap");
+    healthy_with(during.listen.port(), &bundle).expect("... and trusted by the old bundle too");
+    drop(restarted);
+    let settled = resource_version(&kube);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(resource_version(&kube), settled);
+    b.stop();
+}
