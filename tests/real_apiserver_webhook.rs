@@ -376,6 +376,7 @@ fn the_real_apiserver_calls_the_webhook_and_the_failure_policy_holds_when_it_is_
 struct FullAgent {
     commands: std::sync::mpsc::Sender<Command>,
     thread: Option<std::thread::JoinHandle<()>>,
+    counters: std::sync::Arc<webhook::Counters>,
 }
 
 enum Command {
@@ -391,21 +392,23 @@ impl FullAgent {
         register: WebhookSettings,
         reapply: std::time::Duration,
         ca_sync: std::time::Duration,
+        scan: std::time::Duration,
     ) -> FullAgent {
         let kubeconfig = kube.state.join("kubeconfig");
         let root = HostRoot::new(root);
         let (commands, command_rx) = std::sync::mpsc::channel::<Command>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("runtime");
             runtime.block_on(async {
-                let cache = ServiceAccounts::default();
+                // As the daemon: not ready until the watch's first list.
+                let cache = ServiceAccounts::loading();
                 let running = webhook::start(&root, &serve, cache.clone(), webhook::unix_now())
                     .expect("webhook starts");
-                let _ = ready_tx.send(());
+                let _ = ready_tx.send(running.counters.clone());
                 let api = irsa_agent::k8s::Api::from_kubeconfig(
                     &HostRoot::new("/"),
                     &kubeconfig,
@@ -415,7 +418,14 @@ impl FullAgent {
                 .await
                 .expect("kubeconfig");
                 let client = api.client().expect("client");
-                let watch = tokio::spawn(webhook::kube_sync::watch(client.clone(), cache));
+                let watch = tokio::spawn(webhook::kube_sync::watch(client.clone(), cache.clone()));
+                let scanning = tokio::spawn(webhook::kube_sync::scan_missed(
+                    client.clone(),
+                    cache,
+                    serve.defaults.clone(),
+                    running.counters.clone(),
+                    scan,
+                ));
                 let links = tokio::spawn(webhook::kube_sync::share_then_register(
                     client,
                     root.clone(),
@@ -437,14 +447,16 @@ impl FullAgent {
                     }
                 }
                 watch.abort();
+                scanning.abort();
                 links.abort();
                 running.stop();
             });
         });
-        ready_rx.recv().expect("webhook serving");
+        let counters = ready_rx.recv().expect("webhook serving");
         FullAgent {
             commands,
             thread: Some(thread),
+            counters,
         }
     }
 
@@ -536,6 +548,7 @@ fn the_watch_feeds_the_cache_and_the_agent_registers_itself() {
         settings,
         webhook::kube_sync::REAPPLY_EVERY,
         webhook::kube_sync::CA_SYNC_EVERY,
+        webhook::kube_sync::MISSED_SCAN_EVERY,
     );
 
     // Registered by the agent, and the watch fed the cache: a pod is mutated.
@@ -826,6 +839,7 @@ fn the_whole_irsa_loop_from_annotation_to_credentials() {
         settings,
         webhook::kube_sync::REAPPLY_EVERY,
         webhook::kube_sync::CA_SYNC_EVERY,
+        webhook::kube_sync::MISSED_SCAN_EVERY,
     );
     let created = created_until(&kube, &pod("s3-app", json!({}), json!([])), |c| {
         value(c, "AWS_ROLE_ARN").is_some()
@@ -975,6 +989,7 @@ fn two_agents_share_one_ca_and_the_registration_does_not_flap() {
         settings.clone(),
         fast,
         fast,
+        webhook::kube_sync::MISSED_SCAN_EVERY,
     );
     let aws_pod = pod("s3-reader", json!({}), json!([]));
     let created = created_until(&kube, &aws_pod, |c| value(c, "AWS_ROLE_ARN").is_some());
@@ -990,6 +1005,7 @@ fn two_agents_share_one_ca_and_the_registration_does_not_flap() {
         settings.clone(),
         fast,
         fast,
+        webhook::kube_sync::MISSED_SCAN_EVERY,
     );
     let started = std::time::Instant::now();
     while ca_file(&root_b) != shared && started.elapsed() < std::time::Duration::from_secs(10) {
@@ -1118,4 +1134,252 @@ fn two_agents_share_one_ca_and_the_registration_does_not_flap() {
     std::thread::sleep(std::time::Duration::from_secs(2));
     assert_eq!(resource_version(&kube), settled);
     b.stop();
+}
+
+/// The pods an agent's last look found missed.
+fn missed_of(agent: &FullAgent) -> Option<Vec<String>> {
+    agent.counters.missed.lock().ok().and_then(|m| m.clone())
+}
+
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The Events about pod prod/`name`.
+fn events_of(kube: &Kube, name: &str) -> Vec<Value> {
+    kube.ok("GET", "/api/v1/namespaces/prod/events", None)["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter(|e| e["involvedObject"]["name"] == name)
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A k3s host whose admin kubeconfig reaches the test apiserver (credentials inline) and
+/// whose configuration enables the webhook, for `irsa-agent doctor`.
+fn doctor_host(kube: &Kube) -> tempfile::TempDir {
+    use base64::Engine as _;
+    let host = support::k3s_host(
+        "issuer: https://oidc.example.com/homelab\ndistribution: k3s\nwebhook:\n  enabled: true\n",
+    );
+    let inline = |name: &str| {
+        base64::engine::general_purpose::STANDARD
+            .encode(std::fs::read(kube.pki(name)).expect("pki file"))
+    };
+    std::fs::write(
+        host.path().join("etc/rancher/k3s/k3s.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: kapi\n  cluster:\n    server: https://127.0.0.1:{}\n    certificate-authority-data: {}\nusers:\n- name: admin\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\ncontexts:\n- name: kapi\n  context: {{cluster: kapi, user: admin}}\ncurrent-context: kapi\n",
+            kube.port,
+            inline("ca.crt"),
+            inline("admin.crt"),
+            inline("admin.key")
+        ),
+    )
+    .expect("kubeconfig");
+    host
+}
+
+fn doctor_check(host: &tempfile::TempDir, id: &str) -> Value {
+    let (_, stdout, stderr) = support::agent(host.path(), &["doctor", "--json"], &[]);
+    let doc: Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}\n{stderr}"));
+    doc["checks"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["id"] == id).cloned())
+        .unwrap_or_else(|| panic!("no check {id}: {stdout}\n{stderr}"))
+}
+
+/// Pods created while no agent answered (`failurePolicy: Ignore`) are made loud: the agent
+/// counts and names them, puts one Warning Event on each (however many agents look), and
+/// doctor names them with the fix; once recreated they are no longer named. On the way, the
+/// window a restart of the agent leaves pods unmutated is measured.
+#[test]
+fn pods_created_while_no_agent_answered_are_named() {
+    let Some(kapi) = Kube::binary("real_apiserver_webhook (missed pods)") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kube = kube_on_free_ports(dir.path(), kapi);
+    start(&kube);
+    kube.ok(
+        "POST",
+        "/api/v1/namespaces",
+        Some(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "prod"}})),
+    );
+    kube.ok(
+        "POST",
+        "/api/v1/namespaces/prod/serviceaccounts",
+        Some(&json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"namespace": "prod", "name": "s3-reader", "annotations": {
+            "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/s3-reader",
+        }}})),
+    );
+    let root = tempfile::tempdir().expect("agent root");
+    let settings = settings_on(support::free_port());
+    let scan = std::time::Duration::from_millis(300);
+    let agent = |root: &std::path::Path| {
+        FullAgent::start(
+            &kube,
+            root,
+            settings.clone(),
+            settings.clone(),
+            webhook::kube_sync::REAPPLY_EVERY,
+            webhook::kube_sync::CA_SYNC_EVERY,
+            scan,
+        )
+    };
+    let mut first = agent(root.path());
+    let aws_pod = pod("s3-reader", json!({}), json!([]));
+    let created = created_until(&kube, &aws_pod, |c| value(c, "AWS_ROLE_ARN").is_some());
+    assert!(value(&created, "AWS_ROLE_ARN").is_some(), "{created}");
+    assert_eq!(
+        wait_for("the first look", || missed_of(&first)),
+        Vec::<String>::new()
+    );
+
+    // A restart of the agent (stop, start from the same root: its CA file, an empty cache
+    // loaded by the watch): how long are pods admitted without their identity?
+    // dryRun creates back to back on another thread, each stamped with its start and whether
+    // it came back mutated, while the agent stops and starts.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let t0 = std::time::Instant::now();
+    let (answers, mut again) = std::thread::scope(|scope| {
+        let creator = scope.spawn(|| {
+            let mut answers = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let at = t0.elapsed();
+                let mutated =
+                    value(&kube.ok("POST", PODS, Some(&aws_pod)), "AWS_ROLE_ARN").is_some();
+                answers.push((at, mutated));
+            }
+            answers
+        });
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        first.stop();
+        let again = agent(root.path());
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        (creator.join().expect("creator"), again)
+    });
+    assert!(
+        answers.last().is_some_and(|(_, m)| *m),
+        "mutated again after the restart: {answers:?}"
+    );
+    let bare = answers.iter().filter(|(_, m)| !m).count();
+    // The window lies between the last mutated create before the first bare one and the first
+    // mutated one after it (none bare: no create fell into it).
+    let window = answers.iter().position(|(_, m)| !m).map(|first_bare| {
+        let before = answers[..first_bare]
+            .last()
+            .map(|(at, _)| *at)
+            .unwrap_or_default();
+        let after = answers[first_bare..]
+            .iter()
+            .find(|(_, m)| *m)
+            .map(|(at, _)| *at)
+            .unwrap_or_default();
+        after - before
+    });
+    eprintln!(
+        "MEASURED: agent restart (stop, start from the CA file, cache loaded by the watch): {bare} of {} dryRun creates admitted bare, window at most {window:?} (a create every {:?})",
+        answers.len(),
+        t0.elapsed() / u32::try_from(answers.len()).unwrap_or(1)
+    );
+    again.stop();
+
+    // No agent: a real pod is created bare.
+    let named = |name: &str| {
+        let mut p = aws_pod.clone();
+        p["metadata"]["name"] = json!(name);
+        p
+    };
+    let missed_pod = kube.ok(
+        "POST",
+        "/api/v1/namespaces/prod/pods",
+        Some(&named("missed-app")),
+    );
+    assert!(value(&missed_pod, "AWS_ROLE_ARN").is_none(), "{missed_pod}");
+    let host = doctor_host(&kube);
+    let check = doctor_check(&host, "running.webhook-pods");
+    assert_eq!(check["status"], "fail", "{check}");
+    let text = check.to_string();
+    assert!(text.contains("prod/missed-app"), "{check}");
+    assert!(
+        text.contains("kubectl delete pod -n prod missed-app"),
+        "{check}"
+    );
+
+    // Back: the agent names it, once, with an Event; a pod created now is not named.
+    let back = agent(root.path());
+    let good = created_until(&kube, &aws_pod, |c| value(c, "AWS_ROLE_ARN").is_some());
+    assert!(value(&good, "AWS_ROLE_ARN").is_some());
+    kube.ok(
+        "POST",
+        "/api/v1/namespaces/prod/pods",
+        Some(&named("good-app")),
+    );
+    assert_eq!(
+        wait_for("the missed pod named", || missed_of(&back)
+            .filter(|m| !m.is_empty())),
+        vec!["prod/missed-app".to_string()]
+    );
+    let events = wait_for("the Event", || {
+        Some(events_of(&kube, "missed-app")).filter(|e| !e.is_empty())
+    });
+    assert_eq!(events[0]["reason"], "IdentityNotInjected", "{events:?}");
+    assert_eq!(events[0]["type"], "Warning");
+    assert_eq!(
+        events[0]["involvedObject"]["uid"],
+        missed_pod["metadata"]["uid"]
+    );
+    assert!(
+        events[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("kubectl delete pod -n prod missed-app")),
+        "{events:?}"
+    );
+    assert!(events_of(&kube, "good-app").is_empty());
+    // A second agent looking too: still one Event.
+    let other_root = tempfile::tempdir().expect("root");
+    let other = FullAgent::start(
+        &kube,
+        other_root.path(),
+        settings_on(support::free_port()),
+        settings.clone(),
+        webhook::kube_sync::REAPPLY_EVERY,
+        webhook::kube_sync::CA_SYNC_EVERY,
+        scan,
+    );
+    wait_for("the second agent's look", || {
+        missed_of(&other).filter(|m| !m.is_empty())
+    });
+    std::thread::sleep(scan * 2);
+    assert_eq!(events_of(&kube, "missed-app").len(), 1);
+
+    // Recreated (deleted; its controller would create it again through the webhook): no
+    // longer named, by the agent or doctor.
+    kube.ok(
+        "DELETE",
+        "/api/v1/namespaces/prod/pods/missed-app?gracePeriodSeconds=0",
+        None,
+    );
+    wait_for("nothing missed", || {
+        missed_of(&back).filter(|m| m.is_empty())
+    });
+    let check = doctor_check(&host, "running.webhook-pods");
+    assert_eq!(check["status"], "pass", "{check}");
 }

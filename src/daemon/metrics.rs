@@ -67,6 +67,9 @@ pub struct WebhookMetric {
     pub service_accounts: u64,
     /// Unix time the serving certificate expires.
     pub certificate_expiry_timestamp_seconds: u64,
+    /// Pods running without the identity their ServiceAccount names (`namespace/name`), from
+    /// the last look; `None` before the first (the cache is loading, the API unreachable).
+    pub pods_missed: Option<Vec<String>>,
     /// Why it is enabled but not served.
     pub error: Option<String>,
 }
@@ -221,6 +224,14 @@ pub fn render(m: &Metrics, issuer: Option<&str>) -> String {
             "ServiceAccounts in the webhook's cache.",
             one(w.service_accounts.to_string()),
         );
+        if let Some(missed) = &w.pods_missed {
+            metric(
+                "webhook_pods_missed",
+                "gauge",
+                "Pods running without the identity their ServiceAccount names: created while no agent answered the webhook (failurePolicy Ignore) or before the annotation. Delete them so their controllers recreate them.",
+                one(missed.len().to_string()),
+            );
+        }
         metric(
             "webhook_certificate_expiry_timestamp_seconds",
             "gauge",

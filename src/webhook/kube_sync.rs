@@ -23,6 +23,12 @@
 //!   agent's back is undone); when a reapply did change the object, the agent says so (another
 //!   server with other `webhook:` settings would make the registration flap).
 //!
+//! * **Missed pods** ([`scan_missed`]): every [`MISSED_SCAN_EVERY`], once the cache is
+//!   loaded, the pods are listed and those the webhook would still change
+//!   ([`super::missed::find`]: created while no agent answered, with `failurePolicy: Ignore`)
+//!   are counted (`irsa_agent_webhook_pods_missed`, `status`) and get a Warning Event
+//!   (`IdentityNotInjected`, named after the pod's uid, so several agents make one).
+//!
 //! All run on the daemon's runtime, retrying on their own; the webhook answers from whatever
 //! the cache holds meanwhile and never waits on them.
 
@@ -31,13 +37,15 @@ use std::time::Duration;
 use futures_util::StreamExt as _;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
-use kube::api::{Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{
+    Event as CoreEvent, ObjectReference, Pod, Secret, ServiceAccount,
+};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
 use serde_json::{Value, json};
 
-use super::{Control, NAME, ServiceAccounts, certs, registration};
+use super::{Control, Counters, NAME, ServiceAccounts, certs, missed, registration};
 use crate::config::webhook::WebhookSettings;
 use crate::host::HostRoot;
 
@@ -52,6 +60,8 @@ const TIMEOUT: Duration = Duration::from_secs(330);
 const RETRY: Duration = Duration::from_secs(10);
 /// How often an agent reads the shared CA again (and replaces a CA when due).
 pub const CA_SYNC_EVERY: Duration = Duration::from_secs(3600);
+/// How often the pods are checked for ones the webhook missed.
+pub const MISSED_SCAN_EVERY: Duration = Duration::from_secs(60);
 /// The Secret holding the CAs every agent shares.
 pub const CA_SECRET_NAMESPACE: &str = "kube-system";
 pub const CA_SECRET: &str = "irsa-agent-webhook-ca";
@@ -75,6 +85,7 @@ pub async fn run(
     cache: ServiceAccounts,
     bundle: tokio::sync::watch::Receiver<String>,
     control: Control,
+    counters: std::sync::Arc<Counters>,
 ) {
     let client = loop {
         match client(&root, distribution).await {
@@ -89,7 +100,14 @@ pub async fn run(
         }
     };
     tokio::join!(
-        watch(client.clone(), cache),
+        watch(client.clone(), cache.clone()),
+        scan_missed(
+            client.clone(),
+            cache,
+            settings.defaults.clone(),
+            counters,
+            MISSED_SCAN_EVERY
+        ),
         share_then_register(
             client,
             root,
@@ -377,5 +395,119 @@ pub async fn register_every(
             _ = tokio::time::sleep(wait) => {}
             changed = bundle.changed() => if changed.is_err() { return },
         }
+    }
+}
+
+/// Every `every` (the first time as soon as the cache is loaded): lists the pods, keeps the
+/// missed ones in `counters.missed`, and puts a Warning Event on each new one.
+pub async fn scan_missed(
+    client: kube::Client,
+    cache: ServiceAccounts,
+    defaults: crate::identity::admission::Defaults,
+    counters: std::sync::Arc<Counters>,
+    every: Duration,
+) {
+    let mut reported: std::collections::HashSet<String> = std::collections::HashSet::new();
+    loop {
+        while !cache.ready() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        match list_pods(&client).await {
+            Ok(pods) => {
+                let found = missed::find(pods.iter(), &defaults, |ns, name| {
+                    cache.get(ns, name).map(|sa| (*sa).clone())
+                });
+                let keys: Vec<String> = found.iter().map(missed::Missed::key).collect();
+                if !keys.is_empty() {
+                    log::warn!(
+                        "webhook: {} pod(s) run without the identity their ServiceAccount names (created while no agent answered the webhook, or before the annotation): {}; delete them so their controllers recreate them",
+                        keys.len(),
+                        missed::summary(&keys)
+                    );
+                }
+                for pod in &found {
+                    if reported.contains(&pod.uid) {
+                        continue;
+                    }
+                    match event(&client, pod).await {
+                        Ok(()) => {
+                            reported.insert(pod.uid.clone());
+                        }
+                        Err(e) => {
+                            log::warn!("webhook: cannot put an Event on pod {}: {e}", pod.key())
+                        }
+                    }
+                }
+                // Forget pods that are gone (the set stays as small as the problem).
+                reported.retain(|uid| found.iter().any(|p| &p.uid == uid));
+                if let Ok(mut m) = counters.missed.lock() {
+                    *m = Some(keys);
+                }
+            }
+            Err(e) => log::warn!("webhook: cannot list pods to find ones the webhook missed: {e}"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Every pod, as JSON, a page of 500 at a time.
+async fn list_pods(client: &kube::Client) -> Result<Vec<Value>, kube::Error> {
+    let api = kube::Api::<Pod>::all(client.clone());
+    let mut out = Vec::new();
+    let mut params = ListParams::default().limit(500);
+    loop {
+        let page = api.list(&params).await?;
+        out.extend(
+            page.items
+                .iter()
+                .filter_map(|p| serde_json::to_value(p).ok()),
+        );
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(out),
+        }
+    }
+}
+
+/// The Warning Event on a missed pod. Named after the pod's uid: a second agent's create
+/// finds it there (409), so the pod gets one Event however many agents look.
+async fn event(client: &kube::Client, pod: &missed::Missed) -> Result<(), kube::Error> {
+    let api = kube::Api::<CoreEvent>::namespaced(client.clone(), &pod.namespace);
+    let now =
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+    let event = CoreEvent {
+        metadata: kube::core::ObjectMeta {
+            name: Some(format!("{}.irsa-agent-{}", pod.name, pod.uid)),
+            namespace: Some(pod.namespace.clone()),
+            ..Default::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(pod.name.clone()),
+            namespace: Some(pod.namespace.clone()),
+            uid: Some(pod.uid.clone()),
+            ..Default::default()
+        },
+        reason: Some(missed::EVENT_REASON.into()),
+        message: Some(format!(
+            "created without the identity of ServiceAccount {} (the irsa-agent webhook did not answer, failurePolicy Ignore, or the annotation came later): it has no cloud credentials; fix: {}",
+            pod.service_account,
+            pod.fix()
+        )),
+        type_: Some("Warning".into()),
+        source: Some(k8s_openapi::api::core::v1::EventSource {
+            component: Some("irsa-agent".into()),
+            host: None,
+        }),
+        first_timestamp: Some(now.clone()),
+        last_timestamp: Some(now),
+        count: Some(1),
+        ..Default::default()
+    };
+    match api.create(&PostParams::default(), &event).await {
+        Ok(_) => Ok(()),
+        Err(e) if conflict(&e) => Ok(()),
+        Err(e) => Err(e),
     }
 }

@@ -14,6 +14,7 @@
 
 pub mod certs;
 pub mod kube_sync;
+pub mod missed;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -56,9 +57,26 @@ type Map = HashMap<(String, String), Arc<Value>>;
 #[derive(Debug, Clone, Default)]
 pub struct ServiceAccounts {
     inner: Arc<RwLock<Map>>,
+    /// Still waiting for the watch's first complete list (see [`ServiceAccounts::loading`]).
+    loading: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ServiceAccounts {
+    /// An empty cache that is not ready until the watch's first complete list
+    /// ([`ServiceAccounts::replace_all`]): meanwhile the webhook answers 503, so the apiserver
+    /// applies the failure policy instead of admitting pods as if no ServiceAccount were
+    /// annotated. (`default()` is ready at once: for caches filled by hand.)
+    pub fn loading() -> ServiceAccounts {
+        let cache = ServiceAccounts::default();
+        cache.loading.store(true, Ordering::Relaxed);
+        cache
+    }
+
+    /// Whether the first complete list has arrived (or the cache was never waiting for one).
+    pub fn ready(&self) -> bool {
+        !self.loading.load(Ordering::Relaxed)
+    }
+
     /// Stores (or replaces) one ServiceAccount from its full object.
     pub fn upsert(&self, sa: &Value) {
         let meta = &sa["metadata"];
@@ -96,6 +114,7 @@ impl ServiceAccounts {
         for sa in sas {
             self.upsert(sa);
         }
+        self.loading.store(false, Ordering::Relaxed);
     }
 
     pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<Value>> {
@@ -129,6 +148,9 @@ pub struct Counters {
     pub errors: AtomicU64,
     /// Unix time the serving certificate in use expires.
     pub certificate_expiry: AtomicU64,
+    /// Pods found running without the identity their ServiceAccount names (`namespace/name`),
+    /// from the last look ([`missed`]); `None` before the first.
+    pub missed: std::sync::Mutex<Option<Vec<String>>>,
 }
 
 impl Counters {
@@ -373,6 +395,15 @@ async fn handle(
             );
         }
     };
+    if !shared.cache.ready() {
+        // Answering "allowed, nothing to change" would admit pods of annotated
+        // ServiceAccounts bare, as if the webhook had looked. An error lets the apiserver
+        // apply the failure policy (and count it).
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the ServiceAccount cache is still loading",
+        );
+    }
     let Ok(request) = serde_json::from_slice::<Value>(&body) else {
         // Not JSON: the same refusal a review would give, as a 400.
         let answer = admission::review(&body, &shared.defaults, |_, _| None);
