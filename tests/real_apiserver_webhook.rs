@@ -702,7 +702,7 @@ fn token_request(kube: &Kube, sa: &str, audience: &str, seconds: i64) -> (String
         .to_string();
     let expires = answer["status"]["expirationTimestamp"]
         .as_str()
-        .and_then(|t| rfc3339_seconds(t))
+        .and_then(rfc3339_seconds)
         .unwrap_or_else(|| panic!("no expirationTimestamp: {answer}"));
     (token, expires - webhook::unix_now() as i64)
 }

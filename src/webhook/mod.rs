@@ -3,8 +3,13 @@
 //!
 //! * The answer is [`crate::identity::admission::review`], from the in-memory
 //!   [`ServiceAccounts`] cache: a request never waits on the API.
-//! * TLS 1.2 and 1.3 (rustls, ring), HTTP/1.1; the certificate comes from the agent's own CA
-//!   ([`certs`]) and is swapped in place when renewed, without dropping connections.
+//! * TLS 1.2 and 1.3 (rustls, ring), HTTP/1.1; the certificate comes from the webhook CA
+//!   ([`certs`]: this host's copy of the CA every agent shares, see [`kube_sync`]) and is
+//!   swapped in place when renewed or when the shared CA is adopted, without dropping
+//!   connections.
+//! * Until the ServiceAccount cache has its first complete list
+//!   ([`ServiceAccounts::loading`]) reviews get 503, so the apiserver applies the failure
+//!   policy; pods created while no agent answered are found afterwards ([`missed`]).
 //! * Bounded like the metrics endpoint: at most [`MAX_CONNECTIONS`] at once (more are closed at
 //!   once), a handshake and each request head within [`HEADER_READ_TIMEOUT`], a body of at most
 //!   [`MAX_BODY`] (the apiserver's own request limit) read within [`BODY_TIMEOUT`], a connection
