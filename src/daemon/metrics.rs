@@ -491,4 +491,26 @@ mod tests {
             assert!(l.starts_with("irsa_agent_"), "{l}");
         }
     }
+
+    #[test]
+    fn missed_pods_are_a_gauge_once_looked_for() {
+        let webhook = |missed: Option<Vec<String>>| Metrics {
+            webhook: Some(WebhookMetric {
+                url: "https://127.0.0.1:9443/mutate".into(),
+                pods_missed: missed,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        // Not looked yet (cache loading, API unreachable): no sample rather than a false 0.
+        let text = render(&webhook(None), None);
+        assert!(!text.contains("webhook_pods_missed"), "{text}");
+        let text = render(&webhook(Some(vec!["prod/a".into(), "prod/b".into()])), None);
+        assert!(
+            text.lines()
+                .any(|l| l == "irsa_agent_webhook_pods_missed 2"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE irsa_agent_webhook_pods_missed gauge"));
+    }
 }
