@@ -6,7 +6,12 @@
 //! annotated for AWS, like a cluster where some workloads use a role). The parent sends
 //! AdmissionReviews shaped as kube-apiserver sends them over TLS, 50 at once (50 kept-alive
 //! connections, as the apiserver's client pool would), and reports p50/p99/max of the round
-//! trip, and the child's VmRSS with no ServiceAccount cached and with 1,000.
+//! trip, the server's CPU time per review, and the child's VmRSS with no ServiceAccount cached
+//! and with 1,000.
+//!
+//! `WEBHOOK_BENCH_SERVER_CPUS=1` starts the server under `taskset -c 1` (start the bench itself
+//! under `taskset -c 0` to give the load generator the other core): on a 2-core machine that is
+//! the fair setup, where client and server do not take turns on the same cores.
 
 use std::io::{BufRead as _, Write as _};
 use std::time::{Duration, Instant};
@@ -28,6 +33,20 @@ fn rss_kib(pid: u32) -> u64 {
                 .find(|l| l.starts_with("VmRSS:"))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// User + system CPU time of a process, from /proc (clock ticks of 10 ms).
+fn cpu_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which may hold spaces) in parentheses.
+            let rest = s.rsplit_once(')')?.1.to_string();
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            // utime and stime are fields 14 and 15 of the line: 12 and 13 after the name.
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
         })
         .unwrap_or(0)
 }
@@ -151,7 +170,16 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
     let exe = std::env::current_exe().expect("exe");
-    let mut child = std::process::Command::new(exe)
+    let pinned = std::env::var("WEBHOOK_BENCH_SERVER_CPUS").ok();
+    let mut command = match &pinned {
+        Some(cpus) => {
+            let mut c = std::process::Command::new("taskset");
+            c.arg("-c").arg(cpus).arg(&exe);
+            c
+        }
+        None => std::process::Command::new(&exe),
+    };
+    let mut child = command
         .arg("--serve")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -186,8 +214,10 @@ fn main() {
     assert_eq!(line.trim(), format!("filled {SERVICE_ACCOUNTS}"));
     runtime.block_on(load(&client, &url, 20));
     let started = Instant::now();
+    let ticks = cpu_ticks(pid);
     let mut times = runtime.block_on(load(&client, &url, per_task));
     let wall = started.elapsed();
+    let server_cpu_ms = (cpu_ticks(pid) - ticks) as f64 * 10.0;
     let rss_full = rss_kib(pid);
     times.sort();
     let _ = writeln!(stdin, "quit");
@@ -203,6 +233,14 @@ fn main() {
         ms(percentile(&times, 0.99)),
         ms(percentile(&times, 1.0)),
         times.len() as f64 / wall.as_secs_f64()
+    );
+    println!(
+        "  server CPU: {:.3} ms per review{}",
+        server_cpu_ms / times.len() as f64,
+        pinned
+            .as_deref()
+            .map(|c| format!(" (server pinned to CPU {c})"))
+            .unwrap_or_default()
     );
     println!(
         "  server process VmRSS: {:.1} MiB started, {:.1} MiB serving with 0 ServiceAccounts, {:.1} MiB serving with {SERVICE_ACCOUNTS}",

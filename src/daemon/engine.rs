@@ -202,7 +202,7 @@ impl Engine {
             metrics_tx,
             metrics_server: None,
             webhook: None,
-            webhook_cache: crate::webhook::ServiceAccounts::default(),
+            webhook_cache: crate::webhook::ServiceAccounts::loading(),
             webhook_error: None,
             textfile_error: None,
             state_error: None,
@@ -346,6 +346,8 @@ impl Engine {
                         wanted.clone(),
                         self.webhook_cache.clone(),
                         running.bundle.clone(),
+                        running.control(),
+                        running.counters.clone(),
                     )));
                 }
                 self.webhook = Some((wanted, running));
@@ -1050,6 +1052,7 @@ impl Engine {
                         .counters
                         .certificate_expiry
                         .load(std::sync::atomic::Ordering::Relaxed),
+                    pods_missed: running.counters.missed.lock().ok().and_then(|m| m.clone()),
                     error: None,
                 }
             })

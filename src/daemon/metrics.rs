@@ -67,6 +67,9 @@ pub struct WebhookMetric {
     pub service_accounts: u64,
     /// Unix time the serving certificate expires.
     pub certificate_expiry_timestamp_seconds: u64,
+    /// Pods running without the identity their ServiceAccount names (`namespace/name`), from
+    /// the last look; `None` before the first (the cache is loading, the API unreachable).
+    pub pods_missed: Option<Vec<String>>,
     /// Why it is enabled but not served.
     pub error: Option<String>,
 }
@@ -221,6 +224,14 @@ pub fn render(m: &Metrics, issuer: Option<&str>) -> String {
             "ServiceAccounts in the webhook's cache.",
             one(w.service_accounts.to_string()),
         );
+        if let Some(missed) = &w.pods_missed {
+            metric(
+                "webhook_pods_missed",
+                "gauge",
+                "Pods running without the identity their ServiceAccount names: created while no agent answered the webhook (failurePolicy Ignore) or before the annotation. Delete them so their controllers recreate them.",
+                one(missed.len().to_string()),
+            );
+        }
         metric(
             "webhook_certificate_expiry_timestamp_seconds",
             "gauge",
@@ -479,5 +490,27 @@ mod tests {
             assert!(value.parse::<f64>().is_ok(), "{l}");
             assert!(l.starts_with("irsa_agent_"), "{l}");
         }
+    }
+
+    #[test]
+    fn missed_pods_are_a_gauge_once_looked_for() {
+        let webhook = |missed: Option<Vec<String>>| Metrics {
+            webhook: Some(WebhookMetric {
+                url: "https://127.0.0.1:9443/mutate".into(),
+                pods_missed: missed,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        // Not looked yet (cache loading, API unreachable): no sample rather than a false 0.
+        let text = render(&webhook(None), None);
+        assert!(!text.contains("webhook_pods_missed"), "{text}");
+        let text = render(&webhook(Some(vec!["prod/a".into(), "prod/b".into()])), None);
+        assert!(
+            text.lines()
+                .any(|l| l == "irsa_agent_webhook_pods_missed 2"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE irsa_agent_webhook_pods_missed gauge"));
     }
 }

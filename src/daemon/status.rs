@@ -340,6 +340,13 @@ pub fn render_human(state: &State, rotation_enabled: Option<bool>) -> String {
                     w.service_accounts,
                     time(Some(w.certificate_expiry_timestamp_seconds))
                 ));
+                if let Some(missed) = w.pods_missed.as_ref().filter(|m| !m.is_empty()) {
+                    out.push_str(&format!(
+                        "  MISSED: {} pod(s) run without their identity (created while no agent answered, or before the annotation): {}; delete them so their controllers recreate them\n",
+                        missed.len(),
+                        crate::webhook::missed::summary(missed)
+                    ));
+                }
             }
             if let Some(p) = &d.public {
                 out.push_str(&format!(

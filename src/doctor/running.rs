@@ -32,7 +32,14 @@ pub struct View {
     pub endpoints: Answer,
     /// Every apiserver listed in the endpoints, with its JWKS answer.
     pub peers: Vec<(String, Answer)>,
+    /// With the webhook enabled: the pods and the ServiceAccounts, for pods it missed.
+    pub webhook: Option<(Answer, Answer)>,
 }
+
+/// Where the pods and ServiceAccounts are listed (doctor asks once; a very large cluster's
+/// answer is cut at the client's cap and the check says it could not tell).
+pub const PODS_PATH: &str = "/api/v1/pods";
+pub const SERVICE_ACCOUNTS_PATH: &str = "/api/v1/serviceaccounts";
 
 /// The apiserver part of doctor: asked, or skipped with the reason.
 #[derive(Debug, Clone)]
@@ -142,15 +149,29 @@ pub fn start(root: &crate::host::HostRoot, local: &Local, options: &Options) -> 
             ));
         }
     };
+    let webhook_enabled = local
+        .config
+        .as_ref()
+        .is_ok_and(|c| c.settings.webhook.enabled);
     let (sender, receiver) = mpsc::channel();
     std::thread::spawn(move || {
         let probe = &probe;
         let view = crate::runtime::block_on(async move {
-            let (ready, discovery, jwks, endpoints) = tokio::join!(
+            let webhook = async {
+                if webhook_enabled {
+                    let (pods, sas) =
+                        tokio::join!(probe.get(PODS_PATH), probe.get(SERVICE_ACCOUNTS_PATH));
+                    Some((pods, sas))
+                } else {
+                    None
+                }
+            };
+            let (ready, discovery, jwks, endpoints, webhook) = tokio::join!(
                 probe.get("/readyz"),
                 probe.get(DISCOVERY_PATH),
                 probe.get(JWKS_PATH),
                 probe.get(ENDPOINTS_PATH),
+                webhook,
             );
             let urls = match &endpoints {
                 Ok((200, body)) => endpoint_urls(body),
@@ -169,6 +190,7 @@ pub fn start(root: &crate::host::HostRoot, local: &Local, options: &Options) -> 
                 jwks,
                 endpoints,
                 peers: urls.into_iter().zip(answers).collect(),
+                webhook,
             }
         });
         let _ = sender.send(view);
@@ -268,7 +290,63 @@ pub fn evaluate(local: &Local, facts: &Facts) -> Vec<Check> {
     out.push(discovery_check(local, observed, view, &restart));
     out.push(jwks_check(local, view, &restart));
     out.push(peers_check(local, observed, view));
+    if let Some(check) = missed_pods_check(local, view) {
+        out.push(check);
+    }
     out
+}
+
+/// With the webhook enabled: pods running without the identity their ServiceAccount names
+/// (created while no agent answered, `failurePolicy: Ignore`), named with the fix.
+fn missed_pods_check(local: &Local, view: &View) -> Option<Check> {
+    let id = "running.webhook-pods";
+    let (pods, sas) = view.webhook.as_ref()?;
+    let defaults = &local.config.as_ref().ok()?.settings.webhook.defaults;
+    let items = |answer: &Answer, what: &str| -> Result<Vec<serde_json::Value>, String> {
+        match answer {
+            Ok((200, body)) => serde_json::from_str::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| v["items"].as_array().cloned())
+                .ok_or_else(|| format!("the list of {what} is not JSON")),
+            Ok((code, body)) => Err(format!("listing {what}: HTTP {code}: {}", body_line(body))),
+            Err(e) => Err(format!("listing {what}: {e}")),
+        }
+    };
+    let lists = items(pods, "pods").and_then(|p| Ok((p, items(sas, "ServiceAccounts")?)));
+    let (pods, sas) = match lists {
+        Ok(l) => l,
+        Err(e) => return Some(Check::skip(id, e)),
+    };
+    let cache = crate::webhook::ServiceAccounts::default();
+    cache.replace_all(sas.iter());
+    let missed = crate::webhook::missed::find(pods.iter(), defaults, |ns, name| {
+        cache.get(ns, name).map(|sa| (*sa).clone())
+    });
+    if missed.is_empty() {
+        return Some(Check::pass(
+            id,
+            format!(
+                "every pod of an annotated ServiceAccount has its identity ({} pods looked at)",
+                pods.len()
+            ),
+        ));
+    }
+    let keys: Vec<String> = missed
+        .iter()
+        .map(crate::webhook::missed::Missed::key)
+        .collect();
+    Some(
+        Check::fail(
+            id,
+            format!(
+                "{} run without the identity their ServiceAccount names: {} (created while no agent answered the webhook, failure-policy Ignore, or before the annotation)",
+                words::plural(missed.len(), "pod"),
+                crate::webhook::missed::summary(&keys)
+            ),
+        )
+        .fix("delete them so their controllers recreate them through the webhook".to_string())
+        .details(missed.iter().map(crate::webhook::missed::Missed::fix).collect()),
+    )
 }
 
 fn log_hint(local: &Local) -> String {

@@ -43,17 +43,26 @@ pub fn pod_patch(
     let Some(sa) = sa else {
         return Ok(Vec::new());
     };
-    let mut pod = pod.clone();
     let mut ops = Vec::new();
-    let injections = [
-        aws::injection(sa, &pod, &defaults.aws),
-        azure::injection(sa, &pod, &defaults.azure)?,
-        gcp::injection(sa, &pod)?,
-    ];
-    for injection in injections.into_iter().flatten() {
+    let injections: Vec<_> = [
+        aws::injection(sa, pod, &defaults.aws),
+        azure::injection(sa, pod, &defaults.azure)?,
+        gcp::injection(sa, pod)?,
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    // The pod is copied only when a second cloud must see what the first added (a review is
+    // answered on the request path: a copy of a whole pod per review was a fifth of its CPU).
+    let mut changed: Option<Value> = None;
+    let last = injections.len().saturating_sub(1);
+    for (i, injection) in injections.iter().enumerate() {
         // Each cloud sees the pod as the previous one left it, so two never add one path twice.
-        let more = patch(&pod, &injection);
-        pod = super::apply(&pod, &more)?;
+        let current = changed.as_ref().unwrap_or(pod);
+        let more = patch(current, injection);
+        if i < last {
+            changed = Some(super::apply(current, &more)?);
+        }
         ops.extend(more);
     }
     Ok(ops)

@@ -2,7 +2,10 @@
 //!
 //! * **The CA** (ECDSA P-256, [`CA_LIFETIME`]) is generated on first use and kept with its key
 //!   in `/var/lib/irsa-agent/webhook-ca.pem` (0600, written atomically). Its certificate is the
-//!   registration's `caBundle`.
+//!   registration's `caBundle`. With the API reachable the cluster's CA wins: the first agent
+//!   puts its CA in a Secret every agent adopts ([`super::kube_sync::sync_ca`]), and the file
+//!   becomes this host's copy of it (served from at boot, before the API answers). The rules
+//!   below are then applied to the Secret, once for the cluster.
 //! * **Replaced with an overlap.** When the newest CA has less than [`CA_RENEW_BEFORE`] left, a
 //!   new one is added. Both are in the bundle at once; the new one signs serving certificates
 //!   only after [`CA_PROPAGATION`], by when every registration carries it. An expired CA is

@@ -3,8 +3,13 @@
 //!
 //! * The answer is [`crate::identity::admission::review`], from the in-memory
 //!   [`ServiceAccounts`] cache: a request never waits on the API.
-//! * TLS 1.2 and 1.3 (rustls, ring), HTTP/1.1; the certificate comes from the agent's own CA
-//!   ([`certs`]) and is swapped in place when renewed, without dropping connections.
+//! * TLS 1.2 and 1.3 (rustls, ring), HTTP/1.1; the certificate comes from the webhook CA
+//!   ([`certs`]: this host's copy of the CA every agent shares, see [`kube_sync`]) and is
+//!   swapped in place when renewed or when the shared CA is adopted, without dropping
+//!   connections.
+//! * Until the ServiceAccount cache has its first complete list
+//!   ([`ServiceAccounts::loading`]) reviews get 503, so the apiserver applies the failure
+//!   policy; pods created while no agent answered are found afterwards ([`missed`]).
 //! * Bounded like the metrics endpoint: at most [`MAX_CONNECTIONS`] at once (more are closed at
 //!   once), a handshake and each request head within [`HEADER_READ_TIMEOUT`], a body of at most
 //!   [`MAX_BODY`] (the apiserver's own request limit) read within [`BODY_TIMEOUT`], a connection
@@ -14,6 +19,7 @@
 
 pub mod certs;
 pub mod kube_sync;
+pub mod missed;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -56,9 +62,26 @@ type Map = HashMap<(String, String), Arc<Value>>;
 #[derive(Debug, Clone, Default)]
 pub struct ServiceAccounts {
     inner: Arc<RwLock<Map>>,
+    /// Still waiting for the watch's first complete list (see [`ServiceAccounts::loading`]).
+    loading: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ServiceAccounts {
+    /// An empty cache that is not ready until the watch's first complete list
+    /// ([`ServiceAccounts::replace_all`]): meanwhile the webhook answers 503, so the apiserver
+    /// applies the failure policy instead of admitting pods as if no ServiceAccount were
+    /// annotated. (`default()` is ready at once: for caches filled by hand.)
+    pub fn loading() -> ServiceAccounts {
+        let cache = ServiceAccounts::default();
+        cache.loading.store(true, Ordering::Relaxed);
+        cache
+    }
+
+    /// Whether the first complete list has arrived (or the cache was never waiting for one).
+    pub fn ready(&self) -> bool {
+        !self.loading.load(Ordering::Relaxed)
+    }
+
     /// Stores (or replaces) one ServiceAccount from its full object.
     pub fn upsert(&self, sa: &Value) {
         let meta = &sa["metadata"];
@@ -96,6 +119,7 @@ impl ServiceAccounts {
         for sa in sas {
             self.upsert(sa);
         }
+        self.loading.store(false, Ordering::Relaxed);
     }
 
     pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<Value>> {
@@ -129,6 +153,9 @@ pub struct Counters {
     pub errors: AtomicU64,
     /// Unix time the serving certificate in use expires.
     pub certificate_expiry: AtomicU64,
+    /// Pods found running without the identity their ServiceAccount names (`namespace/name`),
+    /// from the last look ([`missed`]); `None` before the first.
+    pub missed: std::sync::Mutex<Option<Vec<String>>>,
 }
 
 impl Counters {
@@ -185,6 +212,9 @@ pub struct Tls {
     serving: certs::Serving,
     resolver: Arc<Resolver>,
     config: Arc<rustls::ServerConfig>,
+    /// The CAs come from the cluster's shared Secret ([`kube_sync`]): only the sync adds or
+    /// drops a CA; [`Tls::renew`] then renews just the serving certificate.
+    shared: bool,
 }
 
 impl Tls {
@@ -208,7 +238,42 @@ impl Tls {
             serving,
             resolver,
             config: Arc::new(config),
+            shared: false,
         })
+    }
+
+    /// Takes the CAs shared through the cluster (`pem`: certificates and keys, the Secret's
+    /// text), keeps a copy in the local file and serves from them from now on. Returns true
+    /// when the bundle changed.
+    pub fn adopt(&mut self, pem: &str, now: u64) -> anyhow::Result<bool> {
+        let cas = certs::Authorities::from_pem(pem.as_bytes()).map_err(anyhow::Error::msg)?;
+        if cas.cas.is_empty() {
+            anyhow::bail!("the shared CA holds no CA");
+        }
+        self.shared = true;
+        if cas.to_pem()? == self.cas.to_pem()? {
+            return self.renew(now).map(|_| false);
+        }
+        let changed = cas.bundle_pem() != self.cas.bundle_pem();
+        self.cas = cas;
+        self.write_file()?;
+        self.renew(now)?;
+        Ok(changed)
+    }
+
+    fn write_file(&self) -> anyhow::Result<()> {
+        let path = self.root.path(certs::CA_FILE);
+        if let Some(dir) = path.parent() {
+            crate::fs::create_dir_all(dir, 0o700)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", certs::ca_file(&self.root).display()))?;
+        }
+        crate::fs::write_atomic(
+            &path,
+            self.cas.to_pem()?.as_bytes(),
+            crate::fs::NewFile::PRIVATE,
+        )
+        .map(|_| ())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", certs::ca_file(&self.root).display()))
     }
 
     /// The `caBundle` (PEM): every CA in use.
@@ -224,15 +289,9 @@ impl Tls {
     /// Brings the CAs and the serving certificate up to date at `now`. Returns true when the
     /// bundle changed (the registration must follow).
     pub fn renew(&mut self, now: u64) -> anyhow::Result<bool> {
-        let changed = self.cas.maintain(now)?;
+        let changed = !self.shared && self.cas.maintain(now)?;
         if changed {
-            let path = self.root.path(certs::CA_FILE);
-            crate::fs::write_atomic(
-                &path,
-                self.cas.to_pem()?.as_bytes(),
-                crate::fs::NewFile::PRIVATE,
-            )
-            .map_err(|e| anyhow::anyhow!("{}: {e}", certs::ca_file(&self.root).display()))?;
+            self.write_file()?;
             log::info!(
                 "webhook: CA bundle now holds {} CA(s) ({})",
                 self.cas.cas.len(),
@@ -341,6 +400,15 @@ async fn handle(
             );
         }
     };
+    if !shared.cache.ready() {
+        // Answering "allowed, nothing to change" would admit pods of annotated
+        // ServiceAccounts bare, as if the webhook had looked. An error lets the apiserver
+        // apply the failure policy (and count it).
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the ServiceAccount cache is still loading",
+        );
+    }
     let Ok(request) = serde_json::from_slice::<Value>(&body) else {
         // Not JSON: the same refusal a review would give, as a 400.
         let answer = admission::review(&body, &shared.defaults, |_, _| None);
@@ -379,7 +447,7 @@ pub struct Running {
     pub counters: Arc<Counters>,
     pub bundle: tokio::sync::watch::Receiver<String>,
     pub local_addr: std::net::SocketAddr,
-    renew: tokio::sync::mpsc::UnboundedSender<u64>,
+    control: Control,
     task: tokio::task::JoinHandle<()>,
     /// Tasks that live as long as the server (the ServiceAccount watch, the registration).
     attached: Vec<tokio::task::JoinHandle<()>>,
@@ -401,7 +469,44 @@ impl Running {
     /// Asks the server to bring its certificates up to date as if the time were `now` (the
     /// hourly check uses the real clock; tests use this).
     pub fn renew_at(&self, now: u64) {
-        let _ = self.renew.send(now);
+        self.control.renew_at(now);
+    }
+
+    /// A handle to steer the server's certificates from other tasks.
+    pub fn control(&self) -> Control {
+        self.control.clone()
+    }
+}
+
+enum Command {
+    Renew(u64),
+    Adopt {
+        pem: String,
+        now: u64,
+        done: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// Steers a running server's certificates (cheap to clone).
+#[derive(Clone)]
+pub struct Control(tokio::sync::mpsc::UnboundedSender<Command>);
+
+impl Control {
+    /// See [`Running::renew_at`].
+    pub fn renew_at(&self, now: u64) {
+        let _ = self.0.send(Command::Renew(now));
+    }
+
+    /// Makes the server serve from the CAs shared through the cluster (`pem`, as in the
+    /// Secret); returns once it does, with the bundle already updated.
+    pub async fn adopt(&self, pem: String, now: u64) -> Result<(), String> {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        self.0
+            .send(Command::Adopt { pem, now, done })
+            .map_err(|_| "the webhook server has stopped".to_string())?;
+        answer
+            .await
+            .map_err(|_| "the webhook server has stopped".to_string())?
     }
 }
 
@@ -440,13 +545,13 @@ pub fn start(
         cache,
         counters: counters.clone(),
     });
-    let (renew, renew_rx) = tokio::sync::mpsc::unbounded_channel();
-    let task = tokio::spawn(serve(listener, tls, shared, bundle_tx, renew_rx));
+    let (control, control_rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(serve(listener, tls, shared, bundle_tx, control_rx));
     Ok(Running {
         counters,
         bundle,
         local_addr,
-        renew,
+        control: Control(control),
         task,
         attached: Vec::new(),
     })
@@ -457,7 +562,7 @@ async fn serve(
     mut tls: Tls,
     shared: Arc<Shared>,
     bundle_tx: tokio::sync::watch::Sender<String>,
-    mut renew_rx: tokio::sync::mpsc::UnboundedReceiver<u64>,
+    mut control_rx: tokio::sync::mpsc::UnboundedReceiver<Command>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
@@ -466,16 +571,27 @@ async fn serve(
     let mut refused_logged: Option<std::time::Instant> = None;
     loop {
         let accepted = tokio::select! {
-            now = async {
+            command = async {
                 tokio::select! {
-                    _ = renew.tick() => unix_now(),
-                    Some(now) = renew_rx.recv() => now,
+                    _ = renew.tick() => Command::Renew(unix_now()),
+                    Some(command) = control_rx.recv() => command,
                 }
             } => {
-                match tls.renew(now) {
-                    Ok(true) => { let _ = bundle_tx.send(tls.bundle_pem()); }
-                    Ok(false) => {}
-                    Err(e) => log::error!("webhook: cannot renew certificates: {e:#}"),
+                match command {
+                    Command::Renew(now) => match tls.renew(now) {
+                        Ok(true) => { let _ = bundle_tx.send(tls.bundle_pem()); }
+                        Ok(false) => {}
+                        Err(e) => log::error!("webhook: cannot renew certificates: {e:#}"),
+                    },
+                    Command::Adopt { pem, now, done } => {
+                        let result = tls.adopt(&pem, now);
+                        if let Ok(true) = result {
+                            log::info!("webhook: serving with the CA shared through the cluster");
+                            let _ = bundle_tx.send(tls.bundle_pem());
+                        }
+                        // The bundle is updated before the caller hears back.
+                        let _ = done.send(result.map(|_| ()).map_err(|e| format!("{e:#}")));
+                    }
                 }
                 shared
                     .counters

@@ -20,26 +20,30 @@ pub fn venv() -> PathBuf {
 
 /// A tool from the venv or PATH; panics (test fails) with how to install it.
 pub fn tool(name: &str) -> PathBuf {
+    find_tool(name).unwrap_or_else(|| {
+        panic!(
+            "{name} is not installed (looked in {} and PATH): run `bash tests/run.sh`, which installs SeaweedFS, nginx, curl, openssl and PyJWT",
+            venv().join("bin").display()
+        )
+    })
+}
+
+/// A tool from the venv or PATH, if there is one.
+pub fn find_tool(name: &str) -> Option<PathBuf> {
     let in_venv = venv().join("bin").join(name);
     if in_venv.exists() {
-        return in_venv;
+        return Some(in_venv);
     }
     for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
         let candidate = dir.join(name);
         if candidate.exists() {
-            return candidate;
+            return Some(candidate);
         }
     }
-    for dir in ["/usr/sbin", "/sbin"] {
-        let candidate = Path::new(dir).join(name);
-        if candidate.exists() {
-            return candidate;
-        }
-    }
-    panic!(
-        "{name} is not installed (looked in {} and PATH): run `bash tests/run.sh`, which installs SeaweedFS, nginx, curl, openssl and PyJWT",
-        venv().join("bin").display()
-    );
+    ["/usr/sbin", "/sbin"]
+        .iter()
+        .map(|dir| Path::new(dir).join(name))
+        .find(|candidate| candidate.exists())
 }
 
 /// A free TCP port on 127.0.0.1 for a server another process will bind (SeaweedFS, nginx).
