@@ -35,7 +35,7 @@ while [ $# -gt 0 ]; do
         --mirror) mirror=${2:?}; shift 2 ;;
         --keep) keep=1; shift ;;
         --binary) release_bin=${2:?}; shift 2 ;;
-        -h | --help) sed -n '2,24s/^# \{0,1\}//p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,/^# Exit status/s/^# \{0,1\}//p' "$0"; exit 0 ;;
         *) die "unknown argument: $1" ;;
     esac
 done
@@ -66,24 +66,35 @@ else
     skip "no $deb (packaging/build-debs.sh --arch $arch) and no $release_bin (cargo build --release)"
 fi
 start_all=$SECONDS
-
-work=$PWD/target/quickstart-nspawn
-root=$work/root
-mkdir -p "$work"
 nspawn_pid=
 ct_pid=
+root_tmpfs=0
+
+work=$PWD/target/quickstart-nspawn
+mkdir -p "$work"
+root=$work/mnt/root
 
 cleanup() {
+    local t0=$SECONDS
     if [ -n "$nspawn_pid" ] && kill -0 "$nspawn_pid" 2>/dev/null; then
         kill -s RTMIN+4 "$ct_pid" 2>/dev/null || true # systemd: poweroff
         for _ in $(seq 100); do kill -0 "$nspawn_pid" 2>/dev/null || break; sleep 0.2; done
         kill "$nspawn_pid" 2>/dev/null || true
         wait "$nspawn_pid" 2>/dev/null || true
     fi
-    [ "$keep" = 1 ] || rm -rf "$root"
+    local t1=$SECONDS
+    if [ "$root_tmpfs" = 1 ]; then umount "$work/mnt" && rmdir "$work/mnt"; fi
+    say "cleanup: container stopped in $((t1 - t0)) s, root removed in $((SECONDS - t1)) s"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+# The root lives on a tmpfs (unless --keep): unpacking and deleting its ~700 MB of small files on
+# this machine's disk took 40 + 50 s, on tmpfs about 1 s.
+if [ "$keep" = 0 ]; then
+    mkdir -p "$work/mnt"
+    mount -t tmpfs -o size=4g,mode=755 quickstart-root "$work/mnt"
+    root_tmpfs=1
+fi
 
 in_ct() { # runs a command inside the booted container, as root in /root/irsa-agent
     nsenter --target "$ct_pid" --mount --uts --ipc --net --pid --cgroup --wd="$root/root/irsa-agent" -- \
