@@ -401,6 +401,7 @@ cat <<'EOF'
           resolves to 127.0.0.1 in /etc/hosts; nginx serves docs/publishing.md's server block with
           `listen 8080;` -> `listen 443 ssl;` + a certificate from a test CA the container trusts
           (the Ingress's TLS)
+  step 2, 3  the yaml blocks are appended to /etc/irsa-agent/config.yaml (`cat >>`)
   step 4  only the line marked `# Ingress`
   step 5  `aws` is a shell function: `aws --endpoint-url http://127.0.0.1:8333 ...` (SeaweedFS IAM,
           admin keys in ~/.aws/credentials); SeaweedFS 4.48 answers NotImplemented to
@@ -408,11 +409,15 @@ cat <<'EOF'
           create-role|put-role-policy` with the same arguments, which writes the role, its trust
           policy and permissions into SeaweedFS's iam.json (trust condition `<issuer>:sub` ->
           `oidc:sub`; `<issuer>:aud` -> the provider's clientId sts.amazonaws.com) and restarts it;
-          `<BUCKET>` -> quickstart-data
+          `<BUCKET>` -> quickstart-data; the issuer's certificate comes from a private (test) CA,
+          so `--thumbprint-list <fingerprint>` is added to create-open-id-connect-provider, as the
+          printed comment says, the fingerprint computed with the printed openssl command
+  step 8  "Remove `run: {apply-issuer: false}`" has no command: sed deletes the block step 2 added
   step 9  no kubelet runs pods: the pod's projected token (audience sts.amazonaws.com, 3600 s) is
           `kubectl create token app --audience sts.amazonaws.com --duration 3600s` (TokenRequest,
           as kubelet does), and `aws sts get-caller-identity` with AWS_WEB_IDENTITY_TOKEN_FILE is
-          `aws sts assume-role-with-web-identity` with the same role ARN and token at SeaweedFS's STS
+          `aws sts assume-role-with-web-identity` with the same role ARN and token at SeaweedFS's STS,
+          then `aws sts get-caller-identity` with the credentials it returns
   host    kubeadm-shaped: /etc/kubernetes/manifests/kube-apiserver.yaml run by a static-pod
           stand-in (the real kube-apiserver binary), etcd from Debian, admin.conf and
           ~/.kube/config as kubeadm init leaves them; no kubelet, scheduler or controller-manager
