@@ -15,7 +15,8 @@
 //!   whose hostname is `cp<i+1>` (so each apiserver has its own identity Lease), runs that
 //!   server's kube-apiserver with the manifest's command and really stops and starts it whenever
 //!   the manifest changes: `irsa-agent --root <host> apply` restarts that host's apiserver only.
-//! - [`Ha::agent`] runs the irsa-agent binary as a host's agent inside the namespace.
+//! - [`Ha::agent`] runs the irsa-agent binary as a host's agent inside the namespace
+//!   ([`Ha::spawn_agent`]: in the background, e.g. `run`, killed on drop).
 //! - [`Ha::workload`] mints tokens through every apiserver and re-checks every live one against
 //!   every apiserver (TokenReview); [`Ha::monitor`] samples every 200 ms how many apiservers are
 //!   down (`/readyz` not 200).
@@ -562,6 +563,33 @@ impl Ha {
         cmd
     }
 
+    /// Starts server `i`'s agent with `args` (`["run"]`) in the background, its output appended
+    /// to `<harness dir>/agent-cp<i+1>.log`; killed (-9) when the handle drops.
+    pub fn spawn_agent(&self, i: usize, args: &[&str]) -> Agent {
+        let log_path = self
+            .dir
+            .path()
+            .join(format!("agent-{}.log", self.servers[i].name));
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .expect("agent log");
+        let child = self
+            .agent(i)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .expect("irsa-agent");
+        Agent {
+            child: Some(child),
+            log: log_path,
+        }
+    }
+
     /// Writes server `i`'s `/etc/irsa-agent/config.yaml`.
     pub fn agent_config(&self, i: usize, yaml: &str) {
         write(&self.servers[i].path("/etc/irsa-agent/config.yaml"), yaml);
@@ -776,6 +804,45 @@ impl Ha {
             stop,
             handle: Some(handle),
         }
+    }
+}
+
+/// An agent running in the background ([`Ha::spawn_agent`]); `ip netns exec` execs the agent, so
+/// the process is the agent itself.
+pub struct Agent {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `kill -9`, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    pub fn stop(&mut self, grace: Duration) {
+        if let Some(child) = self.child.take() {
+            stop(child, grace);
+        }
+    }
+
+    /// Its output so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
