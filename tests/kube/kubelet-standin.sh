@@ -11,7 +11,7 @@
 # Lease). Host paths in the flags (values starting with /) are read under ROOT, the fake host.
 # STATEDIR/events gets one line per event: `<unix ms> start|stopping|stopped|exited|changed|invalid
 # [detail]`; STATEDIR/kube-apiserver.log the apiserver's output. It stops the apiserver and exits
-# on SIGTERM, or when PARENT_PID (the test) is gone.
+# on SIGTERM, or when PARENT_PID (the test) is gone (then SIGKILL after 3 s).
 set -uo pipefail
 ROOT=${1:?usage: kubelet-standin.sh ROOT STATEDIR HOSTNAME PARENT_PID}
 STATE=${2:?usage}
@@ -75,12 +75,13 @@ start() {
   event start "$pid"
 }
 
+# stop [GRACE]: SIGTERM, SIGKILL after GRACE tenths of a second (default 300).
 stop() {
   [ -n "$pid" ] || return 0
   if alive "$pid"; then
     event stopping "$pid"
     kill -TERM "$pid" 2>/dev/null
-    for _ in $(seq 1 300); do
+    for _ in $(seq 1 "${1:-300}"); do
       alive "$pid" || break
       sleep 0.1
     done
@@ -96,7 +97,8 @@ trap 'stop; event exit; exit 0' TERM INT
 last=
 while :; do
   if ! kill -0 "$PARENT" 2>/dev/null; then
-    stop
+    # The test is gone (killed): its etcd too, so a graceful shutdown would only hang.
+    stop 30
     event exit "parent $PARENT gone"
     exit 0
   fi
