@@ -38,6 +38,7 @@ pub mod k8s;
 pub mod keys;
 pub mod membership;
 pub mod publish;
+pub mod rollout;
 pub mod rotation;
 pub mod runtime;
 pub mod state;

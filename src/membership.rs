@@ -69,9 +69,58 @@ pub struct Report {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("the Lease {NAMESPACE}/{name}: {cause}")]
-    Lease { name: String, cause: String },
-    #[error("listing the Leases in {NAMESPACE}: {0}")]
-    List(String),
+    Lease {
+        name: String,
+        cause: String,
+        /// The HTTP status the apiserver answered, when it answered.
+        code: Option<u16>,
+    },
+    #[error("listing the Leases in {NAMESPACE}: {cause}")]
+    List {
+        cause: String,
+        /// The HTTP status the apiserver answered, when it answered.
+        code: Option<u16>,
+    },
+}
+
+fn lease_error(name: &str, e: kube::Error) -> Error {
+    let code = match &e {
+        kube::Error::Api(status) => Some(status.code),
+        _ => None,
+    };
+    Error::Lease {
+        name: name.to_string(),
+        cause: e.to_string(),
+        code,
+    }
+}
+
+impl Error {
+    /// The apiserver serves requests: it answered, with something else than a 5xx. `false`
+    /// when it could not be reached or failed on its side.
+    pub fn served(&self) -> bool {
+        match self {
+            Error::Lease { code, .. } | Error::List { code, .. } => {
+                code.is_some_and(|c| !(500..600).contains(&c))
+            }
+        }
+    }
+
+    /// The apiserver has no Lease API to coordinate through (it answered 404 for a Lease in
+    /// kube-system, which every real apiserver since 1.14 serves): a stand-in, or not a
+    /// Kubernetes apiserver at all.
+    pub fn no_lease_api(&self) -> bool {
+        matches!(
+            self,
+            Error::Lease {
+                code: Some(404),
+                ..
+            } | Error::List {
+                code: Some(404),
+                ..
+            }
+        )
+    }
 }
 
 /// One agent as its Lease shows it.
@@ -182,10 +231,7 @@ pub async fn announce(
 ) -> Result<(), Error> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
     let name = lease_name(node);
-    let fail = |e: kube::Error| Error::Lease {
-        name: name.clone(),
-        cause: e.to_string(),
-    };
+    let fail = |e: kube::Error| lease_error(&name, e);
     for attempt in 0..2 {
         let old = leases.get_opt(&name).await.map_err(fail)?;
         let lease = desired(node, report, duration, now, old.as_ref());
@@ -202,6 +248,7 @@ pub async fn announce(
     Err(Error::Lease {
         name,
         cause: "conflicting writes twice in a row".to_string(),
+        code: Some(409),
     })
 }
 
@@ -216,10 +263,7 @@ pub async fn acquire_restart(
     now: i64,
 ) -> Result<Restart, Error> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
-    let fail = |e: kube::Error| Error::Lease {
-        name: RESTART.to_string(),
-        cause: e.to_string(),
-    };
+    let fail = |e: kube::Error| lease_error(RESTART, e);
     for _ in 0..2 {
         let old = leases.get_opt(RESTART).await.map_err(fail)?;
         if let Some(busy) = old.as_ref().and_then(|l| held_by_other(l, node, now)) {
@@ -248,6 +292,7 @@ pub async fn acquire_restart(
     Err(Error::Lease {
         name: RESTART.to_string(),
         cause: "conflicting writes twice in a row".to_string(),
+        code: Some(409),
     })
 }
 
@@ -255,10 +300,7 @@ pub async fn acquire_restart(
 /// one's expired is left alone).
 pub async fn release_restart(client: &kube::Client, node: &str) -> Result<(), Error> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
-    let fail = |e: kube::Error| Error::Lease {
-        name: RESTART.to_string(),
-        cause: e.to_string(),
-    };
+    let fail = |e: kube::Error| lease_error(RESTART, e);
     let Some(mut lease) = leases.get_opt(RESTART).await.map_err(fail)? else {
         return Ok(());
     };
@@ -306,7 +348,13 @@ fn restart_lease(node: &str, duration: i32, now: i64, old: Option<&Lease>) -> Le
 /// Reads every agent Lease and every apiserver identity Lease.
 pub async fn view(client: &kube::Client, now: i64) -> Result<View, Error> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
-    let list = |e: kube::Error| Error::List(e.to_string());
+    let list = |e: kube::Error| Error::List {
+        code: match &e {
+            kube::Error::Api(status) => Some(status.code),
+            _ => None,
+        },
+        cause: e.to_string(),
+    };
     let mut agents: Vec<Member> = leases
         .list(&ListParams::default())
         .await

@@ -156,16 +156,35 @@ async fn wait_for(
     issuer: Option<&str>,
     opts: &Options,
 ) -> Result<Duration, String> {
+    wait_for_restarted(probe, issuer, None, opts).await
+}
+
+/// [`wait_for`], and when `before` is the start time of the apiserver process that ran before
+/// the change, until a process started since serves it: a change that leaves the signing
+/// issuer as it was (phase one of a rollout, finalize) would otherwise be "verified" by the old
+/// process, before kubelet has even stopped it (kubeadm), and the restart Lease given back
+/// while the restart is still to come.
+async fn wait_for_restarted(
+    probe: &mut dyn ApiserverProbe,
+    issuer: Option<&str>,
+    before: Option<f64>,
+    opts: &Options,
+) -> Result<Duration, String> {
     let what = match issuer {
         Some(i) => format!("waiting for kube-apiserver to serve issuer {i}"),
         None => "waiting for kube-apiserver to be ready".to_string(),
     };
     ready::wait_until(&what, opts.clock.as_ref(), opts.patience(), async || {
         let status = probe.check().await;
-        if status.ready && issuer.is_none_or(|i| status.issuer.as_deref() == Some(i)) {
-            Ok(())
-        } else {
-            Err(status.detail)
+        if !(status.ready && issuer.is_none_or(|i| status.issuer.as_deref() == Some(i))) {
+            return Err(status.detail);
+        }
+        match (before, probe.started_at().await) {
+            (Some(b), Some(now)) if now == b => Err(format!(
+                "{}, but it is still the process that ran before the change: waiting for its restart",
+                status.detail
+            )),
+            _ => Ok(()),
         }
     })
     .await
@@ -483,6 +502,12 @@ pub async fn execute(
     opts: &Options,
     now: u64,
 ) -> Result<Outcome, ApplyError> {
+    // The process that runs now, to tell its restarted successor from it (kubelet restarts a
+    // static pod a little after the manifest changes).
+    let before = match opts.no_restart {
+        true => None,
+        false => probe.started_at().await,
+    };
     let Some(prepared) = write_changes(root, &plan.changes, now, &opts.backups)? else {
         return Ok(Outcome {
             written: Vec::new(),
@@ -547,7 +572,7 @@ pub async fn execute(
     crate::failpoint::hit("apply:after-restart");
     let failure = match failure {
         Some(e) => e.to_string(),
-        None => match wait_for(probe, Some(&issuer), opts).await {
+        None => match wait_for_restarted(probe, Some(&issuer), before, opts).await {
             Ok(waited) => {
                 log::info!(
                     "kube-apiserver is ready and serves issuer {issuer} (after {}s)",

@@ -20,11 +20,14 @@ use std::time::Duration;
 use super::apply::{self as executor, ApplyError, Options, Outcome, RestartOutcome};
 use super::plan::{self, Plan, Target};
 use super::probe::{ApiserverProbe, KubeconfigProbe, Status};
+use super::ready::{self, Patience};
 use super::restart::{self, Restart, ServiceManager, Systemctl};
 use super::{DetectError, Observed, PlanError, Source};
 use crate::clock::Clock;
 use crate::config::Settings;
 use crate::host::HostRoot;
+use crate::k8s::Api;
+use crate::membership;
 use crate::state::{self, State, StateError};
 
 /// How the apiserver is restarted and asked (the command line's `ApiserverArgs` and
@@ -47,6 +50,8 @@ pub struct RunOptions {
     pub apiserver_url: Option<String>,
     /// The clock the restart wait is measured on (the daemon's own).
     pub clock: Arc<dyn Clock>,
+    /// This host's node name: the restart Lease's holder ([`crate::membership`]).
+    pub node: String,
 }
 
 /// What the change is for.
@@ -79,6 +84,10 @@ pub enum ChangeError {
     /// A change irsa-agent made is unverified and the apiserver cannot be asked now.
     #[error("{0}")]
     Unverified(String),
+    /// Another server's apiserver is restarting (it holds the restart Lease), or the Lease
+    /// cannot be taken: nothing was changed; try again later.
+    #[error("{0}")]
+    NotMyTurn(String),
     /// Writing, restarting or verifying failed; [`ApplyError::RolledBack`] when the change was
     /// undone.
     #[error(transparent)]
@@ -91,6 +100,8 @@ pub struct Edges {
     pub services: Box<dyn ServiceManager>,
     pub probe: Option<Box<dyn ApiserverProbe>>,
     pub probe_error: Option<String>,
+    /// The apiserver the restart Lease is taken through (the probe's).
+    pub api: Option<Api>,
 }
 
 /// The real edges: systemctl (or kubelet's static pod) and the admin kubeconfig's apiserver.
@@ -105,6 +116,7 @@ pub fn edges(root: &HostRoot, observed: &Observed, run: &RunOptions) -> Edges {
         Ok(probe) => Edges {
             restart,
             services,
+            api: Some(probe.api().clone()),
             probe: Some(Box::new(probe)),
             probe_error: None,
         },
@@ -113,6 +125,7 @@ pub fn edges(root: &HostRoot, observed: &Observed, run: &RunOptions) -> Edges {
             services,
             probe: None,
             probe_error: Some(e),
+            api: None,
         },
     }
 }
@@ -361,15 +374,20 @@ pub fn carry_out(
     } else {
         let restart = match (&prepared.running, prepared.edges.as_mut()) {
             (Some(Running::Pending(_)), Some(e)) => match e.probe.as_mut() {
-                Some(probe) => crate::runtime::block_on(executor::resume(
-                    root,
-                    &e.restart,
-                    &issuer,
-                    prepared.state.in_flight().as_ref(),
-                    e.services.as_mut(),
-                    probe.as_mut(),
-                    &opts,
-                ))?,
+                Some(probe) => {
+                    let turn = Turn::take(e.api.as_ref(), run)?;
+                    let resumed = crate::runtime::block_on(executor::resume(
+                        root,
+                        &e.restart,
+                        &issuer,
+                        prepared.state.in_flight().as_ref(),
+                        e.services.as_mut(),
+                        probe.as_mut(),
+                        &opts,
+                    ));
+                    Turn::give_back(turn);
+                    resumed?
+                }
                 None => RestartOutcome::NotNeeded,
             },
             _ => RestartOutcome::NotNeeded,
@@ -435,7 +453,13 @@ fn execute_plan(
             )));
         }
     };
-    Ok(crate::runtime::block_on(executor::execute(
+    // One apiserver of the cluster restarts at a time: the turn is held from before the files
+    // are written until the apiserver is seen serving them (or they were rolled back).
+    let turn = match run.no_restart {
+        true => None,
+        false => Turn::take(edges.api.as_ref(), run)?,
+    };
+    let executed = crate::runtime::block_on(executor::execute(
         root,
         plan,
         &edges.restart,
@@ -443,7 +467,9 @@ fn execute_plan(
         probe.as_mut(),
         opts,
         state::unix_now(),
-    ))?)
+    ));
+    Turn::give_back(turn);
+    Ok(executed?)
 }
 
 /// A probe for `--no-restart`, which never asks.
@@ -456,6 +482,101 @@ impl ApiserverProbe for NoProbe {
             ready: false,
             issuer: None,
             detail: "not probed".into(),
+        }
+    }
+}
+
+/// This host's turn to restart its apiserver: the cluster-wide restart Lease
+/// ([`membership::acquire_restart`]). Held from before the files are written until the
+/// apiserver is seen serving them or they were rolled back, so that on several servers one
+/// apiserver restarts at a time (with k3s's embedded etcd, two at once can cost quorum). The
+/// Lease lasts the restart timeout plus a minute: a holder that dies frees it by then.
+struct Turn {
+    client: kube::Client,
+    node: String,
+}
+
+impl Turn {
+    /// Waits for the restart Lease, for up to twice the restart timeout (another server's
+    /// restart and verification). `None` when there is nothing to coordinate through: the
+    /// apiserver has no Lease API (a stand-in apiserver on a single host), or this server's
+    /// apiserver does not serve at all (unreachable, or answering 5xx), so that restarting it
+    /// cannot take a second apiserver down (and a broken one can still be repaired).
+    fn take(api: Option<&Api>, run: &RunOptions) -> Result<Option<Turn>, ChangeError> {
+        let Some(api) = api else {
+            return Err(ChangeError::NotMyTurn(
+                "cannot take the restart Lease: no way to reach the apiserver".to_string(),
+            ));
+        };
+        let node = run.node.clone();
+        let lease_seconds = i32::try_from(run.timeout.as_secs() + 60).unwrap_or(i32::MAX);
+        let patience = Patience {
+            timeout: run.timeout * 2,
+            poll: run.poll.max(Duration::from_secs(1)),
+        };
+        let clock = run.clock.clone();
+        crate::runtime::block_on(async {
+            let client = api.client().map_err(|e| {
+                ChangeError::NotMyTurn(format!("cannot take the restart Lease: {e}"))
+            })?;
+            let mut no_api = false;
+            let mut down = false;
+            let waited = ready::wait_until(
+                "waiting for this server's turn to restart its apiserver (one at a time)",
+                clock.as_ref(),
+                patience,
+                async || {
+                    let now = i64::try_from(clock.now()).unwrap_or(i64::MAX);
+                    match membership::acquire_restart(&client, &node, lease_seconds, now).await {
+                        Ok(membership::Restart::Held { .. }) => Ok(()),
+                        Ok(membership::Restart::Busy { holder, until }) => Err(format!(
+                            "{holder} is restarting its apiserver (its turn ends by {})",
+                            state::rfc3339(u64::try_from(until).unwrap_or(0))
+                        )),
+                        Err(e) if e.no_lease_api() => {
+                            no_api = true;
+                            Ok(())
+                        }
+                        // This apiserver does not serve (down, restarting, or failing): restarting
+                        // it takes no serving apiserver away from the cluster.
+                        Err(e) if !e.served() => {
+                            down = true;
+                            Ok(())
+                        }
+                        Err(e) => Err(e.to_string()),
+                    }
+                },
+            )
+            .await;
+            match waited {
+                Ok(_) if no_api => {
+                    log::debug!("the apiserver has no Lease API: restarting without a turn");
+                    Ok(None)
+                }
+                Ok(_) if down => {
+                    log::info!(
+                        "this server's apiserver does not serve now: restarting it without the restart Lease (it takes no serving apiserver away)"
+                    );
+                    Ok(None)
+                }
+                Ok(_) => Ok(Some(Turn { client, node })),
+                Err(last) => Err(ChangeError::NotMyTurn(format!(
+                    "not this server's turn to restart its apiserver after {}: {last}; nothing was changed",
+                    crate::config::format_duration(patience.timeout)
+                ))),
+            }
+        })
+    }
+
+    /// Gives the restart Lease back (when it fails, the Lease expires by itself).
+    fn give_back(turn: Option<Turn>) {
+        let Some(turn) = turn else {
+            return;
+        };
+        let released =
+            crate::runtime::block_on(membership::release_restart(&turn.client, &turn.node));
+        if let Err(e) = released {
+            log::warn!("cannot give the restart Lease back (it expires by itself): {e}");
         }
     }
 }

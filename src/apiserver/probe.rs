@@ -59,6 +59,11 @@ pub trait ApiserverProbe: Send {
     async fn stale_tokens(&mut self) -> Option<f64> {
         None
     }
+    /// When the apiserver process started (`process_start_time_seconds`), if it can be read:
+    /// what tells a restarted apiserver from the one that ran before.
+    async fn started_at(&mut self) -> Option<f64> {
+        None
+    }
 }
 
 /// The real probe: the admin kubeconfig's [`crate::k8s::Api`].
@@ -193,6 +198,22 @@ impl ApiserverProbe for KubeconfigProbe {
         }
         stale_tokens_in(&body)
     }
+
+    async fn started_at(&mut self) -> Option<f64> {
+        let (code, body) = self.get("/metrics").await.ok()?;
+        if code != 200 {
+            return None;
+        }
+        process_start_time_in(&body)
+    }
+}
+
+/// `process_start_time_seconds` in a Prometheus text exposition.
+pub fn process_start_time_in(metrics: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("process_start_time_seconds "))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// The sum of every `serviceaccount_stale_tokens_total` series in a Prometheus text exposition
@@ -206,4 +227,18 @@ pub fn stale_tokens_in(metrics: &str) -> Option<f64> {
         }
     }
     Some(total)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_process_start_time_is_read_from_the_metrics() {
+        // As kube-apiserver v1.36 exposes it (the real apiserver's /metrics, abridged).
+        let metrics = "# HELP process_start_time_seconds [ALPHA] Start time of the process since unix epoch in seconds.\n# TYPE process_start_time_seconds gauge\nprocess_start_time_seconds 1.76508304257e+09\nprocess_virtual_memory_bytes 1.3e+09\n";
+        assert_eq!(
+            super::process_start_time_in(metrics),
+            Some(1_765_083_042.57)
+        );
+        assert_eq!(super::process_start_time_in("up 1\n"), None);
+    }
 }

@@ -75,6 +75,7 @@ impl RunArgs {
             systemctl: self.apiserver.systemctl.clone(),
             apiserver_url: self.apiserver.apiserver_url.clone(),
             clock: std::sync::Arc::new(crate::clock::SystemClock),
+            node: self.apiserver.node(),
         }
     }
 }

@@ -49,9 +49,31 @@ pub struct ApiserverArgs {
         env = "IRSA_AGENT_APISERVER_URL"
     )]
     pub apiserver_url: Option<String>,
+
+    /// This server's node name, as its apiserver names its host (the `kubernetes.io/hostname`
+    /// of its identity Lease): the name the agent coordinates under with the other servers
+    /// (restart Lease, rollout) [default: the kernel's host name].
+    #[arg(long, value_name = "NAME", env = "IRSA_AGENT_NODE_NAME")]
+    pub node_name: Option<String>,
+}
+
+/// The kernel's host name (what kube-apiserver takes for its identity Lease).
+pub fn host_name() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
 }
 
 impl ApiserverArgs {
+    /// This server's node name (`--node-name`, else the host name).
+    pub fn node(&self) -> String {
+        self.node_name
+            .clone()
+            .filter(|n| !n.trim().is_empty())
+            .unwrap_or_else(host_name)
+    }
+
     /// The timeout of one request to the apiserver.
     pub fn request_timeout(&self) -> Duration {
         self.poll_interval.max(Duration::from_secs(5))

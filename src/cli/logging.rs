@@ -30,7 +30,11 @@ pub fn to_journal_if_there() -> bool {
 
 impl Log for StderrLogger {
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-        metadata.level() <= log::max_level()
+        // Libraries' own records (kube-rs logs "failed with error client error (Connect)" at
+        // error level for every request the agent retries) are for `-v`: the agent says what
+        // failed and what it does about it.
+        let ours = metadata.target().starts_with(env!("CARGO_CRATE_NAME"));
+        metadata.level() <= log::max_level() && (ours || log::max_level() >= LevelFilter::Debug)
     }
 
     fn log(&self, record: &Record<'_>) {

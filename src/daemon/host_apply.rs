@@ -1,11 +1,18 @@
 //! The daemon's apiserver step on the host: [`crate::apiserver::change`] (the same use case as
 //! `irsa-agent apply`), summarized for the log and `status` instead of printed.
+//!
+//! On several servers the step follows the issuer rollout ([`crate::rollout`]): it reads the
+//! cluster's membership (the agents' Leases), accepts the new issuer first, signs with it only
+//! once every apiserver accepts it, and announces what its apiserver accepts after each change
+//! is verified (never before: a peer must not sign on the word of a restart still pending).
 
 use crate::apiserver::apply::{ApplyError, RestartOutcome};
 use crate::apiserver::change::{self, ChangeError, Goal, RunOptions};
 use crate::apiserver::{self, restart};
 use crate::config::{self, Settings};
 use crate::host::HostRoot;
+use crate::membership::{self, Report, View};
+use crate::rollout::{self, Decision};
 use crate::state;
 
 use super::{Applied, ApplyFailed, ApplyReport, ApplyStep, FailureKind};
@@ -26,9 +33,10 @@ fn failure(e: &ChangeError) -> (FailureKind, String) {
         ),
         ChangeError::Plan(_) | ChangeError::Refused(_) => (FailureKind::Refused, e.to_string()),
         ChangeError::Apply(ApplyError::RolledBack(_)) => (FailureKind::RolledBack, e.to_string()),
-        ChangeError::State(_) | ChangeError::Unverified(_) | ChangeError::Apply(_) => {
-            (FailureKind::Transient, e.to_string())
-        }
+        ChangeError::State(_)
+        | ChangeError::Unverified(_)
+        | ChangeError::NotMyTurn(_)
+        | ChangeError::Apply(_) => (FailureKind::Transient, e.to_string()),
     }
 }
 
@@ -48,14 +56,21 @@ impl ApplyStep for HostApply {
         let root = &self.root;
         // Backups age out even when nothing changes (cheap: one folder walk).
         crate::apiserver::apply::prune_backups(root, &settings.backups, state::unix_now(), None);
-        let mut prepared =
-            match change::prepare(root, settings, Goal::Sign { accept_only: false }, &self.run) {
-                Ok(p) => p,
-                Err(e) => {
-                    let (kind, message) = failure(&e);
-                    return ApplyReport::failed(kind, message);
-                }
-            };
+        let goal = if settings.run.apply_issuer {
+            match self.rollout(settings) {
+                Ok(goal) => goal,
+                Err(wait) => return ApplyReport::failed(FailureKind::Transient, wait),
+            }
+        } else {
+            Goal::Sign { accept_only: false }
+        };
+        let mut prepared = match change::prepare(root, settings, goal, &self.run) {
+            Ok(p) => p,
+            Err(e) => {
+                let (kind, message) = failure(&e);
+                return ApplyReport::failed(kind, message);
+            }
+        };
         let plan = &prepared.plan;
         let issuer = prepared.signing();
         let mut report = ApplyReport {
@@ -144,6 +159,9 @@ impl ApplyStep for HostApply {
                 config::format_duration(*waited)
             ),
         };
+        if !done.restart_pending {
+            self.announce(settings);
+        }
         report.outcome = Ok(Applied {
             changed: !plan.in_sync() || matches!(outcome.restart, RestartOutcome::Verified { .. }),
             summary,
@@ -153,4 +171,167 @@ impl ApplyStep for HostApply {
         });
         report
     }
+}
+
+impl HostApply {
+    /// The goal of this step in the issuer rollout, or why it waits ([`rollout::decide`]).
+    fn rollout(&self, settings: &Settings) -> Result<Goal, String> {
+        let observed = match apiserver::observe(&self.root, settings.distribution) {
+            Ok(o) => o,
+            // `prepare` reports it.
+            Err(_) => return Ok(Goal::Sign { accept_only: false }),
+        };
+        let accepted = &observed.flags.issuers;
+        let decision = match self.view(&observed) {
+            Ok(view) => {
+                if let Some(v) = &view {
+                    remember_servers(&self.root, v, &self.run.node);
+                }
+                rollout::decide(accepted, &settings.issuer, view.as_ref(), &self.run.node)
+            }
+            // Never seen with other servers (a single server whose apiserver is down now):
+            // plan as one.
+            Err(e) if remembered_servers(&self.root).len() <= 1 => {
+                log::debug!(
+                    "cannot read the cluster's membership ({e}); planning as a single server, as last seen"
+                );
+                rollout::decide(accepted, &settings.issuer, None, &self.run.node)
+            }
+            // Without the cluster's view, only what is safe on any number of servers:
+            // accepting one more issuer.
+            Err(e) if accepted.first() == Some(&settings.issuer) => {
+                log::debug!("cannot read the cluster's membership: {e}");
+                Decision::Sign
+            }
+            Err(_) if !accepted.contains(&settings.issuer) => Decision::AcceptOnly,
+            Err(e) => Decision::Wait(format!(
+                "cannot read the cluster's membership, so this apiserver does not sign with {} yet: {e}",
+                settings.issuer
+            )),
+        };
+        match decision {
+            Decision::Sign => Ok(Goal::Sign { accept_only: false }),
+            Decision::AcceptOnly => {
+                log::info!(
+                    "issuer rollout: this apiserver accepts {} first; it signs with it once every apiserver accepts it",
+                    settings.issuer
+                );
+                Ok(Goal::Sign { accept_only: true })
+            }
+            Decision::Wait(why) => {
+                // Keep the Lease live while waiting, so peers see this agent.
+                self.announce(settings);
+                Err(format!("issuer rollout: {why}"))
+            }
+        }
+    }
+
+    /// The cluster's membership, read through the admin kubeconfig; `None` when the apiserver
+    /// has no Lease API (nothing to coordinate through).
+    fn view(&self, observed: &apiserver::Observed) -> Result<Option<View>, String> {
+        let client = self.client(observed)?;
+        crate::runtime::block_on(async {
+            match membership::view(&client, now_i64()).await {
+                Ok(view) => Ok(Some(view)),
+                Err(e) if e.no_lease_api() => Ok(None),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+    }
+
+    fn client(&self, observed: &apiserver::Observed) -> Result<kube::Client, String> {
+        let (kubeconfig, url) = crate::apiserver::probe::target(observed);
+        let probe = crate::apiserver::probe::KubeconfigProbe::new(
+            &self.root,
+            &kubeconfig,
+            self.run.apiserver_url.clone().or(url),
+            self.run.request_timeout,
+        )?;
+        probe.api().client().map_err(|e| e.to_string())
+    }
+
+    /// Says in this node's Lease what its apiserver accepts and signs with now (the files,
+    /// verified by the change just carried out). Failures are logged: peers then wait.
+    fn announce(&self, settings: &Settings) {
+        let observed = match apiserver::observe(&self.root, settings.distribution) {
+            Ok(o) => o,
+            Err(e) => return log::debug!("not announcing: {e}"),
+        };
+        let issuers = observed.flags.issuers.clone();
+        let report = Report {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            rollout: rollout::phase(&issuers, &settings.issuer).to_string(),
+            issuers,
+            kids: observed
+                .keys
+                .verification
+                .iter()
+                .map(crate::keys::PublicKey::kid)
+                .collect(),
+            signing_kid: observed
+                .keys
+                .signing
+                .as_ref()
+                .map(crate::keys::PublicKey::kid),
+            rotation: String::new(),
+        };
+        // Live for three resyncs: a missed renewal is not taken for a dead agent.
+        let seconds = i32::try_from(settings.run.resync_interval.as_secs() * 3).unwrap_or(i32::MAX);
+        let announced = self.client(&observed).and_then(|client| {
+            crate::runtime::block_on(membership::announce(
+                &client,
+                &self.run.node,
+                &report,
+                seconds,
+                now_i64(),
+            ))
+            .map_err(|e| e.to_string())
+        });
+        match announced {
+            Ok(()) => log::debug!("announced: {} {:?}", report.rollout, report.issuers),
+            Err(e) => log::debug!("cannot announce this server in its Lease: {e}"),
+        }
+    }
+}
+
+/// Where the daemon keeps the servers it last saw in the cluster (a top-level key of the state
+/// file), so that with its apiserver unreachable it does not plan as if it were alone.
+const CLUSTER_KEY: &str = "cluster";
+
+/// Records the servers of `view` (apiservers and live agents, this node included) when they
+/// changed.
+fn remember_servers(root: &HostRoot, view: &View, node: &str) {
+    let mut servers: Vec<String> = view.apiservers.clone();
+    servers.extend(
+        view.agents
+            .iter()
+            .filter(|a| a.live)
+            .map(|a| a.node.clone()),
+    );
+    servers.push(node.to_string());
+    servers.sort();
+    servers.dedup();
+    if remembered_servers(root) == servers {
+        return;
+    }
+    let record = serde_json::json!({"servers": servers, "seen_at": state::unix_now()});
+    if let Err(e) = state::State::update(root, |s| {
+        s.other.insert(CLUSTER_KEY.to_string(), record);
+    }) {
+        log::warn!("cannot record the cluster's servers in the state file: {e}");
+    }
+}
+
+/// The servers last recorded by [`remember_servers`] (empty when never).
+fn remembered_servers(root: &HostRoot) -> Vec<String> {
+    state::State::load(root)
+        .ok()
+        .and_then(|s| s.other.get(CLUSTER_KEY).cloned())
+        .and_then(|v| v.get("servers").cloned())
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default()
+}
+
+fn now_i64() -> i64 {
+    i64::try_from(state::unix_now()).unwrap_or(i64::MAX)
 }
