@@ -5,7 +5,10 @@
 # source checkout to a pod's token exchanged for credentials at a local STS.
 #
 #   bash packaging/test-quickstart-in-nspawn.sh [--keep] [--mirror URL] [--binary PATH]
+#   bash packaging/test-quickstart-in-nspawn.sh --prepare-root [--mirror URL]
 #
+# --prepare-root only builds the cached Debian root (debootstrap and apt, a few minutes the
+# first time) and exits: .ci/run starts it in the background while the tests run.
 # --binary installs PATH (as target/release/irsa-agent of the checkout) instead of the packages.
 # Needs root, systemd-nspawn, IRSA_TEST_KUBE_APISERVER (the real kube-apiserver, e.g.
 # `../shared/tools/kube-apiserver --path`), kubectl, SeaweedFS's `weed` (tests/run.sh installs
@@ -30,8 +33,10 @@ suite=bookworm
 mirror=http://deb.debian.org/debian
 keep=0
 release_bin=target/release/irsa-agent
+prepare=0
 while [ $# -gt 0 ]; do
     case $1 in
+        --prepare-root) prepare=1; shift ;;
         --mirror) mirror=${2:?}; shift 2 ;;
         --keep) keep=1; shift ;;
         --binary) release_bin=${2:?}; shift 2 ;;
@@ -44,7 +49,11 @@ skip() {
     exit 0
 }
 [ "$(id -u)" = 0 ] || skip "needs root (systemd-nspawn)"
+# As root it installs what it needs from Debian (CI starts from a bare machine).
+command -v systemd-nspawn >/dev/null || need_apt systemd-container
 command -v systemd-nspawn >/dev/null || skip "no systemd-nspawn (apt-get install systemd-container)"
+if [ "$prepare" = 0 ]; then
+command -v kubectl >/dev/null || need_apt kubernetes-client
 kapi=${IRSA_TEST_KUBE_APISERVER:-}
 [ -x "${kapi:-/nonexistent}" ] || skip "IRSA_TEST_KUBE_APISERVER does not name the kube-apiserver binary"
 kubectl_bin=$(command -v kubectl || true)
@@ -64,6 +73,7 @@ elif [ -x "$release_bin" ]; then
     install_mode=binary
 else
     skip "no $deb (packaging/build-debs.sh --arch $arch) and no $release_bin (cargo build --release)"
+fi
 fi
 start_all=$SECONDS
 nspawn_pid=
@@ -119,6 +129,10 @@ else
     rm -rf "$root" && mkdir -p "$root" && tar -C "$root" -xf "$cache"
 fi
 prep_s=$((SECONDS - start_all))
+if [ "$prepare" = 1 ]; then
+    say "the Debian root is ready: $cache"
+    exit 0
+fi
 
 # --- the host inside: a kubeadm-shaped node ----------------------------------------------------
 echo quickstart-cp >"$root/etc/hostname"
