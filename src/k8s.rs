@@ -198,6 +198,11 @@ impl Api {
         config.connect_timeout = Some(timeout);
         config.read_timeout = Some(timeout);
         config.write_timeout = Some(timeout);
+        // No retries inside the client: kube-rs retries 429/503/504 up to 15 times with backoff
+        // up to 1000 s by default, so a Lease write to an apiserver that answers 503 (starting,
+        // shutting down) took minutes. Every caller here waits and retries on its own clock
+        // (`apiserver::ready`, the daemon's back-off), where it can say what it waits for.
+        config.default_retry = false;
         let server = config
             .cluster_url
             .to_string()
