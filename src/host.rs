@@ -63,6 +63,15 @@ impl HostRoot {
     }
 }
 
+/// The kernel's host name (what kube-apiserver takes for its identity Lease, and the default
+/// node name the agent coordinates under).
+pub fn host_name() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -36,10 +36,14 @@ pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
 /// The cluster-wide restart Lease: an agent restarts its own apiserver only while it holds it.
 pub const RESTART: &str = "irsa-agent-restart";
 
-/// The answer to [`acquire_restart`].
+/// The rotation Lease: its holder drives the cluster's one key rotation ([`crate::rotation`]);
+/// the other agents follow it.
+pub const ROTATION: &str = "irsa-agent-rotation";
+
+/// The answer to [`acquire`] (the restart Lease, the rotation Lease).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Restart {
-    /// This node holds the restart Lease until `until` (Unix seconds).
+    /// This node holds the Lease until `until` (Unix seconds).
     Held { until: i64 },
     /// Another node holds it until `until`: wait (a holder that died frees it then).
     Busy { holder: String, until: i64 },
@@ -63,6 +67,43 @@ pub struct Report {
     /// The agent's phase of the key rotation (`idle`, `staged`, ...).
     #[serde(default)]
     pub rotation: String,
+}
+
+impl Report {
+    /// What this server's apiserver accepts, verifies and signs with, by its files (what it
+    /// runs with once a change is verified), with the agent's phases: of the rollout of
+    /// `issuer`, and of the rotation (`rotation`: its phase name, empty when none ever ran).
+    pub fn of(observed: &crate::apiserver::Observed, issuer: &str, rotation: &str) -> Report {
+        let issuers = observed.flags.issuers.clone();
+        Report {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            rollout: crate::rollout::phase(&issuers, issuer).to_string(),
+            issuers,
+            kids: observed
+                .keys
+                .verification
+                .iter()
+                .map(crate::keys::PublicKey::kid)
+                .collect(),
+            signing_kid: observed
+                .keys
+                .signing
+                .as_ref()
+                .map(crate::keys::PublicKey::kid),
+            rotation: rotation.to_string(),
+        }
+    }
+
+    /// The agent reports a key rotation in progress (it drives it).
+    pub fn rotating(&self) -> bool {
+        !matches!(self.rotation.as_str(), "" | "idle")
+    }
+}
+
+/// How long an agent's Lease lives after a renewal: three resyncs, so that one missed renewal
+/// is not taken for a dead agent.
+pub fn lease_seconds(settings: &crate::config::Settings) -> u64 {
+    settings.run.resync_interval.as_secs().saturating_mul(3)
 }
 
 /// Why the cluster could not be asked or told.
@@ -252,31 +293,43 @@ pub async fn announce(
     })
 }
 
-/// Takes (or renews) the cluster-wide restart Lease for `node`, for `duration` seconds from
-/// `now`, unless another node holds a live one. The write carries the resourceVersion read, so
-/// of two agents racing for a free Lease exactly one wins; the other reads it again and is told
-/// who holds it.
+/// Takes (or renews) the cluster-wide restart Lease for `node`: [`acquire`] of [`RESTART`].
 pub async fn acquire_restart(
     client: &kube::Client,
     node: &str,
     duration: i32,
     now: i64,
 ) -> Result<Restart, Error> {
+    acquire(client, RESTART, node, duration, now).await
+}
+
+/// Gives the restart Lease back: [`release`] of [`RESTART`].
+pub async fn release_restart(client: &kube::Client, node: &str) -> Result<(), Error> {
+    release(client, RESTART, node).await
+}
+
+/// Takes (or renews) the cluster-wide Lease `name` for `node`, for `duration` seconds from
+/// `now`, unless another node holds a live one. The write carries the resourceVersion read, so
+/// of two agents racing for a free Lease exactly one wins; the other reads it again and is told
+/// who holds it.
+pub async fn acquire(
+    client: &kube::Client,
+    name: &str,
+    node: &str,
+    duration: i32,
+    now: i64,
+) -> Result<Restart, Error> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
-    let fail = |e: kube::Error| lease_error(RESTART, e);
+    let fail = |e: kube::Error| lease_error(name, e);
     for _ in 0..2 {
-        let old = leases.get_opt(RESTART).await.map_err(fail)?;
+        let old = leases.get_opt(name).await.map_err(fail)?;
         if let Some(busy) = old.as_ref().and_then(|l| held_by_other(l, node, now)) {
             return Ok(busy);
         }
-        let lease = restart_lease(node, duration, now, old.as_ref());
+        let lease = holder_lease(name, node, duration, now, old.as_ref());
         let written = match old {
             None => leases.create(&PostParams::default(), &lease).await,
-            Some(_) => {
-                leases
-                    .replace(RESTART, &PostParams::default(), &lease)
-                    .await
-            }
+            Some(_) => leases.replace(name, &PostParams::default(), &lease).await,
         };
         match written {
             Ok(_) => {
@@ -290,18 +343,18 @@ pub async fn acquire_restart(
         }
     }
     Err(Error::Lease {
-        name: RESTART.to_string(),
+        name: name.to_string(),
         cause: "conflicting writes twice in a row".to_string(),
         code: Some(409),
     })
 }
 
-/// Gives the restart Lease back, when `node` holds it (a Lease another node took after this
+/// Gives the Lease `name` back, when `node` holds it (a Lease another node took after this
 /// one's expired is left alone).
-pub async fn release_restart(client: &kube::Client, node: &str) -> Result<(), Error> {
+pub async fn release(client: &kube::Client, name: &str, node: &str) -> Result<(), Error> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
-    let fail = |e: kube::Error| lease_error(RESTART, e);
-    let Some(mut lease) = leases.get_opt(RESTART).await.map_err(fail)? else {
+    let fail = |e: kube::Error| lease_error(name, e);
+    let Some(mut lease) = leases.get_opt(name).await.map_err(fail)? else {
         return Ok(());
     };
     let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
@@ -310,10 +363,7 @@ pub async fn release_restart(client: &kube::Client, node: &str) -> Result<(), Er
     }
     spec.holder_identity = None;
     spec.renew_time = None;
-    match leases
-        .replace(RESTART, &PostParams::default(), &lease)
-        .await
-    {
+    match leases.replace(name, &PostParams::default(), &lease).await {
         Ok(_) => Ok(()),
         // Taken over meanwhile (it had expired): not ours to release any more.
         Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
@@ -336,9 +386,9 @@ pub fn held_by_other(lease: &Lease, node: &str, now: i64) -> Option<Restart> {
     })
 }
 
-fn restart_lease(node: &str, duration: i32, now: i64, old: Option<&Lease>) -> Lease {
+fn holder_lease(name: &str, node: &str, duration: i32, now: i64, old: Option<&Lease>) -> Lease {
     let mut lease = desired(node, &Report::default(), duration, now, old);
-    lease.metadata.name = Some(RESTART.to_string());
+    lease.metadata.name = Some(name.to_string());
     if let Some(a) = lease.metadata.annotations.as_mut() {
         a.remove(REPORT);
     }
@@ -363,7 +413,7 @@ pub async fn view(client: &kube::Client, now: i64) -> Result<View, Error> {
         .iter()
         .filter_map(|lease| {
             let name = lease.metadata.name.as_deref()?;
-            if name == RESTART {
+            if name == RESTART || name == ROTATION {
                 return None;
             }
             let node = name.strip_prefix(PREFIX)?;
@@ -435,7 +485,7 @@ mod tests {
 
     #[test]
     fn the_restart_lease_is_busy_only_while_another_node_holds_it_live() {
-        let mut lease = restart_lease("cp1", 60, 1000, None);
+        let mut lease = holder_lease(RESTART, "cp1", 60, 1000, None);
         assert_eq!(
             held_by_other(&lease, "cp2", 1030),
             Some(Restart::Busy {

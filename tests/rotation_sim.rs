@@ -9,7 +9,8 @@ mod rotation_support;
 
 use irsa_agent::config::Distribution;
 use irsa_agent::keys;
-use irsa_agent::rotation::{self, PhaseName, RotationState, StepOutcome};
+use irsa_agent::membership::{Member, Report, View};
+use irsa_agent::rotation::{self, PhaseName, RotationState, StepOutcome, follow};
 use rotation_support::*;
 
 /// What the operator does when the rotation waits for the other servers.
@@ -27,6 +28,64 @@ fn restart_followers(sim: &mut Sim, out: &StepOutcome) {
             let t = sim.now() + 300;
             sim.set_time(t);
             sim.check_invariant("while the operator restarts the followers");
+        }
+    }
+}
+
+thread_local! {
+    /// What each follower's agent last restarted its server for (its state file's record).
+    static TRIED: std::cell::RefCell<Vec<Option<follow::Keys>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Every follower's agent, after each of the driver's steps: it reads the driver's Lease (the
+/// report the driver's agent announces from its host's files and rotation phase) and restarts
+/// its own server when [`follow::decide`] says so, one at a time. No operator.
+fn followers_follow(sim: &mut Sim, _: &StepOutcome) {
+    let phase = state(sim).phase.name().to_string();
+    let host = irsa_agent::host::HostRoot::new(sim.root());
+    let observed = irsa_agent::apiserver::observe(&host, Distribution::K3s).expect("observe");
+    let driver = Report::of(&observed, ISSUER, &phase);
+    let n = sim.world().servers.len();
+    for i in 1..n {
+        let mine = {
+            let w = sim.world();
+            let s = &w.servers[i];
+            follow::Keys::new(
+                s.verification.iter().map(|k| k.kid()),
+                Some(s.signing.public.kid()),
+            )
+        };
+        let me = format!("cp{}", i + 1);
+        let view = View {
+            agents: vec![
+                Member {
+                    node: "cp1".into(),
+                    live: true,
+                    report: Some(driver.clone()),
+                },
+                Member {
+                    node: me.clone(),
+                    live: true,
+                    report: Some(Report::default()),
+                },
+            ],
+            apiservers: (1..=n).map(|j| format!("cp{j}")).collect(),
+        };
+        let tried = TRIED.with(|t| t.borrow().get(i).cloned().flatten());
+        match follow::decide(&me, &mine, &view, tried.as_ref()) {
+            follow::Follow::Restart { target, .. } => {
+                TRIED.with(|t| {
+                    let mut t = t.borrow_mut();
+                    t.resize(n, None);
+                    t[i] = Some(target);
+                });
+                sim.world().restart_follower(i);
+                let t = sim.now() + 120;
+                sim.set_time(t);
+                sim.check_invariant("while the followers restart themselves");
+            }
+            follow::Follow::Hold(why) => panic!("{me} holds: {why}"),
+            follow::Follow::InStep { .. } | follow::Follow::Nothing => {}
         }
     }
 }
@@ -246,6 +305,80 @@ async fn three_k3s_servers_verify_before_any_signs() {
             .iter()
             .any(|o| o.status_line.contains("https://10.0.0.2:6443")),
         "{waits:?}"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn three_k3s_servers_rotate_with_the_followers_restarting_themselves() {
+    let mut sim = Sim::new(Distribution::K3s, 3);
+    let outcomes = run_rotation(&mut sim, followers_follow).await;
+    assert!(outcomes.iter().all(|o| o.is_ok()), "{outcomes:?}");
+    let done = state(&sim).history.last().cloned().expect("done");
+    let w = sim.world();
+    // Each follower restarted once per install the driver made: verify-only, sign, retire;
+    // never for nothing.
+    for s in &w.servers {
+        assert_eq!(s.restarts, 3, "{}: {:?}", s.url, w.log);
+        assert_eq!(
+            s.verification.iter().map(|k| k.kid()).collect::<Vec<_>>(),
+            std::slice::from_ref(&done.new_kid)
+        );
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn one_agent_drives_the_rotation_the_others_start_none() {
+    let mut sim = Sim::new(Distribution::K3s, 3);
+    let member = |node: &str, live: bool, rotation: &str| Member {
+        node: node.into(),
+        live,
+        report: Some(Report {
+            rotation: rotation.into(),
+            ..Report::default()
+        }),
+    };
+    let apiservers: Vec<String> = vec!["cp1".into(), "cp2".into(), "cp3".into()];
+    // cp2's agent drives a rotation (even one whose agent is not live now): no second one.
+    for live in [true, false] {
+        sim.world().view = Some(View {
+            agents: vec![
+                member("cp1", true, "idle"),
+                member("cp2", live, "published"),
+                member("cp3", true, ""),
+            ],
+            apiservers: apiservers.clone(),
+        });
+        sim.ctx.options.start_now = true;
+        let now = sim.now();
+        let out = rotation::step(&mut sim.ctx, now).await.expect("step");
+        assert_eq!(out.phase, PhaseName::Idle, "{out:?}");
+        assert!(
+            out.status_line
+                .contains("cp2 drives the cluster's key rotation (published)"),
+            "{out:?}"
+        );
+        assert_eq!(live, !out.status_line.contains("not live"), "{out:?}");
+        let w = sim.world();
+        assert!(w.log.is_empty(), "nothing installed: {:?}", w.log);
+        assert!(w.leases.is_empty(), "{:?}", w.leases);
+    }
+    // Nobody else rotates: this one takes the rotation Lease, starts, and says so in its Lease.
+    sim.world().view = Some(View {
+        agents: vec![member("cp1", true, "idle"), member("cp2", true, "idle")],
+        apiservers,
+    });
+    sim.ctx.options.start_now = true;
+    let now = sim.now();
+    let out = rotation::step(&mut sim.ctx, now).await.expect("step");
+    assert_eq!(out.phase, PhaseName::Staged, "{out:?}");
+    let w = sim.world();
+    assert_eq!(
+        w.leases.first().map(String::as_str),
+        Some("hold irsa-agent-rotation")
+    );
+    assert_eq!(
+        w.announced.last().map(|r| r.rotation.as_str()),
+        Some("staged")
     );
 }
 

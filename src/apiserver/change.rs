@@ -486,6 +486,74 @@ impl ApiserverProbe for NoProbe {
     }
 }
 
+/// How a wait for the restart Lease ended ([`wait_for_turn`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Turned {
+    /// This node holds the restart Lease: give it back after the restart.
+    Held,
+    /// The apiserver has no Lease API (a stand-in apiserver on a single host): nothing to
+    /// coordinate through.
+    NoLeaseApi,
+    /// This server's apiserver does not serve (unreachable, or answering 5xx): restarting it
+    /// takes no serving apiserver away from the cluster (and a broken one can still be
+    /// repaired).
+    Down,
+}
+
+/// Waits for this node's turn to restart its apiserver, for `patience`: `acquire` takes (or
+/// renews) the restart Lease at `now` (Unix seconds). The one wait behind `apply`, `finalize`,
+/// the daemon's apiserver step and rotation's restarts. The error says who held it last.
+pub async fn wait_for_turn(
+    clock: &dyn Clock,
+    patience: Patience,
+    mut acquire: impl AsyncFnMut(i64) -> Result<membership::Restart, membership::Error>,
+) -> Result<Turned, String> {
+    let mut turned = Turned::Held;
+    let waited = ready::wait_until(
+        "waiting for this server's turn to restart its apiserver (one at a time)",
+        clock,
+        patience,
+        async || {
+            let now = i64::try_from(clock.now()).unwrap_or(i64::MAX);
+            match acquire(now).await {
+                Ok(membership::Restart::Held { .. }) => Ok(()),
+                Ok(membership::Restart::Busy { holder, until }) => Err(format!(
+                    "{holder} is restarting its apiserver (its turn ends by {})",
+                    state::rfc3339(u64::try_from(until).unwrap_or(0))
+                )),
+                Err(e) if e.no_lease_api() => {
+                    turned = Turned::NoLeaseApi;
+                    Ok(())
+                }
+                Err(e) if !e.served() => {
+                    turned = Turned::Down;
+                    Ok(())
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        },
+    )
+    .await;
+    match waited {
+        Ok(_) => {
+            match turned {
+                Turned::NoLeaseApi => {
+                    log::debug!("the apiserver has no Lease API: restarting without a turn")
+                }
+                Turned::Down => log::info!(
+                    "this server's apiserver does not serve now: restarting it without the restart Lease (it takes no serving apiserver away)"
+                ),
+                Turned::Held => {}
+            }
+            Ok(turned)
+        }
+        Err(last) => Err(format!(
+            "not this server's turn to restart its apiserver after {}: {last}; nothing was changed",
+            crate::config::format_duration(patience.timeout)
+        )),
+    }
+}
+
 /// This host's turn to restart its apiserver: the cluster-wide restart Lease
 /// ([`membership::acquire_restart`]). Held from before the files are written until the
 /// apiserver is seen serving them or they were rolled back, so that on several servers one
@@ -519,52 +587,15 @@ impl Turn {
             let client = api.client().map_err(|e| {
                 ChangeError::NotMyTurn(format!("cannot take the restart Lease: {e}"))
             })?;
-            let mut no_api = false;
-            let mut down = false;
-            let waited = ready::wait_until(
-                "waiting for this server's turn to restart its apiserver (one at a time)",
-                clock.as_ref(),
-                patience,
-                async || {
-                    let now = i64::try_from(clock.now()).unwrap_or(i64::MAX);
-                    match membership::acquire_restart(&client, &node, lease_seconds, now).await {
-                        Ok(membership::Restart::Held { .. }) => Ok(()),
-                        Ok(membership::Restart::Busy { holder, until }) => Err(format!(
-                            "{holder} is restarting its apiserver (its turn ends by {})",
-                            state::rfc3339(u64::try_from(until).unwrap_or(0))
-                        )),
-                        Err(e) if e.no_lease_api() => {
-                            no_api = true;
-                            Ok(())
-                        }
-                        // This apiserver does not serve (down, restarting, or failing): restarting
-                        // it takes no serving apiserver away from the cluster.
-                        Err(e) if !e.served() => {
-                            down = true;
-                            Ok(())
-                        }
-                        Err(e) => Err(e.to_string()),
-                    }
-                },
-            )
-            .await;
-            match waited {
-                Ok(_) if no_api => {
-                    log::debug!("the apiserver has no Lease API: restarting without a turn");
-                    Ok(None)
-                }
-                Ok(_) if down => {
-                    log::info!(
-                        "this server's apiserver does not serve now: restarting it without the restart Lease (it takes no serving apiserver away)"
-                    );
-                    Ok(None)
-                }
-                Ok(_) => Ok(Some(Turn { client, node })),
-                Err(last) => Err(ChangeError::NotMyTurn(format!(
-                    "not this server's turn to restart its apiserver after {}: {last}; nothing was changed",
-                    crate::config::format_duration(patience.timeout)
-                ))),
-            }
+            let turned = wait_for_turn(clock.as_ref(), patience, async |now| {
+                membership::acquire_restart(&client, &node, lease_seconds, now).await
+            })
+            .await
+            .map_err(ChangeError::NotMyTurn)?;
+            Ok(match turned {
+                Turned::Held => Some(Turn { client, node }),
+                Turned::NoLeaseApi | Turned::Down => None,
+            })
         })
     }
 

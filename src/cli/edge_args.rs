@@ -57,13 +57,7 @@ pub struct ApiserverArgs {
     pub node_name: Option<String>,
 }
 
-/// The kernel's host name (what kube-apiserver takes for its identity Lease).
-pub fn host_name() -> String {
-    rustix::system::uname()
-        .nodename()
-        .to_string_lossy()
-        .into_owned()
-}
+use crate::host::host_name;
 
 impl ApiserverArgs {
     /// This server's node name (`--node-name`, else the host name).

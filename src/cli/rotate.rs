@@ -77,6 +77,7 @@ pub(super) fn host_edges(
         programs: programs.programs(),
         apiserver_url: apiserver.apiserver_url.clone(),
         request_timeout: apiserver.request_timeout(),
+        node: apiserver.node(),
     };
     let options = Options {
         restart_timeout: apiserver.timeout,

@@ -257,26 +257,13 @@ impl HostApply {
             Ok(o) => o,
             Err(e) => return log::debug!("not announcing: {e}"),
         };
-        let issuers = observed.flags.issuers.clone();
-        let report = Report {
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            rollout: rollout::phase(&issuers, &settings.issuer).to_string(),
-            issuers,
-            kids: observed
-                .keys
-                .verification
-                .iter()
-                .map(crate::keys::PublicKey::kid)
-                .collect(),
-            signing_kid: observed
-                .keys
-                .signing
-                .as_ref()
-                .map(crate::keys::PublicKey::kid),
-            rotation: String::new(),
-        };
-        // Live for three resyncs: a missed renewal is not taken for a dead agent.
-        let seconds = i32::try_from(settings.run.resync_interval.as_secs() * 3).unwrap_or(i32::MAX);
+        let rotation = crate::rotation::load_state(&self.root)
+            .ok()
+            .flatten()
+            .map(|st| st.phase.name().to_string())
+            .unwrap_or_default();
+        let report = Report::of(&observed, &settings.issuer, &rotation);
+        let seconds = i32::try_from(membership::lease_seconds(settings)).unwrap_or(i32::MAX);
         let announced = self.client(&observed).and_then(|client| {
             crate::runtime::block_on(membership::announce(
                 &client,

@@ -28,6 +28,45 @@ fn system_time(unix: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(unix)
 }
 
+impl RotationTask {
+    /// One look of [`rotation::follow::follow`] on a blocking thread; `None` when there is
+    /// nothing to follow. A failure is logged and counts as nothing to follow: this server's
+    /// own schedule goes on (a start still waits for another driver).
+    async fn follow(&self, ctx: &mut TaskContext<'_>) -> Option<String> {
+        let shared = crate::apiserver::install::observe(&self.root, ctx.settings.distribution)
+            .is_ok_and(|o| o.source.keys_shared_by_servers());
+        if !shared {
+            return None;
+        }
+        let root = self.root.clone();
+        let settings = ctx.settings.clone();
+        let edges = self.edges.clone();
+        let options = self.options.clone();
+        let clock = ctx.clock.clone();
+        let followed = ctx
+            .blocking(move || -> Result<Option<String>, rotation::RotationError> {
+                crate::runtime::block_on(async {
+                    let mut rctx =
+                        rotation::Context::for_host(&root, &settings, clock, edges, options)
+                            .await?;
+                    rotation::follow::follow(&mut rctx).await
+                })
+            })
+            .await;
+        match followed {
+            Ok(Ok(line)) => line,
+            Ok(Err(e)) => {
+                log::warn!("rotation: cannot follow the cluster's rotation: {e}");
+                None
+            }
+            Err(e) => {
+                log::warn!("rotation: cannot follow the cluster's rotation: {e}");
+                None
+            }
+        }
+    }
+}
+
 #[async_trait::async_trait(?Send)]
 impl ScheduledTask for RotationTask {
     fn name(&self) -> &str {
@@ -53,6 +92,12 @@ impl ScheduledTask for RotationTask {
         let state = rotation::load_state(&self.root)?;
         let phase = state.as_ref().map(|s| s.phase.name());
         let in_progress = phase.is_some_and(|p| p != PhaseName::Idle);
+        // Another server's agent may drive the cluster's rotation: follow it (whether or not
+        // this server's rotation is enabled: the driver waits for every server).
+        if !in_progress && let Some(line) = self.follow(ctx).await {
+            ctx.set_status(line);
+            return Ok(Some(ctx.now + self.options.recheck));
+        }
         if !ctx.settings.rotation.enabled && !in_progress {
             ctx.set_status("rotation: disabled (rotation.enabled: false)");
             return Ok(None);

@@ -11,6 +11,7 @@ use zeroize::Zeroizing;
 use crate::apiserver::probe::stale_tokens_in;
 use crate::k8s::Api;
 use crate::keys::jwks::{DISCOVERY_PATH, JWKS_PATH};
+use crate::membership::{self, Report, Restart, View};
 
 /// The local apiserver's health.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +69,39 @@ pub trait Cluster: Send {
     /// Legacy service-account token Secrets (`kubernetes.io/service-account-token`) as
     /// (`namespace/name`, kid of their token).
     async fn legacy_token_kids(&mut self) -> Result<Vec<(String, String)>, ClusterError>;
+
+    // The other servers' agents, through the Leases of [`crate::membership`]. The defaults are
+    // an apiserver without a Lease API (nothing to coordinate with: one server).
+
+    /// This server's node name, as its agent's Lease names it.
+    fn node(&self) -> &str {
+        ""
+    }
+    /// The agents and apiservers of the cluster as their Leases show them; `None` when the
+    /// apiserver has no Lease API.
+    async fn members(&mut self) -> Result<Option<View>, ClusterError> {
+        Ok(None)
+    }
+    /// Takes or renews the cluster-wide Lease `name` (the rotation Lease, the restart Lease)
+    /// for this node, for `seconds`.
+    async fn hold(&mut self, name: &str, seconds: u64) -> Result<Restart, membership::Error> {
+        let _ = seconds;
+        Err(membership::Error::Lease {
+            name: name.to_string(),
+            cause: "the apiserver has no Lease API".to_string(),
+            code: Some(404),
+        })
+    }
+    /// Gives the Lease `name` back, when this node holds it.
+    async fn let_go(&mut self, name: &str) -> Result<(), membership::Error> {
+        let _ = name;
+        Ok(())
+    }
+    /// Says in this node's Lease what its apiserver has and where its rotation is.
+    async fn announce(&mut self, report: &Report) -> Result<(), membership::Error> {
+        let _ = report;
+        Ok(())
+    }
 }
 
 /// The kid in a JWT's header (no verification).
@@ -78,6 +112,22 @@ pub fn token_kid(token: &str) -> Option<String> {
 /// The real cluster, through the admin kubeconfig.
 pub struct ApiCluster {
     pub api: Api,
+    /// This server's node name (its agent's Lease is `irsa-agent-<node>`).
+    pub node: String,
+    /// How long this agent's Lease lives after a renewal ([`membership::lease_seconds`]).
+    pub lease_seconds: u64,
+}
+
+fn unix_now() -> i64 {
+    i64::try_from(crate::state::unix_now()).unwrap_or(i64::MAX)
+}
+
+fn lease_client(api: &Api, name: &str) -> Result<kube::Client, membership::Error> {
+    api.client().map_err(|e| membership::Error::Lease {
+        name: name.to_string(),
+        cause: e.to_string(),
+        code: None,
+    })
 }
 
 impl ApiCluster {
@@ -253,6 +303,37 @@ impl Cluster for ApiCluster {
         let body = Zeroizing::new(body);
         let doc = json(code, &body, "listing service-account token Secrets")?;
         Ok(legacy_kids(&doc))
+    }
+
+    fn node(&self) -> &str {
+        &self.node
+    }
+
+    async fn members(&mut self) -> Result<Option<View>, ClusterError> {
+        let client = self.api.client()?;
+        match membership::view(&client, unix_now()).await {
+            Ok(view) => Ok(Some(view)),
+            Err(e) if e.no_lease_api() => Ok(None),
+            Err(e) => Err(ClusterError::Answer(e.to_string())),
+        }
+    }
+
+    async fn hold(&mut self, name: &str, seconds: u64) -> Result<Restart, membership::Error> {
+        let client = lease_client(&self.api, name)?;
+        let seconds = i32::try_from(seconds).unwrap_or(i32::MAX);
+        membership::acquire(&client, name, &self.node, seconds, unix_now()).await
+    }
+
+    async fn let_go(&mut self, name: &str) -> Result<(), membership::Error> {
+        let client = lease_client(&self.api, name)?;
+        membership::release(&client, name, &self.node).await
+    }
+
+    async fn announce(&mut self, report: &Report) -> Result<(), membership::Error> {
+        let name = membership::lease_name(&self.node);
+        let client = lease_client(&self.api, &name)?;
+        let seconds = i32::try_from(self.lease_seconds).unwrap_or(i32::MAX);
+        membership::announce(&client, &self.node, report, seconds, unix_now()).await
     }
 }
 

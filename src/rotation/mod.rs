@@ -60,6 +60,7 @@
 //! rotate`.
 
 pub mod cluster;
+pub mod follow;
 pub mod keygen;
 pub mod machine;
 pub mod publishing;
@@ -79,6 +80,7 @@ pub use self::machine::{
 };
 use self::publishing::Publishing;
 use self::runner::CommandRunner;
+use crate::apiserver::change::{self, Turned};
 use crate::apiserver::install::{self, HostChange, Install, Installing, NewKeyPem, Refusal};
 use crate::apiserver::ready::{self, Patience};
 use crate::apiserver::restart::{self, Restart, ServiceManager};
@@ -88,6 +90,7 @@ use crate::config::{Settings, format_duration};
 use crate::fs::{self, NewFile};
 use crate::host::HostRoot;
 use crate::keys::{self, PublicKey};
+use crate::membership;
 use crate::publish::Publication;
 use crate::state::{self, State, StateError};
 
@@ -665,6 +668,59 @@ pub async fn step(ctx: &mut Context, now: u64) -> Result<StepOutcome, RotationEr
         run.handle(now).await
     };
     let at = ctx.clock.now();
+    let outcome = record(ctx, &mut st, from, at, result);
+    if outcome.is_ok() {
+        coordinate(ctx, &st, from).await;
+    }
+    outcome
+}
+
+/// How long the driver holds the rotation Lease after a step: until its next step is due, plus
+/// room for that step's restarts; when it dies, the Lease frees itself by then (its report
+/// still says a rotation is in progress, which holds every other agent's start).
+fn rotation_lease_seconds(options: &Options, due: Option<u64>, now: u64) -> u64 {
+    due.unwrap_or(now).saturating_sub(now)
+        + 3 * options.recheck.as_secs()
+        + options.restart_timeout.as_secs()
+}
+
+/// After a step: the driver renews the rotation Lease while its rotation is in progress and
+/// gives it back at the end; either way this server's Lease says where it is. Failures are
+/// logged: the Lease expires by itself, and the next step says it again.
+async fn coordinate(ctx: &mut Context, st: &RotationState, from: PhaseName) {
+    let to = st.phase.name();
+    if to != PhaseName::Idle {
+        let seconds = rotation_lease_seconds(&ctx.options, st.due_at(), ctx.clock.now());
+        match ctx.cluster.hold(membership::ROTATION, seconds).await {
+            Ok(membership::Restart::Held { .. }) => {}
+            Ok(membership::Restart::Busy { holder, .. }) => log::warn!(
+                "rotation: {holder} holds the rotation Lease while this server's rotation is {to}: two agents drive a rotation; look at both (`irsa-agent rotate --status`)"
+            ),
+            Err(e) if e.no_lease_api() => {}
+            Err(e) => log::debug!("rotation: cannot renew the rotation Lease: {e}"),
+        }
+    } else if from != PhaseName::Idle
+        && let Err(e) = ctx.cluster.let_go(membership::ROTATION).await
+    {
+        log::debug!("rotation: cannot give the rotation Lease back (it expires by itself): {e}");
+    }
+    let Ok(observed) = install::observe(&ctx.root, ctx.settings.distribution) else {
+        return;
+    };
+    let report = membership::Report::of(&observed, &ctx.settings.issuer, to.as_str());
+    if let Err(e) = ctx.cluster.announce(&report).await {
+        log::debug!("rotation: cannot announce this server's rotation phase: {e}");
+    }
+}
+
+/// Saves what a step achieved (or why it failed) and says what comes next.
+fn record(
+    ctx: &mut Context,
+    st: &mut RotationState,
+    from: PhaseName,
+    at: u64,
+    result: Result<Progress, RotationError>,
+) -> Result<StepOutcome, RotationError> {
     match result {
         Ok(Progress::Advanced(phase, message)) => {
             let phase = *phase;
@@ -675,7 +731,7 @@ pub async fn step(ctx: &mut Context, now: u64) -> Result<StepOutcome, RotationEr
             st.not_before = None;
             st.blocked = None;
             st.record_step(at, from, to, true, message.clone());
-            save_state(&ctx.root, &st)?;
+            save_state(&ctx.root, st)?;
             log::info!("rotation: {from} -> {to}: {message}");
             Ok(StepOutcome {
                 phase: to,
@@ -689,7 +745,7 @@ pub async fn step(ctx: &mut Context, now: u64) -> Result<StepOutcome, RotationEr
             st.failures = 0;
             st.blocked = None;
             st.record_step(at, from, from, true, format!("waiting: {message}"));
-            save_state(&ctx.root, &st)?;
+            save_state(&ctx.root, st)?;
             log::info!("rotation: {from}: waiting: {message}");
             Ok(StepOutcome {
                 phase: from,
@@ -715,7 +771,7 @@ pub async fn step(ctx: &mut Context, now: u64) -> Result<StepOutcome, RotationEr
                 due_text(st.due_at(), at)
             );
             st.record_step(at, from, from, false, message.clone());
-            save_state(&ctx.root, &st)?;
+            save_state(&ctx.root, st)?;
             log::warn!("rotation: {from}: {message}");
             Ok(StepOutcome {
                 phase: from,
@@ -730,7 +786,7 @@ pub async fn step(ctx: &mut Context, now: u64) -> Result<StepOutcome, RotationEr
             let to = st.phase.name();
             st.record_step(at, from, to, false, err.to_string());
             // The error is what matters; a failure to record it is logged.
-            if let Err(e) = save_state(&ctx.root, &st) {
+            if let Err(e) = save_state(&ctx.root, st) {
                 log::error!("rotation: cannot record the failed step: {e}");
             }
             log::error!(
@@ -925,6 +981,43 @@ impl Run<'_> {
 
     /// Carries out a host change and waits until the apiserver serves the expected keys.
     async fn carry_out(
+        &mut self,
+        change: HostChange,
+        install: Install,
+        what: &str,
+    ) -> Result<bool, RotationError> {
+        if matches!(change, HostChange::None) {
+            return Ok(false);
+        }
+        // One apiserver restarts at a time across the cluster (the restart Lease), as for
+        // `apply`: with k3s's embedded etcd two at once can cost quorum.
+        let turned = self.take_turn().await?;
+        let result = self.carry_out_in_turn(change, install, what).await;
+        if turned == Turned::Held
+            && let Err(e) = self.ctx.cluster.let_go(membership::RESTART).await
+        {
+            log::warn!("rotation: cannot give the restart Lease back (it expires by itself): {e}");
+        }
+        result
+    }
+
+    /// Waits for this server's turn to restart its apiserver ([`change::wait_for_turn`]).
+    async fn take_turn(&mut self) -> Result<Turned, RotationError> {
+        let timeout = self.ctx.options.restart_timeout;
+        let patience = Patience {
+            timeout: timeout * 2,
+            poll: self.ctx.options.poll.max(Duration::from_secs(1)),
+        };
+        let seconds = timeout.as_secs() + 60;
+        let cluster = &mut self.ctx.cluster;
+        change::wait_for_turn(self.ctx.clock.as_ref(), patience, async |_| {
+            cluster.hold(membership::RESTART, seconds).await
+        })
+        .await
+        .map_err(failed)
+    }
+
+    async fn carry_out_in_turn(
         &mut self,
         change: HostChange,
         install: Install,
@@ -1188,6 +1281,10 @@ impl Run<'_> {
                 servers.join(", ")
             )));
         }
+        // On several servers one agent drives the cluster's rotation; the others follow it.
+        if let Some(not_mine) = self.claim_rotation().await? {
+            return Ok(not_mine);
+        }
         // Leftovers of a start that crashed before its state was saved.
         for path in observed.source.sweep_orphans(&self.ctx.root, &observed)? {
             log::info!(
@@ -1236,6 +1333,53 @@ impl Run<'_> {
                 }
             ),
         ))
+    }
+
+    /// On several servers, one agent drives the cluster's one rotation: this one, unless
+    /// another agent reports a rotation in progress (live or not: its state is on its host, and
+    /// a second rotation would fight it) or holds the rotation Lease. The Lease write is
+    /// conditional, so of two agents due at the same moment exactly one starts. `Some` is what
+    /// the step does instead of starting.
+    async fn claim_rotation(&mut self) -> Result<Option<Progress>, RotationError> {
+        let view = match self.ctx.cluster.members().await {
+            Ok(view) => view,
+            Err(e) => {
+                return Ok(Some(Progress::Blocked(format!(
+                    "the other servers' agent Leases, read before a rotation starts ({e})"
+                ))));
+            }
+        };
+        let me = self.ctx.cluster.node().to_string();
+        if let Some(driver) = view.as_ref().and_then(|v| follow::driver(v, &me)) {
+            return Ok(Some(Progress::Waiting(
+                format!(
+                    "{} drives the cluster's key rotation ({}){}; this server follows it and starts none of its own",
+                    driver.node,
+                    driver.report.as_ref().map_or("", |r| r.rotation.as_str()),
+                    if driver.live {
+                        ""
+                    } else {
+                        ", but its agent is not live: the rotation holds until it comes back"
+                    }
+                ),
+                self.recheck_at(),
+            )));
+        }
+        let seconds = rotation_lease_seconds(&self.ctx.options, None, self.now());
+        match self.ctx.cluster.hold(membership::ROTATION, seconds).await {
+            Ok(membership::Restart::Held { .. }) => Ok(None),
+            Ok(membership::Restart::Busy { holder, until }) => Ok(Some(Progress::Waiting(
+                format!(
+                    "{holder} holds the rotation Lease (until {}): it drives the cluster's key rotation",
+                    state::rfc3339(u64::try_from(until).unwrap_or(0))
+                ),
+                self.recheck_at(),
+            ))),
+            Err(e) if e.no_lease_api() => Ok(None),
+            Err(e) => Ok(Some(Progress::Blocked(format!(
+                "the rotation Lease, which this server must hold to start a rotation ({e})"
+            )))),
+        }
     }
 
     /// staged -> published.
@@ -1809,6 +1953,9 @@ pub struct HostEdges {
     pub apiserver_url: Option<String>,
     /// Timeout of each HTTPS request.
     pub request_timeout: Duration,
+    /// This server's node name: the name its agent coordinates under with the other servers'
+    /// (the rotation Lease, the restart Lease, its report).
+    pub node: String,
 }
 
 impl Default for HostEdges {
@@ -1818,6 +1965,7 @@ impl Default for HostEdges {
             programs: Vec::new(),
             apiserver_url: None,
             request_timeout: Duration::from_secs(10),
+            node: crate::host::host_name(),
         }
     }
 }
@@ -1849,7 +1997,11 @@ impl Context {
             root: root.clone(),
             settings: settings.clone(),
             clock,
-            cluster: Box::new(cluster::ApiCluster { api }),
+            cluster: Box::new(cluster::ApiCluster {
+                api,
+                node: edges.node,
+                lease_seconds: membership::lease_seconds(settings),
+            }),
             publishing: Box::new(publishing),
             services: Box::new(crate::apiserver::restart::Systemctl {
                 program: edges.systemctl,

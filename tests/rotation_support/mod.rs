@@ -18,6 +18,7 @@ use irsa_agent::config::{Distribution, Settings};
 use irsa_agent::errors::ProgramError;
 use irsa_agent::host::HostRoot;
 use irsa_agent::keys::{self, PublicKey, SigningKey};
+use irsa_agent::membership::{self, Report, Restart, View};
 use irsa_agent::publish::Publication;
 use irsa_agent::rotation::cluster::{Cluster, ClusterError, Health, TOKEN_AUDIENCE};
 use irsa_agent::rotation::publishing::{PublicCopy, Publishing, PublishingError};
@@ -175,6 +176,12 @@ pub struct World {
     pub down: bool,
     /// Every `systemctl restart` and `rotate-ca` in order.
     pub log: Vec<String>,
+    /// The agents' Leases as the apiserver shows them (`None`: no Lease API, the default).
+    pub view: Option<View>,
+    /// Lease operations of this agent, in order: `hold <name>`, `let go <name>`.
+    pub leases: Vec<String>,
+    /// What this agent announced in its Lease, in order.
+    pub announced: Vec<Report>,
 }
 
 pub type Shared = Arc<Mutex<World>>;
@@ -277,6 +284,9 @@ impl World {
             unready_checks: 0,
             down: false,
             log: Vec::new(),
+            view: None,
+            leases: Vec::new(),
+            announced: Vec::new(),
         }))
     }
 
@@ -425,6 +435,41 @@ impl Cluster for FakeCluster {
         w.stale.ok_or_else(|| {
             ClusterError::Answer("/metrics answered HTTP 403: forbidden".to_string())
         })
+    }
+
+    fn node(&self) -> &str {
+        "cp1"
+    }
+
+    async fn members(&mut self) -> Result<Option<View>, ClusterError> {
+        let w = lock(&self.0);
+        w.refuse(None)?;
+        Ok(w.view.clone())
+    }
+
+    async fn hold(&mut self, name: &str, seconds: u64) -> Result<Restart, membership::Error> {
+        let mut w = lock(&self.0);
+        if w.view.is_none() {
+            return Err(membership::Error::Lease {
+                name: name.into(),
+                cause: "404".into(),
+                code: Some(404),
+            });
+        }
+        w.leases.push(format!("hold {name}"));
+        Ok(Restart::Held {
+            until: i64::try_from(w.clock.now() + seconds).unwrap_or(i64::MAX),
+        })
+    }
+
+    async fn let_go(&mut self, name: &str) -> Result<(), membership::Error> {
+        lock(&self.0).leases.push(format!("let go {name}"));
+        Ok(())
+    }
+
+    async fn announce(&mut self, report: &Report) -> Result<(), membership::Error> {
+        lock(&self.0).announced.push(report.clone());
+        Ok(())
     }
 
     async fn legacy_token_kids(&mut self) -> Result<Vec<(String, String)>, ClusterError> {
