@@ -8,7 +8,9 @@
 #   3. for real again: changes nothing;
 #   4. --check again: nothing pending;
 #   5. a rollout over two nodes whose first node has a configuration check-config refuses:
-#      the play fails on the first node, writes nothing there, and never touches the second.
+#      the play fails on the first node, writes nothing there, and never touches the second;
+#   6. the default (irsa_agent_apply: false) over two nodes: both configured, no apply run,
+#      the apiserver configuration untouched (the daemons roll the issuer out).
 # The package install (except 1b's check mode) and the service are switched off
 # (irsa_agent_install/manage_service): the package and the unit are tested on a real systemd by
 # packaging/test-deb-in-nspawn.sh.
@@ -144,8 +146,36 @@ grep -q "must not end with '/'" "$log" || fail "5: the failure does not say why 
 if grep -q '^node-b ' "$log"; then fail "5: node-b appears in the run: the rollout went on after node-a failed"; fi
 [ "$(tree_sums "$work/node-b")" = "$b_before" ] || fail "5: node-b was changed"
 
+# 6: the default on several servers: the role configures both nodes and runs no apply (the
+# daemons roll the issuer out, one restart at a time); the apiserver configuration is untouched.
+{
+    echo "control_plane:"
+    echo "  hosts:"
+    for n in node-c node-d; do
+        fake_host "$work/$n"
+        echo "    $n:"
+        grep -v -e '^---' -e '^irsa_agent_apply:' packaging/ansible/tests/vars.yml | sed 's/^/      /'
+        echo "      irsa_agent_root: $work/$n"
+        echo "      irsa_agent_binary: $bin"
+        echo "      ansible_connection: local"
+        echo "      ansible_become: false"
+        echo "      ansible_python_interpreter: \"{{ ansible_playbook_python }}\""
+    done
+} >"$work/inventory-cluster.yml"
+c_k3s=$(sha256sum <"$work/node-c/etc/rancher/k3s/config.yaml")
+say "ansible-playbook site.yml over node-c, node-d (6: the daemons apply)"
+run_play -i "$work/inventory-cluster.yml"
+[ "$rc" = 0 ] || fail "6: the two-node rollout failed (exit $rc)"
+for n in node-c node-d; do
+    [ -f "$work/$n/etc/irsa-agent/config.yaml" ] || fail "6: $n: config.yaml was not written"
+    grep -q "^$n " "$log" || fail "6: $n is not in the run"
+done
+grep -q 'the irsa-agent daemons roll the issuer out' "$log" || fail "6: the play does not say the daemons apply"
+[ "$(sha256sum <"$work/node-c/etc/rancher/k3s/config.yaml")" = "$c_k3s" ] || fail "6: node-c's k3s config.yaml was changed (apply ran)"
+"$real" --root "$work/node-c" apply --check --no-restart >/dev/null 2>&1 && fail "6: node-c's apiserver configuration is already in sync: apply ran"
+
 if [ "$failures" = 0 ]; then
-    echo "ansible role: 6 passed, 0 failed"
+    echo "ansible role: 7 passed, 0 failed"
 else
     echo "ansible role: $failures check(s) failed"
     exit 1
