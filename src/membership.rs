@@ -67,6 +67,10 @@ pub struct Report {
     /// The agent's phase of the key rotation (`idle`, `staged`, ...).
     #[serde(default)]
     pub rotation: String,
+    /// The public keys the apiserver verifies with, as JWKs: the published JWKS is the union
+    /// of every live server's keys ([`peer_keys`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jwks: Vec<serde_json::Value>,
 }
 
 impl Report {
@@ -91,6 +95,12 @@ impl Report {
                 .as_ref()
                 .map(crate::keys::PublicKey::kid),
             rotation: rotation.to_string(),
+            jwks: observed
+                .keys
+                .verification
+                .iter()
+                .filter_map(|k| serde_json::from_str(&crate::keys::jwks::jwk_json(k)).ok())
+                .collect(),
         }
     }
 
@@ -98,6 +108,26 @@ impl Report {
     pub fn rotating(&self) -> bool {
         !matches!(self.rotation.as_str(), "" | "idle")
     }
+}
+
+/// The keys the other live agents' apiservers verify with, by node (from their reports'
+/// JWKs; a JWK that is not a usable public key is skipped). The published JWKS is the union of
+/// every live server's keys: a server that lacks a key another one signs or verifies with (it
+/// was not restarted yet, or was restored from an old backup) must not drop it from the
+/// documents relying parties fetch.
+pub fn peer_keys(view: &View, me: &str) -> Vec<(String, crate::keys::PublicKey)> {
+    let mut out = Vec::new();
+    for agent in view.agents.iter().filter(|a| a.live && a.node != me) {
+        let Some(report) = &agent.report else {
+            continue;
+        };
+        for jwk in &report.jwks {
+            if let Some(key) = crate::keys::jwk::key_from_jwk(jwk) {
+                out.push((agent.node.clone(), key));
+            }
+        }
+    }
+    out
 }
 
 /// How long an agent's Lease lives after a renewal: three resyncs, so that one missed renewal
@@ -467,6 +497,46 @@ mod tests {
         assert!(!live(&lease(None, Some(40)), 1000));
         assert!(!live(&lease(Some(1000), None), 1000));
         assert!(!live(&Lease::default(), 0));
+    }
+
+    #[test]
+    fn the_union_takes_the_keys_of_live_peers_only() {
+        use crate::rotation::keygen::generate;
+        let kind = crate::config::KeyType::EcdsaP256;
+        let (a, b, mine) = match (generate(kind), generate(kind), generate(kind)) {
+            (Ok(a), Ok(b), Ok(m)) => (a, b, m),
+            _ => panic!("cannot generate test keys"),
+        };
+        let jwk = |k: &crate::rotation::keygen::NewKey| {
+            serde_json::from_str::<serde_json::Value>(&crate::keys::jwks::jwk_json(k.public()))
+                .unwrap_or_default()
+        };
+        let member = |node: &str, live, jwks: Vec<serde_json::Value>| Member {
+            node: node.into(),
+            live,
+            report: Some(Report {
+                jwks,
+                ..Report::default()
+            }),
+        };
+        let view = View {
+            agents: vec![
+                member(
+                    "cp1",
+                    true,
+                    vec![jwk(&a), serde_json::json!({"kty": "RSA"})],
+                ),
+                member("cp2", true, vec![jwk(&mine)]),
+                member("cp3", false, vec![jwk(&b)]),
+            ],
+            apiservers: vec![],
+        };
+        let peers: Vec<(String, String)> = peer_keys(&view, "cp2")
+            .into_iter()
+            .map(|(node, key)| (node, key.kid()))
+            .collect();
+        // cp1's key (its unusable JWK skipped); not this node's own, not a dead agent's.
+        assert_eq!(peers, vec![("cp1".to_string(), a.kid())]);
     }
 
     #[test]

@@ -81,4 +81,11 @@ pub trait ApplyStep: Send {
     fn live_keys(&mut self, _observed: &Observed) -> Option<Vec<PublicKey>> {
         None
     }
+
+    /// The keys the other servers' apiservers verify with, by node, as their live agents'
+    /// Leases report them ([`crate::membership::peer_keys`]); empty on one server or when the
+    /// cluster cannot be asked. Blocking.
+    fn peer_keys(&mut self, _observed: &Observed) -> Vec<(String, PublicKey)> {
+        Vec::new()
+    }
 }

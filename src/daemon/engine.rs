@@ -96,6 +96,9 @@ pub struct Engine {
     /// Kids published only because the running apiserver still serves them (not restarted
     /// since they left the key files); while there are any, the daemon looks again soon.
     live_only: Vec<String>,
+    /// Kids published only because another server's apiserver verifies with them (with the
+    /// node), as last logged.
+    peer_only: Vec<String>,
     /// The keys the running apiserver was last seen serving: kept published while it cannot
     /// be asked (a key is dropped from the JWKS only on evidence that it no longer serves it).
     last_live: Vec<crate::keys::PublicKey>,
@@ -194,6 +197,7 @@ impl Engine {
             apply_pending: false,
             last_warnings: Vec::new(),
             live_only: Vec::new(),
+            peer_only: Vec::new(),
             last_live: Vec::new(),
             last_errors: Vec::new(),
             last_publication: None,
@@ -559,22 +563,33 @@ impl Engine {
 
     /// Asks the running apiserver which keys it serves (on a blocking thread: the probe owns a
     /// runtime). `None` when there is no apiserver step or it cannot be asked.
-    async fn live_keys(&mut self, observed: &Observed) -> Option<Vec<crate::keys::PublicKey>> {
-        let mut step = self.apply.take()?;
+    /// The keys the running apiserver serves (`None`: it cannot be asked), and the keys the
+    /// other servers' apiservers verify with, by node.
+    async fn live_keys(
+        &mut self,
+        observed: &Observed,
+    ) -> (
+        Option<Vec<crate::keys::PublicKey>>,
+        Vec<(String, crate::keys::PublicKey)>,
+    ) {
+        let Some(mut step) = self.apply.take() else {
+            return (None, Vec::new());
+        };
         let observed = observed.clone();
         let joined = tokio::task::spawn_blocking(move || {
             let keys = step.live_keys(&observed);
-            (step, keys)
+            let peers = step.peer_keys(&observed);
+            (step, keys, peers)
         })
         .await;
         match joined {
-            Ok((step, keys)) => {
+            Ok((step, keys, peers)) => {
                 self.apply = Some(step);
-                keys
+                (keys, peers)
             }
             Err(e) => {
                 log::error!("asking the apiserver for its keys failed internally: {e}");
-                None
+                (None, Vec::new())
             }
         }
     }
@@ -610,7 +625,8 @@ impl Engine {
         }
         // Never drop a key the running apiserver still verifies (and may sign) with: a key
         // file replaced by one without it takes effect only at the apiserver's next restart.
-        let live = match self.live_keys(observed).await {
+        let (live, peers) = self.live_keys(observed).await;
+        let live = match live {
             Some(live) => {
                 self.last_live = live.clone();
                 live
@@ -639,6 +655,27 @@ impl Engine {
                 );
             }
             self.live_only = live_only;
+        }
+        // The union of every live server's keys: a key another server's apiserver verifies
+        // with stays published even when this one lacks it.
+        let mut from_peers: Vec<String> = Vec::new();
+        for (node, key) in peers {
+            for kid in crate::keys::add_missing(&mut all, vec![key]) {
+                from_peers.push(format!("{kid} ({node})"));
+            }
+        }
+        if from_peers != self.peer_only {
+            if from_peers.is_empty() {
+                log::info!(
+                    "this server's apiserver has every key the other servers verify with again"
+                );
+            } else {
+                log::warn!(
+                    "kid(s) {} stay published: the other servers' apiservers verify with them, this one's does not, so it rejects tokens signed with them (a rotation step not picked up yet, or keys restored from an old backup)",
+                    from_peers.join(", ")
+                );
+            }
+            self.peer_only = from_peers;
         }
         let publication = Publication::new(&settings.issuer, &settings.jwks_uri, &all);
         let signing_kid = signing.kid();

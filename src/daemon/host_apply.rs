@@ -41,6 +41,20 @@ fn failure(e: &ChangeError) -> (FailureKind, String) {
 }
 
 impl ApplyStep for HostApply {
+    fn peer_keys(
+        &mut self,
+        observed: &apiserver::Observed,
+    ) -> Vec<(String, crate::keys::PublicKey)> {
+        match self.view(observed) {
+            Ok(Some(view)) => membership::peer_keys(&view, &self.run.node),
+            Ok(None) => Vec::new(),
+            Err(e) => {
+                log::debug!("not reading the other servers' keys: {e}");
+                Vec::new()
+            }
+        }
+    }
+
     fn live_keys(&mut self, observed: &apiserver::Observed) -> Option<Vec<crate::keys::PublicKey>> {
         crate::apiserver::probe::served_keys(
             &self.root,

@@ -1401,7 +1401,7 @@ impl Run<'_> {
             if !lacking.is_empty() {
                 return Ok(Progress::Waiting(
                     format!(
-                        "the new key is in the datastore; these servers do not verify with it yet: {}; restart {} there (servers only, one at a time)",
+                        "the new key is in the datastore; these servers do not verify with it yet: {}; their agents restart them, one at a time (a server without irsa-agent: restart {} there)",
                         lacking.join(", "),
                         observed.distribution.name()
                     ),
@@ -1495,7 +1495,7 @@ impl Run<'_> {
             if !lacking.is_empty() {
                 return Ok(Progress::Waiting(
                     format!(
-                        "these servers do not verify with the new key: {}; restart {} there",
+                        "these servers do not verify with the new key: {}; their agents restart them (a server without irsa-agent: restart {} there)",
                         lacking.join(", "),
                         observed.distribution.name()
                     ),
@@ -1561,7 +1561,7 @@ impl Run<'_> {
         if !lagging.is_empty() {
             return Ok(Progress::Waiting(
                 format!(
-                    "these servers still sign with the old key: {}; restart {} there (they verify with both keys, so nothing is rejected meanwhile)",
+                    "these servers still sign with the old key: {}; their agents restart them (a server without irsa-agent: restart {} there); they verify with both keys, so nothing is rejected meanwhile",
                     lagging.join(", "),
                     observed.distribution.name()
                 ),
@@ -1817,7 +1817,7 @@ impl Run<'_> {
             if !still.is_empty() {
                 return Ok(Progress::Waiting(
                     format!(
-                        "these servers still verify with the old key (harmless, but their agents keep publishing it): {}; restart {} there",
+                        "these servers still verify with the old key (harmless, but their agents keep publishing it): {}; their agents restart them (a server without irsa-agent: restart {} there)",
                         still.join(", "),
                         observed.distribution.name()
                     ),
