@@ -121,6 +121,9 @@ impl ApplyStep for HostApply {
                 restart_pending: false,
                 apply_pending: !plan.in_sync(),
             });
+            // The other servers still need to see this one (its keys for the published
+            // union, and that it is live).
+            self.announce(settings);
             return report;
         }
         let done = match change::carry_out(root, settings, &mut prepared, &self.run) {
