@@ -13,7 +13,7 @@ mod apply;
 mod check_config;
 mod demo;
 mod doctor;
-mod edge_args;
+pub(crate) mod edge_args;
 mod finalize;
 mod generate;
 mod keys;
