@@ -52,6 +52,8 @@ pub struct Server {
     /// The issuers its apiserver accepts, signing issuer first (reported).
     pub issuers: Vec<String>,
     pub signing_kid: Option<String>,
+    /// The key ids its apiserver verifies with (reported).
+    pub kids: Vec<String>,
     /// The agent's rotation phase, as reported (empty when it says nothing).
     pub rotation: String,
     pub version: String,
@@ -151,6 +153,7 @@ pub fn plan(facts: &Facts, issuer: &str, node: &str, now: i64) -> Plan {
                 },
                 issuers: report.issuers,
                 signing_kid: report.signing_kid,
+                kids: report.kids,
                 rotation: report.rotation,
                 version: report.version,
                 next,
@@ -266,6 +269,44 @@ pub fn read_host(
                 crate::runtime::block_on(read(&client, now)).map_err(|e| e.to_string())
             });
     from_read(read, issuer, node, now)
+}
+
+/// The servers' rotation phases and keys, one line each (for `rotate --status`).
+pub fn rotation_lines(cluster: &Cluster) -> Vec<String> {
+    let plan = match cluster {
+        Cluster::Servers(plan) => plan,
+        other => return lines(other),
+    };
+    let mut out = vec![format!(
+        "cluster:       {}",
+        crate::doctor::words::plural(plan.servers.len(), "server")
+    )];
+    for s in &plan.servers {
+        let phase = match (s.agent, s.rotation.as_str()) {
+            ("live", "") => "rotation not reported".to_string(),
+            ("live", phase) => format!("rotation {phase}"),
+            ("expired", _) => "AGENT LEASE EXPIRED".to_string(),
+            _ => "NO AGENT".to_string(),
+        };
+        let keys = if s.kids.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; verifies with {}{}",
+                s.kids.join(", "),
+                s.signing_kid
+                    .as_ref()
+                    .map(|k| format!(", signs with {k}"))
+                    .unwrap_or_default()
+            )
+        };
+        out.push(format!(
+            "  {}{}: {phase}{keys}",
+            s.node,
+            if s.this { " (this server)" } else { "" }
+        ));
+    }
+    out
 }
 
 /// The person's lines (no trailing newlines), the first one starting with `cluster:`.
