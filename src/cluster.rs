@@ -80,6 +80,10 @@ pub struct Plan {
     /// The servers the signing phase waits for, each with why (empty once every one accepts
     /// the issuer).
     pub waits_for: Vec<String>,
+    /// What this server's agent does next, from what its apiserver's files accept now (when
+    /// they were read).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub this_server_next: Option<String>,
 }
 
 /// The restart Lease: who restarts its apiserver now.
@@ -219,6 +223,7 @@ pub fn plan(facts: &Facts, issuer: &str, node: &str, now: i64) -> Plan {
         done,
         next,
         waits_for,
+        this_server_next: None,
     }
 }
 
@@ -233,15 +238,27 @@ pub async fn read(client: &kube::Client, now: i64) -> Result<Option<Facts>, memb
     Ok(Some(Facts { view, restart }))
 }
 
-/// Turns what [`read`] returned into the view for `issuer` seen from `node`.
+/// Turns what [`read`] returned into the view for `issuer` seen from `node`; `accepted`: the
+/// issuers this server's apiserver files accept now, when read (what it does next).
 pub fn from_read(
     read: Result<Option<Facts>, String>,
     issuer: &str,
     node: &str,
     now: i64,
+    accepted: Option<&[String]>,
 ) -> Cluster {
     match read {
-        Ok(Some(facts)) => Cluster::Servers(plan(&facts, issuer, node, now)),
+        Ok(Some(facts)) => {
+            let mut plan = plan(&facts, issuer, node, now);
+            plan.this_server_next = accepted.map(|a| {
+                next_step(
+                    &rollout::decide(a, issuer, Some(&facts.view), node),
+                    a,
+                    issuer,
+                )
+            });
+            Cluster::Servers(plan)
+        }
         Ok(None) => Cluster::SingleServer {
             why: "the apiserver has no Lease API to coordinate through".to_string(),
         },
@@ -268,7 +285,7 @@ pub fn read_host(
                 let client = probe.api().client().map_err(|e| e.to_string())?;
                 crate::runtime::block_on(read(&client, now)).map_err(|e| e.to_string())
             });
-    from_read(read, issuer, node, now)
+    from_read(read, issuer, node, now, Some(&observed.flags.issuers))
 }
 
 /// The servers' rotation phases and keys, one line each (for `rotate --status`).
@@ -376,6 +393,9 @@ pub fn lines(cluster: &Cluster) -> Vec<String> {
         });
     }
     out.push(format!("  next: {}", plan.next));
+    if let Some(here) = &plan.this_server_next {
+        out.push(format!("  this server ({}) next: {here}", plan.node));
+    }
     if !plan.waits_for.is_empty() {
         out.push(format!(
             "  signing waits for: {}",
@@ -513,6 +533,35 @@ mod tests {
     }
 
     #[test]
+    fn this_server_is_told_what_it_does_next_from_its_own_files() {
+        let f = facts(
+            &["a", "b"],
+            vec![member("a", true, &[OLD]), member("b", true, &[OLD, NEW])],
+        );
+        let next = |accepted: &[&str]| {
+            let accepted: Vec<String> = accepted.iter().map(|s| s.to_string()).collect();
+            match from_read(Ok(Some(f.clone())), NEW, "a", 0, Some(&accepted)) {
+                Cluster::Servers(p) => p.this_server_next.unwrap_or_default(),
+                other => panic!("{other:?}"),
+            }
+        };
+        // Its files were changed since its agent announced: the files decide.
+        assert!(
+            next(&[OLD]).starts_with("accept the issuer"),
+            "{}",
+            next(&[OLD])
+        );
+        assert!(
+            next(&[OLD, NEW]).starts_with("sign with"),
+            "{}",
+            next(&[OLD, NEW])
+        );
+        assert!(next(&[NEW, OLD]).starts_with("nothing"));
+        let c = from_read(Err("refused".into()), NEW, "a", 0, None);
+        assert_eq!(lines(&c), ["cluster:       cannot be read: refused"]);
+    }
+
+    #[test]
     fn one_server_without_identity_leases_still_shows_itself() {
         let p = plan(&facts(&[], vec![]), NEW, "solo", 0);
         assert_eq!(p.servers.len(), 1);
@@ -520,7 +569,8 @@ mod tests {
         let json = serde_json::to_value(Cluster::Servers(p)).unwrap_or_default();
         assert_eq!(json["view"], "servers");
         assert_eq!(json["servers"][0]["node"], "solo");
-        let single = serde_json::to_value(from_read(Ok(None), NEW, "solo", 0)).unwrap_or_default();
+        let single =
+            serde_json::to_value(from_read(Ok(None), NEW, "solo", 0, None)).unwrap_or_default();
         assert_eq!(single["view"], "single-server");
     }
 }
