@@ -282,8 +282,11 @@ pub fn read_host(
         crate::apiserver::probe::KubeconfigProbe::new(root, &kubeconfig, server.or(url), timeout)
             .map_err(|e| format!("no admin credential to ask the apiserver with: {e}"))
             .and_then(|probe| {
-                let client = probe.api().client().map_err(|e| e.to_string())?;
-                crate::runtime::block_on(read(&client, now)).map_err(|e| e.to_string())
+                // The client starts its worker on the runtime that builds it: build it inside.
+                crate::runtime::block_on(async {
+                    let client = probe.api().client().map_err(|e| e.to_string())?;
+                    read(&client, now).await.map_err(|e| e.to_string())
+                })
             });
     from_read(read, issuer, node, now, Some(&observed.flags.issuers))
 }

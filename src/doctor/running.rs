@@ -714,12 +714,14 @@ pub fn cluster_check(
             list(&before)
         ));
     }
+    if let Some(r) = plan.restart.as_ref().filter(|r| r.expired) {
+        fixes.push(format!(
+            "the next agent that restarts takes the restart Lease over; on {}, `systemctl status irsa-agent` and `irsa-agent status` say whether its apiserver came back",
+            r.holder
+        ));
+    }
     Check::warn(id, problems.join("; "))
-        .fix(if fixes.is_empty() {
-            "the next agent takes the restart Lease over; `irsa-agent status` on the holder says what it does".to_string()
-        } else {
-            fixes.join("; ")
-        })
+        .fix(fixes.join("; "))
         .details(details)
 }
 
