@@ -4,6 +4,7 @@
 //! Lease) that has no live agent.
 
 mod kube_support;
+mod run_support;
 mod support;
 
 use irsa_agent::host::HostRoot;
@@ -482,4 +483,63 @@ fn status_apply_rotate_and_doctor_show_the_cluster_from_the_leases() {
             ))),
         "{check}"
     );
+
+    // The daemon's metrics (it leaves the apiserver alone here: run.apply-issuer false).
+    std::fs::create_dir_all(root.join("srv/oidc")).expect("target");
+    std::fs::create_dir_all(root.join("var/lib/node-exporter")).expect("textfile dir");
+    support::write_config(
+        root,
+        &format!(
+            "issuer: {NEW}\ndistribution: k3s\npublic-check: false\npublish:\n  - type: directory\n    path: /srv/oidc\nrun:\n  apply-issuer: false\n  resync-interval: 1s\n  metrics-textfile: /var/lib/node-exporter/irsa_agent.prom\n"
+        ),
+    );
+    let mut daemon = run_support::Daemon::start(root, &[], &[]);
+    daemon.wait_ready();
+    let textfile = root.join("var/lib/node-exporter/irsa_agent.prom");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let text = loop {
+        let text = std::fs::read_to_string(&textfile).unwrap_or_default();
+        if text.contains("irsa_agent_cluster_servers ") || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    for line in [
+        "irsa_agent_cluster_readable 1".to_string(),
+        "irsa_agent_cluster_servers 2".to_string(),
+        "irsa_agent_cluster_servers_without_agent 0".to_string(),
+        "irsa_agent_cluster_server_rollout_phase{node=\"cp-b\",phase=\"before\"} 1".to_string(),
+        format!("irsa_agent_cluster_server_rollout_phase{{node=\"{me}\",phase=\"accepting\"}} 1"),
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+    }
+    // Its own Lease expired: the apiserver here has no live agent any more.
+    runtime.block_on(async {
+        membership::announce(&client, &me, &report(&[OLD, NEW], "kid-me"), 1, now() - 10)
+            .await
+            .expect("announce");
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let text = loop {
+        let text = std::fs::read_to_string(&textfile).unwrap_or_default();
+        if text.contains("irsa_agent_cluster_servers_without_agent 1")
+            || std::time::Instant::now() > deadline
+        {
+            break text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(
+        text.lines().any(|l| l
+            == format!(
+                "irsa_agent_cluster_server_rollout_phase{{node=\"{me}\",phase=\"unknown\"}} 1"
+            )),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l == "irsa_agent_cluster_servers_without_agent 1"),
+        "{text}"
+    );
+    drop(daemon);
 }
