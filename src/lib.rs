@@ -25,6 +25,7 @@
 pub mod apiserver;
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod doctor;

@@ -401,6 +401,37 @@ pub async fn release(client: &kube::Client, name: &str, node: &str) -> Result<()
     }
 }
 
+/// Who holds the restart Lease, as written (live or not: a holder past `until` died or
+/// hangs mid-restart, and the next agent takes the Lease over).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RestartHolder {
+    pub holder: String,
+    /// `renewTime + leaseDurationSeconds` (Unix seconds).
+    pub until: i64,
+}
+
+/// Reads the restart Lease: `None` when there is none or nobody holds it (released).
+pub async fn restart_holder(client: &kube::Client) -> Result<Option<RestartHolder>, Error> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
+    let lease = leases
+        .get_opt(RESTART)
+        .await
+        .map_err(|e| lease_error(RESTART, e))?;
+    Ok(lease.as_ref().and_then(holder_of))
+}
+
+/// The holder of a restart Lease and until when it holds it (`None` when released).
+pub fn holder_of(lease: &Lease) -> Option<RestartHolder> {
+    let spec = lease.spec.as_ref()?;
+    let holder = spec.holder_identity.as_deref().filter(|h| !h.is_empty())?;
+    let until = spec.renew_time.as_ref().map_or(0, |t| t.0.as_second())
+        + i64::from(spec.lease_duration_seconds.unwrap_or(0));
+    Some(RestartHolder {
+        holder: holder.to_string(),
+        until,
+    })
+}
+
 /// `Busy` when a node other than `node` holds `lease` and it is live at `now`.
 pub fn held_by_other(lease: &Lease, node: &str, now: i64) -> Option<Restart> {
     let spec = lease.spec.as_ref()?;

@@ -40,34 +40,24 @@ pub fn phase(accepted: &[String], target: &str) -> &'static str {
     }
 }
 
-/// What to do next. `accepted`: the issuers this apiserver accepts now, signing issuer first;
-/// `view`: the cluster's membership (`None` when the cluster has no Lease API to coordinate
-/// through: a single server); `node`: this agent's node name.
-pub fn decide(accepted: &[String], target: &str, view: Option<&View>, node: &str) -> Decision {
-    if accepted.first().map(String::as_str) == Some(target) {
-        return Decision::Sign;
-    }
-    let Some(view) = view else {
-        return Decision::Sign;
-    };
-    // The servers that must accept the issuer first: every apiserver that announces itself,
-    // and every live agent (an apiserver's identity Lease may lag its start).
+/// The servers that take part in the rollout: every apiserver that announces itself, and every
+/// live agent (an apiserver's identity Lease may lag its start), sorted.
+pub fn servers(view: &View) -> Vec<&str> {
     let mut servers: Vec<&str> = view.apiservers.iter().map(String::as_str).collect();
     for agent in view.agents.iter().filter(|a| a.live) {
         if !servers.contains(&agent.node.as_str()) {
             servers.push(&agent.node);
         }
     }
-    servers.retain(|s| *s != node);
-    if servers.is_empty() {
-        // One server: accepting and signing switch in one restart.
-        return Decision::Sign;
-    }
-    if !accepted.iter().any(|i| i == target) {
-        return Decision::AcceptOnly;
-    }
+    servers.sort();
+    servers
+}
+
+/// The servers other than `node` that hold phase 2 (signing with `target`), each with why:
+/// its apiserver does not accept it yet, its agent reports nothing, or it has no live agent.
+pub fn holding(view: &View, target: &str, node: &str) -> Vec<String> {
     let mut waiting: Vec<String> = Vec::new();
-    for server in servers {
+    for server in servers(view).into_iter().filter(|s| *s != node) {
         let agent = view.agents.iter().find(|a| a.node == server && a.live);
         match agent.and_then(|a| a.report.as_ref()) {
             Some(report) if report.issuers.iter().any(|i| i == target) => {}
@@ -78,6 +68,29 @@ pub fn decide(accepted: &[String], target: &str, view: Option<&View>, node: &str
             None => waiting.push(format!("{server} (no live irsa-agent)")),
         }
     }
+    waiting
+}
+
+/// What to do next. `accepted`: the issuers this apiserver accepts now, signing issuer first;
+/// `view`: the cluster's membership (`None` when the cluster has no Lease API to coordinate
+/// through: a single server); `node`: this agent's node name.
+pub fn decide(accepted: &[String], target: &str, view: Option<&View>, node: &str) -> Decision {
+    if accepted.first().map(String::as_str) == Some(target) {
+        return Decision::Sign;
+    }
+    let Some(view) = view else {
+        return Decision::Sign;
+    };
+    let mut servers = servers(view);
+    servers.retain(|s| *s != node);
+    if servers.is_empty() {
+        // One server: accepting and signing switch in one restart.
+        return Decision::Sign;
+    }
+    if !accepted.iter().any(|i| i == target) {
+        return Decision::AcceptOnly;
+    }
+    let waiting = holding(view, target, node);
     if waiting.is_empty() {
         Decision::Sign
     } else {

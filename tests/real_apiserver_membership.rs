@@ -4,6 +4,7 @@
 //! Lease) that has no live agent.
 
 mod kube_support;
+mod run_support;
 mod support;
 
 use irsa_agent::host::HostRoot;
@@ -258,4 +259,288 @@ fn one_node_at_a_time_holds_the_restart_lease_and_a_dead_holder_frees_it() {
         // Two changes of holder: the winner to the other, and back after the other died.
         assert_eq!(lease["spec"]["leaseTransitions"], 2, "{lease}");
     });
+}
+
+/// The k3s admin kubeconfig, as k3s writes it, pointing at the test's apiserver.
+fn k3s_kubeconfig(root: &std::path::Path, kube: &Kube) {
+    use base64::Engine as _;
+    let b64 = |name: &str| {
+        base64::engine::general_purpose::STANDARD
+            .encode(std::fs::read(kube.pki(name)).expect("pki"))
+    };
+    std::fs::write(
+        root.join("etc/rancher/k3s/k3s.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- cluster:\n    certificate-authority-data: {}\n    server: https://127.0.0.1:{}\n  name: default\ncontexts:\n- context:\n    cluster: default\n    user: default\n  name: default\ncurrent-context: default\nusers:\n- name: default\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\n",
+            b64("ca.crt"),
+            kube.port,
+            b64("admin.crt"),
+            b64("admin.key")
+        ),
+    )
+    .expect("kubeconfig");
+}
+
+fn doctor_check(root: &std::path::Path, id: &str) -> serde_json::Value {
+    let (_, stdout, stderr) = support::agent(root, &["doctor", "--json"], &[]);
+    let doc: serde_json::Value = serde_json::from_str(&stdout).expect("doctor --json");
+    doc["checks"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["id"] == id).cloned())
+        .unwrap_or_else(|| panic!("no {id} in {stdout}{stderr}"))
+}
+
+/// `status --json`, `status`, `apply --check`, `rotate --status` and `doctor` of the real
+/// binary show the cluster the Leases on a real apiserver describe: which server is where in
+/// the rollout, what comes next, what signing waits for, and what is wrong.
+#[test]
+fn status_apply_rotate_and_doctor_show_the_cluster_from_the_leases() {
+    let Some(kapi) = Kube::binary("real_apiserver_membership") else {
+        return;
+    };
+    const OLD: &str = "https://kubernetes.default.svc.cluster.local";
+    // A closed port on loopback: doctor's public checks fail fast and stay off the network.
+    const NEW: &str = "https://127.0.0.1:1/c1";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kube = Kube::new(
+        dir.path(),
+        kapi,
+        [
+            support::free_port(),
+            support::free_port(),
+            support::free_port(),
+            support::free_port(),
+        ],
+    );
+    let host = support::k3s_host(&format!("issuer: {NEW}\ndistribution: k3s\n"));
+    let root = host.path();
+    let tls = root.join("var/lib/rancher/k3s/server/tls");
+    std::fs::write(
+        kube.flags.join("apiserver.args"),
+        format!(
+            "--service-account-issuer={OLD}\n--service-account-key-file={}\n--service-account-signing-key-file={}\n",
+            tls.join("service.key").display(),
+            tls.join("service.current.key").display()
+        ),
+    )
+    .expect("args");
+    kube.start();
+    k3s_kubeconfig(root, &kube);
+    let me = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .expect("hostname")
+        .trim()
+        .to_string();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = runtime.block_on(async {
+        let api = irsa_agent::k8s::Api::from_kubeconfig(
+            &HostRoot::new("/"),
+            &kube.state.join("kubeconfig"),
+            None,
+            std::time::Duration::from_secs(10),
+        )
+        .await
+        .expect("client config");
+        let client = api.client().expect("client");
+        // Wait for this apiserver's identity Lease.
+        for _ in 0..60 {
+            let view = membership::view(&client, now()).await.expect("view");
+            if view.apiservers.contains(&me) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+        client
+    });
+    let report = |issuers: &[&str], kid: &str| Report {
+        version: "0.1.0".into(),
+        issuers: issuers.iter().map(|s| s.to_string()).collect(),
+        kids: vec![kid.into()],
+        signing_kid: Some(kid.into()),
+        rollout: String::new(),
+        rotation: "idle".into(),
+        jwks: Vec::new(),
+    };
+    runtime.block_on(async {
+        // This server's agent accepts the new issuer; cp-b's does not yet. A holder that died
+        // left the restart Lease behind (its time is past).
+        membership::announce(&client, &me, &report(&[OLD, NEW], "kid-me"), 60, now())
+            .await
+            .expect("announce");
+        membership::announce(&client, "cp-b", &report(&[OLD], "kid-b"), 60, now())
+            .await
+            .expect("announce");
+        membership::acquire_restart(&client, "cp-gone", 5, now() - 100)
+            .await
+            .expect("restart lease");
+    });
+
+    let t = std::time::Instant::now();
+    let (code, stdout, stderr) = support::agent(root, &["status", "--json"], &[]);
+    let status_ms = t.elapsed().as_millis();
+    assert_eq!(code, 2, "no daemon runs: {stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&stdout).expect("status --json");
+    let cluster = &doc["cluster"];
+    assert_eq!(cluster["view"], "servers", "{cluster}");
+    assert_eq!(cluster["issuer"], NEW);
+    let mut want = vec!["cp-b".to_string(), me.clone()];
+    want.sort();
+    let servers = cluster["servers"].as_array().expect("servers");
+    let nodes: Vec<&str> = servers.iter().filter_map(|s| s["node"].as_str()).collect();
+    assert_eq!(nodes, want, "{cluster}");
+    let server = |node: &str| {
+        servers
+            .iter()
+            .find(|s| s["node"] == node)
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(server(&me)["rollout"], "accepting");
+    assert_eq!(server(&me)["this"], true);
+    assert_eq!(server(&me)["apiserver"], true);
+    assert_eq!(server(&me)["signing_kid"], "kid-me");
+    assert_eq!(server("cp-b")["rollout"], "before");
+    assert_eq!(server("cp-b")["agent"], "live");
+    assert_eq!(
+        server("cp-b")["apiserver"],
+        false,
+        "cp-b has no apiserver here"
+    );
+    assert_eq!(server("cp-b")["rotation"], "idle");
+    let next = cluster["next"].as_str().unwrap_or("");
+    assert!(next.starts_with(&format!("cp-b accepts {NEW}")), "{next}");
+    assert_eq!(
+        cluster["waits_for"],
+        serde_json::json!(["cp-b (does not accept it yet)"])
+    );
+    assert_eq!(cluster["restart"]["holder"], "cp-gone");
+    assert_eq!(cluster["restart"]["expired"], true);
+    // This host's files (k3s defaults: the old issuer only) say it accepts first.
+    assert!(
+        cluster["this_server_next"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("accept the issuer")),
+        "{cluster}"
+    );
+    eprintln!("status --json with the cluster: {status_ms} ms");
+
+    let (_, text, _) = support::agent(root, &["status"], &[]);
+    eprintln!("{text}");
+    assert!(text.contains("cluster:       2 servers ("), "{text}");
+    assert!(text.contains("  cp-b: agent 0.1.0, no apiserver identity Lease, before (signs with https://kubernetes.default.svc.cluster.local)"), "{text}");
+    assert!(
+        text.contains("restart Lease: held by cp-gone PAST ITS TIME"),
+        "{text}"
+    );
+
+    let (code, text, stderr) = support::agent(root, &["apply", "--check", "--diff"], &[]);
+    eprintln!("{text}");
+    assert_eq!(code, 2, "{text}{stderr}");
+    assert!(
+        text.contains(&format!("this server ({me}) next: accept the issuer")),
+        "{text}"
+    );
+
+    let (_, text, stderr) = support::agent(root, &["rotate", "--status"], &[]);
+    assert!(
+        text.contains("  cp-b: rotation idle; verifies with kid-b, signs with kid-b"),
+        "{text}{stderr}"
+    );
+
+    // doctor: cp-b does not accept the issuer, the restart Lease is past its time.
+    let check = doctor_check(root, "running.cluster");
+    eprintln!("{check:#}");
+    assert_eq!(check["status"], "warn", "{check}");
+    let finding = check["finding"].as_str().unwrap_or("");
+    assert!(
+        finding.contains("the apiserver of cp-b does not accept"),
+        "{finding}"
+    );
+    assert!(
+        finding.contains("restart Lease is held by cp-gone past its time"),
+        "{finding}"
+    );
+    // cp-b signs with an issuer this server does not accept: its tokens are rejected here.
+    runtime.block_on(async {
+        membership::announce(
+            &client,
+            "cp-b",
+            &report(&["https://other.example/x"], "kid-b"),
+            60,
+            now(),
+        )
+        .await
+        .expect("announce");
+    });
+    let check = doctor_check(root, "running.cluster");
+    assert_eq!(check["status"], "fail", "{check}");
+    assert!(
+        check["finding"]
+            .as_str()
+            .is_some_and(|f| f.contains(&format!(
+                "cp-b signs with https://other.example/x, which {me} does not accept"
+            ))),
+        "{check}"
+    );
+
+    // The daemon's metrics (it leaves the apiserver alone here: run.apply-issuer false).
+    std::fs::create_dir_all(root.join("srv/oidc")).expect("target");
+    std::fs::create_dir_all(root.join("var/lib/node-exporter")).expect("textfile dir");
+    support::write_config(
+        root,
+        &format!(
+            "issuer: {NEW}\ndistribution: k3s\npublic-check: false\npublish:\n  - type: directory\n    path: /srv/oidc\nrun:\n  apply-issuer: false\n  resync-interval: 1s\n  metrics-textfile: /var/lib/node-exporter/irsa_agent.prom\n"
+        ),
+    );
+    let mut daemon = run_support::Daemon::start(root, &[], &[]);
+    daemon.wait_ready();
+    let textfile = root.join("var/lib/node-exporter/irsa_agent.prom");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let text = loop {
+        let text = std::fs::read_to_string(&textfile).unwrap_or_default();
+        if text.contains("irsa_agent_cluster_servers ") || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    for line in [
+        "irsa_agent_cluster_readable 1".to_string(),
+        "irsa_agent_cluster_servers 2".to_string(),
+        "irsa_agent_cluster_servers_without_agent 0".to_string(),
+        "irsa_agent_cluster_server_rollout_phase{node=\"cp-b\",phase=\"before\"} 1".to_string(),
+        format!("irsa_agent_cluster_server_rollout_phase{{node=\"{me}\",phase=\"accepting\"}} 1"),
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+    }
+    // Its own Lease expired: the apiserver here has no live agent any more.
+    runtime.block_on(async {
+        membership::announce(&client, &me, &report(&[OLD, NEW], "kid-me"), 1, now() - 10)
+            .await
+            .expect("announce");
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let text = loop {
+        let text = std::fs::read_to_string(&textfile).unwrap_or_default();
+        if text.contains("irsa_agent_cluster_servers_without_agent 1")
+            || std::time::Instant::now() > deadline
+        {
+            break text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(
+        text.lines().any(|l| l
+            == format!(
+                "irsa_agent_cluster_server_rollout_phase{{node=\"{me}\",phase=\"unknown\"}} 1"
+            )),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l == "irsa_agent_cluster_servers_without_agent 1"),
+        "{text}"
+    );
+    drop(daemon);
 }

@@ -51,6 +51,10 @@ again and puts the in-cluster audiences back in front; `irsa-agent finalize` rem
 sts.amazonaws.com after the longest token lifetime (README: \"A cluster you already switched by \
 hand\").
 
+--check also prints the cluster (\"cluster:\", the Leases in kube-system): where each server is in \
+the issuer rollout, what the cluster does next, what signing waits for, and what this server's \
+daemon would do next (accept-only, sign, or wait for named servers).
+
 A second apply changes nothing. Exit status: 0 done or in sync; 2 changes pending (--check); 1 error.
 On a cluster with several servers, run it on one server at a time (see README).")]
 pub struct Args {
@@ -257,8 +261,22 @@ fn apply(global: &Global, run: &RunArgs, accept_only: bool) -> anyhow::Result<Ex
     // A change irsa-agent wrote is called applied only once the apiserver was seen serving it.
     prepared.look_at_running(root, &options)?;
     let pending_restart = prepared.pending_restart().map(str::to_string);
-    let extra = json!({"lost_change": prepared.lost_change, "pending_restart": pending_restart});
+    let mut extra =
+        json!({"lost_change": prepared.lost_change, "pending_restart": pending_restart});
     if run.check {
+        // Where each server is in the issuer rollout and what this one does next (the daemon's
+        // decision; `apply` itself does what its options say).
+        let cluster = crate::cluster::read_host(
+            root,
+            &prepared.observed,
+            run.apiserver.apiserver_url.clone(),
+            options.request_timeout,
+            &settings.issuer,
+            &options.node,
+        );
+        if let Some(obj) = extra.as_object_mut() {
+            obj.insert("cluster".into(), serde_json::to_value(&cluster)?);
+        }
         let plan = &prepared.plan;
         if run.json {
             println!(
@@ -273,6 +291,9 @@ fn apply(global: &Global, run: &RunArgs, accept_only: bool) -> anyhow::Result<Ex
                 println!("in sync: nothing to change");
             } else {
                 println!("changes pending: run `irsa-agent apply` to make them");
+            }
+            for line in crate::cluster::lines(&cluster) {
+                println!("{line}");
             }
         }
         return Ok(if plan.in_sync() && pending_restart.is_none() {

@@ -24,7 +24,8 @@ the old key signed has expired: rotation.token-lifetime + rotation.drain-margin,
 use) -> retired (old key removed, JWKS republished) -> idle.
 
 Without options, does every step that is due now and says when the next one is due (the daemon \
-does the same on its own). State: /var/lib/irsa-agent/state.json (`rotation`).
+does the same on its own). State: /var/lib/irsa-agent/state.json (`rotation`). --status also shows \
+every server's rotation phase and keys, as its agent reports them in its Lease (kube-system).
 
 --abort is possible until the new key may have signed a token (one server: while `staged` or \
 `published`; several k3s servers: also while `trusted`): the new key is removed again, no token \
@@ -109,13 +110,18 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
     if args.status {
         let st = rotation::load_state(root)?;
         let now = clock.now();
+        let cluster = cluster_view(root, &settings, &args.apiserver);
         if args.json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&rotation::status_json(st.as_ref(), &settings, now))?
-            );
+            let mut doc = rotation::status_json(st.as_ref(), &settings, now);
+            if let Some(obj) = doc.as_object_mut() {
+                obj.insert("cluster".into(), serde_json::to_value(&cluster)?);
+            }
+            println!("{}", serde_json::to_string_pretty(&doc)?);
         } else {
             for line in rotation::status_lines_on(Some(root), st.as_ref(), &settings, now) {
+                println!("{line}");
+            }
+            for line in crate::cluster::rotation_lines(&cluster) {
                 println!("{line}");
             }
         }
@@ -177,5 +183,26 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
             }
             Ok(Exit::FAILURE)
         }
+    }
+}
+
+/// The servers' rotation phases, as their agents report them in their Leases.
+fn cluster_view(
+    root: &crate::host::HostRoot,
+    settings: &crate::config::Settings,
+    apiserver: &ApiserverArgs,
+) -> crate::cluster::Cluster {
+    match crate::apiserver::observe(root, settings.distribution) {
+        Ok(observed) => crate::cluster::read_host(
+            root,
+            &observed,
+            apiserver.apiserver_url.clone(),
+            apiserver.request_timeout(),
+            &settings.issuer,
+            &apiserver.node(),
+        ),
+        Err(e) => crate::cluster::Cluster::Unreadable {
+            error: format!("the apiserver configuration cannot be read: {e}"),
+        },
     }
 }

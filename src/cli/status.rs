@@ -4,6 +4,7 @@
 use clap::Args as ClapArgs;
 
 use super::{Exit, Global};
+use crate::cluster::{self, Cluster};
 use crate::daemon::status::{self, DaemonStatus, Phase};
 use crate::state::State;
 
@@ -13,7 +14,13 @@ Reads /var/lib/irsa-agent/state.json (written by `irsa-agent run` on every chang
 finalize and rotation) and says whether the daemon runs, whether everything is in sync, what \
 failed and when it retries.
 
---json prints the state file's object plus \"running\" (see README, \"status --json\").
+The cluster: read from the Leases in kube-system through the host's admin kubeconfig (as the \
+daemon reads them): every server, where it is in the issuer rollout, which step comes next and \
+what it waits for; \"single server\" when the apiserver has no Lease API, and why when it \
+cannot be read.
+
+--json prints the state file's object plus \"running\" and \"cluster\" (see README, \"status \
+--json\").
 Exit status: 0 the daemon runs and everything is in sync; 2 it does not run, or is not in sync \
 (waiting for an issuer, retrying, a held apiserver change); 1 the state cannot be read.")]
 pub struct Args {
@@ -28,8 +35,10 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
     let running = daemon.as_ref().is_some_and(status::running);
     if args.json {
         let mut doc = serde_json::to_value(&state)?;
+        let cluster = cluster_json(&state, &cluster_view(global));
         if let Some(obj) = doc.as_object_mut() {
             obj.insert("running".into(), serde_json::Value::Bool(running));
+            obj.insert("cluster".into(), cluster);
         }
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
@@ -39,6 +48,12 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
             .ok()
             .map(|l| l.settings.rotation.enabled);
         print!("{}", status::render_human(&state, rotation_enabled));
+        for line in cluster::lines(&cluster_view(global)) {
+            println!("{line}");
+        }
+        if let Some(seen) = last_seen(&state) {
+            println!("  {seen}");
+        }
     }
     let in_sync = daemon.is_some_and(|d| d.phase == Phase::InSync);
     Ok(if running && in_sync {
@@ -46,4 +61,58 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
     } else {
         Exit::PENDING
     })
+}
+
+/// How long `status` waits for each answer about the cluster.
+const CLUSTER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The cluster as the Leases show it now, for the configured issuer, seen from this host.
+pub fn cluster_view(global: &Global) -> Cluster {
+    let unreadable = |error: String| Cluster::Unreadable { error };
+    let settings = match crate::config::load(&global.root, global.config.as_deref()) {
+        Ok(l) => l.settings,
+        Err(e) => return unreadable(format!("the configuration cannot be used: {e}")),
+    };
+    let observed = match crate::apiserver::observe(&global.root, settings.distribution) {
+        Ok(o) => o,
+        Err(e) => return unreadable(format!("the apiserver configuration cannot be read: {e}")),
+    };
+    cluster::read_host(
+        &global.root,
+        &observed,
+        None,
+        CLUSTER_TIMEOUT,
+        &settings.issuer,
+        &crate::host::host_name(),
+    )
+}
+
+/// The `cluster` object of `status --json`: the view, plus the servers the daemon last saw
+/// (the state file's `cluster` record) as `last_seen`.
+fn cluster_json(state: &State, view: &Cluster) -> serde_json::Value {
+    let mut doc = serde_json::to_value(view).unwrap_or_default();
+    if let (Some(obj), Some(seen)) = (doc.as_object_mut(), state.other.get(status::CLUSTER_KEY)) {
+        obj.insert("last_seen".into(), seen.clone());
+    }
+    doc
+}
+
+/// The daemon's last record of the servers, in words.
+fn last_seen(state: &State) -> Option<String> {
+    let seen = state.other.get(status::CLUSTER_KEY)?;
+    let servers: Vec<String> = seen
+        .get("servers")
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+        .unwrap_or_default();
+    let at = seen.get("seen_at").and_then(serde_json::Value::as_u64);
+    Some(format!(
+        "last seen by the daemon: {} at {}",
+        if servers.is_empty() {
+            "(none)".to_string()
+        } else {
+            servers.join(", ")
+        },
+        at.map(crate::state::rfc3339)
+            .unwrap_or_else(|| "-".to_string())
+    ))
 }

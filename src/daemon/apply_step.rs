@@ -88,4 +88,10 @@ pub trait ApplyStep: Send {
     fn peer_keys(&mut self, _observed: &Observed) -> Vec<(String, PublicKey)> {
         Vec::new()
     }
+
+    /// The cluster as the Leases show it now, for the configured issuer (metrics). `None`
+    /// when this step has no cluster to ask. Blocking.
+    fn cluster(&mut self, _settings: &Settings) -> Option<crate::cluster::Cluster> {
+        None
+    }
 }

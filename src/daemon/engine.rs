@@ -907,13 +907,17 @@ impl Engine {
         let s = settings.clone();
         let joined = tokio::task::spawn_blocking(move || {
             let report = step.apply(&s);
-            (step, report)
+            let cluster = step.cluster(&s);
+            (step, report, cluster)
         })
         .await;
         self.critical.store(false, Ordering::SeqCst);
         let report: ApplyReport = match joined {
-            Ok((step, report)) => {
+            Ok((step, report, cluster)) => {
                 self.apply = Some(step);
+                if let Some(c) = cluster {
+                    self.status.metrics.cluster = Some(super::metrics::ClusterMetric::of(&c));
+                }
                 report
             }
             Err(e) => {

@@ -66,6 +66,18 @@ impl ApplyStep for HostApply {
         .ok()
     }
 
+    fn cluster(&mut self, settings: &Settings) -> Option<crate::cluster::Cluster> {
+        let observed = apiserver::observe(&self.root, settings.distribution).ok()?;
+        Some(crate::cluster::read_host(
+            &self.root,
+            &observed,
+            self.run.apiserver_url.clone(),
+            self.run.request_timeout,
+            &settings.issuer,
+            &self.run.node,
+        ))
+    }
+
     fn apply(&mut self, settings: &Settings) -> ApplyReport {
         let root = &self.root;
         // Backups age out even when nothing changes (cheap: one folder walk).

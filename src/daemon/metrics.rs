@@ -51,6 +51,44 @@ pub struct Metrics {
     pub targets: Vec<TargetMetric>,
     /// The pod identity webhook, when it is served.
     pub webhook: Option<WebhookMetric>,
+    /// The cluster as the last apiserver step read it (`None` before).
+    pub cluster: Option<ClusterMetric>,
+}
+
+/// The cluster's servers, from the Leases ([`crate::cluster`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ClusterMetric {
+    /// The Leases could be read (or the apiserver has no Lease API: a single server).
+    pub readable: bool,
+    pub servers: u64,
+    pub servers_without_agent: u64,
+    /// Each server's issuer rollout phase (`before`, `accepting`, `signing`, `unknown`).
+    pub phases: Vec<(String, String)>,
+}
+
+impl ClusterMetric {
+    pub fn of(cluster: &crate::cluster::Cluster) -> ClusterMetric {
+        use crate::cluster::Cluster;
+        match cluster {
+            Cluster::Servers(plan) => ClusterMetric {
+                readable: true,
+                servers: plan.servers.len() as u64,
+                servers_without_agent: plan.without_agent.len() as u64,
+                phases: plan
+                    .servers
+                    .iter()
+                    .map(|s| (s.node.clone(), s.rollout.to_string()))
+                    .collect(),
+            },
+            Cluster::SingleServer { .. } => ClusterMetric {
+                readable: true,
+                servers: 1,
+                ..ClusterMetric::default()
+            },
+            Cluster::Unreadable { .. } => ClusterMetric::default(),
+        }
+    }
 }
 
 /// The pod identity webhook's counters (since it started serving) and its cache.
@@ -238,6 +276,44 @@ pub fn render(m: &Metrics, issuer: Option<&str>) -> String {
             "Unix time the webhook's serving certificate expires (renewed 10 days before).",
             one(w.certificate_expiry_timestamp_seconds.to_string()),
         );
+    }
+    if let Some(c) = &m.cluster {
+        metric(
+            "cluster_readable",
+            "gauge",
+            "1 when the last apiserver step could read the cluster's Leases (or the apiserver has no Lease API: one server).",
+            one(u8::from(c.readable).to_string()),
+        );
+        if c.readable {
+            metric(
+                "cluster_servers",
+                "gauge",
+                "The cluster's servers: apiservers that announce themselves and live irsa-agents.",
+                one(c.servers.to_string()),
+            );
+            metric(
+                "cluster_servers_without_agent",
+                "gauge",
+                "Apiservers with no live irsa-agent: each holds every cluster-wide step.",
+                one(c.servers_without_agent.to_string()),
+            );
+        }
+        if !c.phases.is_empty() {
+            metric(
+                "cluster_server_rollout_phase",
+                "gauge",
+                "1 for each server's phase of the issuer rollout (before, accepting, signing, unknown); one sample per server.",
+                c.phases
+                    .iter()
+                    .map(|(node, phase)| {
+                        (
+                            format!("{{node=\"{}\",phase=\"{}\"}}", label(node), label(phase)),
+                            "1".to_string(),
+                        )
+                    })
+                    .collect(),
+            );
+        }
     }
     exposition.finish()
 }
@@ -490,6 +566,56 @@ mod tests {
             assert!(value.parse::<f64>().is_ok(), "{l}");
             assert!(l.starts_with("irsa_agent_"), "{l}");
         }
+    }
+
+    #[test]
+    fn the_cluster_is_one_sample_per_server() {
+        use crate::cluster::{Facts, plan};
+        use crate::membership::{Member, Report, View};
+        let member = |node: &str, issuers: &[&str]| Member {
+            node: node.into(),
+            live: true,
+            report: Some(Report {
+                issuers: issuers.iter().map(|s| s.to_string()).collect(),
+                ..Report::default()
+            }),
+        };
+        let facts = Facts {
+            view: View {
+                agents: vec![member("a", &["new", "old"]), member("b", &["old", "new"])],
+                apiservers: vec!["a".into(), "b".into(), "c".into()],
+            },
+            restart: None,
+        };
+        let cluster = crate::cluster::Cluster::Servers(plan(&facts, "new", "a", 0));
+        let m = Metrics {
+            cluster: Some(ClusterMetric::of(&cluster)),
+            ..Default::default()
+        };
+        let text = render(&m, None);
+        for line in [
+            "irsa_agent_cluster_readable 1",
+            "irsa_agent_cluster_servers 3",
+            "irsa_agent_cluster_servers_without_agent 1",
+            "irsa_agent_cluster_server_rollout_phase{node=\"a\",phase=\"signing\"} 1",
+            "irsa_agent_cluster_server_rollout_phase{node=\"b\",phase=\"accepting\"} 1",
+            "irsa_agent_cluster_server_rollout_phase{node=\"c\",phase=\"unknown\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+        assert_eq!(text.matches("cluster_server_rollout_phase{").count(), 3);
+        let unreadable = crate::cluster::Cluster::Unreadable {
+            error: "refused".into(),
+        };
+        let text = render(
+            &Metrics {
+                cluster: Some(ClusterMetric::of(&unreadable)),
+                ..Default::default()
+            },
+            None,
+        );
+        assert!(text.lines().any(|l| l == "irsa_agent_cluster_readable 0"));
+        assert!(!text.contains("cluster_servers"), "no false 0: {text}");
     }
 
     #[test]

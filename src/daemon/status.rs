@@ -24,6 +24,10 @@ pub fn prefixed(name: &str, line: &str) -> String {
     }
 }
 
+/// The key of the servers the daemon last saw in the cluster (written by the apiserver step;
+/// `status` shows it with the cluster view, not generically).
+pub const CLUSTER_KEY: &str = "cluster";
+
 /// The key of the daemon's section in the state file.
 pub const SECTION: &str = "daemon";
 
@@ -442,7 +446,7 @@ pub fn render_human(state: &State, rotation_enabled: Option<bool>) -> String {
         }
     }
     for (key, value) in &state.other {
-        if key == SECTION {
+        if key == SECTION || key == CLUSTER_KEY {
             continue;
         }
         // Rotation in its own words (phase, since when, what comes next and when).

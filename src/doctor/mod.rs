@@ -273,8 +273,8 @@ pub fn run(root: &HostRoot, config: Option<&Path>, options: &Options) -> Report 
     let public = public::gather_blocking(root, &local, options, deadline);
     let apiserver = apiserver_job.finish(deadline);
 
-    checks.extend(running::evaluate(&local, &apiserver));
     let now = options.now.unwrap_or_else(unix_now);
+    checks.extend(running::evaluate(&local, &apiserver, now));
     checks.extend(public::evaluate(&local, &public, options, now));
     Report {
         checks,

@@ -34,6 +34,9 @@ pub struct View {
     pub peers: Vec<(String, Answer)>,
     /// With the webhook enabled: the pods and the ServiceAccounts, for pods it missed.
     pub webhook: Option<(Answer, Answer)>,
+    /// The agents' and apiservers' Leases (`Ok(None)`: no Lease API), or why they could not be
+    /// read.
+    pub cluster: Result<Option<crate::cluster::Facts>, String>,
 }
 
 /// Where the pods and ServiceAccounts are listed (doctor asks once; a very large cluster's
@@ -153,6 +156,7 @@ pub fn start(root: &crate::host::HostRoot, local: &Local, options: &Options) -> 
         .config
         .as_ref()
         .is_ok_and(|c| c.settings.webhook.enabled);
+    let now = options.now.unwrap_or_else(super::unix_now);
     let (sender, receiver) = mpsc::channel();
     std::thread::spawn(move || {
         let probe = &probe;
@@ -166,12 +170,19 @@ pub fn start(root: &crate::host::HostRoot, local: &Local, options: &Options) -> 
                     None
                 }
             };
-            let (ready, discovery, jwks, endpoints, webhook) = tokio::join!(
+            let cluster = async {
+                let client = probe.api().client().map_err(|e| e.to_string())?;
+                crate::cluster::read(&client, now)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            let (ready, discovery, jwks, endpoints, webhook, cluster) = tokio::join!(
                 probe.get("/readyz"),
                 probe.get(DISCOVERY_PATH),
                 probe.get(JWKS_PATH),
                 probe.get(ENDPOINTS_PATH),
                 webhook,
+                cluster,
             );
             let urls = match &endpoints {
                 Ok((200, body)) => endpoint_urls(body),
@@ -191,6 +202,7 @@ pub fn start(root: &crate::host::HostRoot, local: &Local, options: &Options) -> 
                 endpoints,
                 peers: urls.into_iter().zip(answers).collect(),
                 webhook,
+                cluster,
             }
         });
         let _ = sender.send(view);
@@ -201,11 +213,12 @@ pub fn start(root: &crate::host::HostRoot, local: &Local, options: &Options) -> 
     }
 }
 
-const IDS: [&str; 4] = [
+const IDS: [&str; 5] = [
     "running.ready",
     "running.discovery",
     "running.jwks",
     "running.peers",
+    "running.cluster",
 ];
 
 fn body_line(body: &str) -> String {
@@ -241,7 +254,7 @@ fn sorted(mut v: Vec<String>) -> Vec<String> {
 }
 
 /// Every check of the running apiserver.
-pub fn evaluate(local: &Local, facts: &Facts) -> Vec<Check> {
+pub fn evaluate(local: &Local, facts: &Facts, now: i64) -> Vec<Check> {
     let view = match facts {
         Facts::Skipped(reason) => {
             return IDS
@@ -290,6 +303,7 @@ pub fn evaluate(local: &Local, facts: &Facts) -> Vec<Check> {
     out.push(discovery_check(local, observed, view, &restart));
     out.push(jwks_check(local, view, &restart));
     out.push(peers_check(local, observed, view));
+    out.push(cluster_check(local, &view.cluster, now));
     if let Some(check) = missed_pods_check(local, view) {
         out.push(check);
     }
@@ -578,6 +592,137 @@ fn peers_check(local: &Local, observed: &Observed, view: &View) -> Check {
         },
     )
     .details(if n > 1 { details } else { Vec::new() })
+}
+
+/// The servers as their agents' Leases show them: an apiserver with no live agent (it holds
+/// every cluster-wide step), agents whose apiserver does not accept the configured issuer, two
+/// servers whose tokens the other rejects, a restart Lease held past its time.
+pub fn cluster_check(
+    local: &Local,
+    cluster: &Result<Option<crate::cluster::Facts>, String>,
+    now: i64,
+) -> Check {
+    let id = "running.cluster";
+    let facts = match cluster {
+        Ok(Some(facts)) => facts,
+        Ok(None) => {
+            return Check::pass(
+                id,
+                "single server: the apiserver has no Lease API, so there is nothing to coordinate with",
+            );
+        }
+        Err(e) => return Check::skip(id, format!("cannot read the Leases in kube-system: {e}")),
+    };
+    let Ok(config) = &local.config else {
+        return Check::skip(id, "the configuration cannot be used (see config.valid)");
+    };
+    let issuer = &config.settings.issuer;
+    let plan = crate::cluster::plan(facts, issuer, &crate::host::host_name(), now);
+    let details: Vec<String> =
+        crate::cluster::lines(&crate::cluster::Cluster::Servers(plan.clone()))
+            .into_iter()
+            .skip(1)
+            .map(|l| l.trim().to_string())
+            .collect();
+    let n = plan.servers.len();
+    // No agent Lease at all, live or not: nobody runs the daemon (apply by hand).
+    if facts.view.agents.is_empty() {
+        return Check::pass(
+            id,
+            format!(
+                "{}; no irsa-agent announces itself (the daemon, `irsa-agent run`, does; `apply` by hand coordinates nothing)",
+                words::plural(n, "apiserver")
+            ),
+        );
+    }
+    // Tokens one server signs that another rejects: it signs with an issuer the other does
+    // not accept.
+    let reported: Vec<&crate::cluster::Server> = plan
+        .servers
+        .iter()
+        .filter(|s| s.rollout != "unknown")
+        .collect();
+    let mut rejected = Vec::new();
+    for a in &reported {
+        let Some(signs) = a.issuers.first() else {
+            continue;
+        };
+        for b in reported.iter().filter(|b| !b.issuers.contains(signs)) {
+            rejected.push(format!(
+                "{} signs with {signs}, which {} does not accept",
+                a.node, b.node
+            ));
+        }
+    }
+    if !rejected.is_empty() {
+        return Check::fail(
+            id,
+            format!(
+                "tokens minted on one server are rejected by another: {}",
+                rejected.join("; ")
+            ),
+        )
+        .fix("give every server the same configuration and let the daemons roll the issuer out (each accepts it before any signs with it); by hand: `irsa-agent apply --accept-only` on every server first")
+        .details(details);
+    }
+    let mut problems = Vec::new();
+    if !plan.without_agent.is_empty() {
+        problems.push(format!(
+            "no live irsa-agent on {}: it holds every cluster-wide step",
+            list(&plan.without_agent)
+        ));
+    }
+    let before: Vec<String> = reported
+        .iter()
+        .filter(|s| s.rollout == "before")
+        .map(|s| s.node.clone())
+        .collect();
+    if !before.is_empty() && reported.iter().any(|s| s.rollout != "before") {
+        problems.push(format!(
+            "the apiserver of {} does not accept {issuer} yet (if its agent is configured with another issuer, the rollout never completes)",
+            list(&before)
+        ));
+    }
+    if let Some(r) = plan.restart.as_ref().filter(|r| r.expired) {
+        problems.push(format!(
+            "the restart Lease is held by {} past its time (until {}): that agent died or hangs mid-restart",
+            r.holder,
+            crate::state::rfc3339(u64::try_from(r.until).unwrap_or(0))
+        ));
+    }
+    if problems.is_empty() {
+        return Check::pass(
+            id,
+            format!(
+                "{}, each with a live irsa-agent; next: {}",
+                words::plural(n, "server"),
+                plan.next
+            ),
+        )
+        .details(details);
+    }
+    let mut fixes = Vec::new();
+    if !plan.without_agent.is_empty() {
+        fixes.push(format!(
+            "on {}: install irsa-agent with this configuration and start it (`systemctl enable --now irsa-agent`), or look at why it stopped (`journalctl -u irsa-agent`)",
+            list(&plan.without_agent)
+        ));
+    }
+    if !before.is_empty() {
+        fixes.push(format!(
+            "compare `issuer:` in /etc/irsa-agent/config.yaml on {}",
+            list(&before)
+        ));
+    }
+    if let Some(r) = plan.restart.as_ref().filter(|r| r.expired) {
+        fixes.push(format!(
+            "the next agent that restarts takes the restart Lease over; on {}, `systemctl status irsa-agent` and `irsa-agent status` say whether its apiserver came back",
+            r.holder
+        ));
+    }
+    Check::warn(id, problems.join("; "))
+        .fix(fixes.join("; "))
+        .details(details)
 }
 
 #[cfg(test)]
