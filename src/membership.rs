@@ -14,10 +14,32 @@
 //! cluster-wide step, and is never a reason to reject a token.
 //!
 //! Liveness is decided by [`live`], a pure function of the Lease and `now`.
+//!
+//! ## No restart while another apiserver is down
+//!
+//! An agent restarts its own apiserver only while every other apiserver of the cluster serves
+//! ([`peers_down`], checked by the holder of the restart Lease just before it restarts, in
+//! [`crate::apiserver::change`]): with k3s's embedded etcd on three servers, one apiserver down
+//! plus one restarting is a lost etcd quorum, and for the clients it is two apiservers down at
+//! once. The apiservers that should be there are the ones that announce themselves (their
+//! identity Leases, [`apiservers`]; a stopped apiserver's Lease stays for its duration, an hour,
+//! so it is still expected); the ones that are there are the addresses of the `default/kubernetes`
+//! Endpoints ([`endpoints`]), which the apiservers themselves keep (the default `lease` endpoint
+//! reconciler). Measured on three real kube-apiservers v1.36.2: a stopped apiserver (SIGTERM)
+//! leaves the Endpoints within 0.3 s of its `/readyz` failing; a hung one (SIGSTOP) after about
+//! 19 s (its entry's 15 s TTL, then the next reconcile of a peer); a restarted one is back in the
+//! Endpoints in the same 0.3 s as its `/readyz`. Each identity Lease names its apiserver's
+//! address (annotation `kubernetes.io/peer-advertise-address`), so the one missing is named.
+//! Probing every peer's `/readyz` instead would need every peer's serving certificate to name the
+//! address it is reached at and the admin credentials to be valid on it; the Endpoints need
+//! neither and are what the cluster's own clients are sent to. An empty or missing Endpoints
+//! object means no apiserver maintains it (`--endpoint-reconciler-type=none`: a serving apiserver
+//! lists itself as soon as it is ready): the rule cannot be checked and is skipped, logged.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::Endpoints;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, ListParams, PostParams};
 use serde::{Deserialize, Serialize};
@@ -32,6 +54,10 @@ pub const REPORT: &str = "irsa-agent.io/report";
 pub const APISERVER_IDENTITY: &str = "apiserver.kubernetes.io/identity=kube-apiserver";
 /// The label naming the apiserver's host on its identity Lease.
 pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
+
+/// The annotation in which kube-apiserver (1.28 and later) names its address
+/// (`10.0.0.1:6443`, `[fd00::1]:6443`) on its identity Lease.
+pub const PEER_ADDRESS: &str = "kubernetes.io/peer-advertise-address";
 
 /// The cluster-wide restart Lease: an agent restarts its own apiserver only while it holds it.
 pub const RESTART: &str = "irsa-agent-restart";
@@ -81,6 +107,19 @@ pub enum Error {
         /// The HTTP status the apiserver answered, when it answered.
         code: Option<u16>,
     },
+    #[error("reading the Endpoints default/kubernetes: {cause}")]
+    Endpoints {
+        cause: String,
+        /// The HTTP status the apiserver answered, when it answered.
+        code: Option<u16>,
+    },
+}
+
+fn code_of(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(status) => Some(status.code),
+        _ => None,
+    }
 }
 
 fn lease_error(name: &str, e: kube::Error) -> Error {
@@ -100,9 +139,9 @@ impl Error {
     /// when it could not be reached or failed on its side.
     pub fn served(&self) -> bool {
         match self {
-            Error::Lease { code, .. } | Error::List { code, .. } => {
-                code.is_some_and(|c| !(500..600).contains(&c))
-            }
+            Error::Lease { code, .. }
+            | Error::List { code, .. }
+            | Error::Endpoints { code, .. } => code.is_some_and(|c| !(500..600).contains(&c)),
         }
     }
 
@@ -345,16 +384,162 @@ fn restart_lease(node: &str, duration: i32, now: i64, old: Option<&Lease>) -> Le
     lease
 }
 
+/// An apiserver as its identity Lease announces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Apiserver {
+    /// Its host (`kubernetes.io/hostname`).
+    pub host: String,
+    /// The IP address it advertises ([`PEER_ADDRESS`], without the port), when named.
+    pub address: Option<String>,
+}
+
+fn list_error(e: kube::Error) -> Error {
+    Error::List {
+        code: code_of(&e),
+        cause: e.to_string(),
+    }
+}
+
+/// The IP of `host:port` or `[ip6]:port` (or of a bare IP).
+fn ip_of(address: &str) -> String {
+    let address = address.trim();
+    if let Some(rest) = address.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest).to_string();
+    }
+    match address.rsplit_once(':') {
+        // One colon: `ip:port`; more: a bare IPv6 address.
+        Some((ip, _)) if !ip.contains(':') => ip.to_string(),
+        _ => address.to_string(),
+    }
+}
+
+/// The apiservers that announce themselves: a live identity Lease each, by host (sorted, one
+/// per host).
+pub async fn apiservers(client: &kube::Client, now: i64) -> Result<Vec<Apiserver>, Error> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
+    let mut out: Vec<Apiserver> = leases
+        .list(&ListParams::default().labels(APISERVER_IDENTITY))
+        .await
+        .map_err(list_error)?
+        .items
+        .iter()
+        .filter(|lease| live(lease, now))
+        .filter_map(|lease| {
+            let host = lease.metadata.labels.as_ref()?.get(HOSTNAME_LABEL)?.clone();
+            let address = lease
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(PEER_ADDRESS))
+                .map(|a| ip_of(a));
+            Some(Apiserver { host, address })
+        })
+        .collect();
+    // One per host (a host announced twice: the Lease naming an address).
+    out.sort_by(|a, b| a.host.cmp(&b.host).then(b.address.cmp(&a.address)));
+    out.dedup_by(|a, b| a.host == b.host);
+    Ok(out)
+}
+
+/// The addresses of the `default/kubernetes` Endpoints: the apiservers serving now (empty when
+/// the object does not exist).
+pub async fn endpoints(client: &kube::Client) -> Result<Vec<String>, Error> {
+    let api: Api<Endpoints> = Api::namespaced(client.clone(), "default");
+    let found = api
+        .get_opt("kubernetes")
+        .await
+        .map_err(|e| Error::Endpoints {
+            code: code_of(&e),
+            cause: e.to_string(),
+        })?;
+    let mut out: Vec<String> = found
+        .and_then(|e| e.subsets)
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|s| s.addresses.unwrap_or_default())
+        .map(|a| a.ip)
+        .collect();
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// Whether every other apiserver serves, for [`peers_down`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peers {
+    /// No other apiserver, or every other one is in the Endpoints.
+    Up,
+    /// These are down (a host, or `one of a, b` when the apiservers do not name their
+    /// addresses): no restart now.
+    Down(Vec<String>),
+    /// The Endpoints list no address at all: no apiserver keeps them, nothing to compare with.
+    Unknown,
+}
+
+impl Peers {
+    /// The transient failure to report when down.
+    pub fn waiting(&self) -> Option<String> {
+        let Peers::Down(down) = self else {
+            return None;
+        };
+        let whose = match down.as_slice() {
+            [one] => format!("{one}'s apiserver"),
+            _ => format!("the apiservers of {}", down.join(" and ")),
+        };
+        Some(format!(
+            "waiting for {whose} to come back before restarting this one (an apiserver down plus one restarting is two down at once, and with k3s's embedded etcd on three servers a lost quorum)"
+        ))
+    }
+}
+
+/// Which apiservers other than `node`'s are down: announced by an identity Lease ([`apiservers`])
+/// but not in the `kubernetes` Endpoints (`endpoints`, IPs). Pure.
+///
+/// An apiserver that names its address is down when that address is not listed. For those that
+/// do not (kube-apiserver before 1.28), the count decides: the Endpoints must list at least as
+/// many addresses, besides the named ones, as there are such apiservers.
+pub fn peers_down(apiservers: &[Apiserver], endpoints: &[String], node: &str) -> Peers {
+    if !apiservers.iter().any(|a| a.host != node) {
+        return Peers::Up;
+    }
+    if endpoints.is_empty() {
+        return Peers::Unknown;
+    }
+    let mut down: Vec<String> = apiservers
+        .iter()
+        .filter(|a| a.host != node)
+        .filter(|a| a.address.as_ref().is_some_and(|ip| !endpoints.contains(ip)))
+        .map(|a| a.host.clone())
+        .collect();
+    let unnamed: Vec<&Apiserver> = apiservers.iter().filter(|a| a.address.is_none()).collect();
+    let others_unnamed: Vec<String> = unnamed
+        .iter()
+        .filter(|a| a.host != node)
+        .map(|a| a.host.clone())
+        .collect();
+    if !others_unnamed.is_empty() {
+        let unclaimed = endpoints
+            .iter()
+            .filter(|ip| !apiservers.iter().any(|a| a.address.as_ref() == Some(*ip)))
+            .count();
+        if unclaimed < unnamed.len() {
+            down.push(match others_unnamed.as_slice() {
+                [one] => one.clone(),
+                _ => format!("one of {}", others_unnamed.join(", ")),
+            });
+        }
+    }
+    if down.is_empty() {
+        Peers::Up
+    } else {
+        Peers::Down(down)
+    }
+}
+
 /// Reads every agent Lease and every apiserver identity Lease.
 pub async fn view(client: &kube::Client, now: i64) -> Result<View, Error> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
-    let list = |e: kube::Error| Error::List {
-        code: match &e {
-            kube::Error::Api(status) => Some(status.code),
-            _ => None,
-        },
-        cause: e.to_string(),
-    };
+    let list = list_error;
     let mut agents: Vec<Member> = leases
         .list(&ListParams::default())
         .await
@@ -381,17 +566,11 @@ pub async fn view(client: &kube::Client, now: i64) -> Result<View, Error> {
         })
         .collect();
     agents.sort_by(|a, b| a.node.cmp(&b.node));
-    let mut apiservers: Vec<String> = leases
-        .list(&ListParams::default().labels(APISERVER_IDENTITY))
-        .await
-        .map_err(list)?
-        .items
-        .iter()
-        .filter(|lease| live(lease, now))
-        .filter_map(|lease| lease.metadata.labels.as_ref()?.get(HOSTNAME_LABEL).cloned())
+    let apiservers = apiservers(client, now)
+        .await?
+        .into_iter()
+        .map(|a| a.host)
         .collect();
-    apiservers.sort();
-    apiservers.dedup();
     Ok(View { agents, apiservers })
 }
 
@@ -453,6 +632,101 @@ mod tests {
             spec.holder_identity = None;
         }
         assert_eq!(held_by_other(&lease, "cp2", 1030), None, "released");
+    }
+
+    fn apiserver(host: &str, address: Option<&str>) -> Apiserver {
+        Apiserver {
+            host: host.into(),
+            address: address.map(str::to_string),
+        }
+    }
+
+    fn ips(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn an_apiserver_missing_from_the_endpoints_is_down_and_named() {
+        let three = [
+            apiserver("cp1", Some("10.0.0.1")),
+            apiserver("cp2", Some("10.0.0.2")),
+            apiserver("cp3", Some("10.0.0.3")),
+        ];
+        let all = ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
+        assert_eq!(peers_down(&three, &all, "cp1"), Peers::Up);
+        let down = peers_down(&three, &ips(&["10.0.0.1", "10.0.0.3"]), "cp1");
+        assert_eq!(down, Peers::Down(vec!["cp2".into()]));
+        let why = down.waiting().unwrap_or_default();
+        assert!(
+            why.starts_with("waiting for cp2's apiserver to come back before restarting this one"),
+            "{why}"
+        );
+        // Its own absence is not a reason to wait (it is the one to restart or repair).
+        assert_eq!(
+            peers_down(&three, &ips(&["10.0.0.2", "10.0.0.3"]), "cp1"),
+            Peers::Up
+        );
+        // Two down: both named.
+        let down = peers_down(&three, &ips(&["10.0.0.1"]), "cp1");
+        assert_eq!(down, Peers::Down(vec!["cp2".into(), "cp3".into()]));
+        assert!(
+            down.waiting()
+                .unwrap_or_default()
+                .contains("the apiservers of cp2 and cp3 to come back"),
+            "{down:?}"
+        );
+        // One server: nobody to wait for, whatever the Endpoints say.
+        assert_eq!(
+            peers_down(&three[..1], &ips(&["10.9.9.9"]), "cp1"),
+            Peers::Up
+        );
+        assert_eq!(peers_down(&[], &[], "cp1"), Peers::Up);
+        // No address at all: no apiserver keeps the Endpoints; nothing to compare.
+        assert_eq!(peers_down(&three, &[], "cp1"), Peers::Unknown);
+        assert_eq!(Peers::Unknown.waiting(), None);
+    }
+
+    #[test]
+    fn apiservers_that_do_not_name_their_address_are_counted() {
+        let unnamed = [
+            apiserver("cp1", None),
+            apiserver("cp2", None),
+            apiserver("cp3", None),
+        ];
+        assert_eq!(
+            peers_down(&unnamed, &ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]), "cp1"),
+            Peers::Up
+        );
+        assert_eq!(
+            peers_down(&unnamed, &ips(&["10.0.0.1", "10.0.0.3"]), "cp1"),
+            Peers::Down(vec!["one of cp2, cp3".into()])
+        );
+        // Mixed: the named one is matched by address, the rest by count.
+        let mixed = [
+            apiserver("cp1", Some("10.0.0.1")),
+            apiserver("cp2", None),
+            apiserver("cp3", Some("10.0.0.3")),
+        ];
+        assert_eq!(
+            peers_down(&mixed, &ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]), "cp1"),
+            Peers::Up
+        );
+        assert_eq!(
+            peers_down(&mixed, &ips(&["10.0.0.1", "10.0.0.3"]), "cp1"),
+            Peers::Down(vec!["cp2".into()])
+        );
+        assert_eq!(
+            peers_down(&mixed, &ips(&["10.0.0.1", "10.0.0.2"]), "cp1"),
+            Peers::Down(vec!["cp3".into()])
+        );
+    }
+
+    #[test]
+    fn the_advertised_address_loses_its_port() {
+        assert_eq!(ip_of("10.250.0.3:6443"), "10.250.0.3");
+        assert_eq!(ip_of("[fd00::3]:6443"), "fd00::3");
+        assert_eq!(ip_of("fd00::3"), "fd00::3");
+        assert_eq!(ip_of("10.250.0.3"), "10.250.0.3");
     }
 
     #[test]

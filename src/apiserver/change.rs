@@ -486,11 +486,48 @@ impl ApiserverProbe for NoProbe {
     }
 }
 
+/// How long the holder of the restart Lease waits for a peer apiserver that is not in the
+/// `kubernetes` Endpoints before it reports the wait as a failure (retried on the daemon's
+/// back-off): long enough for a peer just restarted to be listed again (measured: within 0.3 s
+/// of its `/readyz`), short enough that `status` soon names the apiserver waited for.
+const PEER_GRACE: Duration = Duration::from_secs(10);
+
+/// `Err(why)` when another apiserver of the cluster is down ([`membership::peers_down`]): this
+/// one must not restart now. Reading the identity Leases or the Endpoints failing is a reason to
+/// wait too (nothing known). The Endpoints listing nothing (no apiserver keeps them) cannot tell:
+/// logged, not waited for.
+async fn peers_serve(client: &kube::Client, node: &str, now: i64) -> Result<(), String> {
+    let cannot = |e: membership::Error| {
+        format!(
+            "cannot tell whether every other apiserver serves, so this one does not restart yet: {e}"
+        )
+    };
+    let apiservers = membership::apiservers(client, now).await.map_err(cannot)?;
+    let endpoints = membership::endpoints(client).await.map_err(cannot)?;
+    let peers = membership::peers_down(&apiservers, &endpoints, node);
+    if peers == membership::Peers::Unknown {
+        log::info!(
+            "the kubernetes Endpoints list no address (no apiserver keeps them: --endpoint-reconciler-type=none?): restarting without knowing whether the other apiservers ({}) serve",
+            apiservers
+                .iter()
+                .map(|a| a.host.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    match peers.waiting() {
+        Some(why) => Err(why),
+        None => Ok(()),
+    }
+}
+
 /// This host's turn to restart its apiserver: the cluster-wide restart Lease
 /// ([`membership::acquire_restart`]). Held from before the files are written until the
 /// apiserver is seen serving them or they were rolled back, so that on several servers one
-/// apiserver restarts at a time (with k3s's embedded etcd, two at once can cost quorum). The
-/// Lease lasts the restart timeout plus a minute: a holder that dies frees it by then.
+/// apiserver restarts at a time (with k3s's embedded etcd, two at once can cost quorum), and
+/// none while another apiserver is down (see [`crate::membership`], "No restart while another
+/// apiserver is down"). The Lease lasts the restart timeout plus a minute: a holder that dies
+/// frees it by then.
 struct Turn {
     client: kube::Client,
     node: String,
@@ -498,7 +535,10 @@ struct Turn {
 
 impl Turn {
     /// Waits for the restart Lease, for up to twice the restart timeout (another server's
-    /// restart and verification). `None` when there is nothing to coordinate through: the
+    /// restart and verification). Once it holds the Lease, every other apiserver of the cluster
+    /// must be serving ([`peers_serve`]): when one is down, the Lease is given back, and after
+    /// [`PEER_GRACE`] the wait ends as [`ChangeError::NotMyTurn`] naming it (nothing changed;
+    /// the daemon retries on its back-off). `None` when there is nothing to coordinate through: the
     /// apiserver has no Lease API (a stand-in apiserver on a single host), or this server's
     /// apiserver does not serve at all (unreachable, or answering 5xx), so that restarting it
     /// cannot take a second apiserver down (and a broken one can still be repaired).
@@ -521,6 +561,9 @@ impl Turn {
             })?;
             let mut no_api = false;
             let mut down = false;
+            // A peer apiserver seen down, since when (monotonic), and the last word on it.
+            let mut peer_down: Option<(Duration, String)> = None;
+            let mut gave_up: Option<String> = None;
             let waited = ready::wait_until(
                 "waiting for this server's turn to restart its apiserver (one at a time)",
                 clock.as_ref(),
@@ -528,7 +571,23 @@ impl Turn {
                 async || {
                     let now = i64::try_from(clock.now()).unwrap_or(i64::MAX);
                     match membership::acquire_restart(&client, &node, lease_seconds, now).await {
-                        Ok(membership::Restart::Held { .. }) => Ok(()),
+                        Ok(membership::Restart::Held { .. }) => {
+                            // Holding the turn, no other agent starts a restart: is every other
+                            // apiserver serving?
+                            let Err(why) = peers_serve(&client, &node, now).await else {
+                                return Ok(());
+                            };
+                            if let Err(e) = membership::release_restart(&client, &node).await {
+                                log::debug!("cannot give the restart Lease back: {e}");
+                            }
+                            let since = peer_down.as_ref().map_or(clock.monotonic(), |p| p.0);
+                            if clock.monotonic().saturating_sub(since) >= PEER_GRACE {
+                                gave_up = Some(why);
+                                return Ok(());
+                            }
+                            peer_down = Some((since, why.clone()));
+                            Err(why)
+                        }
                         Ok(membership::Restart::Busy { holder, until }) => Err(format!(
                             "{holder} is restarting its apiserver (its turn ends by {})",
                             state::rfc3339(u64::try_from(until).unwrap_or(0))
@@ -549,6 +608,10 @@ impl Turn {
             )
             .await;
             match waited {
+                Ok(_) if gave_up.is_some() => Err(ChangeError::NotMyTurn(format!(
+                    "{}; nothing was changed",
+                    gave_up.unwrap_or_default()
+                ))),
                 Ok(_) if no_api => {
                     log::debug!("the apiserver has no Lease API: restarting without a turn");
                     Ok(None)
