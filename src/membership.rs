@@ -21,20 +21,27 @@
 //! ([`peers_down`], checked by the holder of the restart Lease just before it restarts, in
 //! [`crate::apiserver::change`]): with k3s's embedded etcd on three servers, one apiserver down
 //! plus one restarting is a lost etcd quorum, and for the clients it is two apiservers down at
-//! once. The apiservers that should be there are the ones that announce themselves (their
-//! identity Leases, [`apiservers`]; a stopped apiserver's Lease stays for its duration, an hour,
-//! so it is still expected); the ones that are there are the addresses of the `default/kubernetes`
-//! Endpoints ([`endpoints`]), which the apiservers themselves keep (the default `lease` endpoint
-//! reconciler). Measured on three real kube-apiservers v1.36.2: a stopped apiserver (SIGTERM)
-//! leaves the Endpoints within 0.3 s of its `/readyz` failing; a hung one (SIGSTOP) after about
-//! 19 s (its entry's 15 s TTL, then the next reconcile of a peer); a restarted one is back in the
-//! Endpoints in the same 0.3 s as its `/readyz`. Each identity Lease names its apiserver's
-//! address (annotation `kubernetes.io/peer-advertise-address`), so the one missing is named.
-//! Probing every peer's `/readyz` instead would need every peer's serving certificate to name the
-//! address it is reached at and the admin credentials to be valid on it; the Endpoints need
-//! neither and are what the cluster's own clients are sent to. An empty or missing Endpoints
-//! object means no apiserver maintains it (`--endpoint-reconciler-type=none`: a serving apiserver
-//! lists itself as soon as it is ready): the rule cannot be checked and is skipped, logged.
+//! once. Measured on three real kube-apiservers v1.36.2 (tests/real_apiserver_ha.rs):
+//!
+//! - a stopped apiserver (SIGTERM, as kubelet and systemd stop it) deletes its own identity
+//!   Lease and leaves the `default/kubernetes` Endpoints within 0.3 s of its `/readyz` failing;
+//! - a hung one (SIGSTOP) keeps its identity Lease (an hour) and leaves the Endpoints after
+//!   about 19 s (its entry's 15 s TTL, then a peer's next reconcile);
+//! - a restarted one is back in both in the same 0.3 s as its `/readyz`.
+//!
+//! So the apiservers that should be there are those that announce themselves (identity Leases,
+//! [`apiservers`]) and those of every live agent (an agent's Lease outlives its apiserver's
+//! identity Lease: it lasts three resyncs); the ones that serve are those with an identity Lease
+//! whose address is in the Endpoints ([`endpoints`]). The identity Lease names its apiserver's
+//! address (annotation `kubernetes.io/peer-advertise-address`), so the one missing is named; for
+//! apiservers that do not name it (before 1.28) the Endpoints are counted. The Endpoints are kept
+//! by the apiservers themselves (the default `lease` endpoint reconciler) and are what the
+//! cluster's own clients are sent to; probing every peer's `/readyz` instead would need every
+//! peer's serving certificate to name the address it is reached at, and would still need the
+//! list of peers. An empty or missing Endpoints object means no apiserver keeps it
+//! (`--endpoint-reconciler-type=none`: a serving apiserver lists itself as soon as it is ready):
+//! then only the missing identity Leases are checked. A server removed from the cluster holds
+//! restarts until its agent's Lease expires (three resyncs, 30 minutes by default).
 
 use std::collections::BTreeMap;
 
@@ -472,7 +479,8 @@ pub enum Peers {
     /// These are down (a host, or `one of a, b` when the apiservers do not name their
     /// addresses): no restart now.
     Down(Vec<String>),
-    /// The Endpoints list no address at all: no apiserver keeps them, nothing to compare with.
+    /// Every expected apiserver announces itself, but the Endpoints list no address at all: no
+    /// apiserver keeps them, nothing to compare with.
     Unknown,
 }
 
@@ -492,25 +500,44 @@ impl Peers {
     }
 }
 
-/// Which apiservers other than `node`'s are down: announced by an identity Lease ([`apiservers`])
-/// but not in the `kubernetes` Endpoints (`endpoints`, IPs). Pure.
+/// Which apiservers other than `node`'s are down. Pure. `apiservers`: those that announce
+/// themselves ([`apiservers`]); `agents`: the nodes of the live agents (each stands for an
+/// apiserver that should be there); `endpoints`: the IPs of the `kubernetes` Endpoints.
 ///
-/// An apiserver that names its address is down when that address is not listed. For those that
-/// do not (kube-apiserver before 1.28), the count decides: the Endpoints must list at least as
-/// many addresses, besides the named ones, as there are such apiservers.
-pub fn peers_down(apiservers: &[Apiserver], endpoints: &[String], node: &str) -> Peers {
+/// Down: a live agent's node with no identity Lease (its apiserver stopped: it deletes its
+/// Lease), and an apiserver that names its address when that address is not listed. For those
+/// that do not name it (kube-apiserver before 1.28), the count decides: the Endpoints must list
+/// at least as many addresses, besides the named ones, as there are such apiservers.
+pub fn peers_down(
+    apiservers: &[Apiserver],
+    agents: &[String],
+    endpoints: &[String],
+    node: &str,
+) -> Peers {
+    let mut down: Vec<String> = agents
+        .iter()
+        .filter(|a| *a != node && !apiservers.iter().any(|s| &s.host == *a))
+        .cloned()
+        .collect();
     if !apiservers.iter().any(|a| a.host != node) {
-        return Peers::Up;
+        return match down.is_empty() {
+            true => Peers::Up,
+            false => Peers::Down(down),
+        };
     }
     if endpoints.is_empty() {
-        return Peers::Unknown;
+        return match down.is_empty() {
+            true => Peers::Unknown,
+            false => Peers::Down(down),
+        };
     }
-    let mut down: Vec<String> = apiservers
-        .iter()
-        .filter(|a| a.host != node)
-        .filter(|a| a.address.as_ref().is_some_and(|ip| !endpoints.contains(ip)))
-        .map(|a| a.host.clone())
-        .collect();
+    down.extend(
+        apiservers
+            .iter()
+            .filter(|a| a.host != node)
+            .filter(|a| a.address.as_ref().is_some_and(|ip| !endpoints.contains(ip)))
+            .map(|a| a.host.clone()),
+    );
     let unnamed: Vec<&Apiserver> = apiservers.iter().filter(|a| a.address.is_none()).collect();
     let others_unnamed: Vec<String> = unnamed
         .iter()
@@ -529,6 +556,8 @@ pub fn peers_down(apiservers: &[Apiserver], endpoints: &[String], node: &str) ->
             });
         }
     }
+    down.sort();
+    down.dedup();
     if down.is_empty() {
         Peers::Up
     } else {
@@ -653,8 +682,8 @@ mod tests {
             apiserver("cp3", Some("10.0.0.3")),
         ];
         let all = ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
-        assert_eq!(peers_down(&three, &all, "cp1"), Peers::Up);
-        let down = peers_down(&three, &ips(&["10.0.0.1", "10.0.0.3"]), "cp1");
+        assert_eq!(peers_down(&three, &[], &all, "cp1"), Peers::Up);
+        let down = peers_down(&three, &[], &ips(&["10.0.0.1", "10.0.0.3"]), "cp1");
         assert_eq!(down, Peers::Down(vec!["cp2".into()]));
         let why = down.waiting().unwrap_or_default();
         assert!(
@@ -663,11 +692,11 @@ mod tests {
         );
         // Its own absence is not a reason to wait (it is the one to restart or repair).
         assert_eq!(
-            peers_down(&three, &ips(&["10.0.0.2", "10.0.0.3"]), "cp1"),
+            peers_down(&three, &[], &ips(&["10.0.0.2", "10.0.0.3"]), "cp1"),
             Peers::Up
         );
         // Two down: both named.
-        let down = peers_down(&three, &ips(&["10.0.0.1"]), "cp1");
+        let down = peers_down(&three, &[], &ips(&["10.0.0.1"]), "cp1");
         assert_eq!(down, Peers::Down(vec!["cp2".into(), "cp3".into()]));
         assert!(
             down.waiting()
@@ -677,13 +706,51 @@ mod tests {
         );
         // One server: nobody to wait for, whatever the Endpoints say.
         assert_eq!(
-            peers_down(&three[..1], &ips(&["10.9.9.9"]), "cp1"),
+            peers_down(&three[..1], &[], &ips(&["10.9.9.9"]), "cp1"),
             Peers::Up
         );
-        assert_eq!(peers_down(&[], &[], "cp1"), Peers::Up);
+        assert_eq!(peers_down(&[], &[], &[], "cp1"), Peers::Up);
         // No address at all: no apiserver keeps the Endpoints; nothing to compare.
-        assert_eq!(peers_down(&three, &[], "cp1"), Peers::Unknown);
+        assert_eq!(peers_down(&three, &[], &[], "cp1"), Peers::Unknown);
         assert_eq!(Peers::Unknown.waiting(), None);
+    }
+
+    #[test]
+    fn a_stopped_apiserver_deletes_its_identity_lease_and_its_live_agent_still_counts() {
+        let two = [
+            apiserver("cp1", Some("10.0.0.1")),
+            apiserver("cp2", Some("10.0.0.2")),
+        ];
+        let agents = ips(&["cp1", "cp2", "cp3"]);
+        let listed = ips(&["10.0.0.1", "10.0.0.2"]);
+        assert_eq!(
+            peers_down(&two, &agents, &listed, "cp1"),
+            Peers::Down(vec!["cp3".into()])
+        );
+        // Also with Endpoints nobody keeps, and with no other apiserver announced at all.
+        assert_eq!(
+            peers_down(&two, &agents, &[], "cp1"),
+            Peers::Down(vec!["cp3".into()])
+        );
+        assert_eq!(
+            peers_down(&two[..1], &ips(&["cp1", "cp3"]), &listed, "cp1"),
+            Peers::Down(vec!["cp3".into()])
+        );
+        // Its own agent without an identity Lease is not a peer.
+        assert_eq!(
+            peers_down(&two[1..], &ips(&["cp1", "cp2"]), &listed, "cp1"),
+            Peers::Up
+        );
+        // Agents of announced apiservers that serve: up.
+        assert_eq!(
+            peers_down(&two, &ips(&["cp1", "cp2"]), &listed, "cp1"),
+            Peers::Up
+        );
+        // Stopped and hung at once: both named, once each.
+        assert_eq!(
+            peers_down(&two, &agents, &ips(&["10.0.0.1"]), "cp1"),
+            Peers::Down(vec!["cp2".into(), "cp3".into()])
+        );
     }
 
     #[test]
@@ -694,11 +761,16 @@ mod tests {
             apiserver("cp3", None),
         ];
         assert_eq!(
-            peers_down(&unnamed, &ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]), "cp1"),
+            peers_down(
+                &unnamed,
+                &[],
+                &ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]),
+                "cp1"
+            ),
             Peers::Up
         );
         assert_eq!(
-            peers_down(&unnamed, &ips(&["10.0.0.1", "10.0.0.3"]), "cp1"),
+            peers_down(&unnamed, &[], &ips(&["10.0.0.1", "10.0.0.3"]), "cp1"),
             Peers::Down(vec!["one of cp2, cp3".into()])
         );
         // Mixed: the named one is matched by address, the rest by count.
@@ -708,15 +780,20 @@ mod tests {
             apiserver("cp3", Some("10.0.0.3")),
         ];
         assert_eq!(
-            peers_down(&mixed, &ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]), "cp1"),
+            peers_down(
+                &mixed,
+                &[],
+                &ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]),
+                "cp1"
+            ),
             Peers::Up
         );
         assert_eq!(
-            peers_down(&mixed, &ips(&["10.0.0.1", "10.0.0.3"]), "cp1"),
+            peers_down(&mixed, &[], &ips(&["10.0.0.1", "10.0.0.3"]), "cp1"),
             Peers::Down(vec!["cp2".into()])
         );
         assert_eq!(
-            peers_down(&mixed, &ips(&["10.0.0.1", "10.0.0.2"]), "cp1"),
+            peers_down(&mixed, &[], &ips(&["10.0.0.1", "10.0.0.2"]), "cp1"),
             Peers::Down(vec!["cp3".into()])
         );
     }

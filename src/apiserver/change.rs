@@ -492,8 +492,9 @@ impl ApiserverProbe for NoProbe {
 /// of its `/readyz`), short enough that `status` soon names the apiserver waited for.
 const PEER_GRACE: Duration = Duration::from_secs(10);
 
-/// `Err(why)` when another apiserver of the cluster is down ([`membership::peers_down`]): this
-/// one must not restart now. Reading the identity Leases or the Endpoints failing is a reason to
+/// `Err(why)` when another apiserver of the cluster is down ([`membership::peers_down`]: an
+/// agent's apiserver that does not announce itself, or one missing from the `kubernetes`
+/// Endpoints): this one must not restart now. Reading the identity Leases or the Endpoints failing is a reason to
 /// wait too (nothing known). The Endpoints listing nothing (no apiserver keeps them) cannot tell:
 /// logged, not waited for.
 async fn peers_serve(client: &kube::Client, node: &str, now: i64) -> Result<(), String> {
@@ -503,8 +504,16 @@ async fn peers_serve(client: &kube::Client, node: &str, now: i64) -> Result<(), 
         )
     };
     let apiservers = membership::apiservers(client, now).await.map_err(cannot)?;
+    let agents: Vec<String> = membership::view(client, now)
+        .await
+        .map_err(cannot)?
+        .agents
+        .into_iter()
+        .filter(|a| a.live)
+        .map(|a| a.node)
+        .collect();
     let endpoints = membership::endpoints(client).await.map_err(cannot)?;
-    let peers = membership::peers_down(&apiservers, &endpoints, node);
+    let peers = membership::peers_down(&apiservers, &agents, &endpoints, node);
     if peers == membership::Peers::Unknown {
         log::info!(
             "the kubernetes Endpoints list no address (no apiserver keeps them: --endpoint-reconciler-type=none?): restarting without knowing whether the other apiservers ({}) serve",
