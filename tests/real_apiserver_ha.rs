@@ -496,7 +496,7 @@ fn seed() -> u64 {
     std::env::var("IRSA_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| ha_support::unix_ms())
+        .unwrap_or_else(ha_support::unix_ms)
 }
 
 /// The points of the rollout an agent is killed at: the `nth` line of its output containing
@@ -623,7 +623,7 @@ fn an_agent_killed_at_a_random_point_of_the_rollout_delays_it_and_breaks_nothing
     );
 }
 
-/// Issue 15's faults: one apiserver kept down for 40 s in the middle of the rollout (its kubelet
+/// Issue 15's faults: one apiserver kept down for 30 s in the middle of the rollout (its kubelet
 /// stopped, once every agent has announced itself and before every server signs), while its
 /// agent keeps running. Taken down at a quiet moment (the test holds the agents' restart Lease
 /// while it stops it, so no agent's restart is in flight), it must be the only apiserver down
@@ -632,7 +632,7 @@ fn an_agent_killed_at_a_random_point_of_the_rollout_delays_it_and_breaks_nothing
 /// whom they wait for; once it is back, the cluster completes, and nothing is rejected.
 #[test]
 fn one_apiserver_kept_down_holds_every_restart_until_it_is_back() {
-    const KEPT_DOWN: Duration = Duration::from_secs(40);
+    const KEPT_DOWN: Duration = Duration::from_secs(30);
     let Some(daemons) = Daemons::start("real_apiserver_ha_down", FAULT_CONFIG) else {
         return;
     };
