@@ -614,9 +614,10 @@ fn an_agent_killed_at_a_random_point_of_the_rollout_delays_it_and_breaks_nothing
     // Accept, then sign: two restarts per server (a restart the killed agent had started is
     // finished by kubelet, not done again).
     assert_eq!(r.restarts, vec![2; n], "restarts per server\n{}", r.logs);
-    // No agent waited for the restart Lease of the killed one until it expired.
+    // No agent waited for the restart Lease of the killed one until it expired (6 minutes after
+    // it was taken; 115-190 s to converge measured at loads of 10-40).
     assert!(
-        r.converged < Duration::from_secs(240),
+        r.converged < Duration::from_secs(330),
         "converged only after {:.1?}\n{}",
         r.converged,
         r.logs
