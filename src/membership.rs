@@ -14,10 +14,39 @@
 //! cluster-wide step, and is never a reason to reject a token.
 //!
 //! Liveness is decided by [`live`], a pure function of the Lease and `now`.
+//!
+//! ## No restart while another apiserver is down
+//!
+//! An agent restarts its own apiserver only while every other apiserver of the cluster serves
+//! ([`peers_down`], checked by the holder of the restart Lease just before it restarts, in
+//! [`crate::apiserver::change`]): with k3s's embedded etcd on three servers, one apiserver down
+//! plus one restarting is a lost etcd quorum, and for the clients it is two apiservers down at
+//! once. Measured on three real kube-apiservers v1.36.2 (tests/real_apiserver_ha.rs):
+//!
+//! - a stopped apiserver (SIGTERM, as kubelet and systemd stop it) deletes its own identity
+//!   Lease and leaves the `default/kubernetes` Endpoints within 0.3 s of its `/readyz` failing;
+//! - a hung one (SIGSTOP) keeps its identity Lease (an hour) and leaves the Endpoints after
+//!   about 19 s (its entry's 15 s TTL, then a peer's next reconcile);
+//! - a restarted one is back in both in the same 0.3 s as its `/readyz`.
+//!
+//! So the apiservers that should be there are those that announce themselves (identity Leases,
+//! [`apiservers`]) and those of every live agent (an agent's Lease outlives its apiserver's
+//! identity Lease: it lasts three resyncs); the ones that serve are those with an identity Lease
+//! whose address is in the Endpoints ([`endpoints`]). The identity Lease names its apiserver's
+//! address (annotation `kubernetes.io/peer-advertise-address`), so the one missing is named; for
+//! apiservers that do not name it (before 1.28) the Endpoints are counted. The Endpoints are kept
+//! by the apiservers themselves (the default `lease` endpoint reconciler) and are what the
+//! cluster's own clients are sent to; probing every peer's `/readyz` instead would need every
+//! peer's serving certificate to name the address it is reached at, and would still need the
+//! list of peers. An empty or missing Endpoints object means no apiserver keeps it
+//! (`--endpoint-reconciler-type=none`: a serving apiserver lists itself as soon as it is ready):
+//! then only the missing identity Leases are checked. A server removed from the cluster holds
+//! restarts until its agent's Lease expires (three resyncs, 30 minutes by default).
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::Endpoints;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, ListParams, PostParams};
 use serde::{Deserialize, Serialize};
@@ -32,6 +61,10 @@ pub const REPORT: &str = "irsa-agent.io/report";
 pub const APISERVER_IDENTITY: &str = "apiserver.kubernetes.io/identity=kube-apiserver";
 /// The label naming the apiserver's host on its identity Lease.
 pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
+
+/// The annotation in which kube-apiserver (1.28 and later) names its address
+/// (`10.0.0.1:6443`, `[fd00::1]:6443`) on its identity Lease.
+pub const PEER_ADDRESS: &str = "kubernetes.io/peer-advertise-address";
 
 /// The cluster-wide restart Lease: an agent restarts its own apiserver only while it holds it.
 pub const RESTART: &str = "irsa-agent-restart";
@@ -152,6 +185,19 @@ pub enum Error {
         /// The HTTP status the apiserver answered, when it answered.
         code: Option<u16>,
     },
+    #[error("reading the Endpoints default/kubernetes: {cause}")]
+    Endpoints {
+        cause: String,
+        /// The HTTP status the apiserver answered, when it answered.
+        code: Option<u16>,
+    },
+}
+
+fn code_of(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(status) => Some(status.code),
+        _ => None,
+    }
 }
 
 fn lease_error(name: &str, e: kube::Error) -> Error {
@@ -171,9 +217,9 @@ impl Error {
     /// when it could not be reached or failed on its side.
     pub fn served(&self) -> bool {
         match self {
-            Error::Lease { code, .. } | Error::List { code, .. } => {
-                code.is_some_and(|c| !(500..600).contains(&c))
-            }
+            Error::Lease { code, .. }
+            | Error::List { code, .. }
+            | Error::Endpoints { code, .. } => code.is_some_and(|c| !(500..600).contains(&c)),
         }
     }
 
@@ -456,16 +502,184 @@ fn holder_lease(name: &str, node: &str, duration: i32, now: i64, old: Option<&Le
     lease
 }
 
+/// An apiserver as its identity Lease announces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Apiserver {
+    /// Its host (`kubernetes.io/hostname`).
+    pub host: String,
+    /// The IP address it advertises ([`PEER_ADDRESS`], without the port), when named.
+    pub address: Option<String>,
+}
+
+fn list_error(e: kube::Error) -> Error {
+    Error::List {
+        code: code_of(&e),
+        cause: e.to_string(),
+    }
+}
+
+/// The IP of `host:port` or `[ip6]:port` (or of a bare IP).
+fn ip_of(address: &str) -> String {
+    let address = address.trim();
+    if let Some(rest) = address.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest).to_string();
+    }
+    match address.rsplit_once(':') {
+        // One colon: `ip:port`; more: a bare IPv6 address.
+        Some((ip, _)) if !ip.contains(':') => ip.to_string(),
+        _ => address.to_string(),
+    }
+}
+
+/// The apiservers that announce themselves: a live identity Lease each, by host (sorted, one
+/// per host).
+pub async fn apiservers(client: &kube::Client, now: i64) -> Result<Vec<Apiserver>, Error> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
+    let mut out: Vec<Apiserver> = leases
+        .list(&ListParams::default().labels(APISERVER_IDENTITY))
+        .await
+        .map_err(list_error)?
+        .items
+        .iter()
+        .filter(|lease| live(lease, now))
+        .filter_map(|lease| {
+            let host = lease.metadata.labels.as_ref()?.get(HOSTNAME_LABEL)?.clone();
+            let address = lease
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(PEER_ADDRESS))
+                .map(|a| ip_of(a));
+            Some(Apiserver { host, address })
+        })
+        .collect();
+    // One per host (a host announced twice: the Lease naming an address).
+    out.sort_by(|a, b| a.host.cmp(&b.host).then(b.address.cmp(&a.address)));
+    out.dedup_by(|a, b| a.host == b.host);
+    Ok(out)
+}
+
+/// The addresses of the `default/kubernetes` Endpoints: the apiservers serving now (empty when
+/// the object does not exist).
+pub async fn endpoints(client: &kube::Client) -> Result<Vec<String>, Error> {
+    let api: Api<Endpoints> = Api::namespaced(client.clone(), "default");
+    let found = api
+        .get_opt("kubernetes")
+        .await
+        .map_err(|e| Error::Endpoints {
+            code: code_of(&e),
+            cause: e.to_string(),
+        })?;
+    let mut out: Vec<String> = found
+        .and_then(|e| e.subsets)
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|s| s.addresses.unwrap_or_default())
+        .map(|a| a.ip)
+        .collect();
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// Whether every other apiserver serves, for [`peers_down`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peers {
+    /// No other apiserver, or every other one is in the Endpoints.
+    Up,
+    /// These are down (a host, or `one of a, b` when the apiservers do not name their
+    /// addresses): no restart now.
+    Down(Vec<String>),
+    /// Every expected apiserver announces itself, but the Endpoints list no address at all: no
+    /// apiserver keeps them, nothing to compare with.
+    Unknown,
+}
+
+impl Peers {
+    /// The transient failure to report when down.
+    pub fn waiting(&self) -> Option<String> {
+        let Peers::Down(down) = self else {
+            return None;
+        };
+        let whose = match down.as_slice() {
+            [one] => format!("{one}'s apiserver"),
+            _ => format!("the apiservers of {}", down.join(" and ")),
+        };
+        Some(format!(
+            "waiting for {whose} to come back before restarting this one (an apiserver down plus one restarting is two down at once, and with k3s's embedded etcd on three servers a lost quorum)"
+        ))
+    }
+}
+
+/// Which apiservers other than `node`'s are down. Pure. `apiservers`: those that announce
+/// themselves ([`apiservers`]); `agents`: the nodes of the live agents (each stands for an
+/// apiserver that should be there); `endpoints`: the IPs of the `kubernetes` Endpoints.
+///
+/// Down: a live agent's node with no identity Lease (its apiserver stopped: it deletes its
+/// Lease), and an apiserver that names its address when that address is not listed. For those
+/// that do not name it (kube-apiserver before 1.28), the count decides: the Endpoints must list
+/// at least as many addresses, besides the named ones, as there are such apiservers.
+pub fn peers_down(
+    apiservers: &[Apiserver],
+    agents: &[String],
+    endpoints: &[String],
+    node: &str,
+) -> Peers {
+    let mut down: Vec<String> = agents
+        .iter()
+        .filter(|a| *a != node && !apiservers.iter().any(|s| &s.host == *a))
+        .cloned()
+        .collect();
+    if !apiservers.iter().any(|a| a.host != node) {
+        return match down.is_empty() {
+            true => Peers::Up,
+            false => Peers::Down(down),
+        };
+    }
+    if endpoints.is_empty() {
+        return match down.is_empty() {
+            true => Peers::Unknown,
+            false => Peers::Down(down),
+        };
+    }
+    down.extend(
+        apiservers
+            .iter()
+            .filter(|a| a.host != node)
+            .filter(|a| a.address.as_ref().is_some_and(|ip| !endpoints.contains(ip)))
+            .map(|a| a.host.clone()),
+    );
+    let unnamed: Vec<&Apiserver> = apiservers.iter().filter(|a| a.address.is_none()).collect();
+    let others_unnamed: Vec<String> = unnamed
+        .iter()
+        .filter(|a| a.host != node)
+        .map(|a| a.host.clone())
+        .collect();
+    if !others_unnamed.is_empty() {
+        let unclaimed = endpoints
+            .iter()
+            .filter(|ip| !apiservers.iter().any(|a| a.address.as_ref() == Some(*ip)))
+            .count();
+        if unclaimed < unnamed.len() {
+            down.push(match others_unnamed.as_slice() {
+                [one] => one.clone(),
+                _ => format!("one of {}", others_unnamed.join(", ")),
+            });
+        }
+    }
+    down.sort();
+    down.dedup();
+    if down.is_empty() {
+        Peers::Up
+    } else {
+        Peers::Down(down)
+    }
+}
+
 /// Reads every agent Lease and every apiserver identity Lease.
 pub async fn view(client: &kube::Client, now: i64) -> Result<View, Error> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
-    let list = |e: kube::Error| Error::List {
-        code: match &e {
-            kube::Error::Api(status) => Some(status.code),
-            _ => None,
-        },
-        cause: e.to_string(),
-    };
+    let list = list_error;
     let mut agents: Vec<Member> = leases
         .list(&ListParams::default())
         .await
@@ -492,17 +706,11 @@ pub async fn view(client: &kube::Client, now: i64) -> Result<View, Error> {
         })
         .collect();
     agents.sort_by(|a, b| a.node.cmp(&b.node));
-    let mut apiservers: Vec<String> = leases
-        .list(&ListParams::default().labels(APISERVER_IDENTITY))
-        .await
-        .map_err(list)?
-        .items
-        .iter()
-        .filter(|lease| live(lease, now))
-        .filter_map(|lease| lease.metadata.labels.as_ref()?.get(HOSTNAME_LABEL).cloned())
+    let apiservers = apiservers(client, now)
+        .await?
+        .into_iter()
+        .map(|a| a.host)
         .collect();
-    apiservers.sort();
-    apiservers.dedup();
     Ok(View { agents, apiservers })
 }
 
@@ -604,6 +812,149 @@ mod tests {
             spec.holder_identity = None;
         }
         assert_eq!(held_by_other(&lease, "cp2", 1030), None, "released");
+    }
+
+    fn apiserver(host: &str, address: Option<&str>) -> Apiserver {
+        Apiserver {
+            host: host.into(),
+            address: address.map(str::to_string),
+        }
+    }
+
+    fn ips(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn an_apiserver_missing_from_the_endpoints_is_down_and_named() {
+        let three = [
+            apiserver("cp1", Some("10.0.0.1")),
+            apiserver("cp2", Some("10.0.0.2")),
+            apiserver("cp3", Some("10.0.0.3")),
+        ];
+        let all = ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
+        assert_eq!(peers_down(&three, &[], &all, "cp1"), Peers::Up);
+        let down = peers_down(&three, &[], &ips(&["10.0.0.1", "10.0.0.3"]), "cp1");
+        assert_eq!(down, Peers::Down(vec!["cp2".into()]));
+        let why = down.waiting().unwrap_or_default();
+        assert!(
+            why.starts_with("waiting for cp2's apiserver to come back before restarting this one"),
+            "{why}"
+        );
+        // Its own absence is not a reason to wait (it is the one to restart or repair).
+        assert_eq!(
+            peers_down(&three, &[], &ips(&["10.0.0.2", "10.0.0.3"]), "cp1"),
+            Peers::Up
+        );
+        // Two down: both named.
+        let down = peers_down(&three, &[], &ips(&["10.0.0.1"]), "cp1");
+        assert_eq!(down, Peers::Down(vec!["cp2".into(), "cp3".into()]));
+        assert!(
+            down.waiting()
+                .unwrap_or_default()
+                .contains("the apiservers of cp2 and cp3 to come back"),
+            "{down:?}"
+        );
+        // One server: nobody to wait for, whatever the Endpoints say.
+        assert_eq!(
+            peers_down(&three[..1], &[], &ips(&["10.9.9.9"]), "cp1"),
+            Peers::Up
+        );
+        assert_eq!(peers_down(&[], &[], &[], "cp1"), Peers::Up);
+        // No address at all: no apiserver keeps the Endpoints; nothing to compare.
+        assert_eq!(peers_down(&three, &[], &[], "cp1"), Peers::Unknown);
+        assert_eq!(Peers::Unknown.waiting(), None);
+    }
+
+    #[test]
+    fn a_stopped_apiserver_deletes_its_identity_lease_and_its_live_agent_still_counts() {
+        let two = [
+            apiserver("cp1", Some("10.0.0.1")),
+            apiserver("cp2", Some("10.0.0.2")),
+        ];
+        let agents = ips(&["cp1", "cp2", "cp3"]);
+        let listed = ips(&["10.0.0.1", "10.0.0.2"]);
+        assert_eq!(
+            peers_down(&two, &agents, &listed, "cp1"),
+            Peers::Down(vec!["cp3".into()])
+        );
+        // Also with Endpoints nobody keeps, and with no other apiserver announced at all.
+        assert_eq!(
+            peers_down(&two, &agents, &[], "cp1"),
+            Peers::Down(vec!["cp3".into()])
+        );
+        assert_eq!(
+            peers_down(&two[..1], &ips(&["cp1", "cp3"]), &listed, "cp1"),
+            Peers::Down(vec!["cp3".into()])
+        );
+        // Its own agent without an identity Lease is not a peer.
+        assert_eq!(
+            peers_down(&two[1..], &ips(&["cp1", "cp2"]), &listed, "cp1"),
+            Peers::Up
+        );
+        // Agents of announced apiservers that serve: up.
+        assert_eq!(
+            peers_down(&two, &ips(&["cp1", "cp2"]), &listed, "cp1"),
+            Peers::Up
+        );
+        // Stopped and hung at once: both named, once each.
+        assert_eq!(
+            peers_down(&two, &agents, &ips(&["10.0.0.1"]), "cp1"),
+            Peers::Down(vec!["cp2".into(), "cp3".into()])
+        );
+    }
+
+    #[test]
+    fn apiservers_that_do_not_name_their_address_are_counted() {
+        let unnamed = [
+            apiserver("cp1", None),
+            apiserver("cp2", None),
+            apiserver("cp3", None),
+        ];
+        assert_eq!(
+            peers_down(
+                &unnamed,
+                &[],
+                &ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]),
+                "cp1"
+            ),
+            Peers::Up
+        );
+        assert_eq!(
+            peers_down(&unnamed, &[], &ips(&["10.0.0.1", "10.0.0.3"]), "cp1"),
+            Peers::Down(vec!["one of cp2, cp3".into()])
+        );
+        // Mixed: the named one is matched by address, the rest by count.
+        let mixed = [
+            apiserver("cp1", Some("10.0.0.1")),
+            apiserver("cp2", None),
+            apiserver("cp3", Some("10.0.0.3")),
+        ];
+        assert_eq!(
+            peers_down(
+                &mixed,
+                &[],
+                &ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]),
+                "cp1"
+            ),
+            Peers::Up
+        );
+        assert_eq!(
+            peers_down(&mixed, &[], &ips(&["10.0.0.1", "10.0.0.3"]), "cp1"),
+            Peers::Down(vec!["cp2".into()])
+        );
+        assert_eq!(
+            peers_down(&mixed, &[], &ips(&["10.0.0.1", "10.0.0.2"]), "cp1"),
+            Peers::Down(vec!["cp3".into()])
+        );
+    }
+
+    #[test]
+    fn the_advertised_address_loses_its_port() {
+        assert_eq!(ip_of("10.250.0.3:6443"), "10.250.0.3");
+        assert_eq!(ip_of("[fd00::3]:6443"), "fd00::3");
+        assert_eq!(ip_of("fd00::3"), "fd00::3");
+        assert_eq!(ip_of("10.250.0.3"), "10.250.0.3");
     }
 
     #[test]

@@ -486,6 +486,85 @@ impl ApiserverProbe for NoProbe {
     }
 }
 
+/// How long the holder of the restart Lease waits for a peer apiserver that is not in the
+/// `kubernetes` Endpoints before it reports the wait as a failure (retried on the daemon's
+/// back-off): long enough for a peer just restarted to be listed again (measured: within 0.3 s
+/// of its `/readyz`), short enough that `status` soon names the apiserver waited for.
+const PEER_GRACE: Duration = Duration::from_secs(10);
+
+/// `Err(why)` when another apiserver of the cluster is down ([`membership::peers_down`]: an
+/// agent's apiserver that does not announce itself, or one missing from the `kubernetes`
+/// Endpoints): this one must not restart now. Reading the identity Leases or the Endpoints
+/// failing is a reason to wait too (nothing known). The Endpoints listing nothing (no apiserver
+/// keeps them) cannot tell: logged, not waited for.
+async fn peers_serve(client: &kube::Client, node: &str, now: i64) -> Result<(), String> {
+    let cannot = |e: membership::Error| {
+        format!(
+            "cannot tell whether every other apiserver serves, so this one does not restart yet: {e}"
+        )
+    };
+    let apiservers = membership::apiservers(client, now).await.map_err(cannot)?;
+    let agents: Vec<String> = membership::view(client, now)
+        .await
+        .map_err(cannot)?
+        .agents
+        .into_iter()
+        .filter(|a| a.live)
+        .map(|a| a.node)
+        .collect();
+    let endpoints = membership::endpoints(client).await.map_err(cannot)?;
+    let peers = membership::peers_down(&apiservers, &agents, &endpoints, node);
+    if peers == membership::Peers::Unknown {
+        log::info!(
+            "the kubernetes Endpoints list no address (no apiserver keeps them: --endpoint-reconciler-type=none?): restarting without knowing whether the other apiservers ({}) serve",
+            apiservers
+                .iter()
+                .map(|a| a.host.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    match peers.waiting() {
+        Some(why) => Err(why),
+        None => Ok(()),
+    }
+}
+
+/// One try at the restart turn ([`try_turn`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attempt {
+    /// This node holds the restart Lease and every other apiserver serves.
+    Held,
+    /// Another node holds it until `until` (Unix seconds).
+    Busy { holder: String, until: i64 },
+    /// This node took the Lease but another apiserver is down: the Lease was given back.
+    PeerDown(String),
+}
+
+/// Takes (or renews) the restart Lease for `node` for `seconds` and checks that every other
+/// apiserver of the cluster serves; when one does not, gives the Lease back. One try of
+/// [`wait_for_turn`] on a real cluster: `apply`, the daemon and rotation all come here.
+pub async fn try_turn(
+    client: &kube::Client,
+    node: &str,
+    seconds: i32,
+    now: i64,
+) -> Result<Attempt, membership::Error> {
+    match membership::acquire_restart(client, node, seconds, now).await? {
+        membership::Restart::Busy { holder, until } => Ok(Attempt::Busy { holder, until }),
+        // Holding the turn, no other agent starts a restart: is every other apiserver serving?
+        membership::Restart::Held { .. } => match peers_serve(client, node, now).await {
+            Ok(()) => Ok(Attempt::Held),
+            Err(why) => {
+                if let Err(e) = membership::release_restart(client, node).await {
+                    log::debug!("cannot give the restart Lease back: {e}");
+                }
+                Ok(Attempt::PeerDown(why))
+            }
+        },
+    }
+}
+
 /// How a wait for the restart Lease ended ([`wait_for_turn`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Turned {
@@ -500,31 +579,46 @@ pub enum Turned {
     Down,
 }
 
-/// Waits for this node's turn to restart its apiserver, for `patience`: `acquire` takes (or
-/// renews) the restart Lease at `now` (Unix seconds). The one wait behind `apply`, `finalize`,
-/// the daemon's apiserver step and rotation's restarts. The error says who held it last.
+/// Waits for this node's turn to restart its apiserver, for `patience`: `attempt` tries to
+/// take it at `now` (Unix seconds; [`try_turn`]). The one wait behind `apply`, `finalize`, the
+/// daemon's apiserver step and rotation's restarts. A peer apiserver down for [`PEER_GRACE`]
+/// ends the wait (nothing changed; the daemon retries on its back-off). The error says who or
+/// what it waited for last.
 pub async fn wait_for_turn(
     clock: &dyn Clock,
     patience: Patience,
-    mut acquire: impl AsyncFnMut(i64) -> Result<membership::Restart, membership::Error>,
+    mut attempt: impl AsyncFnMut(i64) -> Result<Attempt, membership::Error>,
 ) -> Result<Turned, String> {
     let mut turned = Turned::Held;
+    // A peer apiserver seen down, since when (monotonic).
+    let mut peer_down_since: Option<Duration> = None;
+    let mut gave_up: Option<String> = None;
     let waited = ready::wait_until(
         "waiting for this server's turn to restart its apiserver (one at a time)",
         clock,
         patience,
         async || {
             let now = i64::try_from(clock.now()).unwrap_or(i64::MAX);
-            match acquire(now).await {
-                Ok(membership::Restart::Held { .. }) => Ok(()),
-                Ok(membership::Restart::Busy { holder, until }) => Err(format!(
+            match attempt(now).await {
+                Ok(Attempt::Held) => Ok(()),
+                Ok(Attempt::Busy { holder, until }) => Err(format!(
                     "{holder} is restarting its apiserver (its turn ends by {})",
                     state::rfc3339(u64::try_from(until).unwrap_or(0))
                 )),
+                Ok(Attempt::PeerDown(why)) => {
+                    let since = *peer_down_since.get_or_insert(clock.monotonic());
+                    if clock.monotonic().saturating_sub(since) >= PEER_GRACE {
+                        gave_up = Some(why);
+                        return Ok(());
+                    }
+                    Err(why)
+                }
                 Err(e) if e.no_lease_api() => {
                     turned = Turned::NoLeaseApi;
                     Ok(())
                 }
+                // This apiserver does not serve (down, restarting, or failing): restarting it
+                // takes no serving apiserver away from the cluster.
                 Err(e) if !e.served() => {
                     turned = Turned::Down;
                     Ok(())
@@ -535,6 +629,10 @@ pub async fn wait_for_turn(
     )
     .await;
     match waited {
+        Ok(_) if gave_up.is_some() => Err(format!(
+            "{}; nothing was changed",
+            gave_up.unwrap_or_default()
+        )),
         Ok(_) => {
             match turned {
                 Turned::NoLeaseApi => {
@@ -557,8 +655,10 @@ pub async fn wait_for_turn(
 /// This host's turn to restart its apiserver: the cluster-wide restart Lease
 /// ([`membership::acquire_restart`]). Held from before the files are written until the
 /// apiserver is seen serving them or they were rolled back, so that on several servers one
-/// apiserver restarts at a time (with k3s's embedded etcd, two at once can cost quorum). The
-/// Lease lasts the restart timeout plus a minute: a holder that dies frees it by then.
+/// apiserver restarts at a time (with k3s's embedded etcd, two at once can cost quorum), and
+/// none while another apiserver is down (see [`crate::membership`], "No restart while another
+/// apiserver is down"). The Lease lasts the restart timeout plus a minute: a holder that dies
+/// frees it by then.
 struct Turn {
     client: kube::Client,
     node: String,
@@ -566,7 +666,10 @@ struct Turn {
 
 impl Turn {
     /// Waits for the restart Lease, for up to twice the restart timeout (another server's
-    /// restart and verification). `None` when there is nothing to coordinate through: the
+    /// restart and verification). Once it holds the Lease, every other apiserver of the cluster
+    /// must be serving ([`peers_serve`]): when one is down, the Lease is given back, and after
+    /// [`PEER_GRACE`] the wait ends as [`ChangeError::NotMyTurn`] naming it (nothing changed;
+    /// the daemon retries on its back-off). `None` when there is nothing to coordinate through: the
     /// apiserver has no Lease API (a stand-in apiserver on a single host), or this server's
     /// apiserver does not serve at all (unreachable, or answering 5xx), so that restarting it
     /// cannot take a second apiserver down (and a broken one can still be repaired).
@@ -588,7 +691,7 @@ impl Turn {
                 ChangeError::NotMyTurn(format!("cannot take the restart Lease: {e}"))
             })?;
             let turned = wait_for_turn(clock.as_ref(), patience, async |now| {
-                membership::acquire_restart(&client, &node, lease_seconds, now).await
+                try_turn(&client, &node, lease_seconds, now).await
             })
             .await
             .map_err(ChangeError::NotMyTurn)?;

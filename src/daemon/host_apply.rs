@@ -210,6 +210,9 @@ impl HostApply {
             // `prepare` reports it.
             Err(_) => return Ok(Goal::Sign { accept_only: false }),
         };
+        // This process holds the restart Lease only within a step: one this node holds now was
+        // left by a run that was killed.
+        self.release_left_turn(&observed);
         let accepted = &observed.flags.issuers;
         let decision = match self.view(&observed) {
             Ok(view) => {
@@ -277,6 +280,21 @@ impl HostApply {
             self.run.request_timeout,
         )?;
         probe.api().client().map_err(|e| e.to_string())
+    }
+
+    /// Gives back the restart Lease when this node holds it before a step (the daemon takes it
+    /// only within a step, [`change::carry_out`]): an agent killed (-9) while holding it would
+    /// otherwise hold every other server's restart until the Lease expires (the restart timeout
+    /// plus a minute, 6 minutes by default; measured) whenever, back, it has nothing to restart
+    /// (kubelet finished the restart it began) or waits for the others.
+    fn release_left_turn(&self, observed: &apiserver::Observed) {
+        let released = self.client(observed).and_then(|client| {
+            crate::runtime::block_on(membership::release_restart(&client, &self.run.node))
+                .map_err(|e| e.to_string())
+        });
+        if let Err(e) = released {
+            log::debug!("cannot look at the restart Lease: {e}");
+        }
     }
 
     /// Says in this node's Lease what its apiserver accepts and signs with now (the files,

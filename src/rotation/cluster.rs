@@ -8,6 +8,7 @@
 use base64::Engine as _;
 use zeroize::Zeroizing;
 
+use crate::apiserver::change::Attempt;
 use crate::apiserver::probe::stale_tokens_in;
 use crate::k8s::Api;
 use crate::keys::jwks::{DISCOVERY_PATH, JWKS_PATH};
@@ -91,6 +92,16 @@ pub trait Cluster: Send {
             cause: "the apiserver has no Lease API".to_string(),
             code: Some(404),
         })
+    }
+    /// Tries to take the restart Lease for `seconds`, and checks that every other apiserver
+    /// serves ([`crate::apiserver::change::try_turn`]).
+    async fn try_turn(&mut self, seconds: u64) -> Result<Attempt, membership::Error> {
+        self.hold(membership::RESTART, seconds)
+            .await
+            .map(|held| match held {
+                Restart::Held { .. } => Attempt::Held,
+                Restart::Busy { holder, until } => Attempt::Busy { holder, until },
+            })
     }
     /// Gives the Lease `name` back, when this node holds it.
     async fn let_go(&mut self, name: &str) -> Result<(), membership::Error> {
@@ -322,6 +333,12 @@ impl Cluster for ApiCluster {
         let client = lease_client(&self.api, name)?;
         let seconds = i32::try_from(seconds).unwrap_or(i32::MAX);
         membership::acquire(&client, name, &self.node, seconds, unix_now()).await
+    }
+
+    async fn try_turn(&mut self, seconds: u64) -> Result<Attempt, membership::Error> {
+        let client = lease_client(&self.api, membership::RESTART)?;
+        let seconds = i32::try_from(seconds).unwrap_or(i32::MAX);
+        crate::apiserver::change::try_turn(&client, &self.node, seconds, unix_now()).await
     }
 
     async fn let_go(&mut self, name: &str) -> Result<(), membership::Error> {

@@ -194,7 +194,7 @@ pub async fn follow(ctx: &mut Context) -> Result<Option<String>, RotationError> 
                     timeout: timeout * 2,
                     poll: ctx.options.poll.max(Duration::from_secs(1)),
                 },
-                async |_| cluster.hold(membership::RESTART, seconds).await,
+                async |_| cluster.try_turn(seconds).await,
             )
             .await
             .map_err(failed)?;

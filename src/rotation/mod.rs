@@ -1011,7 +1011,7 @@ impl Run<'_> {
         let seconds = timeout.as_secs() + 60;
         let cluster = &mut self.ctx.cluster;
         change::wait_for_turn(self.ctx.clock.as_ref(), patience, async |_| {
-            cluster.hold(membership::RESTART, seconds).await
+            cluster.try_turn(seconds).await
         })
         .await
         .map_err(failed)

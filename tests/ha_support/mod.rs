@@ -763,6 +763,81 @@ impl Ha {
         .expect("thread")
     }
 
+    /// Takes the agents' cluster-wide restart Lease as `holder` (for `seconds`), through server
+    /// `i`, waiting up to `timeout` while an agent holds it (its restart in flight). While the
+    /// test holds it, no agent starts a restart.
+    pub fn take_restart_lease(&self, i: usize, holder: &str, seconds: i32, timeout: Duration) {
+        let server = self.servers[i].clone();
+        let holder = holder.to_string();
+        let taken = in_netns(&self.netns, move || async move {
+            let client = api(&server, Duration::from_secs(5))
+                .await
+                .client()
+                .expect("client");
+            let deadline = Instant::now() + timeout;
+            let mut last = String::new();
+            while Instant::now() < deadline {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .expect("clock")
+                    .as_secs() as i64;
+                match irsa_agent::membership::acquire_restart(&client, &holder, seconds, now).await
+                {
+                    Ok(irsa_agent::membership::Restart::Held { .. }) => return Ok(()),
+                    other => last = format!("{other:?}"),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(last)
+        })
+        .join()
+        .expect("thread");
+        if let Err(last) = taken {
+            panic!("the restart Lease not taken within {timeout:?}: {last}");
+        }
+    }
+
+    /// The nodes of the live agents (their Leases, [`irsa_agent::membership::view`]), through
+    /// server `i`.
+    pub fn live_agents(&self, i: usize) -> Vec<String> {
+        let server = self.servers[i].clone();
+        in_netns(&self.netns, move || async move {
+            let client = api(&server, Duration::from_secs(5))
+                .await
+                .client()
+                .expect("client");
+            let now = (unix_ms() / 1000) as i64;
+            match irsa_agent::membership::view(&client, now).await {
+                Ok(view) => view
+                    .agents
+                    .into_iter()
+                    .filter(|a| a.live)
+                    .map(|a| a.node)
+                    .collect(),
+                Err(_) => Vec::new(),
+            }
+        })
+        .join()
+        .expect("thread")
+    }
+
+    /// Gives the restart Lease taken by [`Ha::take_restart_lease`] back, through server `i`.
+    pub fn release_restart_lease(&self, i: usize, holder: &str) {
+        let server = self.servers[i].clone();
+        let holder = holder.to_string();
+        in_netns(&self.netns, move || async move {
+            let client = api(&server, Duration::from_secs(5))
+                .await
+                .client()
+                .expect("client");
+            irsa_agent::membership::release_restart(&client, &holder)
+                .await
+                .expect("release the restart Lease");
+        })
+        .join()
+        .expect("thread");
+    }
+
     /// TokenReview of `token` (audience [`AUDIENCE`]) by server `i`.
     pub fn review(&self, i: usize, token: &str) -> Review {
         let server = self.servers[i].clone();
@@ -1132,47 +1207,90 @@ impl Drop for Workload {
 /// The monitor's figures.
 #[derive(Debug, Clone, Default)]
 pub struct MonitorReport {
+    /// When the monitor started (Unix ms): the timeline's origin.
+    pub started_ms: u64,
     pub samples: u64,
-    /// The most apiservers down in one sample.
+    /// The most apiservers down in one sample: refusing connections, or answering `/readyz`
+    /// with something else than 200 (a restarting apiserver does both).
     pub max_down: usize,
     /// Samples in which each server was down.
     pub down_samples: Vec<u64>,
-    /// Every change: seconds since the monitor started, and the servers down then.
+    /// Samples in which some server did not answer within [`MONITOR_TIMEOUT`] (the machine too
+    /// busy; not counted as down, listed with `?` in the timeline).
+    pub slow_samples: u64,
+    /// Every change: seconds since the monitor started, and the servers down then (`cp2?`: no
+    /// answer in time).
     pub timeline: Vec<(f64, Vec<String>)>,
+}
+
+/// How long the monitor waits for one `/readyz`.
+pub const MONITOR_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One server in one sample of the monitor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    Up,
+    Down,
+    /// No answer within the timeout: busy (a loaded machine), hung, or going away.
+    Slow,
+}
+
+async fn seen(api: &Api) -> Seen {
+    match api.get("/readyz").await {
+        Ok((200, _)) => Seen::Up,
+        Ok(_) => Seen::Down,
+        Err(e)
+            if ["deadline has elapsed", "timed out"]
+                .iter()
+                .any(|t| e.to_string().contains(t)) =>
+        {
+            Seen::Slow
+        }
+        Err(_) => Seen::Down,
+    }
 }
 
 async fn monitor(servers: Vec<Server>, stop: Arc<AtomicBool>) -> MonitorReport {
     let begin = Instant::now();
+    let started_ms = unix_ms();
     let mut apis = Vec::new();
     for s in &servers {
-        apis.push(api(s, Duration::from_secs(1)).await);
+        apis.push(api(s, MONITOR_TIMEOUT).await);
     }
     let mut report = MonitorReport {
+        started_ms,
         down_samples: vec![0; servers.len()],
         ..MonitorReport::default()
     };
     let mut last: Option<Vec<String>> = None;
     while !stop.load(Ordering::SeqCst) {
         let sample = Instant::now();
-        let up = futures_util::future::join_all(apis.iter().map(ready)).await;
-        let down: Vec<String> = servers
+        let states = futures_util::future::join_all(apis.iter().map(seen)).await;
+        let shown: Vec<String> = servers
             .iter()
-            .zip(&up)
-            .filter(|(_, up)| !**up)
-            .map(|(s, _)| s.name.clone())
+            .zip(&states)
+            .filter_map(|(s, st)| match st {
+                Seen::Up => None,
+                Seen::Down => Some(s.name.clone()),
+                Seen::Slow => Some(format!("{}?", s.name)),
+            })
             .collect();
+        let down = states.iter().filter(|st| **st == Seen::Down).count();
         report.samples += 1;
-        report.max_down = report.max_down.max(down.len());
-        for (i, up) in up.iter().enumerate() {
-            if !up {
+        report.max_down = report.max_down.max(down);
+        if states.contains(&Seen::Slow) {
+            report.slow_samples += 1;
+        }
+        for (i, st) in states.iter().enumerate() {
+            if *st == Seen::Down {
                 report.down_samples[i] += 1;
             }
         }
-        if last.as_ref() != Some(&down) {
+        if last.as_ref() != Some(&shown) {
             report
                 .timeline
-                .push((begin.elapsed().as_secs_f64(), down.clone()));
-            last = Some(down);
+                .push((begin.elapsed().as_secs_f64(), shown.clone()));
+            last = Some(shown);
         }
         let spent = sample.elapsed();
         if spent < Duration::from_millis(200) {
@@ -1180,6 +1298,13 @@ async fn monitor(servers: Vec<Server>, stop: Arc<AtomicBool>) -> MonitorReport {
         }
     }
     report
+}
+
+/// Now, in Unix milliseconds (the kubelet stand-ins' event clock).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The running monitor.
