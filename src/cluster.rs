@@ -277,18 +277,61 @@ pub fn read_host(
     node: &str,
 ) -> Cluster {
     let now = i64::try_from(crate::state::unix_now()).unwrap_or(i64::MAX);
-    let (kubeconfig, url) = crate::apiserver::probe::target(observed);
-    let read =
-        crate::apiserver::probe::KubeconfigProbe::new(root, &kubeconfig, server.or(url), timeout)
-            .map_err(|e| format!("no admin credential to ask the apiserver with: {e}"))
-            .and_then(|probe| {
-                // The client starts its worker on the runtime that builds it: build it inside.
-                crate::runtime::block_on(async {
-                    let client = probe.api().client().map_err(|e| e.to_string())?;
-                    read(&client, now).await.map_err(|e| e.to_string())
-                })
-            });
+    let read = with_host_client(root, observed, server, timeout, async |client| {
+        read(client, now).await.map_err(|e| e.to_string())
+    });
     from_read(read, issuer, node, now, Some(&observed.flags.issuers))
+}
+
+/// Runs `f` with a client of this host's apiserver (the admin kubeconfig), on the process
+/// runtime.
+fn with_host_client<T>(
+    root: &crate::host::HostRoot,
+    observed: &crate::apiserver::Observed,
+    server: Option<String>,
+    timeout: std::time::Duration,
+    f: impl AsyncFnOnce(&kube::Client) -> Result<T, String>,
+) -> Result<T, String> {
+    let (kubeconfig, url) = crate::apiserver::probe::target(observed);
+    let probe =
+        crate::apiserver::probe::KubeconfigProbe::new(root, &kubeconfig, server.or(url), timeout)
+            .map_err(|e| format!("no admin credential to ask the apiserver with: {e}"))?;
+    // The client starts its worker on the runtime that builds it: build it inside.
+    crate::runtime::block_on(async {
+        let client = probe.api().client().map_err(|e| e.to_string())?;
+        f(&client).await
+    })
+}
+
+/// What the issuer rollout lets this server's apiserver do with `issuer` now
+/// ([`rollout::decide`] on the cluster's Leases), for `irsa-agent apply`. Only a cluster whose
+/// other servers run live agents can say what they accept: with none (one server, no Lease API,
+/// or a cluster rolled out by hand, README "Several servers") this is `Sign`, as `apply` always
+/// did. `Err` when the Leases cannot be read.
+pub fn decide_host(
+    root: &crate::host::HostRoot,
+    observed: &crate::apiserver::Observed,
+    server: Option<String>,
+    timeout: std::time::Duration,
+    issuer: &str,
+    node: &str,
+) -> Result<rollout::Decision, String> {
+    let now = i64::try_from(crate::state::unix_now()).unwrap_or(i64::MAX);
+    let accepted = &observed.flags.issuers;
+    with_host_client(
+        root,
+        observed,
+        server,
+        timeout,
+        async |client| match membership::view(client, now).await {
+            Ok(view) if view.agents.iter().any(|a| a.live && a.node != node) => {
+                Ok(rollout::decide(accepted, issuer, Some(&view), node))
+            }
+            Ok(_) => Ok(Decision::Sign),
+            Err(e) if e.no_lease_api() => Ok(Decision::Sign),
+            Err(e) => Err(e.to_string()),
+        },
+    )
 }
 
 /// The servers' rotation phases and keys, one line each (for `rotate --status`).

@@ -443,6 +443,22 @@ fn status_apply_rotate_and_doctor_show_the_cluster_from_the_leases() {
         "{text}"
     );
 
+    // `apply` itself (not --accept-only) would make this server sign before cp-b, whose agent
+    // is live, accepts the issuer: refused, nothing written.
+    let files_before = std::fs::read(root.join("etc/rancher/k3s/config.yaml")).ok();
+    let (code, text, stderr) = support::agent(root, &["apply"], &[]);
+    assert_eq!(code, 1, "{text}{stderr}");
+    assert!(
+        stderr.contains(&format!("refusing to sign with {NEW} here"))
+            && stderr.contains("--accept-only"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(root.join("etc/rancher/k3s/config.yaml")).ok(),
+        files_before,
+        "apply wrote although it refused"
+    );
+
     let (_, text, stderr) = support::agent(root, &["rotate", "--status"], &[]);
     assert!(
         text.contains("  cp-b: rotation idle; verifies with kid-b, signs with kid-b"),

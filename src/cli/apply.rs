@@ -65,6 +65,12 @@ pub struct Args {
     /// issuer (last) without making it sign. Run it on every server, then run `apply` on each.
     #[arg(long)]
     pub accept_only: bool,
+
+    /// Sign with the issuer although other apiservers of the cluster do not accept it yet (by
+    /// their agents' Leases): they reject this server's tokens until they do. Without it,
+    /// `apply` refuses then and says which servers must run `apply --accept-only` first.
+    #[arg(long, conflicts_with = "accept_only")]
+    pub ignore_cluster: bool,
 }
 
 impl RunArgs {
@@ -222,7 +228,7 @@ pub fn print_plan(plan: &Plan, diff: bool) {
 
 pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
     let run = args.run;
-    let result = apply(global, &run, args.accept_only);
+    let result = apply(global, &run, args.accept_only, args.ignore_cluster);
     match result {
         Ok(code) => Ok(code),
         Err(err) if run.json => {
@@ -240,7 +246,12 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
     }
 }
 
-fn apply(global: &Global, run: &RunArgs, accept_only: bool) -> anyhow::Result<Exit> {
+fn apply(
+    global: &Global,
+    run: &RunArgs,
+    accept_only: bool,
+    ignore_cluster: bool,
+) -> anyhow::Result<Exit> {
     let root = &global.root;
     let settings = load_settings(global)?;
     let options = run.options();
@@ -302,6 +313,9 @@ fn apply(global: &Global, run: &RunArgs, accept_only: bool) -> anyhow::Result<Ex
             Exit::PENDING
         });
     }
+    if !accept_only && !ignore_cluster {
+        signing_is_safe(root, run, &prepared.observed, &settings, &options.node)?;
+    }
     let done = change::carry_out(root, &settings, &mut prepared, &options)?;
     let (plan, outcome) = (&prepared.plan, done.outcome);
     if run.json {
@@ -326,6 +340,55 @@ fn apply(global: &Global, run: &RunArgs, accept_only: bool) -> anyhow::Result<Ex
         }
     }
     Ok(Exit::OK)
+}
+
+/// On several servers whose agents run, a server signs with a new issuer only once every
+/// apiserver accepts it (the daemons' own rule, [`crate::rollout::decide`]): otherwise the
+/// others reject the tokens it mints. Refuses, naming the servers, when they do not; and when
+/// the cluster cannot be asked although this server's daemon last saw others. One server, a
+/// cluster without a Lease API and a cluster without daemons (rolled out by hand) are not held.
+fn signing_is_safe(
+    root: &crate::host::HostRoot,
+    run: &RunArgs,
+    observed: &crate::apiserver::Observed,
+    settings: &crate::config::Settings,
+    node: &str,
+) -> anyhow::Result<()> {
+    let advice = "run `irsa-agent apply --accept-only` on every server first, one at a time (or let the daemons roll the issuer out: README, \"Several servers\"); `--ignore-cluster` signs anyway";
+    let decided = crate::cluster::decide_host(
+        root,
+        observed,
+        run.apiserver.apiserver_url.clone(),
+        run.apiserver.request_timeout(),
+        &settings.issuer,
+        node,
+    );
+    match decided {
+        Ok(crate::rollout::Decision::Sign) => Ok(()),
+        Ok(crate::rollout::Decision::AcceptOnly) => anyhow::bail!(
+            "refusing to sign with {} here: the other apiservers of this cluster do not all accept it yet, and this one does not either, so they would reject the tokens it mints; {advice}",
+            settings.issuer
+        ),
+        Ok(crate::rollout::Decision::Wait(why)) => {
+            anyhow::bail!(
+                "refusing to sign with {} here: {why}; {advice}",
+                settings.issuer
+            )
+        }
+        Err(e) => {
+            let servers = crate::daemon::host_apply::remembered_servers(root);
+            let signs_already = observed.flags.issuers.first() == Some(&settings.issuer);
+            if servers.len() > 1 && !signs_already {
+                anyhow::bail!(
+                    "refusing to sign with {} here: the cluster's Leases cannot be read ({e}), and this server was last seen with {}; {advice}",
+                    settings.issuer,
+                    servers.join(", ")
+                );
+            }
+            log::debug!("cannot read the cluster's Leases ({e}); one server as last seen");
+            Ok(())
+        }
+    }
 }
 
 pub fn print_outcome(plan: &Plan, outcome: &Outcome) {

@@ -357,7 +357,7 @@ fn remember_servers(root: &HostRoot, view: &View, node: &str) {
 }
 
 /// The servers last recorded by [`remember_servers`] (empty when never).
-fn remembered_servers(root: &HostRoot) -> Vec<String> {
+pub fn remembered_servers(root: &HostRoot) -> Vec<String> {
     state::State::load(root)
         .ok()
         .and_then(|s| s.other.get(CLUSTER_KEY).cloned())
