@@ -120,22 +120,27 @@ play "4: check mode again" --check --diff
 # 5: serial rollout stops at the first failure. Two nodes on this machine, each its own root;
 # node-a's issuer ends with '/', which check-config (the template's validate) refuses. The
 # settings are host variables here (no -e, which would override node-a's issuer).
+# local_node NAME [VAR: VALUE]...: one fake host of a local two-node inventory, with the test
+# variables (those given override vars.yml's) and this machine as the connection.
+local_node() {
+    local n=$1 line skip=(-e '^---')
+    shift
+    for line in "$@"; do skip+=(-e "^${line%%:*}:"); done
+    fake_host "$work/$n"
+    echo "    $n:"
+    grep -v "${skip[@]}" packaging/ansible/tests/vars.yml | sed 's/^/      /'
+    for line in "$@"; do echo "      $line"; done
+    echo "      irsa_agent_root: $work/$n"
+    echo "      irsa_agent_binary: $bin"
+    echo "      ansible_connection: local"
+    echo "      ansible_become: false"
+    echo "      ansible_python_interpreter: \"{{ ansible_playbook_python }}\""
+}
 {
     echo "control_plane:"
     echo "  hosts:"
-    for n in node-a node-b; do
-        fake_host "$work/$n"
-        issuer=https://oidc.example.com/homelab
-        [ "$n" = node-a ] && issuer=$issuer/
-        echo "    $n:"
-        grep -v -e '^---' -e '^irsa_agent_issuer:' packaging/ansible/tests/vars.yml | sed 's/^/      /'
-        echo "      irsa_agent_issuer: $issuer"
-        echo "      irsa_agent_root: $work/$n"
-        echo "      irsa_agent_binary: $bin"
-        echo "      ansible_connection: local"
-        echo "      ansible_become: false"
-        echo "      ansible_python_interpreter: \"{{ ansible_playbook_python }}\""
-    done
+    local_node node-a "irsa_agent_issuer: https://oidc.example.com/homelab/"
+    local_node node-b "irsa_agent_issuer: https://oidc.example.com/homelab"
 } >"$work/inventory.yml"
 b_before=$(tree_sums "$work/node-b")
 say "ansible-playbook site.yml over node-a (bad issuer), node-b (5: stop at the first failure)"
@@ -151,16 +156,8 @@ if grep -q '^node-b ' "$log"; then fail "5: node-b appears in the run: the rollo
 {
     echo "control_plane:"
     echo "  hosts:"
-    for n in node-c node-d; do
-        fake_host "$work/$n"
-        echo "    $n:"
-        grep -v -e '^---' -e '^irsa_agent_apply:' packaging/ansible/tests/vars.yml | sed 's/^/      /'
-        echo "      irsa_agent_root: $work/$n"
-        echo "      irsa_agent_binary: $bin"
-        echo "      ansible_connection: local"
-        echo "      ansible_become: false"
-        echo "      ansible_python_interpreter: \"{{ ansible_playbook_python }}\""
-    done
+    local_node node-c "irsa_agent_apply: false"
+    local_node node-d "irsa_agent_apply: false"
 } >"$work/inventory-cluster.yml"
 c_k3s=$(sha256sum <"$work/node-c/etc/rancher/k3s/config.yaml")
 say "ansible-playbook site.yml over node-c, node-d (6: the daemons apply)"
