@@ -112,6 +112,27 @@ impl Ha {
             .collect()
     }
 
+    /// Creates the ServiceAccount `namespace/name` (what kube-controller-manager, which the
+    /// harness does not run, creates in a cluster: `kube-system/default`, which the rotation
+    /// mints a token for to see which key each apiserver signs with).
+    pub fn create_service_account(&self, namespace: &str, name: &str) {
+        let first = self.servers[0].clone();
+        let (namespace, name) = (namespace.to_string(), name.to_string());
+        let (code, body) = super::in_netns(&self.netns, move || async move {
+            super::api(&first, Duration::from_secs(10))
+                .await
+                .post_json(
+                    &format!("/api/v1/namespaces/{namespace}/serviceaccounts"),
+                    &serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}}),
+                )
+                .await
+                .expect("create the ServiceAccount")
+        })
+        .join()
+        .expect("thread");
+        assert!(code == 201 || code == 409, "ServiceAccount: {code} {body}");
+    }
+
     /// The kid each apiserver signs with now: a token minted through it (TokenRequest), its
     /// header's `kid` (`None`: no token).
     pub fn signing_kids(&self) -> Vec<Option<String>> {
