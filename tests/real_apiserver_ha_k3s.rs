@@ -147,6 +147,51 @@ fn phase_at(timeline: &Timeline, at: u64) -> &str {
         .map_or("idle", |(_, p)| p.as_str())
 }
 
+/// The most servers inside `systemctl restart k3s` (from the call until its apiserver was ready
+/// again, as the systemctl stand-in logged them) at one moment.
+fn restarts_at_once(ha: &Ha) -> usize {
+    let mut edges: Vec<(u64, i32)> = Vec::new();
+    for s in &ha.servers {
+        let log = std::fs::read_to_string(s.state.join("systemctl.log")).unwrap_or_default();
+        let mut since = None;
+        for line in log.lines() {
+            let Some((at, what)) = line.split_once(' ') else {
+                continue;
+            };
+            let Ok(at) = at.parse::<u64>() else { continue };
+            if what == "restart k3s" {
+                since = Some(at);
+            } else if what == "ready"
+                && let Some(from) = since.take()
+            {
+                edges.push((from, 1));
+                edges.push((at, -1));
+            }
+        }
+        if let Some(from) = since {
+            edges.push((from, 1));
+        }
+    }
+    // Ends before starts at the same millisecond.
+    edges.sort();
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, d) in edges {
+        now += d;
+        most = most.max(now);
+    }
+    most as usize
+}
+
+/// The most apiservers the monitor saw down together for at least `seconds` in a row.
+fn sustained_down(down: &ha_support::MonitorReport, seconds: f64) -> usize {
+    let t = &down.timeline;
+    (0..t.len())
+        .filter(|&i| t.get(i + 1).is_none_or(|next| next.0 - t[i].0 >= seconds))
+        .map(|i| t[i].1.len())
+        .max()
+        .unwrap_or(0)
+}
+
 #[test]
 fn three_k3s_servers_rotate_with_one_driver_and_followers_that_restart_their_own_k3s() {
     let begin = Instant::now();
@@ -336,6 +381,8 @@ fn three_k3s_servers_rotate_with_one_driver_and_followers_that_restart_their_own
         }
     }
     let driver = ha.servers[d].name.clone();
+    let restarting_at_once = restarts_at_once(&ha);
+    let sustained = sustained_down(&down, 1.0);
     eprintln!(
         "k3s rotation on 3 servers (real kube-apiservers, k3s stand-ins): setup {:.1}s, signing with the new key {new_kid} on every apiserver {:.1}s after the agents started, wall time {:.1}s; driver {driver}",
         setup.as_secs_f64(),
@@ -352,6 +399,9 @@ fn three_k3s_servers_rotate_with_one_driver_and_followers_that_restart_their_own
         tokens.unavailable,
         down.max_down,
         down.down_samples
+    );
+    eprintln!(
+        "apiservers down at once for 1 s or more: at most {sustained}; servers restarting at once (systemctl restart k3s until ready): at most {restarting_at_once}"
     );
     for (k, step) in steps.iter().enumerate() {
         eprintln!("restarts while the driver was {step}: {:?}", restarts[k]);
@@ -375,10 +425,20 @@ fn three_k3s_servers_rotate_with_one_driver_and_followers_that_restart_their_own
         tokens.rejections.join("\n"),
         logs()
     );
+    // One restart at a time (the restart Lease): `systemctl restart k3s` from its call until
+    // its apiserver was ready again, on every server, never overlapping.
     assert!(
-        down.max_down <= 1,
-        "{} apiservers down at once:\n{}\n{}",
-        down.max_down,
+        restarting_at_once <= 1,
+        "{restarting_at_once} servers restarting at once: {:?}\n{}",
+        (0..n).map(|i| ha.systemctl_calls(i)).collect::<Vec<_>>(),
+        logs()
+    );
+    // And the monitor never saw two apiservers down for a second or more. (Under a loaded
+    // machine a /readyz of a server that is not restarting can miss the monitor's 1 s timeout
+    // for one 200 ms sample; a restart here keeps an apiserver down 1 to 20 s.)
+    assert!(
+        sustained <= 1,
+        "{sustained} apiservers down at once for 1 s or more:\n{}\n{}",
         down.describe(),
         logs()
     );
