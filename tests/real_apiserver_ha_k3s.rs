@@ -147,6 +147,31 @@ fn phase_at(timeline: &Timeline, at: u64) -> &str {
         .map_or("idle", |(_, p)| p.as_str())
 }
 
+/// The k3s stand-in reads config.yaml with PyYAML; its systemctl asks /readyz with curl. Says
+/// SKIPPED and returns false when either is missing.
+fn tools_here() -> bool {
+    for (program, args, why) in [
+        (
+            "python3",
+            &["-c", "import yaml"][..],
+            "no python3 with PyYAML (apt-get install python3-yaml)",
+        ),
+        ("curl", &["--version"][..], "no curl"),
+    ] {
+        let ok = std::process::Command::new(program)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("SKIPPED: real_apiserver_ha_k3s not run: {why}");
+            return false;
+        }
+    }
+    true
+}
+
 /// The most servers inside `systemctl restart k3s` (from the call until its apiserver was ready
 /// again, as the systemctl stand-in logged them) at one moment.
 fn restarts_at_once(ha: &Ha) -> usize {
@@ -192,28 +217,15 @@ fn sustained_down(down: &ha_support::MonitorReport, seconds: f64) -> usize {
         .unwrap_or(0)
 }
 
+/// The tests of this file one at a time (each runs three apiservers).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn three_k3s_servers_rotate_with_one_driver_and_followers_that_restart_their_own_k3s() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let begin = Instant::now();
-    // The k3s stand-in reads config.yaml with PyYAML; its systemctl asks /readyz with curl.
-    for (program, args, why) in [
-        (
-            "python3",
-            &["-c", "import yaml"][..],
-            "no python3 with PyYAML (apt-get install python3-yaml)",
-        ),
-        ("curl", &["--version"][..], "no curl"),
-    ] {
-        let ok = std::process::Command::new(program)
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            eprintln!("SKIPPED: real_apiserver_ha_k3s not run: {why}");
-            return;
-        }
+    if !tools_here() {
+        return;
     }
     let Some(ha) = Ha::start_as(
         3,
@@ -510,5 +522,162 @@ fn three_k3s_servers_rotate_with_one_driver_and_followers_that_restart_their_own
             "{}",
             ha.servers[i].name
         );
+    }
+}
+
+/// The issuer rollout on k3s hosts: three daemons started together with the same new issuer
+/// (the servers sign with k3s's default one). Each agent makes its apiserver accept the new
+/// issuer first (an edit of config.yaml or a drop-in, then `systemctl restart k3s` while it holds
+/// the restart Lease), and signs with it only once every apiserver accepts it.
+#[test]
+fn three_k3s_servers_roll_a_new_issuer_out_one_restart_at_a_time() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    const NEW_ISSUER: &str = "https://oidc.example.com/ha-k3s";
+    let begin = Instant::now();
+    if !tools_here() {
+        return;
+    }
+    let Some(ha) = Ha::start_as(
+        3,
+        "real_apiserver_ha_k3s_rollout",
+        Shape::K3s {
+            config: "write-kubeconfig-mode: \"0600\"\n",
+        },
+    ) else {
+        return;
+    };
+    let setup = begin.elapsed();
+    let n = ha.servers.len();
+    assert_eq!(ha.served_issuers(), vec![Some(DEFAULT_ISSUER.into()); n]);
+    for i in 0..n {
+        ha.agent_config(i, &format!("issuer: {NEW_ISSUER}\ndistribution: k3s\n"));
+    }
+    let monitor = ha.monitor();
+    let workload = ha.workload();
+    while workload.report().rounds < 3 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let starts_before: Vec<usize> = ha.servers.iter().map(|s| s.starts()).collect();
+    let t = Instant::now();
+    let agents: Vec<_> = (0..n)
+        .map(|i| {
+            let mut args = vec![
+                "run".to_string(),
+                "--node-name".into(),
+                ha.servers[i].name.clone(),
+                "--poll-interval".into(),
+                "500ms".into(),
+                "--timeout".into(),
+                "120s".into(),
+            ];
+            args.extend(ha.k3s_edges(i));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            ha.spawn_agent(i, &args)
+        })
+        .collect();
+    let logs = || {
+        agents
+            .iter()
+            .map(|a| {
+                let text = a.output();
+                let tail: Vec<&str> = text.lines().rev().take(25).collect();
+                format!(
+                    "--- {}\n{}",
+                    a.log.display(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let deadline = Instant::now() + Duration::from_secs(480);
+    let converged = loop {
+        if ha
+            .served_issuers()
+            .iter()
+            .all(|s| s.as_deref() == Some(NEW_ISSUER))
+        {
+            break Some(t.elapsed());
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    let Some(converged) = converged else {
+        panic!(
+            "the daemons did not converge in 8 minutes: served {:?}\n{}",
+            ha.served_issuers(),
+            logs()
+        );
+    };
+    let rounds = workload.report().rounds;
+    while workload.report().rounds < rounds + 2 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    let tokens = workload.finish();
+    let down = monitor.finish();
+    let restarts: Vec<usize> = ha
+        .servers
+        .iter()
+        .zip(&starts_before)
+        .map(|(s, b)| s.starts() - b)
+        .collect();
+    let restarting_at_once = restarts_at_once(&ha);
+    let sustained = sustained_down(&down, 1.0);
+    eprintln!(
+        "issuer rollout, three daemons started together (3 kube-apiservers, k3s stand-ins): setup {:.1}s, converged {:.1}s after the start, wall time {:.1}s",
+        setup.as_secs_f64(),
+        converged.as_secs_f64(),
+        begin.elapsed().as_secs_f64()
+    );
+    eprintln!(
+        "tokens: {} minted (per server {:?}), {} checks answered, {} rejected, {} unanswered; apiservers down at once: at most {} (1 s or more: {sustained}); servers restarting at once: at most {restarting_at_once}; restarts per server {restarts:?}",
+        tokens.minted,
+        tokens.minted_by,
+        tokens.checked,
+        tokens.rejected,
+        tokens.unavailable,
+        down.max_down,
+    );
+    for i in 0..n {
+        eprintln!(
+            "{} systemctl calls: {:?}; apiserver issuers: {:?}",
+            ha.servers[i].name,
+            ha.systemctl_calls(i),
+            ha.k3s_apiserver_args(i)
+                .iter()
+                .filter(|a| a.starts_with("--service-account-issuer="))
+                .collect::<Vec<_>>()
+        );
+    }
+    eprintln!("down timeline:\n{}", down.describe());
+    assert_eq!(
+        tokens.rejected,
+        0,
+        "tokens rejected:\n{}\n{}",
+        tokens.rejections.join("\n"),
+        logs()
+    );
+    assert!(restarting_at_once <= 1, "{}", logs());
+    assert!(sustained <= 1, "{}\n{}", down.describe(), logs());
+    // Accept, then sign: two restarts per server, each through systemctl.
+    assert_eq!(restarts, vec![2; n], "restarts per server\n{}", logs());
+    for i in 0..n {
+        let issuers: Vec<String> = ha
+            .k3s_apiserver_args(i)
+            .iter()
+            .filter_map(|a| a.strip_prefix("--service-account-issuer="))
+            .map(str::to_string)
+            .collect();
+        assert_eq!(
+            issuers,
+            vec![NEW_ISSUER.to_string(), DEFAULT_ISSUER.to_string()],
+            "{}: the issuers k3s gives its apiserver\n{}",
+            ha.servers[i].name,
+            logs()
+        );
+        assert_eq!(ha.systemctl_calls(i), vec!["restart k3s".to_string(); 2]);
     }
 }
