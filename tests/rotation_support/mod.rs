@@ -182,6 +182,9 @@ pub struct World {
     pub leases: Vec<String>,
     /// What this agent announced in its Lease, in order.
     pub announced: Vec<Report>,
+    /// Apiservers (URLs) the `kubernetes` Endpoints do not list now (restarting, or their
+    /// endpoint lease lapsed), though they run.
+    pub not_in_endpoints: Vec<String>,
 }
 
 pub type Shared = Arc<Mutex<World>>;
@@ -287,6 +290,7 @@ impl World {
             view: None,
             leases: Vec::new(),
             announced: Vec::new(),
+            not_in_endpoints: Vec::new(),
         }))
     }
 
@@ -407,7 +411,11 @@ impl Cluster for FakeCluster {
     async fn servers(&mut self) -> Result<Vec<String>, ClusterError> {
         let w = lock(&self.0);
         w.refuse(None)?;
-        Ok(w.servers.iter().map(|s| s.url.clone()).collect())
+        Ok(w.servers
+            .iter()
+            .map(|s| s.url.clone())
+            .filter(|u| !w.not_in_endpoints.contains(u))
+            .collect())
     }
 
     async fn request_token(

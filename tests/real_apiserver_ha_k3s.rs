@@ -1,0 +1,683 @@
+//! Issue 15 on k3s-shaped hosts: three real kube-apiservers (v1.36.2, `IRSA_TEST_KUBE_APISERVER`)
+//! on one etcd, each run by a k3s stand-in that computes its flags from config.yaml the way k3s
+//! does and loads the service-account keys from a shared datastore at start (tests/ha_support,
+//! `k3s.rs`), each with its own agent (`irsa-agent run`) whose `systemctl` and `k3s` are that
+//! server's stand-ins. Without root, `ip`, `unshare`, etcd or the binary the test says SKIPPED.
+//!
+//! A key rotation on several servers: the three agents get the same configuration with a
+//! rotation due now on all three, so exactly one must win the rotation Lease and drive; the other
+//! two must follow it, restarting their own k3s by themselves (one at a time, through the restart
+//! Lease) whenever the driver's Lease reports keys their apiserver lacks. Throughout, a workload
+//! mints tokens through every apiserver and re-checks every live one against all three
+//! (TokenReview), and a monitor samples how many apiservers are down. The test stops once the
+//! rotation is at `signing` (or later) with every apiserver signing with the new key: the drain
+//! that follows lasts the tokens' lifetime (10 minutes at least with a real apiserver) and is
+//! not waited out here.
+
+mod ha_support;
+mod https_support;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use ha_support::{Ha, Shape};
+use serde_json::Value;
+
+/// The public site's port inside the test's own network namespace (nothing else listens there).
+const PUBLIC_PORT: u16 = 8443;
+const ISSUER: &str = "https://127.0.0.1:8443/cluster-a";
+const DEFAULT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+/// Every server's config.yaml: the apiserver already signs with the public issuer.
+const K3S_CONFIG: &str = "write-kubeconfig-mode: \"0600\"\nkube-apiserver-arg:\n  - service-account-issuer=https://127.0.0.1:8443/cluster-a\n  - service-account-issuer=https://kubernetes.default.svc.cluster.local\n  - service-account-jwks-uri=https://127.0.0.1:8443/cluster-a/openid/v1/jwks\n  - api-audiences=https://kubernetes.default.svc.cluster.local,k3s\n";
+
+/// The public site: serves `/cluster-a/...` from the `srv/oidc` of the server whose agent drives
+/// a rotation (its state is past idle), else from the first server's.
+struct PublicSite {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+    netns: String,
+}
+
+fn rotation_state(root: &std::path::Path) -> Value {
+    let text = std::fs::read_to_string(root.join("var/lib/irsa-agent/state.json"))
+        .unwrap_or_else(|_| "{}".into());
+    serde_json::from_str::<Value>(&text).unwrap_or(Value::Null)["rotation"].clone()
+}
+
+fn phase(root: &std::path::Path) -> String {
+    rotation_state(root)["phase"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// The first string value under a key named `key`, anywhere in `v`.
+fn find(v: &Value, key: &str) -> Option<String> {
+    match v {
+        Value::Object(map) => map
+            .get(key)
+            .and_then(|x| x.as_str().map(str::to_string))
+            .or_else(|| map.values().find_map(|x| find(x, key))),
+        Value::Array(items) => items.iter().find_map(|x| find(x, key)),
+        _ => None,
+    }
+}
+
+impl PublicSite {
+    fn start(netns: &str, roots: Vec<PathBuf>) -> PublicSite {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let handle = ha_support::in_netns(netns, move || async move {
+            let config = https_support::server_config(false);
+            let listener =
+                std::net::TcpListener::bind(("127.0.0.1", PUBLIC_PORT)).expect("bind the site");
+            for stream in listener.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(stream) = stream else { continue };
+                let Some((request, mut tls)) =
+                    https_support::accept(stream, &config, Duration::from_secs(5))
+                else {
+                    continue;
+                };
+                let root = roots
+                    .iter()
+                    .find(|r| !matches!(phase(r).as_str(), "" | "idle"))
+                    .unwrap_or(&roots[0]);
+                let file = request
+                    .path
+                    .strip_prefix("/cluster-a/")
+                    .filter(|rest| !rest.contains(".."))
+                    .map(|rest| root.join("srv/oidc").join(rest));
+                let (code, body) = match file.and_then(|f| std::fs::read(f).ok()) {
+                    Some(body) => (200, body),
+                    None => (404, b"not found".to_vec()),
+                };
+                https_support::respond(
+                    &mut tls,
+                    code,
+                    &[
+                        ("content-type", "application/json".into()),
+                        ("cache-control", "public, max-age=0".into()),
+                    ],
+                    &body,
+                );
+            }
+        });
+        PublicSite {
+            stop,
+            handle: Some(handle),
+            netns: netns.to_string(),
+        }
+    }
+}
+
+impl Drop for PublicSite {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the listener (inside the namespace).
+        let _ = ha_support::in_netns(&self.netns, || async {
+            let _ = std::net::TcpStream::connect(("127.0.0.1", PUBLIC_PORT));
+        })
+        .join();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The driver's phase over time: (unix ms, phase), one entry per change.
+type Timeline = Vec<(u64, String)>;
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The driver's phase at unix ms `at`.
+fn phase_at(timeline: &Timeline, at: u64) -> &str {
+    timeline
+        .iter()
+        .rev()
+        .find(|(t, _)| *t <= at)
+        .map_or("idle", |(_, p)| p.as_str())
+}
+
+/// The k3s stand-in reads config.yaml with PyYAML; its systemctl asks /readyz with curl. Says
+/// SKIPPED and returns false when either is missing.
+fn tools_here() -> bool {
+    for (program, args, why) in [
+        (
+            "python3",
+            &["-c", "import yaml"][..],
+            "no python3 with PyYAML (apt-get install python3-yaml)",
+        ),
+        ("curl", &["--version"][..], "no curl"),
+    ] {
+        let ok = std::process::Command::new(program)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("SKIPPED: real_apiserver_ha_k3s not run: {why}");
+            return false;
+        }
+    }
+    true
+}
+
+/// The most servers inside `systemctl restart k3s` (from the call until its apiserver was ready
+/// again, as the systemctl stand-in logged them) at one moment.
+fn restarts_at_once(ha: &Ha) -> usize {
+    let mut edges: Vec<(u64, i32)> = Vec::new();
+    for s in &ha.servers {
+        let log = std::fs::read_to_string(s.state.join("systemctl.log")).unwrap_or_default();
+        let mut since = None;
+        for line in log.lines() {
+            let Some((at, what)) = line.split_once(' ') else {
+                continue;
+            };
+            let Ok(at) = at.parse::<u64>() else { continue };
+            if what == "restart k3s" {
+                since = Some(at);
+            } else if what == "ready"
+                && let Some(from) = since.take()
+            {
+                edges.push((from, 1));
+                edges.push((at, -1));
+            }
+        }
+        if let Some(from) = since {
+            edges.push((from, 1));
+        }
+    }
+    // Ends before starts at the same millisecond.
+    edges.sort();
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, d) in edges {
+        now += d;
+        most = most.max(now);
+    }
+    most as usize
+}
+
+/// The most apiservers the monitor saw down together for at least `seconds` in a row.
+fn sustained_down(down: &ha_support::MonitorReport, seconds: f64) -> usize {
+    let t = &down.timeline;
+    (0..t.len())
+        .filter(|&i| t.get(i + 1).is_none_or(|next| next.0 - t[i].0 >= seconds))
+        .map(|i| t[i].1.len())
+        .max()
+        .unwrap_or(0)
+}
+
+/// The tests of this file one at a time (each runs three apiservers).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+#[test]
+fn three_k3s_servers_rotate_with_one_driver_and_followers_that_restart_their_own_k3s() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let begin = Instant::now();
+    if !tools_here() {
+        return;
+    }
+    let Some(ha) = Ha::start_as(
+        3,
+        "real_apiserver_ha_k3s",
+        Shape::K3s { config: K3S_CONFIG },
+    ) else {
+        return;
+    };
+    let setup = begin.elapsed();
+    let n = ha.servers.len();
+    let roots: Vec<PathBuf> = ha.servers.iter().map(|s| s.root.clone()).collect();
+    // The stand-in gave every apiserver the flags k3s computes from config.yaml.
+    for i in 0..n {
+        let args = ha.k3s_apiserver_args(i);
+        let issuers: Vec<&str> = args
+            .iter()
+            .filter_map(|a| a.strip_prefix("--service-account-issuer="))
+            .collect();
+        assert_eq!(issuers, vec![ISSUER, DEFAULT_ISSUER], "{args:?}");
+        assert!(
+            args.iter()
+                .any(|a| a.starts_with("--service-account-signing-key-file=")
+                    && a.ends_with("server/tls/service.current.key")),
+            "{args:?}"
+        );
+    }
+    assert_eq!(ha.served_issuers(), vec![Some(ISSUER.into()); n]);
+    let old_kids = ha.signing_kids();
+    assert!(
+        old_kids.iter().all(|k| k.is_some() && *k == old_kids[0]),
+        "every apiserver signs with the datastore's first key: {old_kids:?}"
+    );
+
+    ha.create_service_account("kube-system", "default");
+    let site = PublicSite::start(&ha.netns, roots.clone());
+    let ca = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/probe/ca.crt"),
+    )
+    .expect("test CA");
+    for (i, s) in ha.servers.iter().enumerate() {
+        let ca_path = s.path("/etc/irsa-agent/test-ca.crt");
+        std::fs::create_dir_all(ca_path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&ca_path, &ca).expect("CA");
+        ha.agent_config(
+            i,
+            &format!(
+                "issuer: {ISSUER}\ndistribution: k3s\nca-file: /etc/irsa-agent/test-ca.crt\npublish:\n  - type: directory\n    path: /srv/oidc\n    cache-control: \"public, max-age=0\"\nrotation:\n  enabled: true\n  every: 30d\n  propagation-wait: 0s\n  cdn-ttl: 0s\n  token-lifetime: 10m\n  drain-margin: 0s\n"
+            ),
+        );
+        // A rotation is due on every server at once: the Lease must elect one driver.
+        let state = s.path("/var/lib/irsa-agent/state.json");
+        std::fs::create_dir_all(state.parent().expect("parent")).expect("mkdir");
+        std::fs::write(
+            &state,
+            "{\"rotation\":{\"phase\":\"idle\",\"since\":1,\"next_due\":1}}\n",
+        )
+        .expect("state");
+    }
+
+    let monitor = ha.monitor();
+    let workload = ha.workload();
+    while workload.report().rounds < 3 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let starts_before: Vec<usize> = ha.servers.iter().map(|s| s.starts()).collect();
+    let t = Instant::now();
+    let agents: Vec<_> = (0..n)
+        .map(|i| {
+            let name = ha.servers[i].name.clone();
+            let mut args = vec![
+                "run".to_string(),
+                "--node-name".into(),
+                name,
+                "--poll-interval".into(),
+                "500ms".into(),
+                "--timeout".into(),
+                "120s".into(),
+            ];
+            args.extend(ha.k3s_edges(i));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            ha.spawn_agent(i, &args)
+        })
+        .collect();
+    let logs = || {
+        agents
+            .iter()
+            .map(|a| {
+                let text = a.output();
+                let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                format!(
+                    "--- {}\n{}",
+                    a.log.display(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+
+    // Watch every server's rotation phase until the driver signs with the new key everywhere.
+    let mut timelines: Vec<Timeline> = vec![Vec::new(); n];
+    let deadline = Instant::now() + Duration::from_secs(420);
+    let mut reached: Option<(Duration, usize, String)> = None;
+    let mut last_kid_check = Instant::now();
+    while Instant::now() < deadline {
+        for (i, root) in roots.iter().enumerate() {
+            let p = phase(root);
+            if timelines[i].last().map(|(_, q)| q) != Some(&p) {
+                eprintln!(
+                    "{:6.1}s: {} rotation phase {p}",
+                    t.elapsed().as_secs_f64(),
+                    ha.servers[i].name
+                );
+                timelines[i].push((unix_ms(), p));
+            }
+        }
+        let drivers: Vec<usize> = (0..n)
+            .filter(|&i| {
+                timelines[i]
+                    .iter()
+                    .any(|(_, p)| !matches!(p.as_str(), "" | "idle"))
+            })
+            .collect();
+        assert!(
+            drivers.len() <= 1,
+            "{} agents drive a rotation: {:?}\n{}",
+            drivers.len(),
+            drivers,
+            logs()
+        );
+        if let [d] = drivers[..] {
+            let p = phase(&roots[d]);
+            if matches!(p.as_str(), "signing" | "draining")
+                && last_kid_check.elapsed() > Duration::from_secs(2)
+            {
+                last_kid_check = Instant::now();
+                let new_kid = find(&rotation_state(&roots[d]), "new_kid").unwrap_or_default();
+                let kids = ha.signing_kids();
+                if kids.iter().all(|k| k.as_deref() == Some(new_kid.as_str())) {
+                    reached = Some((t.elapsed(), d, new_kid));
+                    break;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let Some((took, d, new_kid)) = reached else {
+        panic!(
+            "the rotation did not reach signing with the new key on every apiserver in 7 minutes: phases {:?}, signing kids {:?}\n{}",
+            roots.iter().map(|r| phase(r)).collect::<Vec<_>>(),
+            ha.signing_kids(),
+            logs()
+        );
+    };
+    // Two more rounds check the newest tokens everywhere; then a moment for a stray restart.
+    let rounds = workload.report().rounds;
+    while workload.report().rounds < rounds + 2 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let tokens = workload.finish();
+    let down = monitor.finish();
+    drop(site);
+
+    // Restarts per server per rotation step, by the driver's phase when each apiserver started.
+    let steps = [
+        "idle",
+        "staged",
+        "published",
+        "trusted",
+        "signing",
+        "draining",
+    ];
+    let mut restarts = vec![vec![0usize; n]; steps.len()];
+    for (j, s) in ha.servers.iter().enumerate() {
+        let events = s.events();
+        for (at, _, _) in events
+            .iter()
+            .filter(|e| e.1 == "start")
+            .skip(starts_before[j])
+        {
+            let p = phase_at(&timelines[d], *at);
+            let k = steps.iter().position(|s| *s == p).unwrap_or(0);
+            restarts[k][j] += 1;
+        }
+    }
+    let driver = ha.servers[d].name.clone();
+    let restarting_at_once = restarts_at_once(&ha);
+    let sustained = sustained_down(&down, 1.0);
+    eprintln!(
+        "k3s rotation on 3 servers (real kube-apiservers, k3s stand-ins): setup {:.1}s, signing with the new key {new_kid} on every apiserver {:.1}s after the agents started, wall time {:.1}s; driver {driver}",
+        setup.as_secs_f64(),
+        took.as_secs_f64(),
+        begin.elapsed().as_secs_f64()
+    );
+    eprintln!(
+        "tokens: {} minted (per server {:?}; {} mints unanswered), {} checks answered, {} rejected, {} unanswered; apiservers down at once: at most {} (samples down per server {:?})",
+        tokens.minted,
+        tokens.minted_by,
+        tokens.mint_failed,
+        tokens.checked,
+        tokens.rejected,
+        tokens.unavailable,
+        down.max_down,
+        down.down_samples
+    );
+    eprintln!(
+        "apiservers down at once for 1 s or more: at most {sustained}; servers restarting at once (systemctl restart k3s until ready): at most {restarting_at_once}"
+    );
+    for (k, step) in steps.iter().enumerate() {
+        eprintln!("restarts while the driver was {step}: {:?}", restarts[k]);
+    }
+    for i in 0..n {
+        eprintln!(
+            "{} systemctl calls: {:?}",
+            ha.servers[i].name,
+            ha.systemctl_calls(i)
+        );
+    }
+    eprintln!("down timeline:\n{}", down.describe());
+    for r in &tokens.rejections {
+        eprintln!("rejected: {r}");
+    }
+
+    assert_eq!(
+        tokens.rejected,
+        0,
+        "tokens rejected:\n{}\n{}",
+        tokens.rejections.join("\n"),
+        logs()
+    );
+    // One restart at a time (the restart Lease): `systemctl restart k3s` from its call until
+    // its apiserver was ready again, on every server, never overlapping.
+    assert!(
+        restarting_at_once <= 1,
+        "{restarting_at_once} servers restarting at once: {:?}\n{}",
+        (0..n).map(|i| ha.systemctl_calls(i)).collect::<Vec<_>>(),
+        logs()
+    );
+    // And the monitor never saw two apiservers down for a second or more. (Under a loaded
+    // machine a /readyz of a server that is not restarting can miss the monitor's 1 s timeout
+    // for one 200 ms sample; a restart here keeps an apiserver down 1 to 20 s.)
+    assert!(
+        sustained <= 1,
+        "{sustained} apiservers down at once for 1 s or more:\n{}\n{}",
+        down.describe(),
+        logs()
+    );
+    assert!(tokens.checked > tokens.minted, "{tokens:?}");
+    // The followers say so, and started no rotation of their own.
+    for (i, a) in agents.iter().enumerate().filter(|(i, _)| *i != d) {
+        let out = a.output();
+        assert!(
+            out.contains(&format!("{driver} drives the cluster's key rotation"))
+                || out.contains(&format!("following {driver}'s rotation"))
+                || out.contains(&format!("followed {driver}'s rotation")),
+            "{} does not say it follows {driver}:\n{}",
+            ha.servers[i].name,
+            logs()
+        );
+        assert!(
+            matches!(phase(&roots[i]).as_str(), "" | "idle"),
+            "{}: {}",
+            ha.servers[i].name,
+            phase(&roots[i])
+        );
+    }
+    // Each step that changes the apiserver's keys restarts every server once: the new key as a
+    // verification key (while the driver is staged), then as the signing key (while trusted).
+    let verify = steps.iter().position(|s| *s == "staged").expect("step");
+    let sign = steps.iter().position(|s| *s == "trusted").expect("step");
+    assert_eq!(
+        restarts[verify],
+        vec![1; n],
+        "restarts for the new key\n{}",
+        logs()
+    );
+    assert_eq!(
+        restarts[sign],
+        vec![1; n],
+        "restarts to sign with it\n{}",
+        logs()
+    );
+    let total: usize = restarts.iter().flatten().sum();
+    assert_eq!(total, 2 * n, "restarts per step {restarts:?}\n{}", logs());
+    // Only the driver ran `k3s certificate rotate-ca`; every server restarted through systemctl.
+    for i in 0..n {
+        let rotated = ha.servers[i].state.join("rotate-ca.log").exists();
+        assert_eq!(rotated, i == d, "{}: rotate-ca", ha.servers[i].name);
+        let calls = ha.systemctl_calls(i);
+        assert_eq!(
+            calls,
+            vec!["restart k3s".to_string(); 2],
+            "{}",
+            ha.servers[i].name
+        );
+    }
+}
+
+/// The issuer rollout on k3s hosts: three daemons started together with the same new issuer
+/// (the servers sign with k3s's default one). Each agent makes its apiserver accept the new
+/// issuer first (an edit of config.yaml or a drop-in, then `systemctl restart k3s` while it holds
+/// the restart Lease), and signs with it only once every apiserver accepts it.
+#[test]
+fn three_k3s_servers_roll_a_new_issuer_out_one_restart_at_a_time() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    const NEW_ISSUER: &str = "https://oidc.example.com/ha-k3s";
+    let begin = Instant::now();
+    if !tools_here() {
+        return;
+    }
+    let Some(ha) = Ha::start_as(
+        3,
+        "real_apiserver_ha_k3s_rollout",
+        Shape::K3s {
+            config: "write-kubeconfig-mode: \"0600\"\n",
+        },
+    ) else {
+        return;
+    };
+    let setup = begin.elapsed();
+    let n = ha.servers.len();
+    assert_eq!(ha.served_issuers(), vec![Some(DEFAULT_ISSUER.into()); n]);
+    for i in 0..n {
+        ha.agent_config(i, &format!("issuer: {NEW_ISSUER}\ndistribution: k3s\n"));
+    }
+    let monitor = ha.monitor();
+    let workload = ha.workload();
+    while workload.report().rounds < 3 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let starts_before: Vec<usize> = ha.servers.iter().map(|s| s.starts()).collect();
+    let t = Instant::now();
+    let agents: Vec<_> = (0..n)
+        .map(|i| {
+            let mut args = vec![
+                "run".to_string(),
+                "--node-name".into(),
+                ha.servers[i].name.clone(),
+                "--poll-interval".into(),
+                "500ms".into(),
+                "--timeout".into(),
+                "120s".into(),
+            ];
+            args.extend(ha.k3s_edges(i));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            ha.spawn_agent(i, &args)
+        })
+        .collect();
+    let logs = || {
+        agents
+            .iter()
+            .map(|a| {
+                let text = a.output();
+                let tail: Vec<&str> = text.lines().rev().take(25).collect();
+                format!(
+                    "--- {}\n{}",
+                    a.log.display(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let deadline = Instant::now() + Duration::from_secs(480);
+    let converged = loop {
+        if ha
+            .served_issuers()
+            .iter()
+            .all(|s| s.as_deref() == Some(NEW_ISSUER))
+        {
+            break Some(t.elapsed());
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    let Some(converged) = converged else {
+        panic!(
+            "the daemons did not converge in 8 minutes: served {:?}\n{}",
+            ha.served_issuers(),
+            logs()
+        );
+    };
+    let rounds = workload.report().rounds;
+    while workload.report().rounds < rounds + 2 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    let tokens = workload.finish();
+    let down = monitor.finish();
+    let restarts: Vec<usize> = ha
+        .servers
+        .iter()
+        .zip(&starts_before)
+        .map(|(s, b)| s.starts() - b)
+        .collect();
+    let restarting_at_once = restarts_at_once(&ha);
+    let sustained = sustained_down(&down, 1.0);
+    eprintln!(
+        "issuer rollout, three daemons started together (3 kube-apiservers, k3s stand-ins): setup {:.1}s, converged {:.1}s after the start, wall time {:.1}s",
+        setup.as_secs_f64(),
+        converged.as_secs_f64(),
+        begin.elapsed().as_secs_f64()
+    );
+    eprintln!(
+        "tokens: {} minted (per server {:?}), {} checks answered, {} rejected, {} unanswered; apiservers down at once: at most {} (1 s or more: {sustained}); servers restarting at once: at most {restarting_at_once}; restarts per server {restarts:?}",
+        tokens.minted,
+        tokens.minted_by,
+        tokens.checked,
+        tokens.rejected,
+        tokens.unavailable,
+        down.max_down,
+    );
+    for i in 0..n {
+        eprintln!(
+            "{} systemctl calls: {:?}; apiserver issuers: {:?}",
+            ha.servers[i].name,
+            ha.systemctl_calls(i),
+            ha.k3s_apiserver_args(i)
+                .iter()
+                .filter(|a| a.starts_with("--service-account-issuer="))
+                .collect::<Vec<_>>()
+        );
+    }
+    eprintln!("down timeline:\n{}", down.describe());
+    assert_eq!(
+        tokens.rejected,
+        0,
+        "tokens rejected:\n{}\n{}",
+        tokens.rejections.join("\n"),
+        logs()
+    );
+    assert!(restarting_at_once <= 1, "{}", logs());
+    assert!(sustained <= 1, "{}\n{}", down.describe(), logs());
+    // Accept, then sign: two restarts per server, each through systemctl.
+    assert_eq!(restarts, vec![2; n], "restarts per server\n{}", logs());
+    for i in 0..n {
+        let issuers: Vec<String> = ha
+            .k3s_apiserver_args(i)
+            .iter()
+            .filter_map(|a| a.strip_prefix("--service-account-issuer="))
+            .map(str::to_string)
+            .collect();
+        assert_eq!(
+            issuers,
+            vec![NEW_ISSUER.to_string(), DEFAULT_ISSUER.to_string()],
+            "{}: the issuers k3s gives its apiserver\n{}",
+            ha.servers[i].name,
+            logs()
+        );
+        assert_eq!(ha.systemctl_calls(i), vec!["restart k3s".to_string(); 2]);
+    }
+}
