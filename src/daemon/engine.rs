@@ -230,6 +230,12 @@ impl Engine {
     /// (Re)reads the configuration. A configuration that cannot be used never replaces one
     /// that could: the daemon keeps going with the previous settings and says so.
     pub fn load_config(&mut self) {
+        // Watch at least the configuration (the apiserver's files come with a converge), and
+        // before reading it: a file written between the read and a new watch (the folder was
+        // just created) would otherwise go unseen until the next resync.
+        if self.settings.is_none() {
+            self.set_watches(WatchSet::new(&self.root, self.explicit_config.as_deref()));
+        }
         match config::load(&self.root, self.explicit_config.as_deref()) {
             Ok(loaded) => {
                 for w in &loaded.warnings {
@@ -275,10 +281,6 @@ impl Engine {
                 }
                 self.config_error = Some(message);
             }
-        }
-        // Watch at least the configuration (the apiserver's files come with a converge).
-        if self.settings.is_none() {
-            self.set_watches(WatchSet::new(&self.root, self.explicit_config.as_deref()));
         }
         self.refresh_status();
     }
