@@ -550,26 +550,131 @@ async fn kubeadm_manifests_mid_rotation_name_the_new_files() {
     assert_eq!(key.permissions().mode() & 0o777, 0o600);
 }
 
+thread_local! {
+    /// Each kubeadm follower's copy of the driver's new key (its `sa-<id>.key`) and what it
+    /// last installed a step for.
+    static COPIES: std::cell::RefCell<Vec<Option<keys::SigningKey>>> = const { std::cell::RefCell::new(Vec::new()) };
+    static TRIED_FILES: std::cell::RefCell<Vec<Option<follow::Keys>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Every kubeadm follower's agent, after each of the driver's steps: it reads the driver's
+/// Lease and the key the driver shared, opens that key with the signing key it has (the same
+/// sa.key, as kubeadm copies it to every control-plane node), and installs the step
+/// [`follow::decide_files`] says, one node at a time (its apiserver restarts).
+fn kubeadm_followers_follow(sim: &mut Sim, _: &StepOutcome) {
+    let phase = state(sim).phase.name().to_string();
+    let host = irsa_agent::host::HostRoot::new(sim.root());
+    let observed = irsa_agent::apiserver::observe(&host, Distribution::Kubeadm).expect("observe");
+    let driver = Report::of(&observed, ISSUER, &phase);
+    let Some(sealed) = sim.world().shared.clone() else {
+        return;
+    };
+    let n = sim.world().servers.len();
+    for i in 1..n {
+        let me = format!("cp{}", i + 1);
+        let view = View {
+            agents: vec![Member {
+                node: "cp1".into(),
+                live: true,
+                report: Some(driver.clone()),
+            }],
+            apiservers: (1..=n).map(|j| format!("cp{j}")).collect(),
+        };
+        let (mine, signing) = {
+            let w = sim.world();
+            let s = &w.servers[i];
+            (
+                follow::Keys::new(
+                    s.verification.iter().map(|k| k.kid()),
+                    Some(s.signing.public.kid()),
+                ),
+                s.signing.clone(),
+            )
+        };
+        let tried = TRIED_FILES.with(|t| t.borrow().get(i).cloned().flatten());
+        match follow::decide_files(&me, &mine, &view, &sealed.new_kid, tried.as_ref()) {
+            follow::Follow::Restart { target, .. } => {
+                let copy = COPIES.with(|c| c.borrow().get(i).cloned().flatten());
+                let copy = copy.unwrap_or_else(|| {
+                    let opened = rotation::seal::open(&sealed, &signing).expect("opened");
+                    opened.signing
+                });
+                COPIES.with(|c| {
+                    let mut c = c.borrow_mut();
+                    c.resize(n, None);
+                    c[i] = Some(copy.clone());
+                });
+                TRIED_FILES.with(|t| {
+                    let mut t = t.borrow_mut();
+                    t.resize(n, None);
+                    t[i] = Some(target.clone());
+                });
+                {
+                    let mut w = sim.world();
+                    let s = &mut w.servers[i];
+                    match follow::stage(&target, &sealed.new_kid) {
+                        Some(irsa_agent::apiserver::install::Install::VerifyOnly) => {
+                            s.verification.push(copy.public.clone());
+                        }
+                        Some(irsa_agent::apiserver::install::Install::Sign) => {
+                            if !s.verification.iter().any(|k| k.kid() == copy.public.kid()) {
+                                s.verification.push(copy.public.clone());
+                            }
+                            s.signing = copy.clone();
+                        }
+                        Some(irsa_agent::apiserver::install::Install::Retire) => {
+                            s.verification = vec![copy.public.clone()];
+                            s.signing = copy.clone();
+                        }
+                        other => panic!("{me}: no step for {target:?}: {other:?}"),
+                    }
+                    s.restarts += 1;
+                }
+                let t = sim.now() + 120;
+                sim.set_time(t);
+                sim.check_invariant("while the kubeadm followers install the driver's steps");
+            }
+            follow::Follow::Hold(why) => panic!("{me} holds: {why}"),
+            follow::Follow::InStep { .. } | follow::Follow::Nothing => {}
+        }
+    }
+}
+
+/// kubeadm with several control-plane nodes: the driver shares the new key sealed with the
+/// signing key every node has; each follower opens it and installs the driver's steps itself.
 #[tokio::test(flavor = "current_thread")]
-async fn kubeadm_with_several_control_plane_nodes_is_refused() {
-    let mut sim = Sim::new(Distribution::Kubeadm, 2);
-    sim.ctx.options.start_now = true;
-    let now = sim.now();
-    let err = rotation::step(&mut sim.ctx, now)
-        .await
-        .expect_err("refused");
-    assert!(err.to_string().contains("2 apiservers"), "{err}");
-    // The refusal is recorded, nothing was written.
-    let st = state(&sim);
-    assert_eq!(st.phase.name(), PhaseName::Idle);
-    assert!(st.last_step.is_some_and(|l| !l.ok));
+async fn three_kubeadm_nodes_rotate_with_the_followers_installing_the_shared_key() {
+    let mut sim = Sim::new(Distribution::Kubeadm, 3);
+    let old = kids_of(&read(sim.root(), "/etc/kubernetes/pki/sa.pub"));
+    let outcomes = run_rotation(&mut sim, kubeadm_followers_follow).await;
+    assert!(outcomes.iter().all(|o| o.is_ok()), "{outcomes:?}");
+    let done = state(&sim).history.last().cloned().expect("done");
+    assert_eq!(done.retired_kids, old);
+    let w = sim.world();
+    for s in &w.servers {
+        // verify-only, sign, retire: three restarts on every node.
+        assert_eq!(s.restarts, 3, "{}: {:?}", s.url, w.log);
+        assert_eq!(
+            s.verification.iter().map(|k| k.kid()).collect::<Vec<_>>(),
+            std::slice::from_ref(&done.new_kid)
+        );
+        assert_eq!(s.signing.public.kid(), done.new_kid);
+    }
+    // The shared key is gone once every node retired the old key.
+    assert!(w.shared.is_none());
+    drop(w);
+    // Waits named the followers, and how they catch up.
+    let waits: Vec<String> = outcomes
+        .iter()
+        .flatten()
+        .filter(|o| o.status_line.contains("do not verify with it yet"))
+        .map(|o| o.status_line.clone())
+        .collect();
     assert!(
-        !sim.root()
-            .join("etc/kubernetes/pki")
-            .read_dir()
-            .expect("pki")
-            .flatten()
-            .any(|e| e.file_name().to_string_lossy().starts_with("sa-"))
+        waits
+            .iter()
+            .any(|w| w.contains("sealed") && w.contains("https://10.0.0.2:6443")),
+        "{waits:?}"
     );
 }
 

@@ -479,17 +479,21 @@ impl Observed {
         let mut changes = Vec::new();
         let mut overrides: Vec<(String, String)> = Vec::new();
         let (key_files, signing): (Vec<String>, String) = match install {
-            Install::Trust => {
+            // The new public key joins the verification files. One node: `trust` also makes
+            // the apiserver sign with the new key, and `sign` only switches
+            // kube-controller-manager. Several nodes: `verify-only` first (the old key still
+            // signs), then `sign`.
+            Install::Trust | Install::VerifyOnly | Install::Sign => {
                 let mut files = f.key_files.clone();
                 if !files.contains(&new_pub) {
                     files.push(new_pub.clone());
                 }
-                (files, new_key.clone())
+                let signing = match install {
+                    Install::VerifyOnly => f.signing_key_file.clone().unwrap_or_default(),
+                    _ => new_key.clone(),
+                };
+                (files, signing)
             }
-            Install::Sign | Install::VerifyOnly => (
-                f.key_files.clone(),
-                f.signing_key_file.clone().unwrap_or_default(),
-            ),
             Install::Retire => {
                 let key = rotation.key()?;
                 let mut writes = vec![(canonical.signing.clone(), key.private_pem.to_string())];

@@ -33,11 +33,6 @@ impl RotationTask {
     /// nothing to follow. A failure is logged and counts as nothing to follow: this server's
     /// own schedule goes on (a start still waits for another driver).
     async fn follow(&self, ctx: &mut TaskContext<'_>) -> Option<String> {
-        let shared = crate::apiserver::install::observe(&self.root, ctx.settings.distribution)
-            .is_ok_and(|o| o.source.keys_shared_by_servers());
-        if !shared {
-            return None;
-        }
         let root = self.root.clone();
         let settings = ctx.settings.clone();
         let edges = self.edges.clone();

@@ -8,6 +8,7 @@
 use base64::Engine as _;
 use zeroize::Zeroizing;
 
+use super::seal::{self, Sealed};
 use crate::apiserver::change::Attempt;
 use crate::apiserver::probe::stale_tokens_in;
 use crate::k8s::Api;
@@ -111,6 +112,25 @@ pub trait Cluster: Send {
     /// Says in this node's Lease what its apiserver has and where its rotation is.
     async fn announce(&mut self, report: &Report) -> Result<(), membership::Error> {
         let _ = report;
+        Ok(())
+    }
+
+    // kubeadm on several nodes: the driver shares the rotation's new key, sealed
+    // ([`super::seal`]), through the Secret [`super::seal::SECRET`].
+
+    /// Stores the sealed new key for the other nodes' agents (replacing an older one).
+    async fn share_key(&mut self, sealed: &Sealed) -> Result<(), ClusterError> {
+        let _ = sealed;
+        Err(ClusterError::Answer(
+            "this cluster cannot share a key between its servers".into(),
+        ))
+    }
+    /// The sealed new key the driver shared, if any.
+    async fn shared_key(&mut self) -> Result<Option<Sealed>, ClusterError> {
+        Ok(None)
+    }
+    /// Removes the shared key (the rotation ended, or was aborted).
+    async fn unshare_key(&mut self) -> Result<(), ClusterError> {
         Ok(())
     }
 }
@@ -352,6 +372,91 @@ impl Cluster for ApiCluster {
         let seconds = i32::try_from(self.lease_seconds).unwrap_or(i32::MAX);
         membership::announce(&client, &self.node, report, seconds, unix_now()).await
     }
+
+    async fn share_key(&mut self, sealed: &Sealed) -> Result<(), ClusterError> {
+        use k8s_openapi::ByteString;
+        use k8s_openapi::api::core::v1::Secret;
+        use kube::api::{Patch, PatchParams};
+        let secrets = secret_api(&self.api)?;
+        let doc = serde_json::to_vec(sealed).map_err(|e| ClusterError::Answer(e.to_string()))?;
+        let secret = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some(seal::SECRET.to_string()),
+                namespace: Some(membership::NAMESPACE.to_string()),
+                labels: Some(
+                    [(
+                        "app.kubernetes.io/managed-by".to_string(),
+                        "irsa-agent".to_string(),
+                    )]
+                    .into(),
+                ),
+                ..Default::default()
+            },
+            type_: Some("Opaque".to_string()),
+            data: Some([(seal::SECRET_KEY.to_string(), ByteString(doc))].into()),
+            ..Default::default()
+        };
+        let params = PatchParams::apply("irsa-agent").force();
+        secrets
+            .patch(seal::SECRET, &params, &Patch::Apply(&secret))
+            .await
+            .map_err(|e| secret_error("store", e))?;
+        Ok(())
+    }
+
+    async fn shared_key(&mut self) -> Result<Option<Sealed>, ClusterError> {
+        let secrets = secret_api(&self.api)?;
+        let Some(secret) = secrets
+            .get_opt(seal::SECRET)
+            .await
+            .map_err(|e| secret_error("read", e))?
+        else {
+            return Ok(None);
+        };
+        let doc = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(seal::SECRET_KEY))
+            .ok_or_else(|| {
+                ClusterError::Answer(format!(
+                    "the Secret {}/{} has no {}",
+                    membership::NAMESPACE,
+                    seal::SECRET,
+                    seal::SECRET_KEY
+                ))
+            })?;
+        serde_json::from_slice(&doc.0).map(Some).map_err(|e| {
+            ClusterError::Answer(format!(
+                "the Secret {}/{} is unreadable: {e}",
+                membership::NAMESPACE,
+                seal::SECRET
+            ))
+        })
+    }
+
+    async fn unshare_key(&mut self) -> Result<(), ClusterError> {
+        let secrets = secret_api(&self.api)?;
+        match secrets
+            .delete(seal::SECRET, &kube::api::DeleteParams::default())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+            Err(e) => Err(secret_error("delete", e)),
+        }
+    }
+}
+
+fn secret_api(api: &Api) -> Result<kube::Api<k8s_openapi::api::core::v1::Secret>, ClusterError> {
+    Ok(kube::Api::namespaced(api.client()?, membership::NAMESPACE))
+}
+
+fn secret_error(what: &str, e: kube::Error) -> ClusterError {
+    ClusterError::Answer(format!(
+        "cannot {what} the Secret {}/{}: {e}",
+        membership::NAMESPACE,
+        seal::SECRET
+    ))
 }
 
 /// (`namespace/name`, kid) of each Secret in a SecretList that holds a token.

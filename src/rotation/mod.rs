@@ -47,9 +47,17 @@
 //!
 //! See [`distro`] for what each install does on k3s/RKE2 (`certificate rotate-ca`, key order in
 //! `service.key`) and kubeadm (new `sa-<id>` files, apiserver and controller-manager flags).
-//! Apiserver restarts per rotation: one server 2 (trust, retire); k3s/RKE2 with N servers
-//! 3 per server (verify-only, sign, retire); kubeadm with several control-plane nodes is
-//! refused (the new key would have to be copied to every node).
+//! Apiserver restarts per rotation: one server 2 (trust, retire); N servers 3 per server
+//! (verify-only, sign, retire).
+//!
+//! # Several servers
+//!
+//! One agent drives the cluster's rotation (it holds the rotation Lease); the others follow it
+//! ([`follow`]), one restart at a time (the restart Lease), and the driver advances only once
+//! every apiserver has what the previous step installed. k3s/RKE2 share the key through the
+//! datastore (`certificate rotate-ca`); kubeadm nodes each have their own files, so the driver
+//! shares the new key sealed with the signing key every node already has ([`seal`]) and each
+//! follower installs the steps on its own host.
 //!
 //! # Outside systems
 //!
@@ -65,6 +73,7 @@ pub mod keygen;
 pub mod machine;
 pub mod publishing;
 pub mod runner;
+pub mod seal;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -832,6 +841,7 @@ pub async fn abort(ctx: &mut Context, now: u64) -> Result<StepOutcome, RotationE
         .await?;
     let observed = run.observe()?;
     clean_up(&run.ctx.root, &observed, &rotation)?;
+    run.unshare_new_key().await;
     // Republish without the new key.
     let publication = run.publication(&observed, None)?;
     let published = run.ctx.publishing.publish(&publication).await;
@@ -865,6 +875,139 @@ pub async fn abort(ctx: &mut Context, now: u64) -> Result<StepOutcome, RotationE
     })
 }
 
+/// How long a restarted apiserver is waited for, and how often it is asked.
+fn patience(ctx: &Context) -> Patience {
+    Patience {
+        timeout: ctx.options.restart_timeout,
+        poll: ctx.options.poll,
+    }
+}
+
+/// Waits for this server's turn to restart its apiserver: the cluster-wide restart Lease, and
+/// every other apiserver serving ([`change::wait_for_turn`]). Every rotation restart takes it,
+/// the driver's and the followers'.
+async fn take_turn(ctx: &mut Context) -> Result<Turned, RotationError> {
+    let timeout = ctx.options.restart_timeout;
+    let patience = Patience {
+        timeout: timeout * 2,
+        poll: ctx.options.poll.max(Duration::from_secs(1)),
+    };
+    let seconds = timeout.as_secs() + 60;
+    let cluster = &mut ctx.cluster;
+    change::wait_for_turn(ctx.clock.as_ref(), patience, async |_| {
+        cluster.try_turn(seconds).await
+    })
+    .await
+    .map_err(failed)
+}
+
+/// Gives the restart Lease back after a restart made in turn (it expires by itself if this
+/// fails).
+async fn give_turn_back(ctx: &mut Context, turned: Turned) {
+    if turned == Turned::Held
+        && let Err(e) = ctx.cluster.let_go(membership::RESTART).await
+    {
+        log::warn!("rotation: cannot give the restart Lease back (it expires by itself): {e}");
+    }
+}
+
+/// Waits ([`ready::wait_until`]) until the local apiserver is ready and serves exactly
+/// `expected` (kids, in order, repeats dropped).
+async fn wait_for_jwks(ctx: &mut Context, expected: &[String]) -> Result<(), String> {
+    let patience = patience(ctx);
+    let cluster = &mut ctx.cluster;
+    let what = format!(
+        "waiting for kube-apiserver to serve the keys {}",
+        expected.join(", ")
+    );
+    ready::wait_until(&what, ctx.clock.as_ref(), patience, async || {
+        let health = cluster.health().await;
+        if !health.ready {
+            return Err(health.detail);
+        }
+        let kids = cluster.jwks_kids(None).await.map_err(|e| e.to_string())?;
+        let kids = install::dedup_kids(kids.iter());
+        if kids == expected {
+            Ok(())
+        } else {
+            Err(format!(
+                "serves kids {} instead of {}",
+                kids.join(", "),
+                expected.join(", ")
+            ))
+        }
+    })
+    .await
+    .map(|_| ())
+    .map_err(|last| {
+        format!(
+            "kube-apiserver did not become ready with the keys {} within {}s (last: {last})",
+            expected.join(", "),
+            patience.timeout.as_secs()
+        )
+    })
+}
+
+async fn wait_ready(ctx: &mut Context) -> String {
+    let patience = patience(ctx);
+    let cluster = &mut ctx.cluster;
+    let waited = ready::wait_until(
+        "waiting for kube-apiserver to be ready with the restored files",
+        ctx.clock.as_ref(),
+        patience,
+        async || {
+            let health = cluster.health().await;
+            if health.ready {
+                Ok(())
+            } else {
+                Err(health.detail)
+            }
+        },
+    )
+    .await;
+    match waited {
+        Ok(_) => "the apiserver is ready with the restored files".into(),
+        Err(last) => format!("the apiserver is still not ready ({last}): look at it now"),
+    }
+}
+
+/// kubeadm: writes an install's files through the apply executor (backups, atomic writes);
+/// kubelet restarts what a changed manifest names. When the apiserver restarts, `restarting`
+/// runs first (to count the restart), then this waits until it serves `expected`, and restores
+/// the files when it does not. Whether anything was written.
+async fn write_files(
+    ctx: &mut Context,
+    changes: &[crate::apiserver::FileChange],
+    restarts_apiserver: bool,
+    expected: &[String],
+    what: &str,
+    install: Install,
+    restarting: impl FnOnce() -> Result<(), StateError>,
+) -> Result<bool, RotationError> {
+    let root = ctx.root.clone();
+    let prepared = apply::write_changes(&root, changes, ctx.clock.now(), &ctx.settings.backups)
+        .map_err(|e| failed(format!("{what}: {e}")))?;
+    if restarts_apiserver && prepared.is_some() {
+        // The manifest is written: kubelet restarts the apiserver.
+        restarting()?;
+    }
+    crate::failpoint::hit(&format!("rotation:{}:after-write", install.name()));
+    let Some(prepared) = prepared else {
+        return Ok(false);
+    };
+    if !restarts_apiserver {
+        return Ok(true);
+    }
+    match wait_for_jwks(ctx, expected).await {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            let restored = prepared.restore(&root);
+            let back = wait_ready(ctx).await;
+            Err(failed(format!("{what}: {e}; {restored}; {back}")))
+        }
+    }
+}
+
 /// One step in progress.
 struct Run<'a> {
     ctx: &'a mut Context,
@@ -873,6 +1016,18 @@ struct Run<'a> {
 
 fn failed(e: impl std::fmt::Display) -> RotationError {
     RotationError::Failed(e.to_string())
+}
+
+/// Who brings the other servers along, and what to do for one without an agent.
+fn by_their_agents(observed: &Observed) -> String {
+    if observed.source.keys_shared_by_servers() {
+        format!(
+            "their agents restart them, one at a time (a server without irsa-agent: restart {} there)",
+            observed.distribution.name()
+        )
+    } else {
+        "their agents install the new key and restart their apiservers, one at a time (a node without irsa-agent: install it there, or `irsa-agent rotate --abort` before the new key signs)".to_string()
+    }
 }
 
 impl Run<'_> {
@@ -934,51 +1089,6 @@ impl Run<'_> {
         )
     }
 
-    /// How long a restarted apiserver is waited for, and how often it is asked.
-    fn patience(&self) -> Patience {
-        Patience {
-            timeout: self.ctx.options.restart_timeout,
-            poll: self.ctx.options.poll,
-        }
-    }
-
-    /// Waits ([`ready::wait_until`]) until the local apiserver is ready and serves exactly
-    /// `expected` (kids, in order, repeats dropped).
-    async fn wait_for_jwks(&mut self, expected: &[String]) -> Result<(), String> {
-        let patience = self.patience();
-        let cluster = &mut self.ctx.cluster;
-        let what = format!(
-            "waiting for kube-apiserver to serve the keys {}",
-            expected.join(", ")
-        );
-        ready::wait_until(&what, self.ctx.clock.as_ref(), patience, async || {
-            let health = cluster.health().await;
-            if !health.ready {
-                return Err(health.detail);
-            }
-            let kids = cluster.jwks_kids(None).await.map_err(|e| e.to_string())?;
-            let kids = install::dedup_kids(kids.iter());
-            if kids == expected {
-                Ok(())
-            } else {
-                Err(format!(
-                    "serves kids {} instead of {}",
-                    kids.join(", "),
-                    expected.join(", ")
-                ))
-            }
-        })
-        .await
-        .map(|_| ())
-        .map_err(|last| {
-            format!(
-                "kube-apiserver did not become ready with the keys {} within {}s (last: {last})",
-                expected.join(", "),
-                patience.timeout.as_secs()
-            )
-        })
-    }
-
     /// Carries out a host change and waits until the apiserver serves the expected keys.
     async fn carry_out(
         &mut self,
@@ -991,30 +1101,10 @@ impl Run<'_> {
         }
         // One apiserver restarts at a time across the cluster (the restart Lease), as for
         // `apply`: with k3s's embedded etcd two at once can cost quorum.
-        let turned = self.take_turn().await?;
+        let turned = take_turn(self.ctx).await?;
         let result = self.carry_out_in_turn(change, install, what).await;
-        if turned == Turned::Held
-            && let Err(e) = self.ctx.cluster.let_go(membership::RESTART).await
-        {
-            log::warn!("rotation: cannot give the restart Lease back (it expires by itself): {e}");
-        }
+        give_turn_back(self.ctx, turned).await;
         result
-    }
-
-    /// Waits for this server's turn to restart its apiserver ([`change::wait_for_turn`]).
-    async fn take_turn(&mut self) -> Result<Turned, RotationError> {
-        let timeout = self.ctx.options.restart_timeout;
-        let patience = Patience {
-            timeout: timeout * 2,
-            poll: self.ctx.options.poll.max(Duration::from_secs(1)),
-        };
-        let seconds = timeout.as_secs() + 60;
-        let cluster = &mut self.ctx.cluster;
-        change::wait_for_turn(self.ctx.clock.as_ref(), patience, async |_| {
-            cluster.try_turn(seconds).await
-        })
-        .await
-        .map_err(failed)
     }
 
     async fn carry_out_in_turn(
@@ -1064,7 +1154,7 @@ impl Run<'_> {
                     .restart(&unit)
                     .map_err(|e| failed(format!("{what}: {e}")))?;
                 crate::failpoint::hit(&format!("rotation:{}:after-restart", install.name()));
-                self.wait_for_jwks(&expected).await.map_err(|e| {
+                wait_for_jwks(self.ctx, &expected).await.map_err(|e| {
                     failed(format!(
                         "{what}: {e}; the new service.key is in the datastore ({program} loads it at every start), so nothing was rolled back: look at `journalctl -u {unit}`; the next step checks again"
                     ))
@@ -1076,52 +1166,23 @@ impl Run<'_> {
                 restarts_apiserver,
                 expected,
             } => {
-                let prepared =
-                    apply::write_changes(&root, &changes, self.now(), &self.ctx.settings.backups)
-                        .map_err(|e| failed(format!("{what}: {e}")))?;
-                if restarts_apiserver && prepared.is_some() {
-                    // The manifest is written: kubelet restarts the apiserver.
-                    self.update_rotation(|r| r.restarts += 1)?;
-                }
-                crate::failpoint::hit(&format!("rotation:{}:after-write", install.name()));
-                let Some(prepared) = prepared else {
-                    return Ok(false);
-                };
-                if !restarts_apiserver {
-                    return Ok(true);
-                }
-                match self.wait_for_jwks(&expected).await {
-                    Ok(()) => Ok(true),
-                    Err(e) => {
-                        let restored = prepared.restore(&root);
-                        let back = self.wait_ready().await;
-                        Err(failed(format!("{what}: {e}; {restored}; {back}")))
-                    }
-                }
+                let st = &mut *self.st;
+                write_files(
+                    self.ctx,
+                    &changes,
+                    restarts_apiserver,
+                    &expected,
+                    what,
+                    install,
+                    || {
+                        if let Some(r) = st.phase.rotation_mut() {
+                            r.restarts += 1;
+                        }
+                        save_state(&root, st)
+                    },
+                )
+                .await
             }
-        }
-    }
-
-    async fn wait_ready(&mut self) -> String {
-        let patience = self.patience();
-        let cluster = &mut self.ctx.cluster;
-        let waited = ready::wait_until(
-            "waiting for kube-apiserver to be ready with the restored files",
-            self.ctx.clock.as_ref(),
-            patience,
-            async || {
-                let health = cluster.health().await;
-                if health.ready {
-                    Ok(())
-                } else {
-                    Err(health.detail)
-                }
-            },
-        )
-        .await;
-        match waited {
-            Ok(_) => "the apiserver is ready with the restored files".into(),
-            Err(last) => format!("the apiserver is still not ready ({last}): look at it now"),
         }
     }
 
@@ -1141,13 +1202,14 @@ impl Run<'_> {
         let verifies = host.verification.contains(&rotation.new_kid);
         let signs = host.signing.kid() == rotation.new_kid;
         let mut lost: Vec<Install> = Vec::new();
-        let shared = observed.source.keys_shared_by_servers();
-        match (shared, rotation.is_ha()) {
-            (true, true) if signed && !signs => lost.push(Install::Sign),
-            (true, true) if !verifies => lost.push(Install::VerifyOnly),
-            (true, true) => {}
-            (_, _) if !verifies || !signs => lost.push(Install::Trust),
-            _ => {}
+        if rotation.is_ha() {
+            if signed && !signs {
+                lost.push(Install::Sign);
+            } else if !verifies {
+                lost.push(Install::VerifyOnly);
+            }
+        } else if !verifies || !signs {
+            lost.push(Install::Trust);
         }
         if signed
             && !observed
@@ -1235,6 +1297,65 @@ impl Run<'_> {
         Ok(out)
     }
 
+    /// kubeadm on several nodes: seals the new key with the signing key every node shares
+    /// ([`seal`]) and stores it for the other nodes' agents, unless it is there already.
+    async fn share_new_key(&mut self, rotation: &InProgress) -> Result<(), RotationError> {
+        if let Ok(Some(shared)) = self.ctx.cluster.shared_key().await
+            && shared.rotation == rotation.id
+            && shared.new_kid == rotation.new_kid
+        {
+            return Ok(());
+        }
+        let canonical = rotation
+            .canonical_files
+            .as_ref()
+            .ok_or_else(|| failed("the rotation state lacks kubeadm's key files; abort it"))?;
+        let old = keys::load_signing_file(&self.ctx.root.path(&canonical.signing))
+            .map_err(|e| failed(e.to_string()))?;
+        if old.public.kid() != rotation.old_signing_kid {
+            return Err(failed(format!(
+                "{} holds the key {}, not {} the rotation started with: the other nodes could not open the new key sealed with it",
+                canonical.signing,
+                old.public.kid(),
+                rotation.old_signing_kid
+            )));
+        }
+        let key = new_key(&self.ctx.root, rotation)?;
+        let sealed = seal::seal(
+            &old,
+            &rotation.id,
+            rotation.key_type,
+            &rotation.new_kid,
+            &rotation.new_public_pem,
+            &key.pem,
+        )
+        .map_err(failed)?;
+        self.ctx.cluster.share_key(&sealed).await.map_err(|e| {
+            failed(format!(
+                "cannot share the new key with the other control-plane nodes: {e}"
+            ))
+        })?;
+        log::info!(
+            "rotation: the new key {} is shared with the other control-plane nodes, sealed with the signing key {} (Secret {}/{})",
+            rotation.new_kid,
+            sealed.sealed_with,
+            membership::NAMESPACE,
+            seal::SECRET
+        );
+        Ok(())
+    }
+
+    /// Removes the shared key, if any; a failure is logged (the next rotation replaces it).
+    async fn unshare_new_key(&mut self) {
+        if let Err(e) = self.ctx.cluster.unshare_key().await {
+            log::warn!(
+                "rotation: cannot remove the Secret {}/{} (it holds the sealed key, useless without sa.key; the next rotation replaces it): {e}",
+                membership::NAMESPACE,
+                seal::SECRET
+            );
+        }
+    }
+
     fn recheck_at(&self) -> u64 {
         self.now() + self.ctx.options.recheck.as_secs()
     }
@@ -1288,13 +1409,6 @@ impl Run<'_> {
             )));
         }
         let servers = self.servers().await?;
-        if servers.len() > 1 && !observed.source.keys_shared_by_servers() {
-            return Err(RotationError::Refused(format!(
-                "this kubeadm cluster has {} apiservers ({}): the new key would have to be copied to every control-plane node before any of them signs with it, which irsa-agent does not do; rotate by hand (see README, \"Key rotation\")",
-                servers.len(),
-                servers.join(", ")
-            )));
-        }
         // On several servers one agent drives the cluster's rotation; the others follow it.
         if let Some(not_mine) = self.claim_rotation().await? {
             return Ok(not_mine);
@@ -1402,6 +1516,9 @@ impl Run<'_> {
         let mut observed = self.observe()?;
         new_key(&self.ctx.root, &rotation)?;
         if rotation.is_ha() {
+            if !observed.source.keys_shared_by_servers() {
+                self.share_new_key(&rotation).await?;
+            }
             // Every apiserver verifies with the new key before anything publishes it.
             let change = plan_install(&self.ctx.root, &observed, &rotation, Install::VerifyOnly)?;
             self.carry_out(
@@ -1415,9 +1532,14 @@ impl Run<'_> {
             if !lacking.is_empty() {
                 return Ok(Progress::Waiting(
                     format!(
-                        "the new key is in the datastore; these servers do not verify with it yet: {}; their agents restart them, one at a time (a server without irsa-agent: restart {} there)",
+                        "{}; these servers do not verify with it yet: {}; {}",
+                        if observed.source.keys_shared_by_servers() {
+                            "the new key is in the datastore"
+                        } else {
+                            "the new key is shared, sealed, with the other control-plane nodes"
+                        },
                         lacking.join(", "),
-                        observed.distribution.name()
+                        by_their_agents(&observed)
                     ),
                     self.recheck_at(),
                 ));
@@ -1509,9 +1631,9 @@ impl Run<'_> {
             if !lacking.is_empty() {
                 return Ok(Progress::Waiting(
                     format!(
-                        "these servers do not verify with the new key: {}; their agents restart them (a server without irsa-agent: restart {} there)",
+                        "these servers do not verify with the new key: {}; {}",
                         lacking.join(", "),
-                        observed.distribution.name()
+                        by_their_agents(&observed)
                     ),
                     self.recheck_at(),
                 ));
@@ -1555,15 +1677,15 @@ impl Run<'_> {
     async fn sign_with_new_key(&mut self) -> Result<Progress, RotationError> {
         let rotation = self.rotation()?;
         let observed = self.observe()?;
-        // Keys shared through the datastore: on several servers, the staged file now puts the
-        // new key first. Keys in each host's files (kubeadm): kube-controller-manager switches.
+        // Several servers: every one signs with the new key now (k3s: the staged file puts it
+        // first in the datastore; kubeadm: each node's apiserver and kube-controller-manager).
+        // One kubeadm node: `trust` switched the apiserver; kube-controller-manager switches.
         let shared = observed.source.keys_shared_by_servers();
-        let shared_ha = rotation.is_ha() && shared;
-        if shared_ha || !shared {
+        if rotation.is_ha() || !shared {
             if !rotation.may_have_signed {
                 self.update_rotation(|r| r.may_have_signed = true)?;
             }
-            let what = if shared_ha {
+            let what = if rotation.is_ha() {
                 "sign with the new key"
             } else {
                 "make kube-controller-manager sign legacy token Secrets with the new key"
@@ -1575,9 +1697,9 @@ impl Run<'_> {
         if !lagging.is_empty() {
             return Ok(Progress::Waiting(
                 format!(
-                    "these servers still sign with the old key: {}; their agents restart them (a server without irsa-agent: restart {} there); they verify with both keys, so nothing is rejected meanwhile",
+                    "these servers still sign with the old key: {}; {}; they verify with both keys, so nothing is rejected meanwhile",
                     lagging.join(", "),
-                    observed.distribution.name()
+                    by_their_agents(&observed)
                 ),
                 self.recheck_at(),
             ));
@@ -1831,15 +1953,18 @@ impl Run<'_> {
             if !still.is_empty() {
                 return Ok(Progress::Waiting(
                     format!(
-                        "these servers still verify with the old key (harmless, but their agents keep publishing it): {}; their agents restart them (a server without irsa-agent: restart {} there)",
+                        "these servers still verify with the old key (harmless, but their agents keep publishing it): {}; {}",
                         still.join(", "),
-                        observed.distribution.name()
+                        by_their_agents(&observed)
                     ),
                     self.recheck_at(),
                 ));
             }
         }
         clean_up(&self.ctx.root, &observed, &rotation)?;
+        if rotation.is_ha() {
+            self.unshare_new_key().await;
+        }
         let now = self.now();
         let (phase, finished) = self
             .st

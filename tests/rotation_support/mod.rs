@@ -185,6 +185,8 @@ pub struct World {
     /// Apiservers (URLs) the `kubernetes` Endpoints do not list now (restarting, or their
     /// endpoint lease lapsed), though they run.
     pub not_in_endpoints: Vec<String>,
+    /// kubeadm on several nodes: the sealed new key the driver shared (the Secret).
+    pub shared: Option<irsa_agent::rotation::seal::Sealed>,
 }
 
 pub type Shared = Arc<Mutex<World>>;
@@ -291,6 +293,7 @@ impl World {
             leases: Vec::new(),
             announced: Vec::new(),
             not_in_endpoints: Vec::new(),
+            shared: None,
         }))
     }
 
@@ -477,6 +480,31 @@ impl Cluster for FakeCluster {
 
     async fn announce(&mut self, report: &Report) -> Result<(), membership::Error> {
         lock(&self.0).announced.push(report.clone());
+        Ok(())
+    }
+
+    async fn share_key(
+        &mut self,
+        sealed: &irsa_agent::rotation::seal::Sealed,
+    ) -> Result<(), ClusterError> {
+        let mut w = lock(&self.0);
+        w.refuse(None)?;
+        w.shared = Some(sealed.clone());
+        Ok(())
+    }
+
+    async fn shared_key(
+        &mut self,
+    ) -> Result<Option<irsa_agent::rotation::seal::Sealed>, ClusterError> {
+        let w = lock(&self.0);
+        w.refuse(None)?;
+        Ok(w.shared.clone())
+    }
+
+    async fn unshare_key(&mut self) -> Result<(), ClusterError> {
+        let mut w = lock(&self.0);
+        w.refuse(None)?;
+        w.shared = None;
         Ok(())
     }
 
