@@ -596,7 +596,7 @@ fn kubeadm_followers_follow(sim: &mut Sim, _: &StepOutcome) {
             follow::Follow::Restart { target, .. } => {
                 let copy = COPIES.with(|c| c.borrow().get(i).cloned().flatten());
                 let copy = copy.unwrap_or_else(|| {
-                    let opened = rotation::seal::open(&sealed, &signing).expect("opened");
+                    let opened = rotation::seal::open(&sealed, &signing, None).expect("opened");
                     opened.signing
                 });
                 COPIES.with(|c| {

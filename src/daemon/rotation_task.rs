@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use super::tasks::{ScheduledTask, TaskContext, TaskReason};
 use crate::host::HostRoot;
 use crate::keys::PublicKey;
+use crate::rotation::follow::Look;
 use crate::rotation::{self, HostEdges, Options, PhaseName};
 
 /// The rotation task.
@@ -29,17 +30,17 @@ fn system_time(unix: u64) -> SystemTime {
 }
 
 impl RotationTask {
-    /// One look of [`rotation::follow::follow`] on a blocking thread; `None` when there is
-    /// nothing to follow. A failure is logged and counts as nothing to follow: this server's
-    /// own schedule goes on (a start still waits for another driver).
-    async fn follow(&self, ctx: &mut TaskContext<'_>) -> Option<String> {
+    /// One look of [`rotation::follow::follow`] on a blocking thread. A failure is logged and
+    /// counts as a quiet cluster: this server's own schedule goes on (a start still waits for
+    /// another driver), and the next look comes within the recheck interval.
+    async fn follow(&self, ctx: &mut TaskContext<'_>) -> Look {
         let root = self.root.clone();
         let settings = ctx.settings.clone();
         let edges = self.edges.clone();
         let options = self.options.clone();
         let clock = ctx.clock.clone();
         let followed = ctx
-            .blocking(move || -> Result<Option<String>, rotation::RotationError> {
+            .blocking(move || -> Result<Look, rotation::RotationError> {
                 crate::runtime::block_on(async {
                     let mut rctx =
                         rotation::Context::for_host(&root, &settings, clock, edges, options)
@@ -49,14 +50,14 @@ impl RotationTask {
             })
             .await;
         match followed {
-            Ok(Ok(line)) => line,
+            Ok(Ok(look)) => look,
             Ok(Err(e)) => {
                 log::warn!("rotation: cannot follow the cluster's rotation: {e}");
-                None
+                Look::Quiet
             }
             Err(e) => {
                 log::warn!("rotation: cannot follow the cluster's rotation: {e}");
-                None
+                Look::Quiet
             }
         }
     }
@@ -88,14 +89,26 @@ impl ScheduledTask for RotationTask {
         let phase = state.as_ref().map(|s| s.phase.name());
         let in_progress = phase.is_some_and(|p| p != PhaseName::Idle);
         // Another server's agent may drive the cluster's rotation: follow it (whether or not
-        // this server's rotation is enabled: the driver waits for every server).
-        if !in_progress && let Some(line) = self.follow(ctx).await {
-            ctx.set_status(line);
-            return Ok(Some(ctx.now + self.options.recheck));
+        // this server's rotation is enabled: the driver waits for every server). With other
+        // agents in the cluster, look again within the recheck interval even when nothing of
+        // this server's own is due: a driver may start any time.
+        let look = if in_progress {
+            Look::Alone
+        } else {
+            self.follow(ctx).await
+        };
+        let recheck = ctx.now + self.options.recheck;
+        let cap = |next: Option<SystemTime>| match look {
+            Look::Alone => next,
+            _ => Some(next.map_or(recheck, |n| n.min(recheck))),
+        };
+        if let Look::Following(line) = &look {
+            ctx.set_status(line.clone());
+            return Ok(Some(recheck));
         }
         if !ctx.settings.rotation.enabled && !in_progress {
             ctx.set_status("rotation: disabled (rotation.enabled: false)");
-            return Ok(None);
+            return Ok(cap(None));
         }
         let due = state.as_ref().and_then(|s| s.due_at());
         let guard = matches!(ctx.reason, TaskReason::AfterConverge { .. })
@@ -109,7 +122,7 @@ impl ScheduledTask for RotationTask {
                     rotation::state_lines(st, ctx.settings.rotation.enabled, now).join("; "),
                 );
             }
-            return Ok(due.map(system_time));
+            return Ok(cap(due.map(system_time)));
         }
         let root = self.root.clone();
         let settings = ctx.settings.clone();

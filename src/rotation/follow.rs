@@ -254,16 +254,33 @@ pub fn decide_files(
     }
 }
 
+/// What a follower's look found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Look {
+    /// No other agent to follow (no Lease API, or no other agent's Lease), or this agent drives
+    /// a rotation: its own schedule rules.
+    Alone,
+    /// Other agents, none driving a rotation: look again within the recheck interval (a driver
+    /// may start any time).
+    Quiet,
+    /// Following (or holding for) another agent's rotation: the status line.
+    Following(String),
+}
+
+impl Look {
+    fn of(line: Option<String>) -> Look {
+        line.map_or(Look::Quiet, Look::Following)
+    }
+}
+
 /// One look of a follower: when another agent drives a rotation and this server lacks what it
 /// advanced to, brings this server there (k3s/RKE2: restarts it; kubeadm: installs the step's
 /// files), holding the restart Lease, and waits until its apiserver serves the driver's keys.
-/// Returns a status line, or `None` when there is nothing to follow (no Lease API, this agent
-/// drives, no rotation anywhere).
-pub async fn follow(ctx: &mut Context) -> Result<Option<String>, RotationError> {
+pub async fn follow(ctx: &mut Context) -> Result<Look, RotationError> {
     let observed = install::observe(&ctx.root, ctx.settings.distribution)?;
     let _lock = lock(&ctx.root)?;
     if super::load_state(&ctx.root)?.is_some_and(|st| st.phase.name() != super::PhaseName::Idle) {
-        return Ok(None);
+        return Ok(Look::Alone);
     }
     let Some(view) = ctx
         .cluster
@@ -271,23 +288,28 @@ pub async fn follow(ctx: &mut Context) -> Result<Option<String>, RotationError> 
         .await
         .map_err(|e| failed(format!("cannot read the other servers' agent Leases: {e}")))?
     else {
-        return Ok(None);
+        return Ok(Look::Alone);
     };
+    let me = ctx.cluster.node().to_string();
+    if !view.agents.iter().any(|a| a.node != me) {
+        return Ok(Look::Alone);
+    }
     let host = install::host_keys(&observed)?;
     let mine = Keys::new(host.verification.iter().cloned(), Some(host.signing.kid()));
-    let me = ctx.cluster.node().to_string();
     let mut record = Record::load(&ctx.root);
     let shared = observed.source.keys_shared_by_servers();
     let decision = if shared {
         decide(&me, &mine, &view, record.tried.as_ref())
     } else if driver(&view, &me).is_none() {
-        return take_out_aborted(ctx, &observed, &mine, &mut record).await;
+        return take_out_aborted(ctx, &observed, &mine, &mut record)
+            .await
+            .map(Look::of);
     } else {
         let sealed = match ctx.cluster.shared_key().await {
             Ok(Some(sealed)) => sealed,
             Ok(None) => {
                 let why = "the driver shares no new key yet (Secret kube-system/irsa-agent-rotation-key): waiting for it".to_string();
-                return Ok(Some(format!("rotation: holding: {why}")));
+                return Ok(Look::Following(format!("rotation: holding: {why}")));
             }
             Err(e) => return Err(failed(format!("cannot read the shared new key: {e}"))),
         };
@@ -298,19 +320,20 @@ pub async fn follow(ctx: &mut Context) -> Result<Option<String>, RotationError> 
                 why,
             } => {
                 return install_step(ctx, &observed, &mut record, &sealed, &driver, target, &why)
-                    .await;
+                    .await
+                    .map(Look::of);
             }
             other => other,
         }
     };
     match decision {
-        Follow::Nothing => Ok(None),
-        Follow::InStep { driver } => Ok(Some(format!(
+        Follow::Nothing => Ok(Look::Quiet),
+        Follow::InStep { driver } => Ok(Look::Following(format!(
             "rotation: following {driver}'s rotation; this server has its keys"
         ))),
         Follow::Hold(why) => {
             log::warn!("rotation: {why}");
-            Ok(Some(format!("rotation: holding: {why}")))
+            Ok(Look::Following(format!("rotation: holding: {why}")))
         }
         Follow::Restart {
             driver,
@@ -348,7 +371,7 @@ pub async fn follow(ctx: &mut Context) -> Result<Option<String>, RotationError> 
             super::give_turn_back(ctx, turned).await;
             served?;
             announce(ctx).await;
-            Ok(Some(format!(
+            Ok(Look::Following(format!(
                 "rotation: followed {driver}'s rotation: restarted {unit}; this server's apiserver serves {} at {}",
                 target.kids.join(", "),
                 state::rfc3339(ctx.clock.now())
@@ -411,7 +434,11 @@ fn stage_copy(
         Ok(key) => key,
         Err(e) => return Ok(Err(e.to_string())),
     };
-    let key = match seal::open(sealed, &mine) {
+    let ca = match seal::ca_key(&ctx.root, signing) {
+        Ok(ca) => ca,
+        Err(e) => return Ok(Err(format!("cannot read the cluster CA's key: {e}"))),
+    };
+    let key = match seal::open(sealed, &mine, ca.as_ref()) {
         Ok(key) => key,
         Err(e) => return Ok(Err(e.to_string())),
     };

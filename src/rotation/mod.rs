@@ -1320,9 +1320,21 @@ impl Run<'_> {
                 rotation.old_signing_kid
             )));
         }
+        let ca = seal::ca_key(&self.ctx.root, &canonical.signing).map_err(|e| {
+            failed(format!(
+                "cannot read the cluster CA's key, which seals the new key with sa.key: {e}"
+            ))
+        })?;
+        if ca.is_none() {
+            log::warn!(
+                "rotation: no ca.key beside {}: the new key is sealed with sa.key alone (whoever holds the current sa.key and can read the Secret could open it)",
+                canonical.signing
+            );
+        }
         let key = new_key(&self.ctx.root, rotation)?;
         let sealed = seal::seal(
             &old,
+            ca.as_ref(),
             &rotation.id,
             rotation.key_type,
             &rotation.new_kid,
@@ -1336,9 +1348,14 @@ impl Run<'_> {
             ))
         })?;
         log::info!(
-            "rotation: the new key {} is shared with the other control-plane nodes, sealed with the signing key {} (Secret {}/{})",
+            "rotation: the new key {} is shared with the other control-plane nodes, sealed with the signing key {}{} (Secret {}/{})",
             rotation.new_kid,
             sealed.sealed_with,
+            sealed
+                .ca
+                .as_deref()
+                .map(|c| format!(" and the cluster CA's key {c}"))
+                .unwrap_or_default(),
             membership::NAMESPACE,
             seal::SECRET
         );

@@ -7,12 +7,17 @@
 //! `kube-system/irsa-agent-rotation-key`; every other node's agent opens it and installs the
 //! key files itself ([`super::follow`]).
 //!
-//! The sealing key is derived (HKDF-SHA256) from the private key every node already signs with,
-//! so only a node that holds the current `sa.key` can open it, and such a node could already mint
-//! any token: the Secret gives nobody anything new, and the private key never crosses the network
-//! or rests in etcd in clear. AES-256-GCM with a random nonce; the rotation id, the new key's kid
-//! and the sealing key's kid are bound as associated data, so a blob cannot be replayed into
-//! another rotation. The opened key must have the announced kid.
+//! The sealing key is derived (HKDF-SHA256) from the private keys every kubeadm control-plane
+//! node already has: the `sa.key` it signs with, and the cluster CA's `ca.key` beside it (kubeadm
+//! shares both). Only a node that holds them can open it, and such a node could already mint any
+//! token and any client certificate: the Secret gives nobody anything new, and the private key
+//! never crosses the network or rests in etcd in clear. Because of the CA key, a rotation made
+//! because the old `sa.key` leaked does not hand the new key to whoever holds the leaked one and
+//! can read the Secret (or an etcd backup). A cluster whose CA key is not on the nodes (an
+//! external CA) is sealed with `sa.key` alone, and the agent says so. AES-256-GCM with a random
+//! nonce; the rotation id, the new key's kid and the sealing keys' kids are bound as associated
+//! data, so a blob cannot be replayed into another rotation. The opened key must have the
+//! announced kid.
 //!
 //! The other design (each node its own key, every node verifying with all of them) was weighed
 //! and not taken: it needs N keys in every JWKS, one kid per node in every phase of the machine,
@@ -47,6 +52,10 @@ pub struct Sealed {
     pub new_public_pem: String,
     /// The kid of the key the sealing key was derived from (the signing key at the start).
     pub sealed_with: String,
+    /// The kid (thumbprint of the public half) of the cluster CA's key that was derived from
+    /// too; `None`: sealed with the signing key alone (no `ca.key` on the driver).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
     /// base64 of the 12-byte nonce.
     pub nonce: String,
     /// base64 of the encrypted private key PEM with its tag.
@@ -60,10 +69,33 @@ pub enum SealError {
         "the new key was sealed with the signing key {sealed_with}, and this node signs with {mine}: it does not share kubeadm's sa.key with the driver"
     )]
     OtherKey { sealed_with: String, mine: String },
+    #[error(
+        "the new key was sealed with the cluster CA key {sealed_with} too, and this node has {mine}: it does not share kubeadm's ca.key with the driver"
+    )]
+    OtherCa { sealed_with: String, mine: String },
     #[error("the sealed key does not open ({0})")]
     Open(String),
     #[error("cannot seal the new key ({0})")]
     Seal(String),
+}
+
+/// The cluster CA's private key beside `signing_file` (kubeadm: `/etc/kubernetes/pki/ca.key`
+/// beside `sa.key`), read through the host root (bounded, no link followed); `None` when there is
+/// none (an external CA).
+pub fn ca_key(
+    root: &crate::host::HostRoot,
+    signing_file: &str,
+) -> Result<Option<SigningKey>, String> {
+    let path = std::path::Path::new(signing_file)
+        .parent()
+        .unwrap_or(std::path::Path::new("/etc/kubernetes/pki"))
+        .join("ca.key");
+    match std::fs::symlink_metadata(root.path(&path)) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        _ => crate::keys::load_signing_file(&root.path(&path))
+            .map(Some)
+            .map_err(|e| format!("{} ({e})", path.display())),
+    }
 }
 
 /// The bytes every encoding of the same private key has in common.
@@ -82,8 +114,16 @@ fn key_material(key: &SigningKey) -> Zeroizing<Vec<u8>> {
     out
 }
 
-fn aead_key(old: &SigningKey, rotation: &str) -> Result<LessSafeKey, String> {
-    let material = key_material(old);
+fn aead_key(
+    old: &SigningKey,
+    ca: Option<&SigningKey>,
+    rotation: &str,
+) -> Result<LessSafeKey, String> {
+    let mut material = key_material(old);
+    if let Some(ca) = ca {
+        material.extend_from_slice(b"\nca:");
+        material.extend_from_slice(&key_material(ca));
+    }
     let prk = Salt::new(HKDF_SHA256, SALT).extract(&material);
     let info = [rotation.as_bytes()];
     let okm = prk
@@ -92,53 +132,76 @@ fn aead_key(old: &SigningKey, rotation: &str) -> Result<LessSafeKey, String> {
     Ok(LessSafeKey::new(UnboundKey::from(okm)))
 }
 
-fn aad(rotation: &str, new_kid: &str, sealed_with: &str) -> Vec<u8> {
-    format!("{rotation}\n{new_kid}\n{sealed_with}").into_bytes()
+fn aad(sealed: &Sealed) -> Vec<u8> {
+    format!(
+        "{}\n{}\n{}\n{}",
+        sealed.rotation,
+        sealed.new_kid,
+        sealed.sealed_with,
+        sealed.ca.as_deref().unwrap_or("")
+    )
+    .into_bytes()
 }
 
-/// Seals `private_pem` (the new key, kid `new_kid`) under a key derived from `old`.
+/// Seals `private_pem` (the new key, kid `new_kid`) under a key derived from `old` (the signing
+/// key every node has) and `ca` (the cluster CA's key, when the nodes have it).
 pub fn seal(
     old: &SigningKey,
+    ca: Option<&SigningKey>,
     rotation: &str,
     key_type: crate::config::KeyType,
     new_kid: &str,
     new_public_pem: &str,
     private_pem: &str,
 ) -> Result<Sealed, SealError> {
-    let sealed_with = old.public.kid();
-    let key = aead_key(old, rotation).map_err(SealError::Seal)?;
+    let key = aead_key(old, ca, rotation).map_err(SealError::Seal)?;
     let mut nonce = [0u8; NONCE_LEN];
     SystemRandom::new()
         .fill(&mut nonce)
         .map_err(|_| SealError::Seal("no randomness".into()))?;
-    let mut data = private_pem.as_bytes().to_vec();
-    key.seal_in_place_append_tag(
-        Nonce::assume_unique_for_key(nonce),
-        Aad::from(aad(rotation, new_kid, &sealed_with)),
-        &mut data,
-    )
-    .map_err(|_| SealError::Seal("AES-GCM refused".into()))?;
     let b64 = base64::engine::general_purpose::STANDARD;
-    Ok(Sealed {
+    let mut sealed = Sealed {
         rotation: rotation.to_string(),
         new_kid: new_kid.to_string(),
         key_type,
         new_public_pem: new_public_pem.to_string(),
-        sealed_with,
+        sealed_with: old.public.kid(),
+        ca: ca.map(|c| c.public.kid()),
         nonce: b64.encode(nonce),
-        ciphertext: b64.encode(&data),
-    })
+        ciphertext: String::new(),
+    };
+    let mut data = private_pem.as_bytes().to_vec();
+    key.seal_in_place_append_tag(
+        Nonce::assume_unique_for_key(nonce),
+        Aad::from(aad(&sealed)),
+        &mut data,
+    )
+    .map_err(|_| SealError::Seal("AES-GCM refused".into()))?;
+    sealed.ciphertext = b64.encode(&data);
+    Ok(sealed)
 }
 
-/// Opens a sealed key with `mine`, the key this node signs with; the PEM is checked to be the
-/// announced key (kid) before it is returned.
-pub fn open(sealed: &Sealed, mine: &SigningKey) -> Result<super::keygen::NewKey, SealError> {
+/// Opens a sealed key with `mine`, the key this node signs with, and `ca`, the cluster CA's key
+/// this node has; the PEM is checked to be the announced key (kid) before it is returned.
+pub fn open(
+    sealed: &Sealed,
+    mine: &SigningKey,
+    ca: Option<&SigningKey>,
+) -> Result<super::keygen::NewKey, SealError> {
     if mine.public.kid() != sealed.sealed_with {
         return Err(SealError::OtherKey {
             sealed_with: sealed.sealed_with.clone(),
             mine: mine.public.kid(),
         });
     }
+    let ca_kid = ca.map(|c| c.public.kid());
+    if sealed.ca.is_some() && sealed.ca != ca_kid {
+        return Err(SealError::OtherCa {
+            sealed_with: sealed.ca.clone().unwrap_or_default(),
+            mine: ca_kid.unwrap_or_else(|| "no ca.key".into()),
+        });
+    }
+    let ca = if sealed.ca.is_some() { ca } else { None };
     let b64 = base64::engine::general_purpose::STANDARD;
     let nonce: [u8; NONCE_LEN] = b64
         .decode(&sealed.nonce)
@@ -149,11 +212,11 @@ pub fn open(sealed: &Sealed, mine: &SigningKey) -> Result<super::keygen::NewKey,
         b64.decode(&sealed.ciphertext)
             .map_err(|e| SealError::Open(format!("the ciphertext is not base64: {e}")))?,
     );
-    let key = aead_key(mine, &sealed.rotation).map_err(SealError::Open)?;
+    let key = aead_key(mine, ca, &sealed.rotation).map_err(SealError::Open)?;
     let plain = key
         .open_in_place(
             Nonce::assume_unique_for_key(nonce),
-            Aad::from(aad(&sealed.rotation, &sealed.new_kid, &sealed.sealed_with)),
+            Aad::from(aad(sealed)),
             &mut data,
         )
         .map_err(|_| {
@@ -188,10 +251,12 @@ mod tests {
     #[test]
     fn only_the_holder_of_the_signing_key_opens_the_new_key() {
         let old = keygen::generate(KeyType::EcdsaP256).expect("old");
+        let ca = keygen::generate(KeyType::Rsa2048).expect("ca");
         let new = keygen::generate(KeyType::Rsa2048).expect("new");
         let public = new.public().to_spki_pem();
         let sealed = seal(
             &old.signing,
+            Some(&ca.signing),
             "20261207T100000Z",
             KeyType::Rsa2048,
             &new.kid(),
@@ -202,32 +267,47 @@ mod tests {
         // Nothing of the key is in the document.
         let doc = serde_json::to_string(&sealed).expect("json");
         assert!(!doc.contains("PRIVATE KEY"));
-        let opened = open(&sealed, &old.signing).expect("opened");
+        let opened = open(&sealed, &old.signing, Some(&ca.signing)).expect("opened");
         assert_eq!(opened.pem.as_str(), pem_of(&new));
         // Another node's key does not.
         let other = keygen::generate(KeyType::EcdsaP256).expect("other");
-        let err = open(&sealed, &other.signing).expect_err("another key");
+        let err = open(&sealed, &other.signing, Some(&ca.signing)).expect_err("another key");
         assert!(matches!(err, SealError::OtherKey { .. }));
         // The refusal names both keys, so the node's agent can say which sa.key differs.
         assert!(err.to_string().contains(&old.kid()) && err.to_string().contains(&other.kid()));
+        // The signing key alone does not open it: the cluster CA's key is needed too (a leaked
+        // sa.key plus read access to the Secret gives nothing).
+        let err = open(&sealed, &old.signing, None).expect_err("no CA key");
+        assert!(matches!(err, SealError::OtherCa { .. }), "{err}");
+        let other_ca = keygen::generate(KeyType::Rsa2048).expect("other CA");
+        assert!(matches!(
+            open(&sealed, &old.signing, Some(&other_ca.signing)),
+            Err(SealError::OtherCa { .. })
+        ));
+        let mut no_ca = sealed.clone();
+        no_ca.ca = None;
+        assert!(matches!(
+            open(&no_ca, &old.signing, None),
+            Err(SealError::Open(_))
+        ));
         // Claiming to be sealed with the other key does not help: the derived key differs.
         let mut forged = sealed.clone();
         forged.sealed_with = other.kid();
         assert!(matches!(
-            open(&forged, &other.signing),
+            open(&forged, &other.signing, Some(&ca.signing)),
             Err(SealError::Open(_))
         ));
         // Replayed into another rotation, or with another kid announced: refused.
         let mut replayed = sealed.clone();
         replayed.rotation = "20270101T000000Z".into();
         assert!(matches!(
-            open(&replayed, &old.signing),
+            open(&replayed, &old.signing, Some(&ca.signing)),
             Err(SealError::Open(_))
         ));
         let mut renamed = sealed.clone();
         renamed.new_kid = "someone-elses".into();
         assert!(matches!(
-            open(&renamed, &old.signing),
+            open(&renamed, &old.signing, Some(&ca.signing)),
             Err(SealError::Open(_))
         ));
         // A flipped bit: refused.
@@ -237,12 +317,13 @@ mod tests {
         let mut flipped = sealed.clone();
         flipped.ciphertext = b64.encode(bytes);
         assert!(matches!(
-            open(&flipped, &old.signing),
+            open(&flipped, &old.signing, Some(&ca.signing)),
             Err(SealError::Open(_))
         ));
         // Two seals of the same key differ (random nonce).
         let again = seal(
             &old.signing,
+            Some(&ca.signing),
             "20261207T100000Z",
             KeyType::Rsa2048,
             &new.kid(),
@@ -268,6 +349,7 @@ mod tests {
         let new = keygen::generate(KeyType::EcdsaP256).expect("new");
         let sealed = seal(
             &old.signing,
+            None,
             "r1",
             KeyType::EcdsaP256,
             &new.kid(),
@@ -276,7 +358,7 @@ mod tests {
         )
         .expect("sealed");
         assert_eq!(
-            open(&sealed, &pkcs8).expect("opened").pem.as_str(),
+            open(&sealed, &pkcs8, None).expect("opened").pem.as_str(),
             pem_of(&new)
         );
     }

@@ -1,0 +1,450 @@
+//! Issue 15 on kubeadm-shaped hosts, from an issuer rollout to a whole key rotation: three real
+//! kube-apiservers (v1.36.2, `IRSA_TEST_KUBE_APISERVER`) on one etcd, each run by a kubelet
+//! stand-in that restarts it when its static pod manifest changes (tests/ha_support), each host
+//! with its own copy of kubeadm's `sa.key`/`sa.pub` and its own agent (`irsa-agent run`).
+//! Without root, `ip`, `unshare`, etcd or the binary the test says SKIPPED.
+//!
+//! 1. The three daemons start together with the same configuration: a new public issuer (the
+//!    servers sign with kubeadm's default) and rotation enabled but not due. They roll the issuer
+//!    out by themselves (accept everywhere, then sign), one restart at a time.
+//! 2. A person runs `irsa-agent rotate --now` on cp1. Its agent drives the cluster's rotation: it
+//!    shares the new key sealed with the `sa.key` every node has (Secret
+//!    `kube-system/irsa-agent-rotation-key`); cp2's and cp3's daemons open it and install every
+//!    step on their own hosts (verify-only, sign, retire), holding the restart Lease; the driver
+//!    advances only once every apiserver has the previous step. With the shortest real settings
+//!    (token lifetime 10 minutes, no propagation hold) the rotation runs to its end: the old key
+//!    is retired everywhere, `sa.key` holds the new key on every node, the shared key is gone.
+//!
+//! Throughout, a workload mints tokens through every apiserver and re-checks every live one
+//! against all three (TokenReview), and a monitor samples how many apiservers are down. Figures:
+//! tokens rejected (must be 0), apiservers down at once (must be 1), restarts per server per
+//! rollout and rotation phase, wall time. About 17 minutes: tests/run.sh runs it in the
+//! background beside the rest of the suite.
+
+mod ha_support;
+mod https_support;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use ha_support::{Ha, unix_ms};
+use serde_json::Value;
+
+/// The public site's port inside the test's own network namespace (nothing else listens there).
+const PUBLIC_PORT: u16 = 8443;
+const ISSUER: &str = "https://127.0.0.1:8443/cluster-a";
+const KCM_MANIFEST: &str = "/etc/kubernetes/manifests/kube-controller-manager.yaml";
+
+fn rotation_state(root: &Path) -> Value {
+    let text = std::fs::read_to_string(root.join("var/lib/irsa-agent/state.json"))
+        .unwrap_or_else(|_| "{}".into());
+    serde_json::from_str::<Value>(&text).unwrap_or(Value::Null)["rotation"].clone()
+}
+
+fn phase(root: &Path) -> String {
+    rotation_state(root)["phase"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// The public site: serves `/cluster-a/...` from the driver's `srv/oidc` (cp1's: the rotation
+/// is started there).
+struct PublicSite {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+    netns: String,
+}
+
+impl PublicSite {
+    fn start(netns: &str, root: PathBuf) -> PublicSite {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let handle = ha_support::in_netns(netns, move || async move {
+            let config = https_support::server_config(false);
+            let listener =
+                std::net::TcpListener::bind(("127.0.0.1", PUBLIC_PORT)).expect("bind the site");
+            for stream in listener.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(stream) = stream else { continue };
+                let Some((request, mut tls)) =
+                    https_support::accept(stream, &config, Duration::from_secs(5))
+                else {
+                    continue;
+                };
+                let file = request
+                    .path
+                    .strip_prefix("/cluster-a/")
+                    .filter(|rest| !rest.contains(".."))
+                    .map(|rest| root.join("srv/oidc").join(rest));
+                let (code, body) = match file.and_then(|f| std::fs::read(f).ok()) {
+                    Some(body) => (200, body),
+                    None => (404, b"not found".to_vec()),
+                };
+                https_support::respond(
+                    &mut tls,
+                    code,
+                    &[
+                        ("content-type", "application/json".into()),
+                        ("cache-control", "public, max-age=0".into()),
+                    ],
+                    &body,
+                );
+            }
+        });
+        PublicSite {
+            stop,
+            handle: Some(handle),
+            netns: netns.to_string(),
+        }
+    }
+}
+
+impl Drop for PublicSite {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = ha_support::in_netns(&self.netns, || async {
+            let _ = std::net::TcpStream::connect(("127.0.0.1", PUBLIC_PORT));
+        })
+        .join();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The kid of the key in a host's `sa.key`.
+fn sa_key_kid(root: &Path) -> String {
+    let bytes = std::fs::read(root.join("etc/kubernetes/pki/sa.key")).expect("sa.key");
+    irsa_agent::keys::parse_signing_key(&bytes)
+        .expect("sa.key")
+        .public
+        .kid()
+}
+
+/// The most apiservers the monitor saw down together for at least `seconds` in a row.
+fn sustained_down(down: &ha_support::MonitorReport, seconds: f64) -> usize {
+    let t = &down.timeline;
+    (0..t.len())
+        .filter(|&i| t.get(i + 1).is_none_or(|next| next.0 - t[i].0 >= seconds))
+        .map(|i| t[i].1.len())
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn three_kubeadm_nodes_roll_an_issuer_out_then_rotate_the_key_to_the_end() {
+    let begin = Instant::now();
+    let Some(ha) = Ha::start(3, "real_apiserver_ha_kubeadm_rotation") else {
+        return;
+    };
+    let setup = begin.elapsed();
+    let n = ha.servers.len();
+    let roots: Vec<PathBuf> = ha.servers.iter().map(|s| s.root.clone()).collect();
+    ha.wait_membership(Duration::from_secs(60));
+    ha.create_service_account("kube-system", "default");
+    let old_kid = sa_key_kid(&roots[0]);
+    let ca = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/probe/ca.crt"))
+        .expect("test CA");
+    let kcm = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/hosts/kubeadm/kube-controller-manager-v1.33.yaml"),
+    )
+    .expect("kube-controller-manager manifest");
+    for (i, s) in ha.servers.iter().enumerate() {
+        assert_eq!(sa_key_kid(&s.root), old_kid, "kubeadm shares sa.key");
+        let ca_path = s.path("/etc/irsa-agent/test-ca.crt");
+        std::fs::create_dir_all(ca_path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&ca_path, &ca).expect("CA");
+        // kubeadm's controller-manager manifest (the stand-in does not run it): rotation switches
+        // its signing key with the apiserver's.
+        std::fs::write(s.path(KCM_MANIFEST), &kcm).expect("kcm manifest");
+        ha.agent_config(
+            i,
+            &format!(
+                "issuer: {ISSUER}\ndistribution: kubeadm\nca-file: /etc/irsa-agent/test-ca.crt\npublish:\n  - type: directory\n    path: /srv/oidc\n    cache-control: \"public, max-age=0\"\nrotation:\n  enabled: true\n  every: 30d\n  propagation-wait: 0s\n  cdn-ttl: 0s\n  token-lifetime: 10m\n  drain-margin: 0s\n"
+            ),
+        );
+    }
+    let site = PublicSite::start(&ha.netns, roots[0].clone());
+    let monitor = ha.monitor();
+    let workload = ha.workload();
+    while workload.report().rounds < 3 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let starts_before: Vec<usize> = ha.servers.iter().map(|s| s.starts()).collect();
+    let t = Instant::now();
+    let agents: Vec<_> = (0..n)
+        .map(|i| {
+            let name = ha.servers[i].name.clone();
+            ha.spawn_agent(
+                i,
+                &[
+                    "run",
+                    "--node-name",
+                    &name,
+                    "--poll-interval",
+                    "500ms",
+                    "--timeout",
+                    "120s",
+                ],
+            )
+        })
+        .collect();
+    let logs = || {
+        agents
+            .iter()
+            .map(|a| {
+                let text = a.output();
+                let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                format!(
+                    "--- {}\n{}",
+                    a.log.display(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+
+    // 1. The issuer rollout, by the daemons alone.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !ha
+        .served_issuers()
+        .iter()
+        .all(|s| s.as_deref() == Some(ISSUER))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the daemons did not roll the issuer out in 10 minutes: {:?}\n{}",
+            ha.served_issuers(),
+            logs()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let rolled_out = t.elapsed();
+    // The published documents are there before the rotation starts (its publish step checks
+    // the public copy).
+    let jwks = roots[0].join("srv/oidc/openid/v1/jwks");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !jwks.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "cp1 published nothing\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let rollout_starts: Vec<usize> = ha
+        .servers
+        .iter()
+        .zip(&starts_before)
+        .map(|(s, b)| s.starts() - b)
+        .collect();
+    eprintln!(
+        "{:6.1}s: issuer rolled out; apiserver restarts per server {rollout_starts:?}",
+        t.elapsed().as_secs_f64()
+    );
+
+    // 2. A person starts a rotation on cp1.
+    let rotation_begin = Instant::now();
+    let starts_at_rotation: Vec<usize> = ha.servers.iter().map(|s| s.starts()).collect();
+    let out = ha
+        .agent(0)
+        .args(["rotate", "--now", "--node-name", "cp1", "--timeout", "120s"])
+        .output()
+        .expect("irsa-agent rotate");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "{:6.1}s: rotate --now on cp1:\n{said}",
+        t.elapsed().as_secs_f64()
+    );
+    assert!(out.status.success(), "rotate --now: {said}\n{}", logs());
+    let new_kid = rotation_state(&roots[0])["rotation"]["new_kid"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no rotation in cp1's state: {said}"));
+
+    // Watch the driver's phase until it is idle again (the drain is the tokens' lifetime).
+    let mut timeline: Vec<(u64, String)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(1500);
+    let mut signing_everywhere: Option<Duration> = None;
+    let mut last_kid_check = Instant::now();
+    loop {
+        let p = phase(&roots[0]);
+        if timeline.last().map(|(_, q)| q) != Some(&p) {
+            eprintln!("{:6.1}s: cp1 rotation phase {p}", t.elapsed().as_secs_f64());
+            timeline.push((unix_ms(), p.clone()));
+        }
+        for (i, root) in roots.iter().enumerate().skip(1) {
+            assert!(
+                matches!(phase(root).as_str(), "" | "idle"),
+                "{} started a rotation of its own\n{}",
+                ha.servers[i].name,
+                logs()
+            );
+        }
+        if signing_everywhere.is_none()
+            && matches!(p.as_str(), "signing" | "draining")
+            && last_kid_check.elapsed() > Duration::from_secs(2)
+        {
+            last_kid_check = Instant::now();
+            if ha
+                .signing_kids()
+                .iter()
+                .all(|k| k.as_deref() == Some(new_kid.as_str()))
+            {
+                signing_everywhere = Some(rotation_begin.elapsed());
+                eprintln!(
+                    "{:6.1}s: every apiserver signs with {new_kid}",
+                    t.elapsed().as_secs_f64()
+                );
+            }
+        }
+        if p == "idle" && timeline.len() > 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rotation did not end in 25 minutes: cp1 {p}, signing kids {:?}\n{}",
+            ha.signing_kids(),
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let rotated = rotation_begin.elapsed();
+    // The followers retire once the driver did: wait for every apiserver to serve only the new
+    // key (the driver's last step waited for that already), then two more workload rounds.
+    let rounds = workload.report().rounds;
+    while workload.report().rounds < rounds + 2 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let tokens = workload.finish();
+    let down = monitor.finish();
+    drop(site);
+
+    // Restarts per server by the driver's phase when each apiserver started.
+    let steps = [
+        "idle",
+        "staged",
+        "published",
+        "trusted",
+        "signing",
+        "draining",
+        "retired",
+    ];
+    let phase_at = |at: u64| -> &str {
+        timeline
+            .iter()
+            .rev()
+            .find(|(t, _)| *t <= at)
+            .map_or("idle", |(_, p)| p.as_str())
+    };
+    let mut restarts = vec![vec![0usize; n]; steps.len()];
+    for (j, s) in ha.servers.iter().enumerate() {
+        for (at, _, _) in s
+            .events()
+            .iter()
+            .filter(|e| e.1 == "start")
+            .skip(starts_at_rotation[j])
+        {
+            let k = steps.iter().position(|s| *s == phase_at(*at)).unwrap_or(0);
+            restarts[k][j] += 1;
+        }
+    }
+    let sustained = sustained_down(&down, 1.0);
+    eprintln!(
+        "kubeadm issuer rollout then key rotation on 3 nodes (real kube-apiservers, kubelet stand-ins): setup {:.1}s, issuer rolled out {:.1}s after the daemons started (restarts {rollout_starts:?}), every apiserver signing with {new_kid} {:.1}s after `rotate --now`, rotation complete {:.1}s after it; wall time {:.1}s",
+        setup.as_secs_f64(),
+        rolled_out.as_secs_f64(),
+        signing_everywhere.unwrap_or_default().as_secs_f64(),
+        rotated.as_secs_f64(),
+        begin.elapsed().as_secs_f64()
+    );
+    eprintln!(
+        "tokens: {} minted (per server {:?}; {} mints unanswered), {} checks answered, {} rejected, {} unanswered; apiservers down at once: at most {} (for 1 s or more: {sustained}; samples down per server {:?})",
+        tokens.minted,
+        tokens.minted_by,
+        tokens.mint_failed,
+        tokens.checked,
+        tokens.rejected,
+        tokens.unavailable,
+        down.max_down,
+        down.down_samples
+    );
+    for (k, step) in steps.iter().enumerate() {
+        eprintln!("rotation restarts while cp1 was {step}: {:?}", restarts[k]);
+    }
+    for r in &tokens.rejections {
+        eprintln!("rejected: {r}");
+    }
+
+    assert_eq!(
+        tokens.rejected,
+        0,
+        "tokens rejected:\n{}\n{}",
+        tokens.rejections.join("\n"),
+        logs()
+    );
+    assert!(
+        sustained <= 1,
+        "{sustained} apiservers down at once for 1 s or more:\n{}\n{}",
+        down.describe(),
+        logs()
+    );
+    assert!(tokens.checked > tokens.minted, "{tokens:?}");
+    assert!(signing_everywhere.is_some(), "{}", logs());
+    // Three restarts per node for the rotation: verify-only (cp1 staged), sign (trusted),
+    // retire (draining for cp1, retired for the followers that follow its retire).
+    let total: Vec<usize> = (0..n)
+        .map(|j| restarts.iter().map(|r| r[j]).sum())
+        .collect();
+    assert_eq!(
+        total,
+        vec![3; n],
+        "restarts per phase {restarts:?}\n{}",
+        logs()
+    );
+    let staged = steps.iter().position(|s| *s == "staged").expect("step");
+    let trusted = steps.iter().position(|s| *s == "trusted").expect("step");
+    assert_eq!(restarts[staged], vec![1; n], "verify-only\n{}", logs());
+    assert_eq!(restarts[trusted], vec![1; n], "sign\n{}", logs());
+    // Every node's sa.key is the new key, its apiserver serves only it, the copies are gone.
+    for (i, s) in ha.servers.iter().enumerate() {
+        assert_eq!(sa_key_kid(&s.root), new_kid, "{}: sa.key", s.name);
+        let pki: Vec<String> = std::fs::read_dir(s.path("/etc/kubernetes/pki"))
+            .expect("pki")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with("sa-"))
+            .collect();
+        assert!(pki.is_empty(), "{}: left {pki:?}\n{}", s.name, logs());
+        if i > 0 {
+            let out = agents[i].output();
+            assert!(
+                out.contains("opened the new key") && out.contains("followed cp1's rotation"),
+                "{} does not say it followed cp1:\n{}",
+                s.name,
+                logs()
+            );
+        }
+    }
+    assert!(
+        ha.signing_kids()
+            .iter()
+            .all(|k| k.as_deref() == Some(new_kid.as_str())),
+        "{:?}",
+        ha.signing_kids()
+    );
+    assert_ne!(old_kid, new_kid);
+}
