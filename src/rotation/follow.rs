@@ -754,4 +754,65 @@ mod tests {
             Follow::Restart { .. }
         ));
     }
+
+    #[test]
+    fn a_kubeadm_follower_installs_the_step_the_driver_reached_by_the_new_key_alone() {
+        // The driver verifies with its own old keys and the new one; this node has other old
+        // keys (its own sa.pub history): only the new key's place counts.
+        let v = view(true, "published", &["new", "old"], "old");
+        let mine = keys(&["mine-old"], "mine-old");
+        match decide_files("cp2", &mine, &v, "new", None) {
+            Follow::Restart { target, .. } => {
+                assert_eq!(stage(&target, "new"), Some(Install::VerifyOnly))
+            }
+            other => panic!("{other:?}"),
+        }
+        let verifying = keys(&["mine-old", "new"], "mine-old");
+        assert!(matches!(
+            decide_files("cp2", &verifying, &v, "new", None),
+            Follow::InStep { .. }
+        ));
+        // A node that was down catches up in one install: the driver signs, this one lacks
+        // the key altogether.
+        let v = view(true, "signing", &["new", "old"], "new");
+        match decide_files("cp2", &mine, &v, "new", None) {
+            Follow::Restart { target, .. } => {
+                assert_eq!(stage(&target, "new"), Some(Install::Sign))
+            }
+            other => panic!("{other:?}"),
+        }
+        let v = view(true, "retired", &["new"], "new");
+        match decide_files("cp2", &keys(&["mine-old", "new"], "new"), &v, "new", None) {
+            Follow::Restart { target, .. } => {
+                assert_eq!(stage(&target, "new"), Some(Install::Retire))
+            }
+            other => panic!("{other:?}"),
+        }
+        // Ahead of the driver (it was restored): nothing to install, never a step back.
+        let v = view(true, "trusted", &["new", "old"], "old");
+        assert!(matches!(
+            decide_files("cp2", &keys(&["new", "old"], "new"), &v, "new", None),
+            Follow::InStep { .. }
+        ));
+    }
+
+    #[test]
+    fn a_kubeadm_follower_holds_when_its_install_did_not_take_or_the_driver_lacks_the_key() {
+        let v = view(true, "published", &["new", "old"], "old");
+        let target = keys(&["new", "old"], "old");
+        assert!(matches!(
+            decide_files("cp2", &keys(&["old"], "old"), &v, "new", Some(&target)),
+            Follow::Hold(why) if why.contains("kube-apiserver")
+        ));
+        // The shared key is of another rotation than the one the driver's keys show.
+        assert!(matches!(
+            decide_files("cp2", &keys(&["old"], "old"), &v, "other", None),
+            Follow::Hold(why) if why.contains("does not have the key it shared")
+        ));
+        let v = view(false, "published", &["new", "old"], "old");
+        assert!(matches!(
+            decide_files("cp2", &keys(&["old"], "old"), &v, "new", None),
+            Follow::Hold(why) if why.contains("not live")
+        ));
+    }
 }
