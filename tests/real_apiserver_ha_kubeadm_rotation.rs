@@ -15,6 +15,12 @@
 //!    (token lifetime 10 minutes, no propagation hold) the rotation runs to its end: the old key
 //!    is retired everywhere, `sa.key` holds the new key on every node, the shared key is gone.
 //!
+//! Faults, drawn from a printed seed (`IRSA_TEST_SEED=<it>` draws the same points): a follower's
+//! agent (cp2's) is killed (-9) while it installs one of the driver's steps (the nth time it
+//! says "installing", then up to 2 s more) and the driver's daemon (cp1's) right after it writes
+//! one of its manifests (sign or retire); each is started again a few seconds later. The cluster
+//! must hold meanwhile (never two apiservers down, nothing rejected) and finish.
+//!
 //! Throughout, a workload mints tokens through every apiserver and re-checks every live one
 //! against all three (TokenReview), and a monitor samples how many apiservers are down. Figures:
 //! tokens rejected (must be 0), apiservers down at once (must be 1), restarts per server per
@@ -30,6 +36,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ha_support::{Ha, unix_ms};
+use rand::{Rng as _, SeedableRng as _};
 use serde_json::Value;
 
 /// The public site's port inside the test's own network namespace (nothing else listens there).
@@ -136,18 +143,58 @@ fn sustained_down(down: &ha_support::MonitorReport, seconds: f64) -> usize {
         .unwrap_or(0)
 }
 
-#[test]
-fn three_kubeadm_nodes_roll_an_issuer_out_then_rotate_the_key_to_the_end() {
-    let begin = Instant::now();
-    let Some(ha) = Ha::start(3, "real_apiserver_ha_kubeadm_rotation") else {
-        return;
-    };
-    let setup = begin.elapsed();
-    let n = ha.servers.len();
-    let roots: Vec<PathBuf> = ha.servers.iter().map(|s| s.root.clone()).collect();
+/// The seed of the faults: `IRSA_TEST_SEED` to replay one, else the clock's.
+fn seed() -> u64 {
+    std::env::var("IRSA_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(unix_ms)
+}
+
+/// One agent to kill (-9) once its log (after `from` bytes) has the `nth` line containing
+/// `marker`, `delay` later, and to start again `dead_for` after that.
+struct Kill {
+    server: usize,
+    marker: &'static str,
+    nth: usize,
+    delay: Duration,
+    dead_for: Duration,
+    from: usize,
+    killed: Option<Instant>,
+    done: bool,
+}
+
+impl Kill {
+    fn due(&self, log: &str) -> bool {
+        log.get(self.from..)
+            .is_some_and(|l| l.lines().filter(|x| x.contains(self.marker)).count() >= self.nth)
+    }
+}
+
+/// The last lines of every agent's output.
+fn logs(agents: &[ha_support::Agent]) -> String {
+    agents
+        .iter()
+        .map(|a| {
+            let text = a.output();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            format!(
+                "--- {}\n{}",
+                a.log.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Every host as kubeadm leaves it plus the agent's configuration (the same on every server):
+/// the public issuer, publishing to `/srv/oidc`, rotation with the shortest real settings.
+/// Returns the kid of the `sa.key` every node shares.
+fn prepare(ha: &Ha) -> String {
     ha.wait_membership(Duration::from_secs(60));
     ha.create_service_account("kube-system", "default");
-    let old_kid = sa_key_kid(&roots[0]);
+    let old_kid = sa_key_kid(&ha.servers[0].root);
     let ca = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/probe/ca.crt"))
         .expect("test CA");
     let kcm = std::fs::read(
@@ -170,48 +217,29 @@ fn three_kubeadm_nodes_roll_an_issuer_out_then_rotate_the_key_to_the_end() {
             ),
         );
     }
-    let site = PublicSite::start(&ha.netns, roots[0].clone());
-    let monitor = ha.monitor();
-    let workload = ha.workload();
-    while workload.report().rounds < 3 {
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let starts_before: Vec<usize> = ha.servers.iter().map(|s| s.starts()).collect();
-    let t = Instant::now();
-    let agents: Vec<_> = (0..n)
-        .map(|i| {
-            let name = ha.servers[i].name.clone();
-            ha.spawn_agent(
-                i,
-                &[
-                    "run",
-                    "--node-name",
-                    &name,
-                    "--poll-interval",
-                    "500ms",
-                    "--timeout",
-                    "120s",
-                ],
-            )
-        })
-        .collect();
-    let logs = || {
-        agents
-            .iter()
-            .map(|a| {
-                let text = a.output();
-                let tail: Vec<&str> = text.lines().rev().take(30).collect();
-                format!(
-                    "--- {}\n{}",
-                    a.log.display(),
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
+    old_kid
+}
 
-    // 1. The issuer rollout, by the daemons alone.
+/// Server `i`'s daemon.
+fn spawn(ha: &Ha, i: usize) -> ha_support::Agent {
+    let name = ha.servers[i].name.clone();
+    ha.spawn_agent(
+        i,
+        &[
+            "run",
+            "--node-name",
+            &name,
+            "--poll-interval",
+            "500ms",
+            "--timeout",
+            "120s",
+        ],
+    )
+}
+
+/// Waits until the daemons rolled the issuer out (every apiserver signs with it) and cp1 has
+/// published the documents (a rotation's publish step checks the public copy).
+fn roll_out(ha: &Ha, agents: &[ha_support::Agent]) {
     let deadline = Instant::now() + Duration::from_secs(600);
     while !ha
         .served_issuers()
@@ -222,24 +250,57 @@ fn three_kubeadm_nodes_roll_an_issuer_out_then_rotate_the_key_to_the_end() {
             Instant::now() < deadline,
             "the daemons did not roll the issuer out in 10 minutes: {:?}\n{}",
             ha.served_issuers(),
-            logs()
+            logs(agents)
         );
         std::thread::sleep(Duration::from_secs(1));
     }
-    let rolled_out = t.elapsed();
     // The published documents are there before the rotation starts (its publish step checks
     // the public copy).
-    let jwks = roots[0].join("srv/oidc/openid/v1/jwks");
+    let jwks = ha.servers[0].root.join("srv/oidc/openid/v1/jwks");
     let deadline = Instant::now() + Duration::from_secs(120);
     while !jwks.exists() {
         assert!(
             Instant::now() < deadline,
             "cp1 published nothing\n{}",
-            logs()
+            logs(agents)
         );
         std::thread::sleep(Duration::from_millis(500));
     }
     std::thread::sleep(Duration::from_secs(3));
+}
+
+/// The tests of this file one at a time (each runs three apiservers).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+#[test]
+fn three_kubeadm_nodes_roll_an_issuer_out_then_rotate_the_key_to_the_end() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let seed = seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let begin = Instant::now();
+    let Some(ha) = Ha::start(3, "real_apiserver_ha_kubeadm_rotation") else {
+        return;
+    };
+    let setup = begin.elapsed();
+    let n = ha.servers.len();
+    let roots: Vec<PathBuf> = ha.servers.iter().map(|s| s.root.clone()).collect();
+    ha.wait_membership(Duration::from_secs(60));
+    ha.create_service_account("kube-system", "default");
+    let old_kid = prepare(&ha);
+    let site = PublicSite::start(&ha.netns, roots[0].clone());
+    let monitor = ha.monitor();
+    let workload = ha.workload();
+    while workload.report().rounds < 3 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let starts_before: Vec<usize> = ha.servers.iter().map(|s| s.starts()).collect();
+    let t = Instant::now();
+    let spawn = |i: usize| spawn(&ha, i);
+    let mut agents: Vec<_> = (0..n).map(spawn).collect();
+
+    // 1. The issuer rollout, by the daemons alone.
+    roll_out(&ha, &agents);
+    let rolled_out = t.elapsed();
     let rollout_starts: Vec<usize> = ha
         .servers
         .iter()
@@ -251,8 +312,41 @@ fn three_kubeadm_nodes_roll_an_issuer_out_then_rotate_the_key_to_the_end() {
         t.elapsed().as_secs_f64()
     );
 
+    // The faults of this run.
+    let mut kills = [
+        Kill {
+            server: 1,
+            marker: ": installing ",
+            nth: rng.gen_range(1..=3),
+            delay: Duration::from_millis(rng.gen_range(0..2000)),
+            dead_for: Duration::from_millis(rng.gen_range(2000..10000)),
+            from: agents[1].output().len(),
+            killed: None,
+            done: false,
+        },
+        Kill {
+            server: 0,
+            marker: "wrote /etc/kubernetes/manifests/kube-apiserver.yaml (",
+            nth: rng.gen_range(1..=2),
+            delay: Duration::from_millis(rng.gen_range(0..3000)),
+            dead_for: Duration::from_millis(rng.gen_range(2000..10000)),
+            from: agents[0].output().len(),
+            killed: None,
+            done: false,
+        },
+    ];
+    for k in &kills {
+        eprintln!(
+            "seed {seed} (IRSA_TEST_SEED={seed} draws it again): kill -9 {}'s agent {:?} after its line {} with \"{}\", dead for {:?}",
+            ha.servers[k.server].name, k.delay, k.nth, k.marker, k.dead_for
+        );
+    }
+
     // 2. A person starts a rotation on cp1.
     let rotation_begin = Instant::now();
+    // The rotation is staged from here (`rotate --now` stages it, then installs the new key as a
+    // verification key on cp1 before it returns).
+    let mut timeline: Vec<(u64, String)> = vec![(unix_ms(), "staged".to_string())];
     let starts_at_rotation: Vec<usize> = ha.servers.iter().map(|s| s.starts()).collect();
     let out = ha
         .agent(0)
@@ -268,18 +362,46 @@ fn three_kubeadm_nodes_roll_an_issuer_out_then_rotate_the_key_to_the_end() {
         "{:6.1}s: rotate --now on cp1:\n{said}",
         t.elapsed().as_secs_f64()
     );
-    assert!(out.status.success(), "rotate --now: {said}\n{}", logs());
+    assert!(
+        out.status.success(),
+        "rotate --now: {said}\n{}",
+        logs(&agents)
+    );
     let new_kid = rotation_state(&roots[0])["rotation"]["new_kid"]
         .as_str()
         .map(str::to_string)
         .unwrap_or_else(|| panic!("no rotation in cp1's state: {said}"));
 
     // Watch the driver's phase until it is idle again (the drain is the tokens' lifetime).
-    let mut timeline: Vec<(u64, String)> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(1500);
     let mut signing_everywhere: Option<Duration> = None;
     let mut last_kid_check = Instant::now();
     loop {
+        for k in kills.iter_mut().filter(|k| !k.done) {
+            let a = &mut agents[k.server];
+            match k.killed {
+                None if k.due(&a.output()) => {
+                    std::thread::sleep(k.delay);
+                    a.kill();
+                    k.killed = Some(Instant::now());
+                    eprintln!(
+                        "{:6.1}s: killed {}'s agent (-9)",
+                        t.elapsed().as_secs_f64(),
+                        ha.servers[k.server].name
+                    );
+                }
+                Some(at) if at.elapsed() >= k.dead_for => {
+                    *a = spawn(k.server);
+                    k.done = true;
+                    eprintln!(
+                        "{:6.1}s: started {}'s agent again",
+                        t.elapsed().as_secs_f64(),
+                        ha.servers[k.server].name
+                    );
+                }
+                _ => {}
+            }
+        }
         let p = phase(&roots[0]);
         if timeline.last().map(|(_, q)| q) != Some(&p) {
             eprintln!("{:6.1}s: cp1 rotation phase {p}", t.elapsed().as_secs_f64());
@@ -290,7 +412,7 @@ fn three_kubeadm_nodes_roll_an_issuer_out_then_rotate_the_key_to_the_end() {
                 matches!(phase(root).as_str(), "" | "idle"),
                 "{} started a rotation of its own\n{}",
                 ha.servers[i].name,
-                logs()
+                logs(&agents)
             );
         }
         if signing_everywhere.is_none()
@@ -317,7 +439,7 @@ fn three_kubeadm_nodes_roll_an_issuer_out_then_rotate_the_key_to_the_end() {
             Instant::now() < deadline,
             "the rotation did not end in 25 minutes: cp1 {p}, signing kids {:?}\n{}",
             ha.signing_kids(),
-            logs()
+            logs(&agents)
         );
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -394,18 +516,25 @@ fn three_kubeadm_nodes_roll_an_issuer_out_then_rotate_the_key_to_the_end() {
         0,
         "tokens rejected:\n{}\n{}",
         tokens.rejections.join("\n"),
-        logs()
+        logs(&agents)
     );
     assert!(
         sustained <= 1,
         "{sustained} apiservers down at once for 1 s or more:\n{}\n{}",
         down.describe(),
-        logs()
+        logs(&agents)
     );
     assert!(tokens.checked > tokens.minted, "{tokens:?}");
-    assert!(signing_everywhere.is_some(), "{}", logs());
+    assert!(signing_everywhere.is_some(), "{}", logs(&agents));
+    // Both faults happened (each kill point is reached in every rotation).
+    assert!(
+        kills.iter().all(|k| k.done),
+        "kill points not reached\n{}",
+        logs(&agents)
+    );
     // Three restarts per node for the rotation: verify-only (cp1 staged), sign (trusted),
-    // retire (draining for cp1, retired for the followers that follow its retire).
+    // retire (draining for cp1, retired for the followers that follow its retire); an agent
+    // killed mid-install does not install again what its files already have.
     let total: Vec<usize> = (0..n)
         .map(|j| restarts.iter().map(|r| r[j]).sum())
         .collect();
@@ -413,12 +542,17 @@ fn three_kubeadm_nodes_roll_an_issuer_out_then_rotate_the_key_to_the_end() {
         total,
         vec![3; n],
         "restarts per phase {restarts:?}\n{}",
-        logs()
+        logs(&agents)
     );
     let staged = steps.iter().position(|s| *s == "staged").expect("step");
     let trusted = steps.iter().position(|s| *s == "trusted").expect("step");
-    assert_eq!(restarts[staged], vec![1; n], "verify-only\n{}", logs());
-    assert_eq!(restarts[trusted], vec![1; n], "sign\n{}", logs());
+    assert_eq!(
+        restarts[staged],
+        vec![1; n],
+        "verify-only\n{}",
+        logs(&agents)
+    );
+    assert_eq!(restarts[trusted], vec![1; n], "sign\n{}", logs(&agents));
     // Every node's sa.key is the new key, its apiserver serves only it, the copies are gone.
     for (i, s) in ha.servers.iter().enumerate() {
         assert_eq!(sa_key_kid(&s.root), new_kid, "{}: sa.key", s.name);
@@ -428,14 +562,19 @@ fn three_kubeadm_nodes_roll_an_issuer_out_then_rotate_the_key_to_the_end() {
             .map(|e| e.file_name().to_string_lossy().to_string())
             .filter(|n| n.starts_with("sa-"))
             .collect();
-        assert!(pki.is_empty(), "{}: left {pki:?}\n{}", s.name, logs());
+        assert!(
+            pki.is_empty(),
+            "{}: left {pki:?}\n{}",
+            s.name,
+            logs(&agents)
+        );
         if i > 0 {
             let out = agents[i].output();
             assert!(
                 out.contains("opened the new key") && out.contains("followed cp1's rotation"),
                 "{} does not say it followed cp1:\n{}",
                 s.name,
-                logs()
+                logs(&agents)
             );
         }
     }
@@ -447,4 +586,159 @@ fn three_kubeadm_nodes_roll_an_issuer_out_then_rotate_the_key_to_the_end() {
         ha.signing_kids()
     );
     assert_ne!(old_kid, new_kid);
+}
+
+/// The kids each apiserver's JWKS lists (empty when it does not answer).
+fn served_kids(ha: &Ha) -> Vec<Vec<String>> {
+    let servers = ha.servers.clone();
+    ha_support::in_netns(&ha.netns, move || async move {
+        let mut out = Vec::new();
+        for s in &servers {
+            let api = ha_support::api(s, Duration::from_secs(5)).await;
+            let kids = match api.get("/openid/v1/jwks").await {
+                Ok((200, body)) => serde_json::from_str::<Value>(&body)
+                    .ok()
+                    .and_then(|v| {
+                        v["keys"].as_array().map(|keys| {
+                            keys.iter()
+                                .filter_map(|k| k["kid"].as_str().map(str::to_string))
+                                .collect()
+                        })
+                    })
+                    .unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            out.push(kids);
+        }
+        out
+    })
+    .join()
+    .expect("read the JWKS")
+}
+
+/// `irsa-agent rotate --abort` on the driver once every node verifies with the new key (before
+/// it signed anywhere): the driver takes the new key out of its apiserver and removes the shared
+/// key; each follower then sees no rotation and no shared key, and takes its copy out by itself.
+/// Nothing is rejected, one apiserver restarts at a time.
+#[test]
+fn an_aborted_rotation_takes_the_new_key_out_of_every_kubeadm_node() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let begin = Instant::now();
+    let Some(ha) = Ha::start(3, "real_apiserver_ha_kubeadm_abort") else {
+        return;
+    };
+    let n = ha.servers.len();
+    let old_kid = prepare(&ha);
+    let site = PublicSite::start(&ha.netns, ha.servers[0].root.clone());
+    let monitor = ha.monitor();
+    let workload = ha.workload();
+    let agents: Vec<_> = (0..n).map(|i| spawn(&ha, i)).collect();
+    roll_out(&ha, &agents);
+    let out = ha
+        .agent(0)
+        .args(["rotate", "--now", "--node-name", "cp1", "--timeout", "120s"])
+        .output()
+        .expect("irsa-agent rotate");
+    assert!(out.status.success(), "rotate --now: {out:?}");
+    let new_kid = rotation_state(&ha.servers[0].root)["rotation"]["new_kid"]
+        .as_str()
+        .map(str::to_string)
+        .expect("a rotation in cp1's state");
+    let deadline = Instant::now() + Duration::from_secs(400);
+    while !served_kids(&ha).iter().all(|k| k.contains(&new_kid)) {
+        assert!(
+            Instant::now() < deadline,
+            "the followers did not install the new key: {:?}\n{}",
+            served_kids(&ha),
+            logs(&agents)
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let p = phase(&ha.servers[0].root);
+    assert!(
+        matches!(p.as_str(), "staged" | "published" | "trusted"),
+        "{p}"
+    );
+    let out = ha
+        .agent(0)
+        .args([
+            "rotate",
+            "--abort",
+            "--node-name",
+            "cp1",
+            "--timeout",
+            "120s",
+        ])
+        .output()
+        .expect("irsa-agent rotate --abort");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "rotate --abort: {said}\n{}",
+        logs(&agents)
+    );
+    let aborted = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let pki_copies = || -> Vec<String> {
+        ha.servers
+            .iter()
+            .flat_map(|s| {
+                std::fs::read_dir(s.path("/etc/kubernetes/pki"))
+                    .map(|d| {
+                        d.flatten()
+                            .map(|e| e.file_name().to_string_lossy().to_string())
+                            .filter(|n| n.starts_with("sa-"))
+                            .map(|n| format!("{}: {n}", s.name))
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default()
+            })
+            .collect()
+    };
+    while !(served_kids(&ha).iter().all(|k| *k == [old_kid.clone()]) && pki_copies().is_empty()) {
+        assert!(
+            Instant::now() < deadline,
+            "the new key is still on some node: {:?}, {:?}\n{}",
+            served_kids(&ha),
+            pki_copies(),
+            logs(&agents)
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let took_out = aborted.elapsed();
+    let rounds = workload.report().rounds;
+    while workload.report().rounds < rounds + 2 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let tokens = workload.finish();
+    let down = monitor.finish();
+    drop(site);
+    let sustained = sustained_down(&down, 1.0);
+    eprintln!(
+        "kubeadm rotation aborted on 3 nodes: every node without the new key {:.1}s after `rotate --abort`; tokens {} minted, {} checks, {} rejected; apiservers down at once for 1 s or more: {sustained}; wall time {:.1}s",
+        took_out.as_secs_f64(),
+        tokens.minted,
+        tokens.checked,
+        tokens.rejected,
+        begin.elapsed().as_secs_f64()
+    );
+    assert_eq!(tokens.rejected, 0, "{}", tokens.rejections.join("\n"));
+    assert!(sustained <= 1, "{}", down.describe());
+    for (i, a) in agents.iter().enumerate().skip(1) {
+        assert!(
+            a.output().contains("(rotation ") && a.output().contains("was aborted)"),
+            "{} does not say it took the aborted key out\n{}",
+            ha.servers[i].name,
+            logs(&agents)
+        );
+    }
+    assert!(
+        ha.signing_kids()
+            .iter()
+            .all(|k| k.as_deref() == Some(old_kid.as_str()))
+    );
 }
