@@ -233,6 +233,9 @@ fn spawn(ha: &Ha, i: usize) -> ha_support::Agent {
             "500ms",
             "--timeout",
             "120s",
+            // Followers and the driver look again every 10 s instead of every minute.
+            "--recheck-interval",
+            "10s",
         ],
     )
 }

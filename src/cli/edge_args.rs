@@ -40,6 +40,11 @@ pub struct ApiserverArgs {
     #[arg(long, hide = true, value_name = "DURATION", default_value = "2s", value_parser = parse_timeout)]
     pub poll_interval: Duration,
 
+    /// How often a rotation looks again at what it waits for (another server's step, the
+    /// driver's next step); tests shorten it.
+    #[arg(long, hide = true, value_name = "DURATION", default_value = "1m", value_parser = parse_timeout)]
+    pub recheck_interval: Duration,
+
     /// The apiserver URL to probe [default: from the admin kubeconfig; kubeadm: the manifest's
     /// --advertise-address and --secure-port].
     #[arg(

@@ -83,6 +83,7 @@ pub(super) fn host_edges(
     let options = Options {
         restart_timeout: apiserver.timeout,
         poll: apiserver.poll_interval,
+        recheck: apiserver.recheck_interval,
         unit: apiserver.unit.clone(),
         ..Options::default()
     };

@@ -607,8 +607,10 @@ async fn take_out_aborted(
     let verifies = mine.kids.contains(&staged.new_kid);
     let signs = mine.signing.as_deref() == Some(staged.new_kid.as_str());
     if signs {
-        // Not an abort: the rotation ended while this node still signs with its copy (it is
-        // `sa.key` after its retire); nothing to take out.
+        // Not an abort: the rotation ended and this node signs with its copy (`sa.key` after
+        // its retire). The `sa-<id>` files go once no flag names them: an agent killed between
+        // its retire and that clean-up (seen on three real apiservers) left them behind.
+        clean_up(ctx, observed, &staged)?;
         record.staged = None;
         record.save(&ctx.root)?;
         return Ok(None);
