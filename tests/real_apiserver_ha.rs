@@ -26,8 +26,9 @@ use ha_support::{
 use rand::{Rng as _, SeedableRng as _};
 
 const ISSUER: &str = "https://oidc.example.com/ha";
-/// Every agent publishes to a directory on its host (`ha_support::PUBLISHED_JWKS`).
-const PUBLISH: &str = "publish:\n  - type: directory\n    path: /srv/oidc\n";
+/// Every agent publishes to a directory on its host (`ha_support::PUBLISHED_JWKS`, which the
+/// workload reads); nothing serves the issuer's URL here, so the agents do not fetch it back.
+const PUBLISH: &str = "publish:\n  - type: directory\n    path: /srv/oidc\npublic-check: false\n";
 
 /// How long a restarted apiserver may take to be back (the machine may be busy).
 const RESTART: Duration = Duration::from_secs(120);
@@ -207,6 +208,27 @@ fn rollout(test: &str, phases: &[(&str, &[&str])], together: bool) -> Option<Rol
         DEFAULT_ISSUER
     };
     assert_eq!(ha.served_issuers(), vec![Some(signing.into()); n]);
+    if signing == ISSUER {
+        // The workload's check against the published JWKS can fail: a fresh token verifies, the
+        // same token with another payload does not.
+        let token = ha.mint(0).expect("a token");
+        let jwks = ha.servers[0].path(ha_support::PUBLISHED_JWKS);
+        ha_support::verify_with_jwks_file(&token, &jwks, ISSUER).expect("a fresh token verifies");
+        let parts: Vec<&str> = token.split('.').collect();
+        let forged = [
+            parts[0],
+            "eyJpc3MiOiJodHRwczovL29pZGMuZXhhbXBsZS5jb20vaGEifQ",
+            parts[2],
+        ];
+        assert!(
+            ha_support::verify_with_jwks_file(&forged.join("."), &jwks, ISSUER).is_err(),
+            "a token with another payload verified against the published JWKS"
+        );
+        assert!(
+            ha_support::verify_with_jwks_file(&token, &jwks, DEFAULT_ISSUER).is_err(),
+            "a token verified for another issuer"
+        );
+    }
     // Two more rounds check the newest tokens everywhere.
     let rounds = workload.report().rounds;
     while workload.report().rounds < rounds + 2 {

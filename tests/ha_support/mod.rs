@@ -907,6 +907,20 @@ impl Ha {
         .expect("thread");
     }
 
+    /// A token for the workload's ServiceAccount (audience [`AUDIENCE`]) minted by server `i`.
+    pub fn mint(&self, i: usize) -> Result<String, String> {
+        let server = self.servers[i].clone();
+        in_netns(&self.netns, move || async move {
+            let client = api(&server, Duration::from_secs(5))
+                .await
+                .client()
+                .expect("client");
+            mint(&client).await
+        })
+        .join()
+        .expect("thread")
+    }
+
     /// TokenReview of `token` (audience [`AUDIENCE`]) by server `i`.
     pub fn review(&self, i: usize, token: &str) -> Review {
         let server = self.servers[i].clone();
@@ -1321,6 +1335,15 @@ fn verify_with_jwks(
     jsonwebtoken::decode::<Value>(token, &key, &validation)
         .map(|_| ())
         .map_err(|e| format!("kid {kid}: {e}"))
+}
+
+/// [`verify_with_jwks`] with the JWKS file `path` (for a test's own checks of the checker).
+pub fn verify_with_jwks_file(token: &str, path: &Path, issuer: &str) -> Result<(), String> {
+    match read_published(path) {
+        Published::Set(set) => verify_with_jwks(token, &set, issuer),
+        Published::Absent => Err(format!("{}: absent", path.display())),
+        Published::Unusable(why) => Err(why),
+    }
 }
 
 /// One published JWKS as read this round.
