@@ -95,6 +95,14 @@ impl ScheduledTask for RotationTask {
         // Another server's agent may drive the cluster's rotation: follow it (whether or not
         // this server's rotation is enabled: the driver waits for every server).
         if !in_progress && let Some(line) = self.follow(ctx).await {
+            match rotation::postpone_while_following(&self.root, now, ctx.settings.rotation.every) {
+                Ok(Some(due)) => log::info!(
+                    "rotation: this server's own rotation was due; another server drives the cluster's rotation now, so the next one here is due {}",
+                    crate::state::rfc3339(due)
+                ),
+                Ok(None) => {}
+                Err(e) => log::warn!("rotation: cannot push this server's own rotation back: {e}"),
+            }
             ctx.set_status(line);
             return Ok(Some(ctx.now + self.options.recheck));
         }
