@@ -621,9 +621,9 @@ fn three_k3s_servers_rotate_to_idle_with_one_driver_and_followers_that_restart_t
         );
     }
     // Every copy of the published JWKS ends with the new key and without the old one.
-    for i in 0..n {
+    for (i, dropped) in dropped.iter().enumerate() {
         assert!(
-            dropped[i].is_some(),
+            dropped.is_some(),
             "{} publishes {:?} 2 minutes after every apiserver dropped the old key (new {new_kid}, old {old_kid}; before {kids_before:?})\n{}",
             ha.servers[i].name,
             ha.published_kids(i),
