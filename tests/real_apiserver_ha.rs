@@ -6,9 +6,11 @@
 //! The documented two-phase issuer rollout (README, "Several servers: the rollout order"), done
 //! with the agent's CLI on each host in turn: `apply --accept-only` on every server, one at a
 //! time, then `apply` on every server, one at a time, each waiting for its apiserver to be back
-//! before the next. Throughout, a workload mints tokens through every apiserver and re-checks every
-//! live one against all three (TokenReview), and a monitor samples every 200 ms how many
-//! apiservers are down. No token may be rejected, and never two apiservers down at once.
+//! before the next; between the phases `publish` on every server (the README's step 2, to a
+//! directory on each host). Throughout, a workload mints tokens through every apiserver and
+//! re-checks every live one against all three (TokenReview) and against the JWKS each host's
+//! agent published, and a monitor samples every 200 ms how many apiservers are down. No token
+//! may be rejected, and never two apiservers down at once.
 //!
 //! Then issue 15's goal: the same configuration on every server, three daemons (`run`) started
 //! at once, and the cluster converges by itself (accept first, sign once every apiserver
@@ -24,6 +26,9 @@ use ha_support::{
 use rand::{Rng as _, SeedableRng as _};
 
 const ISSUER: &str = "https://oidc.example.com/ha";
+/// Every agent publishes to a directory on its host (`ha_support::PUBLISHED_JWKS`, which the
+/// workload reads); nothing serves the issuer's URL here, so the agents do not fetch it back.
+const PUBLISH: &str = "publish:\n  - type: directory\n    path: /srv/oidc\npublic-check: false\n";
 
 /// How long a restarted apiserver may take to be back (the machine may be busy).
 const RESTART: Duration = Duration::from_secs(120);
@@ -51,16 +56,7 @@ impl Rollout {
             self.setup.as_secs_f64(),
             self.wall.as_secs_f64()
         );
-        eprintln!(
-            "tokens: {} minted (per server {:?}; {} mints refused or unanswered), {} checks answered, {} rejected, {} checks unanswered, {} rounds",
-            tokens.minted,
-            tokens.minted_by,
-            tokens.mint_failed,
-            tokens.checked,
-            tokens.rejected,
-            tokens.unavailable,
-            tokens.rounds
-        );
+        eprintln!("{}", tokens.describe());
         eprintln!(
             "apiservers down at once: at most {} ({} samples; samples down per server {:?})",
             down.max_down, down.samples, down.down_samples
@@ -89,7 +85,10 @@ fn rollout(test: &str, phases: &[(&str, &[&str])], together: bool) -> Option<Rol
     let setup = begin.elapsed();
     let n = ha.servers.len();
     for i in 0..n {
-        ha.agent_config(i, &format!("issuer: {ISSUER}\ndistribution: kubeadm\n"));
+        ha.agent_config(
+            i,
+            &format!("issuer: {ISSUER}\ndistribution: kubeadm\n{PUBLISH}"),
+        );
     }
     assert_eq!(ha.served_issuers(), vec![Some(DEFAULT_ISSUER.into()); n]);
     // The workload can tell a rejected token from an accepted one.
@@ -102,7 +101,7 @@ fn rollout(test: &str, phases: &[(&str, &[&str])], together: bool) -> Option<Rol
     );
 
     let monitor = ha.monitor();
-    let workload = ha.workload();
+    let workload = ha.workload(ISSUER);
     // Tokens minted before anything changes.
     while workload.report().rounds < 3 {
         std::thread::sleep(Duration::from_millis(200));
@@ -111,6 +110,20 @@ fn rollout(test: &str, phases: &[(&str, &[&str])], together: bool) -> Option<Rol
     let mut restarts = vec![vec![0usize; n]; phases.len()];
     let mut returned_early = Vec::new();
     for (p, (phase, args)) in phases.iter().enumerate() {
+        if !args.contains(&"--accept-only") {
+            // The README's step 2: the documents published before any server signs.
+            for i in 0..n {
+                let out = ha.agent(i).arg("publish").output().expect("irsa-agent");
+                assert!(
+                    out.status.success(),
+                    "{}: irsa-agent publish: {}\n{}{}",
+                    ha.servers[i].name,
+                    out.status,
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
         let steps: Vec<Vec<usize>> = if together {
             vec![(0..n).collect()]
         } else {
@@ -195,6 +208,27 @@ fn rollout(test: &str, phases: &[(&str, &[&str])], together: bool) -> Option<Rol
         DEFAULT_ISSUER
     };
     assert_eq!(ha.served_issuers(), vec![Some(signing.into()); n]);
+    if signing == ISSUER {
+        // The workload's check against the published JWKS can fail: a fresh token verifies, the
+        // same token with another payload does not.
+        let token = ha.mint(0).expect("a token");
+        let jwks = ha.servers[0].path(ha_support::PUBLISHED_JWKS);
+        ha_support::verify_with_jwks_file(&token, &jwks, ISSUER).expect("a fresh token verifies");
+        let parts: Vec<&str> = token.split('.').collect();
+        let forged = [
+            parts[0],
+            "eyJpc3MiOiJodHRwczovL29pZGMuZXhhbXBsZS5jb20vaGEifQ",
+            parts[2],
+        ];
+        assert!(
+            ha_support::verify_with_jwks_file(&forged.join("."), &jwks, ISSUER).is_err(),
+            "a token with another payload verified against the published JWKS"
+        );
+        assert!(
+            ha_support::verify_with_jwks_file(&token, &jwks, DEFAULT_ISSUER).is_err(),
+            "a token verified for another issuer"
+        );
+    }
     // Two more rounds check the newest tokens everywhere.
     let rounds = workload.report().rounds;
     while workload.report().rounds < rounds + 2 {
@@ -223,10 +257,16 @@ fn the_two_phase_rollout_by_hand_rejects_no_token_and_restarts_one_apiserver_at_
     assert!(r.tokens.minted >= 3 * n, "{:?}", r.tokens);
     assert!(r.tokens.checked > r.tokens.minted, "{:?}", r.tokens);
     assert_eq!(
-        r.tokens.rejected,
-        0,
-        "tokens rejected:\n{}",
+        (r.tokens.rejected, r.tokens.jwks_rejected_total()),
+        (0, 0),
+        "tokens rejected (TokenReview, published JWKS):\n{}",
         r.tokens.rejections.join("\n")
+    );
+    // The published JWKS were checked (after phase two the tokens carry the published issuer).
+    assert!(
+        r.tokens.jwks_checked.iter().all(|c| *c > 0),
+        "{}",
+        r.tokens.describe()
     );
     assert!(
         r.down.max_down <= 1,
@@ -322,11 +362,11 @@ impl Daemons {
         for i in 0..ha.servers.len() {
             ha.agent_config(
                 i,
-                &format!("issuer: {ISSUER}\ndistribution: kubeadm\n{extra}"),
+                &format!("issuer: {ISSUER}\ndistribution: kubeadm\n{PUBLISH}{extra}"),
             );
         }
         let monitor = ha.monitor();
-        let workload = ha.workload();
+        let workload = ha.workload(ISSUER);
         while workload.report().rounds < 3 {
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -355,19 +395,7 @@ impl Daemons {
 
     /// The last lines of every agent's output.
     fn logs(&self) -> String {
-        self.agents
-            .iter()
-            .map(|a| {
-                let text = a.output();
-                let tail: Vec<&str> = text.lines().rev().take(25).collect();
-                format!(
-                    "--- {}\n{}",
-                    a.log.display(),
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
+        ha_support::log_tails(self.agents.iter().map(|a| &a.log), 25)
     }
 
     /// Waits (up to 10 minutes) until every apiserver signs with the new issuer and `fault`
@@ -425,10 +453,19 @@ impl Daemons {
         };
         figures.print(&format!("(setup {:.1}s)", self.setup.as_secs_f64()));
         assert_eq!(
-            figures.tokens.rejected,
-            0,
-            "tokens rejected:\n{}\n{logs}",
+            (
+                figures.tokens.rejected,
+                figures.tokens.jwks_rejected_total()
+            ),
+            (0, 0),
+            "tokens rejected (TokenReview, published JWKS):\n{}\n{logs}",
             figures.tokens.rejections.join("\n"),
+        );
+        // Every agent published, and its JWKS verified the tokens of the new issuer.
+        assert!(
+            figures.tokens.jwks_checked.iter().all(|c| *c > 0),
+            "{}\n{logs}",
+            figures.tokens.describe()
         );
         figures
     }
@@ -442,15 +479,10 @@ impl DaemonFigures {
             self.converged.as_secs_f64(),
             self.wall.as_secs_f64()
         );
+        eprintln!("{}", tokens.describe());
         eprintln!(
-            "tokens: {} minted (per server {:?}), {} checks answered, {} rejected, {} unanswered; apiservers down at once: at most {}; restarts per server {:?}",
-            tokens.minted,
-            tokens.minted_by,
-            tokens.checked,
-            tokens.rejected,
-            tokens.unavailable,
-            down.max_down,
-            self.restarts
+            "apiservers down at once: at most {}; restarts per server {:?}",
+            down.max_down, self.restarts
         );
         eprintln!(
             "monitor: {} samples, {} with a server not answering /readyz within {:?} (busy machine; not counted as down)",

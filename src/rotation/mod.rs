@@ -231,6 +231,31 @@ pub fn load_state(root: &HostRoot) -> Result<Option<RotationState>, StateError> 
     }
 }
 
+/// Pushes this server's own next rotation back to `every` after `now` when it is due already,
+/// while it follows the rotation another server's agent drives: the cluster's keys are being
+/// replaced now, and a follower that kept its old due time would start a second rotation the
+/// moment the driver finishes (every server of a k3s cluster whose key is older than `every`
+/// is due at once). Only an idle state changes; returns the new due time when it did.
+pub fn postpone_while_following(
+    root: &HostRoot,
+    now: u64,
+    every: Duration,
+) -> Result<Option<u64>, StateError> {
+    let Some(mut st) = load_state(root)? else {
+        return Ok(None);
+    };
+    let Phase::Idle { next_due, .. } = &mut st.phase else {
+        return Ok(None);
+    };
+    if !next_due.is_some_and(|due| due <= now) {
+        return Ok(None);
+    }
+    let due = now + every.as_secs();
+    *next_due = Some(due);
+    save_state(root, &st)?;
+    Ok(Some(due))
+}
+
 fn save_state(root: &HostRoot, st: &RotationState) -> Result<(), StateError> {
     let value = serde_json::to_value(st).map_err(|e| StateError::Write {
         path: PathBuf::from(state::STATE_FILE),

@@ -18,8 +18,22 @@
 //! - [`Ha::agent`] runs the irsa-agent binary as a host's agent inside the namespace
 //!   ([`Ha::spawn_agent`]: in the background, e.g. `run`, killed on drop).
 //! - [`Ha::workload`] mints tokens through every apiserver and re-checks every live one against
-//!   every apiserver (TokenReview); [`Ha::monitor`] samples every 200 ms how many apiservers are
-//!   down (`/readyz` not 200).
+//!   every apiserver (TokenReview) and against the JWKS every server's agent has published
+//!   ([`PUBLISHED_JWKS`], a `directory` target the tests configure); [`Ha::monitor`] samples
+//!   every 200 ms how many apiservers are down (`/readyz` not 200).
+//!
+//! What is fair to ask of a published JWKS: each agent publishes its own copy, and each copy
+//! must be the union a relying party needs, so every live token must verify (with the JWT
+//! library `jsonwebtoken`: its `kid` in the set, the signature, issuer, audience, expiry)
+//! against every copy, counted per copy, apart from TokenReview's rejections. Two things are
+//! not rejections: a copy that does not exist yet (its agent has not published yet, or publishes
+//! nothing) is not checked that round (a relying party cannot have fetched it either; the
+//! rounds it was absent are counted); and a token whose `iss` is not the issuer the agents
+//! publish for (the apiserver did not sign with that issuer yet) is not checked against it (no
+//! relying party of that issuer would be handed it). Anything else is: a copy that exists but
+//! lacks a live token's key, or is unreadable, counts against that copy; a copy left behind by
+//! an agent that stopped counts too, since a relying party would still fetch it (the tests'
+//! agents that are killed are started again).
 //!
 //! Everything (processes, the namespace) is removed on drop, also when the test panics; the
 //! scripts stop by themselves when the test process is gone (even after `kill -9`), and a later
@@ -795,6 +809,29 @@ impl Ha {
         .expect("thread")
     }
 
+    /// The kids of the JWKS every apiserver serves (`/openid/v1/jwks`; empty: unreadable).
+    pub fn served_kids(&self) -> Vec<Vec<String>> {
+        let servers = self.servers.clone();
+        in_netns(&self.netns, move || async move {
+            let mut out = Vec::new();
+            for s in &servers {
+                let a = api(s, Duration::from_secs(5)).await;
+                out.push(match a.get("/openid/v1/jwks").await {
+                    Ok((200, body)) => kids_of(&body),
+                    _ => Vec::new(),
+                });
+            }
+            out
+        })
+        .join()
+        .expect("thread")
+    }
+
+    /// The kids of the JWKS server `i`'s agent published ([`PUBLISHED_JWKS`]; empty: none).
+    pub fn published_kids(&self, i: usize) -> Vec<String> {
+        kids_of(&std::fs::read_to_string(self.servers[i].path(PUBLISHED_JWKS)).unwrap_or_default())
+    }
+
     /// Takes the agents' cluster-wide restart Lease as `holder` (for `seconds`), through server
     /// `i`, waiting up to `timeout` while an agent holds it (its restart in flight). While the
     /// test holds it, no agent starts a restart.
@@ -870,6 +907,20 @@ impl Ha {
         .expect("thread");
     }
 
+    /// A token for the workload's ServiceAccount (audience [`AUDIENCE`]) minted by server `i`.
+    pub fn mint(&self, i: usize) -> Result<String, String> {
+        let server = self.servers[i].clone();
+        in_netns(&self.netns, move || async move {
+            let client = api(&server, Duration::from_secs(5))
+                .await
+                .client()
+                .expect("client");
+            mint(&client).await
+        })
+        .join()
+        .expect("thread")
+    }
+
     /// TokenReview of `token` (audience [`AUDIENCE`]) by server `i`.
     pub fn review(&self, i: usize, token: &str) -> Review {
         let server = self.servers[i].clone();
@@ -885,14 +936,33 @@ impl Ha {
         .expect("thread")
     }
 
-    /// Starts the token workload.
-    pub fn workload(&self) -> Workload {
+    /// Starts the token workload: a round every second; live tokens of `issuer` are also
+    /// checked against the JWKS each server's agent publishes ([`PUBLISHED_JWKS`]).
+    pub fn workload(&self, issuer: &str) -> Workload {
+        self.workload_with(self.workload_options(issuer, Duration::from_secs(1)))
+    }
+
+    /// The workload's defaults: every server's [`PUBLISHED_JWKS`], named after the server.
+    pub fn workload_options(&self, issuer: &str, period: Duration) -> WorkloadOptions {
+        WorkloadOptions {
+            issuer: issuer.to_string(),
+            jwks: self
+                .servers
+                .iter()
+                .map(|s| (s.name.clone(), s.path(PUBLISHED_JWKS)))
+                .collect(),
+            period,
+        }
+    }
+
+    /// Starts the token workload with `options`.
+    pub fn workload_with(&self, options: WorkloadOptions) -> Workload {
         let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Mutex::new(WorkloadReport::default()));
         let servers = self.servers.clone();
         let (stop2, shared2) = (stop.clone(), shared.clone());
         let handle = in_netns(&self.netns, move || async move {
-            workload(servers, stop2, shared2).await;
+            workload(servers, options, stop2, shared2).await;
         });
         Workload {
             stop,
@@ -985,6 +1055,38 @@ async fn membership(a: &Api) -> (Vec<String>, Vec<String>) {
     names.sort();
     names.dedup();
     (ips, names)
+}
+
+/// The `kid`s of a JWKS document, sorted.
+fn kids_of(jwks: &str) -> Vec<String> {
+    let v: Value = serde_json::from_str(jwks).unwrap_or_default();
+    let mut kids: Vec<String> = v["keys"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|k| k["kid"].as_str().map(str::to_string))
+        .collect();
+    kids.sort();
+    kids
+}
+
+/// The last `lines` lines of every file of `paths` (agents' logs), each under its path: for a
+/// failing assertion's message.
+pub fn log_tails<P: AsRef<Path>>(paths: impl IntoIterator<Item = P>, lines: usize) -> String {
+    paths
+        .into_iter()
+        .map(|p| {
+            let p = p.as_ref();
+            let text = std::fs::read_to_string(p).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            format!(
+                "--- {}\n{}",
+                p.display(),
+                all[all.len().saturating_sub(lines)..].join("\n")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Stops a harness child: SIGTERM, then SIGKILL to its whole process group after `grace`.
@@ -1113,6 +1215,22 @@ async fn mint(client: &kube::Client) -> Result<String, String> {
     }
 }
 
+/// Where every agent of the HA tests publishes (a `directory` target at `/srv/oidc`): the JWKS,
+/// as a host path under each server's root.
+pub const PUBLISHED_JWKS: &str = "/srv/oidc/openid/v1/jwks";
+
+/// What the workload checks live tokens against besides the apiservers.
+#[derive(Debug, Clone)]
+pub struct WorkloadOptions {
+    /// The issuer the agents publish for: a token whose `iss` is this must verify against
+    /// every JWKS the agents have published (tokens of other issuers are not meant for it).
+    pub issuer: String,
+    /// The published JWKS files: (name, real path).
+    pub jwks: Vec<(String, PathBuf)>,
+    /// One round (mint through every server, check every live token) at most every `period`.
+    pub period: Duration,
+}
+
 /// The token workload's figures.
 #[derive(Debug, Clone, Default)]
 pub struct WorkloadReport {
@@ -1128,13 +1246,132 @@ pub struct WorkloadReport {
     pub rejected: u64,
     /// TokenReviews not answered (the server down or restarting).
     pub unavailable: u64,
-    /// The first rejections: when, minted by, checked by, the apiserver's error.
+    /// The published JWKS sources' names ([`WorkloadOptions::jwks`]), in order.
+    pub jwks_sources: Vec<String>,
+    /// Per source: live tokens of the published issuer checked against it (signature, issuer,
+    /// audience, expiry), once it existed.
+    pub jwks_checked: Vec<u64>,
+    /// Per source: those it failed to verify (an unreadable or unparsable JWKS counts as
+    /// failing every token checked that round).
+    pub jwks_rejected: Vec<u64>,
+    /// Per source: rounds in which it did not exist yet (not checked, not a rejection).
+    pub jwks_absent_rounds: Vec<u64>,
+    /// Checks skipped because the token's issuer is not the published one (minted before the
+    /// apiserver signed with it).
+    pub jwks_other_issuer: u64,
+    /// The first rejections (by an apiserver or a published JWKS): when, minted by, checked by,
+    /// why.
     pub rejections: Vec<String>,
 }
 
-/// Mints a token through every server per round (at most one round a second) and checks every
-/// live token against every server.
-async fn workload(servers: Vec<Server>, stop: Arc<AtomicBool>, report: Arc<Mutex<WorkloadReport>>) {
+impl WorkloadReport {
+    /// Tokens the published JWKS files failed to verify, all sources together.
+    pub fn jwks_rejected_total(&self) -> u64 {
+        self.jwks_rejected.iter().sum()
+    }
+
+    /// Checks against the published JWKS files, all sources together.
+    pub fn jwks_checked_total(&self) -> u64 {
+        self.jwks_checked.iter().sum()
+    }
+
+    /// The figures in two lines: TokenReview, then the published JWKS per source.
+    pub fn describe(&self) -> String {
+        let per_source: Vec<String> = self
+            .jwks_sources
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                format!(
+                    "{name} {} checked, {} rejected (absent {} rounds)",
+                    self.jwks_checked[i], self.jwks_rejected[i], self.jwks_absent_rounds[i]
+                )
+            })
+            .collect();
+        format!(
+            "tokens: {} minted (per server {:?}; {} mints unanswered), {} rounds; TokenReview: {} checks answered, {} rejected, {} unanswered\npublished JWKS: {} checks, {} rejected ({}); {} checks skipped (token of another issuer)",
+            self.minted,
+            self.minted_by,
+            self.mint_failed,
+            self.rounds,
+            self.checked,
+            self.rejected,
+            self.unavailable,
+            self.jwks_checked_total(),
+            self.jwks_rejected_total(),
+            per_source.join("; "),
+            self.jwks_other_issuer
+        )
+    }
+}
+
+/// The JSON of a JWT's payload, unverified (to see its issuer).
+fn token_claims(token: &str) -> Option<Value> {
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token.split('.').nth(1)?)
+        .ok()?;
+    serde_json::from_slice(&payload).ok()
+}
+
+/// Verifies `token` as a relying party does with the JWKS `jwks` (the JWT library
+/// `jsonwebtoken`): its `kid` in the set, the signature, `iss` = `issuer`, `aud` has
+/// [`AUDIENCE`], not expired.
+fn verify_with_jwks(
+    token: &str,
+    jwks: &jsonwebtoken::jwk::JwkSet,
+    issuer: &str,
+) -> Result<(), String> {
+    let header = jsonwebtoken::decode_header(token).map_err(|e| format!("header: {e}"))?;
+    let kid = header.kid.ok_or("the token has no kid")?;
+    let jwk = jwks
+        .find(&kid)
+        .ok_or_else(|| format!("kid {kid} is not in the JWKS"))?;
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).map_err(|e| format!("kid {kid}: {e}"))?;
+    let mut validation = jsonwebtoken::Validation::new(header.alg);
+    validation.set_issuer(&[issuer]);
+    validation.set_audience(&[AUDIENCE]);
+    validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+    validation.leeway = 0;
+    jsonwebtoken::decode::<Value>(token, &key, &validation)
+        .map(|_| ())
+        .map_err(|e| format!("kid {kid}: {e}"))
+}
+
+/// [`verify_with_jwks`] with the JWKS file `path` (for a test's own checks of the checker).
+pub fn verify_with_jwks_file(token: &str, path: &Path, issuer: &str) -> Result<(), String> {
+    match read_published(path) {
+        Published::Set(set) => verify_with_jwks(token, &set, issuer),
+        Published::Absent => Err(format!("{}: absent", path.display())),
+        Published::Unusable(why) => Err(why),
+    }
+}
+
+/// One published JWKS as read this round.
+enum Published {
+    Absent,
+    Unusable(String),
+    Set(jsonwebtoken::jwk::JwkSet),
+}
+
+fn read_published(path: &Path) -> Published {
+    match std::fs::read(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Published::Absent,
+        Err(e) => Published::Unusable(format!("{}: {e}", path.display())),
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(set) => Published::Set(set),
+            Err(e) => Published::Unusable(format!("{}: not a JWKS ({e})", path.display())),
+        },
+    }
+}
+
+/// Mints a token through every server per round (at most one round per `period`) and checks
+/// every live token against every server (TokenReview) and against every published JWKS.
+async fn workload(
+    servers: Vec<Server>,
+    options: WorkloadOptions,
+    stop: Arc<AtomicBool>,
+    report: Arc<Mutex<WorkloadReport>>,
+) {
     let begin = Instant::now();
     let mut clients = Vec::new();
     for s in &servers {
@@ -1145,7 +1382,14 @@ async fn workload(servers: Vec<Server>, stop: Arc<AtomicBool>, report: Arc<Mutex
                 .expect("client"),
         );
     }
-    report.lock().expect("report").minted_by = vec![0; servers.len()];
+    {
+        let mut r = report.lock().expect("report");
+        r.minted_by = vec![0; servers.len()];
+        r.jwks_sources = options.jwks.iter().map(|(n, _)| n.clone()).collect();
+        r.jwks_checked = vec![0; options.jwks.len()];
+        r.jwks_rejected = vec![0; options.jwks.len()];
+        r.jwks_absent_rounds = vec![0; options.jwks.len()];
+    }
     // (token, minted by, minted at)
     let mut tokens: Vec<(String, usize, Instant)> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
@@ -1175,6 +1419,11 @@ async fn workload(servers: Vec<Server>, stop: Arc<AtomicBool>, report: Arc<Mutex
             out
         }))
         .await;
+        let published: Vec<Published> = options
+            .jwks
+            .iter()
+            .map(|(_, path)| read_published(path))
+            .collect();
         {
             let mut r = report.lock().expect("report");
             r.rounds += 1;
@@ -1199,10 +1448,42 @@ async fn workload(servers: Vec<Server>, stop: Arc<AtomicBool>, report: Arc<Mutex
                     }
                 }
             }
+            for (source, jwks) in published.iter().enumerate() {
+                if matches!(jwks, Published::Absent) {
+                    r.jwks_absent_rounds[source] += 1;
+                    continue;
+                }
+                for (token, by, at) in &tokens {
+                    let iss =
+                        token_claims(token).and_then(|c| c["iss"].as_str().map(str::to_string));
+                    if iss.as_deref() != Some(options.issuer.as_str()) {
+                        r.jwks_other_issuer += 1;
+                        continue;
+                    }
+                    r.jwks_checked[source] += 1;
+                    let verdict = match jwks {
+                        Published::Set(set) => verify_with_jwks(token, set, &options.issuer),
+                        Published::Unusable(why) => Err(why.clone()),
+                        Published::Absent => Ok(()),
+                    };
+                    if let Err(why) = verdict {
+                        r.jwks_rejected[source] += 1;
+                        if r.rejections.len() < 20 {
+                            r.rejections.push(format!(
+                                "at {:.1}s: a token minted by {} {:.1}s before, rejected by the JWKS {} published: {why}",
+                                begin.elapsed().as_secs_f64(),
+                                servers[*by].name,
+                                at.elapsed().as_secs_f64(),
+                                options.jwks[source].0
+                            ));
+                        }
+                    }
+                }
+            }
         }
         let spent = round.elapsed();
-        if spent < Duration::from_secs(1) {
-            tokio::time::sleep(Duration::from_secs(1) - spent).await;
+        if spent < options.period {
+            tokio::time::sleep(options.period - spent).await;
         }
     }
 }

@@ -27,24 +27,10 @@ DATASTORE=${5:?usage}
 BASE=${6:?usage}
 KAPI=${IRSA_TEST_KUBE_APISERVER:?IRSA_TEST_KUBE_APISERVER must name the kube-apiserver binary}
 HERE=$(cd "$(dirname "$0")" && pwd)
-EVENTS=$STATE/events
-mkdir -p "$STATE"
+# shellcheck source=standin-lib.sh source-path=SCRIPTDIR
+. "$HERE/standin-lib.sh"
+set_hostname "$NAME"
 
-event() { echo "$(date +%s%3N) $*" >>"$EVENTS"; }
-
-if ! echo "$NAME" >/proc/sys/kernel/hostname; then
-  event invalid "cannot set the hostname (not in a UTS namespace of its own?)"
-  exit 1
-fi
-
-alive() {
-  local st
-  [ -r "/proc/$1/stat" ] || return 1
-  read -r _ _ st _ <"/proc/$1/stat" || return 1
-  [ "$st" != Z ]
-}
-
-pid=
 start() {
   local args=() err
   if ! err=$(python3 "$HERE/k3s-standin.py" reconcile "$ROOT" "$DATASTORE" 2>&1); then
@@ -56,38 +42,13 @@ start() {
     return
   fi
   printf '%s\n' "${args[@]}" >"$STATE/kube-apiserver.args"
-  "$KAPI" "${args[@]}" >>"$STATE/kube-apiserver.log" 2>&1 &
-  pid=$!
-  echo "$pid" >"$STATE/kube-apiserver.pid"
-  event start "$pid"
+  launch "${args[@]}"
 }
 
-stop() {
-  [ -n "$pid" ] || return 0
-  if alive "$pid"; then
-    event stopping "$pid"
-    kill -TERM "$pid" 2>/dev/null
-    for _ in $(seq 1 "${1:-300}"); do
-      alive "$pid" || break
-      sleep 0.1
-    done
-    alive "$pid" && kill -KILL "$pid" 2>/dev/null
-  fi
-  wait "$pid" 2>/dev/null
-  event stopped "$pid"
-  rm -f "$STATE/kube-apiserver.pid"
-  pid=
-}
-
-trap 'stop; event exit; exit 0' TERM INT
 handled=$(cat "$STATE/restart-request" 2>/dev/null || true)
 start
 while :; do
-  if ! kill -0 "$PARENT" 2>/dev/null; then
-    stop 30
-    event exit "parent $PARENT gone"
-    exit 0
-  fi
+  exit_if_orphaned "$PARENT"
   asked=$(cat "$STATE/restart-request" 2>/dev/null || true)
   if [ -n "$asked" ] && [ "$asked" != "$handled" ]; then
     event restart "$asked"
@@ -95,12 +56,8 @@ while :; do
     start
     handled=$asked
     echo "$asked" >"$STATE/restart-done.tmp" && mv "$STATE/restart-done.tmp" "$STATE/restart-done"
-  elif [ -n "$pid" ] && ! alive "$pid"; then
-    wait "$pid"
-    event exited "$pid status $?"
-    pid=
-    sleep 1
-    start
+  elif restart_if_exited; then
+    :
   elif [ -z "$pid" ]; then
     sleep 1
     start

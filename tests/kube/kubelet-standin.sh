@@ -19,15 +19,9 @@ NAME=${3:?usage}
 PARENT=${4:?usage}
 KAPI=${IRSA_TEST_KUBE_APISERVER:?IRSA_TEST_KUBE_APISERVER must name the kube-apiserver binary}
 MANIFEST=$ROOT/etc/kubernetes/manifests/kube-apiserver.yaml
-EVENTS=$STATE/events
-mkdir -p "$STATE"
-
-event() { echo "$(date +%s%3N) $*" >>"$EVENTS"; }
-
-if ! echo "$NAME" >/proc/sys/kernel/hostname; then
-  event invalid "cannot set the hostname (not in a UTS namespace of its own?)"
-  exit 1
-fi
+# shellcheck source=standin-lib.sh source-path=SCRIPTDIR
+. "$(dirname "$0")/standin-lib.sh"
+set_hostname "$NAME"
 
 # The items of the first `command:` block list of the manifest, one per line, unquoted.
 command_of() {
@@ -47,15 +41,6 @@ command_of() {
     }' "$1"
 }
 
-# Running, not a zombie waiting to be reaped.
-alive() {
-  local st
-  [ -r "/proc/$1/stat" ] || return 1
-  read -r _ _ st _ <"/proc/$1/stat" || return 1
-  [ "$st" != Z ]
-}
-
-pid=
 start() {
   local items=() args=() a
   [ -f "$MANIFEST" ] && mapfile -t items < <(command_of "$MANIFEST")
@@ -69,51 +54,20 @@ start() {
       *) args+=("$a") ;;
     esac
   done
-  "$KAPI" "${args[@]}" >>"$STATE/kube-apiserver.log" 2>&1 &
-  pid=$!
-  echo "$pid" >"$STATE/kube-apiserver.pid"
-  event start "$pid"
+  launch "${args[@]}"
 }
 
-# stop [GRACE]: SIGTERM, SIGKILL after GRACE tenths of a second (default 300).
-stop() {
-  [ -n "$pid" ] || return 0
-  if alive "$pid"; then
-    event stopping "$pid"
-    kill -TERM "$pid" 2>/dev/null
-    for _ in $(seq 1 "${1:-300}"); do
-      alive "$pid" || break
-      sleep 0.1
-    done
-    alive "$pid" && kill -KILL "$pid" 2>/dev/null
-  fi
-  wait "$pid" 2>/dev/null
-  event stopped "$pid"
-  rm -f "$STATE/kube-apiserver.pid"
-  pid=
-}
-
-trap 'stop; event exit; exit 0' TERM INT
 last=
 while :; do
-  if ! kill -0 "$PARENT" 2>/dev/null; then
-    # The test is gone (killed): its etcd too, so a graceful shutdown would only hang.
-    stop 30
-    event exit "parent $PARENT gone"
-    exit 0
-  fi
+  exit_if_orphaned "$PARENT"
   sum=$(cksum <"$MANIFEST" 2>/dev/null || echo missing)
   if [ "$sum" != "$last" ]; then
     [ -n "$last" ] && event changed
     stop
     last=$sum
     start
-  elif [ -n "$pid" ] && ! alive "$pid"; then
-    wait "$pid"
-    event exited "$pid status $?"
-    pid=
-    sleep 1
-    start
+  else
+    restart_if_exited
   fi
   sleep 0.2
 done
