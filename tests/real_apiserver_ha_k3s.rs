@@ -321,6 +321,9 @@ fn three_k3s_servers_rotate_to_idle_with_one_driver_and_followers_that_restart_t
                 "500ms".into(),
                 "--timeout".into(),
                 "120s".into(),
+                // The driver and the followers look again every 10 s instead of every minute.
+                "--recheck-interval".into(),
+                "10s".into(),
             ];
             args.extend(ha.k3s_edges(i));
             let args: Vec<&str> = args.iter().map(String::as_str).collect();

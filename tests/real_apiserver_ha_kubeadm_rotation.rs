@@ -292,7 +292,8 @@ fn three_kubeadm_nodes_roll_an_issuer_out_then_rotate_the_key_to_the_end() {
     let old_kid = prepare(&ha);
     let site = PublicSite::start(&ha.netns, roots[0].clone());
     let monitor = ha.monitor();
-    let workload = ha.workload();
+    // A round every 5 s: live tokens pile up over the 10-minute drain (as in the k3s test).
+    let workload = ha.workload_with(ha.workload_options(ISSUER, Duration::from_secs(5)));
     while workload.report().rounds < 3 {
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -634,7 +635,7 @@ fn an_aborted_rotation_takes_the_new_key_out_of_every_kubeadm_node() {
     let old_kid = prepare(&ha);
     let site = PublicSite::start(&ha.netns, ha.servers[0].root.clone());
     let monitor = ha.monitor();
-    let workload = ha.workload();
+    let workload = ha.workload(ISSUER);
     let agents: Vec<_> = (0..n).map(|i| spawn(&ha, i)).collect();
     roll_out(&ha, &agents);
     let out = ha

