@@ -34,6 +34,11 @@ impl RotationTask {
     /// counts as a quiet cluster: this server's own schedule goes on (a start still waits for
     /// another driver), and the next look comes within the recheck interval.
     async fn follow(&self, ctx: &mut TaskContext<'_>) -> Look {
+        // A host that cannot be read (not a server, a broken file) has nothing to follow with;
+        // the converge says why, once.
+        if crate::apiserver::install::observe(&self.root, ctx.settings.distribution).is_err() {
+            return Look::Alone;
+        }
         let root = self.root.clone();
         let settings = ctx.settings.clone();
         let edges = self.edges.clone();

@@ -892,6 +892,9 @@ pub async fn abort(ctx: &mut Context, now: u64) -> Result<StepOutcome, RotationE
         message.clone(),
     );
     save_state(&ctx.root, &st)?;
+    // The other servers learn it from this server's Lease now (their agents take their copies
+    // of the new key out once no rotation is driven), not at the daemon's next converge.
+    coordinate(ctx, &st, from).await;
     Ok(StepOutcome {
         phase: PhaseName::Idle,
         progressed: true,
