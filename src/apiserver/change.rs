@@ -503,10 +503,10 @@ async fn peers_serve(client: &kube::Client, node: &str, now: i64) -> Result<(), 
             "cannot tell whether every other apiserver serves, so this one does not restart yet: {e}"
         )
     };
-    let apiservers = membership::apiservers(client, now).await.map_err(cannot)?;
-    let agents: Vec<String> = membership::view(client, now)
-        .await
-        .map_err(cannot)?
+    // One list: the identity Leases and the agents' Leases, read together.
+    let leases = membership::list(client).await.map_err(cannot)?;
+    let apiservers = membership::apiservers_of(&leases, now);
+    let agents: Vec<String> = membership::view_of(&leases, now)
         .agents
         .into_iter()
         .filter(|a| a.live)
