@@ -562,3 +562,146 @@ fn status_apply_rotate_and_doctor_show_the_cluster_from_the_leases() {
     );
     drop(daemon);
 }
+
+/// The requests the daemon made about the cluster (Leases, Endpoints), as the apiserver's audit
+/// log recorded them: `verb resource/name` each (`name` empty for a list). The test's own
+/// requests (curl) are left out.
+fn daemon_requests(audit: &std::path::Path) -> Vec<String> {
+    let text = std::fs::read_to_string(audit).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["stage"] == "ResponseComplete")
+        .filter(|e| e["user"]["username"] == "kapi-admin")
+        .filter(|e| !e["userAgent"].as_str().unwrap_or("").starts_with("curl"))
+        .map(|e| {
+            format!(
+                "{} {}/{}",
+                e["verb"].as_str().unwrap_or(""),
+                e["objectRef"]["resource"].as_str().unwrap_or(""),
+                e["objectRef"]["name"].as_str().unwrap_or("")
+            )
+        })
+        .collect()
+}
+
+/// One converge of the daemon on a server in sync reads the cluster's Leases once, with one
+/// list, and renews its own Lease with one write: counted in the real apiserver's audit log
+/// over a converge asked for by SIGHUP (the tasks after it included). Before, each part of the
+/// step read them for itself (the published union, the rollout, the restart Lease left over,
+/// the announcement, the metrics): 10 requests through 5 clients, 12 with the rotation task's.
+#[test]
+fn a_converge_reads_the_leases_once() {
+    let Some(kapi) = Kube::binary("real_apiserver_membership") else {
+        return;
+    };
+    const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kube = Kube::new(
+        dir.path(),
+        kapi,
+        [
+            support::free_port(),
+            support::free_port(),
+            support::free_port(),
+            support::free_port(),
+        ],
+    );
+    let host = support::k3s_host(&format!(
+        "issuer: {ISSUER}\ndistribution: k3s\npublic-check: false\npublish:\n  - type: directory\n    path: /srv/oidc\n"
+    ));
+    let root = host.path();
+    // In sync: what `apply` writes for this issuer, and the apiserver runs with it.
+    std::fs::write(
+        root.join("etc/rancher/k3s/config.yaml"),
+        format!("kube-apiserver-arg:\n  - service-account-jwks-uri={ISSUER}/openid/v1/jwks\n"),
+    )
+    .expect("k3s config");
+    let tls = root.join("var/lib/rancher/k3s/server/tls");
+    let policy = dir.path().join("audit-policy.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n  resources:\n  - group: coordination.k8s.io\n    resources: [leases]\n  - group: \"\"\n    resources: [endpoints]\n- level: None\n",
+    )
+    .expect("audit policy");
+    let audit = dir.path().join("audit.log");
+    std::fs::write(
+        kube.flags.join("apiserver.args"),
+        format!(
+            "--service-account-issuer={ISSUER}\n--service-account-jwks-uri={ISSUER}/openid/v1/jwks\n--service-account-key-file={}\n--service-account-signing-key-file={}\n--audit-policy-file={}\n--audit-log-path={}\n",
+            tls.join("service.key").display(),
+            tls.join("service.current.key").display(),
+            policy.display(),
+            audit.display()
+        ),
+    )
+    .expect("args");
+    kube.start();
+    k3s_kubeconfig(root, &kube);
+    // The apiserver announces itself first (the view is then what it stays).
+    let identities = "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases?labelSelector=apiserver.kubernetes.io%2Fidentity%3Dkube-apiserver";
+    run_support::eventually(std::time::Duration::from_secs(30), || {
+        let list = kube.ok("GET", identities, None);
+        (list["items"].as_array().is_some_and(|i| !i.is_empty())).then_some(())
+    })
+    .expect("the apiserver's identity Lease");
+
+    let mut d = run_support::Daemon::start(root, &["--no-restart"], &[]);
+    d.wait_ready();
+    d.wait_status("in sync", |s| s["daemon"]["phase"] == "in-sync");
+    // Quiet: nothing more is asked after the converge and its tasks.
+    let quiet = |d: &mut run_support::Daemon| {
+        let mut last = daemon_requests(&audit).len();
+        let mut still = 0;
+        while still < 3 {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            let n = daemon_requests(&audit).len();
+            still = if n == last { still + 1 } else { 0 };
+            last = n;
+        }
+        d.assert_running();
+        last
+    };
+    let before = quiet(&mut d);
+    // The state file itself: `status` would ask the apiserver too.
+    let daemon_state = || {
+        std::fs::read_to_string(root.join("var/lib/irsa-agent/state.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .map(|s| s["daemon"].clone())
+            .unwrap_or_default()
+    };
+    let converges = daemon_state()["last_converge"].clone();
+    d.signal(rustix::process::Signal::HUP);
+    run_support::eventually(run_support::DEADLINE, || {
+        let s = daemon_state();
+        (s["last_converge"] != converges && s["last_converge"]["trigger"] == "reload").then_some(())
+    })
+    .unwrap_or_else(|| panic!("no converge after SIGHUP:\n{}", d.log()));
+    let after = quiet(&mut d);
+    let requests = daemon_requests(&audit)[before..after].to_vec();
+    eprintln!(
+        "one converge: {} request(s) about the cluster:\n  {}",
+        requests.len(),
+        requests.join("\n  ")
+    );
+    let me = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .expect("hostname")
+        .trim()
+        .to_string();
+    // The apiserver step: one list, its own Lease renewed over what it listed (no read first).
+    let renewal = format!("update leases/{}", membership::lease_name(&me));
+    let step = requests
+        .iter()
+        .position(|r| *r == renewal)
+        .map(|i| requests[..=i].to_vec());
+    assert_eq!(
+        step,
+        Some(vec!["list leases/".to_string(), renewal.clone()]),
+        "{requests:#?}"
+    );
+    // Then the rotation task, which reads the Leases for itself (src/rotation), once.
+    let lists = requests.iter().filter(|r| r.starts_with("list")).count();
+    assert!(lists <= 2, "{requests:#?}");
+    let (exit, log) = d.stop();
+    assert_eq!(exit.code(), Some(0), "{log}");
+}

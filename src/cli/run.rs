@@ -62,10 +62,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
     if super::logging::to_journal_if_there() {
         log::debug!("logging to journald");
     }
-    let apply = HostApply {
-        root: global.root.clone(),
-        run: args.apply_args().options(),
-    };
+    let apply = HostApply::new(global.root.clone(), args.apply_args().options());
     let options = daemon::Options {
         root: global.root.clone(),
         config: global.config.clone(),

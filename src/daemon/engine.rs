@@ -466,6 +466,9 @@ impl Engine {
             self.update_webhook_server();
         }
         let mut errors: Vec<String> = Vec::new();
+        if let Some(step) = self.apply.as_mut() {
+            step.begin();
+        }
 
         let observed = self.observe_watched(&settings);
 
