@@ -584,16 +584,19 @@ fn daemon_requests(audit: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
-/// One converge of the daemon on a server in sync reads the cluster's Leases once, with one
-/// list, and renews its own Lease with one write: counted in the real apiserver's audit log
-/// over a converge asked for by SIGHUP (the tasks after it included). Before, each part of the
-/// step read them for itself (the published union, the rollout, the restart Lease left over,
-/// the announcement, the metrics): 10 requests through 5 clients, 12 with the rotation task's.
-#[test]
-fn a_converge_reads_the_leases_once() {
-    let Some(kapi) = Kube::binary("real_apiserver_membership") else {
-        return;
-    };
+/// A k3s host in sync with a real apiserver (the issuer and JWKS URI it runs with: `apply`
+/// has nothing to change), whose requests about Leases and Endpoints go to an audit log.
+/// `kube` first: it stops the apiserver before `dir`, its state, is removed.
+struct InSync {
+    kube: Kube,
+    dir: tempfile::TempDir,
+    host: tempfile::TempDir,
+    audit: std::path::PathBuf,
+    /// The host name: the apiserver's, and the daemon's node name.
+    me: String,
+}
+
+fn in_sync(kapi: String) -> InSync {
     const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
     let dir = tempfile::tempdir().expect("tempdir");
     let kube = Kube::new(
@@ -610,7 +613,7 @@ fn a_converge_reads_the_leases_once() {
         "issuer: {ISSUER}\ndistribution: k3s\npublic-check: false\npublish:\n  - type: directory\n    path: /srv/oidc\n"
     ));
     let root = host.path();
-    // In sync: what `apply` writes for this issuer, and the apiserver runs with it.
+    // What `apply` writes for this issuer, and the apiserver runs with it.
     std::fs::write(
         root.join("etc/rancher/k3s/config.yaml"),
         format!("kube-apiserver-arg:\n  - service-account-jwks-uri={ISSUER}/openid/v1/jwks\n"),
@@ -644,17 +647,91 @@ fn a_converge_reads_the_leases_once() {
         (list["items"].as_array().is_some_and(|i| !i.is_empty())).then_some(())
     })
     .expect("the apiserver's identity Lease");
+    let me = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .expect("hostname")
+        .trim()
+        .to_string();
+    InSync {
+        kube,
+        dir,
+        host,
+        audit,
+        me,
+    }
+}
 
-    let mut d = run_support::Daemon::start(root, &["--no-restart"], &[]);
+impl InSync {
+    /// The daemon's section of the state file (`status` would ask the apiserver too).
+    fn daemon_state(&self) -> serde_json::Value {
+        std::fs::read_to_string(self.host.path().join("var/lib/irsa-agent/state.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .map(|s| s["daemon"].clone())
+            .unwrap_or_default()
+    }
+
+    /// Sends SIGHUP and waits for the converge it asks for.
+    fn reload(&self, d: &mut run_support::Daemon) {
+        let last = self.daemon_state()["last_converge"].clone();
+        d.signal(rustix::process::Signal::HUP);
+        run_support::eventually(run_support::DEADLINE, || {
+            let s = self.daemon_state();
+            (s["last_converge"] != last && s["last_converge"]["trigger"] == "reload").then_some(())
+        })
+        .unwrap_or_else(|| panic!("no converge after SIGHUP:\n{}", d.log()));
+    }
+
+    /// A client with the test apiserver's admin credential, on `runtime`.
+    fn client(&self, runtime: &tokio::runtime::Runtime) -> kube::Client {
+        runtime.block_on(async {
+            irsa_agent::k8s::Api::from_kubeconfig(
+                &HostRoot::new("/"),
+                &self.kube.state.join("kubeconfig"),
+                None,
+                std::time::Duration::from_secs(10),
+            )
+            .await
+            .expect("client config")
+            .client()
+            .expect("client")
+        })
+    }
+
+    /// The restart Lease's holder now (`Null` when released).
+    fn restart_holder(&self) -> serde_json::Value {
+        let lease = self.kube.ok(
+            "GET",
+            &format!(
+                "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/{}",
+                membership::RESTART
+            ),
+            None,
+        );
+        lease["spec"]["holderIdentity"].clone()
+    }
+}
+
+/// One converge of the daemon on a server in sync reads the cluster's Leases once, with one
+/// list, and renews its own Lease with one write: counted in the real apiserver's audit log
+/// over a converge asked for by SIGHUP (the tasks after it included). Before, each part of the
+/// step read them for itself (the published union, the rollout, the restart Lease left over,
+/// the announcement, the metrics): 10 requests through 5 clients, 12 with the rotation task's.
+#[test]
+fn a_converge_reads_the_leases_once() {
+    let Some(kapi) = Kube::binary("real_apiserver_membership") else {
+        return;
+    };
+    let s = in_sync(kapi);
+    let mut d = run_support::Daemon::start(s.host.path(), &["--no-restart"], &[]);
     d.wait_ready();
-    d.wait_status("in sync", |s| s["daemon"]["phase"] == "in-sync");
+    d.wait_status("in sync", |st| st["daemon"]["phase"] == "in-sync");
     // Quiet: nothing more is asked after the converge and its tasks.
     let quiet = |d: &mut run_support::Daemon| {
-        let mut last = daemon_requests(&audit).len();
+        let mut last = daemon_requests(&s.audit).len();
         let mut still = 0;
         while still < 3 {
             std::thread::sleep(std::time::Duration::from_millis(500));
-            let n = daemon_requests(&audit).len();
+            let n = daemon_requests(&s.audit).len();
             still = if n == last { still + 1 } else { 0 };
             last = n;
         }
@@ -662,34 +739,16 @@ fn a_converge_reads_the_leases_once() {
         last
     };
     let before = quiet(&mut d);
-    // The state file itself: `status` would ask the apiserver too.
-    let daemon_state = || {
-        std::fs::read_to_string(root.join("var/lib/irsa-agent/state.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .map(|s| s["daemon"].clone())
-            .unwrap_or_default()
-    };
-    let converges = daemon_state()["last_converge"].clone();
-    d.signal(rustix::process::Signal::HUP);
-    run_support::eventually(run_support::DEADLINE, || {
-        let s = daemon_state();
-        (s["last_converge"] != converges && s["last_converge"]["trigger"] == "reload").then_some(())
-    })
-    .unwrap_or_else(|| panic!("no converge after SIGHUP:\n{}", d.log()));
+    s.reload(&mut d);
     let after = quiet(&mut d);
-    let requests = daemon_requests(&audit)[before..after].to_vec();
+    let requests = daemon_requests(&s.audit)[before..after].to_vec();
     eprintln!(
         "one converge: {} request(s) about the cluster:\n  {}",
         requests.len(),
         requests.join("\n  ")
     );
-    let me = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .expect("hostname")
-        .trim()
-        .to_string();
     // The apiserver step: one list, its own Lease renewed over what it listed (no read first).
-    let renewal = format!("update leases/{}", membership::lease_name(&me));
+    let renewal = format!("update leases/{}", membership::lease_name(&s.me));
     let step = requests
         .iter()
         .position(|r| *r == renewal)
@@ -702,6 +761,48 @@ fn a_converge_reads_the_leases_once() {
     // Then the rotation task, which reads the Leases for itself (src/rotation), once.
     let lists = requests.iter().filter(|r| r.starts_with("list")).count();
     assert!(lists <= 2, "{requests:#?}");
+    let (exit, log) = d.stop();
+    assert_eq!(exit.code(), Some(0), "{log}");
+}
+
+/// At the start of a step the daemon gives back the restart Lease it holds (a daemon killed
+/// mid-restart left it: every other server's restart would wait until it expires), but not
+/// the one an `irsa-agent apply` on the same host holds, under its own name, for a restart it is
+/// carrying out.
+#[test]
+fn the_daemon_gives_back_its_own_left_over_turn_not_that_of_an_apply_beside_it() {
+    let Some(kapi) = Kube::binary("real_apiserver_membership") else {
+        return;
+    };
+    let s = in_sync(kapi);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = s.client(&runtime);
+    // Left by this node's daemon, killed while restarting: live for five more minutes.
+    runtime
+        .block_on(membership::acquire_restart(&client, &s.me, 300, now()))
+        .expect("restart lease");
+    assert_eq!(s.restart_holder(), s.me.as_str());
+    let mut d = run_support::Daemon::start(s.host.path(), &["--no-restart"], &[]);
+    d.wait_ready();
+    run_support::eventually(run_support::DEADLINE, || {
+        s.restart_holder().is_null().then_some(())
+    })
+    .unwrap_or_else(|| panic!("the left-over turn was kept:\n{}", d.log()));
+
+    // `apply` run by hand on this host takes the turn as itself.
+    let apply = irsa_agent::apiserver::change::command_holder(&s.me);
+    assert_ne!(
+        apply, s.me,
+        "apply and the daemon hold the turn under different names"
+    );
+    runtime
+        .block_on(membership::acquire_restart(&client, &apply, 300, now()))
+        .expect("restart lease");
+    s.reload(&mut d);
+    assert_eq!(s.restart_holder(), apply.as_str(), "{}", d.log());
     let (exit, log) = d.stop();
     assert_eq!(exit.code(), Some(0), "{log}");
 }

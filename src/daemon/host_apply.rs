@@ -372,11 +372,13 @@ impl HostApply {
             Ok(None) => return,
             Err(e) => return log::debug!("cannot look at the restart Lease: {e}"),
         };
-        if membership::restart_of(&leases).is_none_or(|h| h.holder != self.run.node) {
+        // Only a turn held as this daemon holds it: an `irsa-agent apply` on this host holds
+        // it under its own name ([`change::command_holder`]) while it restarts the apiserver.
+        if membership::restart_of(&leases).is_none_or(|h| h.holder != self.run.holder) {
             return;
         }
         let released = self.client(observed).and_then(|client| {
-            crate::runtime::block_on(membership::release_restart(&client, &self.run.node))
+            crate::runtime::block_on(membership::release_restart(&client, &self.run.holder))
                 .map_err(|e| e.to_string())
         });
         match released {
