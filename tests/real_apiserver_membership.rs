@@ -589,7 +589,7 @@ fn daemon_requests(audit: &std::path::Path) -> Vec<String> {
 /// `kube` first: it stops the apiserver before `dir`, its state, is removed.
 struct InSync {
     kube: Kube,
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
     host: tempfile::TempDir,
     audit: std::path::PathBuf,
     /// The host name: the apiserver's, and the daemon's node name.
@@ -653,7 +653,7 @@ fn in_sync(kapi: String) -> InSync {
         .to_string();
     InSync {
         kube,
-        dir,
+        _dir: dir,
         host,
         audit,
         me,
@@ -803,6 +803,55 @@ fn the_daemon_gives_back_its_own_left_over_turn_not_that_of_an_apply_beside_it()
         .expect("restart lease");
     s.reload(&mut d);
     assert_eq!(s.restart_holder(), apply.as_str(), "{}", d.log());
+    let (exit, log) = d.stop();
+    assert_eq!(exit.code(), Some(0), "{log}");
+}
+
+/// `status` and `doctor` pick "this server" out of the cluster by the node name the daemon
+/// runs with (`--node-name` in its unit, recorded in the state file), not by the host name a
+/// shell has; `--node-name` given to them wins.
+#[test]
+fn status_and_doctor_name_this_server_as_the_daemon_does() {
+    let Some(kapi) = Kube::binary("real_apiserver_membership") else {
+        return;
+    };
+    let s = in_sync(kapi);
+    const NODE: &str = "cp-named";
+    let mut d =
+        run_support::Daemon::start(s.host.path(), &["--no-restart", "--node-name", NODE], &[]);
+    d.wait_ready();
+    d.wait_status("in sync", |st| st["daemon"]["phase"] == "in-sync");
+    let root = s.host.path();
+    let this = |args: &[&str]| {
+        let (_, stdout, stderr) = support::agent(root, args, &[]);
+        let doc: serde_json::Value = serde_json::from_str(&stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {stdout}{stderr}"));
+        let servers = doc["cluster"]["servers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let this: Vec<String> = servers
+            .iter()
+            .filter(|sv| sv["this"] == true)
+            .filter_map(|sv| sv["node"].as_str().map(str::to_string))
+            .collect();
+        (doc["cluster"]["node"].clone(), this)
+    };
+    assert_eq!(
+        this(&["status", "--json"]),
+        (serde_json::json!(NODE), vec![NODE.to_string()])
+    );
+    assert_eq!(
+        this(&["status", "--json", "--node-name", &s.me]),
+        (serde_json::json!(s.me), vec![s.me.clone()])
+    );
+    let check = doctor_check(root, "running.cluster");
+    let text = check.to_string();
+    assert!(text.contains(&format!("{NODE} (this server)")), "{check:#}");
+    assert!(
+        !text.contains(&format!("{} (this server)", s.me)),
+        "{check:#}"
+    );
     let (exit, log) = d.stop();
     assert_eq!(exit.code(), Some(0), "{log}");
 }

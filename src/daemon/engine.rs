@@ -42,6 +42,8 @@ pub struct Options {
     pub root: HostRoot,
     /// `--config FILE` instead of /etc/irsa-agent/config.yaml + config.d/.
     pub config: Option<PathBuf>,
+    /// The node name it coordinates under (recorded for `status` and `doctor`).
+    pub node: String,
 }
 
 struct TaskSlot {
@@ -153,6 +155,7 @@ impl Engine {
             updated_at: now,
             phase: Phase::Starting,
             status: "starting".into(),
+            node: Some(options.node.clone()),
             ..Default::default()
         };
         status.metrics.start_timestamp_seconds = now;
