@@ -20,32 +20,10 @@ fn now() -> i64 {
 
 #[test]
 fn an_agent_announces_itself_and_the_apiserver_without_one_is_named() {
-    let Some(kapi) = Kube::binary("real_apiserver_membership") else {
+    let Some(kube) = Kube::temp("real_apiserver_membership") else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kube = Kube::new(
-        dir.path(),
-        kapi,
-        [
-            support::free_port(),
-            support::free_port(),
-            support::free_port(),
-            support::free_port(),
-        ],
-    );
-    let keys =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/apiserver/k3s/keys");
-    std::fs::write(
-        kube.flags.join("apiserver.args"),
-        format!(
-            "--service-account-issuer=https://oidc.example.com/homelab\n--service-account-key-file={}\n--service-account-signing-key-file={}\n",
-            keys.join("service.key").display(),
-            keys.join("service.current.key").display()
-        ),
-    )
-    .expect("args");
-    kube.start();
+    kube.start_with_test_keys("https://oidc.example.com/homelab", "");
     // kube-apiserver names its host in its identity Lease (os.Hostname).
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .expect("hostname")
@@ -149,32 +127,10 @@ fn an_agent_announces_itself_and_the_apiserver_without_one_is_named() {
 #[test]
 fn one_node_at_a_time_holds_the_restart_lease_and_a_dead_holder_frees_it() {
     use membership::Restart;
-    let Some(kapi) = Kube::binary("real_apiserver_membership") else {
+    let Some(kube) = Kube::temp("real_apiserver_membership") else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kube = Kube::new(
-        dir.path(),
-        kapi,
-        [
-            support::free_port(),
-            support::free_port(),
-            support::free_port(),
-            support::free_port(),
-        ],
-    );
-    let keys =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/apiserver/k3s/keys");
-    std::fs::write(
-        kube.flags.join("apiserver.args"),
-        format!(
-            "--service-account-issuer=https://oidc.example.com/homelab\n--service-account-key-file={}\n--service-account-signing-key-file={}\n",
-            keys.join("service.key").display(),
-            keys.join("service.current.key").display()
-        ),
-    )
-    .expect("args");
-    kube.start();
+    kube.start_with_test_keys("https://oidc.example.com/homelab", "");
     let kubeconfig = kube.state.join("kubeconfig");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -295,23 +251,12 @@ fn doctor_check(root: &std::path::Path, id: &str) -> serde_json::Value {
 /// the rollout, what comes next, what signing waits for, and what is wrong.
 #[test]
 fn status_apply_rotate_and_doctor_show_the_cluster_from_the_leases() {
-    let Some(kapi) = Kube::binary("real_apiserver_membership") else {
+    let Some(kube) = Kube::temp("real_apiserver_membership") else {
         return;
     };
     const OLD: &str = "https://kubernetes.default.svc.cluster.local";
     // A closed port on loopback: doctor's public checks fail fast and stay off the network.
     const NEW: &str = "https://127.0.0.1:1/c1";
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kube = Kube::new(
-        dir.path(),
-        kapi,
-        [
-            support::free_port(),
-            support::free_port(),
-            support::free_port(),
-            support::free_port(),
-        ],
-    );
     let host = support::k3s_host(&format!("issuer: {NEW}\ndistribution: k3s\n"));
     let root = host.path();
     let tls = root.join("var/lib/rancher/k3s/server/tls");
@@ -586,29 +531,18 @@ fn daemon_requests(audit: &std::path::Path) -> Vec<String> {
 
 /// A k3s host in sync with a real apiserver (the issuer and JWKS URI it runs with: `apply`
 /// has nothing to change), whose requests about Leases and Endpoints go to an audit log.
-/// `kube` first: it stops the apiserver before `dir`, its state, is removed.
 struct InSync {
     kube: Kube,
-    _dir: tempfile::TempDir,
     host: tempfile::TempDir,
     audit: std::path::PathBuf,
     /// The host name: the apiserver's, and the daemon's node name.
     me: String,
 }
 
-fn in_sync(kapi: String) -> InSync {
+/// `None` (SKIPPED) without a kube-apiserver.
+fn in_sync() -> Option<InSync> {
     const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kube = Kube::new(
-        dir.path(),
-        kapi,
-        [
-            support::free_port(),
-            support::free_port(),
-            support::free_port(),
-            support::free_port(),
-        ],
-    );
+    let kube = Kube::temp("real_apiserver_membership")?;
     let host = support::k3s_host(&format!(
         "issuer: {ISSUER}\ndistribution: k3s\npublic-check: false\npublish:\n  - type: directory\n    path: /srv/oidc\n"
     ));
@@ -620,13 +554,13 @@ fn in_sync(kapi: String) -> InSync {
     )
     .expect("k3s config");
     let tls = root.join("var/lib/rancher/k3s/server/tls");
-    let policy = dir.path().join("audit-policy.yaml");
+    let policy = kube.dir().join("audit-policy.yaml");
     std::fs::write(
         &policy,
         "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n  resources:\n  - group: coordination.k8s.io\n    resources: [leases]\n  - group: \"\"\n    resources: [endpoints]\n- level: None\n",
     )
     .expect("audit policy");
-    let audit = dir.path().join("audit.log");
+    let audit = kube.dir().join("audit.log");
     std::fs::write(
         kube.flags.join("apiserver.args"),
         format!(
@@ -651,13 +585,12 @@ fn in_sync(kapi: String) -> InSync {
         .expect("hostname")
         .trim()
         .to_string();
-    InSync {
+    Some(InSync {
         kube,
-        _dir: dir,
         host,
         audit,
         me,
-    }
+    })
 }
 
 impl InSync {
@@ -718,10 +651,9 @@ impl InSync {
 /// the announcement, the metrics): 10 requests through 5 clients, 12 with the rotation task's.
 #[test]
 fn a_converge_reads_the_leases_once() {
-    let Some(kapi) = Kube::binary("real_apiserver_membership") else {
+    let Some(s) = in_sync() else {
         return;
     };
-    let s = in_sync(kapi);
     let mut d = run_support::Daemon::start(s.host.path(), &["--no-restart"], &[]);
     d.wait_ready();
     d.wait_status("in sync", |st| st["daemon"]["phase"] == "in-sync");
@@ -771,10 +703,9 @@ fn a_converge_reads_the_leases_once() {
 /// carrying out.
 #[test]
 fn the_daemon_gives_back_its_own_left_over_turn_not_that_of_an_apply_beside_it() {
-    let Some(kapi) = Kube::binary("real_apiserver_membership") else {
+    let Some(s) = in_sync() else {
         return;
     };
-    let s = in_sync(kapi);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -812,10 +743,9 @@ fn the_daemon_gives_back_its_own_left_over_turn_not_that_of_an_apply_beside_it()
 /// shell has; `--node-name` given to them wins.
 #[test]
 fn status_and_doctor_name_this_server_as_the_daemon_does() {
-    let Some(kapi) = Kube::binary("real_apiserver_membership") else {
+    let Some(s) = in_sync() else {
         return;
     };
-    let s = in_sync(kapi);
     const NODE: &str = "cp-named";
     let mut d =
         run_support::Daemon::start(s.host.path(), &["--no-restart", "--node-name", NODE], &[]);
