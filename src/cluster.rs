@@ -227,15 +227,23 @@ pub fn plan(facts: &Facts, issuer: &str, node: &str, now: i64) -> Plan {
     }
 }
 
-/// Reads the Leases; `Ok(None)` when the apiserver has no Lease API.
+/// Reads the Leases (one list); `Ok(None)` when the apiserver has no Lease API.
 pub async fn read(client: &kube::Client, now: i64) -> Result<Option<Facts>, membership::Error> {
-    let view = match membership::view(client, now).await {
-        Ok(v) => v,
-        Err(e) if e.no_lease_api() => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let restart = membership::restart_holder(client).await?;
-    Ok(Some(Facts { view, restart }))
+    match membership::list(client).await {
+        Ok(leases) => Ok(Some(Facts::of(&leases, now))),
+        Err(e) if e.no_lease_api() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+impl Facts {
+    /// What the Leases listed at `now` say ([`membership::list`]).
+    pub fn of(leases: &[k8s_openapi::api::coordination::v1::Lease], now: i64) -> Facts {
+        Facts {
+            view: membership::view_of(leases, now),
+            restart: membership::restart_of(leases),
+        }
+    }
 }
 
 /// Turns what [`read`] returned into the view for `issuer` seen from `node`; `accepted`: the

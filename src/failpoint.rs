@@ -10,7 +10,8 @@
 //!
 //! Points: `apply:after-backup`, `apply:after-write`, `apply:after-restart`,
 //! `fs:before-rename` (every [`crate::fs::write_atomic`]: the temp file is written and synced,
-//! not yet renamed).
+//! not yet renamed), `daemon:after-observe` (a converge has read the apiserver's files, not yet
+//! watched their folders).
 //!
 //! Key rotation ([`crate::rotation`]): `rotation:<from>-><to>` at every transition, after its
 //! work is done and before the new phase is saved (`rotation:idle->staged`,

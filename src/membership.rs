@@ -346,18 +346,41 @@ pub async fn announce(
     duration: i32,
     now: i64,
 ) -> Result<(), Error> {
+    let name = lease_name(node);
+    let old = Api::<Lease>::namespaced(client.clone(), NAMESPACE)
+        .get_opt(&name)
+        .await
+        .map_err(|e| lease_error(&name, e))?;
+    renew(client, node, report, duration, now, old)
+        .await
+        .map(|_| ())
+}
+
+/// [`announce`] over `old`, `node`'s Lease as last read (by [`list`]: no read of its own); a
+/// write that lost a race (HTTP 409: written since, or created meanwhile) is read again and
+/// retried once. Returns the Lease as written.
+pub async fn renew(
+    client: &kube::Client,
+    node: &str,
+    report: &Report,
+    duration: i32,
+    now: i64,
+    mut old: Option<Lease>,
+) -> Result<Lease, Error> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
     let name = lease_name(node);
     let fail = |e: kube::Error| lease_error(&name, e);
     for attempt in 0..2 {
-        let old = leases.get_opt(&name).await.map_err(fail)?;
+        if attempt > 0 {
+            old = leases.get_opt(&name).await.map_err(fail)?;
+        }
         let lease = desired(node, report, duration, now, old.as_ref());
         let written = match old {
             None => leases.create(&PostParams::default(), &lease).await,
             Some(_) => leases.replace(&name, &PostParams::default(), &lease).await,
         };
         match written {
-            Ok(_) => return Ok(()),
+            Ok(lease) => return Ok(lease),
             Err(kube::Error::Api(status)) if status.code == 409 && attempt == 0 => continue,
             Err(e) => return Err(fail(e)),
         }
@@ -532,16 +555,29 @@ fn ip_of(address: &str) -> String {
 }
 
 /// The apiservers that announce themselves: a live identity Lease each, by host (sorted, one
-/// per host).
+/// per host). One list of the Leases ([`list`]); [`apiservers_of`] when they were listed.
 pub async fn apiservers(client: &kube::Client, now: i64) -> Result<Vec<Apiserver>, Error> {
-    let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
+    Ok(apiservers_of(&list(client).await?, now))
+}
+
+/// Whether `lease` is an apiserver's identity Lease ([`APISERVER_IDENTITY`]).
+fn is_identity(lease: &Lease) -> bool {
+    let (key, value) = APISERVER_IDENTITY
+        .split_once('=')
+        .unwrap_or((APISERVER_IDENTITY, ""));
+    lease
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(key))
+        .is_some_and(|v| v == value)
+}
+
+/// [`apiservers`] from Leases already listed. Pure.
+pub fn apiservers_of(leases: &[Lease], now: i64) -> Vec<Apiserver> {
     let mut out: Vec<Apiserver> = leases
-        .list(&ListParams::default().labels(APISERVER_IDENTITY))
-        .await
-        .map_err(list_error)?
-        .items
         .iter()
-        .filter(|lease| live(lease, now))
+        .filter(|lease| is_identity(lease) && live(lease, now))
         .filter_map(|lease| {
             let host = lease.metadata.labels.as_ref()?.get(HOSTNAME_LABEL)?.clone();
             let address = lease
@@ -556,7 +592,27 @@ pub async fn apiservers(client: &kube::Client, now: i64) -> Result<Vec<Apiserver
     // One per host (a host announced twice: the Lease naming an address).
     out.sort_by(|a, b| a.host.cmp(&b.host).then(b.address.cmp(&a.address)));
     out.dedup_by(|a, b| a.host == b.host);
-    Ok(out)
+    out
+}
+
+/// Every Lease in [`NAMESPACE`], with one request: the agents' Leases, the apiservers' identity
+/// Leases, the restart and rotation Leases. Whoever needs several of them reads them once
+/// ([`view_of`], [`apiservers_of`], [`restart_of`]).
+pub async fn list(client: &kube::Client) -> Result<Vec<Lease>, Error> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
+    Ok(leases
+        .list(&ListParams::default())
+        .await
+        .map_err(list_error)?
+        .items)
+}
+
+/// The restart Lease's holder among Leases already listed ([`restart_holder`]).
+pub fn restart_of(leases: &[Lease]) -> Option<RestartHolder> {
+    leases
+        .iter()
+        .find(|l| l.metadata.name.as_deref() == Some(RESTART))
+        .and_then(holder_of)
 }
 
 /// The addresses of the `default/kubernetes` Endpoints: the apiservers serving now (empty when
@@ -676,15 +732,14 @@ pub fn peers_down(
     }
 }
 
-/// Reads every agent Lease and every apiserver identity Lease.
+/// Reads every agent Lease and every apiserver identity Lease (one list, [`list`]).
 pub async fn view(client: &kube::Client, now: i64) -> Result<View, Error> {
-    let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
-    let list = list_error;
+    Ok(view_of(&list(client).await?, now))
+}
+
+/// [`view`] from Leases already listed. Pure.
+pub fn view_of(leases: &[Lease], now: i64) -> View {
     let mut agents: Vec<Member> = leases
-        .list(&ListParams::default())
-        .await
-        .map_err(list)?
-        .items
         .iter()
         .filter_map(|lease| {
             let name = lease.metadata.name.as_deref()?;
@@ -706,12 +761,11 @@ pub async fn view(client: &kube::Client, now: i64) -> Result<View, Error> {
         })
         .collect();
     agents.sort_by(|a, b| a.node.cmp(&b.node));
-    let apiservers = apiservers(client, now)
-        .await?
+    let apiservers = apiservers_of(leases, now)
         .into_iter()
         .map(|a| a.host)
         .collect();
-    Ok(View { agents, apiservers })
+    View { agents, apiservers }
 }
 
 #[cfg(test)]
@@ -776,6 +830,55 @@ mod tests {
             .collect();
         // cp1's key (its unusable JWK skipped); not this node's own, not a dead agent's.
         assert_eq!(peers, vec![("cp1".to_string(), a.kid())]);
+    }
+
+    #[test]
+    fn one_list_gives_the_agents_the_apiservers_and_the_restart_holder() {
+        let named = |name: &str, labels: &[(&str, &str)], renewed: i64| {
+            let mut l = lease(Some(renewed), Some(60));
+            l.metadata.name = Some(name.into());
+            l.metadata.labels = Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            );
+            l
+        };
+        let identity = [
+            ("apiserver.kubernetes.io/identity", "kube-apiserver"),
+            (HOSTNAME_LABEL, "cp1"),
+        ];
+        let mut restart = holder_lease(RESTART, "cp2", 60, 1000, None);
+        restart.metadata.labels = None;
+        let leases = vec![
+            named("apiserver-abc", &identity, 1000),
+            // Another component's Lease with a hostname label: not an apiserver.
+            named(
+                "kube-controller-manager",
+                &[
+                    (HOSTNAME_LABEL, "cp9"),
+                    ("apiserver.kubernetes.io/identity", "x"),
+                ],
+                1000,
+            ),
+            // An identity Lease not renewed: that apiserver is gone.
+            named(
+                "apiserver-old",
+                &[identity[0], (HOSTNAME_LABEL, "cp3")],
+                500,
+            ),
+            named("irsa-agent-cp1", &[], 1000),
+            restart,
+        ];
+        let view = view_of(&leases, 1030);
+        assert_eq!(view.apiservers, vec!["cp1"]);
+        let agents: Vec<&str> = view.agents.iter().map(|a| a.node.as_str()).collect();
+        assert_eq!(agents, vec!["cp1"], "the restart Lease is no agent");
+        assert_eq!(
+            restart_of(&leases).map(|h| h.holder),
+            Some("cp2".to_string())
+        );
     }
 
     #[test]

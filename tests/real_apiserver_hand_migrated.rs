@@ -28,8 +28,7 @@ const NEW: &str = "https://oidc.example.com/homelab";
 const STS: &str = "sts.amazonaws.com";
 
 fn write_flags(kube: &Kube, f: &ServiceAccountFlags) {
-    let keys =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/apiserver/k3s/keys");
+    let (key, signing) = Kube::test_keys();
     let mut args = String::new();
     for i in &f.issuers {
         args.push_str(&format!("--service-account-issuer={i}\n"));
@@ -43,8 +42,8 @@ fn write_flags(kube: &Kube, f: &ServiceAccountFlags) {
     }
     args.push_str(&format!(
         "--service-account-key-file={}\n--service-account-signing-key-file={}\n",
-        keys.join("service.key").display(),
-        keys.join("service.current.key").display()
+        key.display(),
+        signing.display()
     ));
     std::fs::write(kube.flags.join("apiserver.args"), args).expect("args");
 }
@@ -73,21 +72,10 @@ fn flags_of(host: &Host) -> ServiceAccountFlags {
 
 #[test]
 fn every_token_pods_hold_stays_accepted_on_the_real_apiserver() {
-    let Some(kapi) = Kube::binary("real_apiserver_hand_migrated") else {
+    let Some(kube) = Kube::temp("real_apiserver_hand_migrated") else {
         return;
     };
     let started = std::time::Instant::now();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kube = Kube::new(
-        dir.path(),
-        kapi,
-        [
-            support::free_port(),
-            support::free_port(),
-            support::free_port(),
-            support::free_port(),
-        ],
-    );
     // 1. k3s as installed: its default flags, read by irsa-agent from a host without config.
     let fresh = Host::new();
     fresh

@@ -20,32 +20,10 @@ fn now() -> i64 {
 
 #[test]
 fn an_agent_announces_itself_and_the_apiserver_without_one_is_named() {
-    let Some(kapi) = Kube::binary("real_apiserver_membership") else {
+    let Some(kube) = Kube::temp("real_apiserver_membership") else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kube = Kube::new(
-        dir.path(),
-        kapi,
-        [
-            support::free_port(),
-            support::free_port(),
-            support::free_port(),
-            support::free_port(),
-        ],
-    );
-    let keys =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/apiserver/k3s/keys");
-    std::fs::write(
-        kube.flags.join("apiserver.args"),
-        format!(
-            "--service-account-issuer=https://oidc.example.com/homelab\n--service-account-key-file={}\n--service-account-signing-key-file={}\n",
-            keys.join("service.key").display(),
-            keys.join("service.current.key").display()
-        ),
-    )
-    .expect("args");
-    kube.start();
+    kube.start_with_test_keys("https://oidc.example.com/homelab", "");
     // kube-apiserver names its host in its identity Lease (os.Hostname).
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .expect("hostname")
@@ -149,32 +127,10 @@ fn an_agent_announces_itself_and_the_apiserver_without_one_is_named() {
 #[test]
 fn one_node_at_a_time_holds_the_restart_lease_and_a_dead_holder_frees_it() {
     use membership::Restart;
-    let Some(kapi) = Kube::binary("real_apiserver_membership") else {
+    let Some(kube) = Kube::temp("real_apiserver_membership") else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kube = Kube::new(
-        dir.path(),
-        kapi,
-        [
-            support::free_port(),
-            support::free_port(),
-            support::free_port(),
-            support::free_port(),
-        ],
-    );
-    let keys =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/apiserver/k3s/keys");
-    std::fs::write(
-        kube.flags.join("apiserver.args"),
-        format!(
-            "--service-account-issuer=https://oidc.example.com/homelab\n--service-account-key-file={}\n--service-account-signing-key-file={}\n",
-            keys.join("service.key").display(),
-            keys.join("service.current.key").display()
-        ),
-    )
-    .expect("args");
-    kube.start();
+    kube.start_with_test_keys("https://oidc.example.com/homelab", "");
     let kubeconfig = kube.state.join("kubeconfig");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -295,23 +251,12 @@ fn doctor_check(root: &std::path::Path, id: &str) -> serde_json::Value {
 /// the rollout, what comes next, what signing waits for, and what is wrong.
 #[test]
 fn status_apply_rotate_and_doctor_show_the_cluster_from_the_leases() {
-    let Some(kapi) = Kube::binary("real_apiserver_membership") else {
+    let Some(kube) = Kube::temp("real_apiserver_membership") else {
         return;
     };
     const OLD: &str = "https://kubernetes.default.svc.cluster.local";
     // A closed port on loopback: doctor's public checks fail fast and stay off the network.
     const NEW: &str = "https://127.0.0.1:1/c1";
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kube = Kube::new(
-        dir.path(),
-        kapi,
-        [
-            support::free_port(),
-            support::free_port(),
-            support::free_port(),
-            support::free_port(),
-        ],
-    );
     let host = support::k3s_host(&format!("issuer: {NEW}\ndistribution: k3s\n"));
     let root = host.path();
     let tls = root.join("var/lib/rancher/k3s/server/tls");
@@ -561,4 +506,282 @@ fn status_apply_rotate_and_doctor_show_the_cluster_from_the_leases() {
         "{text}"
     );
     drop(daemon);
+}
+
+/// The requests the daemon made about the cluster (Leases, Endpoints), as the apiserver's audit
+/// log recorded them: `verb resource/name` each (`name` empty for a list). The test's own
+/// requests (curl) are left out.
+fn daemon_requests(audit: &std::path::Path) -> Vec<String> {
+    let text = std::fs::read_to_string(audit).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["stage"] == "ResponseComplete")
+        .filter(|e| e["user"]["username"] == "kapi-admin")
+        .filter(|e| !e["userAgent"].as_str().unwrap_or("").starts_with("curl"))
+        .map(|e| {
+            format!(
+                "{} {}/{}",
+                e["verb"].as_str().unwrap_or(""),
+                e["objectRef"]["resource"].as_str().unwrap_or(""),
+                e["objectRef"]["name"].as_str().unwrap_or("")
+            )
+        })
+        .collect()
+}
+
+/// A k3s host in sync with a real apiserver (the issuer and JWKS URI it runs with: `apply`
+/// has nothing to change), whose requests about Leases and Endpoints go to an audit log.
+struct InSync {
+    kube: Kube,
+    host: tempfile::TempDir,
+    audit: std::path::PathBuf,
+    /// The host name: the apiserver's, and the daemon's node name.
+    me: String,
+}
+
+/// `None` (SKIPPED) without a kube-apiserver.
+fn in_sync() -> Option<InSync> {
+    const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+    let kube = Kube::temp("real_apiserver_membership")?;
+    let host = support::k3s_host(&format!(
+        "issuer: {ISSUER}\ndistribution: k3s\npublic-check: false\npublish:\n  - type: directory\n    path: /srv/oidc\n"
+    ));
+    let root = host.path();
+    // What `apply` writes for this issuer, and the apiserver runs with it.
+    std::fs::write(
+        root.join("etc/rancher/k3s/config.yaml"),
+        format!("kube-apiserver-arg:\n  - service-account-jwks-uri={ISSUER}/openid/v1/jwks\n"),
+    )
+    .expect("k3s config");
+    let tls = root.join("var/lib/rancher/k3s/server/tls");
+    let policy = kube.dir().join("audit-policy.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n  resources:\n  - group: coordination.k8s.io\n    resources: [leases]\n  - group: \"\"\n    resources: [endpoints]\n- level: None\n",
+    )
+    .expect("audit policy");
+    let audit = kube.dir().join("audit.log");
+    std::fs::write(
+        kube.flags.join("apiserver.args"),
+        format!(
+            "--service-account-issuer={ISSUER}\n--service-account-jwks-uri={ISSUER}/openid/v1/jwks\n--service-account-key-file={}\n--service-account-signing-key-file={}\n--audit-policy-file={}\n--audit-log-path={}\n",
+            tls.join("service.key").display(),
+            tls.join("service.current.key").display(),
+            policy.display(),
+            audit.display()
+        ),
+    )
+    .expect("args");
+    kube.start();
+    k3s_kubeconfig(root, &kube);
+    // The apiserver announces itself first (the view is then what it stays).
+    let identities = "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases?labelSelector=apiserver.kubernetes.io%2Fidentity%3Dkube-apiserver";
+    run_support::eventually(std::time::Duration::from_secs(30), || {
+        let list = kube.ok("GET", identities, None);
+        (list["items"].as_array().is_some_and(|i| !i.is_empty())).then_some(())
+    })
+    .expect("the apiserver's identity Lease");
+    let me = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .expect("hostname")
+        .trim()
+        .to_string();
+    Some(InSync {
+        kube,
+        host,
+        audit,
+        me,
+    })
+}
+
+impl InSync {
+    /// The daemon's section of the state file (`status` would ask the apiserver too).
+    fn daemon_state(&self) -> serde_json::Value {
+        std::fs::read_to_string(self.host.path().join("var/lib/irsa-agent/state.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .map(|s| s["daemon"].clone())
+            .unwrap_or_default()
+    }
+
+    /// Sends SIGHUP and waits for the converge it asks for.
+    fn reload(&self, d: &mut run_support::Daemon) {
+        let last = self.daemon_state()["last_converge"].clone();
+        d.signal(rustix::process::Signal::HUP);
+        run_support::eventually(run_support::DEADLINE, || {
+            let s = self.daemon_state();
+            (s["last_converge"] != last && s["last_converge"]["trigger"] == "reload").then_some(())
+        })
+        .unwrap_or_else(|| panic!("no converge after SIGHUP:\n{}", d.log()));
+    }
+
+    /// A client with the test apiserver's admin credential, on `runtime`.
+    fn client(&self, runtime: &tokio::runtime::Runtime) -> kube::Client {
+        runtime.block_on(async {
+            irsa_agent::k8s::Api::from_kubeconfig(
+                &HostRoot::new("/"),
+                &self.kube.state.join("kubeconfig"),
+                None,
+                std::time::Duration::from_secs(10),
+            )
+            .await
+            .expect("client config")
+            .client()
+            .expect("client")
+        })
+    }
+
+    /// The restart Lease's holder now (`Null` when released).
+    fn restart_holder(&self) -> serde_json::Value {
+        let lease = self.kube.ok(
+            "GET",
+            &format!(
+                "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/{}",
+                membership::RESTART
+            ),
+            None,
+        );
+        lease["spec"]["holderIdentity"].clone()
+    }
+}
+
+/// One converge of the daemon on a server in sync reads the cluster's Leases once, with one
+/// list, and renews its own Lease with one write: counted in the real apiserver's audit log
+/// over a converge asked for by SIGHUP (the tasks after it included). Before, each part of the
+/// step read them for itself (the published union, the rollout, the restart Lease left over,
+/// the announcement, the metrics): 10 requests through 5 clients, 12 with the rotation task's.
+#[test]
+fn a_converge_reads_the_leases_once() {
+    let Some(s) = in_sync() else {
+        return;
+    };
+    let mut d = run_support::Daemon::start(s.host.path(), &["--no-restart"], &[]);
+    d.wait_ready();
+    d.wait_status("in sync", |st| st["daemon"]["phase"] == "in-sync");
+    // Quiet: nothing more is asked after the converge and its tasks.
+    let quiet = |d: &mut run_support::Daemon| {
+        let mut last = daemon_requests(&s.audit).len();
+        let mut still = 0;
+        while still < 3 {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            let n = daemon_requests(&s.audit).len();
+            still = if n == last { still + 1 } else { 0 };
+            last = n;
+        }
+        d.assert_running();
+        last
+    };
+    let before = quiet(&mut d);
+    s.reload(&mut d);
+    let after = quiet(&mut d);
+    let requests = daemon_requests(&s.audit)[before..after].to_vec();
+    eprintln!(
+        "one converge: {} request(s) about the cluster:\n  {}",
+        requests.len(),
+        requests.join("\n  ")
+    );
+    // The apiserver step: one list, its own Lease renewed over what it listed (no read first).
+    let renewal = format!("update leases/{}", membership::lease_name(&s.me));
+    let step = requests
+        .iter()
+        .position(|r| *r == renewal)
+        .map(|i| requests[..=i].to_vec());
+    assert_eq!(
+        step,
+        Some(vec!["list leases/".to_string(), renewal.clone()]),
+        "{requests:#?}"
+    );
+    // Then the rotation task, which reads the Leases for itself (src/rotation), once.
+    let lists = requests.iter().filter(|r| r.starts_with("list")).count();
+    assert!(lists <= 2, "{requests:#?}");
+    let (exit, log) = d.stop();
+    assert_eq!(exit.code(), Some(0), "{log}");
+}
+
+/// At the start of a step the daemon gives back the restart Lease it holds (a daemon killed
+/// mid-restart left it: every other server's restart would wait until it expires), but not
+/// the one an `irsa-agent apply` on the same host holds, under its own name, for a restart it is
+/// carrying out.
+#[test]
+fn the_daemon_gives_back_its_own_left_over_turn_not_that_of_an_apply_beside_it() {
+    let Some(s) = in_sync() else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = s.client(&runtime);
+    // Left by this node's daemon, killed while restarting: live for five more minutes.
+    runtime
+        .block_on(membership::acquire_restart(&client, &s.me, 300, now()))
+        .expect("restart lease");
+    assert_eq!(s.restart_holder(), s.me.as_str());
+    let mut d = run_support::Daemon::start(s.host.path(), &["--no-restart"], &[]);
+    d.wait_ready();
+    run_support::eventually(run_support::DEADLINE, || {
+        s.restart_holder().is_null().then_some(())
+    })
+    .unwrap_or_else(|| panic!("the left-over turn was kept:\n{}", d.log()));
+
+    // `apply` run by hand on this host takes the turn as itself.
+    let apply = irsa_agent::apiserver::change::command_holder(&s.me);
+    assert_ne!(
+        apply, s.me,
+        "apply and the daemon hold the turn under different names"
+    );
+    runtime
+        .block_on(membership::acquire_restart(&client, &apply, 300, now()))
+        .expect("restart lease");
+    s.reload(&mut d);
+    assert_eq!(s.restart_holder(), apply.as_str(), "{}", d.log());
+    let (exit, log) = d.stop();
+    assert_eq!(exit.code(), Some(0), "{log}");
+}
+
+/// `status` and `doctor` pick "this server" out of the cluster by the node name the daemon
+/// runs with (`--node-name` in its unit, recorded in the state file), not by the host name a
+/// shell has; `--node-name` given to them wins.
+#[test]
+fn status_and_doctor_name_this_server_as_the_daemon_does() {
+    let Some(s) = in_sync() else {
+        return;
+    };
+    const NODE: &str = "cp-named";
+    let mut d =
+        run_support::Daemon::start(s.host.path(), &["--no-restart", "--node-name", NODE], &[]);
+    d.wait_ready();
+    d.wait_status("in sync", |st| st["daemon"]["phase"] == "in-sync");
+    let root = s.host.path();
+    let this = |args: &[&str]| {
+        let (_, stdout, stderr) = support::agent(root, args, &[]);
+        let doc: serde_json::Value = serde_json::from_str(&stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {stdout}{stderr}"));
+        let servers = doc["cluster"]["servers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let this: Vec<String> = servers
+            .iter()
+            .filter(|sv| sv["this"] == true)
+            .filter_map(|sv| sv["node"].as_str().map(str::to_string))
+            .collect();
+        (doc["cluster"]["node"].clone(), this)
+    };
+    assert_eq!(
+        this(&["status", "--json"]),
+        (serde_json::json!(NODE), vec![NODE.to_string()])
+    );
+    assert_eq!(
+        this(&["status", "--json", "--node-name", &s.me]),
+        (serde_json::json!(s.me), vec![s.me.clone()])
+    );
+    let check = doctor_check(root, "running.cluster");
+    let text = check.to_string();
+    assert!(text.contains(&format!("{NODE} (this server)")), "{check:#}");
+    assert!(
+        !text.contains(&format!("{} (this server)", s.me)),
+        "{check:#}"
+    );
+    let (exit, log) = d.stop();
+    assert_eq!(exit.code(), Some(0), "{log}");
 }

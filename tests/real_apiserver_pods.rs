@@ -40,33 +40,14 @@ fn claims(token: &str) -> Value {
 
 #[test]
 fn pod_config_manifests_pass_a_real_apiserver_and_tokens_carry_the_injected_audience() {
-    let Some(kapi) = Kube::binary("real_apiserver_pods") else {
+    let Some(kube) = Kube::temp("real_apiserver_pods") else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kube = Kube::new(
-        dir.path(),
-        kapi,
-        [
-            support::free_port(),
-            support::free_port(),
-            support::free_port(),
-            support::free_port(),
-        ],
-    );
     // The k3s test case's keys; the issuer a user would set.
-    let keys =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/apiserver/k3s/keys");
-    std::fs::write(
-        kube.flags.join("apiserver.args"),
-        format!(
-            "--service-account-issuer=https://oidc.example.com/homelab\n--service-account-key-file={}\n--service-account-signing-key-file={}\n--api-audiences=https://kubernetes.default.svc.cluster.local\n",
-            keys.join("service.key").display(),
-            keys.join("service.current.key").display()
-        ),
-    )
-    .expect("args");
-    kube.start();
+    kube.start_with_test_keys(
+        "https://oidc.example.com/homelab",
+        "--api-audiences=https://kubernetes.default.svc.cluster.local\n",
+    );
     kube.ok(
         "POST",
         "/api/v1/namespaces",

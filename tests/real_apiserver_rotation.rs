@@ -104,13 +104,8 @@ fn a_rotation_whose_apiserver_is_stopped_as_the_drain_ends_rejects_no_token() {
         support::free_port(),
         support::free_port(),
     );
-    let kube = Kube {
-        scripts: Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kube"),
-        flags: flags.clone(),
-        state: kstate.clone(),
-        port,
-        kapi,
-    };
+    // Its flags in dir/flags, its state in dir/kapi.
+    let kube = Kube::new(dir.path(), kapi, [port, etcd, peer, metrics]);
 
     // The k3s host: the k3s test case's keys (service.key: two keys, the first signs).
     rotation_support::k3s_host(&root);
@@ -136,12 +131,6 @@ fn a_rotation_whose_apiserver_is_stopped_as_the_drain_ends_rejects_no_token() {
     );
     // The real apiserver runs with the flags k3s would give it, on this host's key files.
     let tls = root.join(TLS);
-    write(
-        &flags.join("env"),
-        format!(
-            "SECURE_PORT={port}\nETCD_PORT={etcd}\nETCD_PEER_PORT={peer}\nETCD_METRICS_PORT={metrics}\n"
-        ),
-    );
     write(
         &flags.join("apiserver.args"),
         format!(

@@ -114,20 +114,12 @@ fn volumes(pod: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Starts the apiserver with the k3s test case's service-account keys.
-fn start(kube: &Kube) {
-    let keys =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/apiserver/k3s/keys");
-    std::fs::write(
-        kube.flags.join("apiserver.args"),
-        format!(
-            "--service-account-issuer=https://oidc.example.com/homelab\n--service-account-key-file={}\n--service-account-signing-key-file={}\n",
-            keys.join("service.key").display(),
-            keys.join("service.current.key").display()
-        ),
-    )
-    .expect("args");
-    kube.start();
+/// A real apiserver with the k3s test case's service-account keys, started; `None` (SKIPPED)
+/// without one.
+fn start(test: &str) -> Option<Kube> {
+    let kube = Kube::temp(test)?;
+    kube.start_with_test_keys("https://oidc.example.com/homelab", "");
+    Some(kube)
 }
 
 const PODS: &str = "/api/v1/namespaces/prod/pods?dryRun=All";
@@ -135,21 +127,9 @@ const MWC: &str = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigur
 
 #[test]
 fn the_real_apiserver_calls_the_webhook_and_the_failure_policy_holds_when_it_is_down() {
-    let Some(kapi) = Kube::binary("real_apiserver_webhook") else {
+    let Some(kube) = start("real_apiserver_webhook") else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kube = Kube::new(
-        dir.path(),
-        kapi,
-        [
-            support::free_port(),
-            support::free_port(),
-            support::free_port(),
-            support::free_port(),
-        ],
-    );
-    start(&kube);
     kube.ok(
         "POST",
         "/api/v1/namespaces",
@@ -478,19 +458,6 @@ impl Drop for FullAgent {
     }
 }
 
-fn kube_on_free_ports(dir: &std::path::Path, kapi: String) -> Kube {
-    Kube::new(
-        dir,
-        kapi,
-        [
-            support::free_port(),
-            support::free_port(),
-            support::free_port(),
-            support::free_port(),
-        ],
-    )
-}
-
 fn settings_on(port: u16) -> WebhookSettings {
     let mut settings = WebhookSettings {
         enabled: true,
@@ -518,12 +485,9 @@ fn created_until(kube: &Kube, pod: &Value, done: impl Fn(&Value) -> bool) -> Val
 /// registers itself once its CA is the cluster's.
 #[test]
 fn the_watch_feeds_the_cache_and_the_agent_registers_itself() {
-    let Some(kapi) = Kube::binary("real_apiserver_webhook") else {
+    let Some(kube) = start("real_apiserver_webhook") else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kube = kube_on_free_ports(dir.path(), kapi);
-    start(&kube);
     kube.ok(
         "POST",
         "/api/v1/namespaces",
@@ -738,7 +702,7 @@ fn rfc3339_seconds(t: &str) -> Option<i64> {
 /// refused.
 #[test]
 fn the_whole_irsa_loop_from_annotation_to_credentials() {
-    let Some(kapi) = Kube::binary("real_apiserver_webhook (IRSA loop)") else {
+    let Some(kube) = Kube::temp("real_apiserver_webhook (IRSA loop)") else {
         return;
     };
     if support::find_tool("weed").is_none() {
@@ -752,20 +716,7 @@ fn the_whole_irsa_loop_from_annotation_to_credentials() {
     let issuer = sw.issuer("loop");
 
     // The apiserver issues tokens for that issuer, signed with the k3s case's key.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kube = kube_on_free_ports(dir.path(), kapi);
-    let keys =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/apiserver/k3s/keys");
-    std::fs::write(
-        kube.flags.join("apiserver.args"),
-        format!(
-            "--service-account-issuer={issuer}\n--service-account-key-file={}\n--service-account-signing-key-file={}\n",
-            keys.join("service.key").display(),
-            keys.join("service.current.key").display()
-        ),
-    )
-    .expect("args");
-    kube.start();
+    kube.start_with_test_keys(&issuer, "");
 
     // irsa-agent publishes the issuer from the host's key files (the same files).
     let host = support::k3s_host(&format!(
@@ -950,12 +901,9 @@ fn resource_version(kube: &Kube) -> String {
 #[test]
 fn two_agents_share_one_ca_and_the_registration_does_not_flap() {
     use irsa_agent::webhook::certs;
-    let Some(kapi) = Kube::binary("real_apiserver_webhook (two agents)") else {
+    let Some(kube) = start("real_apiserver_webhook (two agents)") else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kube = kube_on_free_ports(dir.path(), kapi);
-    start(&kube);
     kube.ok(
         "POST",
         "/api/v1/namespaces",
@@ -1210,12 +1158,9 @@ fn doctor_check(host: &tempfile::TempDir, id: &str) -> Value {
 /// window a restart of the agent leaves pods unmutated is measured.
 #[test]
 fn pods_created_while_no_agent_answered_are_named() {
-    let Some(kapi) = Kube::binary("real_apiserver_webhook (missed pods)") else {
+    let Some(kube) = start("real_apiserver_webhook (missed pods)") else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kube = kube_on_free_ports(dir.path(), kapi);
-    start(&kube);
     kube.ok(
         "POST",
         "/api/v1/namespaces",

@@ -162,6 +162,53 @@ fn publishes_at_start_follows_a_key_file_replaced_by_rename_and_exits_0_on_sigte
     assert_eq!(status["running"], false);
 }
 
+/// The daemon learns which files to watch by reading the apiserver's configuration, so it
+/// watches their folders only after reading them. A key file replaced in that moment (forced
+/// here: a failpoint pauses the first converge between the read and the watch) must still be
+/// published without waiting for the resync (10 minutes): the read is done again once the
+/// watch is in place.
+#[test]
+fn a_key_file_changed_between_the_first_read_and_its_watch_is_still_published() {
+    // apply-issuer: false: the daemon writes nothing the watch would see (k3s's config.yaml),
+    // so no later event hides a missed one.
+    let host = k3s_host("  apply-issuer: false\n");
+    let pauses = tempfile::tempdir().expect("tempdir");
+    let pause_dir = pauses.path().display().to_string();
+    let mut d = Daemon::start(
+        host.root(),
+        &["--no-restart"],
+        &[
+            ("IRSA_AGENT_FAILPOINTS", "daemon:after-observe:pause"),
+            ("IRSA_AGENT_FAILPOINT_DIR", &pause_dir),
+        ],
+    );
+    let flag = pauses.path().join("daemon_after-observe.paused");
+    if eventually(DEADLINE, || flag.exists().then_some(())).is_none() {
+        d.assert_running();
+        panic!(
+            "the daemon never paused after reading the apiserver:\n{}",
+            d.log()
+        );
+    }
+    // Read, not watched yet: the k3s rotation's new key arrives now.
+    let key = new_ec_key();
+    let mut both = host.read(SERVICE_KEY);
+    both.push_str(&key.public_pem);
+    replace_by_rename(&host.path(SERVICE_KEY), both.as_bytes());
+    std::fs::remove_file(&flag).expect("resume the daemon");
+    let expected = jwks_for(host.root(), &[SERVICE_KEY]);
+    wait_file(
+        &mut d,
+        &host,
+        JWKS,
+        "the JWKS with the key added while unwatched",
+        |b| b == expected.as_slice(),
+    );
+    assert!(kids(&read(&host, JWKS)).contains(&key.kid));
+    let (exit, log) = d.stop();
+    assert_eq!(exit.code(), Some(0), "{log}");
+}
+
 fn walk(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];

@@ -50,8 +50,20 @@ pub struct RunOptions {
     pub apiserver_url: Option<String>,
     /// The clock the restart wait is measured on (the daemon's own).
     pub clock: Arc<dyn Clock>,
-    /// This host's node name: the restart Lease's holder ([`crate::membership`]).
+    /// This host's node name ([`crate::membership`]).
     pub node: String,
+    /// Who holds the restart Lease while this process restarts the apiserver: the node name
+    /// for the daemon, [`command_holder`] for a command run by hand. Told apart, the daemon
+    /// giving back a turn left at the start of a step (by a run that was killed) cannot give
+    /// back the turn of an `apply` running beside it, and neither takes the other's turn for
+    /// its own.
+    pub holder: String,
+}
+
+/// The restart Lease's holder for a command run by hand on `node` (`apply`, `finalize`):
+/// `cp1 (irsa-agent, pid 4242)`, this process's own.
+pub fn command_holder(node: &str) -> String {
+    format!("{node} (irsa-agent, pid {})", std::process::id())
 }
 
 /// What the change is for.
@@ -503,10 +515,10 @@ async fn peers_serve(client: &kube::Client, node: &str, now: i64) -> Result<(), 
             "cannot tell whether every other apiserver serves, so this one does not restart yet: {e}"
         )
     };
-    let apiservers = membership::apiservers(client, now).await.map_err(cannot)?;
-    let agents: Vec<String> = membership::view(client, now)
-        .await
-        .map_err(cannot)?
+    // One list: the identity Leases and the agents' Leases, read together.
+    let leases = membership::list(client).await.map_err(cannot)?;
+    let apiservers = membership::apiservers_of(&leases, now);
+    let agents: Vec<String> = membership::view_of(&leases, now)
         .agents
         .into_iter()
         .filter(|a| a.live)
@@ -550,13 +562,24 @@ pub async fn try_turn(
     seconds: i32,
     now: i64,
 ) -> Result<Attempt, membership::Error> {
-    match membership::acquire_restart(client, node, seconds, now).await? {
+    try_turn_as(client, node, node, seconds, now).await
+}
+
+/// [`try_turn`] for `node`'s apiserver, holding the Lease as `holder` ([`RunOptions::holder`]).
+pub async fn try_turn_as(
+    client: &kube::Client,
+    node: &str,
+    holder: &str,
+    seconds: i32,
+    now: i64,
+) -> Result<Attempt, membership::Error> {
+    match membership::acquire_restart(client, holder, seconds, now).await? {
         membership::Restart::Busy { holder, until } => Ok(Attempt::Busy { holder, until }),
         // Holding the turn, no other agent starts a restart: is every other apiserver serving?
         membership::Restart::Held { .. } => match peers_serve(client, node, now).await {
             Ok(()) => Ok(Attempt::Held),
             Err(why) => {
-                if let Err(e) = membership::release_restart(client, node).await {
+                if let Err(e) = membership::release_restart(client, holder).await {
                     log::debug!("cannot give the restart Lease back: {e}");
                 }
                 Ok(Attempt::PeerDown(why))
@@ -661,7 +684,7 @@ pub async fn wait_for_turn(
 /// frees it by then.
 struct Turn {
     client: kube::Client,
-    node: String,
+    holder: String,
 }
 
 impl Turn {
@@ -679,7 +702,7 @@ impl Turn {
                 "cannot take the restart Lease: no way to reach the apiserver".to_string(),
             ));
         };
-        let node = run.node.clone();
+        let (node, holder) = (run.node.clone(), run.holder.clone());
         let lease_seconds = i32::try_from(run.timeout.as_secs() + 60).unwrap_or(i32::MAX);
         let patience = Patience {
             timeout: run.timeout * 2,
@@ -691,12 +714,12 @@ impl Turn {
                 ChangeError::NotMyTurn(format!("cannot take the restart Lease: {e}"))
             })?;
             let turned = wait_for_turn(clock.as_ref(), patience, async |now| {
-                try_turn(&client, &node, lease_seconds, now).await
+                try_turn_as(&client, &node, &holder, lease_seconds, now).await
             })
             .await
             .map_err(ChangeError::NotMyTurn)?;
             Ok(match turned {
-                Turned::Held => Some(Turn { client, node }),
+                Turned::Held => Some(Turn { client, holder }),
                 Turned::NoLeaseApi | Turned::Down => None,
             })
         })
@@ -708,7 +731,7 @@ impl Turn {
             return;
         };
         let released =
-            crate::runtime::block_on(membership::release_restart(&turn.client, &turn.node));
+            crate::runtime::block_on(membership::release_restart(&turn.client, &turn.holder));
         if let Err(e) = released {
             log::warn!("cannot give the restart Lease back (it expires by itself): {e}");
         }

@@ -74,8 +74,10 @@ pub struct Args {
 }
 
 impl RunArgs {
-    /// How the apiserver is restarted and asked, as the use case takes it.
+    /// How the apiserver is restarted and asked, as the use case takes it; the restart Lease
+    /// is held as this command ([`change::command_holder`]; the daemon holds it as its node).
     pub fn options(&self) -> RunOptions {
+        let node = self.apiserver.node();
         RunOptions {
             no_restart: self.no_restart,
             timeout: self.apiserver.timeout,
@@ -85,7 +87,8 @@ impl RunArgs {
             systemctl: self.apiserver.systemctl.clone(),
             apiserver_url: self.apiserver.apiserver_url.clone(),
             clock: std::sync::Arc::new(crate::clock::SystemClock),
-            node: self.apiserver.node(),
+            holder: change::command_holder(&node),
+            node,
         }
     }
 }

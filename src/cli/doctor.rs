@@ -53,6 +53,11 @@ pub struct Args {
     /// "Now" as Unix seconds, for the clock comparison (tests).
     #[arg(long, hide = true, value_name = "SECONDS")]
     pub now: Option<i64>,
+
+    /// This server's node name in the cluster check [default: the one the daemon runs with
+    /// (its `--node-name`, recorded in the state file), else the host name].
+    #[arg(long, value_name = "NAME", env = "IRSA_AGENT_NODE_NAME")]
+    pub node_name: Option<String>,
 }
 
 pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
@@ -62,6 +67,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
         apiserver_url: args.apiserver_url,
         now: args.now,
         offline: args.offline,
+        node: args.node_name,
     };
     let report = doctor::run(&global.root, global.config.as_deref(), &options);
     log::info!("doctor took {} ms", report.elapsed.as_millis());

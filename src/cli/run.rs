@@ -62,13 +62,16 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
     if super::logging::to_journal_if_there() {
         log::debug!("logging to journald");
     }
-    let apply = HostApply {
-        root: global.root.clone(),
-        run: args.apply_args().options(),
-    };
+    let mut run = args.apply_args().options();
+    // The daemon holds the restart Lease as its node: a turn held so is its own, left by a
+    // daemon that was killed, and given back at the start of a step.
+    run.holder = run.node.clone();
+    let node = run.node.clone();
+    let apply = HostApply::new(global.root.clone(), run);
     let options = daemon::Options {
         root: global.root.clone(),
         config: global.config.clone(),
+        node,
     };
     daemon::run(options, Box::new(apply), tasks(global, &args))?;
     Ok(Exit::OK)

@@ -27,15 +27,21 @@ pub struct Args {
     /// Print one JSON object (the state file's sections plus `running`) instead of text.
     #[arg(long)]
     pub json: bool,
+
+    /// This server's node name in the cluster view [default: the one the daemon runs with
+    /// (its `--node-name`, recorded in the state file), else the host name].
+    #[arg(long, value_name = "NAME", env = "IRSA_AGENT_NODE_NAME")]
+    pub node_name: Option<String>,
 }
 
 pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
     let state = State::load(&global.root)?;
     let daemon = DaemonStatus::from_state(&state);
     let running = daemon.as_ref().is_some_and(status::running);
+    let node = status::node_name(args.node_name.as_deref(), Some(&state));
     if args.json {
         let mut doc = serde_json::to_value(&state)?;
-        let cluster = cluster_json(&state, &cluster_view(global));
+        let cluster = cluster_json(&state, &cluster_view(global, &node));
         if let Some(obj) = doc.as_object_mut() {
             obj.insert("running".into(), serde_json::Value::Bool(running));
             obj.insert("cluster".into(), cluster);
@@ -48,7 +54,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
             .ok()
             .map(|l| l.settings.rotation.enabled);
         print!("{}", status::render_human(&state, rotation_enabled));
-        for line in cluster::lines(&cluster_view(global)) {
+        for line in cluster::lines(&cluster_view(global, &node)) {
             println!("{line}");
         }
         if let Some(seen) = last_seen(&state) {
@@ -66,8 +72,9 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
 /// How long `status` waits for each answer about the cluster.
 const CLUSTER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// The cluster as the Leases show it now, for the configured issuer, seen from this host.
-pub fn cluster_view(global: &Global) -> Cluster {
+/// The cluster as the Leases show it now, for the configured issuer, seen from `node` (this
+/// server, [`status::node_name`]).
+pub fn cluster_view(global: &Global, node: &str) -> Cluster {
     let unreadable = |error: String| Cluster::Unreadable { error };
     let settings = match crate::config::load(&global.root, global.config.as_deref()) {
         Ok(l) => l.settings,
@@ -83,7 +90,7 @@ pub fn cluster_view(global: &Global) -> Cluster {
         None,
         CLUSTER_TIMEOUT,
         &settings.issuer,
-        &crate::host::host_name(),
+        node,
     )
 }
 

@@ -72,6 +72,10 @@ impl ApplyReport {
 /// Brings the apiserver's flags in line with the configuration. Blocking (it may restart the
 /// apiserver and wait minutes for it): the daemon runs it on a blocking thread.
 pub trait ApplyStep: Send {
+    /// A converge begins: what the step read of the cluster in the last one is stale (it reads
+    /// the cluster once per converge, for all the calls below).
+    fn begin(&mut self) {}
+
     fn apply(&mut self, settings: &Settings) -> ApplyReport;
 
     /// The keys the running apiserver serves at `/openid/v1/jwks` now: it verifies tokens

@@ -31,12 +31,19 @@ use crate::state::State;
 
 /// The longest one request of the public check may take (AWS STS gives up after about 5 s).
 const PUBLIC_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most this many reads of the apiserver's files per converge ([`Engine::observe_watched`]):
+/// each one after the first follows a watch added on a directory the previous read named (the
+/// configuration, then the key files it names, then a drop-in folder appearing meanwhile).
+const OBSERVE_ROUNDS: usize = 4;
+
 /// How the daemon was started.
 #[derive(Debug, Clone)]
 pub struct Options {
     pub root: HostRoot,
     /// `--config FILE` instead of /etc/irsa-agent/config.yaml + config.d/.
     pub config: Option<PathBuf>,
+    /// The node name it coordinates under (recorded for `status` and `doctor`).
+    pub node: String,
 }
 
 struct TaskSlot {
@@ -148,6 +155,7 @@ impl Engine {
             updated_at: now,
             phase: Phase::Starting,
             status: "starting".into(),
+            node: Some(options.node.clone()),
             ..Default::default()
         };
         status.metrics.start_timestamp_seconds = now;
@@ -234,7 +242,7 @@ impl Engine {
         // before reading it: a file written between the read and a new watch (the folder was
         // just created) would otherwise go unseen until the next resync.
         if self.settings.is_none() {
-            self.set_watches(WatchSet::new(&self.root, self.explicit_config.as_deref()));
+            let _ = self.set_watches(WatchSet::new(&self.root, self.explicit_config.as_deref()));
         }
         match config::load(&self.root, self.explicit_config.as_deref()) {
             Ok(loaded) => {
@@ -368,9 +376,12 @@ impl Engine {
         }
     }
 
-    fn set_watches(&mut self, set: WatchSet) {
+    /// Watches `set`. Returns whether a directory is newly watched: what was read in it before
+    /// may have changed unseen, and must be read again.
+    fn set_watches(&mut self, set: WatchSet) -> bool {
         self.watch_set = set;
-        for problem in self.watcher.update(&self.watch_set) {
+        let updated = self.watcher.update(&self.watch_set);
+        for problem in &updated.problems {
             log::warn!("{problem}");
         }
         self.status.watching = self
@@ -378,6 +389,7 @@ impl Engine {
             .watched()
             .map(|p| self.root.host_view(p).display().to_string())
             .collect();
+        updated.added > 0
     }
 
     /// What an inotify event means: starts or extends the debounce window.
@@ -457,14 +469,11 @@ impl Engine {
             self.update_webhook_server();
         }
         let mut errors: Vec<String> = Vec::new();
-
-        let observed = apiserver::observe(&self.root, settings.distribution);
-        let mut set = WatchSet::new(&self.root, self.explicit_config.as_deref());
-        match &observed {
-            Ok(o) => set.add_apiserver(&self.root, o),
-            Err(_) => set.add_markers(&self.root, &settings),
+        if let Some(step) = self.apply.as_mut() {
+            step.begin();
         }
-        self.set_watches(set);
+
+        let observed = self.observe_watched(&settings);
 
         let not_a_server = match &observed {
             Err(e) if e.is_agent_node() => Some(e.to_string()),
@@ -563,8 +572,29 @@ impl Engine {
         decide::follow_up(requested, trigger).is_some()
     }
 
-    /// Asks the running apiserver which keys it serves (on a blocking thread: the probe owns a
-    /// runtime). `None` when there is no apiserver step or it cannot be asked.
+    /// Reads the apiserver's files and watches them. Which files those are is known only
+    /// once they are read (the configuration names the key files), so the watch comes after
+    /// the read: a file changed in between, in a directory not watched yet, would be seen by
+    /// nobody until the next resync. So while the read adds a watch, it is read again (the
+    /// watch now sees any later change); bounded, since every round only adds watches.
+    fn observe_watched(&mut self, settings: &Settings) -> Result<Observed, apiserver::DetectError> {
+        let mut rounds = 0;
+        loop {
+            let observed = apiserver::observe(&self.root, settings.distribution);
+            crate::failpoint::hit("daemon:after-observe");
+            let mut set = WatchSet::new(&self.root, self.explicit_config.as_deref());
+            match &observed {
+                Ok(o) => set.add_apiserver(&self.root, o),
+                Err(_) => set.add_markers(&self.root, settings),
+            }
+            rounds += 1;
+            if !self.set_watches(set) || rounds >= OBSERVE_ROUNDS {
+                return observed;
+            }
+            log::debug!("newly watched directories: reading the apiserver's files again");
+        }
+    }
+
     /// The keys the running apiserver serves (`None`: it cannot be asked), and the keys the
     /// other servers' apiservers verify with, by node.
     async fn live_keys(

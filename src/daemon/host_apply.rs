@@ -11,6 +11,8 @@ use crate::apiserver::change::{self, ChangeError, Goal, RunOptions};
 use crate::apiserver::{self, restart};
 use crate::config::{self, Settings};
 use crate::host::HostRoot;
+use k8s_openapi::api::coordination::v1::Lease;
+
 use crate::membership::{self, Report, View};
 use crate::rollout::{self, Decision};
 use crate::state;
@@ -21,6 +23,29 @@ use super::{Applied, ApplyFailed, ApplyReport, ApplyStep, FailureKind};
 pub struct HostApply {
     pub root: HostRoot,
     pub run: RunOptions,
+    /// What this converge read of the cluster; forgotten when the next one begins.
+    seen: Seen,
+}
+
+/// One converge's reading of the cluster: one client, and the Leases listed once
+/// ([`membership::list`]) for every part of the step that asks (the published union, the
+/// rollout, the restart Lease left over, the announcement, the metrics). The restart turn itself
+/// ([`change::carry_out`]) reads them again, fresh, while it holds the restart Lease.
+#[derive(Default)]
+struct Seen {
+    client: Option<Result<kube::Client, String>>,
+    /// `Ok(None)`: the apiserver has no Lease API (nothing to coordinate through).
+    leases: Option<Result<Option<Vec<Lease>>, String>>,
+}
+
+impl HostApply {
+    pub fn new(root: HostRoot, run: RunOptions) -> HostApply {
+        HostApply {
+            root,
+            run,
+            seen: Seen::default(),
+        }
+    }
 }
 
 /// What the daemon does after a failed change: retry soon, retry and say the host needs a
@@ -41,6 +66,10 @@ fn failure(e: &ChangeError) -> (FailureKind, String) {
 }
 
 impl ApplyStep for HostApply {
+    fn begin(&mut self) {
+        self.seen = Seen::default();
+    }
+
     fn peer_keys(
         &mut self,
         observed: &apiserver::Observed,
@@ -68,18 +97,21 @@ impl ApplyStep for HostApply {
 
     fn cluster(&mut self, settings: &Settings) -> Option<crate::cluster::Cluster> {
         let observed = apiserver::observe(&self.root, settings.distribution).ok()?;
-        Some(crate::cluster::read_host(
-            &self.root,
-            &observed,
-            self.run.apiserver_url.clone(),
-            self.run.request_timeout,
+        let now = now_i64();
+        let read = self
+            .leases(&observed)
+            .map(|leases| leases.map(|l| crate::cluster::Facts::of(&l, now)));
+        Some(crate::cluster::from_read(
+            read,
             &settings.issuer,
             &self.run.node,
+            now,
+            Some(&observed.flags.issuers),
         ))
     }
 
     fn apply(&mut self, settings: &Settings) -> ApplyReport {
-        let root = &self.root;
+        let root = &self.root.clone();
         // Backups age out even when nothing changes (cheap: one folder walk).
         crate::apiserver::apply::prune_backups(root, &settings.backups, state::unix_now(), None);
         let goal = if settings.run.apply_issuer {
@@ -155,6 +187,10 @@ impl ApplyStep for HostApply {
         if matches!(outcome.restart, RestartOutcome::Verified { .. }) {
             report.restarts += 1;
         }
+        if !outcome.written.is_empty() || report.restarts > 0 {
+            // A change took its time (a restart waits minutes): the others moved meanwhile.
+            self.seen.leases = None;
+        }
         let restart = restart::restart_for(root, plan.distribution, self.run.unit.as_deref());
         let files: Vec<String> = outcome
             .written
@@ -204,7 +240,7 @@ impl ApplyStep for HostApply {
 
 impl HostApply {
     /// The goal of this step in the issuer rollout, or why it waits ([`rollout::decide`]).
-    fn rollout(&self, settings: &Settings) -> Result<Goal, String> {
+    fn rollout(&mut self, settings: &Settings) -> Result<Goal, String> {
         let observed = match apiserver::observe(&self.root, settings.distribution) {
             Ok(o) => o,
             // `prepare` reports it.
@@ -258,48 +294,103 @@ impl HostApply {
         }
     }
 
-    /// The cluster's membership, read through the admin kubeconfig; `None` when the apiserver
-    /// has no Lease API (nothing to coordinate through).
-    fn view(&self, observed: &apiserver::Observed) -> Result<Option<View>, String> {
-        let client = self.client(observed)?;
-        crate::runtime::block_on(async {
-            match membership::view(&client, now_i64()).await {
-                Ok(view) => Ok(Some(view)),
-                Err(e) if e.no_lease_api() => Ok(None),
-                Err(e) => Err(e.to_string()),
-            }
-        })
+    /// The cluster's membership, from this converge's Leases ([`Self::leases`]); `None` when
+    /// the apiserver has no Lease API (nothing to coordinate through).
+    fn view(&mut self, observed: &apiserver::Observed) -> Result<Option<View>, String> {
+        let now = now_i64();
+        Ok(self
+            .leases(observed)?
+            .map(|leases| membership::view_of(&leases, now)))
     }
 
-    fn client(&self, observed: &apiserver::Observed) -> Result<kube::Client, String> {
+    /// The Leases in kube-system, listed once per converge (through [`Self::client`]).
+    fn leases(&mut self, observed: &apiserver::Observed) -> Result<Option<Vec<Lease>>, String> {
+        if let Some(read) = &self.seen.leases {
+            return read.clone();
+        }
+        let read = self.client(observed).and_then(|client| {
+            crate::runtime::block_on(async {
+                match membership::list(&client).await {
+                    Ok(leases) => Ok(Some(leases)),
+                    Err(e) if e.no_lease_api() => Ok(None),
+                    Err(e) => Err(e.to_string()),
+                }
+            })
+        });
+        self.seen.leases = Some(read.clone());
+        read
+    }
+
+    /// The client of this host's apiserver (the admin kubeconfig), built once per converge.
+    fn client(&mut self, observed: &apiserver::Observed) -> Result<kube::Client, String> {
+        if let Some(client) = &self.seen.client {
+            return client.clone();
+        }
         let (kubeconfig, url) = crate::apiserver::probe::target(observed);
-        let probe = crate::apiserver::probe::KubeconfigProbe::new(
+        let client = crate::apiserver::probe::KubeconfigProbe::new(
             &self.root,
             &kubeconfig,
             self.run.apiserver_url.clone().or(url),
             self.run.request_timeout,
-        )?;
-        probe.api().client().map_err(|e| e.to_string())
+        )
+        .and_then(|probe| probe.api().client().map_err(|e| e.to_string()));
+        self.seen.client = Some(client.clone());
+        client
+    }
+
+    /// This converge's Lease named `name`: `Some(None)` when it was listed and is not there,
+    /// `None` when the Leases were not listed.
+    fn listed(&self, name: &str) -> Option<Option<Lease>> {
+        match &self.seen.leases {
+            Some(Ok(Some(leases))) => Some(
+                leases
+                    .iter()
+                    .find(|l| l.metadata.name.as_deref() == Some(name))
+                    .cloned(),
+            ),
+            _ => None,
+        }
+    }
+
+    /// Puts `lease` (as just written) in place of its listed self.
+    fn relist(&mut self, lease: Lease) {
+        if let Some(Ok(Some(leases))) = &mut self.seen.leases {
+            leases.retain(|l| l.metadata.name != lease.metadata.name);
+            leases.push(lease);
+        }
     }
 
     /// Gives back the restart Lease when this node holds it before a step (the daemon takes it
     /// only within a step, [`change::carry_out`]): an agent killed (-9) while holding it would
     /// otherwise hold every other server's restart until the Lease expires (the restart timeout
     /// plus a minute, 6 minutes by default; measured) whenever, back, it has nothing to restart
-    /// (kubelet finished the restart it began) or waits for the others.
-    fn release_left_turn(&self, observed: &apiserver::Observed) {
+    /// (kubelet finished the restart it began) or waits for the others. Asked only when this
+    /// converge's Leases show this node holding it.
+    fn release_left_turn(&mut self, observed: &apiserver::Observed) {
+        let leases = match self.leases(observed) {
+            Ok(Some(leases)) => leases,
+            Ok(None) => return,
+            Err(e) => return log::debug!("cannot look at the restart Lease: {e}"),
+        };
+        // Only a turn held as this daemon holds it: an `irsa-agent apply` on this host holds
+        // it under its own name ([`change::command_holder`]) while it restarts the apiserver.
+        if membership::restart_of(&leases).is_none_or(|h| h.holder != self.run.holder) {
+            return;
+        }
         let released = self.client(observed).and_then(|client| {
-            crate::runtime::block_on(membership::release_restart(&client, &self.run.node))
+            crate::runtime::block_on(membership::release_restart(&client, &self.run.holder))
                 .map_err(|e| e.to_string())
         });
-        if let Err(e) = released {
-            log::debug!("cannot look at the restart Lease: {e}");
+        match released {
+            // Re-read for the metrics (who holds it now).
+            Ok(()) => self.seen.leases = None,
+            Err(e) => log::debug!("cannot give the restart Lease back: {e}"),
         }
     }
 
     /// Says in this node's Lease what its apiserver accepts and signs with now (the files,
     /// verified by the change just carried out). Failures are logged: peers then wait.
-    fn announce(&self, settings: &Settings) {
+    fn announce(&mut self, settings: &Settings) {
         let observed = match apiserver::observe(&self.root, settings.distribution) {
             Ok(o) => o,
             Err(e) => return log::debug!("not announcing: {e}"),
@@ -311,18 +402,31 @@ impl HostApply {
             .unwrap_or_default();
         let report = Report::of(&observed, &settings.issuer, &rotation);
         let seconds = i32::try_from(membership::lease_seconds(settings)).unwrap_or(i32::MAX);
+        let node = self.run.node.clone();
+        let listed = self.listed(&membership::lease_name(&node));
         let announced = self.client(&observed).and_then(|client| {
-            crate::runtime::block_on(membership::announce(
-                &client,
-                &self.run.node,
-                &report,
-                seconds,
-                now_i64(),
-            ))
+            crate::runtime::block_on(async {
+                match listed {
+                    // Over the Lease this converge listed (a 409 reads it again).
+                    Some(old) => {
+                        membership::renew(&client, &node, &report, seconds, now_i64(), old)
+                            .await
+                            .map(Some)
+                    }
+                    None => membership::announce(&client, &node, &report, seconds, now_i64())
+                        .await
+                        .map(|()| None),
+                }
+            })
             .map_err(|e| e.to_string())
         });
         match announced {
-            Ok(()) => log::debug!("announced: {} {:?}", report.rollout, report.issuers),
+            Ok(written) => {
+                log::debug!("announced: {} {:?}", report.rollout, report.issuers);
+                if let Some(lease) = written {
+                    self.relist(lease);
+                }
+            }
             Err(e) => log::debug!("cannot announce this server in its Lease: {e}"),
         }
     }

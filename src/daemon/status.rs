@@ -146,6 +146,10 @@ pub struct TaskStatus {
 pub struct DaemonStatus {
     pub pid: u32,
     pub version: String,
+    /// The node name the daemon coordinates under (`--node-name`, else the host name):
+    /// `status` and `doctor` pick "this server" out of the cluster by it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     pub started_at: u64,
     pub updated_at: u64,
     pub phase: Phase,
@@ -195,6 +199,20 @@ impl DaemonStatus {
             state.other.insert(SECTION.to_string(), value);
         })
     }
+}
+
+/// This server's node name for `status` and `doctor`, as the daemon has it: `explicit`
+/// (`--node-name`, `IRSA_AGENT_NODE_NAME`) when given, else the name the daemon recorded in
+/// `state` (its unit may set `--node-name` where a shell does not), else the host name.
+pub fn node_name(explicit: Option<&str>, state: Option<&State>) -> String {
+    if let Some(node) = explicit.map(str::trim).filter(|n| !n.is_empty()) {
+        return node.to_string();
+    }
+    state
+        .and_then(DaemonStatus::from_state)
+        .and_then(|d| d.node)
+        .filter(|n| !n.trim().is_empty())
+        .unwrap_or_else(crate::host::host_name)
 }
 
 /// Is the process recorded in the section alive? (`false` after a clean stop.)

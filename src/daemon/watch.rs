@@ -171,6 +171,15 @@ impl WatchEvent {
     }
 }
 
+/// What [`Watcher::update`] did.
+#[derive(Debug, Default)]
+pub struct Updated {
+    /// Directories watched now that were not before (or were replaced).
+    pub added: usize,
+    /// The directories that could not be watched, with the reason.
+    pub problems: Vec<String>,
+}
+
 /// The inotify watcher, keeping one non-recursive watch per directory of the [`WatchSet`].
 pub struct Watcher {
     inner: notify::RecommendedWatcher,
@@ -198,11 +207,12 @@ impl Watcher {
         })
     }
 
-    /// Makes the watches match `set`. Returns the directories that could not be watched, with
-    /// the reason.
-    pub fn update(&mut self, set: &WatchSet) -> Vec<String> {
+    /// Makes the watches match `set`. Returns how many directories are newly watched (a
+    /// change in one before now was seen by nobody: whoever read the files in it must read them
+    /// again) and the directories that could not be watched, with the reason.
+    pub fn update(&mut self, set: &WatchSet) -> Updated {
         let wanted = set.directories();
-        let mut problems = Vec::new();
+        let mut updated = Updated::default();
         let stale: Vec<PathBuf> = self
             .watched
             .iter()
@@ -223,11 +233,14 @@ impl Watcher {
                 Ok(()) => {
                     log::debug!("watching {}", dir.display());
                     self.watched.insert(dir.clone(), id);
+                    updated.added += 1;
                 }
-                Err(e) => problems.push(format!("cannot watch {}: {e}", dir.display())),
+                Err(e) => updated
+                    .problems
+                    .push(format!("cannot watch {}: {e}", dir.display())),
             }
         }
-        problems
+        updated
     }
 
     /// The directories watched now.

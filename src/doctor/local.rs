@@ -44,6 +44,9 @@ pub struct Local {
     /// `Err` when publishing there is refused (a folder others can write), else the entries a
     /// publish would correct.
     pub targets: Vec<(String, Result<Vec<String>, String>)>,
+    /// This server's node name: the daemon's (recorded in the state file), else the host name
+    /// ([`crate::daemon::status::node_name`]).
+    pub node: String,
 }
 
 impl Local {
@@ -184,8 +187,10 @@ pub fn gather(root: &HostRoot, config_file: Option<&Path>) -> Local {
         Ok(loaded) => crate::publish::directory::inspect_all(root, &loaded.settings),
         Err(_) => Vec::new(),
     };
+    let node = crate::daemon::status::node_name(None, state.as_ref().ok());
     Local {
         root: root.clone(),
+        node,
         config,
         state,
         observed,

@@ -142,6 +142,9 @@ pub struct Options {
     pub now: Option<i64>,
     /// Skip every network check (reported as skipped).
     pub offline: bool,
+    /// This server's node name (`--node-name`); `None`: the daemon's, else the host name
+    /// ([`crate::daemon::status::node_name`]).
+    pub node: Option<String>,
 }
 
 /// AWS STS reports `IDPCommunicationError` when the JWKS takes longer than about this.
@@ -155,6 +158,7 @@ impl Default for Options {
             apiserver_url: None,
             now: None,
             offline: false,
+            node: None,
         }
     }
 }
@@ -263,7 +267,10 @@ pub fn unix_now() -> i64 {
 /// Runs every check on the host under `root`.
 pub fn run(root: &HostRoot, config: Option<&Path>, options: &Options) -> Report {
     let started = Instant::now();
-    let local = local::gather(root, config);
+    let mut local = local::gather(root, config);
+    if let Some(node) = options.node.as_deref().filter(|n| !n.trim().is_empty()) {
+        local.node = node.trim().to_string();
+    }
     let mut checks = local::evaluate(&local);
 
     // The two network parts run at the same time: the apiserver on a thread (the probe owns

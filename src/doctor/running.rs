@@ -617,7 +617,7 @@ pub fn cluster_check(
         return Check::skip(id, "the configuration cannot be used (see config.valid)");
     };
     let issuer = &config.settings.issuer;
-    let plan = crate::cluster::plan(facts, issuer, &crate::host::host_name(), now);
+    let plan = crate::cluster::plan(facts, issuer, &local.node, now);
     let details: Vec<String> =
         crate::cluster::lines(&crate::cluster::Cluster::Servers(plan.clone()))
             .into_iter()

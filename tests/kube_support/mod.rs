@@ -15,6 +15,9 @@ pub struct Kube {
     pub state: PathBuf,
     pub port: u16,
     pub kapi: String,
+    /// The folder of its state when [`Kube::temp`] made it: removed after the apiserver and
+    /// etcd are stopped ([`Drop`] runs before the fields are dropped).
+    dir: Option<tempfile::TempDir>,
 }
 
 impl Kube {
@@ -146,6 +149,49 @@ impl Kube {
             state: dir.join("kapi"),
             port: ports[0],
             kapi,
+            dir: None,
         }
+    }
+
+    /// A Kube for `test` in a temporary folder of its own, on free ports (not started); `None`
+    /// after saying SKIPPED when there is no kube-apiserver ([`Kube::binary`]). The includer
+    /// declares `mod support;` (for its free ports).
+    pub fn temp(test: &str) -> Option<Kube> {
+        let kapi = Kube::binary(test)?;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ports = [(); 4].map(|()| crate::support::free_port());
+        let mut kube = Kube::new(dir.path(), kapi, ports);
+        kube.dir = Some(dir);
+        Some(kube)
+    }
+
+    /// The folder [`Kube::temp`] made (for the test's own files next to the apiserver's).
+    pub fn dir(&self) -> &Path {
+        self.dir
+            .as_ref()
+            .map_or_else(|| self.state.parent().unwrap_or(&self.state), |d| d.path())
+    }
+
+    /// The k3s test case's service-account keys (tests/data/apiserver/k3s/keys): the
+    /// verification file and the signing file.
+    pub fn test_keys() -> (PathBuf, PathBuf) {
+        let keys = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/apiserver/k3s/keys");
+        (keys.join("service.key"), keys.join("service.current.key"))
+    }
+
+    /// Starts it with `issuer`, the k3s test case's keys ([`Kube::test_keys`]) and `extra`
+    /// flags (one per line, as in apiserver.args).
+    pub fn start_with_test_keys(&self, issuer: &str, extra: &str) {
+        let (key, signing) = Kube::test_keys();
+        std::fs::write(
+            self.flags.join("apiserver.args"),
+            format!(
+                "--service-account-issuer={issuer}\n--service-account-key-file={}\n--service-account-signing-key-file={}\n{extra}",
+                key.display(),
+                signing.display()
+            ),
+        )
+        .expect("apiserver.args");
+        self.start();
     }
 }
