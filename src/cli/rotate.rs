@@ -79,6 +79,7 @@ pub(super) fn host_edges(
         apiserver_url: apiserver.apiserver_url.clone(),
         request_timeout: apiserver.request_timeout(),
         node: apiserver.node(),
+        restart_holder: None,
     };
     let options = Options {
         restart_timeout: apiserver.timeout,
@@ -129,6 +130,11 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
         return Ok(Exit::OK);
     }
     let (edges, options) = host_edges(&args.apiserver, &args.programs);
+    // Run by hand: its restarts hold the restart Lease under this command's own name.
+    let edges = HostEdges {
+        restart_holder: Some(crate::apiserver::change::command_holder(&edges.node)),
+        ..edges
+    };
     let options = Options {
         start_now: args.now,
         ignore_stale_tokens: args.ignore_stale_tokens,

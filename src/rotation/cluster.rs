@@ -145,6 +145,8 @@ pub struct ApiCluster {
     pub api: Api,
     /// This server's node name (its agent's Lease is `irsa-agent-<node>`).
     pub node: String,
+    /// Who holds the restart Lease for this process ([`super::HostEdges::restart_holder`]).
+    pub restart_holder: String,
     /// How long this agent's Lease lives after a renewal ([`membership::lease_seconds`]).
     pub lease_seconds: u64,
 }
@@ -358,12 +360,24 @@ impl Cluster for ApiCluster {
     async fn try_turn(&mut self, seconds: u64) -> Result<Attempt, membership::Error> {
         let client = lease_client(&self.api, membership::RESTART)?;
         let seconds = i32::try_from(seconds).unwrap_or(i32::MAX);
-        crate::apiserver::change::try_turn(&client, &self.node, seconds, unix_now()).await
+        crate::apiserver::change::try_turn_as(
+            &client,
+            &self.node,
+            &self.restart_holder,
+            seconds,
+            unix_now(),
+        )
+        .await
     }
 
     async fn let_go(&mut self, name: &str) -> Result<(), membership::Error> {
         let client = lease_client(&self.api, name)?;
-        membership::release(&client, name, &self.node).await
+        let holder = if name == membership::RESTART {
+            &self.restart_holder
+        } else {
+            &self.node
+        };
+        membership::release(&client, name, holder).await
     }
 
     async fn announce(&mut self, report: &Report) -> Result<(), membership::Error> {

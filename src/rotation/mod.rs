@@ -2140,6 +2140,10 @@ pub struct HostEdges {
     /// This server's node name: the name its agent coordinates under with the other servers'
     /// (the rotation Lease, the restart Lease, its report).
     pub node: String,
+    /// Who holds the restart Lease during this process's restarts: `None` for the daemon (its
+    /// node name), [`change::command_holder`] for `irsa-agent rotate` run by hand, so that the
+    /// daemon beside it never takes or gives back the command's turn as its own.
+    pub restart_holder: Option<String>,
 }
 
 impl Default for HostEdges {
@@ -2150,6 +2154,7 @@ impl Default for HostEdges {
             apiserver_url: None,
             request_timeout: Duration::from_secs(10),
             node: crate::host::host_name(),
+            restart_holder: None,
         }
     }
 }
@@ -2183,6 +2188,7 @@ impl Context {
             clock,
             cluster: Box::new(cluster::ApiCluster {
                 api,
+                restart_holder: edges.restart_holder.unwrap_or_else(|| edges.node.clone()),
                 node: edges.node,
                 lease_seconds: membership::lease_seconds(settings),
             }),
