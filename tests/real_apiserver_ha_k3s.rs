@@ -22,138 +22,19 @@
 //!
 //! Then the issuer rollout on k3s hosts (about 4 minutes).
 
+mod ha_site;
 mod ha_support;
 mod https_support;
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use ha_support::{Ha, Shape};
-use serde_json::Value;
+use ha_site::{ISSUER, PublicSite, Timeline, find, phase, rotation_state, sustained_down};
+use ha_support::{Ha, Shape, unix_ms};
 
-/// The public site's port inside the test's own network namespace (nothing else listens there).
-const PUBLIC_PORT: u16 = 8443;
-const ISSUER: &str = "https://127.0.0.1:8443/cluster-a";
 const DEFAULT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 /// Every server's config.yaml: the apiserver already signs with the public issuer.
 const K3S_CONFIG: &str = "write-kubeconfig-mode: \"0600\"\nkube-apiserver-arg:\n  - service-account-issuer=https://127.0.0.1:8443/cluster-a\n  - service-account-issuer=https://kubernetes.default.svc.cluster.local\n  - service-account-jwks-uri=https://127.0.0.1:8443/cluster-a/openid/v1/jwks\n  - api-audiences=https://kubernetes.default.svc.cluster.local,k3s\n";
-
-/// The public site: serves `/cluster-a/...` from the `srv/oidc` of the server whose agent drives
-/// a rotation (its state is past idle), else from the first server's.
-struct PublicSite {
-    stop: Arc<AtomicBool>,
-    handle: Option<std::thread::JoinHandle<()>>,
-    netns: String,
-}
-
-fn rotation_state(root: &std::path::Path) -> Value {
-    let text = std::fs::read_to_string(root.join("var/lib/irsa-agent/state.json"))
-        .unwrap_or_else(|_| "{}".into());
-    serde_json::from_str::<Value>(&text).unwrap_or(Value::Null)["rotation"].clone()
-}
-
-fn phase(root: &std::path::Path) -> String {
-    rotation_state(root)["phase"]
-        .as_str()
-        .unwrap_or("")
-        .to_string()
-}
-
-/// The first string value under a key named `key`, anywhere in `v`.
-fn find(v: &Value, key: &str) -> Option<String> {
-    match v {
-        Value::Object(map) => map
-            .get(key)
-            .and_then(|x| x.as_str().map(str::to_string))
-            .or_else(|| map.values().find_map(|x| find(x, key))),
-        Value::Array(items) => items.iter().find_map(|x| find(x, key)),
-        _ => None,
-    }
-}
-
-impl PublicSite {
-    fn start(netns: &str, roots: Vec<PathBuf>) -> PublicSite {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let handle = ha_support::in_netns(netns, move || async move {
-            let config = https_support::server_config(false);
-            let listener =
-                std::net::TcpListener::bind(("127.0.0.1", PUBLIC_PORT)).expect("bind the site");
-            for stream in listener.incoming() {
-                if stop2.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(stream) = stream else { continue };
-                let Some((request, mut tls)) =
-                    https_support::accept(stream, &config, Duration::from_secs(5))
-                else {
-                    continue;
-                };
-                let root = roots
-                    .iter()
-                    .find(|r| !matches!(phase(r).as_str(), "" | "idle"))
-                    .unwrap_or(&roots[0]);
-                let file = request
-                    .path
-                    .strip_prefix("/cluster-a/")
-                    .filter(|rest| !rest.contains(".."))
-                    .map(|rest| root.join("srv/oidc").join(rest));
-                let (code, body) = match file.and_then(|f| std::fs::read(f).ok()) {
-                    Some(body) => (200, body),
-                    None => (404, b"not found".to_vec()),
-                };
-                https_support::respond(
-                    &mut tls,
-                    code,
-                    &[
-                        ("content-type", "application/json".into()),
-                        ("cache-control", "public, max-age=0".into()),
-                    ],
-                    &body,
-                );
-            }
-        });
-        PublicSite {
-            stop,
-            handle: Some(handle),
-            netns: netns.to_string(),
-        }
-    }
-}
-
-impl Drop for PublicSite {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Wake the listener (inside the namespace).
-        let _ = ha_support::in_netns(&self.netns, || async {
-            let _ = std::net::TcpStream::connect(("127.0.0.1", PUBLIC_PORT));
-        })
-        .join();
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-/// The driver's phase over time: (unix ms, phase), one entry per change.
-type Timeline = Vec<(u64, String)>;
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// The driver's phase at unix ms `at`.
-fn phase_at(timeline: &Timeline, at: u64) -> &str {
-    timeline
-        .iter()
-        .rev()
-        .find(|(t, _)| *t <= at)
-        .map_or("idle", |(_, p)| p.as_str())
-}
 
 /// The k3s stand-in reads config.yaml with PyYAML; its systemctl asks /readyz with curl. Says
 /// SKIPPED and returns false when either is missing.
@@ -213,16 +94,6 @@ fn restarts_at_once(ha: &Ha) -> usize {
         most = most.max(now);
     }
     most as usize
-}
-
-/// The most apiservers the monitor saw down together for at least `seconds` in a row.
-fn sustained_down(down: &ha_support::MonitorReport, seconds: f64) -> usize {
-    let t = &down.timeline;
-    (0..t.len())
-        .filter(|&i| t.get(i + 1).is_none_or(|next| next.0 - t[i].0 >= seconds))
-        .map(|i| t[i].1.len())
-        .max()
-        .unwrap_or(0)
 }
 
 /// The rotation test's workload: a round every 5 s (see there).
@@ -456,16 +327,7 @@ fn three_k3s_servers_rotate_to_idle_with_one_driver_and_followers_that_restart_t
     drop(site);
 
     // Restarts per server per rotation step, by the driver's phase when each apiserver started.
-    let steps = [
-        "idle",
-        "staged",
-        "published",
-        "trusted",
-        "signing",
-        "draining",
-        "retired",
-    ];
-    let mut restarts = vec![vec![0usize; n]; steps.len()];
+    let steps = ha_site::STEPS;
     // The followers' retire restart comes after the driver is idle again: counted as retired.
     let timeline: Timeline = timelines[d]
         .iter()
@@ -484,18 +346,7 @@ fn three_k3s_servers_rotate_to_idle_with_one_driver_and_followers_that_restart_t
             )
         })
         .collect();
-    for (j, s) in ha.servers.iter().enumerate() {
-        let events = s.events();
-        for (at, _, _) in events
-            .iter()
-            .filter(|e| e.1 == "start")
-            .skip(starts_before[j])
-        {
-            let p = phase_at(&timeline, *at);
-            let k = steps.iter().position(|s| *s == p).unwrap_or(0);
-            restarts[k][j] += 1;
-        }
-    }
+    let restarts = ha_site::restarts_by_phase(&ha, &timeline, &starts_before);
     let driver = ha.servers[d].name.clone();
     let restarting_at_once = restarts_at_once(&ha);
     let sustained = sustained_down(&down, 1.0);

@@ -27,102 +27,19 @@
 //! rollout and rotation phase, wall time. About 17 minutes: tests/run.sh runs it in the
 //! background beside the rest of the suite.
 
+mod ha_site;
 mod ha_support;
 mod https_support;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use ha_site::{ISSUER, PublicSite, phase, rotation_state, sustained_down};
 use ha_support::{Ha, unix_ms};
 use rand::{Rng as _, SeedableRng as _};
 use serde_json::Value;
 
-/// The public site's port inside the test's own network namespace (nothing else listens there).
-const PUBLIC_PORT: u16 = 8443;
-const ISSUER: &str = "https://127.0.0.1:8443/cluster-a";
 const KCM_MANIFEST: &str = "/etc/kubernetes/manifests/kube-controller-manager.yaml";
-
-fn rotation_state(root: &Path) -> Value {
-    let text = std::fs::read_to_string(root.join("var/lib/irsa-agent/state.json"))
-        .unwrap_or_else(|_| "{}".into());
-    serde_json::from_str::<Value>(&text).unwrap_or(Value::Null)["rotation"].clone()
-}
-
-fn phase(root: &Path) -> String {
-    rotation_state(root)["phase"]
-        .as_str()
-        .unwrap_or("")
-        .to_string()
-}
-
-/// The public site: serves `/cluster-a/...` from the driver's `srv/oidc` (cp1's: the rotation
-/// is started there).
-struct PublicSite {
-    stop: Arc<AtomicBool>,
-    handle: Option<std::thread::JoinHandle<()>>,
-    netns: String,
-}
-
-impl PublicSite {
-    fn start(netns: &str, root: PathBuf) -> PublicSite {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let handle = ha_support::in_netns(netns, move || async move {
-            let config = https_support::server_config(false);
-            let listener =
-                std::net::TcpListener::bind(("127.0.0.1", PUBLIC_PORT)).expect("bind the site");
-            for stream in listener.incoming() {
-                if stop2.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(stream) = stream else { continue };
-                let Some((request, mut tls)) =
-                    https_support::accept(stream, &config, Duration::from_secs(5))
-                else {
-                    continue;
-                };
-                let file = request
-                    .path
-                    .strip_prefix("/cluster-a/")
-                    .filter(|rest| !rest.contains(".."))
-                    .map(|rest| root.join("srv/oidc").join(rest));
-                let (code, body) = match file.and_then(|f| std::fs::read(f).ok()) {
-                    Some(body) => (200, body),
-                    None => (404, b"not found".to_vec()),
-                };
-                https_support::respond(
-                    &mut tls,
-                    code,
-                    &[
-                        ("content-type", "application/json".into()),
-                        ("cache-control", "public, max-age=0".into()),
-                    ],
-                    &body,
-                );
-            }
-        });
-        PublicSite {
-            stop,
-            handle: Some(handle),
-            netns: netns.to_string(),
-        }
-    }
-}
-
-impl Drop for PublicSite {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = ha_support::in_netns(&self.netns, || async {
-            let _ = std::net::TcpStream::connect(("127.0.0.1", PUBLIC_PORT));
-        })
-        .join();
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
 
 /// The kid of the key in a host's `sa.key`.
 fn sa_key_kid(root: &Path) -> String {
@@ -131,16 +48,6 @@ fn sa_key_kid(root: &Path) -> String {
         .expect("sa.key")
         .public
         .kid()
-}
-
-/// The most apiservers the monitor saw down together for at least `seconds` in a row.
-fn sustained_down(down: &ha_support::MonitorReport, seconds: f64) -> usize {
-    let t = &down.timeline;
-    (0..t.len())
-        .filter(|&i| t.get(i + 1).is_none_or(|next| next.0 - t[i].0 >= seconds))
-        .map(|i| t[i].1.len())
-        .max()
-        .unwrap_or(0)
 }
 
 /// The seed of the faults: `IRSA_TEST_SEED` to replay one, else the clock's.
@@ -173,19 +80,7 @@ impl Kill {
 
 /// The last lines of every agent's output.
 fn logs(agents: &[ha_support::Agent]) -> String {
-    agents
-        .iter()
-        .map(|a| {
-            let text = a.output();
-            let tail: Vec<&str> = text.lines().rev().take(30).collect();
-            format!(
-                "--- {}\n{}",
-                a.log.display(),
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+    ha_support::log_tails(agents.iter().map(|a| &a.log), 30)
 }
 
 /// Every host as kubeadm leaves it plus the agent's configuration (the same on every server):
@@ -290,7 +185,7 @@ fn three_kubeadm_nodes_roll_an_issuer_out_then_rotate_the_key_to_the_end() {
     ha.wait_membership(Duration::from_secs(60));
     ha.create_service_account("kube-system", "default");
     let old_kid = prepare(&ha);
-    let site = PublicSite::start(&ha.netns, roots[0].clone());
+    let site = PublicSite::start(&ha.netns, roots.clone());
     let monitor = ha.monitor();
     // A round every 5 s: live tokens pile up over the 10-minute drain (as in the k3s test).
     let workload = ha.workload_with(ha.workload_options(ISSUER, Duration::from_secs(5)));
@@ -460,34 +355,8 @@ fn three_kubeadm_nodes_roll_an_issuer_out_then_rotate_the_key_to_the_end() {
     drop(site);
 
     // Restarts per server by the driver's phase when each apiserver started.
-    let steps = [
-        "idle",
-        "staged",
-        "published",
-        "trusted",
-        "signing",
-        "draining",
-        "retired",
-    ];
-    let phase_at = |at: u64| -> &str {
-        timeline
-            .iter()
-            .rev()
-            .find(|(t, _)| *t <= at)
-            .map_or("idle", |(_, p)| p.as_str())
-    };
-    let mut restarts = vec![vec![0usize; n]; steps.len()];
-    for (j, s) in ha.servers.iter().enumerate() {
-        for (at, _, _) in s
-            .events()
-            .iter()
-            .filter(|e| e.1 == "start")
-            .skip(starts_at_rotation[j])
-        {
-            let k = steps.iter().position(|s| *s == phase_at(*at)).unwrap_or(0);
-            restarts[k][j] += 1;
-        }
-    }
+    let steps = ha_site::STEPS;
+    let restarts = ha_site::restarts_by_phase(&ha, &timeline, &starts_at_rotation);
     let sustained = sustained_down(&down, 1.0);
     eprintln!(
         "kubeadm issuer rollout then key rotation on 3 nodes (real kube-apiservers, kubelet stand-ins): setup {:.1}s, issuer rolled out {:.1}s after the daemons started (restarts {rollout_starts:?}), every apiserver signing with {new_kid} {:.1}s after `rotate --now`, rotation complete {:.1}s after it; wall time {:.1}s",
@@ -633,7 +502,7 @@ fn an_aborted_rotation_takes_the_new_key_out_of_every_kubeadm_node() {
     };
     let n = ha.servers.len();
     let old_kid = prepare(&ha);
-    let site = PublicSite::start(&ha.netns, ha.servers[0].root.clone());
+    let site = PublicSite::start(&ha.netns, vec![ha.servers[0].root.clone()]);
     let monitor = ha.monitor();
     let workload = ha.workload(ISSUER);
     let agents: Vec<_> = (0..n).map(|i| spawn(&ha, i)).collect();
