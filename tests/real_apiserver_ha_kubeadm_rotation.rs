@@ -37,7 +37,6 @@ use std::time::{Duration, Instant};
 use ha_site::{ISSUER, PublicSite, phase, rotation_state, sustained_down};
 use ha_support::{Ha, unix_ms};
 use rand::{Rng as _, SeedableRng as _};
-use serde_json::Value;
 
 const KCM_MANIFEST: &str = "/etc/kubernetes/manifests/kube-controller-manager.yaml";
 
@@ -461,34 +460,6 @@ fn three_kubeadm_nodes_roll_an_issuer_out_then_rotate_the_key_to_the_end() {
     assert_ne!(old_kid, new_kid);
 }
 
-/// The kids each apiserver's JWKS lists (empty when it does not answer).
-fn served_kids(ha: &Ha) -> Vec<Vec<String>> {
-    let servers = ha.servers.clone();
-    ha_support::in_netns(&ha.netns, move || async move {
-        let mut out = Vec::new();
-        for s in &servers {
-            let api = ha_support::api(s, Duration::from_secs(5)).await;
-            let kids = match api.get("/openid/v1/jwks").await {
-                Ok((200, body)) => serde_json::from_str::<Value>(&body)
-                    .ok()
-                    .and_then(|v| {
-                        v["keys"].as_array().map(|keys| {
-                            keys.iter()
-                                .filter_map(|k| k["kid"].as_str().map(str::to_string))
-                                .collect()
-                        })
-                    })
-                    .unwrap_or_default(),
-                _ => Vec::new(),
-            };
-            out.push(kids);
-        }
-        out
-    })
-    .join()
-    .expect("read the JWKS")
-}
-
 /// `irsa-agent rotate --abort` on the driver once every node verifies with the new key (before
 /// it signed anywhere): the driver takes the new key out of its apiserver and removes the shared
 /// key; each follower then sees no rotation and no shared key, and takes its copy out by itself.
@@ -518,11 +489,11 @@ fn an_aborted_rotation_takes_the_new_key_out_of_every_kubeadm_node() {
         .map(str::to_string)
         .expect("a rotation in cp1's state");
     let deadline = Instant::now() + Duration::from_secs(400);
-    while !served_kids(&ha).iter().all(|k| k.contains(&new_kid)) {
+    while !ha.served_kids().iter().all(|k| k.contains(&new_kid)) {
         assert!(
             Instant::now() < deadline,
             "the followers did not install the new key: {:?}\n{}",
-            served_kids(&ha),
+            ha.served_kids(),
             logs(&agents)
         );
         std::thread::sleep(Duration::from_secs(1));
@@ -572,11 +543,11 @@ fn an_aborted_rotation_takes_the_new_key_out_of_every_kubeadm_node() {
             })
             .collect()
     };
-    while !(served_kids(&ha).iter().all(|k| *k == [old_kid.clone()]) && pki_copies().is_empty()) {
+    while !(ha.served_kids().iter().all(|k| *k == [old_kid.clone()]) && pki_copies().is_empty()) {
         assert!(
             Instant::now() < deadline,
             "the new key is still on some node: {:?}, {:?}\n{}",
-            served_kids(&ha),
+            ha.served_kids(),
             pki_copies(),
             logs(&agents)
         );
