@@ -798,6 +798,59 @@ pub fn finalize_decision(
     FinalizeDecision::Ready { retire }
 }
 
+/// The longest lifetime a token minted here can have: `configured` (`rotation.token-lifetime`)
+/// or the apiserver's `--service-account-max-token-expiration`, whichever is longer. What
+/// `finalize` (by hand or by the daemon) waits after the switch.
+pub fn longest_token_lifetime(configured: Duration, observed: &super::Observed) -> Duration {
+    observed
+        .flags
+        .max_token_expiration
+        .as_deref()
+        .and_then(super::flags::parse_go_duration)
+        .map_or(configured, |max| configured.max(max))
+}
+
+/// The audiences `finalize` looks at: the external ones in `--api-audiences`
+/// (`sts.amazonaws.com`, ...), and the in-cluster ones missing from it (those `apply` puts back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FinalizeAudiences {
+    /// `--api-audiences` as in force.
+    pub in_force: Vec<String>,
+    /// External audiences in force: dropped with the old issuers.
+    pub external: Vec<String>,
+    /// In-cluster audiences not in force. While any is missing the external ones must stay:
+    /// default tokens are minted with the external audience alone.
+    pub missing: Vec<String>,
+}
+
+impl FinalizeAudiences {
+    pub fn of(observed: &super::Observed, previous: &[String]) -> FinalizeAudiences {
+        let origin = super::plan::origin(observed, previous);
+        let in_force = observed.flags.effective_audiences();
+        let external = in_force
+            .iter()
+            .filter(|a| super::plan::is_external_audience(a))
+            .cloned()
+            .collect();
+        let missing = origin
+            .audiences
+            .iter()
+            .filter(|a| !in_force.contains(a))
+            .cloned()
+            .collect();
+        FinalizeAudiences {
+            in_force,
+            external,
+            missing,
+        }
+    }
+
+    /// The external audiences would go while an in-cluster one is missing: refuse.
+    pub fn blocked(&self) -> bool {
+        !self.external.is_empty() && !self.missing.is_empty()
+    }
+}
+
 /// Records a successful `finalize`.
 pub fn record_finalize(state: &mut State, retired: &[String], outcome: &Outcome, now: u64) {
     if let Some(entry) = state.issuer.as_mut() {

@@ -8,11 +8,10 @@ use serde_json::json;
 
 use super::apply::{RunArgs, load_settings, print_outcome, print_plan, result_json};
 use super::{Exit, Global};
+use crate::apiserver;
 use crate::apiserver::apply::{self as executor, FinalizeDecision};
 use crate::apiserver::change::{self, Goal};
-use crate::apiserver::plan;
 use crate::apiserver::ready::{self, Patience};
-use crate::apiserver::{self, flags};
 use crate::config::format_duration;
 use crate::state::{self, State};
 
@@ -65,15 +64,7 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
     let mut state = State::load(root)?;
     let observed = apiserver::observe(root, settings.distribution)?;
     change::refuse_command_line_flags(root, &observed, &run.options())?;
-    let mut lifetime = settings.rotation.token_lifetime;
-    if let Some(max) = observed
-        .flags
-        .max_token_expiration
-        .as_deref()
-        .and_then(flags::parse_go_duration)
-    {
-        lifetime = lifetime.max(max);
-    }
+    let lifetime = executor::longest_token_lifetime(settings.rotation.token_lifetime, &observed);
     let now = state::unix_now();
     // External audiences (sts.amazonaws.com, ...) go too, but only once every in-cluster
     // audience is back: then every default token minted since carries one of those.
@@ -82,20 +73,10 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
         .as_ref()
         .map(|s| s.previous.clone())
         .unwrap_or_default();
-    let origin = plan::origin(&observed, &previous);
-    let in_force = observed.flags.effective_audiences();
-    let external: Vec<String> = in_force
-        .iter()
-        .filter(|a| plan::is_external_audience(a))
-        .cloned()
-        .collect();
-    let missing: Vec<String> = origin
-        .audiences
-        .iter()
-        .filter(|a| !in_force.contains(a))
-        .cloned()
-        .collect();
-    if !external.is_empty() && !missing.is_empty() {
+    let audiences = executor::FinalizeAudiences::of(&observed, &previous);
+    if audiences.blocked() {
+        let (in_force, missing, external) =
+            (&audiences.in_force, &audiences.missing, &audiences.external);
         bail!(
             "--api-audiences is {} without the in-cluster audiences {}: the tokens pods hold carry {} as their only audience, so removing it now would reject them; run `irsa-agent apply` first (it puts {} back and keeps {}), then run finalize the longest token lifetime ({}) later",
             in_force.join(","),
@@ -106,7 +87,7 @@ fn finalize(global: &Global, run: &RunArgs) -> anyhow::Result<Exit> {
             format_duration(lifetime)
         );
     }
-    let drop = external;
+    let drop = audiences.external;
     let mut decision = executor::finalize_decision(
         state.issuer.as_ref(),
         &settings.issuer,
