@@ -187,7 +187,7 @@ pub fn plan(facts: &Facts, issuer: &str, node: &str, now: i64) -> Plan {
         "no apiserver and no irsa-agent announce themselves yet".to_string()
     } else if done {
         format!(
-            "nothing: every server signs with {issuer}; `irsa-agent finalize` retires the older issuers once their tokens have expired"
+            "nothing to roll out: every server signs with {issuer}; each agent retires the older issuers on its server (one restart at a time) the longest token lifetime after the last server switched, while no key rotation runs and no client presents stale tokens (with run.finalize: false, `irsa-agent finalize` does)"
         )
     } else if !accepting.is_empty() {
         format!(

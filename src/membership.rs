@@ -100,6 +100,12 @@ pub struct Report {
     /// The agent's phase of the key rotation (`idle`, `staged`, ...).
     #[serde(default)]
     pub rotation: String,
+    /// When this server's apiserver was first seen signing with its signing issuer (the first
+    /// of `issuers`), Unix seconds, as its agent recorded it: tokens with an older issuer may
+    /// have been minted here until then. The cluster's old issuers are retired only the longest
+    /// token lifetime after the last server switched ([`crate::rollout::retire_hold`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switched_at: Option<u64>,
     /// The public keys the apiserver verifies with, as JWKs: the published JWKS is the union
     /// of every live server's keys ([`peer_keys`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -128,6 +134,7 @@ impl Report {
                 .as_ref()
                 .map(crate::keys::PublicKey::kid),
             rotation: rotation.to_string(),
+            switched_at: None,
             jwks: observed
                 .keys
                 .verification

@@ -10,13 +10,25 @@
 //! 2. **sign**: once every apiserver of the cluster accepts it (each agent says so in its Lease,
 //!    [`crate::membership`]), its apiserver signs with it, keeping the old one accepted.
 //!
-//! An apiserver with no live agent holds phase 2 (nobody can say what it accepts). One server
-//! is the same procedure with N = 1: it accepts and signs in one step. Restarts are one at a time
+//! 3. **retire** (`finalize`): once every apiserver signs with it and the longest token
+//!    lifetime has passed since the *last* one switched (each agent reports when its apiserver
+//!    was first seen signing with it), no token minted with an old issuer can be valid on any
+//!    server: each agent retires the old issuers on its own server ([`retire_hold`]). It also
+//!    waits while a key rotation is in progress anywhere (both restart apiservers; one change at
+//!    a time keeps each one's phases whole) and, on its own apiserver, while clients present
+//!    stale tokens (the daemon's evidence check, [`crate::daemon`]'s apiserver step).
+//!
+//! An apiserver with no live agent holds phases 2 and 3 (nobody can say what it accepts or since
+//! when it signs). One server is the same procedure with N = 1: it accepts and signs in one step,
+//! and retires the old issuers the longest token lifetime later. Restarts are one at a time
 //! across the cluster (the restart Lease, in [`crate::apiserver::change`]).
 //!
-//! [`decide`] is pure: it sees only what this apiserver accepts, the configured issuer and the
-//! membership view.
+//! [`decide`] and [`retire_hold`] are pure: they see only what this apiserver accepts, the
+//! configured issuer, the membership view and the time.
 
+use std::time::Duration;
+
+use crate::config::format_duration;
 use crate::membership::View;
 
 /// What this agent does next for the configured issuer.
@@ -98,6 +110,91 @@ pub fn decide(accepted: &[String], target: &str, view: Option<&View>, node: &str
             "every apiserver must accept issuer {target} before this one signs with it; waiting for {}",
             waiting.join(", ")
         ))
+    }
+}
+
+/// Why this server must not retire the old issuers yet, or `Ok(())` once it may, as far as the
+/// cluster goes (this server's own wait, `finalize`'s, is [`crate::apiserver::apply::finalize_decision`]).
+/// `switched_at`: when this server's apiserver was first seen signing with `target`; `lifetime`:
+/// the longest token lifetime; `now`: Unix seconds. Every other server must have a live agent
+/// reporting that its apiserver signs with `target` since a known time, and no key rotation in
+/// progress; the old issuers go the longest token lifetime after the last server switched (a
+/// server that signed with an old issuer until then minted tokens that live that long).
+pub fn retire_hold(
+    view: Option<&View>,
+    target: &str,
+    node: &str,
+    switched_at: u64,
+    lifetime: Duration,
+    now: u64,
+) -> Result<(), RetireHold> {
+    let mut last = (switched_at, node.to_string());
+    let mut waiting: Vec<String> = Vec::new();
+    let mut rotating: Vec<String> = Vec::new();
+    let servers = view.map(servers).unwrap_or_default();
+    for server in servers.into_iter().filter(|s| *s != node) {
+        let agent = view.and_then(|v| v.agents.iter().find(|a| a.node == server && a.live));
+        let Some(report) = agent.and_then(|a| a.report.as_ref()) else {
+            waiting.push(if agent.is_some() {
+                format!("{server} (its agent reports nothing)")
+            } else {
+                format!("{server} (no live irsa-agent)")
+            });
+            continue;
+        };
+        if report.issuers.first().map(String::as_str) != Some(target) {
+            waiting.push(format!("{server} (does not sign with it yet)"));
+        } else if let Some(at) = report.switched_at {
+            if at > last.0 {
+                last = (at, server.to_string());
+            }
+        } else {
+            waiting.push(format!("{server} (its agent reports no switch time)"));
+        }
+        if report.rotating() {
+            rotating.push(server.to_string());
+        }
+    }
+    if !waiting.is_empty() {
+        return Err(RetireHold::until_told(format!(
+            "the old issuers are retired once every apiserver signs with {target}; waiting for {}",
+            waiting.join(", ")
+        )));
+    }
+    if !rotating.is_empty() {
+        return Err(RetireHold::until_told(format!(
+            "the old issuers are retired after the key rotation {} drive{}",
+            rotating.join(", "),
+            if rotating.len() == 1 { "s" } else { "" }
+        )));
+    }
+    let due = last.0.saturating_add(lifetime.as_secs());
+    if now <= due {
+        return Err(RetireHold {
+            due: Some(due + 1),
+            why: format!(
+                "the old issuers are retired after {}: the longest token lifetime ({}) after the last apiserver switched to {target} ({} at {}); tokens it minted before then may be valid until then",
+                crate::state::rfc3339(due),
+                format_duration(lifetime),
+                last.1,
+                crate::state::rfc3339(last.0)
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Why the old issuers stay for now ([`retire_hold`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetireHold {
+    pub why: String,
+    /// When they come due (Unix seconds), if only time holds them.
+    pub due: Option<u64>,
+}
+
+impl RetireHold {
+    fn until_told(why: String) -> RetireHold {
+        RetireHold { why, due: None }
     }
 }
 
@@ -216,6 +313,89 @@ mod tests {
         assert_eq!(
             decide(&v(&[OLD]), NEW, Some(&early), "a"),
             Decision::AcceptOnly
+        );
+    }
+
+    fn signing(node: &str, at: Option<u64>, rotation: &str) -> Member {
+        let mut m = member(node, true, Some(&[NEW, OLD]));
+        if let Some(r) = m.report.as_mut() {
+            r.switched_at = at;
+            r.rotation = rotation.into();
+        }
+        m
+    }
+
+    #[test]
+    fn the_old_issuers_go_the_longest_token_lifetime_after_the_last_server_switched() {
+        let day = Duration::from_secs(86_400);
+        let three =
+            |b: Member, c: Member| view(&["a", "b", "c"], vec![signing("a", Some(100), ""), b, c]);
+        // b switched last (at 5000): not before 5000 + a day, whatever a's own time says.
+        let all = three(
+            signing("b", Some(5000), "idle"),
+            signing("c", Some(300), ""),
+        );
+        let Err(hold) = retire_hold(Some(&all), NEW, "a", 100, day, 100 + 86_401) else {
+            panic!("b switched later: hold");
+        };
+        assert!(
+            hold.why.contains("b at") && hold.why.contains("1d"),
+            "{hold:?}"
+        );
+        assert_eq!(hold.due, Some(5000 + 86_401));
+        assert_eq!(
+            retire_hold(Some(&all), NEW, "a", 100, day, 5000 + 86_401),
+            Ok(())
+        );
+        // A server still signing with the old issuer, one whose agent is gone, one with no
+        // switch time: each holds, named.
+        let behind = three(member("b", true, Some(&[OLD, NEW])), signing("c", None, ""));
+        let Err(hold) = retire_hold(Some(&behind), NEW, "a", 100, day, u64::MAX / 2) else {
+            panic!("hold");
+        };
+        assert!(
+            hold.why.contains("b (does not sign with it yet)")
+                && hold.why.contains("c (its agent reports no switch time)")
+                && hold.due.is_none(),
+            "{hold:?}"
+        );
+        let dead = view(
+            &["a", "b"],
+            vec![
+                signing("a", Some(1), ""),
+                Member {
+                    live: false,
+                    ..signing("b", Some(1), "")
+                },
+            ],
+        );
+        assert!(matches!(
+            retire_hold(Some(&dead), NEW, "a", 1, day, u64::MAX / 2),
+            Err(h) if h.why.contains("b (no live irsa-agent)")
+        ));
+        // A rotation in progress anywhere holds it.
+        let rotating = three(
+            signing("b", Some(1), "staged"),
+            signing("c", Some(1), "idle"),
+        );
+        assert!(matches!(
+            retire_hold(Some(&rotating), NEW, "a", 1, day, u64::MAX / 2),
+            Err(h) if h.why.contains("key rotation b drives")
+        ));
+    }
+
+    #[test]
+    fn one_server_retires_on_its_own_time() {
+        let day = Duration::from_secs(86_400);
+        assert!(retire_hold(None, NEW, "a", 1000, day, 1000 + 86_400).is_err());
+        assert_eq!(
+            retire_hold(None, NEW, "a", 1000, day, 1000 + 86_401),
+            Ok(())
+        );
+        let alone = view(&["a"], vec![signing("a", Some(1000), "")]);
+        assert_eq!(
+            retire_hold(Some(&alone), NEW, "a", 1000, day, 1000 + 86_401),
+            Ok(())
         );
     }
 

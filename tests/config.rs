@@ -423,7 +423,7 @@ fn run_section_values_in_effect() {
         ),
         (
             "/etc/irsa-agent/config.d/50-run.yaml",
-            "run:\n  debounce: 250ms\n  metrics-textfile: /var/lib/prometheus/node-exporter/irsa_agent.prom\n",
+            "run:\n  debounce: 250ms\n  metrics-textfile: /var/lib/prometheus/node-exporter/irsa_agent.prom\n  finalize: false\n",
         ),
     ]);
     let (code, stdout, stderr) = check(root.path(), &["--json"]);
@@ -438,6 +438,7 @@ fn run_section_values_in_effect() {
             "publish-timeout": "2m",
             "metrics-textfile": "/var/lib/prometheus/node-exporter/irsa_agent.prom",
             "metrics-listen": "127.0.0.1:9464",
+            "finalize": false,
             "apply-issuer": true,
         })
     );

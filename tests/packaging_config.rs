@@ -96,6 +96,7 @@ fn uncommented_example_is_valid_and_sets_what_it_documents() {
     assert_eq!(doc["distribution"], "auto");
     assert_eq!(doc["public-check"], true);
     assert_eq!(doc["run"]["apply-issuer"], true);
+    assert_eq!(doc["run"]["finalize"], true);
     let types: Vec<&str> = doc["publish"]
         .as_array()
         .expect("publish list")

@@ -306,6 +306,7 @@ fn status_apply_rotate_and_doctor_show_the_cluster_from_the_leases() {
         signing_kid: Some(kid.into()),
         rollout: String::new(),
         rotation: "idle".into(),
+        switched_at: None,
         jwks: Vec::new(),
     };
     runtime.block_on(async {

@@ -57,6 +57,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
                 "metrics-textfile": s.run.metrics_textfile,
                 "metrics-listen": s.run.metrics_listen.map(|a| a.to_string()),
                 "apply-issuer": s.run.apply_issuer,
+                "finalize": s.run.finalize,
             },
             "webhook": s.webhook.to_json(),
             "backups": {

@@ -67,7 +67,11 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<Exit> {
     // daemon that was killed, and given back at the start of a step.
     run.holder = run.node.clone();
     let node = run.node.clone();
-    let apply = HostApply::new(global.root.clone(), run);
+    let mut apply = HostApply::new(global.root.clone(), run);
+    // Tests that look again every few seconds (--recheck-interval) need not wait the full
+    // stale-token window either; by default it stays 5 minutes.
+    apply.stale_window = crate::daemon::host_apply::STALE_WINDOW
+        .min(args.apiserver.recheck_interval.saturating_mul(5));
     let options = daemon::Options {
         root: global.root.clone(),
         config: global.config.clone(),

@@ -10,6 +10,7 @@
 //!   metrics-textfile: /var/lib/prometheus/node-exporter/irsa_agent.prom
 //!   metrics-listen: 127.0.0.1:9464
 //!   apply-issuer: true            # false: publish and rotate, leave `issuer:` changes to `irsa-agent apply`
+//!   finalize: true                # false: leave retiring the old issuers to `irsa-agent finalize`
 //! ```
 
 use std::net::SocketAddr;
@@ -41,6 +42,10 @@ pub struct RunSettings {
     /// (default). `false`: it publishes (and rotates, if enabled) but only reports a pending
     /// issuer change; a person runs `irsa-agent apply`.
     pub apply_issuer: bool,
+    /// The daemon retires the old issuers by itself once no token minted with them can be
+    /// valid on any server (what `irsa-agent finalize` does; default). `false`: a person runs
+    /// `irsa-agent finalize`. Without `apply_issuer` the daemon changes nothing either way.
+    pub finalize: bool,
 }
 
 impl Default for RunSettings {
@@ -53,6 +58,7 @@ impl Default for RunSettings {
             metrics_textfile: None,
             metrics_listen: None,
             apply_issuer: true,
+            finalize: true,
         }
     }
 }
@@ -67,6 +73,7 @@ pub struct RunFragment {
     pub metrics_textfile: Option<PathBuf>,
     pub metrics_listen: Option<SocketAddr>,
     pub apply_issuer: Option<bool>,
+    pub finalize: Option<bool>,
 }
 
 /// Checks a duration against bounds, recording a problem.
@@ -157,6 +164,7 @@ pub fn parse(file: &Path, map: &Mapping, problems: &mut Vec<Problem>) -> RunFrag
         }
     });
     let apply_issuer = f.bool("apply-issuer");
+    let finalize = f.bool("finalize");
     f.finish();
     RunFragment {
         resync_interval,
@@ -166,6 +174,7 @@ pub fn parse(file: &Path, map: &Mapping, problems: &mut Vec<Problem>) -> RunFrag
         metrics_textfile,
         metrics_listen,
         apply_issuer,
+        finalize,
     }
 }
 
@@ -179,6 +188,7 @@ pub fn merge(earlier: RunFragment, later: RunFragment) -> RunFragment {
         metrics_textfile: later.metrics_textfile.or(earlier.metrics_textfile),
         metrics_listen: later.metrics_listen.or(earlier.metrics_listen),
         apply_issuer: later.apply_issuer.or(earlier.apply_issuer),
+        finalize: later.finalize.or(earlier.finalize),
     }
 }
 
@@ -199,6 +209,7 @@ pub fn validate(fragment: RunFragment, problems: &mut Vec<Problem>) -> RunSettin
         metrics_textfile: fragment.metrics_textfile,
         metrics_listen: fragment.metrics_listen,
         apply_issuer: fragment.apply_issuer.unwrap_or(d.apply_issuer),
+        finalize: fragment.finalize.unwrap_or(d.finalize),
     };
     if let Some(debounce) = &fragment.debounce
         && debounce.value >= settings.resync_interval
@@ -245,6 +256,7 @@ mod tests {
         assert_eq!(settings.debounce, Duration::from_millis(50));
         assert_eq!(settings.retry_max, Duration::from_secs(300));
         assert!(settings.apply_issuer, "applying the issuer is the default");
+        assert!(settings.finalize, "retiring the old issuers is the default");
         assert_eq!(
             settings.metrics_listen.map(|a| a.to_string()).as_deref(),
             Some("[::1]:9464")
@@ -255,5 +267,10 @@ mod tests {
         assert!(problems.is_empty(), "{problems:?}");
         let mut problems = Vec::new();
         assert!(!validate(fragment, &mut problems).apply_issuer);
+        let (fragment, problems) = parse_text("finalize: false\n");
+        assert!(problems.is_empty(), "{problems:?}");
+        let mut problems = Vec::new();
+        let settings = validate(fragment, &mut problems);
+        assert!(!settings.finalize && settings.apply_issuer);
     }
 }

@@ -2,6 +2,8 @@
 //! plan and executor as `irsa-agent apply` (backups, atomic writes, restart, wait for the new
 //! issuer, rollback); tests of the loop can replace it.
 
+use std::time::Duration;
+
 use crate::apiserver::Observed;
 use crate::config::Settings;
 use crate::keys::PublicKey;
@@ -37,6 +39,9 @@ pub struct Applied {
     /// `run.apply-issuer: false`: the apiserver's flags differ from the configuration, and the
     /// daemon leaves the change to `irsa-agent apply` (nothing was written).
     pub apply_pending: bool,
+    /// Look again this soon, though nothing changes (the old issuers come due for retirement
+    /// then): the next converge comes at the latest then.
+    pub look_again: Option<Duration>,
 }
 
 /// The apiserver step failed.

@@ -98,6 +98,9 @@ pub struct Converged {
     pub not_a_server: bool,
     /// Keys are published only because the running apiserver still serves them.
     pub live_only: bool,
+    /// The apiserver step asked to look again this soon (a step of the issuer rollout that
+    /// comes due at a known time): sooner than the resync, never later.
+    pub look_again: Option<Duration>,
 }
 
 /// The retry decided after a converge.
@@ -325,6 +328,9 @@ impl Schedule {
             // Follow the apiserver's restart soon rather than at the next resync.
             resync = resync.min(now + LIVE_RECHECK);
         }
+        if let Some(after) = c.look_again {
+            resync = resync.min(now + after);
+        }
         self.resync = Some(resync);
         retry
     }
@@ -523,11 +529,13 @@ mod tests {
         ok: false,
         not_a_server: false,
         live_only: false,
+        look_again: None,
     };
     const OK: Converged = Converged {
         ok: true,
         not_a_server: false,
         live_only: false,
+        look_again: None,
     };
 
     #[test]
@@ -708,6 +716,7 @@ mod tests {
             ok: false,
             not_a_server: true,
             live_only: false,
+            look_again: None,
         };
         assert_eq!(s.after_converge(c, SEC, 600 * SEC), Retry::NotAServer);
         assert_eq!(s.retry_at(), None);
@@ -756,6 +765,15 @@ mod tests {
         assert_eq!(s.resync_at(), Some(now + LIVE_RECHECK));
         // A resync interval shorter than that stays as it is.
         s.after_converge(live, now, 10 * SEC);
+        assert!(s.resync_at().is_some_and(|t| t <= now + 11 * SEC));
+        // A step due at a known time (the old issuers' retirement): looked at again then.
+        let due = Converged {
+            look_again: Some(42 * SEC),
+            ..OK
+        };
+        s.after_converge(due, now, interval);
+        assert_eq!(s.resync_at(), Some(now + 42 * SEC));
+        s.after_converge(due, now, 10 * SEC);
         assert!(s.resync_at().is_some_and(|t| t <= now + 11 * SEC));
     }
 

@@ -103,6 +103,8 @@ pub struct Engine {
     /// Kids published only because the running apiserver still serves them (not restarted
     /// since they left the key files); while there are any, the daemon looks again soon.
     live_only: Vec<String>,
+    /// The apiserver step's last ask to look again this soon ([`super::Applied::look_again`]).
+    look_again: Option<Duration>,
     /// Kids published only because another server's apiserver verifies with them (with the
     /// node), as last logged.
     peer_only: Vec<String>,
@@ -205,6 +207,7 @@ impl Engine {
             apply_pending: false,
             last_warnings: Vec::new(),
             live_only: Vec::new(),
+            look_again: None,
             peer_only: Vec::new(),
             last_live: Vec::new(),
             last_errors: Vec::new(),
@@ -528,6 +531,7 @@ impl Engine {
             ok,
             not_a_server: self.not_a_server.is_some(),
             live_only: !self.live_only.is_empty(),
+            look_again: self.look_again,
         };
         match self
             .schedule
@@ -979,6 +983,7 @@ impl Engine {
                     log::warn!("apiserver: {}", applied.summary);
                 }
                 self.apply_pending = applied.apply_pending;
+                self.look_again = applied.look_again;
                 self.apiserver_was_in_sync = !applied.apply_pending;
                 self.restart_pending = applied.restart_pending;
                 self.status.apiserver = Some(ApiserverStatus {
@@ -998,6 +1003,7 @@ impl Engine {
                 true
             }
             Err(failed) => {
+                self.look_again = None;
                 self.apiserver_was_in_sync = false;
                 self.apply_pending = false;
                 if failed.kind == FailureKind::RolledBack {

@@ -5,8 +5,14 @@
 //! cluster's membership (the agents' Leases), accepts the new issuer first, signs with it only
 //! once every apiserver accepts it, and announces what its apiserver accepts after each change
 //! is verified (never before: a peer must not sign on the word of a restart still pending).
+//! Then it retires the old issuers (`finalize`, unless `run.finalize: false`) once no token
+//! minted with them can be valid on any server ([`rollout::retire_hold`]), no rotation runs, and
+//! this apiserver's stale-token counter has stayed still for [`STALE_WINDOW`]; until then the
+//! step says why in its summary and asks to look again when it comes due.
 
-use crate::apiserver::apply::{ApplyError, RestartOutcome};
+use std::time::Duration;
+
+use crate::apiserver::apply::{self as executor, ApplyError, FinalizeDecision, RestartOutcome};
 use crate::apiserver::change::{self, ChangeError, Goal, RunOptions};
 use crate::apiserver::{self, restart};
 use crate::config::{self, Settings};
@@ -23,9 +29,17 @@ use super::{Applied, ApplyFailed, ApplyReport, ApplyStep, FailureKind};
 pub struct HostApply {
     pub root: HostRoot,
     pub run: RunOptions,
+    /// How long this apiserver's `serviceaccount_stale_tokens_total` must stay still before the
+    /// daemon retires the old issuers ([`STALE_WINDOW`] unless a test shortens it).
+    pub stale_window: Duration,
     /// What this converge read of the cluster; forgotten when the next one begins.
     seen: Seen,
+    /// Why the old issuers are not retired yet, as last logged, and when to look again.
+    retire_wait: Option<(String, Option<Duration>)>,
 }
+
+/// How long the stale-token counter must not rise before the daemon retires old issuers.
+pub const STALE_WINDOW: Duration = Duration::from_secs(300);
 
 /// One converge's reading of the cluster: one client, and the Leases listed once
 /// ([`membership::list`]) for every part of the step that asks (the published union, the
@@ -43,7 +57,9 @@ impl HostApply {
         HostApply {
             root,
             run,
+            stale_window: STALE_WINDOW,
             seen: Seen::default(),
+            retire_wait: None,
         }
     }
 }
@@ -164,6 +180,7 @@ impl ApplyStep for HostApply {
                 lost_change: prepared.lost_change.clone(),
                 restart_pending: false,
                 apply_pending: !plan.in_sync(),
+                look_again: None,
             });
             // The other servers still need to see this one (its keys for the published
             // union, and that it is live).
@@ -203,8 +220,12 @@ impl ApplyStep for HostApply {
                 restart.describe()
             ),
             (RestartOutcome::NotNeeded, _) => format!(
-                "in sync ({}: signing issuer {issuer})",
-                plan.distribution.name()
+                "in sync ({}: signing issuer {issuer}){}",
+                plan.distribution.name(),
+                self.retire_wait
+                    .as_ref()
+                    .map(|(why, _)| format!("; {why}"))
+                    .unwrap_or_default()
             ),
             (RestartOutcome::Pending(r), false) => format!(
                 "wrote {}; restart pending: the apiserver still signs with the old issuer until `{}`",
@@ -224,15 +245,29 @@ impl ApplyStep for HostApply {
                 config::format_duration(*waited)
             ),
         };
+        if let Goal::Retire(retired) = &prepared.goal {
+            log::info!(
+                "issuer rollout: retired {} on this server ({})",
+                if retired.is_empty() {
+                    "the external audiences".to_string()
+                } else {
+                    retired.join(", ")
+                },
+                summary
+            );
+            forget_stale_reading(root);
+        }
         if !done.restart_pending {
             self.announce(settings);
         }
+        let look_again = self.retire_wait.as_ref().and_then(|(_, after)| *after);
         report.outcome = Ok(Applied {
             changed: !plan.in_sync() || matches!(outcome.restart, RestartOutcome::Verified { .. }),
             summary,
             lost_change: prepared.lost_change.clone(),
             restart_pending: done.restart_pending,
             apply_pending: false,
+            look_again,
         });
         report
     }
@@ -250,12 +285,18 @@ impl HostApply {
         // left by a run that was killed.
         self.release_left_turn(&observed);
         let accepted = &observed.flags.issuers;
+        // The view the retire step may go by: `None` when the membership cannot be read on a
+        // cluster of several servers (then nothing is retired).
+        let mut retire_view: Option<Option<View>> = None;
         let decision = match self.view(&observed) {
             Ok(view) => {
                 if let Some(v) = &view {
                     remember_servers(&self.root, v, &self.run.node);
                 }
-                rollout::decide(accepted, &settings.issuer, view.as_ref(), &self.run.node)
+                let decision =
+                    rollout::decide(accepted, &settings.issuer, view.as_ref(), &self.run.node);
+                retire_view = Some(view);
+                decision
             }
             // Never seen with other servers (a single server whose apiserver is down now):
             // plan as one.
@@ -263,6 +304,7 @@ impl HostApply {
                 log::debug!(
                     "cannot read the cluster's membership ({e}); planning as a single server, as last seen"
                 );
+                retire_view = Some(None);
                 rollout::decide(accepted, &settings.issuer, None, &self.run.node)
             }
             // Without the cluster's view, only what is safe on any number of servers:
@@ -277,7 +319,30 @@ impl HostApply {
                 settings.issuer
             )),
         };
-        match decision {
+        let before = self.retire_wait.take().map(|(why, _)| why);
+        let goal = match decision {
+            Decision::Sign
+                if accepted.first() == Some(&settings.issuer) && settings.run.finalize =>
+            {
+                let retire = match &retire_view {
+                    Some(view) => self.retire(settings, &observed, view.as_ref()),
+                    None => Err((
+                        "the old issuers are retired once the cluster's membership can be read again"
+                            .to_string(),
+                        None,
+                    )),
+                };
+                match retire {
+                    Ok(Some(retire)) => Ok(Goal::Retire(retire)),
+                    Ok(None) => Ok(Goal::Sign { accept_only: false }),
+                    Err((why, after)) => {
+                        // Held by the others (a rotation, a server behind): look again within
+                        // the stale-token window rather than at the next resync.
+                        self.retire_wait = Some((why, after.or(Some(self.stale_window))));
+                        Ok(Goal::Sign { accept_only: false })
+                    }
+                }
+            }
             Decision::Sign => Ok(Goal::Sign { accept_only: false }),
             Decision::AcceptOnly => {
                 log::info!(
@@ -291,7 +356,181 @@ impl HostApply {
                 self.announce(settings);
                 Err(format!("issuer rollout: {why}"))
             }
+        };
+        if let Some((why, _)) = &self.retire_wait
+            && before.as_ref() != Some(why)
+        {
+            if why.contains(" rose from ") {
+                log::warn!("issuer rollout: {why}");
+            } else {
+                log::info!("issuer rollout: {why}");
+            }
         }
+        goal
+    }
+
+    /// The third step of the issuer rollout ([`rollout`]): the old issuers this server retires
+    /// now (`Ok(Some)`), nothing to retire (`Ok(None)`), or why not yet and when to look again
+    /// (`Err`). The same rule as `irsa-agent finalize` ([`executor::finalize_decision`], the
+    /// longest token lifetime, the audiences), taken from the last server's switch
+    /// ([`rollout::retire_hold`]), after no key rotation, and only while this apiserver's
+    /// `serviceaccount_stale_tokens_total` stays still ([`Self::stale_tokens_still`]).
+    fn retire(
+        &mut self,
+        settings: &Settings,
+        observed: &apiserver::Observed,
+        view: Option<&View>,
+    ) -> Result<Option<Vec<String>>, (String, Option<Duration>)> {
+        let st = state::State::load(&self.root).map_err(|e| {
+            (
+                format!("the old issuers stay: the state file cannot be read ({e})"),
+                None,
+            )
+        })?;
+        let previous = st
+            .issuer
+            .as_ref()
+            .map(|i| i.previous.clone())
+            .unwrap_or_default();
+        let audiences = executor::FinalizeAudiences::of(observed, &previous);
+        if audiences.blocked() {
+            // The apiserver step puts the in-cluster audiences back first.
+            return Ok(None);
+        }
+        let lifetime = executor::longest_token_lifetime(settings.rotation.token_lifetime, observed);
+        let now = state::unix_now();
+        let (retire, switched_at) = match executor::finalize_decision(
+            st.issuer.as_ref(),
+            &settings.issuer,
+            &observed.flags.issuers,
+            &audiences.external,
+            now,
+            lifetime,
+        ) {
+            FinalizeDecision::Ready { retire } => {
+                let at = st.issuer.as_ref().and_then(|i| i.switched_at).unwrap_or(0);
+                (retire, at)
+            }
+            FinalizeDecision::TooEarly {
+                retire,
+                switched_at,
+                ..
+            } => (retire, switched_at),
+            // Nothing to retire, or no switch irsa-agent saw in effect here (the apiserver
+            // step verifies it first).
+            _ => return Ok(None),
+        };
+        let rotating = crate::rotation::load_state(&self.root)
+            .ok()
+            .flatten()
+            .is_some_and(|r| r.phase.name() != crate::rotation::machine::PhaseName::Idle);
+        if rotating {
+            return Err((
+                "the old issuers are retired after the key rotation in progress".to_string(),
+                None,
+            ));
+        }
+        if let Err(hold) = rollout::retire_hold(
+            view,
+            &settings.issuer,
+            &self.run.node,
+            switched_at,
+            lifetime,
+            now,
+        ) {
+            // Due at a known time: look again then (a resync may be far).
+            let after = hold
+                .due
+                .map(|due| Duration::from_secs(due.saturating_sub(now).max(1)));
+            return Err((hold.why, after));
+        }
+        self.stale_tokens_still(observed, &settings.issuer, now)
+            .map_err(|(why, after)| (why, Some(after)))?;
+        log::info!(
+            "issuer rollout: every apiserver signs with {} and no token minted with {} can be valid any more: retiring it on this server",
+            settings.issuer,
+            if retire.is_empty() {
+                "an external audience alone".to_string()
+            } else {
+                retire.join(", ")
+            }
+        );
+        Ok(Some(retire))
+    }
+
+    /// The evidence `finalize` asks of this apiserver before retiring anything: it answers
+    /// ready, serving `issuer`, with a readable `serviceaccount_stale_tokens_total` that has not
+    /// risen for [`Self::stale_window`] (readings kept in the state file). A rising counter means
+    /// a client presents tokens past their original expiry (a client that read its token once):
+    /// it may hold one minted with an old issuer, which retiring would reject, so the daemon
+    /// holds and says so; `irsa-agent finalize` by hand retires anyway (with a warning).
+    fn stale_tokens_still(
+        &mut self,
+        observed: &apiserver::Observed,
+        issuer: &str,
+        now: u64,
+    ) -> Result<(), (String, Duration)> {
+        let window = self.stale_window;
+        let mut edges = change::edges(&self.root, observed, &self.run);
+        let Some(probe) = edges.probe.as_mut() else {
+            return Err((
+                format!(
+                    "the old issuers stay until this apiserver can be asked about stale tokens ({})",
+                    edges.probe_error.unwrap_or_default()
+                ),
+                window,
+            ));
+        };
+        let (status, stale) = crate::runtime::block_on(async {
+            let status = probe.check().await;
+            let stale = probe.stale_tokens().await;
+            (status, stale)
+        });
+        if !status.ready || status.issuer.as_deref() != Some(issuer) {
+            return Err((
+                format!(
+                    "the old issuers stay until this apiserver answers ready, serving {issuer} ({})",
+                    status.detail
+                ),
+                window,
+            ));
+        }
+        let Some(stale) = stale else {
+            return Err((
+                "the old issuers stay until this apiserver's /metrics (serviceaccount_stale_tokens_total) can be read"
+                    .to_string(),
+                window,
+            ));
+        };
+        let verdict = stale_verdict(stale_reading(&self.root), stale, now, window);
+        match verdict {
+            Stale::Still => return Ok(()),
+            Stale::Quiet { .. } => {}
+            Stale::Rose { .. } | Stale::First => record_stale_reading(&self.root, stale, now),
+        }
+        let why = match verdict {
+            Stale::Rose { from } => {
+                let why = format!(
+                    "the old issuers stay: serviceaccount_stale_tokens_total rose from {from} to {stale} on this apiserver, so a client presents tokens past their original expiry and may hold one minted with an old issuer; find it in the audit log (authentication.k8s.io/stale-token); retired once the counter stays still for {}, or now by `irsa-agent finalize`",
+                    config::format_duration(window)
+                );
+                return Err((why, window));
+            }
+            Stale::Quiet { so_far } => format!(
+                "the old issuers are retired once serviceaccount_stale_tokens_total ({stale}) has stayed still for {} on this apiserver ({} so far)",
+                config::format_duration(window),
+                config::format_duration(so_far)
+            ),
+            _ => format!(
+                "the old issuers are retired once serviceaccount_stale_tokens_total ({stale}) has stayed still for {} on this apiserver",
+                config::format_duration(window)
+            ),
+        };
+        let after = match verdict {
+            Stale::Quiet { so_far } => window.saturating_sub(so_far),
+            _ => window,
+        };
+        Err((why, after.max(Duration::from_secs(1))))
     }
 
     /// The cluster's membership, from this converge's Leases ([`Self::leases`]); `None` when
@@ -400,7 +639,14 @@ impl HostApply {
             .flatten()
             .map(|st| st.phase.name().to_string())
             .unwrap_or_default();
-        let report = Report::of(&observed, &settings.issuer, &rotation);
+        let mut report = Report::of(&observed, &settings.issuer, &rotation);
+        // Since when its apiserver signs with its signing issuer, as recorded here: the
+        // cluster's old issuers go the longest token lifetime after the last server's switch.
+        report.switched_at = state::State::load(&self.root)
+            .ok()
+            .and_then(|s| s.issuer)
+            .filter(|i| observed.flags.issuers.first() == Some(&i.issuer))
+            .and_then(|i| i.switched_at);
         let seconds = i32::try_from(membership::lease_seconds(settings)).unwrap_or(i32::MAX);
         let node = self.run.node.clone();
         let listed = self.listed(&membership::lease_name(&node));
@@ -472,4 +718,85 @@ pub fn remembered_servers(root: &HostRoot) -> Vec<String> {
 
 fn now_i64() -> i64 {
     i64::try_from(state::unix_now()).unwrap_or(i64::MAX)
+}
+
+/// Where the daemon keeps its last reading of `serviceaccount_stale_tokens_total` (a top-level
+/// key of the state file): the value and when it was first seen.
+const STALE_KEY: &str = "stale-tokens";
+
+/// What two readings of `serviceaccount_stale_tokens_total` say.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Stale {
+    /// The same value for the whole window: the old issuers may go.
+    Still,
+    /// The same value, for `so_far` (less than the window).
+    Quiet { so_far: Duration },
+    /// It rose: a client presents stale tokens now.
+    Rose { from: f64 },
+    /// No reading before, or the counter went down (the apiserver restarted): a new start.
+    First,
+}
+
+/// `before`: the last reading (value, since when); `value` now, at `now`.
+fn stale_verdict(before: Option<(f64, u64)>, value: f64, now: u64, window: Duration) -> Stale {
+    match before {
+        Some((v, since)) if v == value => {
+            let so_far = Duration::from_secs(now.saturating_sub(since));
+            if so_far >= window {
+                Stale::Still
+            } else {
+                Stale::Quiet { so_far }
+            }
+        }
+        Some((v, _)) if v < value => Stale::Rose { from: v },
+        _ => Stale::First,
+    }
+}
+
+fn stale_reading(root: &HostRoot) -> Option<(f64, u64)> {
+    let st = state::State::load(root).ok()?;
+    let v = st.other.get(STALE_KEY)?;
+    Some((v.get("value")?.as_f64()?, v.get("since")?.as_u64()?))
+}
+
+fn record_stale_reading(root: &HostRoot, value: f64, now: u64) {
+    let record = serde_json::json!({"value": value, "since": now});
+    if let Err(e) = state::State::update(root, |s| {
+        s.other.insert(STALE_KEY.to_string(), record);
+    }) {
+        log::warn!("cannot record the stale-token reading in the state file: {e}");
+    }
+}
+
+fn forget_stale_reading(root: &HostRoot) {
+    if let Err(e) = state::State::update(root, |s| {
+        s.other.remove(STALE_KEY);
+    }) {
+        log::debug!("cannot remove the stale-token reading from the state file: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stale_token_counter_must_stay_still_for_the_whole_window() {
+        let w = Duration::from_secs(300);
+        assert_eq!(stale_verdict(None, 0.0, 1000, w), Stale::First);
+        assert_eq!(
+            stale_verdict(Some((0.0, 1000)), 0.0, 1100, w),
+            Stale::Quiet {
+                so_far: Duration::from_secs(100)
+            }
+        );
+        assert_eq!(stale_verdict(Some((0.0, 1000)), 0.0, 1300, w), Stale::Still);
+        // A client presented a stale token meanwhile: it starts again, and says so.
+        assert_eq!(
+            stale_verdict(Some((2.0, 1000)), 3.0, 5000, w),
+            Stale::Rose { from: 2.0 }
+        );
+        // The apiserver restarted (the counter starts from 0 again): a new first reading.
+        assert_eq!(stale_verdict(Some((7.0, 1000)), 0.0, 5000, w), Stale::First);
+    }
 }
