@@ -152,6 +152,8 @@ fn three_k3s_servers_rotate_to_idle_with_one_driver_and_followers_that_restart_t
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/probe/ca.crt"),
     )
     .expect("test CA");
+    // `run.finalize: false`: every restart here is the rotation's (the agents would otherwise
+    // retire k3s's default issuer once the rotation is over; the kubeadm test covers that).
     for (i, s) in ha.servers.iter().enumerate() {
         let ca_path = s.path("/etc/irsa-agent/test-ca.crt");
         std::fs::create_dir_all(ca_path.parent().expect("parent")).expect("mkdir");
@@ -159,7 +161,7 @@ fn three_k3s_servers_rotate_to_idle_with_one_driver_and_followers_that_restart_t
         ha.agent_config(
             i,
             &format!(
-                "issuer: {ISSUER}\ndistribution: k3s\nca-file: /etc/irsa-agent/test-ca.crt\npublish:\n  - type: directory\n    path: /srv/oidc\n    cache-control: \"public, max-age=0\"\nrotation:\n  enabled: true\n  every: 30d\n  propagation-wait: 0s\n  cdn-ttl: 0s\n  token-lifetime: 10m\n  drain-margin: 0s\nrun:\n  resync-interval: 30s\n"
+                "issuer: {ISSUER}\ndistribution: k3s\nca-file: /etc/irsa-agent/test-ca.crt\npublish:\n  - type: directory\n    path: /srv/oidc\n    cache-control: \"public, max-age=0\"\nrotation:\n  enabled: true\n  every: 30d\n  propagation-wait: 0s\n  cdn-ttl: 0s\n  token-lifetime: 10m\n  drain-margin: 0s\nrun:\n  resync-interval: 30s\n  finalize: false\n"
             ),
         );
         // A rotation is due on every server at once: the Lease must elect one driver.

@@ -15,6 +15,9 @@
 //!    (token lifetime 10 minutes, no propagation hold) the rotation runs to its end: the old key
 //!    is retired everywhere, `sa.key` holds the new key on every node, the shared key is gone.
 //!
+//! 3. Once the rotation is over, the agents retire kubeadm's default issuer by themselves (every
+//!    node switched more than the tokens' lifetime ago): one restart per node, one at a time.
+//!
 //! Faults, drawn from a printed seed (`IRSA_TEST_SEED=<it>` draws the same points): a follower's
 //! agent (cp2's) is killed (-9) while it installs one of the driver's steps (the nth time it
 //! says "installing", then up to 2 s more) and the driver's daemon (cp1's) right after it writes
@@ -24,8 +27,8 @@
 //! Throughout, a workload mints tokens through every apiserver and re-checks every live one
 //! against all three (TokenReview), and a monitor samples how many apiservers are down. Figures:
 //! tokens rejected (must be 0), apiservers down at once (must be 1), restarts per server per
-//! rollout and rotation phase, wall time. About 17 minutes: tests/run.sh runs it in the
-//! background beside the rest of the suite.
+//! rollout and rotation phase and to retire the old issuer, wall time. About 19 minutes:
+//! tests/run.sh runs it in the background beside the rest of the suite.
 
 mod ha_site;
 mod ha_support;
@@ -39,6 +42,8 @@ use ha_support::{Ha, unix_ms};
 use rand::{Rng as _, SeedableRng as _};
 
 const KCM_MANIFEST: &str = "/etc/kubernetes/manifests/kube-controller-manager.yaml";
+/// The issuer kubeadm's apiservers sign with before the rollout.
+const DEFAULT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 
 /// The kid of the key in a host's `sa.key`.
 fn sa_key_kid(root: &Path) -> String {
@@ -349,13 +354,53 @@ fn three_kubeadm_nodes_roll_an_issuer_out_then_rotate_the_key_to_the_end() {
         std::thread::sleep(Duration::from_millis(200));
     }
     std::thread::sleep(Duration::from_secs(3));
+    // Restarts per server by the driver's phase when each apiserver started (counted now: the
+    // retirement of the old issuer below restarts every apiserver once more).
+    let steps = ha_site::STEPS;
+    let restarts = ha_site::restarts_by_phase(&ha, &timeline, &starts_at_rotation);
+
+    // 3. The old issuer goes by itself: every node switched to the public issuer more than the
+    // tokens' 10-minute lifetime ago and the rotation is over, so each agent retires kubeadm's
+    // default issuer on its own node, one restart at a time, once its apiserver's stale-token
+    // counter has stayed still (50 s with --recheck-interval 10s). The workload keeps minting
+    // and checking; the tokens it minted with the default issuer before the rollout have expired.
+    let starts_at_finalize: Vec<usize> = ha.servers.iter().map(|s| s.starts()).collect();
+    let finalize_begin = Instant::now();
+    let deadline = finalize_begin + Duration::from_secs(480);
+    while !ha.servers.iter().all(|s| s.manifest_issuers() == [ISSUER]) {
+        assert!(
+            Instant::now() < deadline,
+            "the agents did not retire the default issuer within 8 minutes of the rotation's end: {:?}\n{}",
+            ha.servers
+                .iter()
+                .map(|s| s.manifest_issuers())
+                .collect::<Vec<_>>(),
+            logs(&agents)
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    for (i, before) in starts_at_finalize.iter().enumerate() {
+        ha.wait_restarted(i, *before, Duration::from_secs(180));
+    }
+    let finalized = finalize_begin.elapsed();
+    eprintln!(
+        "{:6.1}s: every node retired the default issuer, {:.1}s after the rotation ended",
+        t.elapsed().as_secs_f64(),
+        finalized.as_secs_f64()
+    );
+    let rounds = workload.report().rounds;
+    while workload.report().rounds < rounds + 2 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let tokens = workload.finish();
     let down = monitor.finish();
     drop(site);
-
-    // Restarts per server by the driver's phase when each apiserver started.
-    let steps = ha_site::STEPS;
-    let restarts = ha_site::restarts_by_phase(&ha, &timeline, &starts_at_rotation);
+    let finalize_restarts: Vec<usize> = ha
+        .servers
+        .iter()
+        .zip(&starts_at_finalize)
+        .map(|(s, b)| s.starts() - b)
+        .collect();
     let sustained = sustained_down(&down, 1.0);
     eprintln!(
         "kubeadm issuer rollout then key rotation on 3 nodes (real kube-apiservers, kubelet stand-ins): setup {:.1}s, issuer rolled out {:.1}s after the daemons started (restarts {rollout_starts:?}), every apiserver signing with {new_kid} {:.1}s after `rotate --now`, rotation complete {:.1}s after it; wall time {:.1}s",
@@ -379,6 +424,10 @@ fn three_kubeadm_nodes_roll_an_issuer_out_then_rotate_the_key_to_the_end() {
     for (k, step) in steps.iter().enumerate() {
         eprintln!("rotation restarts while cp1 was {step}: {:?}", restarts[k]);
     }
+    eprintln!(
+        "restarts to retire the default issuer: {finalize_restarts:?}, done {:.1}s after the rotation ended",
+        finalized.as_secs_f64()
+    );
     for r in &tokens.rejections {
         eprintln!("rejected: {r}");
     }
@@ -458,6 +507,22 @@ fn three_kubeadm_nodes_roll_an_issuer_out_then_rotate_the_key_to_the_end() {
         ha.signing_kids()
     );
     assert_ne!(old_kid, new_kid);
+    // The old issuer went once per node, each agent on its own node, by itself.
+    assert_eq!(
+        finalize_restarts,
+        vec![1; n],
+        "restarts to retire the default issuer\n{}",
+        logs(&agents)
+    );
+    for (i, a) in agents.iter().enumerate() {
+        assert!(
+            a.output()
+                .contains(&format!("retired {DEFAULT_ISSUER} on this server")),
+            "{} does not say it retired {DEFAULT_ISSUER}\n{}",
+            ha.servers[i].name,
+            logs(&agents)
+        );
+    }
 }
 
 /// `irsa-agent rotate --abort` on the driver once every node verifies with the new key (before
