@@ -115,9 +115,20 @@ pub struct Report {
 impl Report {
     /// What this server's apiserver accepts, verifies and signs with, by its files (what it
     /// runs with once a change is verified), with the agent's phases: of the rollout of
-    /// `issuer`, and of the rotation (`rotation`: its phase name, empty when none ever ran).
-    pub fn of(observed: &crate::apiserver::Observed, issuer: &str, rotation: &str) -> Report {
+    /// `issuer`, and of the rotation (`rotation`: its phase name, empty when none ever ran), and
+    /// since when it signs with its signing issuer (`root`'s state file).
+    pub fn of(
+        root: &crate::host::HostRoot,
+        observed: &crate::apiserver::Observed,
+        issuer: &str,
+        rotation: &str,
+    ) -> Report {
         let issuers = observed.flags.issuers.clone();
+        let switched_at = crate::state::State::load(root)
+            .ok()
+            .and_then(|s| s.issuer)
+            .filter(|i| issuers.first() == Some(&i.issuer))
+            .and_then(|i| i.switched_at);
         Report {
             version: env!("CARGO_PKG_VERSION").to_string(),
             rollout: crate::rollout::phase(&issuers, issuer).to_string(),
@@ -134,7 +145,7 @@ impl Report {
                 .as_ref()
                 .map(crate::keys::PublicKey::kid),
             rotation: rotation.to_string(),
-            switched_at: None,
+            switched_at,
             jwks: observed
                 .keys
                 .verification
@@ -168,6 +179,15 @@ pub fn peer_keys(view: &View, me: &str) -> Vec<(String, crate::keys::PublicKey)>
         }
     }
     out
+}
+
+/// The kids of [`peer_keys`], sorted, each once: what a change in the other servers' keys is
+/// told by (a follower republishes the union when it changes).
+pub fn peer_kids(view: &View, me: &str) -> Vec<String> {
+    let mut kids: Vec<String> = peer_keys(view, me).iter().map(|(_, k)| k.kid()).collect();
+    kids.sort();
+    kids.dedup();
+    kids
 }
 
 /// How long an agent's Lease lives after a renewal: three resyncs, so that one missed renewal

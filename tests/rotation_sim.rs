@@ -44,7 +44,7 @@ fn followers_follow(sim: &mut Sim, _: &StepOutcome) {
     let phase = state(sim).phase.name().to_string();
     let host = irsa_agent::host::HostRoot::new(sim.root());
     let observed = irsa_agent::apiserver::observe(&host, Distribution::K3s).expect("observe");
-    let driver = Report::of(&observed, ISSUER, &phase);
+    let driver = Report::of(&host, &observed, ISSUER, &phase);
     let n = sim.world().servers.len();
     for i in 1..n {
         let mine = {
@@ -565,7 +565,7 @@ fn kubeadm_followers_follow(sim: &mut Sim, _: &StepOutcome) {
     let phase = state(sim).phase.name().to_string();
     let host = irsa_agent::host::HostRoot::new(sim.root());
     let observed = irsa_agent::apiserver::observe(&host, Distribution::Kubeadm).expect("observe");
-    let driver = Report::of(&observed, ISSUER, &phase);
+    let driver = Report::of(&host, &observed, ISSUER, &phase);
     let Some(sealed) = sim.world().shared.clone() else {
         return;
     };

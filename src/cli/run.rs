@@ -55,6 +55,7 @@ fn tasks(global: &Global, args: &Args) -> Vec<Box<dyn ScheduledTask>> {
         root: global.root.clone(),
         edges,
         options,
+        peer_kids: None,
     })]
 }
 

@@ -639,14 +639,7 @@ impl HostApply {
             .flatten()
             .map(|st| st.phase.name().to_string())
             .unwrap_or_default();
-        let mut report = Report::of(&observed, &settings.issuer, &rotation);
-        // Since when its apiserver signs with its signing issuer, as recorded here: the
-        // cluster's old issuers go the longest token lifetime after the last server's switch.
-        report.switched_at = state::State::load(&self.root)
-            .ok()
-            .and_then(|s| s.issuer)
-            .filter(|i| observed.flags.issuers.first() == Some(&i.issuer))
-            .and_then(|i| i.switched_at);
+        let report = Report::of(&self.root, &observed, &settings.issuer, &rotation);
         let seconds = i32::try_from(membership::lease_seconds(settings)).unwrap_or(i32::MAX);
         let node = self.run.node.clone();
         let listed = self.listed(&membership::lease_name(&node));

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use super::tasks::{ScheduledTask, TaskContext, TaskReason};
 use crate::host::HostRoot;
 use crate::keys::PublicKey;
-use crate::rotation::follow::Look;
+use crate::rotation::follow::{Look, Looked};
 use crate::rotation::{self, HostEdges, Options, PhaseName};
 
 /// The rotation task.
@@ -23,6 +23,10 @@ pub struct RotationTask {
     pub root: HostRoot,
     pub edges: HostEdges,
     pub options: Options,
+    /// The other servers' keys at the last look ([`crate::membership::peer_kids`]): when they
+    /// change (a peer restarted with a new key, or without a retired one) the task asks for a
+    /// converge, which republishes the union, instead of leaving it to the next resync.
+    pub peer_kids: Option<Vec<String>>,
 }
 
 fn system_time(unix: u64) -> SystemTime {
@@ -33,7 +37,7 @@ impl RotationTask {
     /// One look of [`rotation::follow::follow`] on a blocking thread. A failure is logged and
     /// counts as a quiet cluster: this server's own schedule goes on (a start still waits for
     /// another driver), and the next look comes within the recheck interval.
-    async fn follow(&self, ctx: &mut TaskContext<'_>) -> Look {
+    async fn follow(&mut self, ctx: &mut TaskContext<'_>) -> Look {
         // A host that cannot be read (not a server, a broken file) has nothing to follow with;
         // the converge says why, once.
         if crate::apiserver::install::observe(&self.root, ctx.settings.distribution).is_err() {
@@ -45,7 +49,7 @@ impl RotationTask {
         let options = self.options.clone();
         let clock = ctx.clock.clone();
         let followed = ctx
-            .blocking(move || -> Result<Look, rotation::RotationError> {
+            .blocking(move || -> Result<Looked, rotation::RotationError> {
                 crate::runtime::block_on(async {
                     let mut rctx =
                         rotation::Context::for_host(&root, &settings, clock, edges, options)
@@ -55,7 +59,19 @@ impl RotationTask {
             })
             .await;
         match followed {
-            Ok(Ok(look)) => look,
+            Ok(Ok(Looked { look, peer_kids })) => {
+                if let Some(kids) = peer_kids {
+                    if self.peer_kids.as_ref().is_some_and(|before| *before != kids) {
+                        log::debug!(
+                            "rotation: the other servers' keys changed ({}): converging to republish",
+                            kids.join(", ")
+                        );
+                        ctx.request_converge();
+                    }
+                    self.peer_kids = Some(kids);
+                }
+                look
+            }
             Ok(Err(e)) => {
                 log::warn!("rotation: cannot follow the cluster's rotation: {e}");
                 Look::Quiet

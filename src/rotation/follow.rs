@@ -254,6 +254,14 @@ pub fn decide_files(
     }
 }
 
+/// What a follower's look found, and the other servers' keys as their Leases say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Looked {
+    pub look: Look,
+    /// [`membership::peer_kids`], when the Leases were read.
+    pub peer_kids: Option<Vec<String>>,
+}
+
 /// What a follower's look found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Look {
@@ -276,11 +284,15 @@ impl Look {
 /// One look of a follower: when another agent drives a rotation and this server lacks what it
 /// advanced to, brings this server there (k3s/RKE2: restarts it; kubeadm: installs the step's
 /// files), holding the restart Lease, and waits until its apiserver serves the driver's keys.
-pub async fn follow(ctx: &mut Context) -> Result<Look, RotationError> {
+pub async fn follow(ctx: &mut Context) -> Result<Looked, RotationError> {
     let observed = install::observe(&ctx.root, ctx.settings.distribution)?;
     let _lock = lock(&ctx.root)?;
+    let alone = Looked {
+        look: Look::Alone,
+        peer_kids: None,
+    };
     if super::load_state(&ctx.root)?.is_some_and(|st| st.phase.name() != super::PhaseName::Idle) {
-        return Ok(Look::Alone);
+        return Ok(alone);
     }
     let Some(view) = ctx
         .cluster
@@ -288,20 +300,33 @@ pub async fn follow(ctx: &mut Context) -> Result<Look, RotationError> {
         .await
         .map_err(|e| failed(format!("cannot read the other servers' agent Leases: {e}")))?
     else {
-        return Ok(Look::Alone);
+        return Ok(alone);
     };
     let me = ctx.cluster.node().to_string();
+    let peer_kids = Some(membership::peer_kids(&view, &me));
+    let look = follow_in(ctx, &observed, &view, &me).await?;
+    Ok(Looked { look, peer_kids })
+}
+
+/// [`follow`] once the Leases were read (under the rotation lock).
+async fn follow_in(
+    ctx: &mut Context,
+    observed: &crate::apiserver::Observed,
+    view: &membership::View,
+    me: &str,
+) -> Result<Look, RotationError> {
+    let me = me.to_string();
     if !view.agents.iter().any(|a| a.node != me) {
         return Ok(Look::Alone);
     }
-    let host = install::host_keys(&observed)?;
+    let host = install::host_keys(observed)?;
     let mine = Keys::new(host.verification.iter().cloned(), Some(host.signing.kid()));
     let mut record = Record::load(&ctx.root);
     let shared = observed.source.keys_shared_by_servers();
     let decision = if shared {
-        decide(&me, &mine, &view, record.tried.as_ref())
-    } else if driver(&view, &me).is_none() {
-        return take_out_aborted(ctx, &observed, &mine, &mut record)
+        decide(&me, &mine, view, record.tried.as_ref())
+    } else if driver(view, &me).is_none() {
+        return take_out_aborted(ctx, observed, &mine, &mut record)
             .await
             .map(Look::of);
     } else {
@@ -313,13 +338,13 @@ pub async fn follow(ctx: &mut Context) -> Result<Look, RotationError> {
             }
             Err(e) => return Err(failed(format!("cannot read the shared new key: {e}"))),
         };
-        match decide_files(&me, &mine, &view, &sealed.new_kid, record.tried.as_ref()) {
+        match decide_files(&me, &mine, view, &sealed.new_kid, record.tried.as_ref()) {
             Follow::Restart {
                 driver,
                 target,
                 why,
             } => {
-                return install_step(ctx, &observed, &mut record, &sealed, &driver, target, &why)
+                return install_step(ctx, observed, &mut record, &sealed, &driver, target, &why)
                     .await
                     .map(Look::of);
             }
@@ -407,7 +432,7 @@ async fn serves(ctx: &mut Context, driver: &str, kids: &[String]) -> Result<(), 
 /// Says in this server's Lease what its apiserver has now (the driver waits for it).
 async fn announce(ctx: &mut Context) {
     if let Ok(observed) = install::observe(&ctx.root, ctx.settings.distribution) {
-        let report = membership::Report::of(&observed, &ctx.settings.issuer, "");
+        let report = membership::Report::of(&ctx.root, &observed, &ctx.settings.issuer, "");
         if let Err(e) = ctx.cluster.announce(&report).await {
             log::debug!("rotation: cannot announce this server's keys: {e}");
         }

@@ -741,7 +741,7 @@ async fn coordinate(ctx: &mut Context, st: &RotationState, from: PhaseName) {
     let Ok(observed) = install::observe(&ctx.root, ctx.settings.distribution) else {
         return;
     };
-    let report = membership::Report::of(&observed, &ctx.settings.issuer, to.as_str());
+    let report = membership::Report::of(&ctx.root, &observed, &ctx.settings.issuer, to.as_str());
     if let Err(e) = ctx.cluster.announce(&report).await {
         log::debug!("rotation: cannot announce this server's rotation phase: {e}");
     }
