@@ -1191,3 +1191,110 @@ fn the_daemon_serves_the_webhook_when_enabled_and_stops_when_disabled() {
         "the webhook port is still open"
     );
 }
+
+/// The issuer rollout's last step on one server: two days after the daemon switched k3s to the
+/// public issuer (its own record in the state file, moved back: the only thing faked here is
+/// the time), the daemon retires k3s's default issuer by itself, as `irsa-agent finalize`
+/// would, but only once the apiserver's `serviceaccount_stale_tokens_total` has stayed still
+/// for the window (5 s with `--recheck-interval 1s`): a rise holds it, and it says so.
+#[test]
+fn retires_the_old_issuer_by_itself_once_no_token_of_it_can_be_valid_and_no_stale_token_is_used() {
+    const DEFAULT: &str = "https://kubernetes.default.svc.cluster.local";
+    let host = k3s_host("");
+    let behaviour = Behaviour::FollowHost {
+        root: host.root().to_path_buf(),
+        distribution: Distribution::K3s,
+    };
+    let (_server, mut d) = start_with_apiserver(&host, behaviour, "20s");
+    d.wait_ready();
+    let status = d.wait_status("the switch recorded", |s| {
+        s["issuer"]["switched_at"].as_u64().is_some()
+    });
+    assert_eq!(status["issuer"]["previous"], serde_json::json!([DEFAULT]));
+    // Just switched: nothing retired (the tokens minted with the default issuer live a day).
+    d.wait_status("a quiet converge", |s| {
+        s["daemon"]["apiserver"]["result"] == "in-sync"
+    });
+    let status = d.status();
+    let summary = status["daemon"]["apiserver"]["message"]
+        .as_str()
+        .unwrap_or("");
+    assert!(
+        summary.contains("the old issuers are retired after"),
+        "{summary}"
+    );
+    let (code, _) = d.stop();
+    assert!(code.success());
+    let config = String::from_utf8(read(&host, "/etc/rancher/k3s/config.yaml")).expect("utf-8");
+    assert!(config.contains(DEFAULT), "{config}");
+
+    // Two days later, with a client that used stale tokens 3 times so far.
+    let state_path = host.path("/var/lib/irsa-agent/state.json");
+    let mut state: Value =
+        serde_json::from_slice(&std::fs::read(&state_path).expect("state")).expect("json");
+    let switched = state["issuer"]["switched_at"]
+        .as_u64()
+        .expect("switched_at");
+    state["issuer"]["switched_at"] = (switched - 2 * 86_400).into();
+    std::fs::write(&state_path, serde_json::to_vec(&state).expect("json")).expect("state");
+    std::fs::write(host.root().join("fake-stale-tokens"), "3").expect("counter");
+    let systemctl = host.fake_systemctl().display().to_string();
+    let mut d = Daemon::start(
+        host.root(),
+        &[
+            "--systemctl",
+            &systemctl,
+            "--poll-interval",
+            "100ms",
+            "--timeout",
+            "20s",
+            "--recheck-interval",
+            "1s",
+        ],
+        &[],
+    );
+    d.wait_ready();
+    // The first reading is recorded; the client uses a stale token again before the window ends.
+    let read_state = || -> Value {
+        serde_json::from_slice(&std::fs::read(&state_path).unwrap_or_default()).unwrap_or_default()
+    };
+    if eventually(DEADLINE, || read_state()["stale-tokens"]["value"].as_f64()).is_none() {
+        panic!("no stale-token reading recorded\n{}", d.log());
+    }
+    std::fs::write(host.root().join("fake-stale-tokens"), "4").expect("counter");
+    if eventually(DEADLINE, || {
+        d.log().contains("rose from 3 to 4").then_some(())
+    })
+    .is_none()
+    {
+        panic!("the rise was not reported\n{}", d.log());
+    }
+    assert_eq!(host.systemctl_log(), "restart k3s\n", "held while it rose");
+    // Then it stays at 4 for the window: the default issuer goes, with one restart.
+    let status = d.wait_status("the default issuer retired", |s| {
+        s["issuer"]["retired"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|i| i == DEFAULT))
+            && s["daemon"]["apiserver"]["result"] == "in-sync"
+    });
+    assert!(
+        status["issuer"]["finalized_at"].as_u64().is_some(),
+        "{status}"
+    );
+    assert_eq!(status["issuer"]["previous"], serde_json::json!([]));
+    assert_eq!(host.systemctl_log(), "restart k3s\nrestart k3s\n");
+    let config = String::from_utf8(read(&host, "/etc/rancher/k3s/config.yaml")).expect("utf-8");
+    assert!(!config.contains(DEFAULT), "{config}");
+    assert!(
+        config.contains("service-account-issuer=https://oidc.example.com/homelab"),
+        "{config}"
+    );
+    assert!(
+        d.log()
+            .contains(&format!("retired {DEFAULT} on this server")),
+        "{}",
+        d.log()
+    );
+    // The reading is forgotten once done.
+    assert!(read_state().get("stale-tokens").is_none());
+}

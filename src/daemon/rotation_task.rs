@@ -61,7 +61,11 @@ impl RotationTask {
         match followed {
             Ok(Ok(Looked { look, peer_kids })) => {
                 if let Some(kids) = peer_kids {
-                    if self.peer_kids.as_ref().is_some_and(|before| *before != kids) {
+                    if self
+                        .peer_kids
+                        .as_ref()
+                        .is_some_and(|before| *before != kids)
+                    {
                         log::debug!(
                             "rotation: the other servers' keys changed ({}): converging to republish",
                             kids.join(", ")

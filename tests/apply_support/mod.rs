@@ -166,7 +166,8 @@ pub enum Behaviour {
     NeverReady,
     /// Ready; serves the first issuer the host's configuration gives it, re-read after every
     /// `systemctl restart` in the fake systemctl log (k3s), or on every request (kubeadm, where
-    /// kubelet picks up manifest changes by itself).
+    /// kubelet picks up manifest changes by itself). Its `serviceaccount_stale_tokens_total` is
+    /// `<root>/fake-stale-tokens` when that exists, else 0.
     FollowHost {
         root: PathBuf,
         distribution: irsa_agent::config::Distribution,
@@ -190,6 +191,14 @@ pub enum Behaviour {
         distribution: irsa_agent::config::Distribution,
         broken: String,
     },
+}
+
+/// The stale-token counter a `FollowHost` apiserver reports: `<root>/fake-stale-tokens`, or 0.
+fn stale_tokens(root: &Path) -> u64 {
+    std::fs::read_to_string(root.join("fake-stale-tokens"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// The keys an apiserver started on `root` loads.
@@ -478,7 +487,10 @@ impl FakeApiserver {
                             ),
                             "/metrics" => (
                                 200,
-                                "# TYPE serviceaccount_stale_tokens_total counter\nserviceaccount_stale_tokens_total 0\n".to_string(),
+                                format!(
+                                    "# TYPE serviceaccount_stale_tokens_total counter\nserviceaccount_stale_tokens_total {}\n",
+                                    stale_tokens(root)
+                                ),
                             ),
                             _ => (404, "not found".to_string()),
                         }
