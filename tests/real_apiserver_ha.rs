@@ -673,26 +673,46 @@ fn one_apiserver_kept_down_holds_every_restart_until_it_is_back() {
     // (server kept down, when it was stopped, when it was seen ready again: Unix ms)
     let mut down: Option<(usize, u64, Instant)> = None;
     let mut back: Option<u64> = None;
+    let mut holding = false;
     let r = daemons.converge(|d, _| {
         if down.is_none() {
-            // Once every agent has announced itself (each after its first change: its server
-            // accepts the issuer), so that every server is known to the others.
+            let signs = |d: &Daemons, i: usize| {
+                d.ha.servers[i]
+                    .manifest_issuers()
+                    .first()
+                    .map(String::as_str)
+                    == Some(ISSUER)
+            };
+            // Once every server accepts the issuer (its manifest says so), the test takes the
+            // restart turn as soon as it is free: a quiet moment (no agent restarting), and at
+            // most one server has signed meanwhile, so at least two still have to restart. (It
+            // waited for the agents' announcements first, and on a loaded machine every other
+            // server had signed by then: nobody was left to hold.)
+            if !holding {
+                if !(0..n).all(|i| {
+                    d.ha.servers[i]
+                        .manifest_issuers()
+                        .iter()
+                        .any(|s| s == ISSUER)
+                }) {
+                    return false;
+                }
+                d.ha.take_restart_lease(0, "the-test", 120, Duration::from_secs(180));
+                holding = true;
+            }
+            // Every agent has announced itself (each after its change was verified), so that
+            // every server is known to the others.
             if d.ha.live_agents(0).len() < n {
                 return false;
             }
-            // A quiet moment: no agent restarting (the test holds the turn); then one that does
-            // not sign with the issuer yet (its agent and the others still have to restart).
-            d.ha.take_restart_lease(0, "the-test", 120, Duration::from_secs(180));
-            let x = (0..n)
-                .rev()
-                .find(|&i| {
-                    d.ha.servers[i]
-                        .manifest_issuers()
-                        .first()
-                        .map(String::as_str)
-                        != Some(ISSUER)
-                })
-                .unwrap_or(n - 1);
+            // One that does not sign with the issuer yet: its agent and another still have to
+            // restart.
+            let unsigned: Vec<usize> = (0..n).filter(|&i| !signs(d, i)).collect();
+            assert!(
+                unsigned.len() >= 2,
+                "servers not signing yet when the test took the restart turn: {unsigned:?}"
+            );
+            let x = unsigned[unsigned.len() - 1];
             let stopped = ha_support::unix_ms();
             d.ha.stop_apiserver(x);
             let other = (x + 1) % n;
