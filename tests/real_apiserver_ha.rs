@@ -103,9 +103,7 @@ fn rollout(test: &str, phases: &[(&str, &[&str])], together: bool) -> Option<Rol
     let monitor = ha.monitor();
     let workload = ha.workload(ISSUER);
     // Tokens minted before anything changes.
-    while workload.report().rounds < 3 {
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    workload.wait_rounds(3);
 
     let mut restarts = vec![vec![0usize; n]; phases.len()];
     let mut returned_early = Vec::new();
@@ -230,10 +228,7 @@ fn rollout(test: &str, phases: &[(&str, &[&str])], together: bool) -> Option<Rol
         );
     }
     // Two more rounds check the newest tokens everywhere.
-    let rounds = workload.report().rounds;
-    while workload.report().rounds < rounds + 2 {
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    workload.wait_more_rounds(2);
     let tokens = workload.finish();
     let down = monitor.finish();
     Some(Rollout {
@@ -367,9 +362,7 @@ impl Daemons {
         }
         let monitor = ha.monitor();
         let workload = ha.workload(ISSUER);
-        while workload.report().rounds < 3 {
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        workload.wait_rounds(3);
         let starts_before: Vec<usize> = ha.servers.iter().map(|s| s.starts()).collect();
         let started = Instant::now();
         let agents = (0..ha.servers.len())
@@ -417,10 +410,7 @@ impl Daemons {
             );
             std::thread::sleep(Duration::from_secs(1));
         };
-        let rounds = self.workload.report().rounds;
-        while self.workload.report().rounds < rounds + 2 {
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        self.workload.wait_more_rounds(2);
         std::thread::sleep(Duration::from_secs(5));
         let restarts = self
             .ha

@@ -178,9 +178,7 @@ fn three_k3s_servers_rotate_to_idle_with_one_driver_and_followers_that_restart_t
     // A round every 5 s: its tokens live 9.5 minutes, so about 340 are live at once (each
     // checked against the three apiservers and the three published copies every round).
     let workload = ha.workload_with(ha.workload_options(ISSUER, WORKLOAD_PERIOD));
-    while workload.report().rounds < 3 {
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    workload.wait_rounds(3);
     let starts_before: Vec<usize> = ha.servers.iter().map(|s| s.starts()).collect();
     let t = Instant::now();
     let agents: Vec<_> = (0..n)
@@ -319,10 +317,7 @@ fn three_k3s_servers_rotate_to_idle_with_one_driver_and_followers_that_restart_t
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    let rounds = workload.report().rounds;
-    while workload.report().rounds < rounds + 2 {
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    workload.wait_more_rounds(2);
     std::thread::sleep(Duration::from_secs(5));
     let tokens = workload.finish();
     let down = monitor.finish();
@@ -524,9 +519,7 @@ fn three_k3s_servers_roll_a_new_issuer_out_one_restart_at_a_time() {
     }
     let monitor = ha.monitor();
     let workload = ha.workload(NEW_ISSUER);
-    while workload.report().rounds < 3 {
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    workload.wait_rounds(3);
     let starts_before: Vec<usize> = ha.servers.iter().map(|s| s.starts()).collect();
     let t = Instant::now();
     let agents: Vec<_> = (0..n)
@@ -567,10 +560,7 @@ fn three_k3s_servers_roll_a_new_issuer_out_one_restart_at_a_time() {
             logs()
         );
     };
-    let rounds = workload.report().rounds;
-    while workload.report().rounds < rounds + 2 {
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    workload.wait_more_rounds(2);
     std::thread::sleep(Duration::from_secs(5));
     let tokens = workload.finish();
     let down = monitor.finish();

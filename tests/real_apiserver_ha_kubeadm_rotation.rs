@@ -193,9 +193,7 @@ fn three_kubeadm_nodes_roll_an_issuer_out_then_rotate_the_key_to_the_end() {
     let monitor = ha.monitor();
     // A round every 5 s: live tokens pile up over the 10-minute drain (as in the k3s test).
     let workload = ha.workload_with(ha.workload_options(ISSUER, Duration::from_secs(5)));
-    while workload.report().rounds < 3 {
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    workload.wait_rounds(3);
     let starts_before: Vec<usize> = ha.servers.iter().map(|s| s.starts()).collect();
     let t = Instant::now();
     let spawn = |i: usize| spawn(&ha, i);
@@ -349,10 +347,7 @@ fn three_kubeadm_nodes_roll_an_issuer_out_then_rotate_the_key_to_the_end() {
     let rotated = rotation_begin.elapsed();
     // The followers retire once the driver did: wait for every apiserver to serve only the new
     // key (the driver's last step waited for that already), then two more workload rounds.
-    let rounds = workload.report().rounds;
-    while workload.report().rounds < rounds + 2 {
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    workload.wait_more_rounds(2);
     std::thread::sleep(Duration::from_secs(3));
     // Restarts per server by the driver's phase when each apiserver started (counted now: the
     // retirement of the old issuer below restarts every apiserver once more).
@@ -388,10 +383,7 @@ fn three_kubeadm_nodes_roll_an_issuer_out_then_rotate_the_key_to_the_end() {
         t.elapsed().as_secs_f64(),
         finalized.as_secs_f64()
     );
-    let rounds = workload.report().rounds;
-    while workload.report().rounds < rounds + 2 {
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    workload.wait_more_rounds(2);
     let tokens = workload.finish();
     let down = monitor.finish();
     drop(site);
@@ -619,10 +611,7 @@ fn an_aborted_rotation_takes_the_new_key_out_of_every_kubeadm_node() {
         std::thread::sleep(Duration::from_secs(1));
     }
     let took_out = aborted.elapsed();
-    let rounds = workload.report().rounds;
-    while workload.report().rounds < rounds + 2 {
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    workload.wait_more_rounds(2);
     let tokens = workload.finish();
     let down = monitor.finish();
     drop(site);

@@ -1501,6 +1501,19 @@ impl Workload {
         self.shared.lock().expect("report").clone()
     }
 
+    /// Waits until it has finished `rounds` rounds in all.
+    pub fn wait_rounds(&self, rounds: u64) {
+        while self.report().rounds < rounds {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until it has finished `more` rounds after the current one (the newest tokens
+    /// checked everywhere).
+    pub fn wait_more_rounds(&self, more: u64) {
+        self.wait_rounds(self.report().rounds + more);
+    }
+
     /// Stops it after its current round; the final figures.
     pub fn finish(mut self) -> WorkloadReport {
         self.stop.store(true, Ordering::SeqCst);
