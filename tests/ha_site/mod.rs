@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -173,4 +173,67 @@ pub fn restarts_by_phase(
         }
     }
     restarts
+}
+
+/// The seed of the faults: `IRSA_TEST_SEED` to replay one, else the clock's.
+pub fn seed() -> u64 {
+    std::env::var("IRSA_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(ha_support::unix_ms)
+}
+
+/// One agent to kill (-9) once its log (after `from` bytes) has the `nth` line containing
+/// `marker`, `delay` later, and to start again `dead_for` after that.
+pub struct Kill {
+    pub server: usize,
+    pub marker: &'static str,
+    pub nth: usize,
+    pub delay: Duration,
+    pub dead_for: Duration,
+    pub from: usize,
+    pub killed: Option<Instant>,
+    pub done: bool,
+}
+
+impl Kill {
+    pub fn due(&self, log: &str) -> bool {
+        log.get(self.from..)
+            .is_some_and(|l| l.lines().filter(|x| x.contains(self.marker)).count() >= self.nth)
+    }
+
+    /// Kills the agent once its point is due, starts it again once it was dead long enough.
+    pub fn tend(
+        &mut self,
+        agent: &mut ha_support::Agent,
+        spawn: impl Fn(usize) -> ha_support::Agent,
+        ha: &ha_support::Ha,
+        t: Instant,
+    ) {
+        if self.done {
+            return;
+        }
+        match self.killed {
+            None if self.due(&agent.output()) => {
+                std::thread::sleep(self.delay);
+                agent.kill();
+                self.killed = Some(Instant::now());
+                eprintln!(
+                    "{:6.1}s: killed {}'s agent (-9)",
+                    t.elapsed().as_secs_f64(),
+                    ha.servers[self.server].name
+                );
+            }
+            Some(at) if at.elapsed() >= self.dead_for => {
+                *agent = spawn(self.server);
+                self.done = true;
+                eprintln!(
+                    "{:6.1}s: started {}'s agent again",
+                    t.elapsed().as_secs_f64(),
+                    ha.servers[self.server].name
+                );
+            }
+            _ => {}
+        }
+    }
 }
