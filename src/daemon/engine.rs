@@ -1066,10 +1066,13 @@ impl Engine {
             );
             let result = slot.task.run(&mut ctx).await;
             slot.status.last_run_at = Some(unix(now));
-            if let Some(line) = ctx.status.take()
-                && slot.status.status.as_ref() != Some(&line)
-            {
-                log::info!("{}", prefixed(&slot.status.name, &line));
+            if let Some(line) = ctx.status.take() {
+                // Logged when it says something new: a countdown ("(in 29d23h)") alone changes
+                // at every run and would log the same state every recheck interval.
+                let before = slot.status.status.as_deref().map(without_countdowns);
+                if before.as_deref() != Some(without_countdowns(&line).as_str()) {
+                    log::info!("{}", prefixed(&slot.status.name, &line));
+                }
                 slot.status.status = Some(line);
             }
             requested |= ctx.converge_requested;
@@ -1246,9 +1249,46 @@ fn fingerprint(watch_set: &WatchSet, settings: &Settings) -> u64 {
     h.finish()
 }
 
+/// `line` without its countdowns: every " (in <duration>)" taken out.
+fn without_countdowns(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(at) = rest.find(" (in ") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + " (in ".len()..];
+        match after.find(')') {
+            Some(end) if !after[..end].contains('(') => rest = &after[end + 1..],
+            _ => {
+                out.push_str(" (in ");
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_countdown_alone_is_not_news() {
+        let a = "idle since 2026-12-07T14:42:54Z; next: start a rotation at 2027-01-06T14:30:10Z (in 29d23h44m); last step: ok";
+        let b = "idle since 2026-12-07T14:42:54Z; next: start a rotation at 2027-01-06T14:30:10Z (in 29d23h43m50s); last step: ok";
+        assert_eq!(without_countdowns(a), without_countdowns(b));
+        assert_eq!(
+            without_countdowns(a),
+            "idle since 2026-12-07T14:42:54Z; next: start a rotation at 2027-01-06T14:30:10Z; last step: ok"
+        );
+        // Anything else that changes is news; a parenthesis that is not a countdown stays.
+        assert_ne!(
+            without_countdowns(a),
+            without_countdowns(&a.replace("ok", "FAILED"))
+        );
+        assert_eq!(without_countdowns("x (in (y) z"), "x (in (y) z");
+        assert_eq!(without_countdowns("x (in 5s"), "x (in 5s");
+    }
 
     #[test]
     fn refuses_a_jwks_without_the_signing_key() {
