@@ -1187,3 +1187,63 @@ async fn run_rotation_from_here(sim: &mut Sim) {
     }
     panic!("did not finish");
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_restart_turn_held_elsewhere_is_waited_for_at_the_recheck_interval_not_failed() {
+    let mut sim = Sim::new(Distribution::K3s, 1);
+    sim.ctx.options.recheck = std::time::Duration::from_secs(60);
+    sim.world().view = Some(View {
+        agents: vec![Member {
+            node: "cp1".into(),
+            live: true,
+            report: Some(Report::default()),
+        }],
+        apiservers: vec!["cp1".into()],
+    });
+    // Another server restarts its apiserver (it holds the restart Lease) for longer than this
+    // agent waits for its turn: every step that restarts this one waits, changes nothing, and
+    // looks again at the re-check interval, without counting a failure (whose back-off grows
+    // to an hour).
+    sim.world().restart_busy = Some("cp2".into());
+    sim.ctx.options.start_now = true;
+    let mut waits = Vec::new();
+    for _ in 0..8 {
+        if waits.len() == 3 {
+            break;
+        }
+        let at = sim.now();
+        let out = rotation::step(&mut sim.ctx, at)
+            .await
+            .expect("a wait, not a failure");
+        sim.ctx.options.start_now = false;
+        if !out.progressed {
+            // (It waited for its turn first: the restart timeout, twice.)
+            assert!(sim.now() > at);
+            assert_eq!(out.next_due, Some(sim.now() + 60), "{out:?}");
+            waits.push(out.status_line.clone());
+        }
+        let due = out.next_due.expect("due").max(sim.now());
+        sim.set_time(due);
+    }
+    assert_eq!(waits.len(), 3, "{waits:?}");
+    for line in &waits {
+        assert!(line.contains("waiting"), "{line}");
+        assert!(
+            line.contains("cp2 is restarting its apiserver"),
+            "names the holder: {line}"
+        );
+        assert!(line.contains("nothing was changed"), "{line}");
+    }
+    let st = state(&sim);
+    assert_eq!(st.failures, 0);
+    assert!(
+        !sim.world().log.iter().any(|l| l.starts_with("systemctl")),
+        "no restart without the turn: {:?}",
+        sim.world().log
+    );
+    // Its turn comes: the rotation goes on at its next look.
+    sim.world().restart_busy = None;
+    let outcomes = run_rotation(&mut sim, nobody).await;
+    assert!(outcomes.iter().all(|o| o.is_ok()), "{outcomes:?}");
+    assert!(state(&sim).history.last().is_some());
+}

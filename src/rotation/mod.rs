@@ -191,6 +191,12 @@ pub enum RotationError {
     /// Something failed half-way; the step is retried with a back-off.
     #[error("{0}")]
     Failed(String),
+    /// Not this server's turn to restart its apiserver (another one restarts, or a peer
+    /// apiserver is down): nothing was changed. A step waits for it (looks again at the
+    /// re-check interval) instead of failing: the back-off of a failure grows to an hour, and
+    /// the cluster must resume as soon as the peer is back.
+    #[error("{0}")]
+    Turn(String),
     #[error(transparent)]
     Transition(#[from] TransitionError),
     #[error(transparent)]
@@ -780,7 +786,9 @@ fn record(
             st.blocked = None;
             st.record_step(at, from, from, true, format!("waiting: {message}"));
             save_state(&ctx.root, st)?;
-            log::info!("rotation: {from}: waiting: {message}");
+            // The status line says it (the daemon logs it when it changes; `rotate` prints it):
+            // a wait looked at every re-check interval is not logged each time.
+            log::debug!("rotation: {from}: waiting: {message}");
             Ok(StepOutcome {
                 phase: from,
                 progressed: false,
@@ -813,6 +821,10 @@ fn record(
                 next_due: st.due_at(),
                 status_line: format!("{from}: {message}"),
             })
+        }
+        Err(RotationError::Turn(why)) => {
+            let recheck_at = at + ctx.options.recheck.as_secs().max(1);
+            record(ctx, st, from, at, Ok(Progress::Waiting(why, recheck_at)))
         }
         Err(err) => {
             st.failures += 1;
@@ -926,7 +938,7 @@ async fn take_turn(ctx: &mut Context) -> Result<Turned, RotationError> {
         cluster.try_turn(seconds).await
     })
     .await
-    .map_err(failed)
+    .map_err(RotationError::Turn)
 }
 
 /// Gives the restart Lease back after a restart made in turn (it expires by itself if this

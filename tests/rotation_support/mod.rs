@@ -187,6 +187,8 @@ pub struct World {
     pub not_in_endpoints: Vec<String>,
     /// kubeadm on several nodes: the sealed new key the driver shared (the Secret).
     pub shared: Option<irsa_agent::rotation::seal::Sealed>,
+    /// Another node holds the restart Lease (its name): this agent's turn never comes.
+    pub restart_busy: Option<String>,
 }
 
 pub type Shared = Arc<Mutex<World>>;
@@ -294,6 +296,7 @@ impl World {
             announced: Vec::new(),
             not_in_endpoints: Vec::new(),
             shared: None,
+            restart_busy: None,
         }))
     }
 
@@ -468,6 +471,16 @@ impl Cluster for FakeCluster {
             });
         }
         w.leases.push(format!("hold {name}"));
+        if let Some(holder) = w
+            .restart_busy
+            .clone()
+            .filter(|_| name == membership::RESTART)
+        {
+            return Ok(Restart::Busy {
+                holder,
+                until: i64::try_from(w.clock.now() + 120).unwrap_or(i64::MAX),
+            });
+        }
         Ok(Restart::Held {
             until: i64::try_from(w.clock.now() + seconds).unwrap_or(i64::MAX),
         })
