@@ -25,7 +25,7 @@ pub struct Facts {
 #[serde(tag = "view", rename_all = "kebab-case")]
 pub enum Cluster {
     /// The Leases were read.
-    Servers(Plan),
+    Servers(Box<Plan>),
     /// The apiserver has no Lease API (it answered 404): nothing to coordinate through, so
     /// this is one server on its own.
     SingleServer { why: String },
@@ -75,6 +75,11 @@ pub struct Plan {
     pub restart: Option<RestartLease>,
     /// Every server signs with the issuer.
     pub done: bool,
+    /// Once every server signs with the issuer and some still accept an older one: when the
+    /// agents may retire the older issuers (Unix seconds: the last server's switch plus the
+    /// longest token lifetime, [`rollout::retire_hold`]), when only time holds them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retire_at: Option<u64>,
     /// The next step of the cluster.
     pub next: String,
     /// The servers the signing phase waits for, each with why (empty once every one accepts
@@ -111,8 +116,16 @@ pub fn next_step(decision: &Decision, accepted: &[String], issuer: &str) -> Stri
     }
 }
 
-/// The cluster plan for `issuer` seen from `node` at `now` (Unix seconds).
-pub fn plan(facts: &Facts, issuer: &str, node: &str, now: i64) -> Plan {
+/// The cluster plan for `issuer` seen from `node` at `now` (Unix seconds). `lifetime`: the
+/// longest token lifetime ([`crate::apiserver::apply::longest_token_lifetime`]), when known:
+/// once every server signs with the issuer, the plan says when the older issuers go.
+pub fn plan(
+    facts: &Facts,
+    issuer: &str,
+    node: &str,
+    now: i64,
+    lifetime: Option<std::time::Duration>,
+) -> Plan {
     let view = &facts.view;
     let mut names: Vec<String> = rollout::servers(view)
         .into_iter()
@@ -183,12 +196,13 @@ pub fn plan(facts: &Facts, issuer: &str, node: &str, now: i64) -> Plan {
             .collect()
     };
     let (accepting, signing) = (acting("accept "), acting("sign "));
+    let mut retire_at = None;
     let mut next = if servers.is_empty() {
         "no apiserver and no irsa-agent announce themselves yet".to_string()
     } else if done {
-        format!(
-            "nothing to roll out: every server signs with {issuer}; each agent retires the older issuers on its server (one restart at a time) the longest token lifetime after the last server switched, while no key rotation runs and no client presents stale tokens (with run.finalize: false, `irsa-agent finalize` does)"
-        )
+        let (text, at) = retirement(view, issuer, &servers, now, lifetime);
+        retire_at = at;
+        text
     } else if !accepting.is_empty() {
         format!(
             "{} accept{} {issuer} (accept-only), one apiserver restart at a time",
@@ -221,9 +235,62 @@ pub fn plan(facts: &Facts, issuer: &str, node: &str, now: i64) -> Plan {
         servers,
         restart,
         done,
+        retire_at,
         next,
         waits_for,
         this_server_next: None,
+    }
+}
+
+/// Once every server signs with `issuer`: what happens to the older issuers and when (the
+/// daemons' own rule, [`rollout::retire_hold`], for the whole cluster), and the time they may
+/// go when only time holds them.
+fn retirement(
+    view: &View,
+    issuer: &str,
+    servers: &[Server],
+    now: i64,
+    lifetime: Option<std::time::Duration>,
+) -> (String, Option<u64>) {
+    let older: Vec<&str> = servers
+        .iter()
+        .filter(|s| s.issuers.len() > 1)
+        .map(|s| s.node.as_str())
+        .collect();
+    if older.is_empty() {
+        return (
+            format!(
+                "nothing to roll out: every server signs with {issuer} and accepts no other issuer"
+            ),
+            None,
+        );
+    }
+    let how = "each agent retires them on its own server, one restart at a time, once its apiserver's stale-token counter stays still (with run.finalize: false, `irsa-agent finalize` does)";
+    let Some(lifetime) = lifetime else {
+        return (
+            format!(
+                "nothing to roll out: every server signs with {issuer}; {} still accept{} older issuers: {how}, the longest token lifetime after the last server switched, while no key rotation runs",
+                older.join(", "),
+                if older.len() == 1 { "s" } else { "" }
+            ),
+            None,
+        );
+    };
+    let now = u64::try_from(now).unwrap_or(0);
+    // Seen from no server in particular: every server's report counts.
+    match rollout::retire_hold(Some(view), issuer, "", 0, lifetime, now) {
+        Ok(()) => (
+            format!(
+                "every server signs with {issuer}; the older issuers that {} still accept{} may go now: {how}",
+                older.join(", "),
+                if older.len() == 1 { "s" } else { "" }
+            ),
+            Some(now),
+        ),
+        Err(hold) => (
+            format!("every server signs with {issuer}; {}", hold.why),
+            hold.due,
+        ),
     }
 }
 
@@ -254,10 +321,11 @@ pub fn from_read(
     node: &str,
     now: i64,
     accepted: Option<&[String]>,
+    lifetime: Option<std::time::Duration>,
 ) -> Cluster {
     match read {
         Ok(Some(facts)) => {
-            let mut plan = plan(&facts, issuer, node, now);
+            let mut plan = plan(&facts, issuer, node, now, lifetime);
             plan.this_server_next = accepted.map(|a| {
                 next_step(
                     &rollout::decide(a, issuer, Some(&facts.view), node),
@@ -265,7 +333,7 @@ pub fn from_read(
                     issuer,
                 )
             });
-            Cluster::Servers(plan)
+            Cluster::Servers(Box::new(plan))
         }
         Ok(None) => Cluster::SingleServer {
             why: "the apiserver has no Lease API to coordinate through".to_string(),
@@ -281,14 +349,23 @@ pub fn read_host(
     observed: &crate::apiserver::Observed,
     server: Option<String>,
     timeout: std::time::Duration,
-    issuer: &str,
+    settings: &crate::config::Settings,
     node: &str,
 ) -> Cluster {
     let now = i64::try_from(crate::state::unix_now()).unwrap_or(i64::MAX);
     let read = with_host_client(root, observed, server, timeout, async |client| {
         read(client, now).await.map_err(|e| e.to_string())
     });
-    from_read(read, issuer, node, now, Some(&observed.flags.issuers))
+    let lifetime =
+        crate::apiserver::apply::longest_token_lifetime(settings.rotation.token_lifetime, observed);
+    from_read(
+        read,
+        &settings.issuer,
+        node,
+        now,
+        Some(&observed.flags.issuers),
+        Some(lifetime),
+    )
 }
 
 /// Runs `f` with a client of this host's apiserver (the admin kubeconfig), on the process
@@ -492,13 +569,78 @@ mod tests {
     }
 
     #[test]
+    fn once_every_server_signs_the_plan_says_when_the_older_issuers_go() {
+        let hour = std::time::Duration::from_secs(3600);
+        let switched = |node: &str, issuers: &[&str], at: Option<u64>| {
+            let mut m = member(node, true, issuers);
+            if let Some(r) = m.report.as_mut() {
+                r.switched_at = at;
+            }
+            m
+        };
+        // b switched last, at 5000: the older issuer goes an hour later.
+        let f = facts(
+            &["a", "b"],
+            vec![
+                switched("a", &[NEW, OLD], Some(1000)),
+                switched("b", &[NEW, OLD], Some(5000)),
+            ],
+        );
+        let p = plan(&f, NEW, "a", 6000, Some(hour));
+        assert!(p.done);
+        assert_eq!(p.retire_at, Some(5000 + 3600 + 1));
+        assert!(p.next.contains("b at "), "{}", p.next);
+        assert!(p.next.contains(&crate::state::rfc3339(8600)), "{}", p.next);
+        // Past it: they may go now.
+        let p = plan(&f, NEW, "a", 9000, Some(hour));
+        assert_eq!(p.retire_at, Some(9000));
+        assert!(p.next.contains("may go now"), "{}", p.next);
+        assert!(p.next.contains("a, b still accept"), "{}", p.next);
+        // A server whose agent reports no switch time holds it, with no time.
+        let f = facts(
+            &["a", "b"],
+            vec![
+                switched("a", &[NEW, OLD], Some(1000)),
+                switched("b", &[NEW, OLD], None),
+            ],
+        );
+        let p = plan(&f, NEW, "a", 9000, Some(hour));
+        assert_eq!(p.retire_at, None);
+        assert!(
+            p.next.contains("b (its agent reports no switch time)"),
+            "{}",
+            p.next
+        );
+        // Nothing older anywhere: nothing to say about retirement.
+        let f = facts(
+            &["a", "b"],
+            vec![
+                switched("a", &[NEW], Some(1000)),
+                switched("b", &[NEW], Some(5000)),
+            ],
+        );
+        let p = plan(&f, NEW, "a", 9000, Some(hour));
+        assert_eq!(p.retire_at, None);
+        assert!(p.next.contains("accepts no other issuer"), "{}", p.next);
+        // Without the lifetime (not read): the rule, no time.
+        let f = facts(&["a"], vec![switched("a", &[NEW, OLD], Some(1000))]);
+        let p = plan(&f, NEW, "a", 9000, None);
+        assert_eq!(p.retire_at, None);
+        assert!(
+            p.next.contains("the longest token lifetime after"),
+            "{}",
+            p.next
+        );
+    }
+
+    #[test]
     fn servers_accept_first_then_sign_and_the_plan_says_who_is_next() {
         // Nobody accepts the new issuer: every live server accepts next.
         let f = facts(
             &["a", "b", "c"],
             vec![member("a", true, &[OLD]), member("b", true, &[OLD])],
         );
-        let p = plan(&f, NEW, "a", 1000);
+        let p = plan(&f, NEW, "a", 1000, None);
         let nodes: Vec<&str> = p.servers.iter().map(|s| s.node.as_str()).collect();
         assert_eq!(nodes, ["a", "b", "c"]);
         assert!(p.servers[0].this && !p.servers[1].this);
@@ -522,7 +664,7 @@ mod tests {
                 member("b", true, &[OLD, NEW]),
             ],
         );
-        let p = plan(&f, NEW, "a", 1000);
+        let p = plan(&f, NEW, "a", 1000, None);
         assert_eq!(p.servers[0].rollout, "accepting");
         assert!(
             p.servers[0].next.starts_with("wait: "),
@@ -542,7 +684,7 @@ mod tests {
                 member("c", true, &[OLD, NEW]),
             ],
         );
-        let p = plan(&f, NEW, "c", 1000);
+        let p = plan(&f, NEW, "c", 1000, None);
         assert!(p.waits_for.is_empty(), "{:?}", p.waits_for);
         assert_eq!(p.servers[1].rollout, "signing");
         assert!(p.servers[1].next.starts_with("nothing"));
@@ -553,7 +695,7 @@ mod tests {
             &["a", "b"],
             vec![member("a", true, &[NEW, OLD]), member("b", true, &[NEW])],
         );
-        let p = plan(&f, NEW, "a", 1000);
+        let p = plan(&f, NEW, "a", 1000, None);
         assert!(p.done, "{p:?}");
         assert!(p.next.contains("finalize"), "{}", p.next);
     }
@@ -568,7 +710,7 @@ mod tests {
             holder: "a".into(),
             until: 2000,
         });
-        let p = plan(&f, NEW, "a", 1000);
+        let p = plan(&f, NEW, "a", 1000, None);
         assert_eq!(p.servers[1].agent, "expired");
         // A dead agent's report is not taken at its word.
         assert_eq!(p.servers[1].rollout, "unknown");
@@ -578,10 +720,10 @@ mod tests {
             p.next
         );
         assert_eq!(p.restart.as_ref().map(|r| r.expired), Some(false));
-        let p = plan(&f, NEW, "a", 2001);
+        let p = plan(&f, NEW, "a", 2001, None);
         assert_eq!(p.restart.as_ref().map(|r| r.expired), Some(true));
         assert!(p.next.starts_with("a accepts "), "{}", p.next);
-        let text = lines(&Cluster::Servers(p)).join("\n");
+        let text = lines(&Cluster::Servers(Box::new(p))).join("\n");
         assert!(text.contains("PAST ITS TIME"), "{text}");
         assert!(text.contains("b: AGENT LEASE EXPIRED"), "{text}");
     }
@@ -594,7 +736,7 @@ mod tests {
         );
         let next = |accepted: &[&str]| {
             let accepted: Vec<String> = accepted.iter().map(|s| s.to_string()).collect();
-            match from_read(Ok(Some(f.clone())), NEW, "a", 0, Some(&accepted)) {
+            match from_read(Ok(Some(f.clone())), NEW, "a", 0, Some(&accepted), None) {
                 Cluster::Servers(p) => p.this_server_next.unwrap_or_default(),
                 other => panic!("{other:?}"),
             }
@@ -611,20 +753,20 @@ mod tests {
             next(&[OLD, NEW])
         );
         assert!(next(&[NEW, OLD]).starts_with("nothing"));
-        let c = from_read(Err("refused".into()), NEW, "a", 0, None);
+        let c = from_read(Err("refused".into()), NEW, "a", 0, None, None);
         assert_eq!(lines(&c), ["cluster:       cannot be read: refused"]);
     }
 
     #[test]
     fn one_server_without_identity_leases_still_shows_itself() {
-        let p = plan(&facts(&[], vec![]), NEW, "solo", 0);
+        let p = plan(&facts(&[], vec![]), NEW, "solo", 0, None);
         assert_eq!(p.servers.len(), 1);
         assert_eq!(p.servers[0].agent, "none");
-        let json = serde_json::to_value(Cluster::Servers(p)).unwrap_or_default();
+        let json = serde_json::to_value(Cluster::Servers(Box::new(p))).unwrap_or_default();
         assert_eq!(json["view"], "servers");
         assert_eq!(json["servers"][0]["node"], "solo");
-        let single =
-            serde_json::to_value(from_read(Ok(None), NEW, "solo", 0, None)).unwrap_or_default();
+        let single = serde_json::to_value(from_read(Ok(None), NEW, "solo", 0, None, None))
+            .unwrap_or_default();
         assert_eq!(single["view"], "single-server");
     }
 }

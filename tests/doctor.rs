@@ -417,3 +417,50 @@ fn without_an_admin_kubeconfig_the_apiserver_checks_are_skipped_with_the_reason(
     assert_eq!(status_of(&doc, "public.kids"), ["skip"]);
     assert_eq!(status_of(&doc, "apiserver.signing-key"), ["pass"]);
 }
+
+#[test]
+fn the_old_issuers_check_says_when_they_may_go() {
+    let world = World::healthy();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let message = |switched_at: u64| {
+        world.host.write(
+            "/var/lib/irsa-agent/state.json",
+            serde_json::json!({"issuer": {
+                "issuer": world.issuer,
+                "previous": ["https://kubernetes.default.svc.cluster.local"],
+                "switched_at": switched_at,
+                "applied_at": switched_at,
+            }})
+            .to_string(),
+        );
+        let doc = json(&world, &[]);
+        let check = doc["checks"]
+            .as_array()
+            .expect("checks")
+            .iter()
+            .find(|c| c["id"] == "apiserver.old-issuers")
+            .cloned()
+            .expect("apiserver.old-issuers");
+        assert_eq!(check["status"], "pass", "{check}");
+        check["finding"].as_str().unwrap_or_default().to_string()
+    };
+    // Switched ten minutes ago: tokens minted with the default issuer may still be valid.
+    let m = message(now - 600);
+    assert!(m.contains("may be valid until"), "{m}");
+    assert!(
+        m.contains(&format!(
+            "after this apiserver switched at {}",
+            irsa_agent::state::rfc3339(now - 600)
+        )),
+        "{m}"
+    );
+    // Switched 400 days ago: longer than any token lifetime.
+    let m = message(now - 400 * 86400);
+    assert!(
+        m.contains("no token minted with it can be valid any more"),
+        "{m}"
+    );
+}

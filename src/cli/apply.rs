@@ -285,7 +285,7 @@ fn apply(
             &prepared.observed,
             run.apiserver.apiserver_url.clone(),
             options.request_timeout,
-            &settings.issuer,
+            &settings,
             &options.node,
         );
         if let Some(obj) = extra.as_object_mut() {

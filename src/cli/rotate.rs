@@ -205,7 +205,7 @@ fn cluster_view(
             &observed,
             apiserver.apiserver_url.clone(),
             apiserver.request_timeout(),
-            &settings.issuer,
+            settings,
             &apiserver.node(),
         ),
         Err(e) => crate::cluster::Cluster::Unreadable {

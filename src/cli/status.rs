@@ -89,7 +89,7 @@ pub fn cluster_view(global: &Global, node: &str) -> Cluster {
         &observed,
         None,
         CLUSTER_TIMEOUT,
-        &settings.issuer,
+        &settings,
         node,
     )
 }

@@ -123,6 +123,10 @@ impl ApplyStep for HostApply {
             &self.run.node,
             now,
             Some(&observed.flags.issuers),
+            Some(executor::longest_token_lifetime(
+                settings.rotation.token_lifetime,
+                &observed,
+            )),
         ))
     }
 

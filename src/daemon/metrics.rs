@@ -587,7 +587,7 @@ mod tests {
             },
             restart: None,
         };
-        let cluster = crate::cluster::Cluster::Servers(plan(&facts, "new", "a", 0));
+        let cluster = crate::cluster::Cluster::Servers(Box::new(plan(&facts, "new", "a", 0, None)));
         let m = Metrics {
             cluster: Some(ClusterMetric::of(&cluster)),
             ..Default::default()

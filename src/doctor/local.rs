@@ -11,7 +11,7 @@ use crate::apiserver::{self, Observed, Source, flags};
 use crate::config::{self, ConfigError, Distribution, Settings};
 use crate::host::HostRoot;
 use crate::keys::{self, KeyFileError, PublicKey, Refusal, Skipped};
-use crate::state::State;
+use crate::state::{IssuerState, State};
 
 /// AWS accepts at most this many RSA keys and this many EC keys in one JWKS.
 pub const AWS_MAX_KEYS_PER_TYPE: usize = 100;
@@ -465,7 +465,11 @@ fn old_issuers_check(local: &Local, observed: &Observed) -> Check {
             if old.is_empty() {
                 "only one issuer, and it is the one tokens were issued with so far".to_string()
             } else {
-                format!("still accepted: {}", old.join(", "))
+                format!(
+                    "still accepted: {}{}",
+                    old.join(", "),
+                    retirement(local, observed, state.as_ref())
+                )
             },
         );
     }
@@ -484,6 +488,43 @@ fn old_issuers_check(local: &Local, observed: &Observed) -> Check {
         repair.steps(observed),
         missing.join(", ")
     ))
+}
+
+/// When the older issuers this server accepts may go, by `finalize`'s rule on this server
+/// ([`apiserver::apply::finalize_decision`]); empty when it does not apply (no switch seen).
+fn retirement(local: &Local, observed: &Observed, state: Option<&IssuerState>) -> String {
+    use apiserver::apply::{self as executor, FinalizeDecision};
+    let Some(settings) = local.settings() else {
+        return String::new();
+    };
+    let previous = state.map(|s| s.previous.clone()).unwrap_or_default();
+    let audiences = executor::FinalizeAudiences::of(observed, &previous);
+    let lifetime = executor::longest_token_lifetime(settings.rotation.token_lifetime, observed);
+    let now = crate::state::unix_now();
+    match executor::finalize_decision(
+        state,
+        &settings.issuer,
+        &observed.flags.issuers,
+        &audiences.external,
+        now,
+        lifetime,
+    ) {
+        FinalizeDecision::TooEarly {
+            switched_at,
+            remaining,
+            ..
+        } => format!(
+            "; tokens minted with it may be valid until {} (the longest token lifetime, {}, after this apiserver switched at {}): it is retired after that, by the daemon (on several servers, the lifetime after the last one switched) or `irsa-agent finalize`",
+            crate::state::rfc3339(now + remaining.as_secs()),
+            crate::config::format_duration(lifetime),
+            crate::state::rfc3339(switched_at)
+        ),
+        FinalizeDecision::Ready { .. } => format!(
+            "; no token minted with it can be valid any more here (this apiserver switched more than {} ago): the daemon retires it (on several servers once every server switched that long ago, `status` says when), or `irsa-agent finalize`",
+            crate::config::format_duration(lifetime)
+        ),
+        _ => String::new(),
+    }
 }
 
 /// What `irsa-agent apply` would make of the managed flags now: the one path doctor's fixes

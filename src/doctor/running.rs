@@ -617,9 +617,15 @@ pub fn cluster_check(
         return Check::skip(id, "the configuration cannot be used (see config.valid)");
     };
     let issuer = &config.settings.issuer;
-    let plan = crate::cluster::plan(facts, issuer, &local.node, now);
+    let lifetime = local.observed.as_ref().ok().map(|observed| {
+        crate::apiserver::apply::longest_token_lifetime(
+            config.settings.rotation.token_lifetime,
+            observed,
+        )
+    });
+    let plan = crate::cluster::plan(facts, issuer, &local.node, now, lifetime);
     let details: Vec<String> =
-        crate::cluster::lines(&crate::cluster::Cluster::Servers(plan.clone()))
+        crate::cluster::lines(&crate::cluster::Cluster::Servers(Box::new(plan.clone())))
             .into_iter()
             .skip(1)
             .map(|l| l.trim().to_string())
