@@ -30,8 +30,9 @@
 //! - a restarted one is back in both in the same 0.3 s as its `/readyz`.
 //!
 //! So the apiservers that should be there are those that announce themselves (identity Leases,
-//! [`apiservers`]) and those of every live agent (an agent's Lease outlives its apiserver's
-//! identity Lease: it lasts three resyncs); the ones that serve are those with an identity Lease
+//! [`apiservers`]) and those of every agent Lease, live or expired (an agent whose apiserver is
+//! down cannot renew its Lease through it, and a server powered off renews nothing: a server
+//! stays expected until its agent's Lease is deleted); the ones that serve are those with an identity Lease
 //! whose address is in the Endpoints ([`endpoints`]). The identity Lease names its apiserver's
 //! address (annotation `kubernetes.io/peer-advertise-address`), so the one missing is named; for
 //! apiservers that do not name it (before 1.28) the Endpoints are counted. The Endpoints are kept
@@ -41,7 +42,7 @@
 //! list of peers. An empty or missing Endpoints object means no apiserver keeps it
 //! (`--endpoint-reconciler-type=none`: a serving apiserver lists itself as soon as it is ready):
 //! then only the missing identity Leases are checked. A server removed from the cluster holds
-//! restarts until its agent's Lease expires (three resyncs, 30 minutes by default).
+//! restarts until its agent's Lease is deleted (the wait names the command).
 
 use std::collections::BTreeMap;
 
@@ -688,15 +689,29 @@ impl Peers {
             [one] => format!("{one}'s apiserver"),
             _ => format!("the apiservers of {}", down.join(" and ")),
         };
+        let leases = down
+            .iter()
+            .filter(|d| !d.starts_with("one of "))
+            .map(|d| lease_name(d))
+            .collect::<Vec<_>>();
+        let removed = if leases.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; if it was removed from the cluster for good: kubectl -n {NAMESPACE} delete lease {}",
+                leases.join(" ")
+            )
+        };
         Some(format!(
-            "waiting for {whose} to come back before restarting this one (an apiserver down plus one restarting is two down at once, and with k3s's embedded etcd on three servers a lost quorum)"
+            "waiting for {whose} to come back before restarting this one (an apiserver down plus one restarting is two down at once, and with k3s's embedded etcd on three servers a lost quorum){removed}"
         ))
     }
 }
 
 /// Which apiservers other than `node`'s are down. Pure. `apiservers`: those that announce
-/// themselves ([`apiservers`]); `agents`: the nodes of the live agents (each stands for an
-/// apiserver that should be there); `endpoints`: the IPs of the `kubernetes` Endpoints.
+/// themselves ([`apiservers`]); `agents`: the nodes of every agent Lease, live or expired (each
+/// stands for an apiserver that should be there, until its Lease is deleted); `endpoints`: the
+/// IPs of the `kubernetes` Endpoints.
 ///
 /// Down: a live agent's node with no identity Lease (its apiserver stopped: it deletes its
 /// Lease), and an apiserver that names its address when that address is not listed. For those

@@ -217,6 +217,68 @@ fn one_node_at_a_time_holds_the_restart_lease_and_a_dead_holder_frees_it() {
     });
 }
 
+/// A server whose agent's Lease expired and whose apiserver does not announce itself (powered
+/// off, or its apiserver kept down while its agent cannot renew through it) is still expected:
+/// no other server takes its restart turn until it is back or its Lease is deleted.
+#[test]
+fn an_expired_agent_lease_without_its_apiserver_holds_the_restart_turn() {
+    use irsa_agent::apiserver::change::{Attempt, try_turn_as};
+    let Some(kube) = Kube::temp("real_apiserver_membership") else {
+        return;
+    };
+    kube.start_with_test_keys("https://oidc.example.com/homelab", "");
+    let kubeconfig = kube.state.join("kubeconfig");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let api = irsa_agent::k8s::Api::from_kubeconfig(
+            &HostRoot::new("/"),
+            &kubeconfig,
+            None,
+            std::time::Duration::from_secs(10),
+        )
+        .await
+        .expect("client config");
+        let client = api.client().expect("client");
+        // This apiserver's host, as its identity Lease names it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let me = loop {
+            let leases = membership::list(&client).await.expect("leases");
+            if let Some(a) = membership::apiservers_of(&leases, now()).first() {
+                break a.host.clone();
+            }
+            assert!(std::time::Instant::now() < deadline, "no identity Lease");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        };
+        // cp-gone's agent renewed its Lease last 100 s ago, for 30 s.
+        membership::announce(&client, "cp-gone", &Report::default(), 30, now() - 100)
+            .await
+            .expect("announce");
+        match try_turn_as(&client, &me, "irsa-agent", 60, now()).await {
+            Ok(Attempt::PeerDown(why)) => {
+                assert!(why.contains("waiting for cp-gone's apiserver"), "{why}");
+                assert!(
+                    why.contains("kubectl -n kube-system delete lease irsa-agent-cp-gone"),
+                    "{why}"
+                );
+            }
+            other => panic!("not held for cp-gone: {other:?}"),
+        }
+        // Removed for good: its Lease deleted, the turn is this server's.
+        kube.ok(
+            "DELETE",
+            "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/irsa-agent-cp-gone",
+            None,
+        );
+        match try_turn_as(&client, &me, "irsa-agent", 60, now()).await {
+            Ok(Attempt::Held) => {}
+            other => panic!("not this server's turn: {other:?}"),
+        }
+    });
+}
+
 /// The k3s admin kubeconfig, as k3s writes it, pointing at the test's apiserver.
 fn k3s_kubeconfig(root: &std::path::Path, kube: &Kube) {
     use base64::Engine as _;

@@ -518,10 +518,13 @@ async fn peers_serve(client: &kube::Client, node: &str, now: i64) -> Result<(), 
     // One list: the identity Leases and the agents' Leases, read together.
     let leases = membership::list(client).await.map_err(cannot)?;
     let apiservers = membership::apiservers_of(&leases, now);
+    // Every agent's Lease, live or expired: an agent whose apiserver is down cannot renew it
+    // (it talks to its own apiserver), and a server powered off renews nothing, yet its
+    // apiserver is missing all the same (measured: an apiserver kept down longer than its
+    // agent's Lease, three resyncs, was forgotten and a peer restarted: two down).
     let agents: Vec<String> = membership::view_of(&leases, now)
         .agents
         .into_iter()
-        .filter(|a| a.live)
         .map(|a| a.node)
         .collect();
     let endpoints = membership::endpoints(client).await.map_err(cannot)?;
