@@ -20,6 +20,14 @@
 //! host), and a monitor samples how many apiservers are down. About 16 minutes: tests/run.sh
 //! runs it in the background.
 //!
+//! Faults, drawn from a printed seed once the driver is known (`IRSA_TEST_SEED=<it>` draws the
+//! same points for the same driver): the driver's agent is killed (-9) up to 1.5 s after it runs
+//! `k3s certificate rotate-ca` for one of its steps, and a follower's up to 1.5 s after it runs
+//! `systemctl restart k3s`; each is started again 2-10 s later. And a follower's k3s is stopped
+//! 30 s before the drain ends and kept down for 75 s while its agent runs: the driver's
+//! retirement (its own restart) must wait until it is back, saying whom it waits for, and no
+//! server may restart meanwhile (with k3s's embedded etcd, two down is a lost quorum).
+//!
 //! Then the issuer rollout on k3s hosts (about 4 minutes).
 
 mod ha_site;
@@ -29,8 +37,11 @@ mod https_support;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use ha_site::{ISSUER, PublicSite, Timeline, find, phase, rotation_state, sustained_down};
+use ha_site::{
+    ISSUER, Kill, PublicSite, Timeline, find, phase, rotation_state, seed, sustained_down,
+};
 use ha_support::{Ha, Shape, unix_ms};
+use rand::{Rng as _, SeedableRng as _};
 
 const DEFAULT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 /// Every server's config.yaml: the apiserver already signs with the public issuer.
@@ -96,6 +107,34 @@ fn restarts_at_once(ha: &Ha) -> usize {
     most as usize
 }
 
+/// Starts server `i`'s agent (`irsa-agent run`) with the harness's k3s and systemctl stand-ins.
+fn spawn(ha: &Ha, i: usize) -> ha_support::Agent {
+    let name = ha.servers[i].name.clone();
+    let mut args = vec![
+        "run".to_string(),
+        "--node-name".into(),
+        name,
+        "--poll-interval".into(),
+        "500ms".into(),
+        "--timeout".into(),
+        "120s".into(),
+        // The driver and the followers look again every 10 s instead of every minute.
+        "--recheck-interval".into(),
+        "10s".into(),
+    ];
+    args.extend(ha.k3s_edges(i));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ha.spawn_agent(i, &args)
+}
+
+/// The last lines of every agent's output.
+fn logs(agents: &[ha_support::Agent]) -> String {
+    ha_support::log_tails(agents.iter().map(|a| &a.log), 30)
+}
+
+/// How long the rotation test keeps one server's k3s down across the end of the drain.
+const KEPT_DOWN: Duration = Duration::from_secs(75);
+
 /// The rotation test's workload: a round every 5 s (see there).
 const WORKLOAD_PERIOD: Duration = Duration::from_secs(5);
 
@@ -112,7 +151,7 @@ fn three_k3s_servers_rotate_to_idle_with_one_driver_and_followers_that_restart_t
     if !tools_here() {
         return;
     }
-    let Some(ha) = Ha::start_as(
+    let Some(mut ha) = Ha::start_as(
         3,
         "real_apiserver_ha_k3s",
         Shape::K3s { config: K3S_CONFIG },
@@ -181,31 +220,20 @@ fn three_k3s_servers_rotate_to_idle_with_one_driver_and_followers_that_restart_t
     workload.wait_rounds(3);
     let starts_before: Vec<usize> = ha.servers.iter().map(|s| s.starts()).collect();
     let t = Instant::now();
-    let agents: Vec<_> = (0..n)
-        .map(|i| {
-            let name = ha.servers[i].name.clone();
-            let mut args = vec![
-                "run".to_string(),
-                "--node-name".into(),
-                name,
-                "--poll-interval".into(),
-                "500ms".into(),
-                "--timeout".into(),
-                "120s".into(),
-                // The driver and the followers look again every 10 s instead of every minute.
-                "--recheck-interval".into(),
-                "10s".into(),
-            ];
-            args.extend(ha.k3s_edges(i));
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            ha.spawn_agent(i, &args)
-        })
-        .collect();
-    let logs = || ha_support::log_tails(agents.iter().map(|a| &a.log), 30);
+    let mut agents: Vec<_> = (0..n).map(|i| spawn(&ha, i)).collect();
 
     // Watch every server's rotation phase: the driver signs with the new key everywhere, drains,
     // retires the old key and is idle again.
     let mut timelines: Vec<Timeline> = vec![Vec::new(); n];
+    // The faults (drawn from `seed` once the driver is known): two agents killed, one k3s
+    // kept down across the end of the drain (server, stopped at Unix ms, since, where the
+    // driver's log was then), and when it was back (Unix ms).
+    let seed = seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut kills: Vec<Kill> = Vec::new();
+    let mut kept_down_server: Option<usize> = None;
+    let mut kept_down: Option<(usize, u64, Instant, usize)> = None;
+    let mut back: Option<u64> = None;
     let deadline = Instant::now() + Duration::from_secs(420);
     let mut driver: Option<usize> = None;
     let mut signing: Option<(Duration, String)> = None;
@@ -236,11 +264,93 @@ fn three_k3s_servers_rotate_to_idle_with_one_driver_and_followers_that_restart_t
             "{} agents drive a rotation: {:?}\n{}",
             drivers.len(),
             drivers,
-            logs()
+            logs(&agents)
         );
         if let [d] = drivers[..] {
             driver = Some(d);
+            if kills.is_empty() {
+                // The faults, drawn once the driver is known.
+                let followers: Vec<usize> = (0..n).filter(|&i| i != d).collect();
+                let f = followers[rng.gen_range(0..followers.len())];
+                kept_down_server = Some(followers[rng.gen_range(0..followers.len())]);
+                kills = vec![
+                    Kill {
+                        server: d,
+                        marker: " certificate rotate-ca ",
+                        nth: rng.gen_range(1..=3),
+                        delay: Duration::from_millis(rng.gen_range(0..1500)),
+                        dead_for: Duration::from_millis(rng.gen_range(2000..10000)),
+                        from: 0,
+                        killed: None,
+                        done: false,
+                    },
+                    Kill {
+                        server: f,
+                        marker: ": systemctl restart k3s",
+                        nth: rng.gen_range(1..=3),
+                        delay: Duration::from_millis(rng.gen_range(0..1500)),
+                        dead_for: Duration::from_millis(rng.gen_range(2000..10000)),
+                        from: 0,
+                        killed: None,
+                        done: false,
+                    },
+                ];
+                for k in &kills {
+                    eprintln!(
+                        "seed {seed} (IRSA_TEST_SEED={seed} draws it again, given the same driver): kill -9 {}'s agent {:?} after its line {} with \"{}\", dead for {:?}",
+                        ha.servers[k.server].name,
+                        k.delay,
+                        k.nth,
+                        k.marker.trim(),
+                        k.dead_for
+                    );
+                }
+                eprintln!(
+                    "seed {seed}: {}'s k3s kept down for {KEPT_DOWN:?} from 30 s before the drain ends",
+                    ha.servers[kept_down_server.unwrap_or(0)].name
+                );
+            }
+            for k in kills.iter_mut() {
+                k.tend(&mut agents[k.server], |i| spawn(&ha, i), &ha, t);
+            }
             let p = phase(&roots[d]);
+            // One server's k3s stopped 30 s before the drain ends, while its agent keeps
+            // running: the driver's retirement (its own restart) must wait until it is back.
+            // Taken down at a quiet moment: the test holds the restart Lease while it stops it.
+            let drain_ends_soon = p == "draining"
+                && rotation_state(&roots[d])["drain_until"]
+                    .as_u64()
+                    .is_some_and(|until| until <= unix_ms() / 1000 + 30);
+            if let Some(x) = kept_down_server
+                && kept_down.is_none()
+                && drain_ends_soon
+            {
+                ha.take_restart_lease(d, "the-test", 120, Duration::from_secs(180));
+                let stopped = unix_ms();
+                let driver_log_from = agents[d].output().len();
+                ha.stop_apiserver(x);
+                ha.release_restart_lease(d, "the-test");
+                eprintln!(
+                    "{:6.1}s: stopped {}'s k3s",
+                    t.elapsed().as_secs_f64(),
+                    ha.servers[x].name
+                );
+                kept_down = Some((x, stopped, Instant::now(), driver_log_from));
+            }
+            if let Some((x, _, since, _)) = kept_down
+                && back.is_none()
+                && since.elapsed() >= KEPT_DOWN
+            {
+                let starts = ha.servers[x].starts();
+                ha.start_apiserver(x);
+                let waited = ha.wait_restarted(x, starts, Duration::from_secs(120));
+                back = Some(unix_ms());
+                eprintln!(
+                    "{:6.1}s: started {}'s k3s again, ready {waited:.1?} later",
+                    t.elapsed().as_secs_f64(),
+                    ha.servers[x].name
+                );
+            }
             if signing.is_none()
                 && matches!(p.as_str(), "signing" | "draining")
                 && last_kid_check.elapsed() > Duration::from_secs(2)
@@ -272,17 +382,35 @@ fn three_k3s_servers_rotate_to_idle_with_one_driver_and_followers_that_restart_t
             "the rotation did not reach signing with the new key on every apiserver in 7 minutes: phases {:?}, signing kids {:?}\n{}",
             roots.iter().map(|r| phase(r)).collect::<Vec<_>>(),
             ha.signing_kids(),
-            logs()
+            logs(&agents)
         );
     };
     let Some(idle_again) = idle_again else {
         panic!(
             "the rotation did not get back to idle 15 minutes after every apiserver signed with the new key: phases {:?}\n{}",
             roots.iter().map(|r| phase(r)).collect::<Vec<_>>(),
-            logs()
+            logs(&agents)
         );
     };
     let d = driver.expect("a driver");
+    // A follower's retire restart comes after the driver is idle: its kill, or the start again
+    // of an agent killed just before, may still be due.
+    let kills_deadline = Instant::now() + Duration::from_secs(180);
+    while kills.iter().any(|k| !k.done) && Instant::now() < kills_deadline {
+        for k in kills.iter_mut() {
+            k.tend(&mut agents[k.server], |i| spawn(&ha, i), &ha, t);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // (Were it still down, the driver went on without it: asserted below.)
+    if let Some((x, ..)) = kept_down
+        && back.is_none()
+    {
+        back = Some(unix_ms());
+        let starts = ha.servers[x].starts();
+        ha.start_apiserver(x);
+        ha.wait_restarted(x, starts, Duration::from_secs(120));
+    }
     // The followers restart after the driver's retire step: wait until every apiserver serves
     // the new key only (no old key), then two more rounds check the newest tokens everywhere and
     // a moment shows a stray restart.
@@ -298,7 +426,7 @@ fn three_k3s_servers_rotate_to_idle_with_one_driver_and_followers_that_restart_t
         assert!(
             Instant::now() < retired_everywhere,
             "the apiservers still serve the old key {old_kid} 5 minutes after the driver was idle again: {served:?}\n{}",
-            logs()
+            logs(&agents)
         );
         std::thread::sleep(Duration::from_secs(1));
     }
@@ -387,7 +515,7 @@ fn three_k3s_servers_rotate_to_idle_with_one_driver_and_followers_that_restart_t
         (0, 0),
         "tokens rejected (TokenReview, published JWKS):\n{}\n{}",
         tokens.rejections.join("\n"),
-        logs()
+        logs(&agents)
     );
     // Every agent published, and every copy verified tokens throughout.
     assert!(
@@ -401,7 +529,7 @@ fn three_k3s_servers_rotate_to_idle_with_one_driver_and_followers_that_restart_t
         restarting_at_once <= 1,
         "{restarting_at_once} servers restarting at once: {:?}\n{}",
         (0..n).map(|i| ha.systemctl_calls(i)).collect::<Vec<_>>(),
-        logs()
+        logs(&agents)
     );
     // And the monitor never saw two apiservers down for a second or more. (Under a loaded
     // machine a /readyz of a server that is not restarting can miss the monitor's 1 s timeout
@@ -410,9 +538,48 @@ fn three_k3s_servers_rotate_to_idle_with_one_driver_and_followers_that_restart_t
         sustained <= 1,
         "{sustained} apiservers down at once for 1 s or more:\n{}\n{}",
         down.describe(),
-        logs()
+        logs(&agents)
     );
     assert!(tokens.checked > tokens.minted, "{tokens:?}");
+    // The faults happened: both agents were killed and started again, and one k3s was kept
+    // down across the end of the drain, during which no other server restarted (with k3s's
+    // embedded etcd two down is a lost quorum); the driver said whom it waited for.
+    assert!(
+        kills.iter().all(|k| k.done),
+        "kill points not reached\n{}",
+        logs(&agents)
+    );
+    let (x, stopped, _, driver_log_from) = kept_down.expect("a k3s kept down");
+    let back = back.expect("started again");
+    let name = ha.servers[x].name.clone();
+    let begun: Vec<String> = (0..n)
+        .filter(|&i| i != x)
+        .flat_map(|i| {
+            std::fs::read_to_string(ha.servers[i].state.join("systemctl.log"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.split_once(' '))
+                .filter_map(|(at, what)| Some((at.parse::<u64>().ok()?, what.to_string())))
+                .filter(|(at, what)| what == "restart k3s" && *at > stopped && *at < back)
+                .map(|(at, _)| format!("{} at +{} ms", ha.servers[i].name, at - stopped))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(
+        begun.is_empty(),
+        "restarts begun while {name}'s k3s was down: {begun:?}\n{}",
+        logs(&agents)
+    );
+    let waited_for = agents[d]
+        .output()
+        .get(driver_log_from..)
+        .unwrap_or_default()
+        .to_string();
+    let waiting = format!("waiting for {name}'s apiserver to come back before restarting this one");
+    assert!(
+        waited_for.contains(&waiting),
+        "the driver does not say it waits for {name}:\n{waited_for}"
+    );
     // The followers say so, and started no rotation of their own.
     for (i, a) in agents.iter().enumerate().filter(|(i, _)| *i != d) {
         let out = a.output();
@@ -422,7 +589,7 @@ fn three_k3s_servers_rotate_to_idle_with_one_driver_and_followers_that_restart_t
                 || out.contains(&format!("followed {driver}'s rotation")),
             "{} does not say it follows {driver}:\n{}",
             ha.servers[i].name,
-            logs()
+            logs(&agents)
         );
         assert!(
             matches!(phase(&roots[i]).as_str(), "" | "idle"),
@@ -440,25 +607,32 @@ fn three_k3s_servers_rotate_to_idle_with_one_driver_and_followers_that_restart_t
         restarts[at("staged")],
         vec![1; n],
         "restarts for the new key\n{}",
-        logs()
+        logs(&agents)
     );
     assert_eq!(
         restarts[at("trusted")],
         vec![1; n],
         "restarts to sign with it\n{}",
-        logs()
+        logs(&agents)
     );
+    // (The server kept down started once more: by the test, during the drain.)
+    let test_starts: Vec<usize> = (0..n).map(|j| usize::from(j == x)).collect();
     let retire: Vec<usize> = (0..n)
-        .map(|j| restarts[at("draining")][j] + restarts[at("retired")][j])
+        .map(|j| restarts[at("draining")][j] + restarts[at("retired")][j] - test_starts[j])
         .collect();
     assert_eq!(
         retire,
         vec![1; n],
         "restarts without the old key\n{}",
-        logs()
+        logs(&agents)
     );
     let total: usize = restarts.iter().flatten().sum();
-    assert_eq!(total, 3 * n, "restarts per step {restarts:?}\n{}", logs());
+    assert_eq!(
+        total,
+        3 * n + 1,
+        "restarts per step {restarts:?}\n{}",
+        logs(&agents)
+    );
     // Only the driver ran `k3s certificate rotate-ca`; every server restarted through systemctl.
     for i in 0..n {
         let rotated = ha.servers[i].state.join("rotate-ca.log").exists();
@@ -478,7 +652,7 @@ fn three_k3s_servers_rotate_to_idle_with_one_driver_and_followers_that_restart_t
             "{} publishes {:?} 2 minutes after every apiserver dropped the old key (new {new_kid}, old {old_kid}; before {kids_before:?})\n{}",
             ha.servers[i].name,
             ha.published_kids(i),
-            logs()
+            logs(&agents)
         );
     }
 }
