@@ -32,8 +32,8 @@
 //! So the apiservers that should be there are those that announce themselves (identity Leases,
 //! [`apiservers`]) and those of every agent Lease, live or expired (an agent whose apiserver is
 //! down cannot renew its Lease through it, and a server powered off renews nothing: a server
-//! stays expected until its agent's Lease is deleted); the ones that serve are those with an identity Lease
-//! whose address is in the Endpoints ([`endpoints`]). The identity Lease names its apiserver's
+//! stays expected until its agent's Lease is deleted); the ones that serve are those with an
+//! identity Lease whose address is in the Endpoints ([`endpoints`]). The identity Lease names its apiserver's
 //! address (annotation `kubernetes.io/peer-advertise-address`), so the one missing is named; for
 //! apiservers that do not name it (before 1.28) the Endpoints are counted. The Endpoints are kept
 //! by the apiservers themselves (the default `lease` endpoint reconciler) and are what the
@@ -713,10 +713,11 @@ impl Peers {
 /// stands for an apiserver that should be there, until its Lease is deleted); `endpoints`: the
 /// IPs of the `kubernetes` Endpoints.
 ///
-/// Down: a live agent's node with no identity Lease (its apiserver stopped: it deletes its
-/// Lease), and an apiserver that names its address when that address is not listed. For those
-/// that do not name it (kube-apiserver before 1.28), the count decides: the Endpoints must list
-/// at least as many addresses, besides the named ones, as there are such apiservers.
+/// Down: an agent's node (its Lease live or expired) with no identity Lease (its apiserver
+/// stopped: it deletes its Lease), and an apiserver that names its address when that address is
+/// not listed. For those that do not name it (kube-apiserver before 1.28), the count decides:
+/// the Endpoints must list at least as many addresses, besides the named ones, as there are such
+/// apiservers.
 pub fn peers_down(
     apiservers: &[Apiserver],
     agents: &[String],
