@@ -107,25 +107,27 @@ fn restarts_at_once(ha: &Ha) -> usize {
     most as usize
 }
 
-/// Starts server `i`'s agent (`irsa-agent run`) with the harness's k3s and systemctl stand-ins.
-fn spawn(ha: &Ha, i: usize) -> ha_support::Agent {
-    let name = ha.servers[i].name.clone();
+/// Starts server `i`'s agent (`irsa-agent run`, then `extra`) with the harness's k3s and
+/// systemctl stand-ins.
+fn spawn(ha: &Ha, i: usize, extra: &[&str]) -> ha_support::Agent {
     let mut args = vec![
         "run".to_string(),
         "--node-name".into(),
-        name,
+        ha.servers[i].name.clone(),
         "--poll-interval".into(),
         "500ms".into(),
         "--timeout".into(),
         "120s".into(),
-        // The driver and the followers look again every 10 s instead of every minute.
-        "--recheck-interval".into(),
-        "10s".into(),
     ];
+    args.extend(extra.iter().map(|a| a.to_string()));
     args.extend(ha.k3s_edges(i));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     ha.spawn_agent(i, &args)
 }
+
+/// The rotation test's agents: the driver and the followers look again every 10 s instead of
+/// every minute.
+const RECHECK: &[&str] = &["--recheck-interval", "10s"];
 
 /// The last lines of every agent's output.
 fn logs(agents: &[ha_support::Agent]) -> String {
@@ -220,7 +222,7 @@ fn three_k3s_servers_rotate_to_idle_with_one_driver_and_followers_that_restart_t
     workload.wait_rounds(3);
     let starts_before: Vec<usize> = ha.servers.iter().map(|s| s.starts()).collect();
     let t = Instant::now();
-    let mut agents: Vec<_> = (0..n).map(|i| spawn(&ha, i)).collect();
+    let mut agents: Vec<_> = (0..n).map(|i| spawn(&ha, i, RECHECK)).collect();
 
     // Watch every server's rotation phase: the driver signs with the new key everywhere, drains,
     // retires the old key and is idle again.
@@ -310,9 +312,7 @@ fn three_k3s_servers_rotate_to_idle_with_one_driver_and_followers_that_restart_t
                     ha.servers[kept_down_server.unwrap_or(0)].name
                 );
             }
-            for k in kills.iter_mut() {
-                k.tend(&mut agents[k.server], |i| spawn(&ha, i), &ha, t);
-            }
+            ha_site::tend_all(&mut kills, &mut agents, |i| spawn(&ha, i, RECHECK), &ha, t);
             let p = phase(&roots[d]);
             // One server's k3s stopped 30 s before the drain ends, while its agent keeps
             // running: the driver's retirement (its own restart) must wait until it is back.
@@ -395,13 +395,15 @@ fn three_k3s_servers_rotate_to_idle_with_one_driver_and_followers_that_restart_t
     let d = driver.expect("a driver");
     // A follower's retire restart comes after the driver is idle: its kill, or the start again
     // of an agent killed just before, may still be due.
-    let kills_deadline = Instant::now() + Duration::from_secs(180);
-    while kills.iter().any(|k| !k.done) && Instant::now() < kills_deadline {
-        for k in kills.iter_mut() {
-            k.tend(&mut agents[k.server], |i| spawn(&ha, i), &ha, t);
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    let respawn = |i| spawn(&ha, i, RECHECK);
+    ha_site::finish_kills(
+        &mut kills,
+        &mut agents,
+        respawn,
+        &ha,
+        t,
+        Duration::from_secs(180),
+    );
     // (Were it still down, the driver went on without it: asserted below.)
     if let Some((x, ..)) = kept_down
         && back.is_none()
@@ -696,22 +698,7 @@ fn three_k3s_servers_roll_a_new_issuer_out_one_restart_at_a_time() {
     workload.wait_rounds(3);
     let starts_before: Vec<usize> = ha.servers.iter().map(|s| s.starts()).collect();
     let t = Instant::now();
-    let agents: Vec<_> = (0..n)
-        .map(|i| {
-            let mut args = vec![
-                "run".to_string(),
-                "--node-name".into(),
-                ha.servers[i].name.clone(),
-                "--poll-interval".into(),
-                "500ms".into(),
-                "--timeout".into(),
-                "120s".into(),
-            ];
-            args.extend(ha.k3s_edges(i));
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            ha.spawn_agent(i, &args)
-        })
-        .collect();
+    let agents: Vec<_> = (0..n).map(|i| spawn(&ha, i, &[])).collect();
     let logs = || ha_support::log_tails(agents.iter().map(|a| &a.log), 25);
     let deadline = Instant::now() + Duration::from_secs(480);
     let converged = loop {

@@ -250,9 +250,7 @@ fn three_kubeadm_nodes_roll_an_issuer_out_then_rotate_the_key_to_the_end() {
     let mut signing_everywhere: Option<Duration> = None;
     let mut last_kid_check = Instant::now();
     loop {
-        for k in kills.iter_mut() {
-            k.tend(&mut agents[k.server], spawn, &ha, t);
-        }
+        ha_site::tend_all(&mut kills, &mut agents, spawn, &ha, t);
         let p = phase(&roots[0]);
         if timeline.last().map(|(_, q)| q) != Some(&p) {
             eprintln!("{:6.1}s: cp1 rotation phase {p}", t.elapsed().as_secs_f64());
@@ -298,13 +296,14 @@ fn three_kubeadm_nodes_roll_an_issuer_out_then_rotate_the_key_to_the_end() {
     // A follower's last install comes after the driver's retire: a kill there, or the start
     // again of an agent killed just before the driver was idle, is still due. (Before this, an
     // agent killed in the last seconds stayed dead, and its node never retired the old issuer.)
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while kills.iter().any(|k| !k.done) && Instant::now() < deadline {
-        for k in kills.iter_mut() {
-            k.tend(&mut agents[k.server], spawn, &ha, t);
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    ha_site::finish_kills(
+        &mut kills,
+        &mut agents,
+        spawn,
+        &ha,
+        t,
+        Duration::from_secs(180),
+    );
     // The followers retire once the driver did: wait for every apiserver to serve only the new
     // key (the driver's last step waited for that already), then two more workload rounds.
     workload.wait_more_rounds(2);

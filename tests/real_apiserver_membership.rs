@@ -18,6 +18,30 @@ fn now() -> i64 {
         .unwrap_or_default()
 }
 
+/// A current-thread runtime for the tests' calls to the apiserver.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// A client with the test apiserver's admin credential, on `runtime`.
+fn admin_client(kube: &Kube, runtime: &tokio::runtime::Runtime) -> kube::Client {
+    runtime.block_on(async {
+        irsa_agent::k8s::Api::from_kubeconfig(
+            &HostRoot::new("/"),
+            &kube.state.join("kubeconfig"),
+            None,
+            std::time::Duration::from_secs(10),
+        )
+        .await
+        .expect("client config")
+        .client()
+        .expect("client")
+    })
+}
+
 #[test]
 fn an_agent_announces_itself_and_the_apiserver_without_one_is_named() {
     let Some(kube) = Kube::temp("real_apiserver_membership") else {
@@ -29,22 +53,9 @@ fn an_agent_announces_itself_and_the_apiserver_without_one_is_named() {
         .expect("hostname")
         .trim()
         .to_string();
-    let kubeconfig = kube.state.join("kubeconfig");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = runtime();
+    let client = admin_client(&kube, &runtime);
     runtime.block_on(async {
-        let api = irsa_agent::k8s::Api::from_kubeconfig(
-            &HostRoot::new("/"),
-            &kubeconfig,
-            None,
-            std::time::Duration::from_secs(10),
-        )
-        .await
-        .expect("client config");
-        let client = api.client().expect("client");
-
         // The apiserver's identity Lease appears shortly after it starts.
         let mut view = membership::View::default();
         for _ in 0..60 {
@@ -131,21 +142,9 @@ fn one_node_at_a_time_holds_the_restart_lease_and_a_dead_holder_frees_it() {
         return;
     };
     kube.start_with_test_keys("https://oidc.example.com/homelab", "");
-    let kubeconfig = kube.state.join("kubeconfig");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = runtime();
+    let client = admin_client(&kube, &runtime);
     runtime.block_on(async {
-        let api = irsa_agent::k8s::Api::from_kubeconfig(
-            &HostRoot::new("/"),
-            &kubeconfig,
-            None,
-            std::time::Duration::from_secs(10),
-        )
-        .await
-        .expect("client config");
-        let client = api.client().expect("client");
         let t = now();
         // Two agents race for the free Lease: exactly one holds it.
         let (a, b) = tokio::join!(
@@ -227,21 +226,9 @@ fn an_expired_agent_lease_without_its_apiserver_holds_the_restart_turn() {
         return;
     };
     kube.start_with_test_keys("https://oidc.example.com/homelab", "");
-    let kubeconfig = kube.state.join("kubeconfig");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = runtime();
+    let client = admin_client(&kube, &runtime);
     runtime.block_on(async {
-        let api = irsa_agent::k8s::Api::from_kubeconfig(
-            &HostRoot::new("/"),
-            &kubeconfig,
-            None,
-            std::time::Duration::from_secs(10),
-        )
-        .await
-        .expect("client config");
-        let client = api.client().expect("client");
         // This apiserver's host, as its identity Lease names it.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         let me = loop {
@@ -337,20 +324,9 @@ fn status_apply_rotate_and_doctor_show_the_cluster_from_the_leases() {
         .expect("hostname")
         .trim()
         .to_string();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let client = runtime.block_on(async {
-        let api = irsa_agent::k8s::Api::from_kubeconfig(
-            &HostRoot::new("/"),
-            &kube.state.join("kubeconfig"),
-            None,
-            std::time::Duration::from_secs(10),
-        )
-        .await
-        .expect("client config");
-        let client = api.client().expect("client");
+    let runtime = runtime();
+    let client = admin_client(&kube, &runtime);
+    runtime.block_on(async {
         // Wait for this apiserver's identity Lease.
         for _ in 0..60 {
             let view = membership::view(&client, now()).await.expect("view");
@@ -359,7 +335,6 @@ fn status_apply_rotate_and_doctor_show_the_cluster_from_the_leases() {
             }
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         }
-        client
     });
     let report = |issuers: &[&str], kid: &str| Report {
         version: "0.1.0".into(),
@@ -679,18 +654,7 @@ impl InSync {
 
     /// A client with the test apiserver's admin credential, on `runtime`.
     fn client(&self, runtime: &tokio::runtime::Runtime) -> kube::Client {
-        runtime.block_on(async {
-            irsa_agent::k8s::Api::from_kubeconfig(
-                &HostRoot::new("/"),
-                &self.kube.state.join("kubeconfig"),
-                None,
-                std::time::Duration::from_secs(10),
-            )
-            .await
-            .expect("client config")
-            .client()
-            .expect("client")
-        })
+        admin_client(&self.kube, runtime)
     }
 
     /// The restart Lease's holder now (`Null` when released).
@@ -769,10 +733,7 @@ fn the_daemon_gives_back_its_own_left_over_turn_not_that_of_an_apply_beside_it()
     let Some(s) = in_sync() else {
         return;
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = runtime();
     let client = s.client(&runtime);
     // Left by this node's daemon, killed while restarting: live for five more minutes.
     runtime

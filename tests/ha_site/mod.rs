@@ -237,3 +237,34 @@ impl Kill {
         }
     }
 }
+
+/// [`Kill::tend`] for every kill, once.
+pub fn tend_all(
+    kills: &mut [Kill],
+    agents: &mut [ha_support::Agent],
+    spawn: impl Fn(usize) -> ha_support::Agent + Copy,
+    ha: &ha_support::Ha,
+    t: Instant,
+) {
+    for k in kills.iter_mut() {
+        k.tend(&mut agents[k.server], spawn, ha, t);
+    }
+}
+
+/// Tends the kills until every one is done (killed and started again), for up to `within`: a
+/// kill point can come after the rotation's end (a follower's last step), and an agent killed
+/// just before it must still be started again.
+pub fn finish_kills(
+    kills: &mut [Kill],
+    agents: &mut [ha_support::Agent],
+    spawn: impl Fn(usize) -> ha_support::Agent + Copy,
+    ha: &ha_support::Ha,
+    t: Instant,
+    within: Duration,
+) {
+    let deadline = Instant::now() + within;
+    while kills.iter().any(|k| !k.done) && Instant::now() < deadline {
+        tend_all(kills, agents, spawn, ha, t);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
